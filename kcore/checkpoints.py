@@ -1,0 +1,847 @@
+"""Load trained models from checkpoint files or uploaded bytes, refusing untrusted pickles by default.
+
+The loading contract (what :func:`load_model` accepts, in order of preference):
+
+1. Weights only: a ``.safetensors`` file, or a ``torch.save`` state dict (``.pt``/``.pth``/``.bin``) read with
+   ``torch.load(weights_only=True)``. The state dict may sit at the top level or under one of
+   :data:`STATE_DICT_KEYS`; the prefixes in :data:`STRIPPED_PREFIXES` (DataParallel, Lightning) are
+   removed. These files hold no graph, so they need an architecture name and a number of classes, taken
+   from the arguments, else from the model card beside the file (:class:`ModelCard`), else (classes only)
+   from the shape of the last 2-D ``.weight`` in the file.
+2. A TorchScript archive (``torch.jit.save``): needs no architecture. No Python pickle is run, but the
+   archive's TorchScript code runs inside PyTorch, so it is only as safe as the TorchScript interpreter.
+3. A ``torch.export`` archive (``.pt2``, ``torch.export.save``): needs no architecture. It is unflattened
+   (:func:`torch.export.unflatten`) so that its layers keep their names and can be hooked.
+   ``torch.export.load`` may unpickle parts of an archive with ``weights_only=False``; kcore therefore
+   inspects the archive first and refuses one with pickled payloads, compiled code or unsafe pickle
+   globals unless ``trust_pickle=True``.
+4. A whole pickled ``nn.Module`` (``torch.save(model)``): only with ``trust_pickle=True``, because
+   unpickling can run any code. Without the flag, :class:`UnsafeCheckpointError` lists the globals the
+   file would import.
+
+The format is detected from the bytes (zip member names, the safetensors header), never by unpickling.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import os
+import pickle
+import pickletools
+import struct
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+CARD_FORMAT = "kcore-model-card/1"
+"""Value of the ``"format"`` key of a model card JSON file."""
+
+CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "pickle"]
+CHECKPOINT_KINDS: dict[str, str] = {
+    "state_dict": "torch.save state dict (.pt/.pth/.bin), read weights-only; needs arch and num_classes",
+    "safetensors": "safetensors weights (.safetensors); needs arch and num_classes",
+    "torchscript": "TorchScript archive (torch.jit.save); no arch needed, layers cannot be hooked",
+    "export": "torch.export archive (.pt2, torch.export.save); no arch needed",
+    "pickle": "whole pickled nn.Module (torch.save(model)); loaded only with trust_pickle=True",
+}
+"""The checkpoint kinds :func:`load_model` reports, with a description for pickers and help texts."""
+
+STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
+"""Keys under which a training checkpoint commonly nests its state dict, tried in this order."""
+
+STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
+"""Key prefixes removed when that makes more keys match the model (DataParallel, Lightning)."""
+
+_CHUNK_BYTES = 1 << 20
+_MAX_LISTED = 5
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint would run arbitrary code when loaded, and ``trust_pickle`` was not set.
+
+    Attributes:
+        unsafe_globals: the pickle globals (``module.name``) or archive members that make it unsafe.
+    """
+
+    def __init__(self, message: str, unsafe_globals: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.unsafe_globals = unsafe_globals
+
+
+# --------------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a checkpoint cannot say about itself: architecture, classes, preprocessing, provenance.
+
+    Stored as JSON beside the checkpoint (see :func:`card_path_for`) with ``"format":
+    "kcore-model-card/1"``; read automatically by :func:`load_model`.
+
+    Attributes:
+        architecture: a name accepted by :func:`build_model`.
+        num_classes: number of outputs of the classifier.
+        input_size: ``(H, W)`` of the images the model was trained on.
+        mean: per-channel mean used to normalise the input images.
+        std: per-channel standard deviation used to normalise the input images.
+        class_names: one name per class, in output order.
+        dataset: name of the training data set.
+        test_accuracy: reported test accuracy (a fraction in [0, 1] by convention).
+        default_layer: the layer to preselect when comparing this model.
+        extra: any other JSON-serialisable information (kept, not interpreted).
+    """
+
+    architecture: str | None = None
+    num_classes: int | None = None
+    input_size: tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    dataset: str | None = None
+    test_accuracy: float | None = None
+    default_layer: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON-ready dictionary of this card, with the ``"format"`` key first."""
+        out: dict[str, Any] = {"format": CARD_FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                out[f.name] = dict(value)
+            elif isinstance(value, tuple):
+                out[f.name] = list(value)
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "model card") -> ModelCard:
+        """Build a card from a parsed JSON object, checking every field's type.
+
+        Args:
+            data: the JSON object. Unknown keys are kept in ``extra``.
+            source: how to name the card in error messages (e.g. its path).
+
+        Raises:
+            ValueError: wrong ``"format"`` value, or a field of the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+        fmt = data.get("format", CARD_FORMAT)
+        if fmt != CARD_FORMAT:
+            raise ValueError(
+                f"{source}: 'format' must be {CARD_FORMAT!r}; got {fmt!r}. "
+                "Fix: write the card with kcore.checkpoints.write_card."
+            )
+        known = {f.name for f in fields(cls)}
+        extra = dict(data.get("extra") or {})
+        if not isinstance(data.get("extra", {}), Mapping):
+            raise ValueError(f"{source}: 'extra' must be a JSON object; got {data['extra']!r}.")
+        for key, value in data.items():
+            if key not in known and key != "format":
+                extra[key] = value
+
+        def opt_str(key: str) -> str | None:
+            value = data.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{source}: {key!r} must be a string or null; got {value!r}.")
+            return value
+
+        def opt_floats(key: str) -> tuple[float, ...] | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
+                raise ValueError(f"{source}: {key!r} must be a list of numbers, e.g. [0.5, 0.5, 0.5]; got {value!r}.")
+            return tuple(float(v) for v in value)
+
+        num_classes = data.get("num_classes")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
+            raise ValueError(f"{source}: 'num_classes' must be a positive integer; got {num_classes!r}.")
+        input_size = data.get("input_size")
+        if input_size is not None:
+            if (
+                not isinstance(input_size, (list, tuple))
+                or len(input_size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
+            ):
+                raise ValueError(f"{source}: 'input_size' must be [H, W] (two positive integers); got {input_size!r}.")
+            input_size = (int(input_size[0]), int(input_size[1]))
+        std = opt_floats("std")
+        if std is not None and any(v <= 0 for v in std):
+            raise ValueError(f"{source}: 'std' must hold positive numbers; got {list(std)}.")
+        class_names = data.get("class_names")
+        if class_names is not None:
+            if not isinstance(class_names, (list, tuple)) or not all(isinstance(v, str) for v in class_names):
+                raise ValueError(f"{source}: 'class_names' must be a list of strings; got {class_names!r}.")
+            class_names = tuple(class_names)
+            if num_classes is not None and len(class_names) != num_classes:
+                raise ValueError(
+                    f"{source}: 'class_names' has {len(class_names)} names but 'num_classes' is {num_classes}. "
+                    "Fix: give one name per class."
+                )
+        accuracy = data.get("test_accuracy")
+        if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
+            raise ValueError(f"{source}: 'test_accuracy' must be a number or null; got {accuracy!r}.")
+        return cls(
+            architecture=opt_str("architecture"),
+            num_classes=num_classes,
+            input_size=input_size,
+            mean=opt_floats("mean"),
+            std=std,
+            class_names=class_names,
+            dataset=opt_str("dataset"),
+            test_accuracy=None if accuracy is None else float(accuracy),
+            default_layer=opt_str("default_layer"),
+            extra=extra,
+        )
+
+
+def card_path_for(checkpoint_path: str | os.PathLike[str]) -> Path:
+    """Return where the model card of a checkpoint lives: same folder, ``<stem>.card.json``.
+
+    Example: ``runs/m.safetensors`` -> ``runs/m.card.json``.
+    """
+    path = Path(checkpoint_path)
+    return path.with_name(path.stem + ".card.json")
+
+
+def read_card(path: str | os.PathLike[str]) -> ModelCard:
+    """Read a model card JSON file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not valid JSON or not a valid card.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"model card {str(path)!r} is not valid JSON ({exc}). "
+            "Fix: correct the file or rewrite it with kcore.checkpoints.write_card."
+        ) from exc
+    return ModelCard.from_dict(data, source=f"model card {str(path)!r}")
+
+
+def write_card(card: ModelCard, path: str | os.PathLike[str]) -> Path:
+    """Write ``card`` as JSON to ``path`` (use :func:`card_path_for` to place it beside a checkpoint).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``card.extra`` holds something JSON cannot store.
+    """
+    path = Path(path)
+    text = json.dumps(card.to_dict(), indent=2)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------------
+
+
+def _sample_architectures() -> Mapping[str, Any]:
+    from kcore import zoo  # lazy: the zoo may import torchvision models
+
+    return zoo.SAMPLE_ARCHITECTURES
+
+
+def _torchvision_architectures() -> list[str]:
+    import torchvision  # lazy: importing torchvision takes seconds
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_architectures() -> list[str]:
+    """Return every name :func:`build_model` accepts: the project's samples first, then torchvision's."""
+    samples = sorted(_sample_architectures())
+    return samples + [name for name in _torchvision_architectures() if name not in samples]
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """Build an untrained model by name (the project's sample architectures, then torchvision's).
+
+    Args:
+        arch: a name from :func:`available_architectures`, e.g. ``"resnet18"`` or ``"vgg16_bn"``.
+        num_classes: number of classifier outputs.
+
+    Returns:
+        A freshly initialised model (training mode, on the CPU). No weights are downloaded.
+
+    Raises:
+        ValueError: unknown ``arch`` (with the closest names), or ``num_classes`` not a positive int.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"num_classes must be a positive integer; got {num_classes!r}. "
+            "Fix: pass the number of outputs of the model's classifier (e.g. 10 for CIFAR-10)."
+        )
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"arch must be a non-empty architecture name such as 'resnet18'; got {arch!r}.")
+    samples = _sample_architectures()
+    if arch in samples:
+        return samples[arch](num_classes)
+    tv_names = _torchvision_architectures()
+    if arch in tv_names:
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"torchvision could not build arch={arch!r} with num_classes={num_classes}: {exc}") from exc
+    names = sorted(samples) + tv_names
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"arch={arch!r} is not a known architecture.{hint} "
+        "See kcore.checkpoints.available_architectures() for the full list "
+        f"({len(names)} names: the project's samples and torchvision's classification models)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashing and sources
+# --------------------------------------------------------------------------------------------------
+
+
+def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview) -> str:
+    """Return the SHA-256 hex digest of a file (read in 1 MiB chunks) or of raw bytes."""
+    digest = hashlib.sha256()
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        digest.update(path_or_bytes)
+        return digest.hexdigest()
+    with open(path_or_bytes, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A checkpoint as given: a path on disk or uploaded bytes."""
+
+    path: Path | None
+    data: bytes | None
+    display: str
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else self.path.stat().st_size  # type: ignore[union-attr]
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.display).suffix.lower()
+
+    def arg(self) -> str | IO[bytes]:
+        """What to hand to ``torch.load`` and friends: the path, or a fresh in-memory stream."""
+        return str(self.path) if self.data is None else io.BytesIO(self.data)
+
+    @contextmanager
+    def open(self) -> Iterator[IO[bytes]]:
+        if self.data is not None:
+            yield io.BytesIO(self.data)
+        else:
+            with open(self.path, "rb") as fh:  # type: ignore[arg-type]
+                yield fh
+
+
+def _as_source(source: object, name: str | None) -> _Source:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _Source(path=None, data=bytes(source), display=name or "uploaded checkpoint")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"source={str(path)!r}: no such checkpoint file. Fix: check the path "
+                "(relative paths are resolved from the current working directory)."
+            )
+        return _Source(path=path, data=None, display=name or path.name)
+    raise TypeError(
+        f"source must be a path (str or pathlib.Path) or the file's bytes; got {type(source).__name__}. "
+        "Fix: for an upload pass uploaded_file.getvalue() and name=uploaded_file.name."
+    )
+
+
+def _corrupt(src: _Source, expected: str, detail: object) -> ValueError:
+    return ValueError(
+        f"checkpoint {src.display!r} could not be read as {expected}: {detail}. "
+        "The file may be truncated or corrupt (an interrupted download or copy). "
+        "Fix: copy or save the file again, then check its sha256."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Format detection (never unpickles)
+# --------------------------------------------------------------------------------------------------
+
+_Format = Literal["safetensors", "torch_zip", "torchscript", "export", "pickle_stream"]
+
+
+def _archive_members(zf: zipfile.ZipFile) -> set[str]:
+    """Member names of a torch zip archive without their top-level folder (which is arbitrary)."""
+    return {name.split("/", 1)[1] for name in zf.namelist() if "/" in name}
+
+
+def _sniff(src: _Source) -> _Format:
+    size = src.size
+    if size == 0:
+        raise ValueError(f"checkpoint {src.display!r} is empty (0 bytes). Fix: save or upload the file again.")
+    with src.open() as fh:
+        head = fh.read(16)
+        if len(head) >= 9:
+            (header_len,) = struct.unpack("<Q", head[:8])
+            if 2 <= header_len <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{":
+                return "safetensors"
+        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+            fh.seek(0)
+            try:
+                with zipfile.ZipFile(fh) as zf:
+                    members = _archive_members(zf)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise _corrupt(src, "a zip archive (torch.save, TorchScript or torch.export)", exc) from exc
+            if "constants.pkl" in members or any(m.startswith("code/") for m in members):
+                return "torchscript"
+            if "archive_format" in members or any(m.startswith("models/") and m.endswith(".json") for m in members):
+                return "export"
+            if "data.pkl" in members:
+                return "torch_zip"
+            raise ValueError(
+                f"checkpoint {src.display!r} is a zip archive but not one PyTorch wrote: it has no data.pkl "
+                f"(torch.save), code/ (TorchScript) or archive_format (torch.export). Members: "
+                f"{sorted(members)[:_MAX_LISTED]}. Fix: save the model with torch.save(model.state_dict(), path) "
+                "or safetensors.torch.save_file."
+            )
+        if head[:1] == b"\x80":  # pickle protocol >= 2: a legacy torch.save file or a plain pickle
+            return "pickle_stream"
+    if src.suffix == ".safetensors":
+        raise _corrupt(src, "safetensors", "the 8-byte header length and JSON header are missing or inconsistent")
+    raise ValueError(
+        f"checkpoint {src.display!r} is not a format kcore reads (first bytes: {head[:8]!r}). Expected one of: "
+        + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_KINDS.items())
+        + "."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding unsafe globals without unpickling
+# --------------------------------------------------------------------------------------------------
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
+def _pickle_globals(stream: IO[bytes], max_pickles: int = 6) -> set[str]:
+    """Statically list the globals (``module.name``) a pickle stream would import.
+
+    Reads up to ``max_pickles`` consecutive pickles (the legacy torch.save format writes several) with
+    :func:`pickletools.genops`, which parses opcodes without executing them.
+    """
+    found: set[str] = set()
+    for _ in range(max_pickles):
+        pushes: list[object] = []
+        memo: dict[int, object] = {}
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.add(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL":
+                    mod, attr = (pushes[-2], pushes[-1]) if len(pushes) >= 2 else (None, None)
+                    found.add(f"{mod}.{attr}" if isinstance(mod, str) and isinstance(attr, str) else "<dynamic global>")
+                elif name in _STRING_OPS:
+                    pushes.append(arg)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = pushes[-1] if pushes else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = pushes[-1] if pushes else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushes.append(memo.get(int(arg)))
+                elif name not in ("PROTO", "FRAME", "STOP"):
+                    pushes.append(None)
+        except (ValueError, EOFError, struct.error, UnicodeDecodeError):
+            break  # not a pickle any more (raw tensor bytes of the legacy format) or truncated
+        if not stream.read(1):
+            break
+        stream.seek(-1, io.SEEK_CUR)
+    return found
+
+
+def _allowed_globals() -> set[str]:
+    """Globals torch's weights-only unpickler accepts (private API, so guarded)."""
+    try:
+        from torch import _weights_only_unpickler
+
+        allowed = set(_weights_only_unpickler._get_allowed_globals())
+        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
+    except (ImportError, AttributeError):
+        return set()
+    return allowed
+
+
+def _unsafe_globals(src: _Source, fmt: _Format) -> tuple[str, ...]:
+    """The globals that stop a weights-only load, found without unpickling."""
+    if fmt == "torch_zip":
+        with src.open() as fh:
+            try:
+                return tuple(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(fh)))
+            except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError):
+                pass  # an opcode torch's scanner does not know: fall back to the generic scanner
+        with src.open() as fh, zipfile.ZipFile(fh) as zf:
+            member = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
+            stream: IO[bytes] = io.BytesIO(zf.read(member))
+    else:
+        with src.open() as fh:
+            stream = io.BytesIO(fh.read())
+    return tuple(sorted(_pickle_globals(stream) - _allowed_globals()))
+
+
+def _pt2_risks(src: _Source) -> tuple[str, ...]:
+    """Parts of a torch.export archive that ``torch.export.load`` would unpickle or execute."""
+    risks: list[str] = []
+    with src.open() as fh, zipfile.ZipFile(fh) as zf:
+        names = zf.namelist()
+        root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
+        members = {n[len(root):]: n for n in names if n.startswith(root)}
+        if members.get("archive_format") is None or zf.read(members["archive_format"]).strip() != b"pt2":
+            risks.append("legacy torch.export archive (before PyTorch 2.8): loaded with a pickle fallback")
+        for rel, full in sorted(members.items()):
+            if rel.startswith(("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")) or rel.endswith(
+                (".so", ".dll", ".dylib")
+            ):
+                risks.append(f"compiled code or external weights: {rel}")
+            elif rel.endswith(("_weights_config.json", "_constants_config.json")):
+                try:
+                    config = json.loads(zf.read(full)).get("config", {})
+                except (json.JSONDecodeError, AttributeError) as exc:
+                    risks.append(f"unreadable payload config {rel} ({exc})")
+                    continue
+                for fqn, meta in config.items():
+                    path_name = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle"):
+                        risks.append(f"pickled payload {fqn!r} ({rel})")
+                    elif path_name.startswith(("custom_obj_", "opaque_obj_")):
+                        risks.append(f"custom object {fqn!r} ({rel})")
+            elif rel.endswith(".pt"):
+                # Sample inputs (and legacy constants) go through torch.load, which falls back to
+                # weights_only=False when the weights-only load fails.
+                try:
+                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(zf.read(full)))
+                except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError, KeyError) as exc:
+                    risks.append(f"unreadable pickle {rel} ({exc})")
+                    continue
+                risks.extend(f"{g} (in {rel})" for g in sorted(unsafe))
+    return tuple(risks)
+
+
+# --------------------------------------------------------------------------------------------------
+# State dicts
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_state_dict(obj: object, src: _Source) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """Locate the tensors of a checkpoint; return them and the names of non-tensor entries beside them."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"checkpoint {src.display!r} holds a {type(obj).__name__}, expected a state dict (a mapping from "
+            "parameter names to tensors). Fix: save it with torch.save(model.state_dict(), path)."
+        )
+    candidate: Mapping[str, object] = obj
+    for key in STATE_DICT_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and any(isinstance(v, Tensor) for v in inner.values()):
+            candidate = inner
+            break
+    tensors = {str(k): v for k, v in candidate.items() if isinstance(v, Tensor)}
+    others = tuple(str(k) for k, v in candidate.items() if not isinstance(v, Tensor))
+    if not tensors:
+        raise ValueError(
+            f"checkpoint {src.display!r} holds no tensors at the top level nor under {list(STATE_DICT_KEYS)}; "
+            f"its top-level keys are {[str(k) for k in list(obj)[:10]]}. Fix: save the weights with "
+            "torch.save(model.state_dict(), path), or nest them under 'state_dict'."
+        )
+    return tensors, others
+
+
+def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Remove DataParallel / Lightning prefixes when that makes more keys match the model."""
+    candidates = [state]
+    for first in STRIPPED_PREFIXES:
+        once = {k[len(first):] if k.startswith(first) else k: v for k, v in state.items()}
+        candidates.append(once)
+        for second in STRIPPED_PREFIXES:
+            candidates.append({k[len(second):] if k.startswith(second) else k: v for k, v in once.items()})
+    # max() keeps the first best candidate, so the unmodified keys win ties.
+    return max(candidates, key=lambda c: len(expected.intersection(c)))
+
+
+def _infer_num_classes(state: Mapping[str, Tensor]) -> int | None:
+    """Outputs of the last 2-D ``.weight`` in file order (the classifier of torchvision-style models)."""
+    for key in reversed(list(state)):
+        value = state[key]
+        if key.endswith(".weight") and value.dim() == 2:
+            return int(value.shape[0])
+    return None
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def _model_from_state_dict(
+    raw: object,
+    src: _Source,
+    *,
+    arch: str | None,
+    num_classes: int | None,
+    card: ModelCard | None,
+    strict: bool,
+) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
+    state, non_tensors = _find_state_dict(raw, src)
+    arch = arch or (card.architecture if card else None)
+    if arch is None:
+        raise ValueError(
+            f"checkpoint {src.display!r} holds weights only, so arch is needed: pass arch='resnet18' (or another "
+            "name from kcore.checkpoints.available_architectures()), or write a model card with 'architecture' "
+            f"beside it ({card_path_for(src.display).name})."
+        )
+    if num_classes is None:
+        num_classes = card.num_classes if card and card.num_classes else _infer_num_classes(state)
+    if num_classes is None:
+        raise ValueError(
+            f"checkpoint {src.display!r}: num_classes is not given, not in a model card and cannot be inferred "
+            "(no 2-D '.weight' tensor). Fix: pass num_classes=<number of classifier outputs>."
+        )
+    model = build_model(arch, num_classes)
+    expected = model.state_dict()
+    state = _strip_prefixes(state, set(expected))
+    # num_batches_tracked is BatchNorm bookkeeping that eval mode never reads; old checkpoints lack it.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected] + list(non_tensors)
+    mismatched = [
+        f"{k!r}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    if mismatched:
+        hint = (
+            f" If only the classifier differs, pass num_classes={_infer_num_classes(state)}."
+            if _infer_num_classes(state) not in (None, num_classes)
+            else ""
+        )
+        raise ValueError(
+            f"checkpoint {src.display!r} does not fit arch={arch!r} with num_classes={num_classes}: "
+            f"{len(mismatched)} tensor(s) have other shapes: {'; '.join(mismatched[:_MAX_LISTED])}.{hint} "
+            "Fix: choose the architecture the checkpoint was trained with."
+        )
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected in the checkpoint: {_listing(unexpected)}")
+        raise ValueError(
+            f"checkpoint {src.display!r} does not match arch={arch!r}: {'; '.join(parts)}. "
+            "Fix: choose the architecture the checkpoint was trained with, or pass strict=False to load the "
+            "matching tensors and leave the rest at their random initialisation."
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model, tuple(missing), tuple(unexpected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model loaded by :func:`load_model`, in eval mode on the CPU, with where it came from.
+
+    Attributes:
+        model: the model, in eval mode.
+        name: display name (the file name, or ``name=`` for uploads).
+        sha256: SHA-256 hex digest of the checkpoint bytes (use it in cache keys).
+        kind: one of :data:`CHECKPOINT_KINDS`.
+        card: the model card used, if any.
+        num_parameters: total number of parameter elements.
+        missing_keys: model tensors the checkpoint did not provide (only with ``strict=False``).
+        unexpected_keys: checkpoint entries the model has no place for (only with ``strict=False``).
+    """
+
+    model: nn.Module
+    name: str
+    sha256: str
+    kind: CheckpointKind
+    card: ModelCard | None
+    num_parameters: int
+    missing_keys: tuple[str, ...] = ()
+    unexpected_keys: tuple[str, ...] = ()
+
+    @property
+    def short_hash(self) -> str:
+        """The first 12 hex digits of :attr:`sha256`."""
+        return self.sha256[:12]
+
+
+_LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, struct.error)
+
+
+def _unsafe_message(src: _Source, what: str, items: tuple[str, ...]) -> str:
+    return (
+        f"checkpoint {src.display!r} is {what}, and loading it could run arbitrary code; it needs: "
+        f"{_listing(list(items))}. kcore refused to load it (trust_pickle=False). Fix: if you trust where the "
+        "file comes from, pass trust_pickle=True; better, re-save it as weights only with "
+        "torch.save(model.state_dict(), 'model.pt') or safetensors.torch.save_file(model.state_dict(), "
+        "'model.safetensors') and load that with arch=... and num_classes=...."
+    )
+
+
+def _torch_load(src: _Source, fmt: _Format, trust_pickle: bool) -> tuple[object, bool]:
+    """``torch.load`` weights-only; with ``trust_pickle``, fall back to a full unpickle.
+
+    Returns:
+        The loaded object and whether the full (unsafe) unpickler was used.
+    """
+    try:
+        return torch.load(src.arg(), map_location="cpu", weights_only=True), False
+    except pickle.UnpicklingError as exc:
+        weights_only_error: BaseException = exc
+    except _LOAD_ERRORS as exc:
+        raise _corrupt(src, "a torch.save checkpoint", exc) from exc
+    try:
+        unsafe = _unsafe_globals(src, fmt)
+    except (zipfile.BadZipFile, OSError, StopIteration, KeyError) as exc:
+        raise _corrupt(src, "a torch.save checkpoint", exc) from exc
+    if not unsafe:
+        raise _corrupt(src, "a torch.save checkpoint", weights_only_error) from weights_only_error
+    if not trust_pickle:
+        raise UnsafeCheckpointError(
+            _unsafe_message(src, "a full pickle (not a plain state dict)", unsafe), unsafe_globals=unsafe
+        ) from None
+    try:
+        return torch.load(src.arg(), map_location="cpu", weights_only=False), True
+    except _LOAD_ERRORS + (AttributeError, ImportError, ModuleNotFoundError, TypeError) as exc:
+        raise ValueError(
+            f"checkpoint {src.display!r} could not be unpickled even with trust_pickle=True: {exc}. A full pickle "
+            "needs the code of its classes to be importable. Fix: re-save it as a state dict where it was created."
+        ) from exc
+
+
+def load_model(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    name: str | None = None,
+    card: ModelCard | None = None,
+) -> LoadedModel:
+    """Load a trained model from a checkpoint file or its bytes (see the module docstring for formats).
+
+    Args:
+        source: a path, or the file's bytes (an upload); then ``name`` is its file name.
+        arch: architecture for weights-only files (see :func:`available_architectures`); default: the card's.
+        num_classes: classifier outputs for weights-only files; default: the card's, else inferred.
+        trust_pickle: allow full pickles (``torch.save(model)``) and ``.pt2`` archives with pickled parts.
+            Unpickling can run any code: only for files from a source you trust.
+        strict: refuse a state dict whose keys differ from the model's (before anything runs). With
+            ``False`` the matching tensors are loaded and the differences reported on the result.
+        name: display name; for bytes it is also used to recognise the format by its extension.
+        card: a model card to use instead of the one beside the file (e.g. uploaded with it).
+
+    Returns:
+        The model (eval mode, CPU) with its hash, kind, card and key report.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path with no file.
+        UnsafeCheckpointError: the file would run code when loaded and ``trust_pickle`` is False.
+        ValueError: unknown, truncated or corrupt file; missing arch; keys or shapes that do not fit.
+    """
+    src = _as_source(source, name)
+    if card is None and src.path is not None and card_path_for(src.path).is_file():
+        card = read_card(card_path_for(src.path))
+    sha256 = file_sha256(src.data if src.data is not None else src.path)  # type: ignore[arg-type]
+    fmt = _sniff(src)
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    kind: CheckpointKind
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load, load_file as st_load_file
+
+        try:
+            state = st_load(src.data) if src.data is not None else st_load_file(str(src.path))
+        except (SafetensorError, OSError) as exc:
+            raise _corrupt(src, "safetensors", exc) from exc
+        model, missing, unexpected = _model_from_state_dict(
+            state, src, arch=arch, num_classes=num_classes, card=card, strict=strict
+        )
+        kind = "safetensors"
+    elif fmt in ("torch_zip", "pickle_stream"):
+        obj, unpickled = _torch_load(src, fmt, trust_pickle)
+        module = obj if isinstance(obj, nn.Module) else None
+        if module is None and unpickled and isinstance(obj, Mapping):
+            module = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), nn.Module)), None)
+        if module is not None:
+            model, kind = module, "pickle"
+        else:
+            model, missing, unexpected = _model_from_state_dict(
+                obj, src, arch=arch, num_classes=num_classes, card=card, strict=strict
+            )
+            kind = "state_dict"
+    elif fmt == "torchscript":
+        try:
+            model = torch.jit.load(src.arg(), map_location="cpu")
+        except _LOAD_ERRORS as exc:
+            raise _corrupt(src, "a TorchScript archive", exc) from exc
+        kind = "torchscript"
+    else:
+        try:
+            risks = _pt2_risks(src)
+        except (zipfile.BadZipFile, OSError, KeyError) as exc:
+            raise _corrupt(src, "a torch.export archive", exc) from exc
+        if risks and not trust_pickle:
+            raise UnsafeCheckpointError(
+                _unsafe_message(src, "a torch.export archive with pickled or compiled parts", risks),
+                unsafe_globals=risks,
+            )
+        try:
+            program = torch.export.load(src.arg())
+            model = torch.export.unflatten(program)
+        except _LOAD_ERRORS + (ValueError, AssertionError) as exc:
+            raise _corrupt(src, "a torch.export archive", exc) from exc
+        kind = "export"
+    model.eval()
+    return LoadedModel(
+        model=model,
+        name=src.display,
+        sha256=sha256,
+        kind=kind,
+        card=card,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        missing_keys=missing,
+        unexpected_keys=unexpected,
+    )
