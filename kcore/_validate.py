@@ -1,0 +1,59 @@
+"""Input checks shared by the core: every message names the argument, the expectation, the value and a fix."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_feature_map(name: str, x: object) -> Tensor:
+    """Check that ``x`` is a finite, non-empty 4-D float tensor ``(N, C, H, W)``.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: wrong number of dimensions, an empty dimension, or NaN/Inf values.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (N, C, H, W); got {type(x).__name__}. "
+            f"Fix: convert with torch.as_tensor({name})."
+        )
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} must be a 4-D feature map (N, C, H, W); got a {x.dim()}-D tensor of shape {tuple(x.shape)}. "
+            "Fix: pick a convolutional layer, or add the missing dimensions with x[:, :, None, None] for vectors."
+        )
+    if min(x.shape) == 0:
+        raise ValueError(f"{name} must have no empty dimension; got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {x.dtype}. Fix: {name}.float().")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{name} must be finite; got {bad} NaN/Inf value(s) out of {x.numel()}. "
+            "Fix: check the model and images that produced these features (e.g. a diverged checkpoint)."
+        )
+    return x
+
+
+def check_pair(x_src: object, x_tgt: object) -> tuple[Tensor, Tensor]:
+    """Check a (source, target) pair of feature maps: each valid and with the same number of images."""
+    xs = check_feature_map("x_src", x_src)
+    xt = check_feature_map("x_tgt", x_tgt)
+    if xs.shape[0] != xt.shape[0]:
+        raise ValueError(
+            f"x_src and x_tgt must hold the same images: expected equal N, got x_src N={xs.shape[0]} "
+            f"and x_tgt N={xt.shape[0]}. Fix: extract both feature maps from the same image list."
+        )
+    return xs, xt
+
+
+def check_orders(orders: object) -> int:
+    """Check the number of non-linear orders K (an int >= 0)."""
+    if isinstance(orders, bool) or not isinstance(orders, int):
+        raise ValueError(f"orders (K) must be an integer >= 0; got {orders!r} ({type(orders).__name__}).")
+    if orders < 0:
+        raise ValueError(
+            f"orders (K) must be >= 0 (0 = linear only); got {orders}. Fix: use orders=2 as in the paper."
+        )
+    return orders

@@ -1,0 +1,152 @@
+"""The two normalisation conventions and how source / target feature maps are prepared for g_θ.
+
+``"paper"`` (Sec. 3, footnote 2): x and x* are standardised per channel (zero mean, unit variance) with
+statistics of the fit split, which are stored with the fitted model; Σ_(k) is the per-channel variance of
+h^(k) over images (and positions), fixed after fitting.
+
+``"authors"`` (the public reference code, ``my_bn``): x is divided by its per-sample, per-channel spatial
+standard deviation (unbiased, eps added to the std, no centring); the target x* is used raw; Σ_(k) is the
+same per-sample spatial std of h^(k), detached from the gradient.
+
+Spatial sizes: when x and x* differ in H×W, x is resampled to x*'s H×W *before* normalisation, bilinearly
+(``align_corners=False``; with antialiasing when shrinking). Resampling is linear, so it does not affect the
+exactness of the decomposition; it is part of how x is defined.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Convention = Literal["paper", "authors"]
+CONVENTIONS: dict[str, str] = {
+    "paper": "x and x* standardised per channel over the fit split; Σ = per-channel variance over images",
+    "authors": "x divided by its per-sample spatial std (no centring); raw x*; Σ = per-sample spatial std",
+}
+EPS = 1e-5
+
+
+def check_convention(convention: str) -> str:
+    """Raise a ValueError naming the valid conventions when ``convention`` is not one of them."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"convention must be one of {sorted(CONVENTIONS)}; got {convention!r}. "
+            "'paper' follows Sec. 3 of the paper, 'authors' follows the authors' public code."
+        )
+    return convention
+
+
+def resample(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample ``x`` (N, C, H, W) to ``size`` = (H', W') bilinearly; identity when sizes already match."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def spatial_std(h: Tensor, eps: float = EPS) -> Tensor:
+    """Per-sample, per-channel spatial std of ``h`` (N, C, H, W) as the authors' code computes it.
+
+    Unbiased variance over H·W, square root, plus ``eps``; 1 where H·W = 1. Detached. Returns (N, C, 1, 1).
+    """
+    n, c, hh, ww = h.shape
+    if hh * ww == 1:
+        return torch.ones(n, c, 1, 1, dtype=h.dtype, device=h.device)
+    return h.detach().reshape(n, c, hh * ww).var(-1, unbiased=True).sqrt().add(eps).reshape(n, c, 1, 1)
+
+
+def channel_mean_std(x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) std of ``x`` (N, C, H, W) over images and positions, in float64."""
+    c = x.shape[1]
+    count = 0
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    # Two passes (mean, then squared deviations) keep the variance accurate for features with a large mean.
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].to(dtype=torch.float64, device="cpu")
+        total += xb.sum(dim=(0, 2, 3))
+        count += xb.shape[0] * xb.shape[2] * xb.shape[3]
+    mean = total / count
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size].to(dtype=torch.float64, device="cpu")
+        total_sq += ((xb - mean.view(1, c, 1, 1)) ** 2).sum(dim=(0, 2, 3))
+    std = (total_sq / count).sqrt()
+    return mean, std
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw feature maps become g_θ's input and target; fitted on the training split.
+
+    Attributes:
+        convention: ``"paper"`` or ``"authors"`` (see the module docstring).
+        target_size: x*'s (H, W); x is resampled to it.
+        src_mean, src_std: (C_a,) float64 channel statistics of the resampled x (paper convention only).
+        tgt_mean, tgt_std: (C_b,) float64 channel statistics of x* (paper convention only).
+    """
+
+    convention: Convention
+    target_size: tuple[int, int]
+    src_mean: Tensor | None = None
+    src_std: Tensor | None = None
+    tgt_mean: Tensor | None = None
+    tgt_std: Tensor | None = None
+
+    @staticmethod
+    def fit(x_src: Tensor, x_tgt: Tensor, convention: Convention) -> "Normalization":
+        """Compute the normalisation from training features ``x_src`` (N, C_a, H_a, W_a), ``x_tgt`` (N, C_b, H, W)."""
+        check_convention(convention)
+        size = (int(x_tgt.shape[-2]), int(x_tgt.shape[-1]))
+        if convention == "authors":
+            return Normalization("authors", size)
+        sm, ss = channel_mean_std(_resampled_batches(x_src, size))
+        tm, ts = channel_mean_std(x_tgt)
+        # A constant channel has no variance to standardise; leave its scale alone instead of dividing by 0.
+        ss = torch.where(ss > 1e-12, ss, torch.ones_like(ss))
+        ts = torch.where(ts > 1e-12, ts, torch.ones_like(ts))
+        return Normalization("paper", size, sm, ss, tm, ts)
+
+    def source(self, x: Tensor) -> Tensor:
+        """g_θ's input from raw source features ``x`` (N, C_a, H_a, W_a) -> (N, C_a, H, W)."""
+        x = resample(x, self.target_size)
+        if self.convention == "authors":
+            return x / spatial_std(x)
+        return (x - _col(self.src_mean, x)) / _col(self.src_std, x)
+
+    def target(self, x: Tensor) -> Tensor:
+        """g_θ's target from raw target features ``x`` (N, C_b, H, W)."""
+        if self.convention == "authors":
+            return x
+        return (x - _col(self.tgt_mean, x)) / _col(self.tgt_std, x)
+
+    def target_to_raw(self, y: Tensor, *, add_mean: bool = True) -> Tensor:
+        """Map target-space values back to raw feature units (inverse of :meth:`target`)."""
+        if self.convention == "authors":
+            return y
+        out = y * _col(self.tgt_std, y)
+        return out + _col(self.tgt_mean, y) if add_mean else out
+
+    def state(self) -> dict[str, Tensor]:
+        """Tensors to store with the fitted model (empty for the authors' convention)."""
+        if self.convention == "authors":
+            return {}
+        return {"src_mean": self.src_mean, "src_std": self.src_std, "tgt_mean": self.tgt_mean, "tgt_std": self.tgt_std}
+
+
+class _resampled_batches:
+    """A lazy (N, C, H, W) view that resamples x batch by batch (keeps channel_mean_std memory bounded)."""
+
+    def __init__(self, x: Tensor, size: tuple[int, int]):
+        self.x, self.size = x, size
+        self.shape = (x.shape[0], x.shape[1], size[0], size[1])
+
+    def __getitem__(self, idx: slice) -> Tensor:
+        return resample(self.x[idx], self.size)
+
+
+def _col(v: Tensor | None, like: Tensor) -> Tensor:
+    assert v is not None, "paper-convention statistics missing"
+    return v.to(dtype=like.dtype, device=like.device).view(1, -1, 1, 1)

@@ -1,0 +1,557 @@
+"""Fit g_θ on feature tensors with a held-out split (Sec. 3, Eq. 2) → a :class:`FitResult`.
+
+Two presets ship: ``"fast"`` (the default; the paper's conventions with a closed-form start and a short
+schedule) and ``"authors"`` (the authors' code and recipe, for comparison with the paper's numbers). Every
+field of :class:`FitConfig` can be overridden by keyword.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor
+
+from kcore._validate import check_orders, check_pair
+from kcore.conventions import Convention, Normalization, check_convention
+from kcore.decompose import Decomposition, Method, components
+from kcore.devices import resolve_device
+from kcore.gtheta import Gate, GTheta, GThetaSpec, gtheta_loss
+from kcore.metrics import Baseline, ChannelMoments, VarianceAccumulator, fit_linear_map, linear_baseline
+
+Schedule = Literal["cosine", "loglinear"]
+Init = Literal["torch", "lstsq"]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that defines a fit of g_θ.
+
+    Attributes:
+        orders: K (K+1 blocks).
+        kernel_size: odd kernel of every W^(k).
+        convention: ``"paper"`` or ``"authors"`` (:mod:`kcore.conventions`).
+        gate: ``"linear"`` (raw p, Eq. 2) or ``"sigmoid"`` (p = sigmoid(p_pre), the authors' code).
+        p_init: initial p^(k).
+        lam: λ of Eq. 2 (against a per-element mean squared error).
+        lr, lr_final: Adam learning rate, decayed to ``lr_final`` by ``schedule``.
+        schedule: ``"cosine"`` (per step) or ``"loglinear"`` (per epoch, the authors' ``logspace``).
+        weight_decay: Adam's L2 weight decay.
+        epochs: maximum number of epochs.
+        batch_size: images per step.
+        init: ``"lstsq"`` starts W^(0) at the closed-form least-squares map; ``"torch"`` uses PyTorch's
+            default conv init only (what the authors' code effectively does).
+        val_fraction: share of images held out (never used for training or early stopping).
+        monitor_fraction: share of the training images set aside to pick the best epoch (early stopping).
+        patience: stop after this many epochs without a better monitor error; ``None`` = never.
+        min_steps: at least this many optimiser steps: on small training sets ``epochs`` and ``patience``
+            are scaled up by the same factor so that the fit still converges.
+        seed: seeds the split, the initialisation and the batch order.
+    """
+
+    orders: int = 2
+    kernel_size: int = 3
+    convention: Convention = "paper"
+    gate: Gate = "linear"
+    p_init: float = 0.1
+    lam: float = 0.1
+    lr: float = 3e-3
+    lr_final: float = 3e-5
+    schedule: Schedule = "cosine"
+    weight_decay: float = 0.0
+    epochs: int = 40
+    batch_size: int = 64
+    init: Init = "lstsq"
+    val_fraction: float = 0.2
+    monitor_fraction: float = 0.1
+    patience: int | None = 8
+    min_steps: int = 800
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_orders(self.orders)
+        check_convention(self.convention)
+        if self.schedule not in ("cosine", "loglinear"):
+            raise ValueError(f"schedule must be 'cosine' or 'loglinear'; got {self.schedule!r}.")
+        if self.init not in ("torch", "lstsq"):
+            raise ValueError(f"init must be 'torch' or 'lstsq'; got {self.init!r}.")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1); got {self.val_fraction}. Fix: use 0.2.")
+        if not 0.0 <= self.monitor_fraction < 1.0:
+            raise ValueError(f"monitor_fraction must lie in [0, 1); got {self.monitor_fraction}.")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer; got {v!r}.")
+        if self.lam < 0 or not math.isfinite(self.lam):
+            raise ValueError(f"lam (λ) must be a finite number >= 0; got {self.lam}.")
+        if not (self.lr > 0 and self.lr_final > 0):
+            raise ValueError(f"lr and lr_final must be > 0; got lr={self.lr}, lr_final={self.lr_final}.")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0; got {self.min_steps}.")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None; got {self.patience}.")
+
+
+#: Named recipes. "authors" is the authors' Training_TransNet.py recipe (see the README for the differences).
+PRESETS: dict[str, FitConfig] = {
+    "fast": FitConfig(),
+    "authors": FitConfig(
+        orders=2, kernel_size=3, convention="authors", gate="sigmoid", p_init=0.5, lam=0.1, lr=1e-4,
+        lr_final=1e-6, schedule="loglinear", weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
+        monitor_fraction=0.0, patience=None, min_steps=0,
+    ),
+}
+
+
+def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
+    """A preset with some fields replaced; unknown names raise a ValueError that lists the valid ones."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}.")
+    names = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown fit option(s) {unknown}; valid options are {sorted(names)}.")
+    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    """What a progress callback receives (after every epoch, and at phase changes)."""
+
+    phase: str  # "init", "train", "calibrate", "evaluate", "done"
+    epoch: int
+    epochs: int
+    train_loss: float = float("nan")
+    monitor_error: float = float("nan")
+    lr: float = float("nan")
+    gates: tuple[float, ...] = ()
+    elapsed: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        """Progress in [0, 1]."""
+        return {"init": 0.0, "done": 1.0}.get(self.phase, min(1.0, self.epoch / max(self.epochs, 1)))
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of the loss history."""
+
+    epoch: int
+    train_loss: float
+    train_mse: float
+    monitor_error: float
+    lr: float
+    gates: tuple[float, ...]
+    seconds: float
+
+
+class FitCancelled(RuntimeError):
+    """Raised by :func:`fit` when its ``cancel`` callback asked it to stop."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A fitted g_θ with everything needed to reuse, judge and reproduce it.
+
+    Attributes:
+        model: the fitted :class:`GTheta` (CPU, eval mode).
+        norm: the :class:`Normalization` (conventions and stored statistics).
+        config: the :class:`FitConfig` used.
+        history: one :class:`EpochRecord` per epoch run.
+        best_epoch: the epoch whose weights were kept (early stopping on the monitor split).
+        heldout_error: relative squared error Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images (= 1 − R²).
+        heldout_report: the variance report (:func:`kcore.metrics.variance_report`) on held-out images.
+        baseline: the 0-order baseline (least-squares R², linear CKA) on the same held-out images.
+        train_indices, heldout_indices: the split (image indices into the fit's inputs).
+        device: where it was fitted; seconds: wall time of the fit.
+    """
+
+    model: GTheta
+    norm: Normalization
+    config: FitConfig
+    history: tuple[EpochRecord, ...]
+    best_epoch: int
+    heldout_error: float
+    heldout_report: dict
+    baseline: Baseline
+    train_indices: tuple[int, ...]
+    heldout_indices: tuple[int, ...]
+    device: str = "cpu"
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gates(self) -> tuple[float, ...]:
+        """Fitted (p^(1), …, p^(K))."""
+        return tuple(float(v) for v in self.model.gates().detach())
+
+    def _check(self, x_src: Tensor, x_tgt: Tensor | None) -> None:
+        spec = self.model.spec
+        if x_src.shape[1] != spec.in_channels:
+            raise ValueError(
+                f"x_src has {x_src.shape[1]} channels, but this g_θ was fitted on {spec.in_channels}. "
+                "Fix: use features of the same layer of network A as in the fit."
+            )
+        if x_tgt is not None:
+            if x_tgt.shape[1] != spec.out_channels or tuple(x_tgt.shape[-2:]) != self.norm.target_size:
+                raise ValueError(
+                    f"x_tgt has shape (C, H, W) = {tuple(x_tgt.shape[1:])}, but this g_θ was fitted on "
+                    f"({spec.out_channels}, {self.norm.target_size[0]}, {self.norm.target_size[1]}). "
+                    "Fix: use features of the same layer of network B as in the fit."
+                )
+
+    def predict(self, x_src: Tensor, batch_size: int = 256) -> Tensor:
+        """g(x) in the fit's target units for raw source features (N, C_a, H_a, W_a) -> (N, C_b, H, W)."""
+        from kcore._validate import check_feature_map
+
+        check_feature_map("x_src", x_src)
+        self._check(x_src, None)
+        dev = _model_device(self.model)
+        with torch.no_grad():
+            return torch.cat(
+                [self.model(self.norm.source(x_src[i : i + batch_size].to(dev))).cpu() for i in range(0, len(x_src), batch_size)]
+            )
+
+    def iter_decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256, method: Method = "batched"):
+        """Yield (components, residual, target) batch by batch (memory bounded by ``batch_size``)."""
+        x_src, x_tgt = check_pair(x_src, x_tgt)
+        self._check(x_src, x_tgt)
+        dev = _model_device(self.model)
+        dtype = next(self.model.parameters()).dtype
+        for i in range(0, x_src.shape[0], batch_size):
+            xs = self.norm.source(x_src[i : i + batch_size].to(dev, dtype))
+            xt = self.norm.target(x_tgt[i : i + batch_size].to(dev, dtype))
+            comps = components(self.model, xs, method)
+            resid = xt - torch.stack(comps).sum(0)
+            yield comps, resid, xt
+
+    def decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256, method: Method = "batched") -> Decomposition:
+        """Split x* into x^(0) … x^(K) and x^Δ (Eq. 3–4) for raw features of the same images.
+
+        Args:
+            x_src: (N, C_a, H_a, W_a) features of network A.
+            x_tgt: (N, C_b, H, W) features of network B.
+            batch_size: images per batch (bounds the working memory).
+            method: ``"batched"`` (default) or ``"branchwise"`` (reference).
+
+        Returns:
+            A :class:`Decomposition` (tensors on the CPU, in the fit's target units).
+        """
+        parts: list[list[Tensor]] = [[] for _ in range(self.model.orders + 1)]
+        res, tgt = [], []
+        for comps, resid, xt in self.iter_decompose(x_src, x_tgt, batch_size, method):
+            for k, c in enumerate(comps):
+                parts[k].append(c.cpu())
+            res.append(resid.cpu())
+            tgt.append(xt.cpu())
+        return Decomposition([torch.cat(p) for p in parts], torch.cat(res), torch.cat(tgt), self.norm.convention)
+
+    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> dict:
+        """The variance report for these images in one streaming pass, without keeping the components."""
+        acc = VarianceAccumulator(self.model.orders, self.model.spec.out_channels)
+        for comps, resid, xt in self.iter_decompose(x_src, x_tgt, batch_size):
+            acc.update(comps, resid, xt)
+        return acc.report()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``g.safetensors`` (weights, Σ statistics, normalisation) and ``fit.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"g.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"norm.{k}": v.contiguous() for k, v in self.norm.state().items()})
+        save_file(tensors, str(out / "g.safetensors"))
+        meta = {
+            "format": "kcore-fit/1",
+            "spec": dataclasses.asdict(self.model.spec),
+            "config": dataclasses.asdict(self.config),
+            "target_size": list(self.norm.target_size),
+            "history": [dataclasses.asdict(r) for r in self.history],
+            "best_epoch": self.best_epoch,
+            "heldout_error": self.heldout_error,
+            "heldout_report": self.heldout_report,
+            "baseline": self.baseline.as_dict(),
+            "train_indices": list(self.train_indices),
+            "heldout_indices": list(self.heldout_indices),
+            "device": self.device,
+            "seconds": self.seconds,
+            "extra": self.extra,
+        }
+        (out / "fit.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        return out
+
+    @staticmethod
+    def load(directory: str | Path) -> "FitResult":
+        """Read a result written by :meth:`save` (weights-only: safetensors + JSON)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for name in ("g.safetensors", "fit.json"):
+            if not (d / name).is_file():
+                raise ValueError(f"directory {str(d)!r} holds no {name}: expected a folder written by FitResult.save().")
+        meta = json.loads((d / "fit.json").read_text())
+        tensors = load_file(str(d / "g.safetensors"))
+        spec = GThetaSpec(**meta["spec"])
+        model = GTheta(spec)
+        model.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
+        model.eval()
+        nt = {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
+        norm = Normalization(spec.convention, tuple(meta["target_size"]), **nt)
+        return FitResult(
+            model=model,
+            norm=norm,
+            config=FitConfig(**meta["config"]),
+            history=tuple(EpochRecord(**{**r, "gates": tuple(r["gates"])}) for r in meta["history"]),
+            best_epoch=meta["best_epoch"],
+            heldout_error=meta["heldout_error"],
+            heldout_report=meta["heldout_report"],
+            baseline=Baseline(**meta["baseline"]),
+            train_indices=tuple(meta["train_indices"]),
+            heldout_indices=tuple(meta["heldout_indices"]),
+            device=meta["device"],
+            seconds=meta["seconds"],
+            extra=meta.get("extra", {}),
+        )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _model_device(m: torch.nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
+def _is_cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def split_indices(n: int, val_fraction: float, monitor_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded (train, monitor, held-out) index split of ``n`` images.
+
+    Raises:
+        ValueError: when fewer than 1 held-out or 2 training images would remain.
+    """
+    n_val = max(1, int(round(n * val_fraction)))
+    n_train = n - n_val
+    if n_train < 2:
+        raise ValueError(
+            f"too few samples for the held-out split: N={n} images with val_fraction={val_fraction} leaves "
+            f"{n_train} for training and {n_val} held out; at least 2 training images and 1 held-out image are "
+            f"needed (N >= 3). Fix: use more images (dozens at least for a meaningful fit)."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, train = perm[:n_val], perm[n_val:]
+    n_mon = int(round(n_train * monitor_fraction)) if n_train >= 10 else 0
+    monitor, train = train[:n_mon], train[n_mon:]
+    return train.sort().values, monitor.sort().values, held.sort().values
+
+
+def _relative_error(model: GTheta, xs: Tensor, xt: Tensor, batch_size: int, device: torch.device) -> float:
+    """Σ(x* − g(x))² / Σ(x* − channel mean)² over prepared tensors, in eval mode."""
+    sse, mom = 0.0, ChannelMoments(xt.shape[1])
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], batch_size):
+            xb, tb = xs[i : i + batch_size].to(device), xt[i : i + batch_size].to(device)
+            sse += float(((model(xb) - tb).double() ** 2).sum())
+            mom.update(tb)
+    sst = float(mom.m2.sum())
+    return sse / sst if sst > 0 else float("nan")
+
+
+@torch.no_grad()
+def calibrate(model: GTheta, xs: Tensor, batch_size: int, device: torch.device) -> None:
+    """Set Σ_(k) (paper convention) to the exact per-channel variance of h^(k) over ``xs``, k = K … 1."""
+    if model.spec.convention != "paper":
+        return
+    model.eval()
+    K = model.orders
+    for k in range(K, 0, -1):
+        mom = ChannelMoments(model.spec.in_channels)
+        for i in range(0, xs.shape[0], batch_size):
+            mom.update(model.hidden(xs[i : i + batch_size].to(device))[K - k])
+        model.running_var[k - 1] = mom.channel_var().to(model.running_var)
+
+
+def fit(
+    x_src: Tensor,
+    x_tgt: Tensor,
+    orders: int | None = None,
+    *,
+    preset: str = "fast",
+    config: FitConfig | None = None,
+    device: str | torch.device | None = "auto",
+    progress: Callable[[FitProgress], None] | None = None,
+    cancel: Any = None,
+    **overrides: Any,
+) -> FitResult:
+    """Fit g_θ so that g(x_src) reconstructs x_tgt, on a training split; evaluate on held-out images.
+
+    Args:
+        x_src: (N, C_a, H_a, W_a) features of network A (x). Resampled to x_tgt's H×W when they differ.
+        x_tgt: (N, C_b, H, W) features of network B (x*), for the same N images in the same order.
+        orders: K (default: the preset's, 2).
+        preset: ``"fast"`` (default) or ``"authors"``; see :data:`PRESETS`.
+        config: a full :class:`FitConfig` (then ``preset`` and ``overrides`` are ignored).
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+        progress: called with a :class:`FitProgress` after every epoch and at phase changes.
+        cancel: a ``threading.Event`` or a callable returning True to stop; checked every batch.
+        **overrides: any :class:`FitConfig` field, e.g. ``lam=0.5, epochs=100, seed=1``.
+
+    Returns:
+        A :class:`FitResult`.
+
+    Raises:
+        ValueError: bad inputs (shapes, NaN/Inf, too few images, K < 0, unknown option).
+        FitCancelled: ``cancel`` asked to stop.
+    """
+    t0 = time.perf_counter()
+    x_src, x_tgt = check_pair(x_src, x_tgt)
+    if orders is not None:
+        overrides["orders"] = check_orders(orders)
+    cfg = config if config is not None else make_config(preset, **overrides)
+    dev = resolve_device(device)
+    report = progress or (lambda p: None)
+
+    train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
+    norm = Normalization.fit(x_src[train_idx], x_tgt[train_idx], cfg.convention)
+    xs = _prepare(norm.source, x_src)
+    xt = _prepare(norm.target, x_tgt)
+    if dev.type == "cuda":
+        xs, xt = xs.to(dev), xt.to(dev)
+    fit_idx = train_idx.to(xs.device)
+    xs_tr, xt_tr = xs[fit_idx], xt[fit_idx]
+    has_monitor = len(mon_idx) > 0
+    xs_mon, xt_mon = (xs[mon_idx.to(xs.device)], xt[mon_idx.to(xs.device)]) if has_monitor else (xs_tr, xt_tr)
+
+    torch.manual_seed(cfg.seed)
+    spec = GThetaSpec(x_src.shape[1], x_tgt.shape[1], cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init)
+    model = GTheta(spec).to(dev)
+    report(FitProgress("init", 0, cfg.epochs, elapsed=time.perf_counter() - t0))
+    if cfg.init == "lstsq":
+        lin = fit_linear_map(xs_tr, xt_tr, cfg.kernel_size)
+        with torch.no_grad():
+            w = torch.zeros_like(model.convs[0].weight)
+            c, k = cfg.kernel_size // 2, lin.kernel_size // 2
+            w[:, :, c - k : c + k + 1, c - k : c + k + 1] = lin.weight.to(w)
+            model.convs[0].weight.copy_(w)
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_tr = xs_tr.shape[0]
+    steps_per_epoch = math.ceil(n_tr / cfg.batch_size)
+    scale = max(1, math.ceil(cfg.min_steps / (steps_per_epoch * cfg.epochs)))
+    epochs = cfg.epochs * scale
+    patience = None if cfg.patience is None else cfg.patience * scale
+    total_steps = steps_per_epoch * epochs
+    history: list[EpochRecord] = []
+    best = (math.inf, 0, _snapshot(model))
+    step = 0
+    for epoch in range(1, epochs + 1):
+        te = time.perf_counter()
+        model.train()
+        if cfg.schedule == "loglinear":
+            frac = (epoch - 1) / max(epochs - 1, 1)
+            _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
+        perm = torch.randperm(n_tr, generator=gen).to(xs_tr.device)
+        tot_loss = tot_mse = 0.0
+        for b in range(steps_per_epoch):
+            if _is_cancelled(cancel):
+                raise FitCancelled(f"fit cancelled at epoch {epoch}")
+            if cfg.schedule == "cosine":
+                _set_lr(opt, cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / total_steps)))
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb, tb = xs_tr[idx].to(dev, non_blocking=True), xt_tr[idx].to(dev, non_blocking=True)
+            loss, mse = gtheta_loss(model(xb), tb, model.gates(), cfg.lam)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_loss += float(loss.detach()) * len(idx)
+            tot_mse += float(mse.detach()) * len(idx)
+            step += 1
+        model.eval()
+        mon = _relative_error(model, xs_mon, xt_mon, 256, dev)
+        gates = tuple(float(v) for v in model.gates().detach().cpu())
+        rec = EpochRecord(epoch, tot_loss / n_tr, tot_mse / n_tr, mon, opt.param_groups[0]["lr"], gates, time.perf_counter() - te)
+        history.append(rec)
+        report(FitProgress("train", epoch, epochs, rec.train_loss, mon, rec.lr, gates, time.perf_counter() - t0))
+        if mon < best[0] - 1e-6 * abs(best[0]) or not math.isfinite(best[0]):
+            best = (mon, epoch, _snapshot(model))
+        elif patience is not None and epoch - best[1] >= patience:
+            break
+        if not math.isfinite(rec.train_loss):
+            raise ValueError(
+                f"the fit diverged at epoch {epoch} (loss {rec.train_loss}). Fix: lower lr (now {cfg.lr}) "
+                "or use the 'fast' preset."
+            )
+
+    # Without a monitor split, keep the last epoch (as the authors' recipe does).
+    best_epoch = best[1] if has_monitor else len(history)
+    if has_monitor:
+        model.load_state_dict(best[2])
+    report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
+    calibrate(model, xs_tr, 256, dev)
+    model.eval()
+
+    report(FitProgress("evaluate", len(history), epochs, elapsed=time.perf_counter() - t0))
+    held = held_idx.to(xs.device)
+    xs_h, xt_h = xs[held], xt[held]
+    acc = VarianceAccumulator(cfg.orders, x_tgt.shape[1])
+    with torch.no_grad():
+        for i in range(0, xs_h.shape[0], 256):
+            comps = components(model, xs_h[i : i + 256].to(dev))
+            tb = xt_h[i : i + 256].to(dev)
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
+    heldout = acc.report()
+    baseline = linear_baseline(xs_tr.cpu(), xt_tr.cpu(), xs_h.cpu(), xt_h.cpu(), cfg.kernel_size)
+    err = _relative_error(model, xs_h, xt_h, 256, dev)
+
+    model = model.cpu().eval()
+    result = FitResult(
+        model=model,
+        norm=norm,
+        config=cfg,
+        history=tuple(history),
+        best_epoch=best_epoch,
+        heldout_error=err,
+        heldout_report=heldout,
+        baseline=baseline,
+        train_indices=tuple(int(i) for i in train_idx),
+        heldout_indices=tuple(int(i) for i in held_idx),
+        device=str(dev),
+        seconds=time.perf_counter() - t0,
+        extra={"monitor_indices": [int(i) for i in mon_idx]},
+    )
+    report(FitProgress("done", len(history), epochs, elapsed=result.seconds))
+    return result
+
+
+def _prepare(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr

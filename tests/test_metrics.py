@@ -1,0 +1,89 @@
+"""Variance metrics (Sec. 4.2) and the 0-order baselines, each against a second way of computing it."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kcore.metrics import ChannelMoments, fit_linear_map, linear_cka, paper_var, r2_score, variance_report
+
+
+def test_streaming_moments_equal_whole_tensor():
+    torch.manual_seed(0)
+    x = torch.randn(37, 5, 4, 3) * torch.tensor([1.0, 10.0, 0.1, 3.0, 100.0]).view(1, 5, 1, 1) + 1000.0
+    mom = ChannelMoments(5)
+    for i in range(0, 37, 6):  # uneven last batch
+        mom.update(x[i : i + 6])
+    xd = x.double()
+    assert mom.global_var() == pytest.approx(float(((xd - xd.mean()) ** 2).mean()), rel=1e-10)
+    assert mom.global_var() == pytest.approx(paper_var(x), rel=1e-10)
+    per_channel = xd.var(dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mom.channel_var(), per_channel, rtol=1e-10, atol=0)
+    assert mom.channel_centred_var() == pytest.approx(float(per_channel.mean()), rel=1e-10)
+
+
+def test_variance_report_known_values():
+    # target with known variance; components are exact fractions of it; residual is the rest
+    torch.manual_seed(1)
+    t = torch.randn(50, 3, 4, 4, dtype=torch.float64)
+    comps = [0.6 * t, 0.3 * t]
+    resid = t - sum(comps)
+    rep = variance_report(comps, resid, t, batch_size=7)
+    v = paper_var(t)
+    assert rep["var_target"] == pytest.approx(v, rel=1e-10)
+    assert rep["var_orders"] == pytest.approx([0.36 * v, 0.09 * v], rel=1e-10)
+    assert rep["var_residual"] == pytest.approx(0.01 * v, rel=1e-8)
+    assert rep["instability"] == pytest.approx(0.01, rel=1e-8)
+    shares = torch.tensor(rep["per_channel"]["order_share"], dtype=torch.float64)
+    torch.testing.assert_close(shares, torch.tensor([[0.36] * 3, [0.09] * 3], dtype=torch.float64))
+    assert rep["per_channel"]["residual_share"] == pytest.approx([0.01] * 3, rel=1e-8)
+
+
+def test_paper_var_uses_one_global_mean_not_per_channel():
+    # two constant channels: zero variance per channel, but the paper's Var sees the gap between them
+    x = torch.cat([torch.zeros(4, 1, 2, 2), torch.full((4, 1, 2, 2), 2.0)], 1)
+    rep = variance_report([x], torch.zeros_like(x), x)
+    assert rep["var_target"] == pytest.approx(1.0)
+    assert rep["var_target_channel_centred"] == pytest.approx(0.0)
+
+
+def test_least_squares_map_recovers_a_planted_convolution():
+    torch.manual_seed(2)
+    x = torch.randn(20, 4, 8, 8, dtype=torch.float64)
+    w = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    y = F.conv2d(x, w, padding=1)
+    lin = fit_linear_map(x, y, 3, ridge=1e-10)
+    torch.testing.assert_close(lin.weight.double(), w, rtol=1e-4, atol=1e-4)
+    assert r2_score(lin(x), y) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_r2_of_mean_prediction_is_zero():
+    y = torch.randn(10, 2, 3, 3, dtype=torch.float64)
+    mean = y.mean(dim=(0, 2, 3), keepdim=True).expand_as(y)
+    assert r2_score(mean, y) == pytest.approx(0.0, abs=1e-12)
+
+
+def _cka_reference(x, y):
+    """Kornblith et al.'s Gram-matrix form with the centring matrix H, straight from the definition."""
+    x = x.reshape(x.shape[0], -1).double()
+    y = y.reshape(y.shape[0], -1).double()
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return float((k * l).sum() / (k.norm() * l.norm()))
+
+
+@pytest.mark.parametrize("n", [6, 200])  # Gram form (n <= features) and feature-space form (n > features)
+def test_linear_cka_matches_reference_and_invariances(n):
+    torch.manual_seed(3)
+    x = torch.randn(n, 3, 2, 2)
+    y = torch.randn(n, 2, 2, 2) + 0.3 * x[:, :2]
+    assert linear_cka(x, y) == pytest.approx(_cka_reference(x, y), abs=1e-10)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    xr = (x.reshape(n, -1).double() @ q) * 5.0 + 2.0  # rotation, isotropic scale, offset
+    assert linear_cka(x, xr) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_linear_cka_rejects_mismatched_images():
+    with pytest.raises(ValueError, match="same images"):
+        linear_cka(torch.randn(4, 3), torch.randn(5, 3))
