@@ -1,0 +1,889 @@
+"""Feature maps of two networks on the same images: list layers, capture them, extract and cache.
+
+The pipeline's first step (Sec. 3 of the paper fits g_θ on the feature maps x of network A and x* of
+network B for the same images). Hooks only ever exist inside a ``with capture(...)`` block and are removed
+in ``finally``; captured outputs are cloned, because an in-place ReLU after the hooked layer would
+otherwise overwrite them.
+
+TorchScript models cannot be hooked (their forward runs in the TorchScript interpreter, which ignores
+Python hooks), so :func:`list_layers`, :func:`capture` and :func:`extract_features` refuse them with a
+ValueError that says how to re-save the model. ``torch.export`` archives loaded by
+:func:`kcore.checkpoints.load_model` are unflattened and work like ordinary modules.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kcore.devices import resolve_device
+
+CACHE_FORMAT = "kcore-feature-cache/1"
+"""Value of the ``"format"`` key in a cache entry's ``meta.json``."""
+
+FLOAT16_MAX = 65504.0
+"""Largest finite float16 value; cached features must stay below it in magnitude."""
+
+_MAX_SUGGESTIONS = 3
+
+
+class ExtractionCancelled(Exception):
+    """Raised by :func:`extract_features` when its ``cancel`` callback asks it to stop."""
+
+
+class _Settable(Protocol):
+    def is_set(self) -> bool: ...
+
+
+Cancel = Union[Callable[[], bool], _Settable]
+"""Either a function returning True to stop, or an object with ``is_set()`` (``threading.Event``)."""
+
+Progress = Callable[[int, Union[int, None]], None]
+"""Called after each batch with (images done, total images or None when unknown)."""
+
+BatchTransform = Callable[[Tensor], Tensor]
+"""Maps a batch of images (N, C, H, W) on the device to a model's input (e.g. its normalisation)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Hooks and modes
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_hookable(model: object, argument: str = "model") -> nn.Module:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"{argument} is a TorchScript module; its layers cannot be captured, because TorchScript runs "
+            "forward() without Python hooks. Fix: load the model from a state dict or safetensors file "
+            "(with arch=...), or from a torch.export .pt2 archive (torch.export.save)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument} must be a torch.nn.Module; got {type(model).__name__}.")
+    return model
+
+
+def _module_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _module_dtype(model: nn.Module) -> torch.dtype:
+    """Floating dtype of the first floating parameter or buffer (float32 when there is none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and give every submodule back its own training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move ``model`` to ``device`` for the block, then back to where it was."""
+    original = _module_device(model)
+    if original != device:
+        model.to(device)
+    try:
+        yield
+    finally:
+        if original != device:
+            model.to(original)
+
+
+@contextmanager
+def _hooked(
+    model: nn.Module,
+    names: Sequence[str],
+    on_output: Callable[[str, object], None],
+    on_start: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Register forward (and optionally pre-forward) hooks on the named modules; always remove them."""
+    modules = dict(model.named_modules())
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for name in names:
+            module = modules[name]
+            handles.append(module.register_forward_hook(lambda _m, _i, out, n=name: on_output(n, out)))
+            if on_start is not None:
+                handles.append(module.register_forward_pre_hook(lambda _m, _i, n=name: on_start(n)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A module whose output can be captured, as seen in one forward pass.
+
+    Attributes:
+        name: the module's name in ``model.named_modules()``, e.g. ``"layer3.1"``.
+        type: the module's class name, e.g. ``"BasicBlock"``.
+        shape: output shape for one image without the batch dimension: ``(C, H, W)`` for a feature map.
+        is_spatial: True when the output is 4-D ``(N, C, H, W)``, i.e. usable as a feature map.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    is_spatial: bool
+
+
+def list_layers(
+    model: nn.Module,
+    input_size: tuple[int, int, int] = (3, 224, 224),
+    *,
+    spatial_only: bool = False,
+    device: str | torch.device | None = None,
+) -> list[LayerInfo]:
+    """List the modules of ``model`` that run, with their output shapes, from one dry run.
+
+    A zero batch of one image goes through the model in eval mode without gradients (so BatchNorm
+    statistics are untouched); every named module, leaf or container, is hooked inside a ``with`` block.
+    The model's training flags and device are restored afterwards.
+
+    Args:
+        model: the network (not TorchScript; see the module docstring).
+        input_size: ``(C, H, W)`` of one input image.
+        spatial_only: keep only modules with a 4-D output (feature maps).
+        device: where to run the dry run; default the model's own device.
+
+    Returns:
+        One :class:`LayerInfo` per module, in the order the modules start running. A module that runs
+        several times (e.g. a ReLU shared inside a ResNet block) appears once, with its last output's
+        shape. Modules that never run (``ModuleList`` containers, unused branches) and modules whose
+        output is not a single tensor are left out.
+
+    Raises:
+        ValueError: TorchScript model, bad ``input_size``, or the dry run failed (wrong input size).
+    """
+    _check_hookable(model)
+    if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
+        raise ValueError(
+            f"input_size must be (C, H, W) with three positive integers, e.g. (3, 224, 224); got {input_size!r}."
+        )
+    dev = _module_device(model) if device is None else resolve_device(device)
+    names = [name for name, _ in model.named_modules() if name]
+    order: dict[str, None] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def on_output(name: str, out: object) -> None:
+        if isinstance(out, Tensor):
+            shapes[name] = tuple(out.shape[1:])
+
+    x = torch.zeros((1, *input_size), device=dev, dtype=_module_dtype(model))
+    with _on_device(model, dev), _eval_mode(model), torch.no_grad():
+        with _hooked(model, names, on_output, on_start=lambda n: order.setdefault(n, None)):
+            try:
+                model(x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                raise ValueError(
+                    f"{type(model).__name__} failed on a dummy batch of shape {tuple(x.shape)}: {exc}. "
+                    "Fix: pass input_size=(C, H, W) matching the images the model was trained on "
+                    "(see the model card's input_size)."
+                ) from exc
+    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    layers = [LayerInfo(n, types[n], shapes[n], len(shapes[n]) == 3) for n in order if n in shapes]
+    return [layer for layer in layers if layer.is_spatial] if spatial_only else layers
+
+
+def validate_layer(
+    model: nn.Module,
+    name: str,
+    layers: Sequence[LayerInfo] | Sequence[str] | None = None,
+) -> nn.Module:
+    """Check that ``name`` names a module of ``model`` (and, if given, one of ``layers``).
+
+    Args:
+        model: the network.
+        name: a module name such as ``"layer3.1"``.
+        layers: the allowed names (e.g. ``list_layers(model, spatial_only=True)``); default: all modules.
+
+    Returns:
+        The module called ``name``.
+
+    Raises:
+        ValueError: unknown name, with the closest valid names and how to list them; a parameter name
+            (``"layer1.0.conv1.weight"``) gets the module name to use instead.
+    """
+    modules = dict(model.named_modules())
+    valid = [n for n in modules if n] if layers is None else [getattr(l, "name", l) for l in layers]  # noqa: E741
+    if isinstance(name, str) and name in valid and name in modules:
+        return modules[name]
+    model_name = type(model).__name__
+    listing = "Use kcore.features.list_layers(model) (or `kcore layers CKPT`) to see valid names."
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"layer must be a non-empty module name such as 'layer3.1'; got {name!r}. {listing}")
+    tensors = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    if name in tensors:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        raise ValueError(
+            f"layer {name!r} is a parameter or buffer of {model_name}, not a layer: hooks attach to modules. "
+            f"Fix: use the module name {owner!r}. {listing}"
+        )
+    close = difflib.get_close_matches(name, valid, n=_MAX_SUGGESTIONS, cutoff=0.5)
+    if not close and name.replace("_", ".") in valid:
+        close = [name.replace("_", ".")]
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
+    where = "" if layers is None or name not in modules else " (it exists but is not among the allowed layers)"
+    raise ValueError(f"layer {name!r} not found in {model_name}{where}{hint} {listing}")
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """Capture the outputs of named layers during the forward passes run inside the block.
+
+    Example::
+
+        with torch.no_grad(), capture(model, ["layer3"]) as feats:
+            model(x)
+        feats["layer3"]  # (N, C, H, W)
+
+    The outputs are detached and cloned when the layer finishes, so an in-place operation that runs later
+    (``ReLU(inplace=True)``) cannot change them. A layer that runs several times in one forward keeps its
+    last output. The hooks are removed when the block ends, also on an exception; the model's training
+    mode is not touched.
+
+    Args:
+        model: the network (not TorchScript).
+        layers: module names (see :func:`list_layers`).
+
+    Yields:
+        A dict filled during the block: layer name -> its output tensor (on the model's device).
+
+    Raises:
+        ValueError: an unknown layer (before any hook is registered), a TorchScript model, or a layer whose
+            output is not a single tensor (raised from the forward pass).
+    """
+    _check_hookable(model)
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of names, e.g. [{layers!r}]; got the string {layers!r}.")
+    for name in layers:
+        validate_layer(model, name)
+    outputs: dict[str, Tensor] = {}
+
+    def on_output(name: str, out: object) -> None:
+        if not isinstance(out, Tensor):
+            raise ValueError(
+                f"layer {name!r} outputs a {type(out).__name__}, not a tensor, so it cannot be used as a "
+                "feature map. Fix: pick one of its sub-modules (see kcore.features.list_layers(model))."
+            )
+        outputs[name] = out.detach().clone()
+
+    with _hooked(model, list(dict.fromkeys(layers)), on_output):
+        yield outputs
+
+
+def run_capture(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    *,
+    require_spatial: bool = False,
+) -> dict[str, Tensor]:
+    """Run ``model(x)`` without gradients and return the named layers' outputs.
+
+    Args:
+        model: the network; runs in its current mode on its current device.
+        x: the input batch (N, C, H, W), on the model's device.
+        layers: module names.
+        require_spatial: demand 4-D outputs (N, C, H, W).
+
+    Returns:
+        Layer name -> output tensor (detached clone).
+
+    Raises:
+        ValueError: a layer did not run, or (with ``require_spatial``) its output is not 4-D.
+    """
+    with torch.no_grad(), capture(model, layers) as outputs:
+        model(x)
+    for name in layers:
+        if name not in outputs:
+            raise ValueError(
+                f"layer {name!r} did not run during the forward pass of {type(model).__name__}: its forward() is "
+                "never called (e.g. a ModuleList container, or a branch the model skips). Fix: pick a module "
+                "that runs; kcore.features.list_layers(model) lists only those."
+            )
+        out = outputs[name]
+        if require_spatial and out.dim() != 4:
+            raise ValueError(
+                f"layer {name!r} outputs shape {tuple(out.shape)}, a feature map (N, C, H, W) is needed. "
+                "Fix: pick a convolutional layer or block; kcore.features.list_layers(model, spatial_only=True) "
+                "lists them."
+            )
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------------------------------
+
+
+def estimate_feature_bytes(
+    n_images: int,
+    shape_a: Sequence[int],
+    shape_b: Sequence[int],
+    dtype_bytes: int = 4,
+) -> int:
+    """Bytes needed to hold both feature maps of ``n_images`` images.
+
+    Args:
+        n_images: number of images N.
+        shape_a: (C_a, H_a, W_a) of one image's features from A (e.g. ``LayerInfo.shape``).
+        shape_b: (C_b, H_b, W_b) of one image's features from B.
+        dtype_bytes: 4 for float32 in memory, 2 for the float16 cache.
+
+    Returns:
+        N · (C_a·H_a·W_a + C_b·H_b·W_b) · dtype_bytes.
+    """
+    if n_images < 0 or dtype_bytes <= 0:
+        raise ValueError(f"n_images must be >= 0 and dtype_bytes > 0; got {n_images} and {dtype_bytes}.")
+    return int(n_images) * (math.prod(shape_a) + math.prod(shape_b)) * int(dtype_bytes)
+
+
+def format_bytes(n_bytes: int | float) -> str:
+    """Human-readable size with binary units, e.g. ``1536 -> "1.5 KiB"``."""
+    value = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class FeaturePair:
+    """Feature maps of networks A and B for the same images, in the same order.
+
+    Without a cache the tensors are float32 in memory. From the cache (``cache_dir`` given, or
+    :func:`load_cached_features`) they are float16, memory-mapped from disk: slice them in batches
+    (:meth:`iter_batches`) rather than converting them whole.
+
+    Attributes:
+        x_a: (N, C_a, H_a, W_a) features of ``layer_a`` of network A, on the CPU.
+        x_b: (N, C_b, H_b, W_b) features of ``layer_b`` of network B, on the CPU.
+        layer_a: layer name in A.
+        layer_b: layer name in B.
+        image_ids: one id per image.
+        labels: (N,) int64 class labels, or None when the images came without labels.
+    """
+
+    x_a: Tensor
+    x_b: Tensor
+    layer_a: str
+    layer_b: str
+    image_ids: tuple[str, ...]
+    labels: Tensor | None = None
+
+    @property
+    def n_images(self) -> int:
+        """Number of images N."""
+        return int(self.x_a.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both feature tensors (on disk when memory-mapped)."""
+        return self.x_a.numel() * self.x_a.element_size() + self.x_b.numel() * self.x_b.element_size()
+
+    def iter_batches(self, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield float32 copies of consecutive slices ``(x_a[i:j], x_b[i:j])``; memory stays at one batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        for start in range(0, self.n_images, batch_size):
+            stop = start + batch_size
+            yield self.x_a[start:stop].float(), self.x_b[start:stop].float()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What identifies a cache entry besides the two layer names (which :func:`extract_features` adds).
+
+    Attributes:
+        checkpoint_a: SHA-256 of network A's checkpoint file (``LoadedModel.sha256``).
+        checkpoint_b: SHA-256 of network B's checkpoint file.
+        image_set: a hash of the images and their order (e.g. :func:`image_set_hash` of their ids
+            together with the data set's version).
+        transform: a description of the preprocessing (resize, crop, normalisation).
+    """
+
+    checkpoint_a: str
+    checkpoint_b: str
+    image_set: str
+    transform: str = ""
+
+
+def image_set_hash(image_ids: Iterable[str]) -> str:
+    """SHA-256 of an ordered list of image ids (for :attr:`CacheKey.image_set`)."""
+    digest = hashlib.sha256()
+    for image_id in image_ids:
+        digest.update(str(image_id).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def cache_digest(cache_key: CacheKey | str, layer_a: str, layer_b: str, cache_key_extra: str = "") -> str:
+    """The SHA-256 naming a cache entry: of the key's fields, both layer names and ``cache_key_extra``.
+
+    Args:
+        cache_key: a :class:`CacheKey`, or a string the caller already made unique for the two models,
+            the images and the transform.
+        layer_a: layer name in A.
+        layer_b: layer name in B.
+        cache_key_extra: anything else that changes the features (e.g. an input resolution).
+    """
+    if isinstance(cache_key, CacheKey):
+        key: dict[str, Any] = asdict(cache_key)
+    elif isinstance(cache_key, str) and cache_key:
+        key = {"key": cache_key}
+    else:
+        raise ValueError(
+            f"cache_key must be a kcore.features.CacheKey or a non-empty string; got {cache_key!r}. Fix: "
+            "CacheKey(checkpoint_a=loaded_a.sha256, checkpoint_b=loaded_b.sha256, image_set=..., transform=...)."
+        )
+    payload = {"format": CACHE_FORMAT, **key, "layer_a": layer_a, "layer_b": layer_b, "extra": cache_key_extra}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_entry_dir(
+    cache_dir: str | os.PathLike[str],
+    cache_key: CacheKey | str,
+    layer_a: str,
+    layer_b: str,
+    cache_key_extra: str = "",
+) -> Path:
+    """The folder of a cache entry: ``cache_dir / <cache_digest>``."""
+    return Path(cache_dir) / cache_digest(cache_key, layer_a, layer_b, cache_key_extra)
+
+
+def _read_entry(entry: Path) -> FeaturePair:
+    """Open a finished cache entry with its arrays memory-mapped (copy-on-write, so the file never changes)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        ids = json.loads((entry / "ids.json").read_text(encoding="utf-8"))
+        x_a = np.load(entry / "x_a.npy", mmap_mode="c")
+        x_b = np.load(entry / "x_b.npy", mmap_mode="c")
+        labels = np.load(entry / "labels.npy") if meta["has_labels"] else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"feature cache entry {str(entry)!r} is unreadable ({exc}). Fix: delete that folder; the next "
+            "extraction recomputes it."
+        ) from exc
+    n = meta["n_images"]
+    if (
+        meta.get("format") != CACHE_FORMAT
+        or x_a.shape != (n, *meta["shape_a"])
+        or x_b.shape != (n, *meta["shape_b"])
+        or len(ids) != n
+    ):
+        raise ValueError(
+            f"feature cache entry {str(entry)!r} does not match its meta.json (arrays {x_a.shape}, {x_b.shape}, "
+            f"{len(ids)} ids; meta {meta}). Fix: delete that folder; the next extraction recomputes it."
+        )
+    return FeaturePair(
+        x_a=torch.from_numpy(x_a),
+        x_b=torch.from_numpy(x_b),
+        layer_a=meta["layer_a"],
+        layer_b=meta["layer_b"],
+        image_ids=tuple(ids),
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
+
+
+def load_cached_features(
+    cache_dir: str | os.PathLike[str],
+    cache_key: CacheKey | str,
+    layer_a: str,
+    layer_b: str,
+    *,
+    cache_key_extra: str = "",
+) -> FeaturePair | None:
+    """Open cached features without reading them into memory.
+
+    Args:
+        cache_dir: the cache folder given to :func:`extract_features`.
+        cache_key: the same key given to :func:`extract_features`.
+        layer_a: layer name in A.
+        layer_b: layer name in B.
+        cache_key_extra: the same extra string given to :func:`extract_features`.
+
+    Returns:
+        A :class:`FeaturePair` whose ``x_a`` (N, C_a, H_a, W_a) and ``x_b`` (N, C_b, H_b, W_b) are float16
+        tensors memory-mapped from the cache files (``torch.from_numpy`` on ``np.load(mmap_mode="c")``),
+        or None when there is no finished entry for this key.
+
+    Raises:
+        ValueError: the entry exists but is unreadable or inconsistent.
+    """
+    entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
+    if not (entry / "meta.json").is_file():
+        return None
+    return _read_entry(entry)
+
+
+def _is_cancelled(cancel: Cancel | None) -> bool:
+    if cancel is None:
+        return False
+    is_set = getattr(cancel, "is_set", None)
+    return bool(is_set() if callable(is_set) else cancel())  # type: ignore[operator]
+
+
+@dataclass
+class _Batch:
+    x: Tensor
+    labels: Tensor | None
+    ids: list[str] | None
+
+
+def _as_labels(value: object, n: int) -> Tensor | None:
+    if value is None:
+        return None
+    labels = torch.as_tensor(value)
+    if labels.shape != (n,) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(
+            f"images: a batch's labels must be {n} integer class indices (shape ({n},)); got shape "
+            f"{tuple(labels.shape)} and dtype {labels.dtype}."
+        )
+    return labels.to(torch.int64)
+
+
+def _to_batch(item: object) -> _Batch:
+    """Normalise one batch: a tensor, or (images, labels) / (images, labels, ids)."""
+    if isinstance(item, Tensor):
+        x, labels, ids = item, None, None
+    elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3 and isinstance(item[0], Tensor):
+        x = item[0]
+        labels = item[1] if len(item) > 1 else None
+        ids = [str(i) for i in item[2]] if len(item) > 2 else None
+    else:
+        raise ValueError(
+            "images must yield batches shaped as a tensor (N, C, H, W) or a tuple (images, labels[, ids]); got "
+            f"a {type(item).__name__}. Fix: pass a torch Dataset of (image (C, H, W), label) or a DataLoader."
+        )
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(
+            f"images: each batch must be a float tensor (N, C, H, W); got shape {tuple(x.shape)} and dtype "
+            f"{x.dtype}. Fix: convert images with torchvision.transforms.ToTensor() (and normalise them)."
+        )
+    return _Batch(x, _as_labels(labels, x.shape[0]), ids)
+
+
+def _batches(
+    images: object, batch_size: int, ids: Sequence[str] | None
+) -> tuple[Iterator[_Batch], int | None, Sequence[str] | None]:
+    """Turn the accepted kinds of ``images`` into batches; also return N (if known) and the ids (if given)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    if ids is None:
+        ids = getattr(images, "ids", None) if isinstance(images, Dataset) else None
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(
+                f"images given as one tensor must be (N, C, H, W); got shape {tuple(images.shape)}."
+            )
+        chunks = (images[i : i + batch_size] for i in range(0, images.shape[0], batch_size))
+        return (_to_batch(c) for c in chunks), int(images.shape[0]), ids
+    if isinstance(images, Dataset):
+        n = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+        loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0)
+        return (_to_batch(b) for b in loader), n, ids
+    if isinstance(images, Iterable):
+        return (_to_batch(b) for b in images), None, ids
+    raise TypeError(
+        f"images must be a torch Dataset, an iterable of batches or a tensor (N, C, H, W); got "
+        f"{type(images).__name__}."
+    )
+
+
+class _Sink:
+    """Where features go: preallocated float32 tensors in memory, or float16 .npy memory maps on disk.
+
+    With an unknown number of images the memory sink keeps a list of batches (concatenated at the end)
+    and the disk sink writes one file per batch (consolidated into one memory map at the end), so the
+    disk path never holds more than one batch in memory.
+    """
+
+    def __init__(self, folder: Path | None, n: int | None, shape: tuple[int, ...], name: str) -> None:
+        self.folder, self.n, self.shape, self.name = folder, n, shape, name
+        self.done = 0
+        self.parts: list[Tensor] = []
+        self.part_files: list[Path] = []
+        self.store: Tensor | np.memmap | None = None
+        if n is not None and folder is None:
+            self.store = torch.empty((n, *shape), dtype=torch.float32)
+        elif n is not None and folder is not None:
+            self.store = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
+
+    def write(self, feats: Tensor, layer: str) -> None:
+        b = feats.shape[0]
+        if tuple(feats.shape[1:]) != self.shape:
+            raise ValueError(
+                f"layer {layer!r} gave shape {tuple(feats.shape[1:])} for a later batch but {self.shape} for the "
+                "first one. Fix: resize all images to one size."
+            )
+        if self.n is not None and self.done + b > self.n:
+            raise ValueError(f"images yielded more than the {self.n} images announced (n_images or len(dataset)).")
+        feats = feats.detach().to("cpu", torch.float32)
+        if self.folder is not None:
+            peak = float(feats.abs().max()) if feats.numel() else 0.0
+            if not peak < FLOAT16_MAX:
+                raise ValueError(
+                    f"layer {layer!r} has values up to {peak:.4g} in magnitude, beyond float16 (max {FLOAT16_MAX}); the "
+                    "float16 cache would store them as inf. Fix: pass cache_dir=None to keep float32 features in memory."
+                )
+            half = feats.to(torch.float16).numpy()
+            if self.store is not None:
+                self.store[self.done : self.done + b] = half
+            else:
+                path = self.folder / f"{self.name}.part{len(self.part_files):06d}.npy"
+                np.save(path, half)
+                self.part_files.append(path)
+        elif self.store is not None:
+            self.store[self.done : self.done + b] = feats  # type: ignore[index]
+        else:
+            self.parts.append(feats)
+        self.done += b
+
+    def finish(self) -> Tensor | None:
+        """Complete the storage; return the in-memory tensor (memory sink) or None (disk sink)."""
+        if self.folder is None:
+            return self.store if self.store is not None else torch.cat(self.parts)  # type: ignore[return-value]
+        if self.store is None:
+            out = np.lib.format.open_memmap(
+                self.folder / f"{self.name}.npy", mode="w+", dtype=np.float16, shape=(self.done, *self.shape)
+            )
+            offset = 0
+            for path in self.part_files:
+                part = np.load(path, mmap_mode="r")
+                out[offset : offset + part.shape[0]] = part
+                offset += part.shape[0]
+                del part
+                path.unlink()
+            out.flush()
+            del out
+        else:
+            self.store.flush()  # type: ignore[union-attr]
+            self.store = None
+        return None
+
+
+def extract_features(
+    model_a: nn.Module,
+    layer_a: str,
+    model_b: nn.Module,
+    layer_b: str,
+    images: object,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device | None = "auto",
+    ids: Sequence[str] | None = None,
+    n_images: int | None = None,
+    transform_a: BatchTransform | None = None,
+    transform_b: BatchTransform | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache_key: CacheKey | str | None = None,
+    cache_key_extra: str = "",
+    progress: Progress | None = None,
+    cancel: Cancel | None = None,
+) -> FeaturePair:
+    """Run both networks over the same images and gather one layer's feature maps from each.
+
+    Each batch goes once through A and once through B (once in all when ``model_a is model_b``), in eval
+    mode, without gradients, on ``device``. Both models are given back on their original device with their
+    original training flags, also after an error.
+
+    Args:
+        model_a: network A (not TorchScript).
+        layer_a: module name in A with a 4-D output (see :func:`list_layers`).
+        model_b: network B.
+        layer_b: module name in B with a 4-D output.
+        images: one of
+            - a ``torch.utils.data.Dataset`` whose items are ``(image (C, H, W) float tensor, int label)``
+              or just image tensors; batched here in order; its ``ids`` attribute, if any, names the images;
+            - an iterable of batches (e.g. a ``DataLoader``), each a float tensor (N, C, H, W) or a tuple
+              ``(images (N, C, H, W), labels (N,)[, ids])``;
+            - one float tensor (N, C, H, W).
+            Images must already be converted to float (and normalised, unless ``transform_a/b`` do it).
+        batch_size: images per forward pass (for a Dataset or a tensor; an iterable keeps its batches).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        ids: one id per image; default the Dataset's ``ids``, the batches' ids, else ``"0"``, ``"1"``, ….
+        n_images: the number of images an iterable will yield, so that storage is preallocated.
+        transform_a: applied to each batch on the device before model A (e.g. its normalisation).
+        transform_b: the same for model B.
+        cache_dir: folder of the float16 on-disk cache; None keeps float32 features in memory.
+        cache_key: required with ``cache_dir``: a :class:`CacheKey` (checkpoint hashes, image-set hash,
+            transform description) or a string unique to them; the layer names and ``cache_key_extra``
+            are added to it (see :func:`cache_digest`).
+        cache_key_extra: anything else that changes the features.
+        progress: called after each batch with (images done, total or None).
+        cancel: checked before each batch; ``threading.Event`` or a function returning True to stop.
+
+    Returns:
+        A :class:`FeaturePair`. Without ``cache_dir``: float32 tensors in memory. With ``cache_dir``: float16
+        tensors memory-mapped from the cache entry (features are rounded to float16, relative error about
+        5e-4), read back from disk both on the first call and on later calls with the same key, which do not
+        run the models. Memory then stays at about one batch, however many images there are.
+
+    Raises:
+        ValueError: unknown or non-4-D layers, malformed batches, no images, too many images, features beyond
+            the float16 range when caching, ``cache_dir`` without ``cache_key``, or an unusable device.
+        ExtractionCancelled: ``cancel`` asked to stop; nothing is written to the cache.
+    """
+    _check_hookable(model_a, "model_a")
+    _check_hookable(model_b, "model_b")
+    validate_layer(model_a, layer_a)
+    validate_layer(model_b, layer_b)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}. Fix: e.g. batch_size=64.")
+    dev = resolve_device(device)
+    entry: Path | None = None
+    if cache_dir is not None:
+        if cache_key is None:
+            raise ValueError(
+                "cache_dir is given but cache_key is None: the cache needs to know which checkpoints, images and "
+                "transform the features come from. Fix: pass cache_key=CacheKey(checkpoint_a=loaded_a.sha256, "
+                "checkpoint_b=loaded_b.sha256, image_set=image_set_hash(ids), transform='...'), or cache_dir=None."
+            )
+        entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
+        if (entry / "meta.json").is_file():
+            return _read_entry(entry)
+    batches, n_total, given_ids = _batches(images, batch_size, ids)
+    if n_images is not None:
+        if n_total is not None and n_images != n_total:
+            raise ValueError(f"n_images={n_images} but images holds {n_total} images. Fix: drop n_images.")
+        n_total = n_images
+    tmp: Path | None = None
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    same = model_a is model_b and transform_a is transform_b
+    try:
+        with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b):
+            sinks: tuple[_Sink, _Sink] | None = None
+            labels: list[Tensor] = []
+            has_labels = True
+            batch_ids: list[str] = []
+            done = 0
+            for batch in batches:
+                if _is_cancelled(cancel):
+                    raise ExtractionCancelled(f"feature extraction cancelled after {done} images")
+                x = batch.x.to(dev)
+                xa = x.to(_module_dtype(model_a))
+                if same:
+                    outs = run_capture(model_a, transform_a(xa) if transform_a else xa, [layer_a, layer_b], require_spatial=True)
+                    feat_a, feat_b = outs[layer_a], outs[layer_b]
+                else:
+                    feat_a = run_capture(model_a, transform_a(xa) if transform_a else xa, [layer_a], require_spatial=True)[layer_a]
+                    xb = x.to(_module_dtype(model_b))
+                    feat_b = run_capture(model_b, transform_b(xb) if transform_b else xb, [layer_b], require_spatial=True)[layer_b]
+                if feat_a.shape[0] != x.shape[0] or feat_b.shape[0] != x.shape[0]:
+                    raise ValueError(
+                        f"layers must keep the batch dimension: {x.shape[0]} images gave {layer_a!r} "
+                        f"{tuple(feat_a.shape)} and {layer_b!r} {tuple(feat_b.shape)}."
+                    )
+                if sinks is None:
+                    sinks = (
+                        _Sink(tmp, n_total, tuple(feat_a.shape[1:]), "x_a"),
+                        _Sink(tmp, n_total, tuple(feat_b.shape[1:]), "x_b"),
+                    )
+                sinks[0].write(feat_a, layer_a)
+                sinks[1].write(feat_b, layer_b)
+                del feat_a, feat_b
+                if batch.labels is None:
+                    has_labels = False
+                elif has_labels:
+                    labels.append(batch.labels)
+                if batch.ids is not None:
+                    batch_ids.extend(batch.ids)
+                done += x.shape[0]
+                if progress is not None:
+                    progress(done, n_total)
+        if sinks is None or done == 0:
+            raise ValueError("images yielded no images. Fix: check the data set or loader is not empty.")
+        if n_total is not None and done != n_total:
+            raise ValueError(f"images yielded {done} images but {n_total} were announced (n_images or len(dataset)).")
+        image_ids = _resolve_ids(given_ids, batch_ids, done)
+        label_tensor = torch.cat(labels) if has_labels and labels else None
+        x_a, x_b = sinks[0].finish(), sinks[1].finish()
+        if tmp is None or entry is None:
+            return FeaturePair(x_a, x_b, layer_a, layer_b, image_ids, label_tensor)  # type: ignore[arg-type]
+        _write_entry(tmp, entry, sinks, layer_a, layer_b, image_ids, label_tensor)
+        tmp = None
+        return _read_entry(entry)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_ids(given: Sequence[str] | None, from_batches: list[str], n: int) -> tuple[str, ...]:
+    ids = [str(i) for i in given] if given is not None else (from_batches or [str(i) for i in range(n)])
+    if len(ids) != n:
+        raise ValueError(f"ids has {len(ids)} entries but {n} images were read. Fix: give one id per image.")
+    return tuple(ids)
+
+
+def _write_entry(
+    tmp: Path,
+    entry: Path,
+    sinks: tuple[_Sink, _Sink],
+    layer_a: str,
+    layer_b: str,
+    image_ids: tuple[str, ...],
+    labels: Tensor | None,
+) -> None:
+    """Finish a cache entry in its temporary folder, then rename it into place (atomic on one file system)."""
+    (tmp / "ids.json").write_text(json.dumps(list(image_ids)), encoding="utf-8")
+    if labels is not None:
+        np.save(tmp / "labels.npy", labels.numpy())
+    meta = {
+        "format": CACHE_FORMAT,
+        "n_images": len(image_ids),
+        "shape_a": list(sinks[0].shape),
+        "shape_b": list(sinks[1].shape),
+        "dtype": "float16",
+        "layer_a": layer_a,
+        "layer_b": layer_b,
+        "has_labels": labels is not None,
+    }
+    # meta.json last: an entry counts as finished only once it is there.
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():  # not a concurrent writer that finished first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
