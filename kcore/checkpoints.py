@@ -347,6 +347,11 @@ class _Source:
     display: str
 
     @property
+    def where(self) -> str:
+        """How error messages name the checkpoint: its full path, or the upload's name."""
+        return str(self.path) if self.path is not None else self.display
+
+    @property
     def size(self) -> int:
         return len(self.data) if self.data is not None else self.path.stat().st_size  # type: ignore[union-attr]
 
@@ -386,7 +391,7 @@ def _as_source(source: object, name: str | None) -> _Source:
 
 def _corrupt(src: _Source, expected: str, detail: object) -> ValueError:
     return ValueError(
-        f"checkpoint {src.display!r} could not be read as {expected}: {detail}. "
+        f"checkpoint {src.where!r} could not be read as {expected}: {detail}. "
         "The file may be truncated or corrupt (an interrupted download or copy). "
         "Fix: copy or save the file again, then check its sha256."
     )
@@ -407,7 +412,7 @@ def _archive_members(zf: zipfile.ZipFile) -> set[str]:
 def _sniff(src: _Source) -> _Format:
     size = src.size
     if size == 0:
-        raise ValueError(f"checkpoint {src.display!r} is empty (0 bytes). Fix: save or upload the file again.")
+        raise ValueError(f"checkpoint {src.where!r} is empty (0 bytes). Fix: save or upload the file again.")
     with src.open() as fh:
         head = fh.read(16)
         if len(head) >= 9:
@@ -428,7 +433,7 @@ def _sniff(src: _Source) -> _Format:
             if "data.pkl" in members:
                 return "torch_zip"
             raise ValueError(
-                f"checkpoint {src.display!r} is a zip archive but not one PyTorch wrote: it has no data.pkl "
+                f"checkpoint {src.where!r} is a zip archive but not one PyTorch wrote: it has no data.pkl "
                 f"(torch.save), code/ (TorchScript) or archive_format (torch.export). Members: "
                 f"{sorted(members)[:_MAX_LISTED]}. Fix: save the model with torch.save(model.state_dict(), path) "
                 "or safetensors.torch.save_file."
@@ -438,7 +443,7 @@ def _sniff(src: _Source) -> _Format:
     if src.suffix == ".safetensors":
         raise _corrupt(src, "safetensors", "the 8-byte header length and JSON header are missing or inconsistent")
     raise ValueError(
-        f"checkpoint {src.display!r} is not a format kcore reads (first bytes: {head[:8]!r}). Expected one of: "
+        f"checkpoint {src.where!r} is not a format kcore reads (first bytes: {head[:8]!r}). Expected one of: "
         + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_KINDS.items())
         + "."
     )
@@ -563,7 +568,7 @@ def _find_state_dict(obj: object, src: _Source) -> tuple[dict[str, Tensor], tupl
     """Locate the tensors of a checkpoint; return them and the names of non-tensor entries beside them."""
     if not isinstance(obj, Mapping):
         raise ValueError(
-            f"checkpoint {src.display!r} holds a {type(obj).__name__}, expected a state dict (a mapping from "
+            f"checkpoint {src.where!r} holds a {type(obj).__name__}, expected a state dict (a mapping from "
             "parameter names to tensors). Fix: save it with torch.save(model.state_dict(), path)."
         )
     candidate: Mapping[str, object] = obj
@@ -576,7 +581,7 @@ def _find_state_dict(obj: object, src: _Source) -> tuple[dict[str, Tensor], tupl
     others = tuple(str(k) for k, v in candidate.items() if not isinstance(v, Tensor))
     if not tensors:
         raise ValueError(
-            f"checkpoint {src.display!r} holds no tensors at the top level nor under {list(STATE_DICT_KEYS)}; "
+            f"checkpoint {src.where!r} holds no tensors at the top level nor under {list(STATE_DICT_KEYS)}; "
             f"its top-level keys are {[str(k) for k in list(obj)[:10]]}. Fix: save the weights with "
             "torch.save(model.state_dict(), path), or nest them under 'state_dict'."
         )
@@ -622,7 +627,7 @@ def _model_from_state_dict(
     arch = arch or (card.architecture if card else None)
     if arch is None:
         raise ValueError(
-            f"checkpoint {src.display!r} holds weights only, so arch is needed: pass arch='resnet18' (or another "
+            f"checkpoint {src.where!r} holds weights only, so arch is needed: pass arch='resnet18' (or another "
             "name from kcore.checkpoints.available_architectures()), or write a model card with 'architecture' "
             f"beside it ({card_path_for(src.display).name})."
         )
@@ -630,7 +635,7 @@ def _model_from_state_dict(
         num_classes = card.num_classes if card and card.num_classes else _infer_num_classes(state)
     if num_classes is None:
         raise ValueError(
-            f"checkpoint {src.display!r}: num_classes is not given, not in a model card and cannot be inferred "
+            f"checkpoint {src.where!r}: num_classes is not given, not in a model card and cannot be inferred "
             "(no 2-D '.weight' tensor). Fix: pass num_classes=<number of classifier outputs>."
         )
     model = build_model(arch, num_classes)
@@ -651,7 +656,7 @@ def _model_from_state_dict(
             else ""
         )
         raise ValueError(
-            f"checkpoint {src.display!r} does not fit arch={arch!r} with num_classes={num_classes}: "
+            f"checkpoint {src.where!r} does not fit arch={arch!r} with num_classes={num_classes}: "
             f"{len(mismatched)} tensor(s) have other shapes: {'; '.join(mismatched[:_MAX_LISTED])}.{hint} "
             "Fix: choose the architecture the checkpoint was trained with."
         )
@@ -662,7 +667,7 @@ def _model_from_state_dict(
         if unexpected:
             parts.append(f"unexpected in the checkpoint: {_listing(unexpected)}")
         raise ValueError(
-            f"checkpoint {src.display!r} does not match arch={arch!r}: {'; '.join(parts)}. "
+            f"checkpoint {src.where!r} does not match arch={arch!r}: {'; '.join(parts)}. "
             "Fix: choose the architecture the checkpoint was trained with, or pass strict=False to load the "
             "matching tensors and leave the rest at their random initialisation."
         )
@@ -710,7 +715,7 @@ _LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.Unpi
 
 def _unsafe_message(src: _Source, what: str, items: tuple[str, ...]) -> str:
     return (
-        f"checkpoint {src.display!r} is {what}, and loading it could run arbitrary code; it needs: "
+        f"checkpoint {src.where!r} is {what}, and loading it could run arbitrary code; it needs: "
         f"{_listing(list(items))}. kcore refused to load it (trust_pickle=False). Fix: if you trust where the "
         "file comes from, pass trust_pickle=True; better, re-save it as weights only with "
         "torch.save(model.state_dict(), 'model.pt') or safetensors.torch.save_file(model.state_dict(), "
@@ -744,7 +749,7 @@ def _torch_load(src: _Source, fmt: _Format, trust_pickle: bool) -> tuple[object,
         return torch.load(src.arg(), map_location="cpu", weights_only=False), True
     except _LOAD_ERRORS + (AttributeError, ImportError, ModuleNotFoundError, TypeError) as exc:
         raise ValueError(
-            f"checkpoint {src.display!r} could not be unpickled even with trust_pickle=True: {exc}. A full pickle "
+            f"checkpoint {src.where!r} could not be unpickled even with trust_pickle=True: {exc}. A full pickle "
             "needs the code of its classes to be importable. Fix: re-save it as a state dict where it was created."
         ) from exc
 
@@ -764,6 +769,7 @@ def load_model(
     Args:
         source: a path, or the file's bytes (an upload); then ``name`` is its file name.
         arch: architecture for weights-only files (see :func:`available_architectures`); default: the card's.
+            Not used for TorchScript, torch.export and whole-module pickles, which carry their graph.
         num_classes: classifier outputs for weights-only files; default: the card's, else inferred.
         trust_pickle: allow full pickles (``torch.save(model)``) and ``.pt2`` archives with pickled parts.
             Unpickling can run any code: only for files from a source you trust.

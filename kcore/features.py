@@ -782,6 +782,8 @@ def extract_features(
             return _read_entry(entry)
     batches, n_total, given_ids = _batches(images, batch_size, ids)
     if n_images is not None:
+        if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
+            raise ValueError(f"n_images must be a positive integer or None; got {n_images!r}.")
         if n_total is not None and n_images != n_total:
             raise ValueError(f"n_images={n_images} but images holds {n_total} images. Fix: drop n_images.")
         n_total = n_images
