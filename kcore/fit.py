@@ -110,14 +110,21 @@ PRESETS: dict[str, FitConfig] = {
 
 
 def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
-    """A preset with some fields replaced; unknown names raise a ValueError that lists the valid ones."""
+    """A preset with some fields replaced; unknown names raise a ValueError that lists the valid ones.
+
+    ``None`` values keep the preset's. Passing ``epochs`` (without ``min_steps``) also sets ``min_steps=0``,
+    so that an explicit number of epochs is what runs.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}.")
     names = {f.name for f in dataclasses.fields(FitConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown fit option(s) {unknown}; valid options are {sorted(names)}.")
-    return dataclasses.replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "min_steps" not in given:
+        given["min_steps"] = 0  # an explicit number of epochs is taken literally
+    return dataclasses.replace(PRESETS[preset], **given)
 
 
 @dataclass(frozen=True)

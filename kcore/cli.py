@@ -1,0 +1,240 @@
+"""The ``kcore`` command: list layers, and compare two checkpoints at one layer each.
+
+    kcore layers CKPT
+    kcore fit --a A.safetensors --layer-a layer2 --b B.safetensors --layer-b layer2 --data sample --out runs/ab
+    kcore train-samples --out sample_models
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+EPILOG_FIT = """\
+examples:
+  # the bundled sample models on the bundled images (works offline, < 1 min on a CPU)
+  kcore fit --a sample_models/kshapes_tinynet_s0.safetensors --b sample_models/kshapes_resnet_s0.safetensors \\
+            --data sample --both-directions --out runs/tiny_vs_resnet
+  # your own: architecture + weights-only state dict, a folder of images (class subfolders or flat)
+  kcore fit --a a.pth --arch-a resnet18 --num-classes-a 200 --layer-a layer3 \\
+            --b b.pth --arch-b resnet18 --num-classes-b 200 --layer-b layer3 --data ~/images --out runs/a_vs_b
+
+A -> B finds the blind spots of A (what B encodes that A cannot reconstruct); with --both-directions,
+B -> A also finds the unreliable features of A. Results: RUN_DIR/metrics.json (held-out variances per
+order, Var(x^Delta), Var(x*), instability, per channel, 0-order baseline), the fitted g_theta as
+safetensors, config.json and provenance.json. Use `kcore layers CKPT` to find layer names.
+"""
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (redrawn at most 10 times a second)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width, self.last, self.t0 = stream, width, 0.0, time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.stage = None
+
+    def __call__(self, p) -> None:
+        now = time.perf_counter()
+        new_stage = p.stage.split(" ")[0] != (self.stage or "").split(" ")[0] or p.stage != self.stage
+        if not new_stage and now - self.last < 0.1 and p.fraction < 1.0:
+            return
+        self.last = now
+        filled = int(self.width * min(max(p.fraction, 0.0), 1.0))
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {p.fraction:4.0%} {now - self.t0:6.1f}s  {p.message}"
+        if self.tty:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if p.fraction >= 1.0:
+                self.stream.write("\n")
+        elif new_stage or p.fraction >= 1.0:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.stage = p.stage
+
+
+def _add_model_args(p: argparse.ArgumentParser, which: str) -> None:
+    w = which.lower()
+    p.add_argument(f"--{w}", required=True, metavar="CKPT", help=f"checkpoint of network {which}: .safetensors, "
+                   ".pt/.pth state dict (weights-only), TorchScript or torch.export .pt2")
+    p.add_argument(f"--layer-{w}", metavar="NAME", help=f"layer of {which} (default: the model card's default_layer); "
+                   "see `kcore layers CKPT`")
+    p.add_argument(f"--arch-{w}", metavar="ARCH", help="architecture name when the file is a bare state dict "
+                   "without a model card (e.g. resnet18, vgg16_bn, kc_resnet)")
+    p.add_argument(f"--num-classes-{w}", type=int, metavar="N", help="classifier outputs, when no card says it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``kcore`` command."""
+    parser = argparse.ArgumentParser(
+        prog="kcore",
+        description="Knowledge consistency between two neural networks (Liang et al., ICLR 2020): fit g_theta "
+        "from one network's feature map to another's and split it into order-wise consistent components "
+        "x^(0..K) and the inconsistent rest x^Delta.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("layers", help="list a model's layers with their output shapes",
+                       description="List the layers of a checkpoint with output shapes from one dry run.")
+    p.add_argument("ckpt", metavar="CKPT")
+    p.add_argument("--arch", help="architecture, when the file is a bare state dict without a model card")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: card's, or 224 224)")
+    p.add_argument("--all", action="store_true", help="also list layers whose output is not a 4-D feature map")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a full pickled nn.Module (runs code from the file!)")
+
+    p = sub.add_parser("fit", help="compare two checkpoints at one layer each and write a run folder",
+                       description="Extract features, fit g_theta on a training split, decompose the held-out "
+                       "images, and write RUN_DIR atomically.", epilog=EPILOG_FIT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p, "A")
+    _add_model_args(p, "B")
+    p.add_argument("--data", default="sample", metavar="DIR|sample",
+                   help="images: a folder (class subfolders or flat) or 'sample' for the bundled kshapes images")
+    p.add_argument("--n-images", type=int, default=None, metavar="N", help="use at most N images (default: all; "
+                   "400 for 'sample')")
+    p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
+                   help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
+    p.add_argument("--preset", default="fast", choices=["fast", "authors"], help="training recipe (default fast)")
+    p.add_argument("--convention", choices=["paper", "authors"], default=None,
+                   help="normalisation convention (default: the preset's)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
+    p.add_argument("--both-directions", action="store_true", help="also fit B -> A (unreliable features of A)")
+    p.add_argument("--cache-dir", default=None, help="float16 on-disk feature cache (bounded memory for many images)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickled nn.Module checkpoints (unsafe)")
+    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="output folder (written atomically)")
+
+    p = sub.add_parser("train-samples", help="retrain the bundled sample models from scratch (CPU, minutes)")
+    p.add_argument("--out", default="sample_models")
+    p.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke run)")
+    return parser
+
+
+def _load(path: str, arch: str | None, num_classes: int | None, trust: bool):
+    from kcore.checkpoints import load_model
+
+    if not Path(path).is_file():
+        raise ValueError(f"checkpoint {path!r} does not exist. Fix: check the path (relative to {Path.cwd()}).")
+    return load_model(path, arch=arch, num_classes=num_classes, trust_pickle=trust)
+
+
+def _input_size(m, given=None) -> tuple[int, int]:
+    if given:
+        return tuple(given)
+    if m.card is not None and m.card.input_size:
+        return tuple(m.card.input_size)
+    return (224, 224)
+
+
+def _cmd_layers(args) -> int:
+    from kcore.features import list_layers
+
+    m = _load(args.ckpt, args.arch, args.num_classes, args.trust_pickle)
+    h, w = _input_size(m, args.input_size)
+    layers = list_layers(m.model, (3, h, w), spatial_only=not args.all)
+    default = m.card.default_layer if m.card else None
+    print(f"{m.name}  sha256 {m.short_hash}  {m.kind}  {m.num_parameters:,} parameters  input 3x{h}x{w}")
+    print(f"{'layer':40s} {'type':20s} output shape")
+    for info in layers:
+        mark = "  (card default)" if info.name == default else ""
+        print(f"{info.name:40s} {info.type:20s} {'x'.join(map(str, info.shape))}{mark}")
+    return 0
+
+
+def _images(data: str, n: int | None, size: tuple[int, int]):
+    from kcore import data as kdata
+
+    if data == "sample":
+        return kdata.sample_images(n=n or 400, image_size=size[0]), "kshapes test split (bundled)"
+    images = kdata.ImageSet.from_folder(data, input_size=size)
+    if n is not None:
+        images = images.subset(range(min(n, len(images))))
+    return images, f"folder {data}"
+
+
+def _layer_shape(m, layer: str) -> tuple[int, ...]:
+    from kcore.features import list_layers, validate_layer
+
+    layers = list_layers(m.model, (3, *_input_size(m)))
+    validate_layer(m.model, layer, layers)
+    info = next(i for i in layers if i.name == layer)
+    if not info.is_spatial:
+        raise ValueError(f"layer {layer!r} of {m.name} outputs shape {info.shape}; a feature map (C, H, W) is needed. "
+                         "Fix: pick a convolutional layer from `kcore layers CKPT`.")
+    return tuple(info.shape)
+
+
+def _cmd_fit(args) -> int:
+    from kcore.pipeline import compare, write_run
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {str(out)!r} already exists. Fix: choose a new folder or pass --overwrite.")
+    a = _load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle)
+    b = _load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle)
+    layer_a = args.layer_a or (a.card.default_layer if a.card else None)
+    layer_b = args.layer_b or (b.card.default_layer if b.card else None)
+    for flag, layer in (("--layer-a", layer_a), ("--layer-b", layer_b)):
+        if not layer:
+            raise ValueError(f"{flag} is required: the checkpoint has no model card with a default_layer. "
+                             "Fix: list candidates with `kcore layers CKPT`.")
+    images, source = _images(args.data, args.n_images, _input_size(a))
+    from kcore.features import estimate_feature_bytes, format_bytes
+
+    shape_a = _layer_shape(a, layer_a)
+    shape_b = _layer_shape(b, layer_b)
+    print(f"A: {a.name} [{a.short_hash}] layer {layer_a} {shape_a}\nB: {b.name} [{b.short_hash}] layer {layer_b} "
+          f"{shape_b}\nimages: {len(images)} from {source}", file=sys.stderr)
+    est = estimate_feature_bytes(len(images), shape_a, shape_b, 4)
+    note = "" if tuple(shape_a[1:]) == tuple(shape_b[1:]) else "; A's map is resampled bilinearly to B's H×W (and back for B -> A)"
+    print(f"features: about {format_bytes(est)} in memory{note}", file=sys.stderr)
+    opts = {"convention": args.convention} if args.convention else {}
+    comp = compare(
+        a, layer_a, b, layer_b, images, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
+        device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(), fit_options=opts,
+        paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
+    )
+    write_run(comp, out, overwrite=args.overwrite)
+    for key, d in comp.directions.items():
+        rep = d.fit.heldout_report
+        vo = ", ".join(f"{v:.4g}" for v in rep["var_orders"])
+        print(f"{key} ({d.meaning}):\n  held-out instability Var(x^D)/Var(x*) = {rep['instability']:.4f}; "
+              f"Var per order [{vo}]; Var(x^D) {rep['var_residual']:.4g}; Var(x*) {rep['var_target']:.4g}\n"
+              f"  held-out error {d.fit.heldout_error:.4f}; 0-order baseline: least-squares R² "
+              f"{d.fit.baseline.linear_r2:.4f}, linear CKA {d.fit.baseline.cka:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_train_samples(args) -> int:
+    from kcore.samples import train_sample_models
+
+    train_sample_models(args.out, quick=args.quick)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kcore`` command; returns the exit status (2 for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"layers": _cmd_layers, "fit": _cmd_fit, "train-samples": _cmd_train_samples}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError) as exc:  # bad input: a clear message, no traceback
+        print(f"kcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kcore: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Checkpoints + images → features → g_θ in one or both directions → a :class:`Comparison`, and run folders.
+
+A → B (x = A's features, x* = B's) finds the **blind spots of A**: what B encodes that A cannot reconstruct.
+B → A finds the **unreliable features of A**: what A encodes that B cannot reconstruct (Sec. 4.1, App. B).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from kcore.checkpoints import LoadedModel
+from kcore.decompose import Decomposition
+from kcore.devices import resolve_device
+from kcore.features import CacheKey, FeaturePair, extract_features, image_set_hash, validate_layer
+from kcore.fit import FitConfig, FitResult, fit, make_config
+
+DIRECTIONS: dict[str, tuple[str, str, str]] = {
+    "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
+    "B_to_A": ("B", "A", "unreliable features of A: what A encodes that B's feature cannot reconstruct"),
+}
+RUN_FORMAT = "kcore-run/1"
+
+
+@dataclass(frozen=True)
+class PipelineProgress:
+    """What a pipeline progress callback receives."""
+
+    stage: str  # "extract", "fit A_to_B", "fit B_to_A", "done"
+    fraction: float  # of the whole run, in [0, 1]
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which checkpoint produced a result (shown next to every result and written to provenance)."""
+
+    name: str
+    sha256: str
+    kind: str
+    architecture: str | None
+    num_parameters: int
+    test_accuracy: float | None
+    layer: str
+    path: str | None = None
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+    @staticmethod
+    def from_loaded(m: LoadedModel, layer: str, path: str | None = None) -> "ModelInfo":
+        card = m.card
+        return ModelInfo(
+            name=m.name, sha256=m.sha256, kind=m.kind, architecture=card.architecture if card else None,
+            num_parameters=m.num_parameters, test_accuracy=card.test_accuracy if card else None, layer=layer,
+            path=path,
+        )
+
+    def label(self) -> str:
+        acc = f", acc {self.test_accuracy:.1%}" if self.test_accuracy is not None else ""
+        return f"{self.name} [{self.short_hash}] · {self.layer} · {self.num_parameters:,} params{acc}"
+
+
+@dataclass(frozen=True)
+class DirectionResult:
+    """g_θ fitted in one direction: ``source`` features reconstruct ``target`` features."""
+
+    key: str
+    source: str
+    target: str
+    meaning: str
+    fit: FitResult
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Two networks compared at one layer each, in one or both directions.
+
+    Attributes:
+        a, b: the checkpoints (:class:`ModelInfo`).
+        features: A's and B's features of the images (all images after :func:`compare`; only the
+            held-out ones after :func:`read_run`).
+        heldout_positions: positions in ``features`` of the held-out images (never used for fitting).
+        directions: ``"A_to_B"`` and/or ``"B_to_A"`` → :class:`DirectionResult`.
+        provenance: hashes, layers, image set, seed, versions, device.
+    """
+
+    a: ModelInfo
+    b: ModelInfo
+    features: FeaturePair
+    heldout_positions: tuple[int, ...]
+    directions: dict[str, DirectionResult]
+    provenance: dict = field(default_factory=dict)
+
+    def pair(self, direction: str, positions: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+        """(x_src, x_tgt) float32 for ``direction`` at ``positions`` (default: the held-out images)."""
+        _check_direction(direction, self.directions)
+        pos = torch.as_tensor(list(self.heldout_positions if positions is None else positions), dtype=torch.long)
+        xa, xb = self.features.x_a[pos].float(), self.features.x_b[pos].float()
+        return (xa, xb) if direction == "A_to_B" else (xb, xa)
+
+    def decompose(self, direction: str, positions: Sequence[int] | None = None) -> Decomposition:
+        """The order-wise decomposition of ``direction`` for images at ``positions`` (default: held out)."""
+        x_src, x_tgt = self.pair(direction, positions)
+        return self.directions[direction].fit.decompose(x_src, x_tgt)
+
+    def image_ids(self, positions: Sequence[int] | None = None) -> list[str]:
+        pos = self.heldout_positions if positions is None else positions
+        return [self.features.image_ids[i] for i in pos]
+
+    def metrics(self) -> dict:
+        """The metrics.json content: per direction the held-out report, error, baseline and gates."""
+        out: dict[str, Any] = {"format": RUN_FORMAT, "directions": {}}
+        for key, d in self.directions.items():
+            block = {
+                "meaning": d.meaning,
+                "source": d.source,
+                "target": d.target,
+                **d.fit.heldout_report,
+                "heldout_error": d.fit.heldout_error,
+                "baseline": d.fit.baseline.as_dict(),
+                "gates": list(d.fit.gates),
+                "best_epoch": d.fit.best_epoch,
+                "fit_seconds": d.fit.seconds,
+            }
+            out["directions"][key] = block
+        if len(self.directions) == 1:  # one direction: its block is also the top level
+            (key, block), = out["directions"].items()
+            out.update({k: v for k, v in block.items()})
+            out["direction"] = key
+        return out
+
+
+def _check_direction(direction: str, available: dict) -> None:
+    if direction not in available:
+        raise ValueError(f"direction must be one of {sorted(available)}; got {direction!r}.")
+
+
+def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Callable[[Tensor], Tensor]:
+    """Per-model preprocessing of [0, 1] RGB batches (N, 3, H, W): resize to the card's input size, normalise."""
+    size = tuple(card.input_size) if card is not None and card.input_size else input_size
+    mean = torch.tensor(card.mean).view(1, -1, 1, 1) if card is not None and card.mean else None
+    std = torch.tensor(card.std).view(1, -1, 1, 1) if card is not None and card.std else None
+
+    def apply(x: Tensor) -> Tensor:
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        if mean is not None:
+            x = (x - mean.to(x)) / std.to(x)
+        return x
+
+    return apply
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that can change a result."""
+    import numpy
+    import torchvision
+
+    import kcore
+
+    return {
+        "kcore": kcore.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__, "python": platform.python_version(),
+    }
+
+
+def compare(
+    a: LoadedModel,
+    layer_a: str,
+    b: LoadedModel,
+    layer_b: str,
+    images: Any,
+    *,
+    orders: int = 2,
+    lam: float | None = None,
+    epochs: int | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    both_directions: bool = False,
+    preset: str = "fast",
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    image_source: str = "",
+    progress: Callable[[PipelineProgress], None] | None = None,
+    cancel: Any = None,
+    fit_options: dict | None = None,
+    paths: tuple[str | None, str | None] = (None, None),
+) -> Comparison:
+    """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
+
+    Args:
+        a, b: loaded checkpoints (:func:`kcore.checkpoints.load_model`).
+        layer_a, layer_b: module names with 4-D outputs (:func:`kcore.features.list_layers`).
+        images: a ``torch.utils.data.Dataset`` of ``(image (3, H, W) float in [0, 1], label)`` with an
+            ``ids`` attribute (see :mod:`kcore.data`); each model's card resizes and normalises it.
+        orders, lam, epochs, seed, preset: passed to :func:`kcore.fit`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for extraction and fitting.
+        both_directions: also fit B → A (unreliable features of A).
+        cache_dir: optional float16 on-disk feature cache.
+        image_source: a description of where the images came from (for provenance).
+        progress, cancel: as in :func:`kcore.fit`; progress gets :class:`PipelineProgress`.
+        fit_options: more :class:`kcore.FitConfig` fields.
+        paths: the checkpoint paths, if any (for provenance).
+
+    Returns:
+        A :class:`Comparison`.
+    """
+    validate_layer(a.model, layer_a)
+    validate_layer(b.model, layer_b)
+    dev = resolve_device(device)
+    report = progress or (lambda p: None)
+    opts = dict(fit_options or {})
+    cfg = make_config(preset, orders=orders, lam=lam, epochs=epochs, seed=seed, **opts)
+    ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
+    n = len(ids)
+    transform_desc = json.dumps([_card_desc(a.card), _card_desc(b.card)], sort_keys=True)
+    key = CacheKey(a.sha256, b.sha256, image_set_hash(ids), transform_desc) if cache_dir else None
+    n_fits = 2 if both_directions else 1
+    share = 0.3  # of the progress bar for extraction
+
+    def on_extract(done: int, total: int | None) -> None:
+        report(PipelineProgress("extract", share * done / max(total or n, 1), f"features: {done}/{total or n} images"))
+
+    report(PipelineProgress("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images"))
+    feats = extract_features(
+        a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=dev, ids=ids,
+        transform_a=model_transform(a.card), transform_b=model_transform(b.card), cache_dir=cache_dir,
+        cache_key=key, progress=on_extract, cancel=cancel,
+    )
+    results: dict[str, DirectionResult] = {}
+    keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
+    for i, dkey in enumerate(keys):
+        src, tgt, meaning = DIRECTIONS[dkey]
+        x_src, x_tgt = (feats.x_a, feats.x_b) if dkey == "A_to_B" else (feats.x_b, feats.x_a)
+        base = share + (1 - share) * i / n_fits
+
+        def on_fit(p, base=base, dkey=dkey):
+            report(PipelineProgress(f"fit {dkey}", base + (1 - share) / n_fits * p.fraction,
+                                    f"g_θ {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
+
+        res = fit(x_src.float(), x_tgt.float(), config=cfg, device=dev, progress=on_fit, cancel=cancel)
+        results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
+    held = tuple(results["A_to_B"].fit.heldout_indices)
+    info_a = ModelInfo.from_loaded(a, layer_a, paths[0])
+    info_b = ModelInfo.from_loaded(b, layer_b, paths[1])
+    prov = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint_a": dataclasses.asdict(info_a),
+        "checkpoint_b": dataclasses.asdict(info_b),
+        "layers": {"A": layer_a, "B": layer_b},
+        "feature_shapes": {"A": list(feats.x_a.shape[1:]), "B": list(feats.x_b.shape[1:])},
+        "images": {"n": n, "source": image_source, "ids_sha256": image_set_hash(ids), "transform": transform_desc},
+        "seed": seed,
+        "config": dataclasses.asdict(cfg),
+        "device": str(dev),
+        "versions": versions(),
+        "command": " ".join(sys.argv) if sys.argv else "",
+    }
+    report(PipelineProgress("done", 1.0, "done"))
+    return Comparison(info_a, info_b, feats, held, results, prov)
+
+
+def _card_desc(card: Any) -> dict:
+    if card is None:
+        return {}
+    return {"input_size": card.input_size, "mean": card.mean, "std": card.std}
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a run folder atomically (a temporary sibling, then one rename).
+
+    Contents: ``metrics.json``, ``config.json``, ``provenance.json``, ``images.json`` (held-out ids and
+    labels), ``features_heldout.safetensors`` (A's and B's held-out features, so the maps can be redrawn
+    without the checkpoints) and one ``g_<direction>/`` folder per direction (:meth:`FitResult.save`).
+
+    Raises:
+        ValueError: ``out_dir`` exists and ``overwrite`` is False.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"out_dir {str(out)!r} already exists. Fix: choose a new folder or pass overwrite=True.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pos = torch.as_tensor(comparison.heldout_positions, dtype=torch.long)
+        save_file(
+            {"x_a": comparison.features.x_a[pos].float().contiguous(), "x_b": comparison.features.x_b[pos].float().contiguous()},
+            str(tmp / "features_heldout.safetensors"),
+        )
+        labels = comparison.features.labels
+        images = {
+            "ids": comparison.image_ids(),
+            "labels": labels[pos].tolist() if labels is not None else None,
+            "heldout_of_all": list(comparison.heldout_positions),
+        }
+        (tmp / "images.json").write_text(json.dumps(images, indent=1))
+        for key, d in comparison.directions.items():
+            d.fit.save(tmp / f"g_{key}")
+        (tmp / "metrics.json").write_text(json.dumps(comparison.metrics(), indent=1))
+        cfg = comparison.provenance.get("config", {})
+        (tmp / "config.json").write_text(json.dumps({
+            "directions": list(comparison.directions), "layer_a": comparison.a.layer, "layer_b": comparison.b.layer,
+            "fit": cfg,
+        }, indent=1))
+        (tmp / "provenance.json").write_text(json.dumps(comparison.provenance, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_run(run_dir: str | os.PathLike) -> Comparison:
+    """Re-open a run folder written by :func:`write_run` (weights-only: JSON and safetensors)."""
+    from safetensors.torch import load_file
+
+    d = Path(run_dir)
+    needed = ["metrics.json", "provenance.json", "images.json", "features_heldout.safetensors"]
+    missing = [n for n in needed if not (d / n).is_file()]
+    if missing:
+        raise ValueError(f"{str(d)!r} is not a kcore run folder: missing {missing}. Fix: pick a folder written by `kcore fit --out`.")
+    prov = json.loads((d / "provenance.json").read_text())
+    imgs = json.loads((d / "images.json").read_text())
+    t = load_file(str(d / "features_heldout.safetensors"))
+    labels = torch.tensor(imgs["labels"]) if imgs.get("labels") is not None else None
+    feats = FeaturePair(t["x_a"], t["x_b"], prov["layers"]["A"], prov["layers"]["B"], tuple(imgs["ids"]), labels)
+    results = {}
+    for key, (src, tgt, meaning) in DIRECTIONS.items():
+        if (d / f"g_{key}").is_dir():
+            results[key] = DirectionResult(key, src, tgt, meaning, FitResult.load(d / f"g_{key}"))
+    a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
+    return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov)
