@@ -1,0 +1,431 @@
+"""Write a comparison's figures, metrics and arrays to files, offline, with deterministic names and provenance.
+
+Figures come from :mod:`kcore.viz` (matplotlib, no browser) and are saved as PNG (chosen DPI), SVG and PDF
+with fixed metadata, so the same figure gives the same bytes. Every export folder holds a
+``provenance.json`` (checkpoint names and hashes, layers, K, λ, seed, versions, device) and every figure a
+``<stem>.json`` sidecar with that provenance plus what the figure shows (image, channel, orders, scaling,
+colour limits). ``manifest.json`` lists every file with its SHA-256.
+
+Names are deterministic: :func:`figure_stem` builds them from what a figure shows, e.g.
+``overlay_A_to_B_img-kshapes-test-00012_ch007_x1_scale-image``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from matplotlib import rc_context
+from matplotlib.figure import Figure
+
+from kcore.decompose import Decomposition
+
+FigureFormat = Literal["png", "svg", "pdf"]
+FIGURE_FORMATS: dict[str, str] = {
+    "png": "raster image at the chosen DPI",
+    "svg": "vector graphics (text drawn as paths: looks the same everywhere)",
+    "pdf": "vector graphics for LaTeX",
+}
+"""Valid figure formats."""
+
+MIME: dict[str, str] = {
+    "png": "image/png", "svg": "image/svg+xml", "pdf": "application/pdf", "csv": "text/csv",
+    "json": "application/json", "npz": "application/octet-stream", "zip": "application/zip",
+}
+DIRECTION_TITLES: dict[str, str] = {"A_to_B": "A → B", "B_to_A": "B → A"}
+"""Display names of the directions of :mod:`kcore.pipeline`."""
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
+    out = tuple(formats)
+    bad = [f for f in out if f not in FIGURE_FORMATS]
+    if bad or not out:
+        raise ValueError(f"formats must be a non-empty selection of {sorted(FIGURE_FORMATS)}; got {list(out)!r}.")
+    return out
+
+
+def _check_dpi(dpi: int) -> int:
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, np.integer)) or not 50 <= int(dpi) <= 1200:
+        raise ValueError(f"dpi must be an integer in [50, 1200]; got {dpi!r}. Fix: 300 suits print, 150 the screen.")
+    return int(dpi)
+
+
+def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300) -> bytes:
+    """Render ``fig`` to PNG, SVG or PDF bytes, deterministically (no dates, fixed SVG ids).
+
+    Args:
+        fig: a matplotlib figure (e.g. from :mod:`kcore.viz`).
+        fmt: ``"png"``, ``"svg"`` or ``"pdf"``.
+        dpi: resolution of PNGs (and of raster images embedded in SVG/PDF).
+
+    Returns:
+        The file's bytes.
+    """
+    (fmt,) = _check_formats([fmt])
+    dpi = _check_dpi(dpi)
+    metadata: dict[str, Any] = {
+        "png": {"Software": "kcore (matplotlib)"},
+        "svg": {"Date": None, "Creator": "kcore (matplotlib)"},
+        "pdf": {"CreationDate": None, "ModDate": None, "Creator": "kcore (matplotlib)", "Producer": "kcore"},
+    }[fmt]
+    buf = io.BytesIO()
+    with rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "path", "pdf.fonttype": 42}):
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata, facecolor="white")
+    return buf.getvalue()
+
+
+def slug(text: object) -> str:
+    """A file-name-safe form of ``text``: letters, digits, ``.``, ``_``, ``-`` and ``+`` kept, the rest ``-``."""
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "-", str(text)).strip("-.")
+    return s or "x"
+
+
+def figure_stem(
+    kind: str,
+    direction: str | None = None,
+    *,
+    image_id: str | None = None,
+    channel: int | Sequence[int] | None = None,
+    what: str | None = None,
+    scale: str | None = None,
+) -> str:
+    """The deterministic file stem of a figure, from what it shows.
+
+    Example: ``figure_stem("overlay", "A_to_B", image_id="kshapes/test/00012", channel=7, what="x1",
+    scale="image")`` → ``"overlay_A_to_B_img-kshapes-test-00012_ch007_x1_scale-image"``.
+    """
+    parts = [slug(kind)]
+    if direction:
+        parts.append(slug(direction))
+    if image_id is not None:
+        parts.append("img-" + slug(image_id))
+    if channel is not None:
+        chans = [channel] if isinstance(channel, (int, np.integer)) else list(channel)
+        parts.append("ch" + "-".join(f"{int(c):03d}" for c in chans))
+    if what:
+        parts.append(slug(what))
+    if scale:
+        parts.append("scale-" + slug(scale))
+    return "_".join(parts)
+
+
+def save_figure(
+    fig: Figure,
+    folder: str | Path,
+    stem: str,
+    formats: Sequence[FigureFormat] = ("png", "svg", "pdf"),
+    dpi: int = 300,
+    sidecar: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``fig`` as ``<folder>/<stem>.<fmt>`` for each format, plus ``<stem>.json`` if ``sidecar`` is given.
+
+    Returns:
+        The paths written, in the order of ``formats`` (the sidecar last).
+    """
+    formats = _check_formats(formats)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if slug(stem) != stem:
+        raise ValueError(f"stem {stem!r} is not file-name safe. Fix: build it with figure_stem() or slug().")
+    paths = []
+    for fmt in formats:
+        p = out / f"{stem}.{fmt}"
+        p.write_bytes(figure_bytes(fig, fmt, dpi))
+        paths.append(p)
+    if sidecar is not None:
+        p = out / f"{stem}.json"
+        p.write_text(_dumps({"figure": stem, "formats": list(formats), "dpi": dpi, **sidecar}))
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib import metadata
+
+    import matplotlib
+    import torch
+
+    import kcore
+
+    out = {"kcore": kcore.__version__, "torch": torch.__version__, "numpy": np.__version__,
+           "matplotlib": matplotlib.__version__, "python": platform.python_version()}
+    for name in ("torchvision", "streamlit"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _model_dict(info: Any) -> dict[str, Any]:
+    keys = ("name", "sha256", "kind", "architecture", "num_parameters", "test_accuracy", "layer", "path")
+    return {k: getattr(info, k, None) for k in keys}
+
+
+def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
+    """Which checkpoints, layers and settings produced a result (for sidecars and captions).
+
+    Args:
+        comparison: a :class:`kcore.pipeline.Comparison`.
+        direction: restrict the fit block to one direction (default: all of them).
+
+    Returns:
+        A JSON-ready dict: ``checkpoint_a``/``checkpoint_b`` (name, sha256, kind, architecture, parameters,
+        test accuracy, layer), ``layers``, ``directions`` (per direction: K, λ, seed, preset fields, device,
+        best epoch), ``images``, ``versions`` (of this export) and the run's own provenance under ``run``.
+    """
+    keys = list(comparison.directions) if direction is None else [direction]
+    for k in keys:
+        if k not in comparison.directions:
+            raise ValueError(f"direction must be one of {sorted(comparison.directions)}; got {k!r}.")
+    fits = {}
+    for k in keys:
+        f = comparison.directions[k].fit
+        cfg = f.config
+        fits[k] = {
+            "meaning": comparison.directions[k].meaning, "orders_K": cfg.orders, "lambda": cfg.lam, "seed": cfg.seed,
+            "epochs_max": cfg.epochs, "epochs_run": len(f.history), "best_epoch": f.best_epoch,
+            "convention": cfg.convention, "kernel_size": cfg.kernel_size, "device": f.device,
+            "heldout_images": len(f.heldout_indices),
+        }
+    run = dict(getattr(comparison, "provenance", {}) or {})
+    return {
+        "checkpoint_a": _model_dict(comparison.a),
+        "checkpoint_b": _model_dict(comparison.b),
+        "layers": {"A": comparison.a.layer, "B": comparison.b.layer},
+        "directions": fits,
+        "images": run.get("images", {}),
+        "device": run.get("device"),
+        "versions": _versions(),
+        "run": run,
+    }
+
+
+def model_label(info: Any) -> str:
+    """``"name [hash12] · layer · 123,456 params, acc 91.2%"`` for a :class:`kcore.pipeline.ModelInfo`."""
+    acc = getattr(info, "test_accuracy", None)
+    acc_s = f", acc {acc:.1%}" if isinstance(acc, (int, float)) and math.isfinite(acc) else ""
+    return f"{info.name} [{info.sha256[:12]}] · {info.layer} · {info.num_parameters:,} params{acc_s}"
+
+
+def caption(comparison: Any, direction: str | None = None) -> str:
+    """One provenance line for a figure: both checkpoints (name, hash, layer) and the fit settings."""
+    key = direction or next(iter(comparison.directions))
+    cfg = comparison.directions[key].fit.config
+    head = f"{DIRECTION_TITLES.get(key, key)} · " if direction else ""
+    return (
+        f"{head}A: {comparison.a.name} [{comparison.a.sha256[:12]}] {comparison.a.layer} · "
+        f"B: {comparison.b.name} [{comparison.b.sha256[:12]}] {comparison.b.layer} · "
+        f"K={cfg.orders} λ={cfg.lam:g} seed={cfg.seed} · held-out images"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tables
+def metrics_table(comparison: Any) -> pd.DataFrame:
+    """One row per direction: Var of each order, of x^Δ and x*, instability, held-out error, baseline, fit.
+
+    Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
+    heldout_error, baseline_linear_r2, baseline_cka, gates, best_epoch, epochs_run, fit_seconds``.
+    """
+    rows = []
+    for key, d in comparison.directions.items():
+        f = d.fit
+        rep = f.heldout_report
+        row: dict[str, Any] = {"direction": key, "source": d.source, "target": d.target}
+        for k, v in enumerate(rep["var_orders"]):
+            row[f"var_x{k}"] = v
+        row.update({
+            "var_residual": rep["var_residual"], "var_target": rep["var_target"], "instability": rep["instability"],
+            "heldout_error": f.heldout_error, "baseline_linear_r2": f.baseline.linear_r2,
+            "baseline_cka": f.baseline.cka, "gates": " ".join(f"{g:.4g}" for g in f.gates),
+            "best_epoch": f.best_epoch, "epochs_run": len(f.history), "fit_seconds": round(f.seconds, 3),
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def channel_table(report: Mapping) -> pd.DataFrame:
+    """Per-filter fuzziness: one row per channel of x*.
+
+    Columns: ``channel``, ``var_target`` (the channel's Var(x*)), ``share_x0 … share_xK`` (Var(x⁽ᵏ⁾_c) /
+    Var(x*_c)), ``share_residual`` (Var(x^Δ_c) / Var(x*_c)), and ``dominant_order`` (the order with the
+    largest share).
+    """
+    pc = report["per_channel"]
+    orders = np.asarray(pc["order_share"], dtype=np.float64)  # (K+1, C)
+    df = pd.DataFrame({"channel": np.arange(orders.shape[1]), "var_target": np.asarray(pc["var_target"], dtype=np.float64)})
+    for k in range(orders.shape[0]):
+        df[f"share_x{k}"] = orders[k]
+    df["share_residual"] = np.asarray(pc["residual_share"], dtype=np.float64)
+    df["dominant_order"] = orders.argmax(0)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=False, default=_json_default, allow_nan=True) + "\n"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray,)):
+        return o.tolist()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_metrics(comparison: Any, folder: str | Path) -> list[Path]:
+    """Write ``metrics.csv`` (:func:`metrics_table`), ``metrics.json`` (the full held-out reports) and
+    ``channels_<direction>.csv`` (:func:`channel_table`) into ``folder``; returns the paths."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "metrics.csv", out / "metrics.json"]
+    metrics_table(comparison).to_csv(paths[0], index=False, float_format="%.6g")
+    paths[1].write_text(_dumps(comparison.metrics()))
+    for key, d in comparison.directions.items():
+        p = out / f"channels_{slug(key)}.csv"
+        channel_table(d.fit.heldout_report).to_csv(p, index=False, float_format="%.6g")
+        paths.append(p)
+    return paths
+
+
+def write_components(
+    dec: Decomposition,
+    folder: str | Path,
+    stem: str,
+    image_ids: Sequence[str],
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save the raw arrays of a decomposition as ``<stem>.npz`` (float32, uncompressed).
+
+    Arrays: ``components`` (K+1, N, C, H, W) with ``components[k]`` = x⁽ᵏ⁾, ``residual`` x^Δ, ``target`` x*,
+    ``output`` g(x) (each (N, C, H, W), the fit's target units), ``image_ids`` (N,) strings, and ``meta``
+    (a JSON string: ``meta`` plus the array layout).
+    """
+    n = int(dec.target.shape[0])
+    if len(image_ids) != n:
+        raise ValueError(f"image_ids must hold one id per image of the decomposition ({n}); got {len(image_ids)}.")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{slug(stem)}.npz"
+    comps = np.stack([c.detach().cpu().float().numpy() for c in dec.components])
+    layout = {"components": "(K+1, N, C, H, W): components[k] = x^(k)", "residual": "(N, C, H, W) x^Δ = x* − g(x)",
+              "target": "(N, C, H, W) x*", "output": "(N, C, H, W) g(x) = Σ_k x^(k)", "units": dec.convention}
+    with open(path, "wb") as fh:
+        np.savez(
+            fh, components=comps, residual=dec.residual.detach().cpu().float().numpy(),
+            target=dec.target.detach().cpu().float().numpy(), output=comps.sum(0),
+            image_ids=np.asarray([str(i) for i in image_ids]),
+            meta=np.asarray(json.dumps({**(meta or {}), "layout": layout}, default=_json_default)),
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_comparison` wrote.
+
+    Attributes:
+        folder: the export folder.
+        files: every file written, relative to ``folder``, sorted.
+    """
+
+    folder: Path
+    files: tuple[str, ...]
+
+    def zip_bytes(self) -> bytes:
+        """All files as one deterministic zip (see :func:`zip_folder`)."""
+        return zip_folder(self.folder, self.files)
+
+
+@dataclass(frozen=True)
+class FigureItem:
+    """A figure to export with what it shows (written to its sidecar).
+
+    Attributes:
+        stem: file stem (:func:`figure_stem`).
+        figure: the matplotlib figure.
+        meta: what it shows: direction, image id, channel, orders, scaling, colour limits, …
+    """
+
+    stem: str
+    figure: Figure
+    meta: Mapping[str, Any]
+
+
+def export_comparison(
+    comparison: Any,
+    folder: str | Path,
+    *,
+    figures: Sequence[FigureItem] = (),
+    arrays: Mapping[str, tuple[Decomposition, Sequence[str]]] | None = None,
+    formats: Sequence[FigureFormat] = ("png", "svg", "pdf"),
+    dpi: int = 300,
+) -> ExportResult:
+    """Write figures, metrics, arrays and provenance of ``comparison`` into ``folder``.
+
+    Args:
+        comparison: a :class:`kcore.pipeline.Comparison`.
+        folder: where to write (created; files of the same name are replaced).
+        figures: the figures, each saved in every format with a ``<stem>.json`` sidecar.
+        arrays: stem → (decomposition, its image ids), saved by :func:`write_components`.
+        formats: figure formats (:data:`FIGURE_FORMATS`).
+        dpi: PNG resolution.
+
+    Returns:
+        An :class:`ExportResult`; ``manifest.json`` in the folder lists every file with its SHA-256.
+    """
+    formats = _check_formats(formats)
+    dpi = _check_dpi(dpi)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(comparison)
+    written: list[Path] = [out / "provenance.json"]
+    written[0].write_text(_dumps(prov))
+    written += write_metrics(comparison, out)
+    stems = [f.stem for f in figures]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise ValueError(f"figure stems must be unique; repeated: {dupes}.")
+    for item in figures:
+        written += save_figure(item.figure, out / "figures", item.stem, formats, dpi,
+                               sidecar={**dict(item.meta), "provenance": prov})
+    for stem, (dec, ids) in (arrays or {}).items():
+        written.append(write_components(dec, out / "arrays", stem, ids, meta={"provenance": prov}))
+    rel = sorted(str(p.relative_to(out)) for p in written)
+    manifest = {"files": {r: hashlib.sha256((out / r).read_bytes()).hexdigest() for r in rel}}
+    (out / "manifest.json").write_text(_dumps(manifest))
+    return ExportResult(out, tuple(sorted(rel + ["manifest.json"])))
+
+
+def zip_folder(folder: str | Path, files: Sequence[str] | None = None) -> bytes:
+    """Zip ``files`` (relative paths; default every file under ``folder``) with fixed dates, sorted: same
+    content, same bytes."""
+    root = Path(folder)
+    names = sorted(files) if files is not None else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in names:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, (root / name).read_bytes())
+    return buf.getvalue()

@@ -1,0 +1,127 @@
+"""Figures: colour limits and maps, scaling semantics, overlay upsampling, and input errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from kcore import viz
+from kcore.decompose import Decomposition
+from kcore.fit import EpochRecord
+
+
+@pytest.fixture(scope="module")
+def dec():
+    g = torch.Generator().manual_seed(0)
+    comps = [torch.randn(3, 4, 8, 8, generator=g) * s for s in (1.0, 0.5, 0.25)]
+    target = torch.randn(3, 4, 8, 8, generator=g)
+    return Decomposition(comps, target - sum(comps), target)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+
+
+def _colorbars(fig: Figure):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def test_signed_overlay_has_symmetric_colorbar_and_diverging_map(dec, image):
+    spec = viz.MapSpec("component", (1,))
+    fig = viz.component_overlay(dec, spec, 0, 2, image, scale="map")
+    (cax,) = _colorbars(fig)
+    m = float(dec.components[1][0, 2].abs().max())
+    lo, hi = sorted(cax.get_ylim())
+    assert lo == pytest.approx(-m) and hi == pytest.approx(m)
+    overlay = fig.axes[0].images[-1]
+    assert overlay.get_cmap().name == viz.DIVERGING_CMAP
+    assert overlay.norm.vmin == pytest.approx(-m) and overlay.norm.vmax == pytest.approx(m)
+
+
+def test_blind_spot_map_is_sequential_from_zero(dec, image):
+    fig = viz.component_overlay(dec, viz.MapSpec("blind_spot"), 1, None, image)
+    (cax,) = _colorbars(fig)
+    energy = (dec.residual[1].double() ** 2).mean(0)
+    lo, hi = sorted(cax.get_ylim())
+    assert lo == 0.0 and hi == pytest.approx(float(energy.max()))
+    assert fig.axes[0].images[-1].get_cmap().name == viz.SEQUENTIAL_CMAP
+    np.testing.assert_allclose(viz.feature_map(dec, viz.MapSpec("blind_spot"), 1, None), energy.numpy())
+
+
+def test_overlay_upsamples_the_map_to_the_image(dec, image):
+    fig = viz.overlay_figure(image, dec.target[0, 0], alpha=0.5)
+    overlay = fig.axes[0].images[-1]
+    assert overlay.get_array().shape == image.shape[:2]
+    assert overlay.get_alpha() == 0.5
+    up = viz.upsample(np.arange(16.0).reshape(4, 4), (16, 12))
+    assert up.shape == (16, 12)
+    # bilinear with align_corners=False keeps the mean of a linear ramp and stays within its range
+    assert up.min() >= 0 and up.max() <= 15 and up.mean() == pytest.approx(7.5)
+
+
+def test_scaling_limits_follow_the_documented_definitions(dec):
+    spec = viz.MapSpec("component", (2,))
+    per_map = viz.map_limits(dec, spec, 0, 1, "map")
+    assert per_map[1] == pytest.approx(float(dec.components[2][0, 1].abs().max()))
+    per_image = viz.map_limits(dec, spec, 0, 1, "image")
+    fam = [dec.target, dec.residual, sum(dec.components)] + list(dec.components)
+    assert per_image[1] == pytest.approx(max(float(t[0, 1].abs().max()) for t in fam))
+    shared = viz.map_limits(dec, spec, 0, 1, "shared")
+    assert shared[1] == pytest.approx(max(float(t[:, 1].abs().max()) for t in fam))
+    assert per_map[1] <= per_image[1] <= shared[1]
+    assert all(lo == -hi for lo, hi in (per_map, per_image, shared))
+    # the shared scale is the same for every image and order of a channel
+    assert viz.map_limits(dec, viz.MapSpec("residual"), 2, 1, "shared") == shared
+    # "shared" over a subset of images
+    sub = viz.map_limits(dec, spec, 0, 1, "shared", images=[0])
+    assert sub == per_image
+
+
+def test_sum_of_orders_and_output(dec):
+    both = viz.feature_map(dec, viz.MapSpec("component", (1, 0)), 0, 3)
+    np.testing.assert_allclose(both, (dec.components[0][0, 3] + dec.components[1][0, 3]).double().numpy())
+    out = viz.feature_map(dec, viz.MapSpec("output"), 0, 3)
+    np.testing.assert_allclose(out, sum(c[0, 3] for c in dec.components).double().numpy(), atol=1e-5)
+    assert viz.MapSpec("component", (1, 0)).label == "x⁽⁰⁾+x⁽¹⁾"
+    assert viz.MapSpec("component", (1, 0)).slug == "x0+1"
+
+
+def test_figure1_grid_layout_and_colorbars(dec, image):
+    fig = viz.figure1_grid(dec, [0, 2], [1], [image, image], scale="image")
+    K = dec.orders
+    cols = 1 + 1 + (K + 1) + 1  # image, x*, x0..xK, xΔ
+    assert len([a for a in fig.axes if a.get_label() != "<colorbar>"]) == 2 * cols
+    assert len(_colorbars(fig)) == 2  # one per row
+    fig = viz.figure1_grid(dec, [0], [1, 2], None, scale="shared")
+    (cax,) = _colorbars(fig)
+    lo, hi = sorted(cax.get_ylim())
+    assert lo == -hi and hi > 0
+
+
+def test_summary_figures(dec):
+    rep = dec.report()
+    fig = viz.variance_figure({"A_to_B": rep, "B_to_A": rep})
+    assert len(fig.axes) == 2
+    assert [p.get_height() for p in fig.axes[0].patches][-1] == pytest.approx(rep["var_target"])
+    hist = [EpochRecord(e, 1.0 / e, 1.0 / e, 1.1 / e, 1e-3, (0.1,), 0.01) for e in range(1, 6)]
+    assert len(viz.loss_figure({"A_to_B": hist}, best_epochs={"A_to_B": 4}).axes) == 1
+    fig = viz.channel_share_figure(rep, sort="residual", highlight=0)
+    assert _colorbars(fig)
+    order = viz.channel_order(rep, "residual")
+    shares = rep["per_channel"]["residual_share"]
+    assert [shares[i] for i in order] == sorted(shares, reverse=True)
+
+
+def test_errors_name_the_argument(dec, image):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        viz.MapSpec("nope")
+    with pytest.raises(ValueError, match="channel must be in"):
+        viz.feature_map(dec, viz.MapSpec("target"), 0, 99)
+    with pytest.raises(ValueError, match="beyond K = 2"):
+        viz.feature_map(dec, viz.MapSpec("component", (3,)), 0, 0)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        viz.map_limits(dec, viz.MapSpec("target"), 0, 0, "global")
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        viz.overlay_figure(image, np.zeros((4, 4)), alpha=2)
