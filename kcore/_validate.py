@@ -26,9 +26,10 @@ def check_feature_map(name: str, x: object) -> Tensor:
         raise ValueError(f"{name} must have no empty dimension; got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor; got dtype {x.dtype}. Fix: {name}.float().")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    # checked in chunks: no full-size temporary for large (possibly memory-mapped) feature sets
+    step = max(1, (1 << 24) // max(1, x[0].numel()))
+    bad = sum(int((~torch.isfinite(x[i : i + step])).sum()) for i in range(0, x.shape[0], step))
+    if bad:
         raise ValueError(
             f"{name} must be finite; got {bad} NaN/Inf value(s) out of {x.numel()}. "
             "Fix: check the model and images that produced these features (e.g. a diverged checkpoint)."

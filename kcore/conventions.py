@@ -41,6 +41,8 @@ def check_convention(convention: str) -> str:
 
 def resample(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Resample ``x`` (N, C, H, W) to ``size`` = (H', W') bilinearly; identity when sizes already match."""
+    if x.dtype in (torch.float16, torch.bfloat16):  # e.g. the float16 feature cache; interpolate needs float32
+        x = x.float()
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
@@ -96,14 +98,21 @@ class Normalization:
     tgt_std: Tensor | None = None
 
     @staticmethod
-    def fit(x_src: Tensor, x_tgt: Tensor, convention: Convention) -> "Normalization":
-        """Compute the normalisation from training features ``x_src`` (N, C_a, H_a, W_a), ``x_tgt`` (N, C_b, H, W)."""
+    def fit(x_src: Tensor, x_tgt: Tensor, convention: Convention, indices: Tensor | None = None) -> "Normalization":
+        """Compute the normalisation from training features.
+
+        Args:
+            x_src: (N, C_a, H_a, W_a) source features.
+            x_tgt: (N, C_b, H, W) target features.
+            convention: ``"paper"`` or ``"authors"``.
+            indices: the training images (default: all); read batch by batch, never copied whole.
+        """
         check_convention(convention)
         size = (int(x_tgt.shape[-2]), int(x_tgt.shape[-1]))
         if convention == "authors":
             return Normalization("authors", size)
-        sm, ss = channel_mean_std(_resampled_batches(x_src, size))
-        tm, ts = channel_mean_std(x_tgt)
+        sm, ss = channel_mean_std(_Batches(x_src, size, indices))
+        tm, ts = channel_mean_std(_Batches(x_tgt, None, indices))
         # A constant channel has no variance to standardise; leave its scale alone instead of dividing by 0.
         ss = torch.where(ss > 1e-12, ss, torch.ones_like(ss))
         ts = torch.where(ts > 1e-12, ts, torch.ones_like(ts))
@@ -136,15 +145,18 @@ class Normalization:
         return {"src_mean": self.src_mean, "src_std": self.src_std, "tgt_mean": self.tgt_mean, "tgt_std": self.tgt_std}
 
 
-class _resampled_batches:
-    """A lazy (N, C, H, W) view that resamples x batch by batch (keeps channel_mean_std memory bounded)."""
+class _Batches:
+    """A lazy (n, C, H, W) view of selected images of x, resampled batch by batch (bounded memory)."""
 
-    def __init__(self, x: Tensor, size: tuple[int, int]):
-        self.x, self.size = x, size
-        self.shape = (x.shape[0], x.shape[1], size[0], size[1])
+    def __init__(self, x: Tensor, size: tuple[int, int] | None, indices: Tensor | None):
+        self.x, self.size, self.indices = x, size, indices
+        n = x.shape[0] if indices is None else len(indices)
+        hw = tuple(x.shape[-2:]) if size is None else size
+        self.shape = (n, x.shape[1], *hw)
 
     def __getitem__(self, idx: slice) -> Tensor:
-        return resample(self.x[idx], self.size)
+        xb = self.x[idx] if self.indices is None else self.x[self.indices[idx]]
+        return resample(xb, self.size) if self.size is not None else xb
 
 
 def _col(v: Tensor | None, like: Tensor) -> Tensor:

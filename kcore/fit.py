@@ -438,7 +438,7 @@ def fit(
     report = progress or (lambda p: None)
 
     train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
-    norm = Normalization.fit(x_src[train_idx], x_tgt[train_idx], cfg.convention)
+    norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx)
     xs = _prepare(norm.source, x_src)
     xt = _prepare(norm.target, x_tgt)
     if dev.type == "cuda":
@@ -551,8 +551,14 @@ def fit(
 
 
 def _prepare(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 512) -> Tensor:
+    """Apply ``fn`` batch by batch (float16 inputs, e.g. from the feature cache, become float32 first)."""
+
+    def batch(i: int) -> Tensor:
+        xb = x[i : i + batch_size]
+        return fn(xb.float() if xb.dtype in (torch.float16, torch.bfloat16) else xb).float()
+
     with torch.no_grad():
-        return torch.cat([fn(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
+        return torch.cat([batch(i) for i in range(0, x.shape[0], batch_size)])
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
