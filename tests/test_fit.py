@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kcore
+from kcore.conventions import resample
 from kcore.fit import split_indices
 
 N, C, H = 160, 8, 8
@@ -174,8 +175,8 @@ def test_float16_cached_features_with_different_sizes_fit_and_decompose():
     # the float16 on-disk feature cache hands fit float16 tensors; A and B differ in H×W
     g = torch.Generator().manual_seed(4)
     xa = torch.randn(30, 4, 8, 8, generator=g)
-    xb = F.avg_pool2d(xa[:, :3], 2)
+    xb = resample(xa[:, :3], (4, 4)) * 2.0  # B sees A's channels at half the resolution
     res = kcore.fit(xa.half(), xb.half(), orders=1, epochs=3)
     dec = res.decompose(xa.half(), xb.half())
     assert dec.components[0].dtype == torch.float32
-    assert res.heldout_report["instability"] < 0.05  # avg-pooling is linear: 0-order consistent
+    assert res.heldout_report["instability"] < 0.01  # x is resampled to x*'s size first: linear, 0-order
