@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-samples", help="retrain the bundled sample models from scratch (CPU, minutes)")
     p.add_argument("--out", default="sample_models")
     p.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke run)")
+
+    from kcore.experiments import study_modules
+
+    for module in study_modules():  # `kcore <study>` subcommands of the paper's studies
+        module.add_cli(sub)
     return parser
 
 
@@ -227,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"layers": _cmd_layers, "fit": _cmd_fit, "train-samples": _cmd_train_samples}
     try:
-        return handlers[args.command](args)
+        handler = handlers.get(args.command) or args.handler
+        return handler(args)
     except (ValueError, TypeError) as exc:  # bad input: a clear message, no traceback
         print(f"kcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
