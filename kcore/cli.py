@@ -154,13 +154,16 @@ def _cmd_layers(args) -> int:
 
 
 def _images(data: str, n: int | None, size: tuple[int, int]):
+    """The images as [0, 1] RGB at ``size``; each model's card normalises them (kcore.pipeline.model_transform)."""
     from kcore import data as kdata
 
+    pre = kdata.Preprocess(tuple(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if data == "sample":
-        return kdata.sample_images(n=n or 400, image_size=size[0]), "kshapes test split (bundled)"
-    images = kdata.ImageSet.from_folder(data, input_size=size)
-    if n is not None:
-        images = images.subset(range(min(n, len(images))))
+        return kdata.sample_images(n=n or 400, preprocess=pre), "kshapes test split (bundled)"
+    images = kdata.ImageSet.from_folder(data, pre, limit=n)
+    if images.skipped:
+        print(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0][0]}: {images.skipped[0][1]}",
+              file=sys.stderr)
     return images, f"folder {data}"
 
 
@@ -234,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handler = handlers.get(args.command) or args.handler
         return handler(args)
-    except (ValueError, TypeError) as exc:  # bad input: a clear message, no traceback
+    except (ValueError, TypeError, OSError) as exc:  # bad input: a clear message, no traceback
         print(f"kcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
