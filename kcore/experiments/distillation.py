@@ -1,0 +1,445 @@
+"""Sec. 4.5: born-again networks, and the blind spots of each generation with respect to the newest one.
+
+Generation 0 is the teacher. Each later generation g is a new network of the same architecture trained
+from scratch (seed + 10·g, as the authors' ``BornAgain.py``) with ``CE + λ · KD`` against the previous
+generation, which then becomes the teacher. KD is Hinton's soft-target cross-entropy at temperature τ with
+the τ² factor of ``BornAgain.py``: ``KD = −τ² Σ softmax(t/τ) · log_softmax(s/τ) / batch`` (the paper's
+recipe: τ = 1, λ = 0.5; λ is held constant, the authors' optional geometric λ schedule is not used).
+
+Then, for every earlier generation i, g_θ is fitted from generation i's features to the newest generation's
+features at the same layer (the paper's Fig. 4 right): x^Δ = what the newest net encodes that generation i
+cannot reconstruct, i.e. the blind spots of generation i. The paper found that they shrink over generations.
+All fits share the target (the newest net's features), the images and the held-out split, so Var(x^Δ) is in
+the same standardised units for every i.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kcore.experiments.compression import (
+    DEFAULT_MODEL, FitSettings, Progress, StudyData, add_fit_args, check_out, checkpoint_provenance,
+    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
+    model_summary, stderr_progress, study_data,
+)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0) -> Tensor:
+    """Hinton's distillation loss as in the authors' ``BornAgain.py``.
+
+    ``KD = −τ² Σ_{n,c} softmax(t_n/τ)_c · log_softmax(s_n/τ)_c / N``: the soft-target cross-entropy (not the
+    KL divergence, so at s = t it equals τ² times the mean entropy of the teacher's soft targets, and its
+    gradient is zero there). The teacher's logits are detached.
+
+    Args:
+        student_logits: (N, C).
+        teacher_logits: (N, C).
+        tau: temperature τ > 0.
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ValueError: shapes differ, are not (N, C), or τ <= 0.
+    """
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must both be (N, C) of the same shape; got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}.")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0; got {tau}.")
+    soft = torch.softmax(teacher_logits.detach() / tau, dim=1)
+    return -(tau ** 2) * (soft * torch.log_softmax(student_logits / tau, dim=1)).sum() / student_logits.shape[0]
+
+
+def born_again_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, lambd: float = 0.5,
+                    tau: float = 1.0) -> Tensor:
+    """``cross_entropy(s, y) + λ · kd_loss(s, t, τ)`` (the authors' ``BornAgain.py`` with a constant λ)."""
+    return nn.functional.cross_entropy(student_logits, labels) + lambd * kd_loss(student_logits, teacher_logits, tau)
+
+
+@dataclass(frozen=True)
+class StudentSettings:
+    """How each born-again generation is trained (SGD with Nesterov momentum, linear warm-up over the
+    first epoch then cosine decay per step, like :func:`kcore.samples.train_classifier`).
+
+    Attributes:
+        epochs: epochs per generation.
+        lambd: λ, weight of the KD term.
+        tau: temperature τ.
+        lr: peak learning rate.
+        weight_decay: SGD weight decay.
+        batch_size: images per step.
+    """
+
+    epochs: int = 2
+    lambd: float = 0.5
+    tau: float = 1.0
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer; got {self.epochs!r}.")
+        if self.lambd < 0 or not self.tau > 0:
+            raise ValueError(f"lambd must be >= 0 and tau > 0; got lambd={self.lambd}, tau={self.tau}.")
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
+
+
+def train_born_again(student: nn.Module, teacher: nn.Module, train_set: Dataset, settings: StudentSettings, *,
+                     seed: int) -> tuple[nn.Module, tuple[float, ...]]:
+    """Train ``student`` in place with ``CE + λ · KD`` against the frozen ``teacher`` (eval mode).
+
+    The teacher's logits are computed once over the training images (there is no augmentation, so they do
+    not change between epochs). The batch order is seeded with ``seed``.
+
+    Returns:
+        ``(student in eval mode, mean training loss per epoch)``.
+    """
+    device = next(student.parameters()).device
+    xs, ys = zip(*(train_set[i] for i in range(len(train_set))))
+    x = torch.stack(xs).to(device)
+    y = torch.as_tensor(ys, dtype=torch.long, device=device)
+    was = teacher.training
+    teacher.eval()
+    try:
+        t_logits = _logits(teacher, x)
+    finally:
+        teacher.train(was)
+    loader = DataLoader(TensorDataset(x, y, t_logits), batch_size=settings.batch_size, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
+                          weight_decay=settings.weight_decay)
+    total, warmup = settings.epochs * len(loader), max(1, len(loader))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    losses = []
+    student.train()
+    for _ in range(settings.epochs):
+        loss_sum = 0.0
+        for xb, yb, tb in loader:
+            loss = born_again_loss(student(xb), tb, yb, settings.lambd, settings.tau)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(yb)
+        losses.append(loss_sum / len(y))
+    student.eval()
+    return student, tuple(losses)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation: its accuracy and (for i < newest) its blind spots w.r.t. the newest generation.
+
+    Attributes:
+        generation: 0 = the teacher.
+        seed: seed it was trained with (None for a loaded teacher).
+        accuracy: test accuracy.
+        train_loss: mean training loss per epoch (empty for a loaded teacher).
+        row: :func:`consistency_row` of the fit generation → newest (empty for the newest itself).
+    """
+
+    generation: int
+    seed: int | None
+    accuracy: float
+    train_loss: tuple[float, ...]
+    row: dict = field(hash=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "seed": self.seed, "accuracy": self.accuracy,
+                "final_train_loss": self.train_loss[-1] if self.train_loss else float("nan"), **self.row}
+
+
+@dataclass(frozen=True, eq=False)
+class DistillationResult:
+    """Born-again generations and Var(x^Δ) of the newest network against each earlier one.
+
+    Attributes:
+        layer: the compared layer.
+        generations: one :class:`Generation` per generation, 0 (teacher) … newest.
+        maps: per earlier generation i, x^Δ (n_maps, C, H, W) at the drawn images (standardised units).
+        map_target: the newest net's x* at those images, (n_maps, C, H, W).
+        map_images: the drawn images (H, W, 3) uint8; map_ids: their ids; map_channel: the drawn channel.
+        settings: everything else that defines the run.
+    """
+
+    layer: str
+    generations: tuple[Generation, ...]
+    maps: tuple[Tensor, ...]
+    map_target: Tensor | None
+    map_images: tuple[np.ndarray, ...]
+    map_ids: tuple[str, ...]
+    map_channel: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def newest(self) -> int:
+        return self.generations[-1].generation
+
+    def tables(self) -> dict[str, Any]:
+        """``generations``: one row per generation (blind-spot numbers empty for the newest)."""
+        import pandas as pd
+
+        return {"generations": pd.DataFrame([g.as_dict() for g in self.generations])}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "newest_generation": self.newest,
+                "generations": [g.as_dict() for g in self.generations], "map_ids": list(self.map_ids),
+                "map_channel": self.map_channel, "settings": self.settings,
+                "direction": "generation i -> newest (x = generation i's features, x* = the newest's): "
+                             "x^Delta = blind spots of generation i"}
+
+    def figures(self) -> dict[str, Any]:
+        """``blind_spots`` (Var(x^Δ) and accuracy per generation) and ``blind_spot_maps``."""
+        figs = {"blind_spots": distillation_figure(self)}
+        if self.maps:
+            figs["blind_spot_maps"] = blind_spot_maps_figure(self)
+        return figs
+
+
+def distillation_figure(result: DistillationResult):
+    """Var(x^Δ) of generation i w.r.t. the newest, and every generation's accuracy (paper Fig. 4 right)."""
+    from matplotlib.figure import Figure
+
+    older = [g for g in result.generations if g.row]
+    fig = Figure(figsize=(8.0, 3.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    gens = [g.generation for g in older]
+    vals = [g.row["var_residual"] for g in older]
+    bars = ax1.bar([str(i) for i in gens], vals, color="#c0392b", edgecolor="black", linewidth=0.4)
+    ax1.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7, padding=1)
+    ax1.set_xlabel("generation i (0 = teacher)")
+    ax1.set_ylabel(r"Var($x^{\Delta}$), held out", fontsize=8)
+    ax1.set_title(f"blind spots of generation i w.r.t. generation {result.newest}\nlayer {result.layer}", fontsize=9)
+    ax2.plot([g.generation for g in result.generations], [g.accuracy for g in result.generations], "o-", color="#2c3e50")
+    ax2.set_xlabel("generation")
+    ax2.set_ylabel("test accuracy")
+    ax2.set_xticks([g.generation for g in result.generations])
+    ax2.set_title("accuracy per generation", fontsize=9)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def blind_spot_maps_figure(result: DistillationResult):
+    """Columns: images; rows: the image, the newest net's x*, then x^Δ of each earlier generation (one channel,
+    one symmetric colour scale for all maps)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from kcore.viz import DIVERGING_CMAP
+
+    c = result.map_channel
+    older = [g for g in result.generations if g.row]
+    rows = [(f"x* (gen {result.newest})", result.map_target)]
+    rows += [(f"x^Δ of gen {g.generation}", m) for g, m in zip(older, result.maps)]
+    n = len(result.map_ids)
+    lim = max(float(m[:, c].abs().max()) for _, m in rows) or 1.0
+    norm = Normalize(-lim, lim)
+    fig = Figure(figsize=(1.6 * n + 1.2, 1.5 * (len(rows) + 1) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows) + 1, n, squeeze=False)
+    for j in range(n):
+        axes[0, j].imshow(result.map_images[j])
+        axes[0, j].set_title(result.map_ids[j], fontsize=6)
+        for r, (_, maps) in enumerate(rows, start=1):
+            axes[r, j].imshow(maps[j, c].numpy(), cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest")
+    for r, label in enumerate(["image"] + [label for label, _ in rows]):
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=DIVERGING_CMAP), ax=list(axes[1:].ravel()), shrink=0.8)
+    cb.set_label(f"channel {c}, standardised units", fontsize=7)
+    fig.suptitle(f"blind spots w.r.t. generation {result.newest} (layer {result.layer})", fontsize=9)
+    return fig
+
+
+def distillation_study(
+    teacher: nn.Module,
+    layer: str,
+    data: StudyData,
+    make_student: Callable[[], nn.Module],
+    *,
+    generations: int = 3,
+    student: StudentSettings = StudentSettings(),
+    fit: FitSettings = FitSettings(),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    n_maps: int = 3,
+    teacher_seed: int | None = None,
+    progress: Progress | None = None,
+) -> DistillationResult:
+    """Train born-again generations from ``teacher`` and measure each one's blind spots w.r.t. the newest.
+
+    Args:
+        teacher: generation 0 (not modified).
+        layer: layer compared in every generation (the same architecture throughout).
+        data: ``train`` trains the students, ``test`` gives accuracies, ``images`` the fits.
+        make_student: builds an untrained network of the teacher's architecture (called after seeding).
+        generations: number of students (≥ 1); the newest is generation ``generations``.
+        student: how each student is trained (:class:`StudentSettings`).
+        fit: how each g_θ is fitted.
+        seed: generation g is initialised and shuffled with ``seed + 10·g``.
+        device: where everything runs.
+        n_maps: held-out images drawn in ``blind_spot_maps``.
+        teacher_seed: the teacher's seed, for the table (None for a loaded teacher).
+        progress: called with one line per step.
+
+    Returns:
+        A :class:`DistillationResult`.
+
+    Raises:
+        ValueError: generations < 1 or an unknown layer.
+
+    Paper: Sec. 4.5 and Fig. 4 (right); the authors' ``BornAgain.py``.
+    """
+    import copy
+
+    from kcore.devices import resolve_device
+    from kcore.features import validate_layer
+    from kcore.samples import evaluate
+
+    if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
+        raise ValueError(f"generations must be a positive integer; got {generations!r}.")
+    validate_layer(teacher, layer)
+    dev = resolve_device(device)
+    nets = [copy.deepcopy(teacher).to(dev).eval()]
+    info = [(teacher_seed, ())]
+    accs = [evaluate(nets[0], data.test)]
+    _say(progress, f"generation 0 (teacher): test accuracy {accs[0]:.4f}")
+    for g in range(1, generations + 1):
+        s = seed + 10 * g
+        torch.manual_seed(s)
+        net = make_student().to(dev)
+        net, losses = train_born_again(net, nets[-1], data.train, student, seed=s)
+        nets.append(net)
+        info.append((s, losses))
+        accs.append(evaluate(net, data.test))
+        _say(progress, f"generation {g} (seed {s}): final loss {losses[-1]:.4f}, test accuracy {accs[-1]:.4f}")
+    rows: list[dict] = []
+    maps, target, images, ids, channel = [], None, (), (), 0
+    for i in range(generations):
+        res, feats = fit_consistency(nets[i], layer, nets[-1], layer, data.images, fit, device=dev)
+        rows.append(consistency_row(res))
+        if n_maps > 0:
+            if i == 0:
+                held, channel = map_selection(res, n_maps)
+                images = tuple(display_image(data.images, j) for j in held)
+                ids = tuple(feats.image_ids[j] for j in held)
+            dec = res.decompose(feats.x_a[torch.as_tensor(held)].float(), feats.x_b[torch.as_tensor(held)].float())
+            maps.append(dec.residual)
+            target = dec.target
+        _say(progress, f"generation {i} -> {generations}: Var(x^D) {rows[-1]['var_residual']:.4g}, "
+                       f"instability {rows[-1]['instability']:.4f}")
+    rows.append({})
+    gens = tuple(Generation(g, info[g][0], accs[g], tuple(info[g][1]), rows[g]) for g in range(generations + 1))
+    settings = {"generations": generations, "student": dataclasses.asdict(student), "fit": dataclasses.asdict(fit),
+                "seed": seed, "seeds": [info[g][0] for g in range(generations + 1)], "device": str(dev),
+                "n_train": len(data.train), "n_test": len(data.test), "n_images": len(data.images),
+                "data": data.source, "fit_preset": "fast",
+                "models": [model_summary(n) for n in nets],
+                "convention": "paper (x* standardised per channel with the fit's training-split statistics)"}
+    return DistillationResult(layer, gens, tuple(maps), target, images, ids, channel, settings)
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_cli(sub: Any) -> None:
+    """Register ``kcore distillation``."""
+    p = sub.add_parser(
+        "distillation", help="Sec. 4.5: born-again generations and their blind spots w.r.t. the newest one",
+        description="Train born-again networks (CE + lambda * KD at temperature tau, each a new network from "
+        "scratch with seed + 10*generation, the student becoming the next teacher) and fit g_theta from each "
+        "earlier generation's features to the newest generation's: Var(x^Delta) = blind spots of generation i.")
+    p.add_argument("--teacher", default="sample", metavar="sample|scratch|CKPT",
+                   help=f"generation 0: 'sample' ({DEFAULT_MODEL}), 'scratch' (trained here with CE only, "
+                   "--teacher-epochs, seed --seed) or a checkpoint with a model card")
+    p.add_argument("--arch", default="kc_resnet", help="architecture with --teacher scratch (default kc_resnet)")
+    p.add_argument("--teacher-epochs", type=int, default=4, help="epochs of a --teacher scratch (default 4)")
+    p.add_argument("--image-size", type=int, default=64, help="image size with --teacher scratch (default 64)")
+    p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
+    p.add_argument("--generations", type=int, default=3, help="born-again generations after the teacher (default 3)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs per generation (default 2)")
+    p.add_argument("--lambd", type=float, default=0.5, help="weight lambda of the KD term (default 0.5)")
+    p.add_argument("--tau", type=float, default=1.0, help="temperature tau (default 1)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the students (default 0.1)")
+    p.add_argument("--data", default="sample", metavar="DIR|sample",
+                   help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
+    p.add_argument("--n-train", type=int, default=800, help="training images of every generation (default 800)")
+    p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
+    add_fit_args(p)
+    p.set_defaults(handler=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from kcore.checkpoints import build_model
+    from kcore.experiments._common import write_study
+    from kcore.samples import train_classifier
+
+    check_out(args)
+    say = stderr_progress("distillation")
+    student = StudentSettings(epochs=args.epochs, lambd=args.lambd, tau=args.tau, lr=args.lr)
+    if args.teacher == "scratch":
+        arch, size, card = args.arch, args.image_size, None
+        prov_teacher: dict[str, Any] = {"trained": "here, cross-entropy only", "architecture": arch,
+                                        "epochs": args.teacher_epochs, "seed": args.seed}
+    else:
+        path = DEFAULT_MODEL if args.teacher == "sample" else args.teacher
+        m = load_checkpoint(path, "--teacher")
+        card = m.card
+        if card is None or not card.architecture or not card.num_classes:
+            raise ValueError(f"--teacher {path!r} needs a model card with architecture and num_classes, to build "
+                             "students of the same architecture. Fix: write a card (kcore.checkpoints.write_card).")
+        arch, size = card.architecture, (card.input_size[0] if card.input_size else 64)
+    data = study_data(args.data, image_size=size, n_train=args.n_train, n_test=args.n_test, n_images=args.n_images,
+                      mean=card.mean if card else None, std=card.std if card else None)
+    num_classes = len(data.class_names) if card is None else card.num_classes
+    if args.teacher == "scratch":
+        say(f"training the teacher ({arch}, {args.teacher_epochs} epochs, seed {args.seed}) on {data.source}")
+        teacher = train_classifier(arch, data.train, None, epochs=args.teacher_epochs, seed=args.seed,
+                                   num_classes=num_classes).model
+        layer = args.layer or "layer2"
+    else:
+        teacher = m.model
+        layer = args.layer or card.default_layer
+        prov_teacher = checkpoint_provenance(m, path, layer)
+        if not layer:
+            raise ValueError("--layer is required: the teacher's card has no default_layer.")
+    say(f"teacher: {arch}, layer {layer}; {data.source}")
+    res = distillation_study(teacher, layer, data, lambda: build_model(arch, num_classes), generations=args.generations,
+                             student=student, fit=fit_settings_from(args), seed=args.seed, device=args.device,
+                             teacher_seed=args.seed if args.teacher == "scratch" else None, progress=say)
+    prov = {"teacher": prov_teacher, "architecture": arch, "layers": {"all generations": layer},
+            "seeds": {"generations": res.settings["seeds"], "fit": args.seed}, "data": data.source,
+            "command": " ".join(["kcore", *sys.argv[1:]]) if sys.argv else ""}
+    out = write_study(args.out, "distillation", res.as_dict(), res.tables(), res.figures(), prov,
+                      overwrite=args.overwrite)
+    cols = ["generation", "accuracy", "var_residual", "instability"]
+    print(res.tables()["generations"].reindex(columns=cols).to_string(index=False))
+    print(f"wrote {out}")
+    return 0
