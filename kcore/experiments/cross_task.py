@@ -1,0 +1,296 @@
+"""Sec. 4.6: consistent and inconsistent features of networks trained for a fine and a coarse task.
+
+Two networks of the same architecture see the same images: A is trained for the fine labelling (kshapes: 10
+shapes), B for the coarse one (kshapes: "round" vs "angular"). g_θ is fitted in both directions at one layer:
+
+- ``fine_to_coarse``: x = A's features, x* = B's; x^Δ = what the coarse net encodes that the fine net lacks;
+- ``coarse_to_fine``: x = B's features, x* = A's; x^Δ = what the fine net encodes that the coarse net lacks.
+
+The paper (Fig. 5) found that the fine-grained net's features reconstruct more of the coarse net's than vice
+versa, i.e. a lower instability Var(x^Δ)/Var(x*) in ``fine_to_coarse``. Var(x*) is ≈ 1 in both directions
+(standardised targets), so the instability is the number to compare.
+
+Trained here, both nets use the same seed (initialisation and batch order) and the same images; they start
+from identical weights except the last classifier layer, whose shape differs (:func:`train_task_pair`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from kcore.experiments.compression import (
+    FitSettings, Progress, StudyData, add_fit_args, check_out, checkpoint_provenance, consistency_row,
+    display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection, model_summary,
+    stderr_progress, study_data,
+)
+
+DIRECTIONS: dict[str, str] = {
+    "fine_to_coarse": "x = fine net, x* = coarse net: x^Delta = what the coarse net encodes that the fine net lacks",
+    "coarse_to_fine": "x = coarse net, x* = fine net: x^Delta = what the fine net encodes that the coarse net lacks",
+}
+"""The two directions of the study and what x^Δ means in each."""
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: int, seed: int, lr: float = 0.1,
+                    device: str | torch.device = "cpu", progress: Progress | None = None):
+    """Train the fine and the coarse net: same architecture, seed, images, recipe and initial weights.
+
+    The coarse net is built with the same seed and then given the fine net's initial weights wherever the
+    shapes agree (everything but the last classifier layer), so the two differ only by their task.
+
+    Returns:
+        ``(fine TrainResult, coarse TrainResult)`` (:func:`kcore.samples.train_classifier`).
+    """
+    from kcore.checkpoints import build_model
+    from kcore.devices import resolve_device
+    from kcore.samples import train_classifier
+
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    net_f = build_model(arch, len(fine.class_names)).to(dev)
+    torch.manual_seed(seed)
+    net_c = build_model(arch, len(coarse.class_names)).to(dev)
+    shared = {k: v for k, v in net_f.state_dict().items() if net_c.state_dict()[k].shape == v.shape}
+    net_c.load_state_dict({**net_c.state_dict(), **shared})
+    _say(progress, f"training the fine net ({len(fine.class_names)} classes, {epochs} epochs, seed {seed})")
+    res_f = train_classifier(net_f, fine.train, fine.test, epochs=epochs, seed=seed, lr=lr)
+    _say(progress, f"fine net: test accuracy {res_f.test_accuracy:.4f}")
+    _say(progress, f"training the coarse net ({len(coarse.class_names)} classes, {epochs} epochs, seed {seed})")
+    res_c = train_classifier(net_c, coarse.train, coarse.test, epochs=epochs, seed=seed, lr=lr)
+    _say(progress, f"coarse net: test accuracy {res_c.test_accuracy:.4f}")
+    return res_f, res_c
+
+
+@dataclass(frozen=True, eq=False)
+class CrossTaskResult:
+    """Consistency between a fine-task and a coarse-task net in both directions.
+
+    Attributes:
+        layer: the compared layer (the same in both nets).
+        accuracy_fine: the fine net's test accuracy on fine labels.
+        accuracy_coarse: the coarse net's test accuracy on coarse labels.
+        accuracy_fine_as_coarse: the fine net's predictions mapped to coarse labels (NaN without a mapping).
+        rows: direction → :func:`consistency_row` (held-out Var per order, Var(x^Δ), Var(x*), instability …).
+        maps: direction → decomposition of a few held-out images (the same images in both directions).
+        map_channels: direction → the x* channel drawn (largest Var(x^Δ)).
+        map_images, map_ids: the drawn images (H, W, 3) uint8 and their ids.
+        settings: everything else that defines the run.
+    """
+
+    layer: str
+    accuracy_fine: float
+    accuracy_coarse: float
+    accuracy_fine_as_coarse: float
+    rows: dict
+    maps: dict
+    map_channels: dict
+    map_images: tuple[np.ndarray, ...]
+    map_ids: tuple[str, ...]
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def fine_reconstructs_more(self) -> bool:
+        """The paper's finding: lower instability when the fine net's features reconstruct the coarse net's."""
+        return self.rows["fine_to_coarse"]["instability"] < self.rows["coarse_to_fine"]["instability"]
+
+    def tables(self) -> dict[str, Any]:
+        """``directions`` (one row per direction) and ``accuracy``."""
+        import pandas as pd
+
+        dirs = pd.DataFrame([{"direction": k, "meaning": DIRECTIONS[k], **r} for k, r in self.rows.items()])
+        acc = pd.DataFrame([
+            {"net": "fine", "labels": "fine", "accuracy": self.accuracy_fine},
+            {"net": "coarse", "labels": "coarse", "accuracy": self.accuracy_coarse},
+            {"net": "fine (predictions mapped to coarse)", "labels": "coarse", "accuracy": self.accuracy_fine_as_coarse},
+        ])
+        return {"directions": dirs, "accuracy": acc}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "accuracy_fine": self.accuracy_fine, "accuracy_coarse": self.accuracy_coarse,
+                "accuracy_fine_as_coarse": self.accuracy_fine_as_coarse,
+                "directions": {k: {"meaning": DIRECTIONS[k], **r} for k, r in self.rows.items()},
+                "fine_reconstructs_more": self.fine_reconstructs_more, "map_ids": list(self.map_ids),
+                "map_channels": dict(self.map_channels), "settings": self.settings}
+
+    def figures(self) -> dict[str, Any]:
+        """``variances`` (bars per direction) and ``maps_<direction>`` (x*, x⁽ᵏ⁾, x^Δ; the paper's Fig. 5)."""
+        from kcore.viz import figure1_grid, variance_figure
+
+        reports = {k: {"var_orders": [r[f"var_x{i}"] for i in range(self.settings["fit"]["orders"] + 1)],
+                       "var_residual": r["var_residual"], "var_target": r["var_target"],
+                       "instability": r["instability"]} for k, r in self.rows.items()}
+        figs = {"variances": variance_figure(reports, titles={k: k.replace("_", " ") for k in reports},
+                                             caption=f"layer {self.layer}; held-out images; standardised target units")}
+        for key, dec in self.maps.items():
+            figs[f"maps_{key}"] = figure1_grid(
+                dec, range(len(self.map_ids)), [self.map_channels[key]], list(self.map_images), scale="image",
+                row_labels=list(self.map_ids), caption=f"{key}: {DIRECTIONS[key]} (layer {self.layer})")
+        return figs
+
+
+def cross_task_study(
+    fine: nn.Module,
+    coarse: nn.Module,
+    layer: str,
+    images: Dataset,
+    *,
+    fine_test: Dataset,
+    coarse_test: Dataset,
+    fine_to_coarse: Sequence[int] | None = None,
+    fit: FitSettings = FitSettings(),
+    device: str | torch.device = "cpu",
+    n_maps: int = 2,
+    progress: Progress | None = None,
+) -> CrossTaskResult:
+    """Fit g_θ between a fine-task and a coarse-task net in both directions at ``layer`` (Sec. 4.6).
+
+    Args:
+        fine: the net trained for the fine labels.
+        coarse: the net trained for the coarse labels (same architecture, so ``layer`` exists in both).
+        layer: the compared layer.
+        images: the images of the fits (both directions use the same images and held-out split).
+        fine_test: test images with fine labels; coarse_test: the same kind with coarse labels.
+        fine_to_coarse: coarse class of each fine class, to score the fine net on the coarse task (optional).
+        fit: how each g_θ is fitted.
+        device: where everything runs.
+        n_maps: held-out images drawn per direction.
+        progress: called with one line per step.
+
+    Returns:
+        A :class:`CrossTaskResult`.
+
+    Paper: Sec. 4.6 and Fig. 5.
+    """
+    from kcore.devices import resolve_device
+    from kcore.features import validate_layer
+    from kcore.samples import evaluate, predict
+
+    validate_layer(fine, layer)
+    validate_layer(coarse, layer)
+    dev = resolve_device(device)
+    acc_f, acc_c = evaluate(fine, fine_test), evaluate(coarse, coarse_test)
+    acc_fc = float("nan")
+    if fine_to_coarse is not None:
+        pred = np.asarray(fine_to_coarse)[predict(fine, fine_test)]
+        labels = np.array([int(coarse_test[i][1]) for i in range(len(coarse_test))])
+        acc_fc = float((pred == labels).mean())
+    _say(progress, f"accuracy: fine net {acc_f:.4f} (fine labels), coarse net {acc_c:.4f} (coarse labels), "
+                   f"fine net mapped to coarse {acc_fc:.4f}")
+    rows, maps, channels, held, feats0 = {}, {}, {}, [], None
+    pairs = {"fine_to_coarse": (fine, coarse), "coarse_to_fine": (coarse, fine)}
+    for key, (src, tgt) in pairs.items():
+        res, feats = fit_consistency(src, layer, tgt, layer, images, fit, device=dev)
+        rows[key] = consistency_row(res)
+        if n_maps > 0:
+            held, channels[key] = map_selection(res, n_maps)
+            pos = torch.as_tensor(held)
+            maps[key] = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
+            feats0 = feats
+        _say(progress, f"{key}: Var(x^D) {rows[key]['var_residual']:.4g}, Var(x*) {rows[key]['var_target']:.4g}, "
+                       f"instability {rows[key]['instability']:.4f}")
+    map_images = tuple(display_image(images, j) for j in held) if maps else ()
+    map_ids = tuple(feats0.image_ids[j] for j in held) if maps else ()
+    settings = {"fit": dataclasses.asdict(fit), "device": str(dev), "n_images": len(images),
+                "n_test": len(fine_test), "fit_preset": "fast", "models": {"fine": model_summary(fine),
+                                                                          "coarse": model_summary(coarse)},
+                "convention": "paper (x* standardised per channel with the fit's training-split statistics)"}
+    return CrossTaskResult(layer, acc_f, acc_c, acc_fc, rows, maps, channels, map_images, map_ids, settings)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_cli(sub: Any) -> None:
+    """Register ``kcore cross-task``."""
+    p = sub.add_parser(
+        "cross-task", help="Sec. 4.6: a fine-task and a coarse-task net, consistency in both directions",
+        description="Train (or load) two nets of the same architecture on the same images, one for the fine "
+        "labels and one for the coarse labels (kshapes: 10 shapes vs round/angular), and fit g_theta at one "
+        "layer in both directions, with maps of x*, x^(k) and x^Delta.")
+    p.add_argument("--fine", default=None, metavar="CKPT", help="a trained fine-task net (with --coarse; default: "
+                   "train both here)")
+    p.add_argument("--coarse", default=None, metavar="CKPT", help="a trained coarse-task net (with --fine)")
+    p.add_argument("--arch", default="kc_resnet", help="architecture of the nets trained here (default kc_resnet)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of each net trained here (default 3)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training (default 0.1)")
+    p.add_argument("--image-size", type=int, default=64, help="image size for nets trained here (default 64)")
+    p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
+    p.add_argument("--data", default="sample", metavar="DIR|sample",
+                   help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
+    p.add_argument("--coarse-map", default=None, metavar="JSON",
+                   help="with a folder: JSON object mapping each class folder name to a coarse class name")
+    p.add_argument("--n-train", type=int, default=800, help="training images of each net (default 800)")
+    p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
+    add_fit_args(p)
+    p.set_defaults(handler=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from kcore.experiments._common import write_study
+    from kcore.synthetic import COARSE_OF_CLASS
+
+    check_out(args)
+    say = stderr_progress("cross-task")
+    if (args.fine is None) != (args.coarse is None):
+        raise ValueError("--fine and --coarse go together. Fix: pass both checkpoints, or neither to train both here.")
+    coarse_map = None
+    if args.coarse_map:
+        coarse_map = json.loads(Path(args.coarse_map).read_text())
+        if not isinstance(coarse_map, dict):
+            raise ValueError(f"--coarse-map {args.coarse_map!r} must hold a JSON object {{fine class: coarse class}}.")
+    loaded = None
+    if args.fine is not None:
+        loaded = (load_checkpoint(args.fine, "--fine"), load_checkpoint(args.coarse, "--coarse"))
+        card = loaded[0].card
+        size = card.input_size[0] if card and card.input_size else args.image_size
+        mean, std = (card.mean, card.std) if card else (None, None)
+    else:
+        size, mean, std = args.image_size, None, None
+    kw = dict(image_size=size, n_train=args.n_train, n_test=args.n_test, n_images=args.n_images, mean=mean, std=std,
+              coarse_map=coarse_map)
+    fine_data = study_data(args.data, labels="fine", **kw)
+    coarse_data = study_data(args.data, labels="coarse", **kw)
+    if args.data == "sample":
+        mapping = list(COARSE_OF_CLASS)
+    elif coarse_map is not None:
+        mapping = [coarse_data.class_names.index(coarse_map[c]) for c in fine_data.class_names]
+    else:
+        mapping = None
+    if loaded is None:
+        res_f, res_c = train_task_pair(args.arch, fine_data, coarse_data, epochs=args.epochs, seed=args.seed,
+                                       lr=args.lr, device=args.device, progress=say)
+        fine, coarse = res_f.model, res_c.model
+        layer = args.layer or "layer2"
+        prov_nets: dict[str, Any] = {"trained": "here", "architecture": args.arch, "epochs": args.epochs,
+                                     "seed": args.seed, "lr": args.lr, "n_train": args.n_train}
+    else:
+        fine, coarse = loaded[0].model, loaded[1].model
+        layer = args.layer or (loaded[0].card.default_layer if loaded[0].card else None)
+        if not layer:
+            raise ValueError("--layer is required: the --fine checkpoint has no model card with a default_layer.")
+        prov_nets = {"fine": checkpoint_provenance(loaded[0], args.fine, layer),
+                     "coarse": checkpoint_provenance(loaded[1], args.coarse, layer)}
+    say(f"comparing layer {layer} on {len(fine_data.images)} images ({fine_data.source})")
+    res = cross_task_study(fine, coarse, layer, fine_data.images, fine_test=fine_data.test,
+                           coarse_test=coarse_data.test, fine_to_coarse=mapping, fit=fit_settings_from(args),
+                           device=args.device, progress=say)
+    prov = {"networks": prov_nets, "layers": {"fine": layer, "coarse": layer}, "seeds": {"train": args.seed,
+            "fit": args.seed}, "data": fine_data.source, "command": " ".join(["kcore", *sys.argv[1:]]) if sys.argv else ""}
+    out = write_study(args.out, "cross_task", res.as_dict(), res.tables(), res.figures(), prov, overwrite=args.overwrite)
+    print(res.tables()["directions"][["direction", "var_residual", "var_target", "instability"]].to_string(index=False))
+    print(f"fine net reconstructs more of the coarse net than vice versa: {res.fine_reconstructs_more}")
+    print(f"wrote {out}")
+    return 0
