@@ -1,0 +1,355 @@
+"""Stability of learning (Sec. 4.2, Tables 1–2): how consistent are networks trained with different seeds?
+
+For a family of N networks of one architecture (different seeds: case 1; disjoint halves of the training
+data: case 2) and a layer, every pair (A, B) gets g_θ fitted both ways on the same images:
+x_A^Δ = x_A − g(x_B) and x_B^Δ = x_B − g(x_A). The instability of the pair is
+
+    [Var(x_A^Δ)/Var(x_A) + Var(x_B^Δ)/Var(x_B)] / 2
+
+(the paper's case-2 formula; for case 1 the paper averages Var(x^Δ)/Var(x*) over all pairs, which this
+equals when every pair is taken in both orders). Var is the paper's: every element around the one mean over
+images and units, in **raw feature units** (the fit is done in standardised units and x^Δ, x^(k) are mapped
+back with the per-channel σ of the target; the standardised-unit ratio is reported too). Table 2's
+Var(x^(k)) and Var(x^Δ) are averaged over the ordered pairs. All numbers are on the fits' held-out images.
+
+Families are trained by :mod:`kcore.experiments.families` (``kcore train-family``), or by ``kcore
+stability`` itself when no checkpoints are given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from kcore.checkpoints import LoadedModel
+from kcore.experiments import families
+from kcore.experiments._common import write_study
+from kcore.experiments.families import Progress, as_jsonable, labelled_images, say, stderr_progress
+from kcore.metrics import VarianceAccumulator
+
+Case = Literal["seeds", "halves"]
+CASES: dict[str, str] = {
+    "seeds": "case 1: same data, different initialisations (mean over all pairs)",
+    "halves": "case 2: disjoint halves of the training data",
+}
+
+
+@dataclass(frozen=True)
+class DirectionResult:
+    """g_θ fitted from one member's feature to another's, at one layer.
+
+    Attributes:
+        layer: the layer.
+        source, target: member names (x = source's feature, x* = target's).
+        instability: Var(x^Δ)/Var(x*) in raw feature units (the paper's Var).
+        instability_std_units: the same ratio in the fit's standardised units (every channel weighs the same).
+        var_orders: Var(x^(k)) for k = 0..K, raw units.
+        var_delta, var_target: Var(x^Δ), Var(x*), raw units.
+        heldout_error: 1 − R² of g_θ on the held-out images.
+        linear_r2: R² of the 0-order (least-squares) baseline on the same images.
+        gates: fitted p^(1..K).
+        n_images: held-out images the numbers are computed on.
+    """
+
+    layer: str
+    source: str
+    target: str
+    instability: float
+    instability_std_units: float
+    var_orders: tuple[float, ...]
+    var_delta: float
+    var_target: float
+    heldout_error: float
+    linear_r2: float
+    gates: tuple[float, ...]
+    n_images: int
+
+
+@dataclass(frozen=True)
+class StabilityResult:
+    """Instability of learning for a family of networks at one or more layers (Tables 1–2).
+
+    Attributes:
+        case: ``"seeds"`` or ``"halves"`` (:data:`CASES`).
+        architecture: the family's architecture (or None when unknown).
+        members: one dict per network (name, sha256, test accuracy, seed, half).
+        layers: the layers compared.
+        directions: every fitted direction (:class:`DirectionResult`).
+        orders: K.
+        both_directions: whether each pair was fitted both ways.
+        n_images: images per fit (before the held-out split).
+        seed: seed of the fits.
+        family: the family's manifest (training recipe, data), when known.
+        seconds: wall time.
+    """
+
+    case: str
+    architecture: str | None
+    members: tuple[dict, ...]
+    layers: tuple[str, ...]
+    directions: tuple[DirectionResult, ...]
+    orders: int
+    both_directions: bool
+    n_images: int
+    seed: int
+    family: dict | None
+    seconds: float
+
+    def pair_instability(self, layer: str) -> dict[tuple[str, str], float]:
+        """{(A, B): mean of Var(x^Δ)/Var(x*) over the pair's fitted directions} at ``layer``."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for d in self.directions:
+            if d.layer == layer:
+                out.setdefault(tuple(sorted((d.source, d.target))), []).append(d.instability)
+        return {k: sum(v) / len(v) for k, v in out.items()}
+
+    def summary(self) -> list[dict]:
+        """Per layer: instability mean / std / min / max over pairs, and Var per order averaged over directions."""
+        rows = []
+        for layer in self.layers:
+            vals = list(self.pair_instability(layer).values())
+            ds = [d for d in self.directions if d.layer == layer]
+            row = {
+                "layer": layer, "case": self.case, "n_pairs": len(vals),
+                "instability_mean": statistics.fmean(vals),
+                "instability_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "instability_min": min(vals), "instability_max": max(vals),
+                "instability_std_units_mean": statistics.fmean(d.instability_std_units for d in ds),
+            }
+            for k in range(self.orders + 1):
+                row[f"var_order{k}"] = statistics.fmean(d.var_orders[k] for d in ds)
+            row["var_delta"] = statistics.fmean(d.var_delta for d in ds)
+            row["var_target"] = statistics.fmean(d.var_target for d in ds)
+            row["heldout_error_mean"] = statistics.fmean(d.heldout_error for d in ds)
+            row["linear_r2_mean"] = statistics.fmean(d.linear_r2 for d in ds)
+            rows.append(row)
+        return rows
+
+    def tables(self) -> dict:
+        import pandas as pd
+
+        pairs = []
+        for d in self.directions:
+            row = {"layer": d.layer, "source": d.source, "target": d.target, "instability": d.instability,
+                   "instability_std_units": d.instability_std_units}
+            row.update({f"var_order{k}": v for k, v in enumerate(d.var_orders)})
+            row.update({"var_delta": d.var_delta, "var_target": d.var_target, "heldout_error": d.heldout_error,
+                        "linear_r2": d.linear_r2, "gates": " ".join(f"{g:.4f}" for g in d.gates),
+                        "n_images": d.n_images})
+            pairs.append(row)
+        return {"summary": pd.DataFrame(self.summary()), "directions": pd.DataFrame(pairs),
+                "members": pd.DataFrame(list(self.members))}
+
+    def figures(self) -> dict:
+        import numpy as np
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2 + 1.6 * len(self.layers), 3.4), layout="constrained")
+        ax, ax2 = fig.subplots(1, 2)
+        for i, layer in enumerate(self.layers):
+            vals = list(self.pair_instability(layer).values())
+            ax.scatter([i] * len(vals), vals, s=14, color="#6aa9d6", zorder=3, label="pairs" if i == 0 else None)
+            m = statistics.fmean(vals)
+            s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            ax.errorbar([i + 0.15], [m], yerr=[s], fmt="o", color="#1f4e79", capsize=3,
+                        label="mean ± std" if i == 0 else None)
+        ax.set_xticks(range(len(self.layers)), self.layers, fontsize=7)
+        ax.set_ylabel("instability  [Var(x^Δ)/Var(x*)]", fontsize=8)
+        ax.set_title(f"Table 1 analogue ({self.case})", fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        rows = self.summary()
+        names = [f"x({k})" for k in range(self.orders + 1)] + ["x^Δ"]
+        width = 0.8 / len(names)
+        for j, nm in enumerate(names):
+            key = f"var_order{j}" if j <= self.orders else "var_delta"
+            ax2.bar(np.arange(len(rows)) + j * width, [r[key] / r["var_target"] for r in rows], width, label=nm)
+        ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["layer"] for r in rows], fontsize=7)
+        ax2.set_ylabel("Var / Var(x*)  (raw units)", fontsize=8)
+        ax2.set_title("Table 2 analogue", fontsize=9)
+        ax2.legend(fontsize=7)
+        for a in (ax, ax2):
+            a.tick_params(labelsize=7)
+        return {"instability": fig}
+
+    def as_dict(self) -> dict:
+        return as_jsonable({
+            "case": self.case, "case_meaning": CASES[self.case], "architecture": self.architecture,
+            "members": list(self.members), "layers": list(self.layers), "orders": self.orders,
+            "both_directions": self.both_directions, "n_images": self.n_images, "seed": self.seed,
+            "summary": self.summary(), "directions": [dataclasses.asdict(d) for d in self.directions],
+            "family": self.family, "seconds": self.seconds,
+            "definition": "instability of a pair = mean over its fitted directions of Var(x^Delta)/Var(x*), "
+                          "Var = mean over images and units of (value - one global mean)^2 in raw feature units, "
+                          "on the fits' held-out images",
+        })
+
+
+def raw_report(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> dict:
+    """The variance report with x^(k) and x^Δ mapped back to raw target units (σ_c · y) and raw x*."""
+    acc = VarianceAccumulator(res.model.orders, x_tgt.shape[1])
+    for comps, resid, target in res.iter_decompose(x_src, x_tgt, batch_size):
+        raw = [res.norm.target_to_raw(c, add_mean=False) for c in comps]
+        acc.update(raw, res.norm.target_to_raw(resid, add_mean=False), res.norm.target_to_raw(target, add_mean=True))
+    return acc.report()
+
+
+def stability(
+    models: Sequence[LoadedModel],
+    images: Any,
+    *,
+    layers: Sequence[str] | None = None,
+    case: Case = "seeds",
+    orders: int = 2,
+    lam: float | None = None,
+    fit_epochs: int | None = None,
+    both_directions: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    family: dict | None = None,
+    progress: Progress | None = None,
+) -> StabilityResult:
+    """Instability of learning over all pairs of ``models`` at each layer (Sec. 4.2).
+
+    Args:
+        models: N >= 2 networks of one architecture (:func:`kcore.checkpoints.load_model`, or
+            :meth:`kcore.experiments.families.Family.loaded`).
+        images: a Dataset of ``(image (3, H, W) in [0, 1], label)``; each card resizes and normalises it.
+        layers: layers to compare (default: the first model's card's default layer).
+        case: ``"seeds"`` or ``"halves"`` (only labels the result; the numbers are computed the same way).
+        orders, lam, fit_epochs: K, λ and epochs of every g_θ (:func:`kcore.fit`).
+        both_directions: fit every pair both ways (default); otherwise only earlier → later member.
+        seed: seed of every fit (the same held-out split for every pair).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        family: the family's manifest, stored with the result.
+        progress: one line per fit.
+
+    Returns:
+        A :class:`StabilityResult`.
+
+    Raises:
+        ValueError: fewer than two models, repeated names, unknown case or layer.
+    """
+    import kcore
+
+    t0 = time.perf_counter()
+    if len(models) < 2:
+        raise ValueError(f"stability needs at least two models; got {len(models)}. Fix: pass two or more checkpoints.")
+    names = [m.name.rsplit(".", 1)[0] for m in models]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    if case not in CASES:
+        raise ValueError(f"case must be one of {sorted(CASES)}; got {case!r}.")
+    if case == "halves" and len(models) != 2:
+        raise ValueError(f"case 'halves' compares exactly two networks (one per half); got {len(models)}.")
+    layer_list = list(layers) if layers else [families.layer_of(models[0], None, "layers")]
+    for m in models:
+        for layer in layer_list:
+            families.layer_of(m, layer, "layers")
+    directions: list[DirectionResult] = []
+    for layer in layer_list:
+        say(progress, f"features of {len(models)} networks at {layer} for {len(images)} images")
+        feats = [families.single_features(m, layer, images, device=device)[0] for m in models]
+        for i, j in itertools.combinations(range(len(models)), 2):
+            for s, t in ([(i, j), (j, i)] if both_directions else [(i, j)]):
+                res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
+                                device=device)
+                held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
+                raw = raw_report(res, feats[s][held], feats[t][held])
+                d = DirectionResult(
+                    layer=layer, source=names[s], target=names[t], instability=raw["instability"],
+                    instability_std_units=res.heldout_report["instability"], var_orders=tuple(raw["var_orders"]),
+                    var_delta=raw["var_residual"], var_target=raw["var_target"], heldout_error=res.heldout_error,
+                    linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
+                )
+                directions.append(d)
+                say(progress, f"{layer}: {names[s]} → {names[t]}: Var(x^Δ)/Var(x*) {d.instability:.4f} "
+                              f"(standardised {d.instability_std_units:.4f})")
+    members = []
+    for name, m in zip(names, models):
+        extra = dict(m.card.extra) if m.card is not None else {}
+        members.append({"name": name, "sha256": m.sha256, "architecture": m.card.architecture if m.card else None,
+                        "test_accuracy": m.card.test_accuracy if m.card else None, "seed": extra.get("seed"),
+                        "half": extra.get("half")})
+    archs = {mm["architecture"] for mm in members}
+    return StabilityResult(
+        case=case, architecture=archs.pop() if len(archs) == 1 else None, members=tuple(members),
+        layers=tuple(layer_list), directions=tuple(directions), orders=orders, both_directions=both_directions,
+        n_images=len(images), seed=seed, family=family, seconds=time.perf_counter() - t0,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def add_cli(sub: Any) -> None:
+    """Register ``kcore stability`` and ``kcore train-family``."""
+    families.add_cli(sub)
+    p = sub.add_parser(
+        "stability", help="Sec. 4.2 / Tables 1-2: instability of learning over all pairs of a family",
+        description="Compare every pair of a family of networks (different seeds, or disjoint halves with --halves) "
+        "at one or more layers: g_theta both ways, instability [Var(x_A^D)/Var(x_A) + Var(x_B^D)/Var(x_B)]/2 "
+        "(mean and spread over pairs) and Var per order. Without --family/--ckpts a small family is trained "
+        "first (options as in `kcore train-family`) and saved into RUN_DIR/family.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--family", metavar="DIR", help="a folder written by `kcore train-family`")
+    src.add_argument("--ckpts", nargs="+", metavar="CKPT", help="two or more checkpoints of one architecture")
+    p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
+                   help="layers to compare (default: the card's default layer)")
+    families.add_family_arguments(p)
+    p.add_argument("--n-images", type=int, default=500, metavar="N",
+                   help="test-split images for every fit (20%% held out for the numbers; default 500)")
+    p.add_argument("--orders", type=int, default=2, metavar="K", help="K of g_theta (default 2)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="lambda of g_theta (default 0.1)")
+    p.add_argument("--fit-epochs", type=int, default=15, metavar="E", help="epochs of every g_theta (default 15)")
+    p.add_argument("--one-direction", action="store_true", help="fit each pair one way only (half the time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fits")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder to write")
+    p.set_defaults(handler=_cmd_stability)
+
+
+def _cmd_stability(args: argparse.Namespace) -> int:
+    from kcore.experiments.refinement import command_line, load_checkpoint
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already exists. Fix: choose a new folder or pass --overwrite.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = stderr_progress("stability")
+    trained = None
+    if args.family:
+        models, manifest = families.load_family(args.family)
+        case = manifest.get("case", "seeds")
+    elif args.ckpts:
+        models, manifest = [load_checkpoint(c, "--ckpts") for c in args.ckpts], None
+        case = "halves" if args.halves else "seeds"
+    else:
+        trained = families.family_from_args(args, log)
+        models, manifest, case = trained.loaded(), trained.manifest(), trained.case
+    card = models[0].card
+    size = int(card.input_size[0]) if card is not None and card.input_size else args.image_size
+    images = labelled_images(args.data, "test", args.n_images, size, seed=args.data_seed)
+    res = stability(models, images, layers=args.layers, case=case, orders=args.orders, lam=args.lam,
+                    fit_epochs=args.fit_epochs, both_directions=not args.one_direction, seed=args.seed,
+                    device=args.device, family=manifest, progress=log)
+    prov = {"command": command_line(), "checkpoints": list(res.members), "layers": list(res.layers),
+            "seed": args.seed, "data": args.data, "n_images": res.n_images, "family_dir": args.family,
+            "family_trained_here": trained is not None, "device": args.device, "threads": torch.get_num_threads()}
+    out = write_study(args.out, "stability", res.as_dict(), res.tables(), res.figures(), prov,
+                      overwrite=args.overwrite)
+    if trained is not None:
+        trained.save(out / "family")
+    for row in res.summary():
+        print(f"{row['layer']}: instability {row['instability_mean']:.4f} ± {row['instability_std']:.4f} over "
+              f"{row['n_pairs']} pairs ({case}); Var(x^Δ)/Var(x*) standardised {row['instability_std_units_mean']:.4f}")
+    print(f"wrote {out}")
+    return 0

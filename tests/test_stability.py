@@ -1,0 +1,154 @@
+"""Stability of learning (Sec. 4.2): families, all pairs both ways, instability in raw units, study folders."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from kcore.checkpoints import LoadedModel, load_model
+from kcore.cli import main
+from kcore.experiments._common import read_study, write_study
+from kcore.experiments.families import disjoint_halves, labelled_images, load_family, train_family
+from kcore.experiments.stability import stability
+from kcore.metrics import paper_var
+
+TINY = dict(orders=1, fit_epochs=2, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the test machine is shared: one thread avoids waiting on busy cores (results do not depend on it)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def family():
+    return train_family("kc_resnet", (0, 1, 2), epochs=1, n_train=40, n_test=10, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return labelled_images("kshapes", "test", 30, 32)
+
+
+@pytest.fixture(scope="module")
+def result(family, images):
+    return stability(family.loaded(), images, layers=["layer2", "layer3"], **TINY)
+
+
+def _numbers(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    d.pop("seconds")
+    return d
+
+
+def test_all_pairs_both_ways_and_the_pair_formula(result):
+    assert result.case == "seeds" and result.layers == ("layer2", "layer3")
+    assert len(result.directions) == 2 * 3 * 2  # layers x pairs x directions
+    for layer in result.layers:
+        pairs = result.pair_instability(layer)
+        assert len(pairs) == 3
+        for (a, b), value in pairs.items():
+            ab = [d.instability for d in result.directions if d.layer == layer and {d.source, d.target} == {a, b}]
+            assert len(ab) == 2 and value == pytest.approx(sum(ab) / 2)  # [Var(xA^Δ)/Var(xA) + Var(xB^Δ)/Var(xB)]/2
+        row = next(r for r in result.summary() if r["layer"] == layer)
+        assert row["instability_mean"] == pytest.approx(statistics.fmean(pairs.values()))
+        assert row["instability_std"] == pytest.approx(statistics.stdev(pairs.values()))
+        assert row["n_pairs"] == 3
+    for d in result.directions:
+        assert d.instability == pytest.approx(d.var_delta / d.var_target)
+        assert len(d.var_orders) == 2 and d.n_images == 6  # 20 % of 30 images held out
+
+
+def test_deterministic_for_a_fixed_seed(family, images, result):
+    again = stability(family.loaded(), images, layers=["layer2", "layer3"], **TINY)
+    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+
+
+def test_a_network_against_its_own_copy_is_stable(family, images):
+    m = family.members[0]
+    twin = LoadedModel(m.model, "twin.safetensors", m.sha256, "safetensors", m.card, 0)
+    res = stability([m.loaded(), twin], images, layers=["layer2"], orders=1, fit_epochs=2)
+    # x* = x: the closed-form 0-order start already reconstructs it almost exactly
+    assert all(d.instability < 0.02 for d in res.directions), [d.instability for d in res.directions]
+
+
+def test_raw_units_variance_is_the_paper_var_of_raw_features(family, images):
+    import kcore
+    from kcore.experiments.families import single_features
+    from kcore.experiments.stability import raw_report
+
+    a, b = family.loaded()[:2]
+    xa, _ = single_features(a, "layer3", images)
+    xb, _ = single_features(b, "layer3", images)
+    res = kcore.fit(xa, xb, orders=1, epochs=1, seed=0, device="cpu")
+    rep = raw_report(res, xa, xb)
+    assert rep["var_target"] == pytest.approx(paper_var(xb), rel=1e-5)
+    dec = res.decompose(xa, xb)
+    delta_raw = dec.residual * res.norm.tgt_std.view(1, -1, 1, 1).float()
+    assert rep["var_residual"] == pytest.approx(paper_var(delta_raw), rel=1e-4)
+
+
+def test_disjoint_halves_are_disjoint_balanced_and_complete():
+    labels = [i % 4 for i in range(40)]
+    h0, h1 = disjoint_halves(labels, seed=3)
+    assert not set(h0) & set(h1) and sorted(h0 + h1) == list(range(40))
+    assert [sum(labels[i] == c for i in h0) for c in range(4)] == [5, 5, 5, 5]
+    assert disjoint_halves(labels, seed=3) == (h0, h1) and disjoint_halves(labels, seed=4) != (h0, h1)
+
+
+def test_family_saves_and_reloads_with_the_same_hashes(family, tmp_path):
+    out = family.save(tmp_path / "fam")
+    models, manifest = load_family(out)
+    assert [m.sha256 for m in models] == [m.sha256 for m in family.members]
+    assert load_model(out / "kc_resnet_s1.safetensors").card.extra["seed"] == 1
+    assert manifest["case"] == "seeds" and len(manifest["members"]) == 3
+    for m, orig in zip(models, family.members):
+        for (k, v), (k2, v2) in zip(m.model.state_dict().items(), orig.model.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+
+
+def test_bad_inputs_name_the_fix(family, images):
+    with pytest.raises(ValueError, match="at least two models"):
+        stability(family.loaded()[:1], images)
+    with pytest.raises(ValueError, match="exactly two seeds"):
+        train_family("kc_tinynet", (0, 1, 2), halves=True, epochs=1, n_train=20)
+    with pytest.raises(ValueError, match="exactly two networks"):
+        stability(family.loaded(), images, case="halves")
+
+
+def test_study_folder_reopens(result, tmp_path):
+    out = write_study(tmp_path / "st", "stability", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
+    st = read_study(out)
+    assert st.study == "stability" and set(st.tables) == {"summary", "directions", "members"}
+    assert list(st.tables["summary"]["layer"]) == ["layer2", "layer3"]
+    assert st.result["summary"][0]["instability_mean"] == pytest.approx(result.summary()[0]["instability_mean"])
+    assert "instability" in st.figures
+
+
+def test_cli_halves_family_then_stability(tmp_path, capsys):
+    fam = tmp_path / "halves"
+    assert main(["train-family", "--arch", "kc_tinynet", "--halves", "--epochs", "1", "--n-train", "40",
+                 "--n-test", "10", "--image-size", "32", "--out", str(fam)]) == 0
+    manifest = json.loads((fam / "family.json").read_text())
+    assert manifest["case"] == "halves" and [m["half"] for m in manifest["members"]] == [0, 1]
+    assert main(["stability", "--family", str(fam), "--n-images", "24", "--orders", "1", "--fit-epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    st = read_study(tmp_path / "run")
+    assert st.result["case"] == "halves" and len(st.result["directions"]) == 2
+    assert st.provenance["checkpoints"][0]["sha256"] == manifest["members"][0]["sha256"]
+
+
+def test_cli_trains_its_own_family_when_given_none(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["stability", "--arch", "kc_tinynet", "--seeds", "0", "1", "--epochs", "1", "--n-train", "30",
+                 "--n-test", "10", "--n-images", "24", "--orders", "1", "--fit-epochs", "1", "--out", str(out)]) == 0
+    assert (out / "family" / "family.json").is_file() and (out / "summary.csv").is_file()
+    models, _ = load_family(out / "family")
+    assert read_study(out).result["members"][0]["sha256"] == models[0].sha256
+    assert main(["stability", "--out", str(out)]) == 2 and "already exists" in capsys.readouterr().err
