@@ -1,0 +1,140 @@
+"""Feature refinement (Sec. 4.3, App. A): fair arms, frozen g_θ and lower layers, study folders."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kcore
+from kcore.cli import main
+from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
+from kcore.experiments.families import labelled_images, pair_features, train_family
+from kcore.experiments.refinement import TrainConfig, component_sums, refine, train_upper
+from kcore.pipeline import model_transform
+
+TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the test machine is shared: one thread avoids waiting on busy cores (results do not depend on it)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def family():
+    # two tiny kc_resnets (1 epoch on 40 images at 32 px): enough to exercise every code path
+    return train_family("kc_resnet", (0, 1), epochs=1, n_train=40, n_test=10, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return labelled_images("kshapes", "train", 32, 32), labelled_images("kshapes", "test", 16, 32)
+
+
+@pytest.fixture(scope="module")
+def result(family, images):
+    a, b = family.loaded()
+    return refine(a, b, *images, **TINY)
+
+
+def _numbers(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    d.pop("seconds", None)
+    for arm in d["arms"]:
+        arm.pop("seconds")
+    return d
+
+
+def test_arms_of_table_3(result):
+    assert [a.name for a in result.arms] == ["network A", "network B", "x(0)", "x(0)+x(1)"]
+    assert all(0.0 <= a.test_accuracy <= 1.0 for a in result.arms)
+    assert all(len(a.train_loss) == 1 for a in result.arms)
+    # the same upper architecture (B's layers above layer2) is trained in every arm
+    assert len({a.n_trainable for a in result.arms}) == 1
+    assert result.layer_a == result.layer_b == "layer2" and result.n_test == 16 and result.n_train == 32
+    assert set(result.tables()) == {"accuracy", "fit_variances"}
+    assert len(result.fit["var_orders"]) == 2
+
+
+def test_deterministic_for_a_fixed_seed(family, images, result):
+    a, b = family.loaded()
+    again = refine(a, b, *images, **TINY)
+    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+
+
+def test_g_and_lower_layers_stay_frozen(family, images):
+    a, b = family.loaded()
+    train, test = images
+    fp = pair_features(a, "layer2", b, "layer2", train)
+    g = kcore.fit(fp.x_a, fp.x_b, orders=1, epochs=2, seed=0, device="cpu")
+    before = {"a": state_fingerprint(a.model), "b": state_fingerprint(b.model), "g": state_fingerprint(g.model)}
+    res = refine(a, b, train, test, g=g, orders=1, train=TrainConfig(epochs=1, batch_size=16, lr=1e-2))
+    assert unchanged(a.model, before["a"]) and unchanged(b.model, before["b"]) and unchanged(g.model, before["g"])
+    assert all(res.frozen.values()), res.frozen
+    assert all(arm.lower_unchanged for arm in res.arms)
+    # ... while the upper layers did learn (a large lr moves the loss)
+    assert any(arm.test_accuracy != arm.test_accuracy_before or arm.train_loss[0] > 0 for arm in res.arms)
+
+
+def test_network_b_arm_starts_at_b_s_own_accuracy(family, images, result):
+    _, b = family.loaded()
+    _, test = images
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        acc = float((b.model(model_transform(b.card)(x)).argmax(1) == y).float().mean())
+    assert result.arm("network B").test_accuracy_before == pytest.approx(acc)
+
+
+def test_full_sum_of_components_is_g_of_x_in_raw_units(family, images):
+    a, b = family.loaded()
+    fp = pair_features(a, "layer2", b, "layer2", images[0])
+    g = kcore.fit(fp.x_a, fp.x_b, orders=2, epochs=1, seed=0, device="cpu")
+    sums = component_sums(g, fp.x_a, fp.x_b)
+    assert len(sums) == 3
+    torch.testing.assert_close(sums[-1], g.norm.target_to_raw(g.predict(fp.x_a)), rtol=1e-4, atol=1e-4)
+
+
+def test_train_upper_does_not_touch_its_inputs(family):
+    a = family.loaded()[0]
+    x = torch.randn(8, 32, 8, 8)
+    y = torch.arange(8) % 10
+    x0, fp = x.clone(), state_fingerprint(a.model)
+    arm = train_upper(a.model, "layer2", (3, 32, 32), x, y, x, y, TrainConfig(epochs=1, batch_size=4),
+                      name="t", features="random", upper_layers="A")
+    assert torch.equal(x, x0) and unchanged(a.model, fp) and arm.lower_unchanged
+    assert arm.n_trainable == sum(p.numel() for n, p in a.model.named_parameters() if n.startswith(("layer3", "fc")))
+
+
+def test_bad_training_options_name_the_argument():
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr and lr_final must be > 0"):
+        TrainConfig(lr=0.0)
+
+
+def test_study_folder_reopens(result, tmp_path):
+    out = write_study(tmp_path / "ref", "refinement", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
+    st = read_study(out)
+    assert st.study == "refinement"
+    assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
+    assert st.result["accuracy"]["network B"] == result.arm("network B").test_accuracy
+    assert st.result["frozen"]["g_theta"] is True and "accuracy" in st.figures
+
+
+def test_cli_end_to_end(family, tmp_path, capsys):
+    fam = family.save(tmp_path / "fam")
+    rc = main(["refinement", "--a", str(fam / "kc_resnet_s0.safetensors"), "--b", str(fam / "kc_resnet_s1.safetensors"),
+               "--n-train", "24", "--n-test", "12", "--orders", "1", "--fit-epochs", "1", "--epochs", "1",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    st = read_study(tmp_path / "run")
+    assert st.provenance["checkpoint_a"]["sha256"] == family.members[0].sha256
+    assert st.provenance["layers"] == {"A": "layer2", "B": "layer2"} and "torch" in st.provenance["versions"]
+    assert main(["refinement", "--a", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
