@@ -1,0 +1,151 @@
+"""Diagnosis (Sec. 4.1, App. B): blind spots, unreliable features, the two accuracy checks, maps, folders."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import kcore
+from kcore.cli import main
+from kcore.experiments._common import FromLayer, read_study, state_fingerprint, unchanged, write_study
+from kcore.experiments.diagnosis import _raw_output_and_residual, adapt_input_width, diagnose, reinitialised
+from kcore.experiments.families import labelled_images, pair_features, train_family
+from kcore.experiments.refinement import TrainConfig
+from kcore.pipeline import model_transform
+
+TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), n_maps=3, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the test machine is shared: one thread avoids waiting on busy cores (results do not depend on it)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def nets():
+    """(weak, strong): a kc_tinynet and a kc_resnet, 1 epoch on 40 images at 32 px."""
+    weak = train_family("kc_tinynet", (0, 1), epochs=1, n_train=40, n_test=10, image_size=32)
+    strong = train_family("kc_resnet", (0, 1), epochs=1, n_train=40, n_test=10, image_size=32)
+    return weak, strong
+
+
+@pytest.fixture(scope="module")
+def images():
+    return labelled_images("kshapes", "train", 32, 32), labelled_images("kshapes", "test", 16, 32)
+
+
+@pytest.fixture(scope="module")
+def result(nets, images):
+    return diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **TINY)
+
+
+def _numbers(d: dict) -> dict:
+    d = json.loads(json.dumps(d))
+    d.pop("seconds")
+    for arm in d["arms"]:
+        arm.pop("seconds")
+    return d
+
+
+def test_arms_and_checks_of_section_4_1(result):
+    assert [a.name for a in result.arms] == ["x_A", "g(x_A)", "g(x_A)+blind spots", "x_A-unreliable"]
+    assert [a.channels for a in result.arms] == [16, 32, 32, 16]  # tinynet block2, resnet layer2
+    assert result.adapted_layers == ("block3.0",)
+    acc = {a.name: a.test_accuracy for a in result.arms}
+    e1, e2 = result.experiments["blind_spots"], result.experiments["unreliable"]
+    assert e1["gain_over_x_A"] == pytest.approx(acc["g(x_A)+blind spots"] - acc["x_A"])
+    assert e1["gain_over_g(x_A)"] == pytest.approx(acc["g(x_A)+blind spots"] - acc["g(x_A)"])
+    assert e2["gain_over_x_A"] == pytest.approx(acc["x_A-unreliable"] - acc["x_A"])
+    assert all(a.lower_unchanged for a in result.arms)
+    assert 0 < result.blind_spots["instability"] and 0 < result.unreliable["instability"]
+    assert set(result.tables()) == {"accuracy", "checks", "variances", "maps"}
+
+
+def test_deterministic_for_a_fixed_seed(nets, images, result):
+    again = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **TINY)
+    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+
+
+def test_blind_spots_added_back_to_g_give_x_b(nets, images):
+    weak, strong = nets[0].members[0].loaded(), nets[1].members[0].loaded()
+    fp = pair_features(weak, "block2", strong, "layer2", images[1])
+    g = kcore.fit(fp.x_a, fp.x_b, orders=1, epochs=1, seed=0, device="cpu")
+    out, delta, energy = _raw_output_and_residual(g, fp.x_a, fp.x_b)
+    torch.testing.assert_close(out + delta, fp.x_b, rtol=1e-4, atol=1e-4)
+    resid = g.decompose(fp.x_a, fp.x_b).residual
+    torch.testing.assert_close(energy, (resid.double() ** 2).mean(1))
+
+
+def test_maps_are_channel_energies_of_the_shown_images(result):
+    n = len(result.map_ids)
+    assert n == 3 and result.blind_energy.shape == (3, 8, 8) and result.unreliable_energy.shape == (3, 8, 8)
+    assert (result.blind_energy >= 0).all() and (result.unreliable_energy >= 0).all()
+    assert result.images.shape == (3, 32, 32, 3) and 0 <= result.images.min() and result.images.max() <= 1
+    fig = result.maps_figure()
+    assert len([ax for ax in fig.axes if ax.images]) == 3 * n
+
+
+def test_adapt_input_width_widens_every_reader_of_the_feature(nets):
+    resnet = nets[1].members[0].model
+    wide, names = adapt_input_width(resnet, "layer2", (3, 32, 32), 48, seed=0)
+    assert names == ["layer3.0.conv1", "layer3.0.shortcut.0"]
+    assert wide.layer3[0].conv1.in_channels == 48 and resnet.layer3[0].conv1.in_channels == 32
+    out = FromLayer(wide, "layer2", (3, 32, 32)).eval()(torch.randn(2, 48, 8, 8))
+    assert out.shape == (2, 10)
+    same, none = adapt_input_width(resnet, "layer2", (3, 32, 32), 32)
+    assert none == [] and torch.equal(same.layer3[0].conv1.weight, resnet.layer3[0].conv1.weight)
+
+
+def test_adapt_input_width_refuses_what_it_cannot_widen():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="only plain Conv2d layers can be widened"):
+        adapt_input_width(net, "0", (3, 8, 8), 6)
+
+
+def test_reinitialised_is_seeded_and_leaves_the_original(nets):
+    tiny = nets[0].members[0].model
+    fp = state_fingerprint(tiny)
+    r1, r2 = reinitialised(tiny, 3), reinitialised(tiny, 3)
+    assert unchanged(tiny, fp)
+    assert torch.equal(r1.block3[0].weight, r2.block3[0].weight)
+    assert not torch.equal(r1.block3[0].weight, tiny.block3[0].weight)
+
+
+def test_trained_init_starts_at_the_weak_net_s_accuracy(nets, images):
+    weak, strong = nets[0].members[0].loaded(), nets[1].members[0].loaded()
+    res = diagnose(weak, strong, *images, classifier_init="trained", **TINY)
+    test = images[1]
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        acc = float((weak.model(model_transform(weak.card)(x)).argmax(1) == y).float().mean())
+    assert res.arm("x_A").test_accuracy_before == pytest.approx(acc)
+    with pytest.raises(ValueError, match="classifier_init must be one of"):
+        diagnose(weak, strong, *images, classifier_init="pretrained")
+
+
+def test_study_folder_reopens(result, tmp_path):
+    out = write_study(tmp_path / "diag", "diagnosis", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
+    st = read_study(out)
+    assert st.study == "diagnosis" and {"maps", "accuracy"} <= set(st.figures)
+    assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
+    assert np.allclose(st.result["maps"]["blind_spot_energy"], result.blind_energy)
+
+
+def test_cli_end_to_end(nets, tmp_path, capsys):
+    w = nets[0].save(tmp_path / "weak") / "kc_tinynet_s0.safetensors"
+    s = nets[1].save(tmp_path / "strong") / "kc_resnet_s0.safetensors"
+    rc = main(["diagnosis", "--weak", str(w), "--strong", str(s), "--n-train", "24", "--n-test", "12",
+               "--orders", "1", "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--out", str(tmp_path / "run")])
+    assert rc == 0, capsys.readouterr().err
+    st = read_study(tmp_path / "run")
+    assert st.provenance["checkpoint_weak"]["sha256"] == nets[0].members[0].sha256
+    assert st.provenance["layers"] == {"weak": "block2", "strong": "layer2"}
+    assert "blind_spots:" in capsys.readouterr().out
