@@ -1,0 +1,469 @@
+"""Image sets for feature extraction: folders, file lists, uploads, zips and bundled kshapes.
+
+An ``ImageSet`` decodes every image once, at construction, into uint8 RGB at the model's input
+size, so that corrupt files are found (and skipped with a warning) before any feature is
+extracted, and ``raw(i)`` gives the exact pixels the model saw, for overlays. Items are
+``(tensor (3, H, W) float32 normalised, label)``; the label is -1 when unknown.
+
+Memory: ``N * H * W * 3`` bytes (about 150 kB per 224x224 image, 12 kB per 64x64 image).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from kcore import synthetic
+from kcore.synthetic import KShapesSpec, LabelKind, Split
+
+ResizeMode = Literal["stretch", "center_crop"]
+RESIZE_MODES: dict[str, str] = {
+    "stretch": "resize to the input size, ignoring the aspect ratio",
+    "center_crop": "scale the shorter side to fit, then crop the centre",
+}
+"""Valid resize modes and what each does."""
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm"})
+"""Extensions reported as images (other files are still tried: the content decides)."""
+
+# What PIL raises on bad input: unidentified (OSError), truncated (OSError), broken PNG
+# chunks (SyntaxError), bad headers (ValueError, struct.error, EOFError, zlib.error) and
+# decompression bombs (its own error class).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model inputs: resize to ``input_size``, scale to [0, 1], normalise.
+
+    Attributes:
+        input_size: ``(H, W)`` in pixels.
+        mean: per-channel RGB mean in [0, 1].
+        std: per-channel RGB std in [0, 1].
+        resize: one of ``RESIZE_MODES``.
+    """
+
+    input_size: tuple[int, int] = (64, 64)
+    mean: tuple[float, float, float] = synthetic.MEAN
+    std: tuple[float, float, float] = synthetic.STD
+    resize: ResizeMode = "stretch"
+
+    def __post_init__(self) -> None:
+        size = tuple(int(v) for v in self.input_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"input_size must be (H, W) with positive ints, got {self.input_size!r}")
+        object.__setattr__(self, "input_size", size)
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"{name} must have 3 values (R, G, B), got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be > 0 for every channel, got {self.std}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {self.resize!r}")
+
+    @classmethod
+    def from_card(cls, card: dict, resize: ResizeMode = "stretch") -> Preprocess:
+        """Preprocessing of a model card (its ``input_size``, ``mean`` and ``std`` keys).
+
+        Raises:
+            ValueError: a key is missing.
+        """
+        missing = [k for k in ("input_size", "mean", "std") if k not in card]
+        if missing:
+            raise ValueError(f"model card lacks {missing}; it has {sorted(card)}")
+        return cls(tuple(card["input_size"]), tuple(card["mean"]), tuple(card["std"]), resize)
+
+
+def make_transform(input_size: tuple[int, int], mean: Sequence[float],
+                   std: Sequence[float]) -> Callable[[np.ndarray], torch.Tensor]:
+    """A function ``uint8 (H, W, 3) RGB -> float32 (3, h, w)``: resize, scale, normalise.
+
+    Args:
+        input_size: ``(h, w)`` of the output.
+        mean: per-channel mean in [0, 1], subtracted after scaling to [0, 1].
+        std: per-channel std in [0, 1], divided by afterwards.
+
+    Returns:
+        The transform. Images already at ``input_size`` are not resampled.
+    """
+    pre = Preprocess(tuple(input_size), tuple(mean), tuple(std))
+
+    def transform(image: np.ndarray) -> torch.Tensor:
+        return synthetic.normalize(resize_image(image, pre.input_size), pre.mean, pre.std)
+
+    return transform
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int],
+                 mode: ResizeMode = "stretch") -> np.ndarray:
+    """Resize a uint8 ``(H, W, 3)`` image to ``size = (h, w)`` (bilinear, PIL)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    pil = Image.fromarray(image)
+    if mode == "center_crop":
+        pil = ImageOps.fit(pil, (w, h), Image.Resampling.BILINEAR)
+    else:
+        pil = pil.resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(pil, dtype=np.uint8)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to uint8 ``(H, W, 3)`` RGB (EXIF orientation applied, alpha dropped).
+
+    Raises:
+        OSError, ValueError, SyntaxError, ...: the bytes are not a readable image (see
+        ``_DECODE_ERRORS``).
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One candidate image before decoding."""
+
+    name: str
+    read: Callable[[], bytes]
+    label_name: str | None = None
+
+
+class ImageSet(Dataset):
+    """Decoded images at a model's input size, as a torch Dataset of ``(x, label)``.
+
+    Build one with ``from_folder``, ``from_paths``, ``from_uploads``, ``from_zip``,
+    ``from_kshapes`` or ``sample_images``; the constructor takes already decoded images.
+
+    Attributes:
+        ids: stable string id of each image (relative path, upload name, kshapes id).
+        labels: label of each image, -1 when unknown.
+        class_names: names of the labels (empty when there are none).
+        skipped: ``(name, reason)`` of each file that was not loaded.
+        source: description of where the images came from.
+        preprocess: the ``Preprocess`` applied.
+    """
+
+    def __init__(self, images: np.ndarray, ids: Sequence[str], labels: Sequence[int],
+                 preprocess: Preprocess, *, class_names: Sequence[str] = (),
+                 skipped: Sequence[tuple[str, str]] = (), source: str = "",
+                 digests: Sequence[bytes] | None = None) -> None:
+        """Wrap decoded images.
+
+        Args:
+            images: ``(N, H, W, 3)`` uint8 RGB at ``preprocess.input_size``.
+            ids: N unique strings.
+            labels: N ints (-1 = unknown).
+            preprocess: normalisation (and the size the images have).
+            class_names: label names.
+            skipped: files that were not loaded, as ``(name, reason)``.
+            source: where the images came from (for messages).
+            digests: per-image sha256 digests of the source bytes; default: of the pixels.
+
+        Raises:
+            ValueError: inconsistent lengths, shapes or duplicate ids.
+        """
+        images = np.asarray(images)
+        n = len(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if tuple(images.shape[1:3]) != preprocess.input_size:
+            raise ValueError(f"images are {images.shape[1:3]} but preprocess.input_size is "
+                             f"{preprocess.input_size}")
+        if len(ids) != n or len(labels) != n:
+            raise ValueError(f"got {n} images, {len(ids)} ids and {len(labels)} labels")
+        if len(set(ids)) != n:
+            raise ValueError("ids must be unique")
+        self.images = images
+        self.ids = tuple(ids)
+        self.labels = tuple(int(v) for v in labels)
+        self.preprocess = preprocess
+        self.class_names = tuple(class_names)
+        self.skipped = tuple(skipped)
+        self.source = source
+        if digests is None:
+            digests = [hashlib.sha256(img.tobytes()).digest() for img in images]
+        self._digests = tuple(digests)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return synthetic.normalize(self.images[i], self.preprocess.mean, self.preprocess.std), \
+            self.labels[i]
+
+    def raw(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 ``(H, W, 3)`` RGB at the model input size (a read-only view)."""
+        view = self.images[i].view()
+        view.flags.writeable = False
+        return view
+
+    def tensors(self) -> torch.Tensor:
+        """All images as one normalised ``(N, 3, H, W)`` float32 tensor."""
+        return synthetic.normalize(self.images, self.preprocess.mean, self.preprocess.std)
+
+    def content_hash(self, *, include_preprocess: bool = False) -> str:
+        """sha256 (hex) over the ids and the source bytes of every image, in order.
+
+        Args:
+            include_preprocess: also hash the input size, mean, std and resize mode, i.e.
+                identify the exact tensors a model sees rather than the source images.
+        """
+        h = hashlib.sha256(b"kcore-imageset/1\0")
+        for name, digest in zip(self.ids, self._digests):
+            h.update(name.encode("utf-8") + b"\0" + digest)
+        if include_preprocess:
+            p = self.preprocess
+            h.update(repr((p.input_size, p.mean, p.std, p.resize)).encode("utf-8"))
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"ImageSet({len(self)} images from {self.source!r}, size {self.preprocess.input_size}, "
+                f"{len(self.class_names)} classes, {len(self.skipped)} skipped)")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, preprocess: Preprocess | None = None, *,
+                    limit: int | None = None) -> ImageSet:
+        """Images of a folder: class subfolders (ImageFolder layout) or a flat folder.
+
+        Files directly in ``folder`` get label -1 when there are class subfolders too. Hidden
+        files and folders (name starting with ".") are ignored; other files that are not
+        readable images are skipped with a warning.
+
+        Args:
+            folder: the folder.
+            preprocess: default ``Preprocess()`` (kshapes size and normalisation).
+            limit: keep at most this many images (in sorted id order).
+
+        Raises:
+            FileNotFoundError: ``folder`` does not exist or is not a folder.
+            ValueError: no readable image was found.
+        """
+        root = Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"folder {str(root)!r} does not exist or is not a folder")
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                path = Path(dirpath) / fname
+                rel = path.relative_to(root).as_posix()
+                entries.append(_Entry(rel, path.read_bytes, _label_of(rel)))
+        return _build(entries, preprocess, f"folder {str(root)!r}", limit)
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | os.PathLike],
+                   preprocess: Preprocess | None = None) -> ImageSet:
+        """Images of a list of files, in the given order, with label -1.
+
+        Ids are the paths relative to their common parent folder. Missing and unreadable
+        files are skipped with a warning.
+
+        Raises:
+            ValueError: no readable image among ``paths``.
+        """
+        paths = [Path(p) for p in paths]
+        parent = Path(os.path.commonpath([p.resolve().parent for p in paths])) if paths else Path()
+        entries = []
+        for p in paths:
+            try:
+                name = p.resolve().relative_to(parent).as_posix()
+            except ValueError:  # different drives on Windows
+                name = p.as_posix()
+            entries.append(_Entry(name, p.read_bytes))
+        return _build(entries, preprocess, f"{len(paths)} file paths", None)
+
+    @classmethod
+    def from_uploads(cls, uploads: Iterable[tuple[str, bytes]],
+                     preprocess: Preprocess | None = None) -> ImageSet:
+        """Images given as ``(file name, bytes)`` pairs, e.g. from a browser upload.
+
+        A ``.zip`` upload is expanded (see ``from_zip``). Repeated names get ``#2``, ``#3`` ...
+
+        Raises:
+            ValueError: no readable image among the uploads.
+        """
+        entries: list[_Entry] = []
+        for name, data in uploads:
+            if name.lower().endswith(".zip"):
+                entries.extend(_zip_entries(data, prefix=name + "/"))
+            else:
+                entries.append(_Entry(name, _constant(data)))
+        return _build(_unique(entries), preprocess, "uploads", None)
+
+    @classmethod
+    def from_zip(cls, archive: bytes | str | os.PathLike,
+                 preprocess: Preprocess | None = None) -> ImageSet:
+        """Images of a zip archive (bytes or path). Class subfolders give labels, as for folders.
+
+        A single top folder wrapping everything (``photos/cat/1.png``) is ignored for labels.
+
+        Raises:
+            ValueError: not a zip archive, or no readable image in it.
+        """
+        if isinstance(archive, (bytes, bytearray)):
+            data, source = bytes(archive), "zip archive (bytes)"
+        else:
+            data, source = Path(archive).read_bytes(), f"zip archive {str(archive)!r}"
+        return _build(_zip_entries(data), preprocess, source, None)
+
+    @classmethod
+    def from_kshapes(cls, spec: KShapesSpec | None = None, split: Split = "test",
+                     n: int | None = None, preprocess: Preprocess | None = None,
+                     labels: LabelKind = "fine") -> ImageSet:
+        """The bundled kshapes images (rendered, nothing read from disk).
+
+        Args:
+            spec: which dataset; default ``KShapesSpec()``.
+            split: "train", "test" or "val".
+            n: the first ``n`` images of the split (default: all).
+            preprocess: default: kshapes size and normalisation.
+            labels: "fine" (shape classes) or "coarse" (round vs angular).
+        """
+        ds = synthetic.KShapesDataset(spec, split, labels, n)
+        pre = preprocess if preprocess is not None else Preprocess((ds.spec.image_size,) * 2)
+        raw = [ds.raw(i) for i in range(len(ds))]
+        digests = [hashlib.sha256(img.tobytes()).digest() for img in raw]
+        size = pre.input_size
+        images = np.stack([resize_image(img, size, pre.resize) for img in raw]) if raw \
+            else np.zeros((0, *size, 3), np.uint8)
+        if len(images) == 0:
+            raise ValueError(f"kshapes {split!r} split of {ds.spec} with n={n} has no images")
+        return cls(images, ds.ids, [ds.label(i) for i in range(len(ds))], pre,
+                   class_names=ds.class_names, source=f"{ds.spec.name} {split}", digests=digests)
+
+
+def sample_images(n: int = 100, split: Split = "test", seed: int = 0,
+                  preprocess: Preprocess | None = None) -> ImageSet:
+    """The first ``n`` kshapes images of ``split`` for dataset ``seed``: a ready-made image set.
+
+    Raises:
+        ValueError: ``n`` is not in ``[1, size of the split]``.
+    """
+    spec = KShapesSpec(seed=seed)
+    size = spec.split_size(split)
+    if not 1 <= n <= size:
+        raise ValueError(f"n must be in [1, {size}] for the kshapes {split!r} split, got {n}")
+    return ImageSet.from_kshapes(spec, split, n, preprocess)
+
+
+# ----------------------------------------------------------------------- internals
+def _constant(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def _label_of(rel: str) -> str | None:
+    parts = PurePosixPath(rel).parts
+    return parts[0] if len(parts) > 1 else None
+
+
+def _unique(entries: list[_Entry]) -> list[_Entry]:
+    seen: dict[str, int] = {}
+    out = []
+    for e in entries:
+        count = seen.get(e.name, 0) + 1
+        seen[e.name] = count
+        out.append(e if count == 1 else _Entry(f"{e.name}#{count}", e.read, e.label_name))
+    return out
+
+
+def _zip_entries(data: bytes, prefix: str = "") -> list[_Entry]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"{prefix.rstrip('/') or 'archive'}: not a zip archive ({exc})") from exc
+    names = [i.filename for i in zf.infolist() if not i.is_dir() and not _hidden(i.filename)]
+    names.sort()
+    # Drop a single folder that wraps everything ("photos/...") before reading class folders.
+    tops = {PurePosixPath(n).parts[0] for n in names}
+    strip = len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 for n in names)
+    entries = []
+    for name in names:
+        rel = PurePosixPath(*PurePosixPath(name).parts[1:]).as_posix() if strip else name
+        entries.append(_Entry(prefix + name, _zip_reader(zf, name), _label_of(rel)))
+    return entries
+
+
+def _zip_reader(zf: zipfile.ZipFile, name: str) -> Callable[[], bytes]:
+    return lambda: zf.read(name)
+
+
+def _hidden(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def _decode_all(entries: Iterable[_Entry], pre: Preprocess, limit: int | None
+                ) -> Iterator[tuple[_Entry, np.ndarray | None, bytes, str]]:
+    """Yield ``(entry, image or None, digest, reason)``; stop after ``limit`` good images."""
+    good = 0
+    for e in entries:
+        if limit is not None and good >= limit:
+            return
+        try:
+            data = e.read()
+        except (OSError, zipfile.BadZipFile, RuntimeError) as exc:  # RuntimeError: encrypted zip
+            yield e, None, b"", f"cannot read: {exc}"
+            continue
+        try:
+            image = decode_image(data)
+        except _DECODE_ERRORS as exc:
+            ext = PurePosixPath(e.name).suffix.lower()
+            what = "not an image file" if ext not in IMAGE_EXTENSIONS else "corrupt image"
+            yield e, None, b"", f"{what}: {type(exc).__name__}: {exc}"
+            continue
+        good += 1
+        yield e, resize_image(image, pre.input_size, pre.resize), hashlib.sha256(data).digest(), ""
+
+
+def _build(entries: Iterable[_Entry], preprocess: Preprocess | None, source: str,
+           limit: int | None) -> ImageSet:
+    pre = preprocess if preprocess is not None else Preprocess()
+    images, ids, label_names, digests, skipped = [], [], [], [], []
+    seen = 0
+    for entry, image, digest, reason in _decode_all(entries, pre, limit):
+        seen += 1
+        if image is None:
+            skipped.append((entry.name, reason))
+            continue
+        images.append(image)
+        ids.append(entry.name)
+        label_names.append(entry.label_name)
+        digests.append(digest)
+    if skipped:
+        shown = "; ".join(f"{n} ({r})" for n, r in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        warnings.warn(f"{source}: skipped {len(skipped)} of {seen} files that are not readable "
+                      f"images: {shown}{more}", stacklevel=3)
+    if not images:
+        found = "nothing (no files)" if seen == 0 else (
+            f"{seen} file(s), none a readable image: "
+            + "; ".join(f"{n} ({r})" for n, r in skipped[:5]))
+        raise ValueError(f"{source}: no readable image found; found {found}. Supported formats: "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    class_names = tuple(sorted({n for n in label_names if n is not None}))
+    index = {n: k for k, n in enumerate(class_names)}
+    labels = [index[n] if n is not None else -1 for n in label_names]
+    return ImageSet(np.stack(images), ids, labels, pre, class_names=class_names,
+                    skipped=skipped, source=source, digests=digests)
