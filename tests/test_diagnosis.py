@@ -56,8 +56,11 @@ def _numbers(d: dict) -> dict:
 
 def test_arms_and_checks_of_section_4_1(result):
     assert [a.name for a in result.arms] == ["x_A", "g(x_A)", "g(x_A)+blind spots", "x_A-unreliable"]
-    assert [a.channels for a in result.arms] == [16, 32, 32, 16]  # tinynet block2, resnet layer2
-    assert result.adapted_layers == ("block3.0",)
+    c_weak, c_strong = result.arm("x_A").channels, result.arm("g(x_A)").channels
+    assert c_weak == result.arms[0].channels and c_strong == 32  # kc_resnet's layer2
+    assert [a.channels for a in result.arms] == [c_weak, c_strong, c_strong, c_weak]
+    # A's upper layers take B's channel count only where the widths differ
+    assert result.adapted_layers == (() if c_weak == c_strong else ("block3.0",))
     acc = {a.name: a.test_accuracy for a in result.arms}
     e1, e2 = result.experiments["blind_spots"], result.experiments["unreliable"]
     assert e1["gain_over_x_A"] == pytest.approx(acc["g(x_A)+blind spots"] - acc["x_A"])
@@ -71,6 +74,19 @@ def test_arms_and_checks_of_section_4_1(result):
 def test_deterministic_for_a_fixed_seed(nets, images, result):
     again = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **TINY)
     assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+
+
+def test_repeats_train_every_arm_with_more_seeds(nets, images, result):
+    res = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, repeats=2, **TINY)
+    assert len(res.arms) == 8 and res.experiments["seeds"] == [0, 1]
+    # seed 0 is the single-seed run, arm by arm
+    for a in result.arms:
+        assert res.arm(a.name, 0).test_accuracy == a.test_accuracy
+    acc = {(a.name, a.seed): a.test_accuracy for a in res.arms}
+    gains = [acc["x_A-unreliable", s] - acc["x_A", s] for s in (0, 1)]
+    assert res.experiments["unreliable"]["gain_over_x_A"] == pytest.approx(sum(gains) / 2)
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, repeats=0)
 
 
 def test_blind_spots_added_back_to_g_give_x_b(nets, images):

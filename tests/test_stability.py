@@ -137,8 +137,8 @@ def test_cli_halves_family_then_stability(tmp_path, capsys):
                  "--n-test", "10", "--image-size", "32", "--out", str(fam)]) == 0
     manifest = json.loads((fam / "family.json").read_text())
     assert manifest["case"] == "halves" and [m["half"] for m in manifest["members"]] == [0, 1]
-    assert main(["stability", "--family", str(fam), "--n-images", "24", "--orders", "1", "--fit-epochs", "1",
-                 "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    assert main(["stability", "--family", str(fam), "--layers", "block2", "--n-images", "24", "--orders", "1",
+                 "--fit-epochs", "1", "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
     st = read_study(tmp_path / "run")
     assert st.result["case"] == "halves" and len(st.result["directions"]) == 2
     assert st.provenance["checkpoints"][0]["sha256"] == manifest["members"][0]["sha256"]
@@ -149,6 +149,7 @@ def test_cli_trains_its_own_family_when_given_none(tmp_path, capsys):
     assert main(["stability", "--arch", "kc_tinynet", "--seeds", "0", "1", "--epochs", "1", "--n-train", "30",
                  "--n-test", "10", "--n-images", "24", "--orders", "1", "--fit-epochs", "1", "--out", str(out)]) == 0
     assert (out / "family" / "family.json").is_file() and (out / "summary.csv").is_file()
+    assert read_study(out).result["layers"] == ["block1", "block2", "block3"]  # every stage by default
     models, _ = load_family(out / "family")
     assert read_study(out).result["members"][0]["sha256"] == models[0].sha256
     assert main(["stability", "--out", str(out)]) == 2 and "already exists" in capsys.readouterr().err

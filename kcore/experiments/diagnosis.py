@@ -139,8 +139,8 @@ class DiagnosisResult:
         blind_spots: g_θ weak → strong (x^Δ_B): held-out error, Var per order, Var(x^Δ)/Var(x*) on test images.
         unreliable: g_θ strong → weak (x^Δ_A), the same numbers.
         arms: the classifier arms (:class:`ArmResult`): ``"x_A"``, ``"g(x_A)"``, ``"g(x_A)+blind spots"``,
-            ``"x_A-unreliable"``.
-        experiments: the two checks: accuracies and gains (fractions).
+            ``"x_A-unreliable"``, for each seed.
+        experiments: the two checks (:func:`checks`): mean accuracies and gains (fractions) over the seeds.
         classifier_init: ``"fresh"`` or ``"trained"`` (:data:`CLASSIFIER_INITS`).
         adapted_layers: modules of A's upper part widened to B's channel count (for the B-space arms).
         train: the :class:`TrainConfig` of every arm.
@@ -173,11 +173,12 @@ class DiagnosisResult:
     seed: int = 0
     seconds: float = 0.0
 
-    def arm(self, name: str) -> ArmResult:
+    def arm(self, name: str, seed: int | None = None) -> ArmResult:
+        """The arm ``name`` trained with ``seed`` (default: the first seed)."""
         for a in self.arms:
-            if a.name == name:
+            if a.name == name and (seed is None or a.seed == seed):
                 return a
-        raise ValueError(f"no arm {name!r}; arms are {[a.name for a in self.arms]}.")
+        raise ValueError(f"no arm {name!r} with seed {seed}; arms are {sorted({(a.name, a.seed) for a in self.arms})}.")
 
     def tables(self) -> dict:
         import pandas as pd
@@ -193,8 +194,8 @@ class DiagnosisResult:
             row.update({f"var_order{k}": v for k, v in enumerate(d["var_orders"])})
             rows.append(row)
         exp_rows = []
-        for key, e in self.experiments.items():
-            for k, v in e.items():
+        for key in ("blind_spots", "unreliable"):
+            for k, v in self.experiments[key].items():
                 exp_rows.append({"experiment": key, "quantity": k, "value": v})
         maps = pd.DataFrame({"image_id": list(self.map_ids), "label": list(self.map_labels),
                              "blind_spot_energy_mean": self.blind_energy.mean(axis=(1, 2)),
@@ -262,6 +263,31 @@ class DiagnosisResult:
         })
 
 
+def checks(arms: list[ArmResult] | tuple[ArmResult, ...]) -> dict:
+    """The two checks of Sec. 4.1 from the arms: mean accuracy per arm, gains, their spread over seeds."""
+    import statistics
+
+    seeds = sorted({a.seed for a in arms})
+    acc = {(a.name, a.seed): a.test_accuracy for a in arms}
+
+    def mean(name: str) -> float:
+        return statistics.fmean(acc[name, s] for s in seeds)
+
+    def gain(new: str, old: str) -> dict:
+        per_seed = [acc[new, s] - acc[old, s] for s in seeds]
+        return {"mean": statistics.fmean(per_seed), "std": statistics.stdev(per_seed) if len(seeds) > 1 else 0.0,
+                "per_seed": per_seed}
+
+    blind = {"x_A": mean("x_A"), "g(x_A)": mean("g(x_A)"), "g(x_A)+blind spots": mean("g(x_A)+blind spots")}
+    g1, g2 = gain("g(x_A)+blind spots", "x_A"), gain("g(x_A)+blind spots", "g(x_A)")
+    blind.update({"gain_over_x_A": g1["mean"], "gain_over_x_A_std": g1["std"], "gain_over_g(x_A)": g2["mean"],
+                  "gain_over_g(x_A)_std": g2["std"]})
+    g3 = gain("x_A-unreliable", "x_A")
+    unrel = {"x_A": mean("x_A"), "x_A-unreliable": mean("x_A-unreliable"), "gain_over_x_A": g3["mean"],
+             "gain_over_x_A_std": g3["std"]}
+    return {"blind_spots": blind, "unreliable": unrel, "seeds": seeds}
+
+
 def _raw_output_and_residual(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256):
     """g(x) in raw target units (with the channel mean), x^Δ in raw units, and mean_c (x^Δ)² standardised."""
     outs, deltas, energy = [], [], []
@@ -291,6 +317,7 @@ def diagnose(
     fit_epochs: int | None = None,
     train: TrainConfig = TrainConfig(epochs=8, lr=3e-3, lr_final=3e-5),
     classifier_init: ClassifierInit = "fresh",
+    repeats: int = 1,
     n_maps: int = 4,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -307,6 +334,8 @@ def diagnose(
         orders, lam, fit_epochs: K, λ and epochs of both g_θ (:func:`kcore.fit`).
         train: the :class:`TrainConfig` of every classifier arm.
         classifier_init: ``"fresh"`` (default) or ``"trained"``; see :data:`CLASSIFIER_INITS`.
+        repeats: train every arm with this many seeds (``train.seed``, ``train.seed + 1``, …: initialisation
+            and batch order); the checks report the mean and standard deviation over them.
         n_maps: test images shown in the maps figure.
         seed: seed of the fits and of the classifiers' initialisation.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -320,6 +349,8 @@ def diagnose(
 
     if classifier_init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier_init must be one of {sorted(CLASSIFIER_INITS)}; got {classifier_init!r}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer; got {repeats!r}.")
     t0 = time.perf_counter()
     la, lb = layer_of(weak, layer_weak, "layer_weak"), layer_of(strong, layer_strong, "layer_strong")
     say(progress, f"features: weak {weak.name}:{la}, strong {strong.name}:{lb}; {len(train_images)} train + "
@@ -345,33 +376,31 @@ def diagnose(
                   f"unreliable {unrel['instability']:.3f}")
 
     shape = input_shape(weak)
-    base = reinitialised(weak.model, seed) if classifier_init == "fresh" else copy.deepcopy(weak.model)
-    wide, adapted = adapt_input_width(base, la, shape, xb_tr.shape[1], seed)
     init = "re-initialised (seeded)" if classifier_init == "fresh" else "from the trained weak net"
     upper = f"weak net's layers above {la}, {init}"
-    upper_wide = upper + (f"; {', '.join(adapted)} widened to {xb_tr.shape[1]} input channels" if adapted else "")
     y_tr, y_te = tr.labels, te.labels
-    common = dict(config=train, device=device, progress=progress)
-    arms = [
-        train_upper(base, la, shape, xa_tr, y_tr, xa_te, y_te, name="x_A", features="raw x_A (weak)",
-                    upper_layers=upper, **common),
-        train_upper(wide, la, shape, gxa_tr, y_tr, gxa_te, y_te, name="g(x_A)",
-                    features="g(x_A), weak → strong reconstruction (raw strong units)", upper_layers=upper_wide,
-                    **common),
-        train_upper(wide, la, shape, gxa_tr + db_tr, y_tr, gxa_te + db_te, y_te, name="g(x_A)+blind spots",
-                    features="g(x_A) + x^Δ_B (= x_B)", upper_layers=upper_wide, **common),
-        train_upper(base, la, shape, gxb_tr, y_tr, gxb_te, y_te, name="x_A-unreliable",
-                    features="x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)",
-                    upper_layers=upper, **common),
-    ]
-    acc = {a.name: a.test_accuracy for a in arms}
-    experiments = {
-        "blind_spots": {"x_A": acc["x_A"], "g(x_A)": acc["g(x_A)"], "g(x_A)+blind spots": acc["g(x_A)+blind spots"],
-                        "gain_over_x_A": acc["g(x_A)+blind spots"] - acc["x_A"],
-                        "gain_over_g(x_A)": acc["g(x_A)+blind spots"] - acc["g(x_A)"]},
-        "unreliable": {"x_A": acc["x_A"], "x_A-unreliable": acc["x_A-unreliable"],
-                       "gain_over_x_A": acc["x_A-unreliable"] - acc["x_A"]},
-    }
+    arms: list[ArmResult] = []
+    adapted: list[str] = []
+    for r in range(repeats):
+        s = train.seed + r  # one seed per repeat: the same initialisation and batch order for all four arms
+        cfg = dataclasses.replace(train, seed=s)
+        base = reinitialised(weak.model, s) if classifier_init == "fresh" else copy.deepcopy(weak.model)
+        wide, adapted = adapt_input_width(base, la, shape, xb_tr.shape[1], s)
+        upper_wide = upper + (f"; {', '.join(adapted)} widened to {xb_tr.shape[1]} input channels" if adapted else "")
+        common = dict(config=cfg, device=device, progress=progress)
+        arms += [
+            train_upper(base, la, shape, xa_tr, y_tr, xa_te, y_te, name="x_A", features="raw x_A (weak)",
+                        upper_layers=upper, **common),
+            train_upper(wide, la, shape, gxa_tr, y_tr, gxa_te, y_te, name="g(x_A)",
+                        features="g(x_A), weak → strong reconstruction (raw strong units)",
+                        upper_layers=upper_wide, **common),
+            train_upper(wide, la, shape, gxa_tr + db_tr, y_tr, gxa_te + db_te, y_te, name="g(x_A)+blind spots",
+                        features="g(x_A) + x^Δ_B (= x_B)", upper_layers=upper_wide, **common),
+            train_upper(base, la, shape, gxb_tr, y_tr, gxb_te, y_te, name="x_A-unreliable",
+                        features="x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)",
+                        upper_layers=upper, **common),
+        ]
+    experiments = checks(arms)
     n_maps = max(0, min(int(n_maps), len(test_images)))
     ids = tuple(te.image_ids[:n_maps])
     imgs = np.stack([_image_rgb(test_images, i) for i in range(n_maps)]) if n_maps else np.zeros((0, 1, 1, 3))
@@ -401,6 +430,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--layer-strong", default=None, help="layer of the strong net (default: its card's)")
     p.add_argument("--classifier-init", default="fresh", choices=sorted(CLASSIFIER_INITS),
                    help="fresh (default): re-initialised upper layers; trained: the weak net's own")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 1)")
     p.add_argument("--n-maps", type=int, default=4, help="test images in the maps figure (default 4)")
     add_training_arguments(p, epochs=8, lr=3e-3, lr_final=3e-5)
     p.set_defaults(handler=_cmd_diagnosis)
@@ -418,16 +449,17 @@ def _cmd_diagnosis(args: argparse.Namespace) -> int:
     test_images = labelled_images(args.data, "test", args.n_test, size)
     res = diagnose(weak, strong, train_images, test_images, layer_weak=args.layer_weak,
                    layer_strong=args.layer_strong, orders=args.orders, lam=args.lam, fit_epochs=args.fit_epochs,
-                   train=train_config_from(args), classifier_init=args.classifier_init, n_maps=args.n_maps,
+                   train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
+                   n_maps=args.n_maps,
                    seed=args.seed, device=args.device, data=args.data, progress=log)
     prov = {"command": command_line(), "checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test, "device": args.device, "threads": torch.get_num_threads()}
     out = write_study(args.out, "diagnosis", res.as_dict(), res.tables(), res.figures(), prov,
                       overwrite=args.overwrite)
-    for key, e in res.experiments.items():
+    for key in ("blind_spots", "unreliable"):
         print(key + ": " + ", ".join(f"{k} {v:+.4f}" if k.startswith("gain") else f"{k} {v:.4f}"
-                                     for k, v in e.items()))
+                                     for k, v in res.experiments[key].items()))
     print(f"Var(x^Δ)/Var(x*) on test images: blind spots {res.blind_spots['instability']:.4f}, "
           f"unreliable {res.unreliable['instability']:.4f}")
     print(f"wrote {out}")

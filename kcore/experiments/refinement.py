@@ -87,6 +87,7 @@ class ArmResult:
         lower_unchanged: every parameter and buffer below the layer (in the classifier's copy of the
             network) equals its value before training.
         seconds: wall time of the training.
+        seed: the training seed (batch order; and the initialisation where the caller seeded it).
     """
 
     name: str
@@ -100,6 +101,7 @@ class ArmResult:
     n_trainable: int
     lower_unchanged: bool
     seconds: float
+    seed: int = 0
 
 
 @torch.no_grad()
@@ -245,6 +247,7 @@ def train_upper(
         test_accuracy_before=acc_before, test_accuracy=accuracy(clf, x_test, y_test),
         train_accuracy=accuracy(clf, x_train, y_train), train_loss=tuple(losses),
         n_trainable=sum(p.numel() for p in params), lower_unchanged=lower_same, seconds=time.perf_counter() - t0,
+        seed=config.seed,
     )
 
 
@@ -253,7 +256,7 @@ def arms_table(arms: Sequence[ArmResult]):
     import pandas as pd
 
     return pd.DataFrame([{
-        "arm": a.name, "features": a.features, "upper_layers": a.upper_layers, "channels": a.channels,
+        "arm": a.name, "seed": a.seed, "features": a.features, "upper_layers": a.upper_layers, "channels": a.channels,
         "test_accuracy_before": a.test_accuracy_before, "test_accuracy": a.test_accuracy,
         "train_accuracy": a.train_accuracy, "final_train_loss": a.train_loss[-1] if a.train_loss else float("nan"),
         "n_trainable": a.n_trainable, "lower_unchanged": a.lower_unchanged, "seconds": round(a.seconds, 2),
@@ -261,24 +264,33 @@ def arms_table(arms: Sequence[ArmResult]):
 
 
 def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = True):
-    """Bars of test accuracy per arm (after training; before training as outlined bars)."""
+    """Bars of mean test accuracy per arm name (dots: each seed; outlined bars: before training)."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(1.2 + 1.1 * len(arms), 3.4), layout="constrained")
+    names = list(dict.fromkeys(a.name for a in arms))
+    groups = [[a for a in arms if a.name == n] for n in names]
+    fig = Figure(figsize=(1.2 + 1.1 * len(names), 3.4), layout="constrained")
     ax = fig.add_subplot()
-    xs = np.arange(len(arms))
-    after = [100 * a.test_accuracy for a in arms]
-    ax.bar(xs, after, color="#1f4e79", width=0.6, label="after training")
+    xs = np.arange(len(names))
+    after = [100 * float(np.mean([a.test_accuracy for a in g])) for g in groups]
+    ax.bar(xs, after, color="#1f4e79", width=0.6, label="after training" + (" (mean over seeds)" if
+           max(len(g) for g in groups) > 1 else ""))
+    lows = list(after)
     if before:
-        ax.bar(xs, [100 * a.test_accuracy_before for a in arms], width=0.6, fill=False, edgecolor="0.45",
-               linestyle="--", label="before training")
+        prior = [100 * float(np.mean([a.test_accuracy_before for a in g])) for g in groups]
+        ax.bar(xs, prior, width=0.6, fill=False, edgecolor="0.45", linestyle="--", label="before training")
+        lows += prior
+    for x, g in zip(xs, groups):
+        if len(g) > 1:
+            ys = [100 * a.test_accuracy for a in g]
+            ax.scatter([x] * len(ys), ys, s=10, color="#f2a541", zorder=3)
+            lows += ys
     for x, v in zip(xs, after):
         ax.text(x, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs, [a.name for a in arms], fontsize=7, rotation=20, ha="right")
+    ax.set_xticks(xs, names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("test accuracy [%]", fontsize=8)
-    lo = min(after + ([100 * a.test_accuracy_before for a in arms] if before else []))
-    ax.set_ylim(max(0.0, lo - 10), min(100.0, max(after) + 6))
+    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(after) + 6))
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(labelsize=7)

@@ -40,6 +40,19 @@ CASES: dict[str, str] = {
     "seeds": "case 1: same data, different initialisations (mean over all pairs)",
     "halves": "case 2: disjoint halves of the training data",
 }
+#: layers compared by default for the sample architectures: every stage, shallow to deep (Table 1's question)
+STAGES: dict[str, tuple[str, ...]] = {
+    "kc_resnet": ("layer1", "layer2", "layer3"),
+    "kc_tinynet": ("block1", "block2", "block3"),
+}
+
+
+def default_layers(model: LoadedModel) -> list[str]:
+    """Every stage of a sample architecture, else the card's default layer."""
+    arch = model.card.architecture if model.card is not None else None
+    if arch in STAGES:
+        return list(STAGES[arch])
+    return [families.layer_of(model, None, "layers")]
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,7 @@ def stability(
         models: N >= 2 networks of one architecture (:func:`kcore.checkpoints.load_model`, or
             :meth:`kcore.experiments.families.Family.loaded`).
         images: a Dataset of ``(image (3, H, W) in [0, 1], label)``; each card resizes and normalises it.
-        layers: layers to compare (default: the first model's card's default layer).
+        layers: layers to compare (default: :func:`default_layers` of the first model).
         case: ``"seeds"`` or ``"halves"`` (only labels the result; the numbers are computed the same way).
         orders, lam, fit_epochs: K, λ and epochs of every g_θ (:func:`kcore.fit`).
         both_directions: fit every pair both ways (default); otherwise only earlier → later member.
@@ -250,7 +263,7 @@ def stability(
         raise ValueError(f"case must be one of {sorted(CASES)}; got {case!r}.")
     if case == "halves" and len(models) != 2:
         raise ValueError(f"case 'halves' compares exactly two networks (one per half); got {len(models)}.")
-    layer_list = list(layers) if layers else [families.layer_of(models[0], None, "layers")]
+    layer_list = list(layers) if layers else default_layers(models[0])
     for m in models:
         for layer in layer_list:
             families.layer_of(m, layer, "layers")
@@ -301,7 +314,8 @@ def add_cli(sub: Any) -> None:
     src.add_argument("--family", metavar="DIR", help="a folder written by `kcore train-family`")
     src.add_argument("--ckpts", nargs="+", metavar="CKPT", help="two or more checkpoints of one architecture")
     p.add_argument("--layers", nargs="+", default=None, metavar="LAYER",
-                   help="layers to compare (default: the card's default layer)")
+                   help="layers to compare (default: every stage of kc_resnet / kc_tinynet, shallow to deep; else the "
+                   "card's default layer)")
     families.add_family_arguments(p)
     p.add_argument("--n-images", type=int, default=500, metavar="N",
                    help="test-split images for every fit (20%% held out for the numbers; default 500)")
