@@ -1,0 +1,467 @@
+"""Train the sample models on kshapes, reproducibly, on a CPU in a few minutes.
+
+Command line::
+
+    python -m kcore.samples train --out sample_models [--quick] [--threads 2]
+
+writes, for each model of ``SAMPLE_RECIPES``, ``<name>.safetensors`` (the ``state_dict``) and
+``<name>.card.json`` (the model card: architecture, preprocessing, class names, dataset,
+measured test accuracy, default layer), plus a ``README.md`` describing the run.
+
+``kshapes_resnet_s0`` and ``kshapes_resnet_s1`` share the architecture and the data and differ
+only in the seed (initialisation and data order): the pair for stability studies (paper
+Sec. 4, "stability of learning"). ``kshapes_tinynet_s0`` is a weak network of another
+architecture: the pair (strong, weak) for diagnosing representations (paper Sec. 4).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
+from kcore.zoo import DEFAULT_LAYERS, SAMPLE_ARCHITECTURES
+
+CARD_FORMAT = "kcore-model-card/1"
+SAMPLE_MODELS_DIR = Path(__file__).resolve().parent.parent / "sample_models"
+"""Where the committed sample models live in a source checkout."""
+
+Optimizer = Literal["sgd", "adamw"]
+OPTIMIZERS: dict[str, str] = {
+    "sgd": "SGD, Nesterov momentum 0.9, weight decay on all parameters",
+    "adamw": "AdamW, betas (0.9, 0.999), decoupled weight decay",
+}
+"""Valid optimizer names and what each means."""
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    """Training statistics of one epoch (measured on the fly, in train mode)."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Output of ``train_classifier``.
+
+    Attributes:
+        model: the trained model, in eval mode.
+        test_accuracy: accuracy on the test set (float64 evaluation), or NaN without one.
+        train_seconds: wall time of the training loop (without the final evaluation).
+        history: one ``EpochLog`` per epoch.
+    """
+
+    model: nn.Module
+    test_accuracy: float
+    train_seconds: float
+    history: tuple[EpochLog, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one sample model is trained.
+
+    Attributes:
+        name: file stem, e.g. ``"kshapes_resnet_s0"``.
+        architecture: key of ``SAMPLE_ARCHITECTURES``.
+        seed: seed of initialisation and data order.
+        epochs: training epochs.
+        lr: peak learning rate.
+        optimizer: one of ``OPTIMIZERS``.
+        weight_decay: weight decay.
+        batch_size: images per step.
+        description: one line for the README.
+    """
+
+    name: str
+    architecture: str
+    seed: int
+    epochs: int
+    lr: float
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    description: str = ""
+
+
+SAMPLE_RECIPES: tuple[Recipe, ...] = (
+    Recipe("kshapes_resnet_s0", "kc_resnet", 0, 8, 3e-3,
+           description="strong model (small ResNet), seed 0"),
+    Recipe("kshapes_resnet_s1", "kc_resnet", 1, 8, 3e-3,
+           description="same architecture and data as kshapes_resnet_s0, seed 1 (stability studies)"),
+    Recipe("kshapes_tinynet_s0", "kc_tinynet", 0, 12, 3e-3,
+           description="weak model (3 plain convs, no BatchNorm), seed 0 (diagnosis studies)"),
+)
+"""The committed sample models and how each was trained."""
+
+SAMPLE_SPEC = KShapesSpec(seed=0, image_size=64, n_train=8000, n_test=1000)
+"""The kshapes data of the sample models: trained on "train", evaluated on all of "test"."""
+CHECK_N = 300
+"""Cards also store the accuracy on the first ``CHECK_N`` test images: a quick reproduction check."""
+QUICK_SPEC = KShapesSpec(seed=0, image_size=64, n_train=200, n_test=100)
+QUICK_EPOCHS = 1
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def _materialize(dataset: Dataset) -> TensorDataset:
+    """All ``(x, y)`` pairs of ``dataset`` stacked in memory (rendered once, not every epoch)."""
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))  # type: ignore[arg-type]
+    return TensorDataset(torch.stack(xs), torch.as_tensor(ys, dtype=torch.long))
+
+
+@torch.no_grad()
+def _predict_and_labels(model: nn.Module, dataset: Dataset, batch_size: int,
+                        dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    device = next(model.parameters()).device
+    clone = copy.deepcopy(model).to(dtype=dtype).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    preds, labels = [], []
+    for x, y in loader:
+        preds.append(clone(x.to(device=device, dtype=dtype)).argmax(1).cpu())
+        labels.append(torch.as_tensor(y))
+    if not preds:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 250,
+            dtype: torch.dtype = torch.float64) -> np.ndarray:
+    """Predicted class of every item of ``dataset``, deterministically.
+
+    The model is evaluated on a copy converted to ``dtype``: float64 makes predictions
+    independent of the thread count and of the convolution kernels chosen, so an accuracy
+    written to a model card is reproduced exactly on another machine. The caller's model is
+    neither modified nor switched out of its mode.
+
+    Args:
+        model: a classifier ``(N, 3, H, W) -> (N, num_classes)``.
+        dataset: yields ``(image (3, H, W), label)``.
+        batch_size: images per forward pass.
+        dtype: dtype of the evaluation.
+
+    Returns:
+        ``(N,)`` int64 predicted classes.
+    """
+    return _predict_and_labels(model, dataset, batch_size, dtype)[0]
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 250,
+             dtype: torch.dtype = torch.float64) -> float:
+    """Accuracy of ``model`` on ``dataset`` (see ``predict`` for why float64).
+
+    Raises:
+        ValueError: the dataset is empty.
+    """
+    preds, labels = _predict_and_labels(model, dataset, batch_size, dtype)
+    if len(labels) == 0:
+        raise ValueError("dataset is empty: cannot compute an accuracy")
+    return float((preds == labels).mean())
+
+
+def _make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+
+
+def train_classifier(model: nn.Module | str, train_set: Dataset, test_set: Dataset | None = None,
+                     *, epochs: int, seed: int, num_classes: int | None = None, lr: float = 0.1,
+                     optimizer: Optimizer = "sgd", weight_decay: float = 5e-4,
+                     batch_size: int = 64, cache: bool = True,
+                     progress: Progress | None = None) -> TrainResult:
+    """Train a classifier with cross-entropy, deterministically for a given seed.
+
+    Schedule: linear warm-up over the first epoch, then cosine decay to 0 (per step).
+    Determinism: ``torch.manual_seed(seed)`` before building the model, a seeded generator
+    for the shuffling, ``num_workers=0``. Bit-identical weights additionally need the same
+    torch build and thread count.
+
+    Args:
+        model: an ``nn.Module`` (trained in place) or a key of ``SAMPLE_ARCHITECTURES``
+            (built after seeding, so the initialisation depends on ``seed``).
+        train_set: yields ``(image (3, H, W) float32, label int)``.
+        test_set: evaluated after training (float64, see ``evaluate``); optional.
+        epochs: passes over ``train_set``.
+        seed: seed of initialisation (for a named architecture) and data order.
+        num_classes: classes of a named architecture; default ``len(train_set.class_names)``.
+        lr: peak learning rate.
+        optimizer: one of ``OPTIMIZERS``.
+        weight_decay: weight decay.
+        batch_size: images per step.
+        cache: stack the whole training set into one float tensor first (memory
+            ``N * 3 * H * W * 4`` bytes) instead of calling ``train_set[i]`` every epoch.
+        progress: called with one line of text per epoch.
+
+    Returns:
+        A ``TrainResult`` with the model in eval mode.
+
+    Raises:
+        ValueError: unknown architecture or optimizer, bad epochs, or missing num_classes.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    torch.manual_seed(seed)
+    if isinstance(model, str):
+        if model not in SAMPLE_ARCHITECTURES:
+            raise ValueError(f"model must be an nn.Module or one of {sorted(SAMPLE_ARCHITECTURES)}, "
+                             f"got {model!r}")
+        if num_classes is None:
+            names = getattr(train_set, "class_names", None)
+            if names is None:
+                raise ValueError("num_classes is required: train_set has no class_names attribute")
+            num_classes = len(names)
+        model = SAMPLE_ARCHITECTURES[model](num_classes)
+    data = _materialize(train_set) if cache else train_set
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(seed))
+    opt = _make_optimizer(model, optimizer, lr, weight_decay)
+    total = epochs * len(loader)
+    warmup = max(1, len(loader))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    device = next(model.parameters()).device
+    history = []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        log = EpochLog(epoch, loss_sum / seen, correct / seen, time.perf_counter() - t0)
+        history.append(log)
+        _say(progress, f"epoch {epoch}/{epochs}: loss {log.loss:.4f}, train acc {log.accuracy:.3f}, "
+                       f"{log.seconds:.1f} s")
+    train_seconds = time.perf_counter() - start
+    model.eval()
+    accuracy = evaluate(model, test_set) if test_set is not None else float("nan")
+    return TrainResult(model=model, test_accuracy=accuracy, train_seconds=train_seconds,
+                       history=tuple(history))
+
+
+# ------------------------------------------------------------------- sample models
+@dataclass(frozen=True)
+class SampleModel:
+    """One written sample model: its files and card."""
+
+    name: str
+    weights: Path
+    card_path: Path
+    card: dict = field(hash=False)
+
+
+def card_path_for(weights: Path) -> Path:
+    """``dir/<stem>.card.json`` beside ``dir/<stem>.safetensors``."""
+    return weights.with_name(weights.stem + ".card.json")
+
+
+def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> dict:
+    """Accuracy (float64) on the first ``n`` test images of ``spec``, as stored in cards.
+
+    Returns:
+        ``{"split": "test", "n": n, "accuracy": float}`` (``n`` capped at the split size).
+    """
+    n = min(n, spec.n_test)
+    return {"split": "test", "n": n, "accuracy": evaluate(model, KShapesDataset(spec, "test", n=n))}
+
+
+def make_card(recipe: Recipe, result: TrainResult, spec: KShapesSpec, *, command: str,
+              num_threads: int) -> dict:
+    """The model card (format ``kcore-model-card/1``) of a trained sample model."""
+    model = result.model
+    test = KShapesDataset(spec, "test")
+    return {
+        "format": CARD_FORMAT,
+        "architecture": recipe.architecture,
+        "num_classes": len(test.class_names),
+        "input_size": [spec.image_size, spec.image_size],
+        "mean": list(MEAN),
+        "std": list(STD),
+        "class_names": list(test.class_names),
+        "dataset": spec.name,
+        "test_accuracy": result.test_accuracy,
+        "default_layer": DEFAULT_LAYERS[recipe.architecture].name,
+        "description": recipe.description,
+        "labels": "fine",
+        "train_split": {"split": "train", "n": spec.n_train},
+        "test_split": {"split": "test", "n": spec.n_test, "eval_dtype": "float64"},
+        "check_accuracy": check_accuracy(model, spec),
+        "seed": recipe.seed,
+        "epochs": len(result.history),
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "weight_decay": recipe.weight_decay,
+        "batch_size": recipe.batch_size,
+        "final_train_loss": result.history[-1].loss,
+        "train_seconds": round(result.train_seconds, 1),
+        "num_threads": num_threads,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "command": command,
+    }
+
+
+def _readme(models: Sequence[SampleModel], command: str, total_seconds: float, quick: bool) -> str:
+    rows = "\n".join(
+        f"| `{m.name}` | `{m.card['architecture']}` | {m.card['seed']} | {m.card['epochs']} "
+        f"| {m.card['test_accuracy']:.4f} | `{m.card['default_layer']}` "
+        f"| {m.card['num_parameters']:,} | {m.card['train_seconds']:.0f} s |"
+        for m in models
+    )
+    card = models[0].card
+    note = "\n**Quick run (smoke test): these models are barely trained.**\n" if quick else ""
+    return f"""# Sample models
+
+Small classifiers trained on **kshapes** (`kcore.synthetic`, {card['dataset']}: 10 shape classes,
+64x64 RGB, procedurally generated, nothing downloaded), for trying kcore offline.
+{note}
+| file stem | architecture | seed | epochs | test accuracy | default layer | parameters | train time |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+- Each model is `<stem>.safetensors` (the `state_dict`, load with `safetensors.torch.load_file` into
+  `kcore.zoo.SAMPLE_ARCHITECTURES[card["architecture"]](card["num_classes"])`) and `<stem>.card.json`
+  (format `{CARD_FORMAT}`: preprocessing, class names, dataset, accuracy, default layer, training details).
+- Training: {card['train_split']['n']} images of the train split. Test accuracy: all {card['test_split']['n']}
+  images of the test split, evaluated in float64 so that it reproduces exactly on any machine.
+- Train times are wall-clock on the machine that made the files (it may have been shared).
+- `kshapes_resnet_s0` / `kshapes_resnet_s1`: same architecture and data, different seeds (stability).
+  `kshapes_tinynet_s0`: weak network of another architecture (diagnosis).
+
+Made with (CPU, {card['num_threads']} thread(s), torch {card['torch_version']}, {total_seconds:.0f} s in total):
+
+```
+{command}
+```
+"""
+
+
+def train_sample_models(out_dir: str | Path, *, quick: bool = False,
+                        progress: Progress | None = None, num_threads: int | None = None,
+                        only: Sequence[str] | None = None,
+                        command: str = "python -m kcore.samples train --out sample_models",
+                        ) -> tuple[SampleModel, ...]:
+    """Train the sample models of ``SAMPLE_RECIPES`` and write weights, cards and a README.
+
+    Args:
+        out_dir: folder to write into (created if needed).
+        quick: smoke-test mode: 1 epoch on 200 images, evaluated on 100 (seconds, not minutes).
+        progress: called with one line of text per step.
+        num_threads: torch intra-op threads during training (restored afterwards).
+        only: names of the recipes to train (default: all).
+        command: the command line recorded in the cards and the README.
+
+    Returns:
+        The written models, in ``SAMPLE_RECIPES`` order.
+
+    Raises:
+        ValueError: a name in ``only`` is not a recipe.
+    """
+    recipes = SAMPLE_RECIPES
+    if only:
+        known = {r.name for r in SAMPLE_RECIPES}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise ValueError(f"only: unknown sample model(s) {unknown}; choose from {sorted(known)}")
+        recipes = tuple(r for r in SAMPLE_RECIPES if r.name in set(only))
+    spec = QUICK_SPEC if quick else SAMPLE_SPEC
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    threads = torch.get_num_threads()
+    written = []
+    start = time.perf_counter()
+    try:
+        train = KShapesDataset(spec, "train", cache=True)  # rendered once, shared by all models
+        test = KShapesDataset(spec, "test")
+        for recipe in recipes:
+            _say(progress, f"training {recipe.name} ({recipe.architecture}, seed {recipe.seed})")
+            result = train_classifier(
+                recipe.architecture, train, test, epochs=QUICK_EPOCHS if quick else recipe.epochs,
+                seed=recipe.seed, lr=recipe.lr, optimizer=recipe.optimizer,
+                weight_decay=recipe.weight_decay, batch_size=recipe.batch_size, cache=False,
+                progress=progress)
+            weights = out / f"{recipe.name}.safetensors"
+            state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
+            save_file(state, str(weights), metadata={"format": CARD_FORMAT, "name": recipe.name})
+            card = make_card(recipe, result, spec, command=command, num_threads=threads)
+            card_path = card_path_for(weights)
+            card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+            written.append(SampleModel(recipe.name, weights, card_path, card))
+            _say(progress, f"{recipe.name}: test accuracy {result.test_accuracy:.4f}, "
+                           f"{result.train_seconds:.0f} s")
+    finally:
+        torch.set_num_threads(previous_threads)
+    if only is None:
+        (out / "README.md").write_text(
+            _readme(written, command, time.perf_counter() - start, quick), encoding="utf-8")
+    return tuple(written)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m kcore.samples``."""
+    parser = argparse.ArgumentParser(prog="python -m kcore.samples",
+                                     description="Train the kcore sample models on kshapes.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    train = sub.add_parser("train", help="train the sample models and write weights + cards")
+    train.add_argument("--out", default="sample_models", help="output folder (default: sample_models)")
+    train.add_argument("--quick", action="store_true", help="1 epoch on 200 images (smoke test)")
+    train.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default: 1; more rarely helps for these small models)")
+    train.add_argument("--only", nargs="+", metavar="NAME", help="train only these models")
+    args = parser.parse_args(argv)
+    command = "python -m kcore.samples " + " ".join(sys.argv[1:] if argv is None else argv)
+    train_sample_models(args.out, quick=args.quick, num_threads=args.threads, only=args.only,
+                        command=command.strip(), progress=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
