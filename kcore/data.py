@@ -40,6 +40,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
                               ".ppm", ".pgm"})
 """Extensions reported as images (other files are still tried: the content decides)."""
 
+MAX_FILE_BYTES = 256 * 2**20
+"""Zip members larger than this (uncompressed) are skipped, not inflated: zip-bomb guard."""
+
 # What PIL raises on bad input: unidentified (OSError), truncated (OSError), broken PNG
 # chunks (SyntaxError), bad headers (ValueError, struct.error, EOFError, zlib.error) and
 # decompression bombs (its own error class).
@@ -393,20 +396,26 @@ def _zip_entries(data: bytes, prefix: str = "") -> list[_Entry]:
         zf = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
         raise ValueError(f"{prefix.rstrip('/') or 'archive'}: not a zip archive ({exc})") from exc
-    names = [i.filename for i in zf.infolist() if not i.is_dir() and not _hidden(i.filename)]
-    names.sort()
+    infos = {i.filename: i for i in zf.infolist() if not i.is_dir() and not _hidden(i.filename)}
+    names = sorted(infos)
     # Drop a single folder that wraps everything ("photos/...") before reading class folders.
     tops = {PurePosixPath(n).parts[0] for n in names}
     strip = len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 for n in names)
     entries = []
     for name in names:
         rel = PurePosixPath(*PurePosixPath(name).parts[1:]).as_posix() if strip else name
-        entries.append(_Entry(prefix + name, _zip_reader(zf, name), _label_of(rel)))
+        entries.append(_Entry(prefix + name, _zip_reader(zf, infos[name]), _label_of(rel)))
     return entries
 
 
-def _zip_reader(zf: zipfile.ZipFile, name: str) -> Callable[[], bytes]:
-    return lambda: zf.read(name)
+def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    def read() -> bytes:
+        if info.file_size > MAX_FILE_BYTES:
+            raise OSError(f"{info.file_size} bytes uncompressed, more than MAX_FILE_BYTES "
+                          f"({MAX_FILE_BYTES})")
+        return zf.read(info)
+
+    return read
 
 
 def _hidden(name: str) -> bool:

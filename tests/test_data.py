@@ -114,6 +114,17 @@ def test_zip_with_wrapper_folder_and_classes(tmp_path: Path) -> None:
         ImageSet.from_zip(b"PK but not really")
 
 
+def test_oversized_zip_member_is_skipped_not_inflated(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kcore.data
+
+    data = _zip_bytes({"small.png": _png((1, 1, 1)), "big.png": _png((2, 2, 2), size=(200, 200))})
+    sizes = {i.filename: i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist()}
+    monkeypatch.setattr(kcore.data, "MAX_FILE_BYTES", (sizes["small.png"] + sizes["big.png"]) // 2)
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        ds = ImageSet.from_zip(data)
+    assert ds.ids == ("small.png",) and "MAX_FILE_BYTES" in dict(ds.skipped)["big.png"]
+
+
 def test_uploads_with_zip_and_duplicate_names() -> None:
     uploads = [
         ("x.png", _png((1, 1, 1))),
