@@ -1,6 +1,38 @@
-"""kcore dashboard (placeholder page until the full dashboard lands)."""
-import streamlit as st
+"""kcore dashboard: a router over one page per workflow step, with a shared sidebar. No computation here.
 
-st.set_page_config(page_title="kcore", layout="wide")
-st.title("kcore — knowledge consistency")
-st.write("The full dashboard is being built. Use the Python API or the `kcore` command meanwhile.")
+    streamlit run dashboard/app.py --server.headless true --server.address 127.0.0.1
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dashboard/ on the path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from dashboard import sidebar, state  # noqa: E402
+
+st.set_page_config(page_title="kcore · knowledge consistency", page_icon=":material/biotech:", layout="wide")
+
+PAGES = {
+    "Set up": [
+        st.Page("app_pages/setup.py", title="Models & images", icon=":material/tune:", default=True),
+        st.Page("app_pages/fit.py", title="Fit", icon=":material/play_arrow:"),
+    ],
+    "Results": [
+        st.Page("app_pages/overview.py", title="Overview", icon=":material/bar_chart:"),
+        st.Page("app_pages/explorer.py", title="Explorer", icon=":material/image_search:"),
+        st.Page("app_pages/filters.py", title="Filters", icon=":material/grid_on:"),
+        st.Page("app_pages/figure1.py", title="Figure 1", icon=":material/view_module:"),
+        st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
+    ],
+}
+
+page = st.navigation(PAGES)
+state.ensure_defaults()
+state.adopt_finished_jobs()
+sidebar.draw(show_progress=page.title != "Fit")
+page.run()

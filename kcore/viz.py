@@ -18,6 +18,7 @@ local / module / global switch.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -26,6 +27,7 @@ import torch
 from matplotlib import colors as mcolors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from kcore.conventions import resample
 from kcore.decompose import Decomposition
@@ -46,6 +48,7 @@ SCALES: dict[str, str] = {
     "so everything compares directly",
 }
 """Valid scalings of the colour limits and what each means."""
+SCALE_NAMES: dict[str, str] = {"map": "per map", "image": "per image", "shared": "shared"}
 
 MapKind = Literal["component", "target", "output", "residual", "blind_spot"]
 MAP_KINDS: dict[str, str] = {
@@ -314,9 +317,26 @@ def _norm(limits: tuple[float, float]) -> mcolors.Normalize:
     return mcolors.Normalize(vmin=vmin, vmax=vmax)
 
 
+def _wrap(text: str, width: int) -> str:
+    """Wrap a provenance line at its " · " separators (then at spaces) to about ``width`` characters."""
+    lines = []
+    for para in text.split("\n"):
+        line = ""
+        for part in para.split(" · "):
+            candidate = f"{line} · {part}" if line else part
+            if len(candidate) <= width or not line:
+                line = candidate
+            else:
+                lines.append(line)
+                line = part
+        lines.extend(textwrap.wrap(line, width) or [""])
+    return "\n".join(lines)
+
+
 def _caption(fig: Figure, caption: str | None) -> None:
     if caption:
-        fig.supxlabel(caption, fontsize=6, color="0.35", x=0.01, ha="left")
+        width = max(30, int(fig.get_figwidth() * 20))  # ~characters of 6 pt text per line
+        fig.supxlabel(_wrap(caption, width), fontsize=6, color="0.35", x=0.01, ha="left", linespacing=1.3)
 
 
 def _draw_overlay(ax, image, map2d, norm, cmap, alpha, background) -> None:
@@ -325,7 +345,7 @@ def _draw_overlay(ax, image, map2d, norm, cmap, alpha, background) -> None:
     up = upsample(m, size)
     ax.imshow(_background(image, background, size), interpolation="antialiased")
     ax.imshow(up, cmap=cmap, norm=norm, alpha=float(alpha) if image is not None and background != "none" else 1.0,
-              interpolation="nearest")
+              interpolation="bilinear")
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -405,11 +425,11 @@ def component_overlay(
     m = feature_map(dec, spec, image_index, channel)
     lim = map_limits(dec, spec, image_index, channel, scale, images)
     where = f"channel {channel}" if spec.kind != "blind_spot" else "all channels"
-    title = f"{spec.tex} · {where}" + (f" · {image_label}" if image_label else "")
+    title = f"{spec.tex} · {where}" + (f"\n{image_label}" if image_label else "")
     unit = f"({units})²" if spec.kind == "blind_spot" else units
     return overlay_figure(
         image, m, limits=lim, signed=spec.signed, alpha=alpha, background=background, title=title,
-        colorbar_label=f"{spec.tex} [{unit}], scale: {scale}", caption=caption,
+        colorbar_label=f"{unit} · scale: {SCALE_NAMES[scale]}", caption=caption,
     )
 
 
@@ -492,6 +512,7 @@ def loss_figure(
         if vals and max(vals) / min(vals) > 20:
             ax.set_yscale("log")
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title((titles or {}).get(key, key), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

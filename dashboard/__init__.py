@@ -1,0 +1,1 @@
+"""The kcore Streamlit dashboard: ``streamlit run dashboard/app.py``."""

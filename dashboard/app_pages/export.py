@@ -1,0 +1,100 @@
+"""Export: figures (PNG, SVG, PDF), metrics (CSV, JSON), component arrays (.npz) and provenance, as a folder
+on the server and as a zip download."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import figures, state, ui
+from kcore import export, viz
+
+st.title("Export")
+run = ui.require_run()
+ui.provenance_banner(run)
+st.caption("Everything is drawn by matplotlib on the server (no browser needed) from the same figures the pages "
+           "show. File names are deterministic; every figure has a JSON sidecar with the checkpoints' names and "
+           "hashes, layers, K, λ, seed, versions and device, and manifest.json lists each file's SHA-256.")
+
+c = run.comparison
+dirs = list(c.directions)
+c1, c2 = st.columns(2)
+with c1:
+    what = st.multiselect("Include", ["overview", "explorer", "filters", "figure1", "arrays"],
+                    default=["overview", "explorer", "filters", "figure1", "arrays"], key="kc_exp_what",
+                    persist_state="session",
+                    format_func={"overview": "Overview figures", "explorer": "Explorer maps", "filters": "Channel shares",
+                                 "figure1": "Figure 1 grid", "arrays": "Component arrays (.npz)"}.get,
+                    help="Metrics (CSV, JSON) and provenance are always included. The Explorer and Figure 1 "
+                         "figures use your current choices on those pages.")
+    formats = st.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
+                       default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
+with c2:
+    dpi = st.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
+    folder = st.text_input("Folder on the server", value=str(state.EXPORTS_DIR / run.id), key="kc_exp_folder",
+                           help="Created if missing; files with the same names are replaced.")
+
+
+def figure_items() -> list[export.FigureItem]:
+    items = []
+    what_ = set(what or [])
+    if "overview" in what_:
+        items.append(export.FigureItem(export.figure_stem("variance"), figures.variance(run), {"shows": "Var per order"}))
+        items.append(export.FigureItem(export.figure_stem("loss"), figures.loss(run), {"shows": "training curves"}))
+    if "explorer" in what_:
+        m = st.session_state.get("kc_ex_choice")
+        if m is None or m.direction not in c.directions:
+            m = figures.MapChoice(dirs[0], 0, 0, viz.MapSpec("component", (0,)))
+        view = state.decomposition(run, m.direction)
+        for spec in (m.spec, viz.MapSpec("blind_spot")):
+            mm = figures.MapChoice(m.direction, m.image, m.channel, spec, m.scale, m.alpha, m.background)
+            meta = {"shows": spec.label, "direction": m.direction, "image_id": view.image_ids[m.image],
+                    "channel": None if spec.kind == "blind_spot" else m.channel, "scale": m.scale, "alpha": m.alpha,
+                    "limits": viz.map_limits(view.dec, spec, m.image, m.channel, m.scale)}
+            items.append(export.FigureItem(figures.overlay_stem(run, mm), figures.overlay(run, mm), meta))
+    if "filters" in what_:
+        for d in dirs:
+            items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d),
+                                           {"shows": "variance share per channel", "direction": d}))
+    if "figure1" in what_:
+        f1 = st.session_state.get("kc_f1_choice")
+        if f1 is None or f1[0] not in c.directions:
+            view = state.decomposition(run, dirs[0])
+            f1 = (dirs[0], tuple(range(min(2, view.n))), (0,), "image", 0.85, "gray")
+        d, imgs, chans, scale, alpha, bg = f1
+        view = state.decomposition(run, d)
+        items.append(export.FigureItem(
+            figures.grid_stem(run, d, imgs, chans, scale), figures.grid(run, d, imgs, chans, scale, alpha, bg),
+            {"shows": "Figure 1 grid", "direction": d, "image_ids": [view.image_ids[i] for i in imgs],
+             "channels": list(chans), "scale": scale}))
+    return items
+
+
+if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/save:", disabled=not formats):
+    def go() -> export.ExportResult:
+        arrays = {}
+        if "arrays" in set(what or []):
+            for d in dirs:
+                view = state.decomposition(run, d)
+                arrays[f"components_{d}"] = (view.dec, view.image_ids)
+        return export.export_comparison(c, folder, figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
+
+    with st.spinner("Drawing and writing…"):
+        try:
+            result = go()
+        except (ValueError, OSError) as exc:
+            st.error(f"Export failed: {exc}")
+            result = None
+    if result is not None:
+        st.session_state["kc_exp_result"] = (run.id, result)
+
+run_id, result = st.session_state.get("kc_exp_result", (None, None))
+if result is not None and run_id == run.id:
+    st.success(f"Wrote {len(result.files)} files to `{result.folder}`.")
+
+    @st.fragment
+    def download() -> None:
+        st.download_button("Download all as zip", data=result.zip_bytes, file_name=f"kcore_export_{run.id}.zip",
+                           mime="application/zip", key="kc_exp_zip", type="primary", icon=":material/download:", on_click="ignore")
+
+    download()
+    with st.expander("Files"):
+        st.code("\n".join(result.files), language=None)

@@ -1,0 +1,54 @@
+"""Figure 1 of the paper as a grid: image, x*, x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ for chosen images and channels."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import figures, state, ui
+from kcore import export, viz
+
+st.title("Figure 1")
+run = ui.require_run()
+direction = ui.direction_picker(run, key="kc_f1_dir")
+ui.provenance_banner(run, direction)
+st.caption("Like the paper's Fig. 1: consistent features disentangled from a filter at each order of fuzziness, "
+           "and the inconsistent rest x^Δ. Rows are (image, channel); the colour map is diverging, centred at 0.")
+
+view = state.decomposition(run, direction)
+rep = run.comparison.directions[direction].fit.heldout_report["per_channel"]
+C = len(rep["var_target"])
+top = sorted(range(C), key=lambda c: -rep["var_target"][c])[:2]  # the most active channels by default
+
+c1, c2 = st.columns(2)
+imgs = c1.multiselect("Images", list(range(view.n)), default=list(range(min(2, view.n))), max_selections=8,
+                      format_func=lambda i: view.image_ids[i], key="kc_f1_images", persist_state="session")
+chans = c2.multiselect("Channels of x*", list(range(C)), default=top, max_selections=8, key="kc_f1_channels",
+                       persist_state="session", help="Default: the two channels with the largest Var(x*).")
+c3, c4, c5 = st.columns(3)
+scale = c3.radio("Colour scale", list(viz.SCALES), index=1, key="kc_f1_scale", persist_state="session",
+                 format_func=lambda s: {"map": "per map", "image": "per row", "shared": "shared"}[s],
+                 help=" · ".join(viz.SCALES.values()))
+alpha = c4.slider("Opacity of the maps", 0.0, 1.0, 0.85, 0.05, key="kc_f1_alpha", persist_state="session")
+background = c5.radio("Under the maps", list(viz.BACKGROUNDS), key="kc_f1_bg", persist_state="session",
+                      format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b])
+
+if not imgs or not chans:
+    st.info("Choose at least one image and one channel.")
+    st.stop()
+
+st.session_state["kc_f1_choice"] = (direction, tuple(imgs), tuple(chans), scale, float(alpha), background)
+build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background)  # noqa: E731
+ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}",
+               caption="Figure 1 grid (exported as PNG, SVG and PDF from the same figure).")
+
+
+@st.fragment
+def downloads() -> None:
+    stem = figures.grid_stem(run, direction, imgs, chans, scale)
+    cols = st.columns(3)
+    for col, fmt in zip(cols, export.FIGURE_FORMATS):
+        col.download_button(f"Download {fmt.upper()}", data=lambda fmt=fmt: export.figure_bytes(build(), fmt, 300),
+                            file_name=f"{stem}.{fmt}", mime=export.MIME[fmt], key=f"kc_f1_dl_{fmt}",
+                            on_click="ignore")
+
+
+downloads()

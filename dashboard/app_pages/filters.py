@@ -1,0 +1,65 @@
+"""Filters: per-channel fuzziness (share of variance per order and of x^Δ); click a channel to see its maps."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import figures, state, ui
+from kcore import export, viz
+
+st.title("Filters")
+run = ui.require_run()
+direction = ui.direction_picker(run, key="kc_fl_dir")
+ui.provenance_banner(run, direction)
+st.caption("Each channel of x*: the share of its variance reconstructed at each order, and the share left in x^Δ "
+           "(held-out images). Low-order channels are strictly consistent; a large x^Δ share marks a channel the "
+           "source cannot explain. Click a row to open that channel's maps.")
+
+rep = run.comparison.directions[direction].fit.heldout_report
+table = export.channel_table(rep)
+K = len(rep["var_orders"]) - 1
+
+c1, c2 = st.columns([2, 1])
+sort = c1.radio("Sort by", list(viz.SHARE_SORTS), key="kc_fl_sort", horizontal=True, persist_state="session",
+                format_func=lambda s: {"channel": "channel", "residual": "x^Δ share", "order": "share of order k"}[s])
+order = int(c2.number_input("Order k (for sorting)", 0, K, 0, key="kc_fl_order", persist_state="session",
+                            disabled=sort != "order"))
+rows = viz.channel_order(rep, sort, order)
+columns = ["channel"] + [f"share_x{k}" for k in range(K + 1)] + ["share_residual", "var_target", "dominant_order"]
+shown = table.iloc[rows][columns].reset_index(drop=True)
+
+share_cols = {f"share_x{k}": st.column_config.ProgressColumn(viz.order_label(k), min_value=0.0, max_value=1.0, format="%.2f")
+              for k in range(K + 1)}
+share_cols["share_residual"] = st.column_config.ProgressColumn("x^Δ", min_value=0.0, max_value=1.0, format="%.2f")
+share_cols["var_target"] = st.column_config.NumberColumn("Var(x*)", format="%.3f")
+share_cols["dominant_order"] = st.column_config.NumberColumn("main order")
+
+left, right = st.columns([5, 2], gap="medium")
+with left:
+    event = st.dataframe(shown, hide_index=True, column_config=share_cols, on_select="rerun",
+                         selection_mode="single-row", key="kc_fl_table", height=420)
+    picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
+    if picked:
+        st.session_state["kc_fl_channel"] = int(shown.iloc[picked[0]]["channel"])
+    C = len(table)
+    if st.session_state.get("kc_fl_channel", 0) >= C:
+        st.session_state["kc_fl_channel"] = 0
+    channel = st.selectbox("Channel", list(range(C)), key="kc_fl_channel",
+                           help="Or click a row of the table.")
+with right:
+    ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel), key=f"sh-{run.id}-{direction}-{sort}-{order}-{channel}",
+                   caption="Variance share per channel and order (first 64 rows in the table's order); the selected "
+                           "channel is outlined.")
+
+st.subheader(f"Channel {channel}: its maps")
+view = state.decomposition(run, direction)
+default_imgs = list(range(min(3, view.n)))
+imgs = st.multiselect("Images", list(range(view.n)), default=default_imgs, format_func=lambda i: view.image_ids[i],
+                      key="kc_fl_images", max_selections=6, persist_state="session")
+if st.button("Show in Explorer", key="kc_fl_to_explorer", icon=":material/image_search:"):
+    st.session_state["kc_ex_channel"] = int(channel)
+    st.session_state["kc_ex_dir"] = direction
+    st.switch_page("app_pages/explorer.py")
+if imgs:
+    ui.show_figure(lambda: figures.grid(run, direction, imgs, [channel], "image"),
+                   key=f"flg-{run.id}-{direction}-{channel}-{imgs}",
+                   caption=f"Channel {channel}: input, x*, x⁽⁰⁾…x⁽ᴷ⁾ and x^Δ (one colour scale per image).")

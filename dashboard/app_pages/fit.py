@@ -1,0 +1,124 @@
+"""Fit: settings of g_θ, a background fit with progress and Cancel, and the runs of this session."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import state, ui
+from kcore.devices import DEVICE_CHOICES
+from kcore.fit import PRESETS
+
+DIRECTION_CHOICES = {"one": "A → B (blind spots of A)", "both": "Both: A → B and B → A (unreliable features of A)"}
+
+st.title("Fit")
+st.caption("g_θ learns to reconstruct the target network's feature x* from the source's x with K+1 branches of "
+           "increasing non-linearity (Eq. 1–2). The fit runs in the background: you can look at other pages "
+           "meanwhile, and cancel it here.")
+
+a, b, imgs = state.slot("A"), state.slot("B"), state.images()
+layer_a, layer_b = st.session_state.get("kc_layer_A"), st.session_state.get("kc_layer_B")
+if a is not None and b is not None:
+    layer_a = layer_a if layer_a in {l.name for l in a.layers} else a.default_layer  # noqa: E741
+    layer_b = layer_b if layer_b in {l.name for l in b.layers} else b.default_layer  # noqa: E741
+
+with st.container(border=True, key="kc_fit_summary"):
+    if a is None or b is None or imgs is None:
+        st.warning("Choose two networks and the images on **Models & images** first.")
+        st.page_link("app_pages/setup.py", label="Models & images", icon=":material/tune:")
+        st.stop()
+    sa, sb = a.shape_of(layer_a), b.shape_of(layer_b)
+    st.markdown(
+        f"**A** {a.loaded.name} `{a.loaded.short_hash}` · `{layer_a}` {'×'.join(map(str, sa))}  \n"
+        f"**B** {b.loaded.name} `{b.loaded.short_hash}` · `{layer_b}` {'×'.join(map(str, sb))}  \n"
+        f"**Images** {imgs.description}"
+    )
+    if tuple(sa[1:]) != tuple(sb[1:]):
+        st.caption("Spatial sizes differ: the source map is resampled bilinearly to the target's H×W.")
+
+st.subheader("Settings")
+c1, c2, c3 = st.columns(3)
+orders = c1.number_input("K (highest order)", 0, 6, 2, key="kc_fit_K", persist_state="session",
+                         help="g_θ has K+1 branches: x⁽⁰⁾ is linear (the strictest consistency), x⁽ᵏ⁾ passes k ReLUs.")
+lam = c2.number_input("λ (penalty on the gates p⁽ᵏ⁾)", 0.0, 100.0, 0.1, step=0.05, format="%.3f", key="kc_fit_lam",
+                      persist_state="session",
+                      help="Eq. 2: pushes consistent knowledge into the lowest order that can represent it. "
+                           "The paper uses 0.1.")
+epochs = c3.number_input("Epochs (0 = preset schedule)", 0, 5000, 0, key="kc_fit_epochs", persist_state="session",
+                         help="0 keeps the preset's schedule (fast: at most 40 epochs, at least 800 steps, early "
+                              "stopping on a monitor split). A number is taken literally.")
+c4, c5, c6 = st.columns(3)
+seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="kc_fit_seed", persist_state="session",
+                       help="Seeds the held-out split, the initialisation and the batch order.")
+device = c5.selectbox("Device", list(DEVICE_CHOICES), key="kc_fit_device", persist_state="session",
+                      help="auto = CUDA when present, else the CPU.")
+preset = c6.selectbox("Preset", list(PRESETS), key="kc_fit_preset", persist_state="session",
+                      help="fast: the paper's conventions with a closed-form start. authors: the authors' recipe "
+                           "(1000 epochs; slow on a CPU).")
+both = st.radio("Directions", list(DIRECTION_CHOICES), format_func=DIRECTION_CHOICES.get, key="kc_fit_dirs",
+                horizontal=True, persist_state="session",
+                help="A → B: x^Δ is what B encodes and A cannot reconstruct (blind spots of A). "
+                     "B → A: what A encodes and B cannot (unreliable features of A).") == "both"
+
+job = state.current_job()
+running = job is not None and job.running
+if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:"):
+    params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
+                  preset=preset, both_directions=both)
+    job = state.start_fit(a, layer_a, b, layer_b, imgs, params)
+    running = True
+
+
+def _progress() -> None:
+    job = state.current_job()
+    if job is None:
+        return
+    if job.running:
+        st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
+        if st.button("Cancel", key="kc_fit_cancel", icon=":material/stop:"):
+            job.cancel.set()
+            st.toast("Cancelling after the current batch…")
+        return
+    if job.id not in st.session_state.get("kc_adopted", set()):
+        st.rerun()  # just finished: redraw everything with the result
+    if job.state == "done":
+        st.success(f"Finished in {job.elapsed:.0f} s: {job.label}.")
+        cols = st.columns(4)
+        cols[0].page_link("app_pages/overview.py", label="Overview", icon=":material/bar_chart:")
+        cols[1].page_link("app_pages/explorer.py", label="Explorer", icon=":material/image_search:")
+        cols[2].page_link("app_pages/filters.py", label="Filters", icon=":material/grid_on:")
+        cols[3].page_link("app_pages/figure1.py", label="Figure 1", icon=":material/view_module:")
+    elif job.state == "cancelled":
+        st.warning("The fit was cancelled. Earlier results are kept.")
+    else:
+        st.error(f"The fit stopped: {job.error}")
+
+
+st.fragment(_progress, run_every=1.0 if running else None)()
+
+st.divider()
+st.subheader("Results of this session")
+runs = state.runs()
+if runs:
+    for rid, run in reversed(list(runs.items())):
+        where = f" · folder `{run.run_dir}`" if run.run_dir else ""
+        st.markdown(f"- {run.label} · {run.origin}{where}")
+else:
+    st.caption("None yet.")
+
+with st.expander("Re-open a run folder", expanded=not runs):
+    st.caption(f"Every fit is saved as a run folder under `{state.RUNS_DIR}` (also `kcore fit --out` folders). "
+               "A run folder holds the fitted g_θ and the held-out features, so the maps redraw without the checkpoints.")
+    found = state.run_folders()
+    choice = st.selectbox("Found on the server", [str(p) for p in found], index=None, key="kc_open_found",
+                          placeholder="choose a run folder" if found else "no run folders yet")
+    typed = st.text_input("…or a path", key="kc_open_path", placeholder="/path/to/run")
+    if st.button("Open", key="kc_open_go", disabled=not (choice or typed)):
+        entry = ui.guarded(lambda: state.open_run_folder(typed or choice), "Could not open the run folder")
+        if entry is not None:
+            state.add_run(entry)
+            st.success(f"Opened {entry.label}.")
+            st.rerun()
+
+with st.expander("Details", expanded=False):
+    c = state.counters()
+    st.caption(f"Fits started in this session: {c['fits_started']} · decompositions computed: {c['decompositions']}. "
+               "Changing the image, channel or order on the result pages reuses the fit and its decomposition.")

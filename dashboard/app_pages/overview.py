@@ -1,0 +1,49 @@
+"""Overview: Var per order, instability, held-out error, the loss curve and the 0-order baseline, per direction."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import figures, state, ui
+from kcore import export, viz
+
+st.title("Overview")
+run = ui.require_run()
+ui.provenance_banner(run)
+c = run.comparison
+
+st.caption("All numbers are measured on held-out images that were never used to fit g_θ. Var follows the "
+           "paper's Sec. 4.2; instability = Var(x^Δ)/Var(x*): the share of the target feature that the source "
+           "cannot reconstruct at any order up to K.")
+
+cols = st.columns(len(c.directions), gap="large")
+for col, (key, d) in zip(cols, c.directions.items()):
+    f = d.fit
+    rep = f.heldout_report
+    with col:
+        st.subheader(state.DIRECTION_TITLES[key])
+        st.caption(state.DIRECTION_HELP[key])
+        m1, m2 = st.columns(2)
+        m1.metric("Instability Var(x^Δ)/Var(x*)", f"{rep['instability']:.3f}",
+                  help="0 = the target feature is fully reconstructed; 1 = nothing is.")
+        m2.metric("Held-out error 1 − R²", f"{f.heldout_error:.3f}",
+                  help="Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images.")
+        m3, m4 = st.columns(2)
+        m3.metric("0-order baseline R²", f"{f.baseline.linear_r2:.3f}",
+                  help=f"Closed-form least-squares {f.baseline.linear_kernel}×{f.baseline.linear_kernel} convolution, "
+                       "held out: what a purely linear map reconstructs.")
+        m4.metric("Linear CKA (x, x*)", f"{f.baseline.cka:.3f}", help="Linear CKA between the two feature maps.")
+        share = [v / rep["var_target"] for v in rep["var_orders"]] if rep["var_target"] else []
+        st.caption("Share of Var(x*) per order: " + " · ".join(f"{viz.order_label(k)} {s:.1%}" for k, s in enumerate(share))
+                   + f" · gates p = {', '.join(f'{g:.3g}' for g in f.gates) or '—'} · kept epoch {f.best_epoch} "
+                     f"of {len(f.history)} · {f.seconds:.0f} s")
+
+width = 420 * len(c.directions) + 60
+st.subheader("Variance per order")
+ui.show_figure(lambda: figures.variance(run), key=f"var-{run.id}", width=width,
+               caption="Var of x⁽⁰⁾…x⁽ᴷ⁾, x^Δ and x* on held-out images (bar labels are the values).")
+st.subheader("Training")
+ui.show_figure(lambda: figures.loss(run), key=f"loss-{run.id}", width=width,
+               caption="Loss of Eq. 2 on the training split and reconstruction error on the monitor split; "
+                       "the dashed line marks the epoch whose weights were kept.")
+with st.expander("All metrics as a table"):
+    st.dataframe(export.metrics_table(c), hide_index=True, key="kc_ov_table")

@@ -1,0 +1,229 @@
+"""Models & images: choose networks A and B, a layer of each, and the images to compare them on."""
+from __future__ import annotations
+
+import json
+
+import streamlit as st
+
+from dashboard import state, ui
+from kcore.checkpoints import CHECKPOINT_KINDS, available_architectures
+from kcore.features import estimate_feature_bytes, format_bytes
+
+SOURCES = {"sample": "Sample model", "upload": "Upload a file", "path": "File on the server"}
+IMAGE_SOURCES = {"bundled": "Bundled images", "upload": "Upload images or a zip", "folder": "Folder on the server"}
+UPLOAD_TYPES = ["safetensors", "pt", "pth", "bin", "ckpt", "pt2", "zip"]
+IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "zip"]
+AUTO_ARCH = "(from the model card)"
+
+st.title("Models & images")
+st.caption("Pick the two networks to compare, one layer of each, and the images. Everything starts on the "
+           "bundled sample models and images, so you can go straight to **Fit**.")
+if err := st.session_state.get("kc_default_error"):
+    st.warning(f"The embedded default could not be loaded: {err}")
+
+
+@st.cache_data(show_spinner=False)
+def _architectures() -> list[str]:
+    return available_architectures()
+
+
+def _arch_inputs(role: str) -> tuple[str | None, int | None]:
+    c1, c2 = st.columns([3, 2])
+    arch = c1.selectbox("Architecture", [AUTO_ARCH] + _architectures(), key=f"kc_arch_{role}",
+                        help="Needed for weights-only files (safetensors, state dicts) without a model card. "
+                             "TorchScript and torch.export files carry their own.", persist_state="session")
+    ncls = c2.number_input("Classes", min_value=0, value=0, step=1, key=f"kc_ncls_{role}",
+                           help="Number of classifier outputs; 0 = from the card or inferred from the weights.",
+                           persist_state="session")
+    return (None if arch == AUTO_ARCH else arch), (int(ncls) or None)
+
+
+def _use(role: str, load, source: str, path: str | None) -> None:
+    """Load with ``load()``; on success make it network ``role``; on failure keep the previous one."""
+    try:
+        loaded = load()
+        new = state.make_slot(loaded, source, path, state.image_size(state.images()))
+    except (ValueError, FileNotFoundError) as exc:
+        st.error(f"Could not use this checkpoint: {exc}")
+        return
+    current = state.slot(role)
+    same_model = current is not None and current.loaded.sha256 == loaded.sha256 and current.input_size == new.input_size
+    if not same_model:
+        st.session_state.pop(f"kc_layer_{role}", None)  # the new model's default layer
+    if not same_model or (current.source, current.path, current.loaded.card) != (source, path, loaded.card):
+        state.set_slot(role, new)
+    if loaded.missing_keys or loaded.unexpected_keys:
+        st.warning(f"Loaded with differences: missing {list(loaded.missing_keys)[:5]}, "
+                   f"unexpected {list(loaded.unexpected_keys)[:5]}.")
+
+
+def model_panel(role: str) -> None:
+    st.subheader(f"Network {role}")
+    source = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key=f"kc_src_{role}",
+                                  default="sample", required=True, persist_state="session")
+    if source == "sample":
+        samples = state.sample_models()
+        if not samples:
+            st.warning("No sample models in this checkout (sample_models/).")
+        else:
+            names = list(samples)
+            default = state.DEFAULT_PAIR[0 if role == "A" else 1]
+            name = st.selectbox("Sample model", names, index=names.index(default) if default in names else 0,
+                                key=f"kc_sample_{role}", persist_state="session",
+                                help="Small networks trained on the bundled kshapes images; their model cards "
+                                     "give the architecture, preprocessing and test accuracy.")
+            cur = state.slot(role)
+            if cur is None or cur.path != str(samples[name]):
+                _use(role, lambda: state.load_path(str(samples[name])), "sample", str(samples[name]))
+    elif source == "upload":
+        up = st.file_uploader("Checkpoint", type=UPLOAD_TYPES, key=f"kc_upload_{role}",
+                              help="safetensors, a weights-only state dict (.pt/.pth/.bin), TorchScript or "
+                                   "torch.export (.pt2). A full pickle is never loaded from the browser. "
+                                   "Bigger than the upload limit? Use 'File on the server'.")
+        card_up = st.file_uploader("Model card (optional, .json)", type=["json"], key=f"kc_cardup_{role}",
+                                   help="The <name>.card.json written beside a checkpoint: architecture, "
+                                        "classes, input size and normalisation.")
+        arch, ncls = _arch_inputs(role)
+        if up is not None:
+            card_json = card_up.getvalue().decode("utf-8") if card_up is not None else None
+            if card_json is not None:
+                try:
+                    json.loads(card_json)
+                except json.JSONDecodeError as exc:
+                    st.error(f"The model card is not valid JSON: {exc}")
+                    card_json = None
+            data = up.getvalue()
+            _use(role, lambda: state.load_bytes(data, up.name, arch, ncls, card_json), "upload", None)
+    else:
+        path = st.text_input("Path on the server", key=f"kc_path_{role}", placeholder="/data/models/resnet18.pth",
+                             help="For files over the upload limit. A model card <name>.card.json beside the "
+                                  "file is read automatically.", persist_state="session")
+        arch, ncls = _arch_inputs(role)
+        if st.button("Load", key=f"kc_loadpath_{role}", disabled=not path):
+            _use(role, lambda: state.load_path(path, arch, ncls), "path", path)
+    model_card(role)
+
+
+def model_card(role: str) -> None:
+    s = state.slot(role)
+    if s is None:
+        st.info(f"No network {role} yet.")
+        return
+    m, card = s.loaded, s.loaded.card
+    with st.container(border=True, key=f"kc_card_{role}"):
+        st.markdown(f"**{m.name}** · `{m.short_hash}` · {m.num_parameters:,} parameters · {m.kind}")
+        facts = []
+        if card is not None:
+            if card.architecture:
+                facts.append(f"architecture {card.architecture}")
+            if card.dataset:
+                facts.append(f"trained on {card.dataset}")
+            if card.test_accuracy is not None:
+                facts.append(f"test accuracy {card.test_accuracy:.1%}")
+        facts.append(f"input {s.input_size[1]}×{s.input_size[2]}")
+        st.caption(" · ".join(facts) + f" · {CHECKPOINT_KINDS.get(m.kind, m.kind).split(';')[0]}")
+
+
+def _layer_label(s: state.ModelSlot, name: str) -> str:
+    shape = s.shape_of(name)
+    info = next(layer for layer in s.layers if layer.name == name)
+    return f"{name}  ·  {info.type}  ·  {'×'.join(str(v) for v in shape)}"
+
+
+def layer_picker(role: str) -> str | None:
+    s = state.slot(role)
+    if s is None:
+        return None
+    names = [layer.name for layer in s.layers]
+    if not names:
+        st.error(f"Network {role} has no layer with a 4-D (N, C, H, W) output to compare.")
+        return None
+    key = f"kc_layer_{role}"
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = s.default_layer
+    return st.selectbox(f"Layer of {role} (C × H × W)", names, key=key, format_func=lambda n: _layer_label(s, n),
+                        help="Type to search. Only layers with spatial outputs are listed, with the output shape "
+                             f"for a {s.input_size[1]}×{s.input_size[2]} input.", persist_state="session")
+
+
+def alignment_note(a: state.ModelSlot, la: str, b: state.ModelSlot, lb: str) -> None:
+    sa, sb = a.shape_of(la), b.shape_of(lb)
+    notes = []
+    if tuple(sa[1:]) == tuple(sb[1:]):
+        notes.append(f"Same spatial size {sa[1]}×{sa[2]}: no resampling.")
+    else:
+        notes.append(f"Spatial sizes differ ({sa[1]}×{sa[2]} vs {sb[1]}×{sb[2]}): for A → B, A's map x is resampled "
+                     f"bilinearly to B's {sb[1]}×{sb[2]} (x*'s size); for B → A, B's map to {sa[1]}×{sa[2]}.")
+    if sa[0] != sb[0]:
+        notes.append(f"Channels differ ({sa[0]} vs {sb[0]}); that is fine: g_θ maps the source's channels to the "
+                     "target's.")
+    else:
+        notes.append(f"Both have {sa[0]} channels.")
+    (st.info if tuple(sa[1:]) != tuple(sb[1:]) else st.success)(" ".join(notes))
+
+
+def images_panel() -> None:
+    st.subheader("Images")
+    src = st.segmented_control("Source", list(IMAGE_SOURCES), format_func=IMAGE_SOURCES.get, key="kc_img_src",
+                               default="bundled", required=True, persist_state="session")
+    if src == "bundled":
+        n = st.slider("Number of bundled images", 60, 2000, state.DEFAULT_N_IMAGES, step=20, key="kc_img_n",
+                      persist_state="session",
+                      help="kshapes test images, rendered from code. 20 % are held out: never used to fit g_θ, "
+                           "and every map and number is shown on them.")
+        cur = state.images()
+        if cur is None or cur.kind != "bundled" or cur.n != n:
+            imgs = ui.guarded(lambda: state.bundled_images(int(n)), "Bundled images")
+            if imgs is not None:
+                state.set_images(state.ImageChoice(imgs, f"bundled kshapes test images ({n})", "bundled"))
+    elif src == "upload":
+        files = st.file_uploader("Images or a zip of images", type=IMAGE_TYPES, accept_multiple_files=True,
+                                 key="kc_img_upload", help="At least a few dozen images; 20 % are held out.")
+        if files and st.button("Use these images", key="kc_img_use_upload", type="primary"):
+            imgs = ui.guarded(lambda: state.uploaded_images([(f.name, f.getvalue()) for f in files],
+                                                            state.working_image_size()), "Uploaded images")
+            if imgs is not None:
+                state.set_images(state.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload"))
+    else:
+        folder = st.text_input("Folder on the server", key="kc_img_folder", placeholder="/data/images",
+                               help="Images directly inside it, or one subfolder per class.", persist_state="session")
+        if st.button("Use this folder", key="kc_img_use_folder", disabled=not folder, type="primary"):
+            imgs = ui.guarded(lambda: state.folder_images(folder, state.working_image_size()), "Image folder")
+            if imgs is not None:
+                state.set_images(state.ImageChoice(imgs, f"folder {folder} ({len(imgs)} images)", "folder"))
+    cur = state.images()
+    if cur is not None:
+        st.caption(f"Using **{cur.description}**.")
+        skipped = getattr(cur.images, "skipped", ())
+        if skipped:
+            st.warning(f"{len(skipped)} file(s) were skipped: "
+                       + "; ".join(f"{name}: {why}" for name, why in skipped[:5]))
+        thumbs = [cur.images.raw(i) for i in range(min(8, cur.n))]
+        if thumbs:
+            st.image(thumbs, width=64, caption=[str(cur.images.ids[i]).split("/")[-1] for i in range(len(thumbs))])
+
+
+left, right = st.columns(2, gap="large")
+with left:
+    model_panel("A")
+with right:
+    model_panel("B")
+
+st.divider()
+st.subheader("Layers")
+la_col, lb_col = st.columns(2, gap="large")
+with la_col:
+    layer_a = layer_picker("A")
+with lb_col:
+    layer_b = layer_picker("B")
+a, b = state.slot("A"), state.slot("B")
+if a is not None and b is not None and layer_a and layer_b:
+    alignment_note(a, layer_a, b, layer_b)
+    imgs = state.images()
+    if imgs is not None:
+        need = estimate_feature_bytes(imgs.n, a.shape_of(layer_a), b.shape_of(layer_b))
+        st.caption(f"Features of {imgs.n} images take about {format_bytes(need)} in memory.")
+
+st.divider()
+images_panel()
+st.page_link("app_pages/fit.py", label="Next: Fit", icon=":material/play_arrow:")

@@ -1,0 +1,112 @@
+"""Studies: run the paper's studies (Sec. 4) with small defaults, and open their result folders."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import streamlit as st
+
+from dashboard import state
+from kcore.experiments import STUDIES
+from kcore.experiments._common import read_study
+
+STUDIES_DIR = state.RUNS_DIR.parent / "studies"
+ABOUT = {
+    "diagnosis": "Sec. 4.1 / App. B — blind spots (weak → strong) and unreliable features (strong → weak) of a "
+    "weak network, with maps and the two accuracy checks.",
+    "stability": "Sec. 4.2 / Tables 1–2 — instability of learning over all pairs of a family of networks "
+    "(different seeds or disjoint halves of the data), and Var per order.",
+    "refinement": "Sec. 4.3 / Table 3 / App. A — B's upper layers fine-tuned on raw x_A, raw x_B and on "
+    "x⁽⁰⁾, x⁽⁰⁾+x⁽¹⁾, … with g frozen (the fairness protocol).",
+    "compression": "Sec. 4.4 — magnitude pruning at several ratios: Var(x^Δ) of the original reconstructed "
+    "from the pruned network against accuracy.",
+    "distillation": "Sec. 4.5 — born-again generations: Var(x^Δ) of the newest network against each earlier one.",
+    "cross_task": "Sec. 4.6 — networks for a fine and a coarse labelling of the same images, both directions.",
+}
+
+st.title("Studies")
+st.caption("The paper's studies on your networks or on the bundled sample models and images. A run executes "
+           "`kcore <study>` in the background (it survives clicks elsewhere) and writes a study folder: CSV "
+           "tables, PNG/SVG/PDF figures, result.json and provenance.json.")
+
+study = st.selectbox("Study", STUDIES, format_func=lambda s: s.replace("_", "-"), key="kc_st_study",
+                     help="Each study's command also runs from a terminal: `kcore <study> --help`.")
+st.markdown(ABOUT.get(study, ""))
+
+jobs: dict = st.session_state.setdefault("kc_study_jobs", {})
+
+with st.container(border=True):
+    st.markdown("**Run with the small defaults** (bundled sample models and kshapes images; minutes on a CPU)")
+    extra = st.text_input("Extra options", value="", key="kc_st_extra",
+                          help=f"Passed to `kcore {study.replace('_', '-')}`, e.g. `--seed 1`. See `--help`.")
+    if st.button("Run", key="kc_st_run", icon=":material/play_arrow:"):
+        out = STUDIES_DIR / f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = out.parent / f".{out.name}.log"
+        cmd = [sys.executable, "-m", "kcore.cli", study.replace("_", "-"), "--out", str(out), *extra.split()]
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=state.ROOT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        jobs[str(out)] = {"pid": proc.pid, "proc": proc, "log": str(log), "cmd": " ".join(cmd[2:])}
+
+
+@st.fragment(run_every=2.0)
+def job_status() -> None:
+    for out, job in list(jobs.items()):
+        proc = job["proc"]
+        code = proc.poll()
+        tail = Path(job["log"]).read_text(errors="replace").splitlines()[-6:] if Path(job["log"]).exists() else []
+        with st.container(border=True, key=f"kc_st_job_{Path(out).name}"):
+            name = Path(out).name
+            if code is None:
+                st.markdown(f":material/hourglass_top: **{name}** running — `{job['cmd']}`")
+                if st.button("Cancel", key=f"kc_st_cancel_{name}"):
+                    proc.terminate()
+            elif code == 0:
+                st.markdown(f":material/check_circle: **{name}** finished")
+            else:
+                st.markdown(f":material/error: **{name}** failed (exit {code})")
+            if tail:
+                st.code("\n".join(tail), language=None)
+
+
+if jobs:
+    job_status()
+
+st.subheader("Open a study folder")
+found = sorted((p for p in STUDIES_DIR.glob("*") if (p / "result.json").is_file()), reverse=True) if STUDIES_DIR.is_dir() else []
+choice = st.selectbox("Finished studies on this server", [str(p) for p in found], index=None, key="kc_st_found",
+                      placeholder="none yet" if not found else "choose a folder")
+path = st.text_input("… or a folder path", value=choice or "", key="kc_st_path")
+if not path:
+    st.stop()
+try:
+    folder = read_study(path)
+except (ValueError, OSError) as exc:
+    st.error(f"Could not open {path!r}: {exc}")
+    st.stop()
+
+st.markdown(f"### {folder.study.replace('_', '-')} · `{folder.path.name}`")
+prov = folder.provenance
+if prov:
+    st.caption(" · ".join(f"{k}: {v}" for k, v in prov.items() if isinstance(v, (str, int, float)))[:600])
+for name, df in folder.tables.items():
+    st.markdown(f"**{name}**")
+    st.dataframe(df, key=f"kc_st_tab_{name}", hide_index=True)
+for name, png in folder.figures.items():
+    st.image(str(png), caption=name)
+with st.expander("result.json and provenance.json"):
+    st.json(folder.result, expanded=False)
+    st.json(prov, expanded=False)
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+    for f in sorted(folder.path.iterdir()):
+        if f.is_file():
+            zf.write(f, f.name)
+st.download_button("Download the folder (zip)", buf.getvalue(), file_name=f"{folder.path.name}.zip",
+                   mime="application/zip", key="kc_st_zip", on_click="ignore")

@@ -1,0 +1,45 @@
+"""The shared sidebar: what is being compared, the background fit's progress, and which result is shown."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import state
+
+POLL_SECONDS = 1.0
+
+
+def _job_status() -> None:
+    job = state.current_job()
+    if job is None:
+        return
+    if job.running:
+        st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
+    elif job.id not in st.session_state.get("kc_adopted", set()):
+        st.rerun()  # finished since the last poll: redraw the whole app with the new result
+
+
+def draw(show_progress: bool = True) -> None:
+    """Draw the sidebar (called by the router on every page; the Fit page shows its own progress)."""
+    with st.sidebar:
+        st.markdown("### :material/biotech: kcore")
+        st.caption("Knowledge consistency between two networks (Liang et al., ICLR 2020): what B's features "
+                   "share with A's at each order of non-linearity, and what A misses.")
+        if err := st.session_state.get("kc_default_error"):
+            st.warning(f"The default models could not be loaded: {err}")
+        job = state.current_job()
+        if show_progress and job is not None and job.running:
+            st.markdown(f"**Fitting:** {job.label}")
+            st.fragment(_job_status, run_every=POLL_SECONDS)()
+        runs = state.runs()
+        if runs:
+            ids = list(runs)[::-1]
+            state.apply_active_request()
+            if st.session_state.get("kc_active_run") not in runs:
+                st.session_state["kc_active_run"] = ids[0]
+            st.selectbox("Result shown", ids, format_func=lambda r: runs[r].label, key="kc_active_run",
+                         help="Every fit of this session (newest first), and runs re-opened from folders.",
+                         persist_state="session")
+        else:
+            a, b = state.slot("A"), state.slot("B")
+            if a is not None and b is not None:
+                st.caption(f"Ready: **A** {a.loaded.name} vs **B** {b.loaded.name}. Start on **Fit**.")

@@ -1,0 +1,119 @@
+"""A person's view: a real Chromium opens the dashboard, runs the default fit and sees the overlay.
+
+Drives Debian's /usr/bin/chromium through Playwright (never `playwright install`); skipped without it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+FIT_TIMEOUT_MS = 240_000  # the default fit takes well under a minute on an idle 2-core CPU; CI machines are busy
+REVIEW_COPY = Path("/tmp/kcore_screenshot.png")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "KCORE_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
+           "KCORE_EXPORTS_DIR": str(tmp_path_factory.mktemp("exports"))}
+    log = tmp_path_factory.mktemp("log") / "streamlit.log"
+    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read() == b"ok":
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def _idle(page) -> None:
+    """Wait until Streamlit is not running a script (the 'Running…' status widget is gone)."""
+    time.sleep(0.5)
+    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
+
+
+def test_default_fit_shows_the_overlay(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(server)
+    page.get_by_role("heading", name="Models & images").wait_for(timeout=60_000)
+    page.get_by_text("kshapes_tinynet_s0.safetensors").first.wait_for(timeout=60_000)  # the default, no upload
+    _idle(page)
+    page.get_by_role("link", name="Fit", exact=True).first.click()
+    start = page.get_by_role("button", name="Start fit")
+    try:
+        start.wait_for(timeout=60_000)
+    except Exception:
+        page.screenshot(path="/tmp/kc_dbg.png", full_page=True)
+        raise
+    _idle(page)
+    t0 = time.perf_counter()
+    start.click()
+    page.get_by_text("Finished in").wait_for(timeout=FIT_TIMEOUT_MS)
+    print(f"default fit seen finished in the browser after {time.perf_counter() - t0:.1f} s")
+    _idle(page)
+
+    page.get_by_role("link", name="Explorer", exact=True).first.click()
+    page.get_by_role("heading", name="Explorer").wait_for(timeout=60_000)
+    page.get_by_text("Blind-spot energy").first.wait_for(timeout=60_000)  # the caption under the second map
+    images = page.locator('[data-testid="stImage"] img')
+    sync_api.expect(images).to_have_count(2, timeout=60_000)
+    images.first.wait_for(state="visible")
+    assert page.evaluate("(img) => img.naturalWidth", images.first.element_handle()) > 100
+    _idle(page)
+    shot = tmp_path / "explorer.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    try:
+        shutil.copyfile(shot, REVIEW_COPY)
+    except OSError:
+        pass
+    page.close()

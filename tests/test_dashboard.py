@@ -1,0 +1,297 @@
+"""Dashboard pages under AppTest: the default opens ready, uploads, a background fit, the views, export.
+
+The fit runs in the dashboard's worker thread; the tests poll ``at.run()`` until the session adopts the
+result. Counting wrappers around the pipeline's ``extract_features`` and ``fit`` show that changing the
+image, channel or order afterwards neither re-extracts nor refits.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  (imported here so the first AppTest run does not pay for it)
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+import kcore.pipeline  # noqa: E402
+from dashboard import state  # noqa: E402
+
+APP = str(ROOT / "dashboard" / "app.py")
+PAGES = ["setup", "fit", "overview", "explorer", "filters", "figure1", "export"]
+FIT_TIMEOUT = 60.0
+
+
+def _samples() -> dict[str, Path]:
+    found = state.sample_models()
+    if not all(name in found for name in state.DEFAULT_PAIR):
+        pytest.fail(f"the sample models {state.DEFAULT_PAIR} are missing from sample_models/ (found {sorted(found)})")
+    return found
+
+
+def _new_app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=60)
+
+
+def _clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def _wait_for_run(at: AppTest, n_runs: int, timeout: float = FIT_TIMEOUT) -> None:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        time.sleep(0.5)
+        at.run()
+        if len(at.session_state["kc_runs"]) >= n_runs:
+            return
+        job = state.registry().get(at.session_state["kc_jobs"][-1])
+        if job is not None and job.state in ("failed", "cancelled"):
+            pytest.fail(f"the fit ended {job.state}: {job.error}")
+    pytest.fail(f"the fit did not finish within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    runs, exports = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("exports")
+    old = state.RUNS_DIR, state.EXPORTS_DIR
+    state.RUNS_DIR, state.EXPORTS_DIR = runs, exports
+    yield runs, exports
+    state.RUNS_DIR, state.EXPORTS_DIR = old
+
+
+@pytest.fixture(scope="module")
+def calls():
+    """Count the pipeline's feature extractions and fits (the worker thread calls them)."""
+    counts = {"extract": 0, "fit": 0}
+    orig_extract, orig_fit = kcore.pipeline.extract_features, kcore.pipeline.fit
+
+    def extract(*a, **k):
+        counts["extract"] += 1
+        return orig_extract(*a, **k)
+
+    def fit(*a, **k):
+        counts["fit"] += 1
+        return orig_fit(*a, **k)
+
+    kcore.pipeline.extract_features, kcore.pipeline.fit = extract, fit
+    yield counts
+    kcore.pipeline.extract_features, kcore.pipeline.fit = orig_extract, orig_fit
+
+
+@pytest.fixture(scope="module")
+def fitted(dirs, calls):
+    """One session that ran the default comparison (60 bundled images, 2 epochs) to the end."""
+    _samples()
+    at = _new_app().run()
+    _clean(at)
+    at.slider(key="kc_img_n").set_value(60).run()
+    at.switch_page("app_pages/fit.py").run()
+    at.number_input(key="kc_fit_epochs").set_value(2).run()
+    at.radio(key="kc_fit_dirs").set_value("both").run()
+    t0 = time.perf_counter()
+    at.button(key="kc_fit_start").click().run()
+    _clean(at)
+    assert at.session_state["kc_counters"]["fits_started"] == 1
+    _wait_for_run(at, 1)
+    at.run()
+    print(f"background fit finished in {time.perf_counter() - t0:.1f} s")
+    return at
+
+
+def test_opens_ready_on_the_embedded_default(dirs):
+    _samples()
+    at = _new_app().run()
+    _clean(at)
+    assert not _errors(at)
+    assert at.title[0].value == "Models & images"
+    a, b = at.session_state["kc_slot_A"], at.session_state["kc_slot_B"]
+    assert (a.loaded.name, b.loaded.name) == tuple(f"{n}.safetensors" for n in state.DEFAULT_PAIR)
+    assert at.selectbox(key="kc_layer_A").value == a.loaded.card.default_layer
+    assert at.selectbox(key="kc_layer_B").value == b.loaded.card.default_layer
+    assert at.session_state["kc_images"].kind == "bundled"
+    text = " ".join(m.value for m in at.markdown)
+    assert a.loaded.short_hash in text and b.loaded.short_hash in text  # provenance of both checkpoints
+    assert any("no resampling" in s.value or "resampled bilinearly" in s.value for s in [*at.success, *at.info])
+
+
+@pytest.mark.parametrize("page", PAGES[1:])
+def test_every_page_renders_before_any_fit(dirs, page):
+    at = _new_app().run()
+    at.switch_page(f"app_pages/{page}.py").run()
+    _clean(at)
+    assert not _errors(at)
+    if page != "fit":
+        assert any("No result yet" in i.value for i in at.info)
+
+
+@pytest.mark.skipif(not hasattr(AppTest, "file_uploader"), reason="this Streamlit's AppTest cannot upload files")
+def test_upload_a_sample_checkpoint_and_refuse_a_bad_one(dirs):
+    samples = _samples()
+    path = samples[state.DEFAULT_PAIR[0]]
+    card = path.with_name(path.stem + ".card.json")
+    at = _new_app().run()
+    sample_sha = at.session_state["kc_slot_A"].loaded.sha256
+    at.segmented_control(key="kc_src_A").set_value("upload").run()
+    _clean(at)
+    # weights only, no card, no architecture: a readable error, and network A stays the sample
+    at.file_uploader(key="kc_upload_A").upload(path.name, path.read_bytes()).run()
+    _clean(at)
+    assert any("arch is needed" in e for e in _errors(at))
+    assert at.session_state["kc_slot_A"].source == "sample"
+    # the architecture picker resolves it
+    at.selectbox(key="kc_arch_A").set_value(at.session_state["kc_slot_B"].loaded.card.architecture.replace(
+        "resnet", "tinynet")).run()
+    _clean(at)
+    assert not _errors(at)
+    slot_a = at.session_state["kc_slot_A"]
+    assert slot_a.source == "upload" and slot_a.loaded.sha256 == sample_sha
+    # with its model card uploaded too, the card's facts appear
+    at.selectbox(key="kc_arch_A").set_value("(from the model card)")
+    at.file_uploader(key="kc_cardup_A").upload(card.name, card.read_bytes(), "application/json").run()
+    _clean(at)
+    assert not _errors(at) and at.session_state["kc_slot_A"].loaded.card is not None
+    # garbage: a readable error, and the previous model stays
+    at.file_uploader(key="kc_upload_A").upload("broken.pt", b"not a checkpoint").run()
+    _clean(at)
+    assert any("Could not use this checkpoint" in e for e in _errors(at))
+    assert at.session_state["kc_slot_A"].loaded.sha256 == sample_sha
+
+
+def test_default_fit_runs_in_the_background(fitted, calls):
+    at = fitted
+    _clean(at)
+    runs = at.session_state["kc_runs"]
+    assert len(runs) == 1
+    run = next(iter(runs.values()))
+    assert set(run.comparison.directions) == {"A_to_B", "B_to_A"}
+    assert run.run_dir is not None and (run.run_dir / "provenance.json").is_file()
+    assert calls == {"extract": 1, "fit": 2}
+    assert any("Finished in" in s.value for s in at.success)
+
+
+@pytest.mark.parametrize("page", PAGES[2:])
+def test_result_pages_render_with_provenance(fitted, page):
+    at = fitted
+    at.switch_page(f"app_pages/{page}.py").run()
+    _clean(at)
+    assert not _errors(at)
+    run = next(iter(at.session_state["kc_runs"].values()))
+    text = " ".join(m.value for m in at.markdown)
+    assert run.comparison.a.sha256[:12] in text and run.comparison.b.sha256[:12] in text
+    if page != "export":
+        assert len(at.image) >= 1  # st.image elements (the figures)
+
+
+def test_changing_image_channel_and_order_does_not_refit(fitted, calls):
+    at = fitted
+    at.switch_page("app_pages/explorer.py").run()
+    run = next(iter(at.session_state["kc_runs"].values()))
+    fits = {k: id(d.fit) for k, d in run.comparison.directions.items()}
+    before = dict(calls), at.session_state["kc_counters"]["decompositions"]
+    at.selectbox(key="kc_ex_image").set_value(3).run()
+    at.number_input(key="kc_ex_channel").set_value(5).run()
+    at.segmented_control(key="kc_ex_order").set_value(1).run()
+    at.radio(key="kc_ex_kind").set_value("residual").run()
+    at.radio(key="kc_ex_scale").set_value("shared").run()
+    at.slider(key="kc_ex_alpha").set_value(0.3).run()
+    _clean(at)
+    assert not _errors(at)
+    choice = at.session_state["kc_ex_choice"]
+    assert (choice.image, choice.channel, choice.spec.kind, choice.scale) == (3, 5, "residual", "shared")
+    after = dict(calls), at.session_state["kc_counters"]["decompositions"]
+    assert after == before  # no extraction, no fit, no new decomposition
+    run2 = next(iter(at.session_state["kc_runs"].values()))
+    assert run2 is run and {k: id(d.fit) for k, d in run2.comparison.directions.items()} == fits
+    assert len(at.image) == 2  # the overlay and the blind-spot map
+
+
+def test_filters_and_figure1_choices(fitted, calls):
+    at = fitted
+    at.switch_page("app_pages/filters.py").run()
+    at.radio(key="kc_fl_sort").set_value("residual").run()
+    at.selectbox(key="kc_fl_channel").set_value(2).run()
+    _clean(at)
+    assert any("Channel 2" in h.value for h in at.subheader)
+    at.switch_page("app_pages/figure1.py").run()
+    at.multiselect(key="kc_f1_channels").set_value([0, 2]).run()
+    at.radio(key="kc_f1_scale").set_value("map").run()
+    _clean(at)
+    assert not _errors(at)
+    assert at.session_state["kc_f1_choice"][2] == (0, 2)
+    assert calls["fit"] == 2
+
+
+def test_export_writes_valid_files(fitted, dirs):
+    at = fitted
+    at.switch_page("app_pages/export.py").run()
+    at.number_input(key="kc_exp_dpi").set_value(100).run()
+    at.button(key="kc_exp_go").click().run()
+    _clean(at)
+    assert not _errors(at)
+    run_id, result = at.session_state["kc_exp_result"]
+    folder = Path(result.folder)
+    assert folder.parent == dirs[1]
+    figs = sorted((folder / "figures").iterdir())
+    pngs = [p for p in figs if p.suffix == ".png"]
+    assert len(pngs) >= 5  # variance, loss, overlay, blind spot, shares ×2, figure 1
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        svg = p.with_suffix(".svg").read_bytes()
+        assert ET.fromstring(svg).tag.endswith("svg") and b"<svg" in svg
+        pdf = p.with_suffix(".pdf").read_bytes()
+        assert pdf.startswith(b"%PDF") and re.search(rb"/Type\s*/Page\b", pdf)
+        assert p.with_suffix(".json").is_file()
+    assert (folder / "metrics.csv").is_file() and (folder / "provenance.json").is_file()
+    assert {p.name for p in (folder / "arrays").iterdir()} == {"components_A_to_B.npz", "components_B_to_A.npz"}
+    assert at.get("download_button")
+
+
+def test_reopen_the_run_folder(fitted):
+    at = fitted
+    run = next(iter(at.session_state["kc_runs"].values()))
+    at.switch_page("app_pages/fit.py").run()
+    at.text_input(key="kc_open_path").input(str(run.run_dir)).run()
+    at.button(key="kc_open_go").click().run()
+    _clean(at)
+    runs = at.session_state["kc_runs"]
+    assert len(runs) == 2
+    reopened = runs[at.session_state["kc_active_run"]]
+    assert reopened.origin == "folder" and reopened.raw_images  # images kept for the overlays
+    at.switch_page("app_pages/explorer.py").run()
+    _clean(at)
+    assert len(at.image) == 2
+
+
+def test_cancel_keeps_the_finished_results(fitted):
+    at = fitted
+    n_before = len(at.session_state["kc_runs"])
+    at.switch_page("app_pages/fit.py").run()
+    at.number_input(key="kc_fit_epochs").set_value(500).run()
+    at.button(key="kc_fit_start").click().run()
+    at.button(key="kc_fit_cancel").click().run()
+    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=60)
+    assert job.state == "cancelled"
+    at.run()
+    _clean(at)
+    assert any("cancelled" in w.value for w in at.warning)
+    assert len(at.session_state["kc_runs"]) == n_before
+
+
+def test_core_errors_are_shown_as_messages(dirs):
+    at = _new_app().run()
+    at.segmented_control(key="kc_src_B").set_value("path").run()
+    at.text_input(key="kc_path_B").input("/nonexistent/model.pth").run()
+    at.button(key="kc_loadpath_B").click().run()
+    _clean(at)
+    assert any("no checkpoint file" in e for e in _errors(at))
