@@ -2,7 +2,7 @@
 
 Command line::
 
-    python -m kcore.samples train --out sample_models [--quick] [--threads 2]
+    python -m kcore.samples train --out sample_models [--quick] [--threads 1] [--only NAME ...]
 
 writes, for each model of ``SAMPLE_RECIPES``, ``<name>.safetensors`` (the ``state_dict``) and
 ``<name>.card.json`` (the model card: architecture, preprocessing, class names, dataset,
@@ -430,7 +430,9 @@ def train_sample_models(out_dir: str | Path, *, quick: bool = False,
                 progress=progress)
             weights = out / f"{recipe.name}.safetensors"
             state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
-            save_file(state, str(weights), metadata={"format": CARD_FORMAT, "name": recipe.name})
+            # One metadata key only: safetensors writes a map in arbitrary order, and a
+            # single key keeps the file byte-identical from run to run.
+            save_file(state, str(weights), metadata={"kcore_sample_model": recipe.name})
             card = make_card(recipe, result, spec, command=command, num_threads=threads)
             card_path = card_path_for(weights)
             card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
@@ -439,7 +441,7 @@ def train_sample_models(out_dir: str | Path, *, quick: bool = False,
                            f"{result.train_seconds:.0f} s")
     finally:
         torch.set_num_threads(previous_threads)
-    if only is None:
+    if not only:
         (out / "README.md").write_text(
             _readme(written, command, time.perf_counter() - start, quick), encoding="utf-8")
     return tuple(written)

@@ -86,7 +86,10 @@ def test_quick_training_writes_weights_cards_and_readme(tmp_path: Path) -> None:
     assert [m.name for m in models] == ["kshapes_tinynet_s0"]
     card = json.loads((tmp_path / "kshapes_tinynet_s0.card.json").read_text())
     assert REQUIRED_CARD_KEYS <= set(card) and card["format"] == CARD_FORMAT
-    assert (tmp_path / "kshapes_tinynet_s0.safetensors").stat().st_size > 1000
+    weights = (tmp_path / "kshapes_tinynet_s0.safetensors").read_bytes()
+    assert len(weights) > 1000
+    again = train_sample_models(tmp_path / "again", quick=True, only=["kshapes_tinynet_s0"])
+    assert again[0].weights.read_bytes() == weights  # byte-identical files from the same seed
     with pytest.raises(ValueError, match="unknown sample model"):
         train_sample_models(tmp_path, quick=True, only=["nope"])
 
