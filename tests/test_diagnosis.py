@@ -16,7 +16,7 @@ from kcore.experiments.families import labelled_images, pair_features, train_fam
 from kcore.experiments.refinement import TrainConfig
 from kcore.pipeline import model_transform
 
-TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), n_maps=3, seed=0)
+TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), n_maps=3, seed=0, repeats=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +77,7 @@ def test_deterministic_for_a_fixed_seed(nets, images, result):
 
 
 def test_repeats_train_every_arm_with_more_seeds(nets, images, result):
-    res = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, repeats=2, **TINY)
+    res = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **{**TINY, "repeats": 2})
     assert len(res.arms) == 8 and res.experiments["seeds"] == [0, 1]
     # seed 0 is the single-seed run, arm by arm
     for a in result.arms:
@@ -97,6 +97,12 @@ def test_blind_spots_added_back_to_g_give_x_b(nets, images):
     torch.testing.assert_close(out + delta, fp.x_b, rtol=1e-4, atol=1e-4)
     resid = g.decompose(fp.x_a, fp.x_b).residual
     torch.testing.assert_close(energy, (resid.double() ** 2).mean(1))
+
+
+def test_paper_convention_gives_standardised_energies(nets, images):
+    res = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, convention="paper", **TINY)
+    assert res.convention == "paper" and res.energy_units == "standardised units²"
+    assert res.as_dict()["maps"]["units"].endswith("standardised units²")
 
 
 def test_maps_are_channel_energies_of_the_shown_images(result):
@@ -143,6 +149,7 @@ def test_trained_init_starts_at_the_weak_net_s_accuracy(nets, images):
     with torch.no_grad():
         acc = float((weak.model(model_transform(weak.card)(x)).argmax(1) == y).float().mean())
     assert res.arm("x_A").test_accuracy_before == pytest.approx(acc)
+    assert res.convention == "authors" and res.energy_units == "raw feature units²"
     with pytest.raises(ValueError, match="classifier_init must be one of"):
         diagnose(weak, strong, *images, classifier_init="pretrained")
 
@@ -159,7 +166,7 @@ def test_cli_end_to_end(nets, tmp_path, capsys):
     w = nets[0].save(tmp_path / "weak") / "kc_tinynet_s0.safetensors"
     s = nets[1].save(tmp_path / "strong") / "kc_resnet_s0.safetensors"
     rc = main(["diagnosis", "--weak", str(w), "--strong", str(s), "--n-train", "24", "--n-test", "12",
-               "--orders", "1", "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--out", str(tmp_path / "run")])
+               "--orders", "1", "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--repeats", "1", "--out", str(tmp_path / "run")])
     assert rc == 0, capsys.readouterr().err
     st = read_study(tmp_path / "run")
     assert st.provenance["checkpoint_weak"]["sha256"] == nets[0].members[0].sha256

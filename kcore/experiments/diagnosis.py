@@ -145,9 +145,11 @@ class DiagnosisResult:
         adapted_layers: modules of A's upper part widened to B's channel count (for the B-space arms).
         train: the :class:`TrainConfig` of every arm.
         map_ids, map_labels: the test images shown in the maps.
-        blind_energy, unreliable_energy: (n, H, W) channel energy mean_c (x^Δ)² of those images.
+        blind_energy, unreliable_energy: (n, H, W) channel energy mean_c (x^Δ)² of those images, in the fit's
+            target units (:attr:`energy_units`).
         images: (n, S, S, 3) float RGB in [0, 1] of those images (for the figure; not in ``as_dict``).
         n_train, n_test, data, seed, seconds: sizes, image source, seed, wall time.
+        convention: g_θ's normalisation convention.
     """
 
     weak: dict
@@ -172,6 +174,12 @@ class DiagnosisResult:
     data: str = ""
     seed: int = 0
     seconds: float = 0.0
+    convention: str = "authors"
+
+    @property
+    def energy_units(self) -> str:
+        """Units of the energy maps: raw feature units² (authors' convention) or standardised units² (paper)."""
+        return "raw feature units²" if self.convention == "authors" else "standardised units²"
 
     def arm(self, name: str, seed: int | None = None) -> ArmResult:
         """The arm ``name`` trained with ``seed`` (default: the first seed)."""
@@ -241,7 +249,7 @@ class DiagnosisResult:
                 ax.set_yticks([])
         for j, norm in enumerate(norms, start=1):
             cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SEQUENTIAL_CMAP), ax=axes[:, j], shrink=0.6)
-            cb.set_label("standardised units²", fontsize=7)
+            cb.set_label(self.energy_units, fontsize=7)
             cb.ax.tick_params(labelsize=6)
         fig.suptitle(f"weak {self.weak['name']}:{self.layer_weak} vs strong {self.strong['name']}:"
                      f"{self.layer_strong} (test images; shared colour scale per column)", fontsize=8)
@@ -257,7 +265,8 @@ class DiagnosisResult:
             "maps": {"image_ids": list(self.map_ids), "labels": list(self.map_labels),
                      "blind_spot_energy": self.blind_energy.tolist(),
                      "unreliable_energy": self.unreliable_energy.tolist(),
-                     "units": "mean over channels of (x^Delta)^2 in standardised target units"},
+                     "units": f"mean over channels of (x^Delta)^2 in {self.energy_units}"},
+            "convention": self.convention,
             "n_train": self.n_train, "n_test": self.n_test, "data": self.data, "seed": self.seed,
             "seconds": self.seconds,
         })
@@ -289,7 +298,7 @@ def checks(arms: list[ArmResult] | tuple[ArmResult, ...]) -> dict:
 
 
 def _raw_output_and_residual(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256):
-    """g(x) in raw target units (with the channel mean), x^Δ in raw units, and mean_c (x^Δ)² standardised."""
+    """g(x) in raw target units (with the channel mean), x^Δ in raw units, and mean_c (x^Δ)² in the fit's units."""
     outs, deltas, energy = [], [], []
     for comps, resid, _ in res.iter_decompose(x_src, x_tgt, batch_size):
         out = torch.stack(comps).sum(0)
@@ -315,9 +324,10 @@ def diagnose(
     orders: int = 2,
     lam: float | None = None,
     fit_epochs: int | None = None,
-    train: TrainConfig = TrainConfig(epochs=8, lr=3e-3, lr_final=3e-5),
+    convention: str = "authors",
+    train: TrainConfig = TrainConfig(epochs=30, lr=1e-2, lr_final=1e-4),
     classifier_init: ClassifierInit = "fresh",
-    repeats: int = 1,
+    repeats: int = 3,
     n_maps: int = 4,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -332,6 +342,10 @@ def diagnose(
             normalises); g_θ and the classifiers are trained on the first, evaluated on the second.
         layer_weak, layer_strong: layers (default: the cards' default layers).
         orders, lam, fit_epochs: K, λ and epochs of both g_θ (:func:`kcore.fit`).
+        convention: g_θ's normalisation; default ``"authors"`` (per-image spatial std, raw target), because a
+            weak network without BatchNorm can have rarely firing channels whose dataset-wide std is tiny: the
+            paper convention's per-channel standardisation multiplies them by up to 10^4, and one test image
+            then dominates Var(x^Δ). ``"paper"`` is available.
         train: the :class:`TrainConfig` of every classifier arm.
         classifier_init: ``"fresh"`` (default) or ``"trained"``; see :data:`CLASSIFIER_INITS`.
         repeats: train every arm with this many seeds (``train.seed``, ``train.seed + 1``, …: initialisation
@@ -364,7 +378,8 @@ def diagnose(
     for key, (src_tr, tgt_tr) in {"blind_spots": (xa_tr, xb_tr), "unreliable": (xb_tr, xa_tr)}.items():
         say(progress, f"fitting g_θ for {key} ({'weak → strong' if key == 'blind_spots' else 'strong → weak'}, "
                       f"K={orders}), no labels")
-        fits[key] = kcore.fit(src_tr, tgt_tr, orders=orders, lam=lam, epochs=fit_epochs, seed=seed, device=device)
+        fits[key] = kcore.fit(src_tr, tgt_tr, orders=orders, lam=lam, epochs=fit_epochs, seed=seed, device=device,
+                              convention=convention)
     g_ab, g_ba = fits["blind_spots"], fits["unreliable"]
     gxa_tr, db_tr, _ = _raw_output_and_residual(g_ab, xa_tr, xb_tr)
     gxa_te, db_te, e_blind = _raw_output_and_residual(g_ab, xa_te, xb_te)
@@ -410,7 +425,7 @@ def diagnose(
         classifier_init=classifier_init, adapted_layers=tuple(adapted), train=train, map_ids=ids,
         map_labels=tuple(int(v) for v in y_te[:n_maps]), blind_energy=e_blind[:n_maps].numpy(),
         unreliable_energy=e_unrel[:n_maps].numpy(), images=imgs, n_train=len(xa_tr), n_test=len(xa_te),
-        data=data, seed=seed, seconds=time.perf_counter() - t0,
+        data=data, seed=seed, seconds=time.perf_counter() - t0, convention=convention,
     )
 
 
@@ -430,10 +445,10 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--layer-strong", default=None, help="layer of the strong net (default: its card's)")
     p.add_argument("--classifier-init", default="fresh", choices=sorted(CLASSIFIER_INITS),
                    help="fresh (default): re-initialised upper layers; trained: the weak net's own")
-    p.add_argument("--repeats", type=int, default=1, metavar="R",
-                   help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 1)")
+    p.add_argument("--repeats", type=int, default=3, metavar="R",
+                   help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 3)")
     p.add_argument("--n-maps", type=int, default=4, help="test images in the maps figure (default 4)")
-    add_training_arguments(p, epochs=8, lr=3e-3, lr_final=3e-5)
+    add_training_arguments(p, epochs=30, lr=1e-2, lr_final=1e-4, n_train=2000, convention="authors")
     p.set_defaults(handler=_cmd_diagnosis)
 
 
@@ -449,6 +464,7 @@ def _cmd_diagnosis(args: argparse.Namespace) -> int:
     test_images = labelled_images(args.data, "test", args.n_test, size)
     res = diagnose(weak, strong, train_images, test_images, layer_weak=args.layer_weak,
                    layer_strong=args.layer_strong, orders=args.orders, lam=args.lam, fit_epochs=args.fit_epochs,
+                   convention=args.convention,
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
                    seed=args.seed, device=args.device, data=args.data, progress=log)

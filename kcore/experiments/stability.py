@@ -63,7 +63,8 @@ class DirectionResult:
         layer: the layer.
         source, target: member names (x = source's feature, x* = target's).
         instability: Var(x^Δ)/Var(x*) in raw feature units (the paper's Var).
-        instability_std_units: the same ratio in the fit's standardised units (every channel weighs the same).
+        instability_std_units: the same ratio in the fit's target units: standardised per channel in the paper
+            convention (every channel weighs the same); equal to ``instability`` in the authors' convention.
         var_orders: Var(x^(k)) for k = 0..K, raw units.
         var_delta, var_target: Var(x^Δ), Var(x*), raw units.
         heldout_error: 1 − R² of g_θ on the held-out images.
@@ -175,12 +176,12 @@ class StabilityResult:
             ax.errorbar([i + 0.15], [m], yerr=[s], fmt="o", color="#1f4e79", capsize=3,
                         label="mean ± std" if i == 0 else None)
         ax.set_xticks(range(len(self.layers)), self.layers, fontsize=7)
-        ax.set_ylabel("instability  [Var(x^Δ)/Var(x*)]", fontsize=8)
+        ax.set_ylabel(r"instability  $Var(x^\Delta)/Var(x^*)$", fontsize=8)
         ax.set_title(f"Table 1 analogue ({self.case})", fontsize=9)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
         rows = self.summary()
-        names = [f"x({k})" for k in range(self.orders + 1)] + ["x^Δ"]
+        names = [f"$x^{{({k})}}$" for k in range(self.orders + 1)] + [r"$x^\Delta$"]
         width = 0.8 / len(names)
         for j, nm in enumerate(names):
             key = f"var_order{j}" if j <= self.orders else "var_delta"
@@ -224,6 +225,7 @@ def stability(
     orders: int = 2,
     lam: float | None = None,
     fit_epochs: int | None = None,
+    convention: str = "paper",
     both_directions: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -239,6 +241,8 @@ def stability(
         layers: layers to compare (default: :func:`default_layers` of the first model).
         case: ``"seeds"`` or ``"halves"`` (only labels the result; the numbers are computed the same way).
         orders, lam, fit_epochs: K, λ and epochs of every g_θ (:func:`kcore.fit`).
+        convention: g_θ's normalisation, ``"paper"`` (default) or ``"authors"``; the instability is in raw units
+            either way.
         both_directions: fit every pair both ways (default); otherwise only earlier → later member.
         seed: seed of every fit (the same held-out split for every pair).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -274,7 +278,7 @@ def stability(
         for i, j in itertools.combinations(range(len(models)), 2):
             for s, t in ([(i, j), (j, i)] if both_directions else [(i, j)]):
                 res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
-                                device=device)
+                                device=device, convention=convention)
                 held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
                 raw = raw_report(res, feats[s][held], feats[t][held])
                 d = DirectionResult(
@@ -322,6 +326,8 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--orders", type=int, default=2, metavar="K", help="K of g_theta (default 2)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="lambda of g_theta (default 0.1)")
     p.add_argument("--fit-epochs", type=int, default=15, metavar="E", help="epochs of every g_theta (default 15)")
+    p.add_argument("--convention", choices=["paper", "authors"], default="paper",
+                   help="normalisation of g_theta's input and target (default paper; see kcore.conventions)")
     p.add_argument("--one-direction", action="store_true", help="fit each pair one way only (half the time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fits")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -353,7 +359,8 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     size = int(card.input_size[0]) if card is not None and card.input_size else args.image_size
     images = labelled_images(args.data, "test", args.n_images, size, seed=args.data_seed)
     res = stability(models, images, layers=args.layers, case=case, orders=args.orders, lam=args.lam,
-                    fit_epochs=args.fit_epochs, both_directions=not args.one_direction, seed=args.seed,
+                    fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
+                    seed=args.seed,
                     device=args.device, family=manifest, progress=log)
     prov = {"command": command_line(), "checkpoints": list(res.members), "layers": list(res.layers),
             "seed": args.seed, "data": args.data, "n_images": res.n_images, "family_dir": args.family,
