@@ -295,3 +295,32 @@ def test_core_errors_are_shown_as_messages(dirs):
     at.button(key="kc_loadpath_B").click().run()
     _clean(at)
     assert any("no checkpoint file" in e for e in _errors(at))
+
+
+@pytest.mark.skipif(not hasattr(AppTest, "file_uploader"), reason="this Streamlit's AppTest cannot upload files")
+def test_a_bad_upload_never_loses_a_finished_fit(fitted):
+    at = fitted
+    runs_before = dict(at.session_state["kc_runs"])
+    at.switch_page("app_pages/setup.py").run()
+    at.segmented_control(key="kc_src_B").set_value("upload").run()
+    at.file_uploader(key="kc_upload_B").upload("model.pt", b"this is not a checkpoint").run()
+    _clean(at)
+    assert any("Could not use this checkpoint" in e for e in _errors(at))
+    assert dict(at.session_state["kc_runs"]) == runs_before
+    at.segmented_control(key="kc_src_B").set_value("sample").run()
+    at.switch_page("app_pages/overview.py").run()
+    _clean(at)
+    assert len(at.image) >= 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to provoke the error")
+def test_an_error_inside_the_fit_is_shown_as_a_message(dirs):
+    at = _new_app().run()
+    at.switch_page("app_pages/fit.py").run()
+    at.selectbox(key="kc_fit_device").set_value("cuda").run()
+    at.button(key="kc_fit_start").click().run()
+    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=60)
+    assert job.state == "failed"
+    at.run()
+    _clean(at)
+    assert any("The fit stopped" in e and "CUDA" in e for e in _errors(at))

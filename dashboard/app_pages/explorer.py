@@ -52,7 +52,7 @@ def explorer() -> None:
                          format_func=lambda s: {"map": "per map", "image": "per image", "shared": "shared"}[s],
                          help=" · ".join(viz.SCALES.values()))
         alpha = st.slider("Opacity of the map", 0.0, 1.0, 0.65, 0.05, key="kc_ex_alpha", persist_state="session")
-        background = st.radio("Under the map", list(viz.BACKGROUNDS), key="kc_ex_bg", horizontal=True,
+        background = st.radio("Under the map", list(viz.BACKGROUNDS), key="kc_ex_bg",
                               format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b],
                               persist_state="session")
     choice = figures.MapChoice(direction, int(image), int(channel), spec, scale, float(alpha), background)

@@ -16,21 +16,20 @@ st.caption("Everything is drawn by matplotlib on the server (no browser needed) 
 
 c = run.comparison
 dirs = list(c.directions)
-c1, c2 = st.columns(2)
-with c1:
-    what = st.multiselect("Include", ["overview", "explorer", "filters", "figure1", "arrays"],
-                    default=["overview", "explorer", "filters", "figure1", "arrays"], key="kc_exp_what",
-                    persist_state="session",
-                    format_func={"overview": "Overview figures", "explorer": "Explorer maps", "filters": "Channel shares",
-                                 "figure1": "Figure 1 grid", "arrays": "Component arrays (.npz)"}.get,
-                    help="Metrics (CSV, JSON) and provenance are always included. The Explorer and Figure 1 "
-                         "figures use your current choices on those pages.")
-    formats = st.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
-                       default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
-with c2:
-    dpi = st.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
-    folder = st.text_input("Folder on the server", value=str(state.EXPORTS_DIR / run.id), key="kc_exp_folder",
-                           help="Created if missing; files with the same names are replaced.")
+what = st.multiselect("Include", ["overview", "explorer", "filters", "figure1", "arrays"],
+                      default=["overview", "explorer", "filters", "figure1", "arrays"], key="kc_exp_what",
+                      persist_state="session",
+                      format_func={"overview": "Overview figures", "explorer": "Explorer maps",
+                                   "filters": "Channel shares", "figure1": "Figure 1 grid",
+                                   "arrays": "Component arrays (.npz)"}.get,
+                      help="Metrics (CSV, JSON) and provenance are always included. The Explorer and Figure 1 "
+                           "figures use your current choices on those pages.")
+c1, c2, c3 = st.columns([1, 1, 2])
+formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
+                   default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
+dpi = c2.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
+folder = c3.text_input("Folder on the server", value=str(state.EXPORTS_DIR / run.id), key=f"kc_exp_folder_{run.id}",
+                       help="Created if missing; files with the same names are replaced.")
 
 
 def figure_items() -> list[export.FigureItem]:
