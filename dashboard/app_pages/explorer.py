@@ -67,10 +67,11 @@ def explorer() -> None:
             ui.show_figure(lambda: figures.blind_spot(run, choice), key=f"bs-{run.id}-{choice}",
                            caption="Blind-spot energy: mean over channels of (x^Δ)² (sequential, from 0)")
         rep = run.comparison.directions[direction].fit.heldout_report["per_channel"]
+        units = ("standardised units of x* (paper convention)" if dec.convention == "paper"
+                 else "raw units of x* (authors' convention)")
         shares = " · ".join(f"{viz.order_label(k)} {rep['order_share'][k][channel]:.1%}" for k in range(K + 1))
         st.caption(f"Channel {channel} on held-out images: {shares} · x^Δ {rep['residual_share'][channel]:.1%} "
-                   "of its Var(x*). Maps are in standardised units of x* (paper convention) and upsampled "
-                   "bilinearly to the image.")
+                   f"of its Var(x*). Maps are in {units} and upsampled bilinearly to the image.")
 
 
 explorer()
