@@ -119,7 +119,7 @@ def study_data(data: str = "sample", *, labels: str = "fine", image_size: int = 
         labels: ``"fine"`` or ``"coarse"`` (kshapes: round vs angular; folders: through ``coarse_map``).
         image_size: side of the images (kshapes), or of the resized folder images.
         n_train, n_test, n_images: how many images of each part (a seeded subset of a folder's split).
-        mean, std: normalisation of folder images (default: kshapes'; pass the model card's).
+        mean, std: normalisation of the images (default: kshapes'; pass the model card's).
         coarse_map: for folders with ``labels="coarse"``: fine class folder name → coarse class name.
 
     Raises:
@@ -132,11 +132,13 @@ def study_data(data: str = "sample", *, labels: str = "fine", image_size: int = 
             raise ValueError(f"{name} must be a positive integer; got {v!r}.")
     if labels not in ("fine", "coarse"):
         raise ValueError(f"labels must be 'fine' or 'coarse'; got {labels!r}.")
+    norm = {"mean": tuple(mean or MEAN), "std": tuple(std or STD)}
     if data == "sample":
         spec = KShapesSpec(seed=0, image_size=image_size, n_train=n_train, n_test=max(n_test, n_images))
         return StudyData(
-            KShapesDataset(spec, "train", labels, n=n_train), KShapesDataset(spec, "test", labels, n=n_test),
-            KShapesDataset(spec, "val", labels, n=n_images),
+            KShapesDataset(spec, "train", labels, n=n_train, **norm),
+            KShapesDataset(spec, "test", labels, n=n_test, **norm),
+            KShapesDataset(spec, "val", labels, n=n_images, **norm),
             f"kshapes ({spec.name}, {labels} labels): train[:{n_train}], test[:{n_test}], val[:{n_images}] for the fits",
             KShapesDataset(spec, "test", labels, n=0).class_names)
     root = Path(data)
@@ -339,7 +341,8 @@ def compression_figure(result: CompressionResult):
         ax2.plot(r, [p.accuracy_pruned for p in result.points], "x:", color="#7f8c8d", label="accuracy before fine-tuning")
     ax2.set_ylabel("test accuracy", fontsize=8)
     ax2.legend(fontsize=7, loc="center left")
-    ax1.set_title(f"{result.scope} magnitude pruning, layer {result.layer}", fontsize=9)
+    scope = {"layer": "per-layer"}.get(result.scope, result.scope)
+    ax1.set_title(f"{scope} magnitude pruning, layer {result.layer}", fontsize=9)
     ax3.plot(v, acc, "o-", color="#2c3e50")
     for p, x, y in zip(result.points, v, acc):
         ax3.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

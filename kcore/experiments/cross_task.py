@@ -47,7 +47,8 @@ def _say(progress: Progress | None, message: str) -> None:
 
 
 def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: int, seed: int, lr: float = 0.1,
-                    device: str | torch.device = "cpu", progress: Progress | None = None):
+                    optimizer: str = "sgd", weight_decay: float = 5e-4, device: str | torch.device = "cpu",
+                    progress: Progress | None = None):
     """Train the fine and the coarse net: same architecture, seed, images, recipe and initial weights.
 
     The coarse net is built with the same seed and then given the fine net's initial weights wherever the
@@ -68,10 +69,11 @@ def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: in
     shared = {k: v for k, v in net_f.state_dict().items() if net_c.state_dict()[k].shape == v.shape}
     net_c.load_state_dict({**net_c.state_dict(), **shared})
     _say(progress, f"training the fine net ({len(fine.class_names)} classes, {epochs} epochs, seed {seed})")
-    res_f = train_classifier(net_f, fine.train, fine.test, epochs=epochs, seed=seed, lr=lr)
+    opts = dict(epochs=epochs, seed=seed, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
+    res_f = train_classifier(net_f, fine.train, fine.test, **opts)
     _say(progress, f"fine net: test accuracy {res_f.test_accuracy:.4f}")
     _say(progress, f"training the coarse net ({len(coarse.class_names)} classes, {epochs} epochs, seed {seed})")
-    res_c = train_classifier(net_c, coarse.train, coarse.test, epochs=epochs, seed=seed, lr=lr)
+    res_c = train_classifier(net_c, coarse.train, coarse.test, **opts)
     _say(progress, f"coarse net: test accuracy {res_c.test_accuracy:.4f}")
     return res_f, res_c
 
@@ -224,15 +226,19 @@ def add_cli(sub: Any) -> None:
                    "train both here)")
     p.add_argument("--coarse", default=None, metavar="CKPT", help="a trained coarse-task net (with --fine)")
     p.add_argument("--arch", default="kc_resnet", help="architecture of the nets trained here (default kc_resnet)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs of each net trained here (default 3)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of training (default 0.1)")
-    p.add_argument("--image-size", type=int, default=64, help="image size for nets trained here (default 64)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs of each net trained here (default 5)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of training (default 0.1)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="optimiser of both nets (default sgd; the sample models use adamw with --lr 0.003 "
+                   "--weight-decay 0.0001)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 0.0005)")
+    p.add_argument("--image-size", type=int, default=32, help="image size for nets trained here (default 32)")
     p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
     p.add_argument("--data", default="sample", metavar="DIR|sample",
                    help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
     p.add_argument("--coarse-map", default=None, metavar="JSON",
                    help="with a folder: JSON object mapping each class folder name to a coarse class name")
-    p.add_argument("--n-train", type=int, default=800, help="training images of each net (default 800)")
+    p.add_argument("--n-train", type=int, default=2000, help="training images of each net (default 2000)")
     p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
     add_fit_args(p)
     p.set_defaults(handler=_cmd)
@@ -271,11 +277,13 @@ def _cmd(args: argparse.Namespace) -> int:
         mapping = None
     if loaded is None:
         res_f, res_c = train_task_pair(args.arch, fine_data, coarse_data, epochs=args.epochs, seed=args.seed,
-                                       lr=args.lr, device=args.device, progress=say)
+                                       lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                                       device=args.device, progress=say)
         fine, coarse = res_f.model, res_c.model
         layer = args.layer or "layer2"
         prov_nets: dict[str, Any] = {"trained": "here", "architecture": args.arch, "epochs": args.epochs,
-                                     "seed": args.seed, "lr": args.lr, "n_train": args.n_train}
+                                     "seed": args.seed, "lr": args.lr, "optimizer": args.optimizer,
+                                     "weight_decay": args.weight_decay, "n_train": args.n_train}
     else:
         fine, coarse = loaded[0].model, loaded[1].model
         layer = args.layer or (loaded[0].card.default_layer if loaded[0].card else None)

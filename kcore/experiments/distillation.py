@@ -1,8 +1,10 @@
 """Sec. 4.5: born-again networks, and the blind spots of each generation with respect to the newest one.
 
-Generation 0 is the teacher. Each later generation g is a new network of the same architecture trained
-from scratch (seed + 10·g, as the authors' ``BornAgain.py``) with ``CE + λ · KD`` against the previous
-generation, which then becomes the teacher. KD is Hinton's soft-target cross-entropy at temperature τ with
+Generation 0 is the teacher: a given checkpoint (e.g. the sample model), or, by default on the command
+line, a network trained here with cross-entropy alone and the students' recipe, so that every generation has
+the same training budget, as in born-again networks. Each later generation g is a new network of the same
+architecture trained from scratch (seed + 10·g, as the authors' ``BornAgain.py``) with ``CE + λ · KD``
+against the previous generation, which then becomes the teacher. KD is Hinton's soft-target cross-entropy at temperature τ with
 the τ² factor of ``BornAgain.py``: ``KD = −τ² Σ softmax(t/τ) · log_softmax(s/τ) / batch`` (the paper's
 recipe: τ = 1, λ = 0.5; λ is held constant, the authors' optional geometric λ schedule is not used).
 
@@ -68,16 +70,17 @@ def born_again_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tens
 
 @dataclass(frozen=True)
 class StudentSettings:
-    """How each born-again generation is trained (SGD with Nesterov momentum, linear warm-up over the
-    first epoch then cosine decay per step, like :func:`kcore.samples.train_classifier`).
+    """How each born-again generation is trained (linear warm-up over the first epoch, then cosine decay per
+    step, as :func:`kcore.samples.train_classifier`, whose optimisers it also offers).
 
     Attributes:
         epochs: epochs per generation.
         lambd: λ, weight of the KD term.
         tau: temperature τ.
         lr: peak learning rate.
-        weight_decay: SGD weight decay.
+        weight_decay: weight decay.
         batch_size: images per step.
+        optimizer: ``"sgd"`` (Nesterov momentum 0.9) or ``"adamw"`` (:data:`kcore.samples.OPTIMIZERS`).
     """
 
     epochs: int = 2
@@ -86,10 +89,13 @@ class StudentSettings:
     lr: float = 0.1
     weight_decay: float = 5e-4
     batch_size: int = 64
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be a positive integer; got {self.epochs!r}.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw'; got {self.optimizer!r}.")
         if self.lambd < 0 or not self.tau > 0:
             raise ValueError(f"lambd must be >= 0 and tau > 0; got lambd={self.lambd}, tau={self.tau}.")
 
@@ -121,8 +127,12 @@ def train_born_again(student: nn.Module, teacher: nn.Module, train_set: Dataset,
         teacher.train(was)
     loader = DataLoader(TensorDataset(x, y, t_logits), batch_size=settings.batch_size, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
-                          weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr,
+                                                       weight_decay=settings.weight_decay)
+    else:
+        opt = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=0.9, nesterov=True,
+                              weight_decay=settings.weight_decay)
     total, warmup = settings.epochs * len(loader), max(1, len(loader))
 
     def factor(step: int) -> float:
@@ -376,21 +386,26 @@ def add_cli(sub: Any) -> None:
         description="Train born-again networks (CE + lambda * KD at temperature tau, each a new network from "
         "scratch with seed + 10*generation, the student becoming the next teacher) and fit g_theta from each "
         "earlier generation's features to the newest generation's: Var(x^Delta) = blind spots of generation i.")
-    p.add_argument("--teacher", default="sample", metavar="sample|scratch|CKPT",
-                   help=f"generation 0: 'sample' ({DEFAULT_MODEL}), 'scratch' (trained here with CE only, "
-                   "--teacher-epochs, seed --seed) or a checkpoint with a model card")
+    p.add_argument("--teacher", default="scratch", metavar="scratch|sample|CKPT",
+                   help="generation 0: 'scratch' (default: trained here with cross-entropy only and the students' "
+                   f"recipe, seed --seed), 'sample' ({DEFAULT_MODEL}) or a checkpoint with a model card")
     p.add_argument("--arch", default="kc_resnet", help="architecture with --teacher scratch (default kc_resnet)")
-    p.add_argument("--teacher-epochs", type=int, default=4, help="epochs of a --teacher scratch (default 4)")
-    p.add_argument("--image-size", type=int, default=64, help="image size with --teacher scratch (default 64)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="epochs of a --teacher scratch (default: --epochs, the born-again setting of equal budgets)")
+    p.add_argument("--image-size", type=int, default=32, help="image size with --teacher scratch (default 32)")
     p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
     p.add_argument("--generations", type=int, default=3, help="born-again generations after the teacher (default 3)")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs per generation (default 2)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs per generation (default 4)")
     p.add_argument("--lambd", type=float, default=0.5, help="weight lambda of the KD term (default 0.5)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature tau (default 1)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate of the students (default 0.1)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of every generation (default 0.1)")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="optimiser of every generation (default sgd; the sample models use adamw with --lr 0.003 "
+                   "--weight-decay 0.0001)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 0.0005)")
     p.add_argument("--data", default="sample", metavar="DIR|sample",
                    help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
-    p.add_argument("--n-train", type=int, default=800, help="training images of every generation (default 800)")
+    p.add_argument("--n-train", type=int, default=2000, help="training images of every generation (default 2000)")
     p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
     add_fit_args(p)
     p.set_defaults(handler=_cmd)
@@ -403,11 +418,14 @@ def _cmd(args: argparse.Namespace) -> int:
 
     check_out(args)
     say = stderr_progress("distillation")
-    student = StudentSettings(epochs=args.epochs, lambd=args.lambd, tau=args.tau, lr=args.lr)
+    student = StudentSettings(epochs=args.epochs, lambd=args.lambd, tau=args.tau, lr=args.lr,
+                              weight_decay=args.weight_decay, optimizer=args.optimizer)
+    teacher_epochs = args.teacher_epochs or args.epochs
     if args.teacher == "scratch":
         arch, size, card = args.arch, args.image_size, None
         prov_teacher: dict[str, Any] = {"trained": "here, cross-entropy only", "architecture": arch,
-                                        "epochs": args.teacher_epochs, "seed": args.seed}
+                                        "epochs": teacher_epochs, "seed": args.seed, "lr": args.lr,
+                                        "optimizer": args.optimizer, "weight_decay": args.weight_decay}
     else:
         path = DEFAULT_MODEL if args.teacher == "sample" else args.teacher
         m = load_checkpoint(path, "--teacher")
@@ -420,9 +438,10 @@ def _cmd(args: argparse.Namespace) -> int:
                       mean=card.mean if card else None, std=card.std if card else None)
     num_classes = len(data.class_names) if card is None else card.num_classes
     if args.teacher == "scratch":
-        say(f"training the teacher ({arch}, {args.teacher_epochs} epochs, seed {args.seed}) on {data.source}")
-        teacher = train_classifier(arch, data.train, None, epochs=args.teacher_epochs, seed=args.seed,
-                                   num_classes=num_classes).model
+        say(f"training the teacher ({arch}, {teacher_epochs} epochs, seed {args.seed}) on {data.source}")
+        teacher = train_classifier(arch, data.train, None, epochs=teacher_epochs, seed=args.seed,
+                                   num_classes=num_classes, lr=args.lr, optimizer=args.optimizer,
+                                   weight_decay=args.weight_decay).model
         layer = args.layer or "layer2"
     else:
         teacher = m.model
