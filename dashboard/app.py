@@ -29,6 +29,9 @@ PAGES = {
         st.Page("app_pages/figure1.py", title="Figure 1", icon=":material/view_module:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ],
+    "Studies": [
+        st.Page("app_pages/studies.py", title="Paper studies", icon=":material/science:"),
+    ],
 }
 
 page = st.navigation(PAGES)
