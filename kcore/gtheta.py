@@ -123,17 +123,24 @@ class GTheta(nn.Module):
         p = self.gates().to(x.dtype)
         h = self.convs[self.orders](x)
         for k in range(self.orders, 0, -1):
-            higher = p[k - 1] * F.relu(h / self.normaliser(k, h))
-            h = self.convs[k - 1](x + higher)
+            h = self.convs[k - 1](x + self._branch(k, h, p))
         return h
 
-    def hidden(self, x: Tensor) -> list[Tensor]:
-        """[h^(K), …, h^(0)] for ``x`` in the current mode (used by calibration and tests)."""
+    def _branch(self, k: int, h: Tensor, p: Tensor) -> Tensor:
+        """p^(k) ReLU(Σ_(k)^(-1/2) h^(k)), computed as ReLU(h) · (p^(k) / Σ^(1/2)): Σ^(1/2) > 0, and scaling
+        the small (·, C, 1, 1) factor instead of the whole map saves one full-size pass per branch."""
+        return F.relu(h) * (p[k - 1] / self.normaliser(k, h))
+
+    def hidden(self, x: Tensor, down_to: int = 0) -> list[Tensor]:
+        """[h^(K), …, h^(down_to)] for ``x`` in the current mode (used by calibration and tests).
+
+        Calibrating Σ_(k) needs h^(k) only, so it stops there instead of running the whole network.
+        """
         p = self.gates().to(x.dtype)
         h = self.convs[self.orders](x)
         out = [h]
-        for k in range(self.orders, 0, -1):
-            h = self.convs[k - 1](x + p[k - 1] * F.relu(h / self.normaliser(k, h)))
+        for k in range(self.orders, down_to, -1):
+            h = self.convs[k - 1](x + self._branch(k, h, p))
             out.append(h)
         return out
 

@@ -259,13 +259,22 @@ class Baseline:
 
 
 def linear_baseline(
-    x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, kernel_size: int = 3, batch_size: int = 256
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    kernel_size: int = 3,
+    batch_size: int = 256,
+    lin: LinearMap | None = None,
 ) -> Baseline:
     """Fit the least-squares convolution on the training split and score it, with linear CKA, held out.
 
-    All inputs are prepared features (x resampled to y's H×W and normalised as for g_θ).
+    All inputs are prepared features (x resampled to y's H×W and normalised as for g_θ). ``lin``, when given,
+    is the map :func:`fit_linear_map` already fitted on exactly ``(x_train, y_train, kernel_size)`` (the fit's
+    least-squares start), reused instead of solving the same normal equations twice.
     """
-    lin = fit_linear_map(x_train, y_train, kernel_size, batch_size=batch_size)
+    if lin is None:
+        lin = fit_linear_map(x_train, y_train, kernel_size, batch_size=batch_size)
     preds = torch.cat([lin(x_test[i : i + batch_size]) for i in range(0, x_test.shape[0], batch_size)])
     cka = linear_cka(x_test, y_test) if x_test.shape[0] >= 2 else float("nan")
     return Baseline(r2_score(preds, y_test), lin.kernel_size, cka)
