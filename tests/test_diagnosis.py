@@ -166,9 +166,11 @@ def test_cli_end_to_end(nets, tmp_path, capsys):
     w = nets[0].save(tmp_path / "weak") / "kc_tinynet_s0.safetensors"
     s = nets[1].save(tmp_path / "strong") / "kc_resnet_s0.safetensors"
     rc = main(["diagnosis", "--weak", str(w), "--strong", str(s), "--n-train", "24", "--n-test", "12",
-               "--orders", "1", "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--repeats", "1", "--out", str(tmp_path / "run")])
+               "--orders", "1", "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--repeats", "1",
+               "--out", str(tmp_path / "run")])
     assert rc == 0, capsys.readouterr().err
     st = read_study(tmp_path / "run")
     assert st.provenance["checkpoint_weak"]["sha256"] == nets[0].members[0].sha256
     assert st.provenance["layers"] == {"weak": "block2", "strong": "layer2"}
+    assert "git_commit" in st.provenance["source"] or st.provenance["source"] == {}
     assert "blind_spots:" in capsys.readouterr().out

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from kcore.checkpoints import LoadedModel
 from kcore.experiments._common import write_study
 from kcore.experiments.families import (
-    Progress, as_jsonable, input_shape, labelled_images, layer_of, pair_features, say, stderr_progress,
+    Progress, as_jsonable, input_shape, labelled_images, layer_of, pair_features, say, source_revision,
+    stderr_progress,
 )
 from kcore.experiments.refinement import (
     ArmResult, TrainConfig, accuracy_figure, add_training_arguments, arms_table, command_line, fit_summary,
@@ -150,6 +151,7 @@ class DiagnosisResult:
         images: (n, S, S, 3) float RGB in [0, 1] of those images (for the figure; not in ``as_dict``).
         n_train, n_test, data, seed, seconds: sizes, image source, seed, wall time.
         convention: g_θ's normalisation convention.
+        class_names: names of the labels (for the maps figure), if the images have them.
     """
 
     weak: dict
@@ -175,6 +177,7 @@ class DiagnosisResult:
     seed: int = 0
     seconds: float = 0.0
     convention: str = "authors"
+    class_names: tuple[str, ...] = ()
 
     @property
     def energy_units(self) -> str:
@@ -237,7 +240,9 @@ class DiagnosisResult:
             img = self.images[i]
             grey = np.repeat((img @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
             axes[i, 0].imshow(img)
-            axes[i, 0].set_ylabel(f"{self.map_ids[i]}\nlabel {self.map_labels[i]}", fontsize=6)
+            lab = self.map_labels[i]
+            name = f" ({self.class_names[lab]})" if 0 <= lab < len(self.class_names) else ""
+            axes[i, 0].set_ylabel(f"{self.map_ids[i]}\nlabel {lab}{name}", fontsize=6)
             for j, ((title, energy), norm) in enumerate(zip(cols, norms), start=1):
                 ax = axes[i, j]
                 ax.imshow(grey)
@@ -268,7 +273,7 @@ class DiagnosisResult:
                      "units": f"mean over channels of (x^Delta)^2 in {self.energy_units}"},
             "convention": self.convention,
             "n_train": self.n_train, "n_test": self.n_test, "data": self.data, "seed": self.seed,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "class_names": list(self.class_names),
         })
 
 
@@ -426,6 +431,7 @@ def diagnose(
         map_labels=tuple(int(v) for v in y_te[:n_maps]), blind_energy=e_blind[:n_maps].numpy(),
         unreliable_energy=e_unrel[:n_maps].numpy(), images=imgs, n_train=len(xa_tr), n_test=len(xa_te),
         data=data, seed=seed, seconds=time.perf_counter() - t0, convention=convention,
+        class_names=tuple(getattr(test_images, "class_names", ()) or ()),
     )
 
 
@@ -468,7 +474,8 @@ def _cmd_diagnosis(args: argparse.Namespace) -> int:
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
                    seed=args.seed, device=args.device, data=args.data, progress=log)
-    prov = {"command": command_line(), "checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
+    prov = {"command": command_line(), "source": source_revision(),
+            "checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test, "device": args.device, "threads": torch.get_num_threads()}
     out = write_study(args.out, "diagnosis", res.as_dict(), res.tables(), res.figures(), prov,

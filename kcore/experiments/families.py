@@ -472,6 +472,21 @@ def _cmd_train_family(args: argparse.Namespace) -> int:
     return 0
 
 
+def source_revision() -> dict:
+    """The git commit of the kcore checkout and whether its kcore/ files differ from it (empty outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kcore"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "kcore_modified": bool(dirty)}
+
+
 def as_jsonable(obj: Any) -> Any:
     """Dataclasses and tuples as plain JSON values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from kcore.checkpoints import LoadedModel
 from kcore.experiments._common import FromLayer, state_fingerprint, unchanged, write_study
 from kcore.experiments.families import (
-    Progress, as_jsonable, input_shape, labelled_images, layer_of, pair_features, say, stderr_progress,
+    Progress, as_jsonable, input_shape, labelled_images, layer_of, pair_features, say, source_revision,
+    stderr_progress,
 )
 
 
@@ -567,7 +568,8 @@ def _cmd_refinement(args: argparse.Namespace) -> int:
                  lam=args.lam, fit_epochs=args.fit_epochs, convention=args.convention,
                  train=train_config_from(args), seed=args.seed,
                  device=args.device, data=args.data, progress=log)
-    prov = {"command": command_line(), "checkpoint_a": res.a, "checkpoint_b": res.b,
+    prov = {"command": command_line(), "source": source_revision(),
+            "checkpoint_a": res.a, "checkpoint_b": res.b,
             "layers": {"A": res.layer_a, "B": res.layer_b}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test, "device": args.device,
             "threads": torch.get_num_threads()}

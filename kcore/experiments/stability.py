@@ -32,7 +32,7 @@ from torch import Tensor
 from kcore.checkpoints import LoadedModel
 from kcore.experiments import families
 from kcore.experiments._common import write_study
-from kcore.experiments.families import Progress, as_jsonable, labelled_images, say, stderr_progress
+from kcore.experiments.families import Progress, as_jsonable, labelled_images, say, source_revision, stderr_progress
 from kcore.metrics import VarianceAccumulator
 
 Case = Literal["seeds", "halves"]
@@ -362,7 +362,8 @@ def _cmd_stability(args: argparse.Namespace) -> int:
                     fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
                     seed=args.seed,
                     device=args.device, family=manifest, progress=log)
-    prov = {"command": command_line(), "checkpoints": list(res.members), "layers": list(res.layers),
+    prov = {"command": command_line(), "source": source_revision(),
+            "checkpoints": list(res.members), "layers": list(res.layers),
             "seed": args.seed, "data": args.data, "n_images": res.n_images, "family_dir": args.family,
             "family_trained_here": trained is not None, "device": args.device, "threads": torch.get_num_threads()}
     out = write_study(args.out, "stability", res.as_dict(), res.tables(), res.figures(), prov,
@@ -371,6 +372,6 @@ def _cmd_stability(args: argparse.Namespace) -> int:
         trained.save(out / "family")
     for row in res.summary():
         print(f"{row['layer']}: instability {row['instability_mean']:.4f} ± {row['instability_std']:.4f} over "
-              f"{row['n_pairs']} pairs ({case}); Var(x^Δ)/Var(x*) standardised {row['instability_std_units_mean']:.4f}")
+              f"{row['n_pairs']} pairs ({case}); in the fit's units {row['instability_std_units_mean']:.4f}")
     print(f"wrote {out}")
     return 0
