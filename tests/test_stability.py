@@ -102,6 +102,24 @@ def test_disjoint_halves_are_disjoint_balanced_and_complete():
     assert disjoint_halves(labels, seed=3) == (h0, h1) and disjoint_halves(labels, seed=4) != (h0, h1)
 
 
+def test_folder_images_for_real_data(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (20, 12), colour).save(tmp_path / split / c / f"{i}.png")
+    imgs = labelled_images(str(tmp_path), "train", None, 16)
+    assert len(imgs) == 6 and imgs.class_names == ("cat", "dog") and imgs.ids[0] == "train/cat/0.png"
+    x, y = imgs[5]
+    assert x.shape == (3, 16, 16) and y == 1 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    sub = labelled_images(str(tmp_path), "test", 4, 16)
+    assert len(sub) == 4 and sub.ids == labelled_images(str(tmp_path), "test", 4, 16).ids
+    with pytest.raises(ValueError, match="does not exist"):
+        labelled_images(str(tmp_path), "val", None, 16)
+
+
 def test_family_saves_and_reloads_with_the_same_hashes(family, tmp_path):
     out = family.save(tmp_path / "fam")
     models, manifest = load_family(out)
