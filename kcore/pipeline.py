@@ -10,9 +10,7 @@ import datetime as _dt
 import json
 import os
 import platform
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,11 +18,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from kcore._io import atomic_folder
 from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
 from kcore.features import CacheKey, FeaturePair, extract_features, image_set_hash, validate_layer
-from kcore.fit import FitConfig, FitResult, fit, make_config
+from kcore.fit import FitResult, fit, make_config
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
@@ -292,12 +291,7 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
     """
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"out_dir {str(out)!r} already exists. Fix: choose a new folder or pass overwrite=True.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         pos = torch.as_tensor(comparison.heldout_positions, dtype=torch.long)
         save_file(
             {"x_a": comparison.features.x_a[pos].float().contiguous(), "x_b": comparison.features.x_b[pos].float().contiguous()},
@@ -319,13 +313,7 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
             "fit": cfg,
         }, indent=1))
         (tmp / "provenance.json").write_text(json.dumps(comparison.provenance, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_run(run_dir: str | os.PathLike) -> Comparison:

@@ -5,8 +5,6 @@ import copy
 import datetime as _dt
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +12,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from kcore._io import atomic_folder
 
 STUDY_FORMAT = "kcore-study/1"
 
@@ -122,12 +122,7 @@ def write_study(
     """
     from kcore.pipeline import versions
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"out_dir {str(out)!r} already exists. Fix: choose a new folder or pass overwrite=True.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         (tmp / "result.json").write_text(json.dumps({"format": STUDY_FORMAT, "study": study, **result}, indent=1, default=_json))
         prov = {"study": study, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(), **dict(provenance)}
@@ -137,13 +132,7 @@ def write_study(
         for name, fig in figures.items():
             for fmt in formats:
                 fig.savefig(tmp / f"{name}.{fmt}", format=fmt, dpi=200, bbox_inches="tight", metadata=_fig_meta(fmt))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir)
 
 
 def read_study(path: str | os.PathLike) -> StudyFolder:
