@@ -330,7 +330,7 @@ def diagnose(
     lam: float | None = None,
     fit_epochs: int | None = None,
     convention: str = "authors",
-    train: TrainConfig = TrainConfig(epochs=30, lr=1e-2, lr_final=1e-4),
+    train: TrainConfig = TrainConfig(epochs=60, lr=3e-3, lr_final=3e-5),
     classifier_init: ClassifierInit = "fresh",
     repeats: int = 3,
     n_maps: int = 4,
@@ -454,7 +454,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=3, metavar="R",
                    help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 3)")
     p.add_argument("--n-maps", type=int, default=4, help="test images in the maps figure (default 4)")
-    add_training_arguments(p, epochs=30, lr=1e-2, lr_final=1e-4, n_train=2000, convention="authors")
+    add_training_arguments(p, epochs=60, lr=3e-3, lr_final=3e-5, n_train=2000, convention="authors")
     p.set_defaults(handler=_cmd_diagnosis)
 
 
