@@ -289,8 +289,9 @@ def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = Tru
             ys = [100 * a.test_accuracy for a in g]
             ax.scatter([x] * len(ys), ys, s=10, color="#f2a541", zorder=3)
             lows += ys
-    for x, v in zip(xs, after):
-        ax.text(x, v + 0.5, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    for x, v, g in zip(xs, after, groups):
+        top = max([v] + [100 * a.test_accuracy for a in g])
+        ax.text(x, top + 0.6, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs, names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("test accuracy [%]", fontsize=8)
     ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(after) + 6))
