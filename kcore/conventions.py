@@ -79,6 +79,23 @@ def channel_mean_std(x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]
     return mean, std
 
 
+#: a channel's std is floored at this share of the mean std over channels (see :func:`std_floor`)
+STD_FLOOR = 0.01
+
+
+def std_floor(std: Tensor, share: float = STD_FLOOR) -> Tensor:
+    """Floor per-channel stds at ``share`` × their mean, so nearly dead channels are not blown up.
+
+    A channel that almost never fires (std ~1e-4 of the others') would otherwise be multiplied by ~1e4 and
+    a single image's rare activation would dominate the loss and every variance. A constant channel
+    (std 0, nothing to standardise) gets the floor too, or 1 when every channel is constant.
+    """
+    floor = float(std.mean()) * share
+    if floor <= 0:
+        return torch.ones_like(std)
+    return std.clamp_min(floor)
+
+
 @dataclass(frozen=True)
 class Normalization:
     """How raw feature maps become g_θ's input and target; fitted on the training split.
@@ -113,9 +130,7 @@ class Normalization:
             return Normalization("authors", size)
         sm, ss = channel_mean_std(_Batches(x_src, size, indices))
         tm, ts = channel_mean_std(_Batches(x_tgt, None, indices))
-        # A constant channel has no variance to standardise; leave its scale alone instead of dividing by 0.
-        ss = torch.where(ss > 1e-12, ss, torch.ones_like(ss))
-        ts = torch.where(ts > 1e-12, ts, torch.ones_like(ts))
+        ss, ts = std_floor(ss), std_floor(ts)
         return Normalization("paper", size, sm, ss, tm, ts)
 
     def source(self, x: Tensor) -> Tensor:

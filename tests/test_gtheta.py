@@ -91,3 +91,16 @@ def test_loss_is_mean_squared_error_plus_gate_penalty():
 def test_spec_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GThetaSpec(3, 3, **kwargs)
+
+
+def test_nearly_dead_channels_are_not_blown_up_by_standardisation():
+    from kcore.conventions import STD_FLOOR
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 4, 4, generator=g)
+    x[:, 2] *= 1e-5  # a channel that barely moves
+    norm = Normalization.fit(x, x, "paper")
+    assert float(norm.src_std[0]) == pytest.approx(float(x[:, 0].std(unbiased=False)), rel=1e-6)
+    floor = STD_FLOOR * float(torch.stack([x[:, c].std(unbiased=False) for c in range(3)]).double().mean())
+    assert float(norm.src_std[2]) == pytest.approx(floor, rel=1e-3)
+    assert float(norm.source(x)[:, 2].abs().max()) < 1e-2  # not scaled up to unit variance
