@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from kcore.checkpoints import ModelCard, card_path_for, write_card
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.compression import FitSettings, compression_study, study_data
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
@@ -159,6 +160,7 @@ def test_compression_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_pat
     out = write_study(tmp_path / "study", "compression", a.as_dict(), a.tables(), a.figures(), {"seed": 0},
                       formats=("png",))
     folder = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert folder.study == "compression"
     assert len(folder.result["points"]) == 2
     pd.testing.assert_frame_equal(folder.tables["compression"], t, check_dtype=False)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, write_study
 from kcore.experiments.compression import FitSettings, study_data
 from kcore.experiments.cross_task import DIRECTIONS, cross_task_study, train_task_pair
@@ -83,6 +84,7 @@ def test_cross_task_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_path
     out = write_study(tmp_path / "study", "cross_task", a.as_dict(), a.tables(), a.figures(), {"seed": 0},
                       formats=("png",))
     folder = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert folder.study == "cross_task"
     assert set(folder.result["directions"]) == set(DIRECTIONS)
     assert {"variances", "maps_fine_to_coarse", "maps_coarse_to_fine"} <= set(folder.figures)

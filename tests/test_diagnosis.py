@@ -10,6 +10,7 @@ from torch import nn
 
 import kcore
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import FromLayer, read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.diagnosis import _raw_output_and_residual, adapt_input_width, diagnose, reinitialised
 from kcore.experiments.families import labelled_images, pair_features, train_family
@@ -157,6 +158,7 @@ def test_trained_init_starts_at_the_weak_net_s_accuracy(nets, images):
 def test_study_folder_reopens(result, tmp_path):
     out = write_study(tmp_path / "diag", "diagnosis", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
     st = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert st.study == "diagnosis" and {"maps", "accuracy"} <= set(st.figures)
     assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
     assert np.allclose(st.result["maps"]["blind_spot_energy"], result.blind_energy)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.compression import FitSettings, study_data
 from kcore.experiments.distillation import (
@@ -101,6 +102,7 @@ def test_distillation_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_pa
     out = write_study(tmp_path / "study", "distillation", a.as_dict(), a.tables(), a.figures(), {"seed": 0},
                       formats=("png",))
     folder = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert folder.study == "distillation" and folder.result["newest_generation"] == 2
     assert len(folder.tables["generations"]) == 3
     assert {"blind_spots", "blind_spot_maps"} <= set(folder.figures)

@@ -8,6 +8,7 @@ import torch
 
 import kcore
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.families import labelled_images, pair_features, train_family
 from kcore.experiments.refinement import TrainConfig, component_sums, refine, train_upper
@@ -121,6 +122,7 @@ def test_bad_training_options_name_the_argument():
 def test_study_folder_reopens(result, tmp_path):
     out = write_study(tmp_path / "ref", "refinement", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
     st = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert st.study == "refinement"
     assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
     assert st.result["accuracy"]["network B"] == result.arm("network B").test_accuracy

@@ -9,6 +9,7 @@ import torch
 
 from kcore.checkpoints import LoadedModel, load_model
 from kcore.cli import main
+from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, write_study
 from kcore.experiments.families import disjoint_halves, labelled_images, load_family, train_family
 from kcore.experiments.stability import stability
@@ -143,6 +144,7 @@ def test_bad_inputs_name_the_fix(family, images):
 def test_study_folder_reopens(result, tmp_path):
     out = write_study(tmp_path / "st", "stability", result.as_dict(), result.tables(), result.figures(), {"seed": 0})
     st = read_study(out)
+    open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert st.study == "stability" and set(st.tables) == {"summary", "directions", "members"}
     assert list(st.tables["summary"]["layer"]) == ["layer2", "layer3"]
     assert st.result["summary"][0]["instability_mean"] == pytest.approx(result.summary()[0]["instability_mean"])
