@@ -1,0 +1,305 @@
+"""Run the benchmark: ``python -m bench [--quick | --full] [--out bench/results]``.
+
+Prints a markdown table (measure, setting, result, target, met) and writes ``results.json`` (every number,
+curves included) and ``results.md`` (the table) into ``--out``. Benchmarks, not tests: nothing here fails
+when a target is missed; the table says by how much.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bench import common
+from bench.data import SAMPLE_MODELS_DIR, sample_pair_features, synthetic_pair
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark run.
+
+    Attributes:
+        quality: (name, N, C, H, authors epochs actually run) per synthetic set; N images of C×H×H.
+        sample_quality: (N, authors epochs) for the sample-model pair, or None to skip it.
+        throughput: (C, H, batch) per training-throughput row.
+        decomposition: (C, H, N, K) per decomposition row.
+        extraction: numbers of images (each in a fresh process).
+        end_to_end_images: images of the embedded default run (None: skip end to end and redraw).
+        repeats: timed repeats of the micro-benchmarks.
+    """
+
+    quality: tuple[tuple[str, int, int, int, int], ...]
+    sample_quality: tuple[int, int] | None
+    throughput: tuple[tuple[int, int, int], ...]
+    decomposition: tuple[tuple[int, int, int, int], ...]
+    extraction: tuple[int, ...]
+    end_to_end_images: int | None
+    repeats: int = 7
+    redraw_changes: int = 12
+    fast_epochs: int | None = None  # caps the default preset's epochs (smoke test only)
+
+
+PROFILES: dict[str, Profile] = {
+    # the numbers in bench/RESULTS.md
+    "full": Profile(
+        quality=(("synthetic 64×14×14", 200, 64, 14, 1000), ("synthetic 256×14×14", 200, 256, 14, 20)),
+        sample_quality=(400, 1000),
+        throughput=((16, 8, 64), (64, 14, 64), (256, 14, 64), (512, 14, 16)),
+        decomposition=((64, 14, 256, 2), (256, 14, 64, 2), (64, 14, 256, 4)),
+        extraction=(1000, 4000, 16000),
+        end_to_end_images=400,
+    ),
+    # a few minutes: the same code paths, the authors' recipe cut short (each row says so)
+    "quick": Profile(
+        quality=(("synthetic 64×14×14", 120, 64, 14, 30),),
+        sample_quality=(400, 30),
+        throughput=((64, 14, 64), (256, 14, 64)),
+        decomposition=((64, 14, 128, 2), (256, 14, 32, 2)),
+        extraction=(500, 2000),
+        end_to_end_images=400,
+        repeats=3,
+        redraw_changes=5,
+    ),
+    # seconds: tiny sizes, for tests/test_bench.py
+    "smoke": Profile(
+        quality=(("synthetic 8×6×6", 40, 8, 6, 3),),
+        sample_quality=None,
+        throughput=((8, 6, 16),),
+        decomposition=((8, 6, 16, 2),),
+        extraction=(32,),
+        end_to_end_images=None,
+        repeats=1,
+        redraw_changes=1,
+        fast_epochs=3,
+    ),
+}
+
+TARGETS = {
+    "quality": 20.0,  # time-to-quality ratio, at least
+    "throughput": 0.5,  # of the matmul FLOP/s, at least
+    "decomposition": 1.2,  # × (K+2)/2 forward passes, at most
+    "end_to_end": 60.0,  # seconds, at most
+    "redraw": 0.150,  # seconds, at most
+    "memory_growth": 1.25,  # peak RSS at the largest N over the smallest, at most ("flat")
+}
+
+
+@dataclass
+class Table:
+    rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
+
+    def add(self, measure: str, setting: str, result: str, target: str = "", met: bool | None = None) -> None:
+        mark = "" if met is None else ("yes" if met else "**no**")
+        self.rows.append((measure, setting, result, target, mark))
+
+    def markdown(self) -> str:
+        head = ("Measure", "Setting", "Result", "Target", "Met")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_quality(profile: Profile, table: Table, results: dict, models_dir: Path | None) -> None:
+    from bench.quality import time_to_quality
+
+    sets: list[tuple[str, Callable[[], Any], int]] = []
+    if profile.sample_quality is not None:
+        n, ep = profile.sample_quality
+        sets.append((f"sample pair tinynet→resnet, {n} images", lambda n=n: sample_pair_features(n, models_dir), ep))
+    for name, n, c, h, ep in profile.quality:
+        sets.append((f"{name}, {n} images", lambda n=n, c=c, h=h: synthetic_pair(n, c, h), ep))
+    out = []
+    for name, make, ep in sets:
+        pair = make()
+        if pair is None:
+            table.add("time to quality", name, "skipped: no sample models in " + str(models_dir or SAMPLE_MODELS_DIR))
+            continue
+        _say(f"time to quality: {name} (authors' recipe: {ep} of 1000 epochs)")
+        r = time_to_quality(name, *pair, authors_epochs=ep,
+                            fast_overrides={"epochs": profile.fast_epochs} if profile.fast_epochs else None)
+        out.append(r)
+        how = "1000 epochs" if r["authors_full_run"] else f"first {r['authors_epochs_run']} of 1000 epochs"
+        if r["ratio"] is None:
+            res = (f"default never reached {r['authors_error']:.4f} (its best: {min(r['fast_curve']['err']):.4f}; "
+                   f"final {r['fast_final_error']:.4f})")
+        else:
+            res = (f"**{r['ratio']:.0f}×** ({common.fmt_seconds(r['authors_seconds'])} → "
+                   f"{common.fmt_seconds(r['fast_seconds_to_quality'])} at epoch {r['fast_epoch_at_quality']}; "
+                   f"error {r['authors_error']:.4f})")
+        setting = f"{name}; authors' recipe {how}"
+        table.add("time to quality", setting, res, f"≥ {TARGETS['quality']:.0f}×",
+                  None if r["ratio"] is None else r["ratio"] >= TARGETS["quality"])
+        full = r["authors_full_seconds_extrapolated"]
+        tail = f"; authors' 1000 epochs ≈ {common.fmt_seconds(full)} (extrapolated)" if full else ""
+        table.add("  whole default fit", name,
+                  f"{common.fmt_seconds(r['fast_seconds_total'])}, {r['fast_epochs']} epochs, held-out error "
+                  f"{r['fast_final_error']:.4f}{tail}")
+    results["quality"] = out
+
+
+def run_throughput(profile: Profile, table: Table, results: dict) -> None:
+    from bench.throughput import training_throughput
+
+    out = []
+    for c, h, b in profile.throughput:
+        _say(f"training throughput {c}×{h}×{h}, batch {b}")
+        r = training_throughput(c, h, batch_size=b, repeats=profile.repeats)
+        out.append(r)
+        table.add("training FLOP/s vs matmul", f"{c}×{h}×{h}, batch {b}, K=2",
+                  f"**{r['ratio']:.2f}** ({r['step_gflops']:.0f} vs {r['matmul_gflops']:.0f} GFLOP/s; "
+                  f"{r['ms_per_image']:.2f} ms/image)", f"≥ {TARGETS['throughput']:.2f}",
+                  r["ratio"] >= TARGETS["throughput"])
+    results["throughput"] = out
+
+
+def run_decomposition(profile: Profile, table: Table, results: dict) -> None:
+    from bench.decomposition import decomposition_ratio
+
+    out = []
+    for c, h, n, k in profile.decomposition:
+        _say(f"decomposition {c}×{h}×{h}, {n} images, K={k}")
+        r = decomposition_ratio(c, h, n, k, repeats=profile.repeats)
+        out.append(r)
+        lim = TARGETS["decomposition"] * r["floor"]
+        table.add("decomposition / forward", f"{c}×{h}×{h}, {n} images, K={k}",
+                  f"**{r['ratio']:.2f}** forward passes (floor {r['floor']:.1f})", f"≤ {lim:.1f}", r["ratio"] <= lim)
+    results["decomposition"] = out
+
+
+def run_extraction(profile: Profile, table: Table, results: dict) -> None:
+    from bench.extraction import extraction_run
+
+    out = []
+    for n in profile.extraction:
+        _say(f"extraction of {n} images with the disk cache")
+        out.append(extraction_run(n))
+    results["extraction"] = out
+    for r in out:
+        table.add("extraction (disk cache)", f"{r['n_images']} images 64×64, tinynet+resnet",
+                  f"{r['images_per_second']:.0f} images/s; peak RSS {common.fmt_bytes(r['peak_rss'])} "
+                  f"(heap {common.fmt_bytes(r['peak_rss_anon'])}, cache pages {common.fmt_bytes(r['peak_rss_file'])}); "
+                  f"cache {common.fmt_bytes(r['cache_bytes'])}")
+    if len(out) >= 2:
+        growth = out[-1]["peak_rss"] / out[0]["peak_rss"]
+        heap = out[-1]["peak_rss_anon"] / out[0]["peak_rss_anon"]
+        table.add("  peak memory growth", f"{out[0]['n_images']} → {out[-1]['n_images']} images",
+                  f"**{growth:.2f}×** peak RSS, {heap:.2f}× heap", f"≤ {TARGETS['memory_growth']:.2f}× (flat)",
+                  growth <= TARGETS["memory_growth"])
+
+
+def _e2e_row(table: Table, r: dict, note: str = "") -> None:
+    table.add("embedded default end to end", f"{r['pair'][0]}:{r['pair'][1]} → {r['pair'][2]}:{r['pair'][3]}, "
+              f"{r['n_images']} images, A→B{note}", f"**{r['total_seconds']:.1f} s** (extract "
+              f"{r['extract_seconds']:.1f} + fit {r['fit_seconds']:.1f} ({r['epochs']['A_to_B']} epochs) + decompose "
+              f"{r['decompose_seconds']:.1f}; held-out error {r['heldout_error']['A_to_B']:.3f})",
+              f"≤ {TARGETS['end_to_end']:.0f} s", r["total_seconds"] <= TARGETS["end_to_end"])
+
+
+def run_end_to_end(profile: Profile, table: Table, results: dict, models_dir: Path | None) -> None:
+    from bench.end_to_end import end_to_end, heldout_images, redraw
+
+    dec = images = None
+    if profile.end_to_end_images is not None:
+        _say(f"embedded default end to end ({profile.end_to_end_images} images)")
+        r = end_to_end(profile.end_to_end_images, models_dir=models_dir)
+        if r is None:
+            table.add("embedded default end to end", "", "skipped: no sample models")
+        else:
+            comp = r.pop("comparison")
+            r["torch_threads"] = torch.get_num_threads()
+            results["end_to_end"] = r
+            _e2e_row(table, r, f", {r['torch_threads']} torch threads")
+            dec = comp.decompose("A_to_B")
+            images = heldout_images(comp)
+            if torch.get_num_threads() > 1:
+                # On a shared machine a team of OpenMP threads waits for its slowest member: show one thread too.
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    _say("embedded default end to end, 1 torch thread")
+                    r1 = end_to_end(profile.end_to_end_images, models_dir=models_dir)
+                finally:
+                    torch.set_num_threads(threads)
+                if r1 is not None:
+                    r1.pop("comparison")
+                    r1["torch_threads"] = 1
+                    results["end_to_end_1_thread"] = r1
+                    _e2e_row(table, r1, ", 1 torch thread")
+    if dec is None:  # no sample models: a synthetic fit of the same size
+        import kcore
+
+        x, y = synthetic_pair(80, 16, 16)
+        res = kcore.fit(x, y, epochs=2, device="cpu")
+        held = list(res.heldout_indices)
+        dec = res.decompose(x[held], y[held])
+    _say("dashboard redraw")
+    rd = redraw(dec, images, changes=profile.redraw_changes)
+    results["redraw"] = rd
+    for what in ("image", "channel", "order"):
+        s = rd[f"{what}_seconds"]
+        table.add("dashboard redraw", f"{what} changes (overlay + blind-spot map, PNG at {rd['dpi']} dpi)",
+                  f"**{s * 1e3:.0f} ms** (CPU {rd[what + '_cpu_seconds'] * 1e3:.0f} ms)",
+                  f"≤ {TARGETS['redraw'] * 1e3:.0f} ms", s <= TARGETS["redraw"])
+    table.add("  redraw split", "per redraw", f"build figures {rd['build_seconds'] * 1e3:.0f} ms + encode PNGs "
+              f"{rd['png_seconds'] * 1e3:.0f} ms; array-only floor (no axes/colour bar, zlib level 1) "
+              f"{rd['array_floor_seconds'] * 1e3:.0f} ms")
+
+
+SECTIONS = ("quality", "throughput", "decomposition", "extraction", "end_to_end")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="a few minutes")
+    mode.add_argument("--full", action="store_const", const="full", dest="profile", help="the README's table (hours)")
+    mode.add_argument("--profile", choices=sorted(PROFILES), dest="profile")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results.json and results.md")
+    p.add_argument("--models", type=Path, default=None, help="folder of the sample models (default: sample_models/)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    profile_name = args.profile or "quick"
+    profile = PROFILES[profile_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = args.only or SECTIONS
+    command = "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    results: dict[str, Any] = {"command": command, "profile": profile_name, "machine": common.machine()}
+    table = Table()
+    t0 = time.perf_counter()
+    if "quality" in sections:
+        run_quality(profile, table, results, args.models)
+    if "throughput" in sections:
+        run_throughput(profile, table, results)
+    if "decomposition" in sections:
+        run_decomposition(profile, table, results)
+    if "extraction" in sections:
+        run_extraction(profile, table, results)
+    if "end_to_end" in sections:
+        run_end_to_end(profile, table, results, args.models)
+    results["machine_end"] = common.machine()
+    results["seconds"] = time.perf_counter() - t0
+    m, m2 = results["machine"], results["machine_end"]
+    header = (f"`{command}` · {m['date']} · {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']} · "
+              f"load average {m['load_average_1min']} at start, {m2['load_average_1min']} at end · "
+              f"{common.fmt_seconds(results['seconds'])} in all")
+    text = header + "\n\n" + table.markdown() + "\n"
+    results["table"] = text
+    common.write_json(args.out / "results.json", results)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The benchmark's code paths at tiny sizes (a smoke test; benchmarks are not timed tests)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import main
+from bench.data import synthetic_pair
+from bench.quality import Curve, time_to_quality
+from bench.throughput import forward_flops
+from kcore.gtheta import GThetaSpec
+
+
+def test_forward_flops_counts_every_convolution():
+    spec = GThetaSpec(4, 6, orders=2, kernel_size=3)
+    # W^(0): 4 -> 6, W^(1), W^(2): 4 -> 4; 2 FLOPs per multiply-add, 9 taps, 5x7 positions
+    assert forward_flops(spec, 5, 7) == 2 * 9 * 35 * (4 * 6 + 2 * 4 * 4)
+
+
+def test_curve_finds_the_first_epoch_at_or_below_a_target():
+    c = Curve("fast", times=[1.0, 2.0, 3.0], errors=[0.5, 0.3, 0.2])
+    assert c.first_time_at_or_below(0.3) == (2.0, 2)
+    assert c.first_time_at_or_below(0.1) is None
+
+
+def test_synthetic_pair_is_deterministic_and_shaped():
+    a, b = synthetic_pair(6, 4, 5, seed=3), synthetic_pair(6, 4, 5, seed=3)
+    assert a[0].shape == a[1].shape == (6, 4, 5, 5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_time_to_quality_compares_in_the_same_units():
+    x, y = synthetic_pair(30, 4, 5)
+    r = time_to_quality("tiny", x, y, authors_epochs=2, fast_overrides={"epochs": 2})
+    assert r["authors_epochs_run"] == 2 and not r["authors_full_run"]
+    assert len(r["authors_curve"]["err"]) == 2
+    assert r["authors_error"] == pytest.approx(r["authors_curve"]["err"][-1])
+    assert r["authors_full_seconds_extrapolated"] == pytest.approx(r["authors_seconds_per_epoch"] * 1000)
+    if r["ratio"] is not None:
+        assert r["fast_curve"]["err"][r["fast_epoch_at_quality"] - 1] <= r["authors_error"]
+
+
+def test_smoke_profile_writes_the_table_and_json(tmp_path):
+    assert main(["--profile", "smoke", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["profile"] == "smoke"
+    for key in ("quality", "throughput", "decomposition", "extraction", "redraw"):
+        assert key in data, key
+    assert data["extraction"][0]["n_images"] == 32 and data["extraction"][0]["peak_rss"] > 0
+    assert data["decomposition"][0]["floor"] == 2.0
+    table = (tmp_path / "results.md").read_text()
+    assert "| Measure | Setting | Result | Target | Met |" in table
+    for measure in ("time to quality", "training FLOP/s", "decomposition / forward", "extraction", "dashboard redraw"):
+        assert measure in table, measure
