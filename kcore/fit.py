@@ -68,7 +68,7 @@ class FitConfig:
     lr: float = 3e-3
     lr_final: float = 3e-5
     schedule: Schedule = "cosine"
-    warmup: float = 0.0
+    warmup: float = 0.05
     weight_decay: float = 0.0
     epochs: int = 40
     batch_size: int = 64
@@ -114,7 +114,7 @@ PRESETS: dict[str, FitConfig] = {
     "fast": FitConfig(),
     "authors": FitConfig(
         orders=2, kernel_size=3, convention="authors", gate="sigmoid", p_init=0.5, lam=0.1, lr=1e-4,
-        lr_final=1e-6, schedule="loglinear", weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
+        lr_final=1e-6, schedule="loglinear", warmup=0.0, weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
         monitor_fraction=0.0, patience=None, min_steps=0,
     ),
 }
@@ -327,7 +327,8 @@ class FitResult:
         return FitResult(
             model=model,
             norm=norm,
-            config=FitConfig(**meta["config"]),
+            # fits saved before these options existed ran without warm-up and with the 1e-6 improvement threshold
+            config=FitConfig(**{"warmup": 0.0, "min_delta": 1e-6, **meta["config"]}),
             history=tuple(EpochRecord(**{**r, "gates": tuple(r["gates"])}) for r in meta["history"]),
             best_epoch=meta["best_epoch"],
             heldout_error=meta["heldout_error"],
