@@ -17,13 +17,7 @@ from kcore.pipeline import model_transform
 TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the test machine is shared: one thread avoids waiting on busy cores (results do not depend on it)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
