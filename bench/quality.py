@@ -35,6 +35,7 @@ class Curve:
     preset: str
     epochs_run: int = 0
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU time at the same points
     errors: list[float] = field(default_factory=list)
     final_error: float = math.nan
     seconds: float = math.nan  # wall time of the whole call (or up to the stop), hook excluded
@@ -65,6 +66,7 @@ def run_curve(
     def on_epoch(epoch: int, model: GTheta) -> None:
         tw, tc = time.perf_counter(), time.process_time()
         curve.times.append(tw - t0 - hook["wall"])
+        curve.cpu_times.append(tc - c0 - hook["cpu"])
         curve.errors.append(_relative_error(model, xs_h, xt_h, 256, next(model.parameters()).device))
         curve.epochs_run = epoch
         hook["wall"] += time.perf_counter() - tw
@@ -106,6 +108,7 @@ def time_to_quality(
     a = run_curve(x_src, x_tgt, "authors", stop_after=None if full else authors_epochs, epochs=recipe_epochs)
     target = a.final_error
     a_time = a.seconds if full else a.times[-1]
+    a_cpu = a.cpu_seconds if full else a.cpu_times[-1]
     f = run_curve(x_src, x_tgt, "fast", convention="authors", **(fast_overrides or {}))
     hit = f.first_time_at_or_below(target)
     per_epoch = a.times[-1] / max(a.epochs_run, 1)
@@ -117,7 +120,7 @@ def time_to_quality(
         "authors_full_run": full,
         "authors_error": target,
         "authors_seconds": a_time,
-        "authors_cpu_seconds": a.cpu_seconds,
+        "authors_cpu_seconds": a_cpu,
         "authors_seconds_per_epoch": per_epoch,
         "authors_full_seconds_extrapolated": None if full else per_epoch * recipe_epochs,
         "fast_seconds_total": f.seconds,
@@ -127,8 +130,9 @@ def time_to_quality(
         "fast_seconds_to_quality": hit[0] if hit else None,
         "fast_epoch_at_quality": hit[1] if hit else None,
         "ratio": a_time / hit[0] if hit else None,
+        "ratio_cpu": a_cpu / f.cpu_times[hit[1] - 1] if hit else None,
         "ratio_total": a_time / f.seconds if f.final_error <= target else None,
-        "authors_curve": {"t": a.times, "err": a.errors},
-        "fast_curve": {"t": f.times, "err": f.errors},
+        "authors_curve": {"t": a.times, "cpu": a.cpu_times, "err": a.errors},
+        "fast_curve": {"t": f.times, "cpu": f.cpu_times, "err": f.errors},
     }
     return out
