@@ -60,19 +60,24 @@ def _check_dpi(dpi: int) -> int:
     return int(dpi)
 
 
-def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300) -> bytes:
+def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300, *, png_compression: int = 6) -> bytes:
     """Render ``fig`` to PNG, SVG or PDF bytes, deterministically (no dates, fixed SVG ids).
 
     Args:
         fig: a matplotlib figure (e.g. from :mod:`kcore.viz`).
         fmt: ``"png"``, ``"svg"`` or ``"pdf"``.
         dpi: resolution of PNGs (and of raster images embedded in SVG/PDF).
+        png_compression: zlib level of PNGs, 0–9 (the same pixels at every level; 1 encodes about 5× faster
+            than the default 6 into files about 20 % larger, which is what the dashboard's display uses).
 
     Returns:
         The file's bytes.
     """
     (fmt,) = _check_formats([fmt])
     dpi = _check_dpi(dpi)
+    if isinstance(png_compression, bool) or not isinstance(png_compression, int) or not 0 <= png_compression <= 9:
+        raise ValueError(f"png_compression must be an integer zlib level from 0 to 9; got {png_compression!r}. "
+                         "Use 1 for speed, 6 (the default) or 9 for smaller files.")
     metadata: dict[str, Any] = {
         "png": {"Software": "kcore (matplotlib)"},
         "svg": {"Date": None, "Creator": "kcore (matplotlib)"},
@@ -80,7 +85,8 @@ def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300) -> byte
     }[fmt]
     buf = io.BytesIO()
     with rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "path", "pdf.fonttype": 42}):
-        fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata, facecolor="white")
+        extra = {"pil_kwargs": {"compress_level": png_compression}} if fmt == "png" else {}
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata, facecolor="white", **extra)
     return buf.getvalue()
 
 

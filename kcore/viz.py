@@ -24,6 +24,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib import colors as mcolors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
@@ -333,21 +334,58 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines)
 
 
+def _caption_width(fig: Figure) -> int:
+    return max(30, int(fig.get_figwidth() * 20))  # ~characters of 6 pt text per line
+
+
 def _caption(fig: Figure, caption: str | None) -> None:
     if caption:
-        width = max(30, int(fig.get_figwidth() * 20))  # ~characters of 6 pt text per line
-        fig.supxlabel(_wrap(caption, width), fontsize=6, color="0.35", x=0.01, ha="left", linespacing=1.3)
+        fig.supxlabel(_wrap(caption, _caption_width(fig)), fontsize=6, color="0.35", x=0.01, ha="left",
+                      linespacing=1.3)
+
+
+def blend_overlay(
+    image: np.ndarray | None,
+    map2d: np.ndarray | torch.Tensor,
+    norm: mcolors.Normalize,
+    cmap: str,
+    alpha: float,
+    background: Background = "gray",
+) -> np.ndarray:
+    """The map upsampled (bilinear) to the image, colour-mapped and alpha-blended over the background.
+
+    Args:
+        image: the input image (H, W, 3); None gives the colour-mapped map alone (at full opacity).
+        map2d: the map (h, w) at feature resolution.
+        norm: maps values to [0, 1] for ``cmap`` (values outside take the colour map's ends).
+        cmap: a matplotlib colour-map name.
+        alpha: opacity of the map, in [0, 1] (ignored, i.e. 1, when there is no image under it).
+        background: see :data:`BACKGROUNDS`.
+
+    Returns:
+        (H, W, 3) float RGB in [0, 1]: ``(1 - alpha) · background + alpha · cmap(norm(map))``. One raster,
+        so a figure draws (and a PDF/SVG embeds) one image instead of two layers.
+    """
+    _check_alpha(alpha)
+    m = _np(map2d)
+    size = (m.shape[0], m.shape[1]) if image is None else np.asarray(image).shape[:2]
+    under = _background(image, background, size)
+    colours = colormaps[cmap](norm(upsample(m, size)))[..., :3]
+    if image is None or background == "none":
+        return colours
+    return (1.0 - alpha) * under + alpha * colours
 
 
 def _draw_overlay(ax, image, map2d, norm, cmap, alpha, background) -> None:
-    m = _np(map2d)
-    size = (m.shape[0], m.shape[1]) if image is None else np.asarray(image).shape[:2]
-    up = upsample(m, size)
-    ax.imshow(_background(image, background, size), interpolation="antialiased")
-    ax.imshow(up, cmap=cmap, norm=norm, alpha=float(alpha) if image is not None and background != "none" else 1.0,
-              interpolation="bilinear")
+    ax.imshow(blend_overlay(image, map2d, norm, cmap, alpha, background), interpolation="antialiased")
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _hide_axis_lines(ax) -> None:
+    """No tick machinery on an image axes (the frame stays): drawing empty axes still costs ~5 ms each."""
+    ax.xaxis.set_visible(False)
+    ax.yaxis.set_visible(False)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -389,17 +427,40 @@ def overlay_figure(
     lim = limits_of(map2d, signed) if limits is None else limits
     norm = _norm(lim)
     cmap = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
-    fig = Figure(figsize=size_inches, layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=size_inches)
+    shape = np.shape(map2d) if image is None else np.shape(image)
+    ax, cax = _overlay_axes(fig, shape[0] / shape[1], title, caption)
     _draw_overlay(ax, image, map2d, norm, cmap, alpha, background)
+    _hide_axis_lines(ax)
     if title:
-        ax.set_title(title, fontsize=9)
-    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.9)
+        ax.set_title(title, fontsize=9, y=1.0, pad=4)  # a fixed y skips matplotlib's search for tick labels
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
     cb.ax.tick_params(labelsize=7)
     if colorbar_label:
         cb.set_label(colorbar_label, fontsize=8)
     _caption(fig, caption)
     return fig
+
+
+def _overlay_axes(fig: Figure, aspect: float, title: str | None, caption: str | None):
+    """Image and colour-bar axes of an overlay, placed in inches from the text around them.
+
+    A fixed layout instead of matplotlib's constrained layout, which measures every text twice and was a
+    third of a redraw. Margins: the title's lines above, the wrapped caption's lines below, the colour bar
+    with its tick labels and label on the right; the image keeps its aspect ratio (height / width).
+    """
+    w, h = fig.get_size_inches()
+    top = 0.1 + (0.17 * (title.count("\n") + 1) if title else 0.0)
+    lines = _wrap(caption, _caption_width(fig)).count("\n") + 1 if caption else 0
+    bottom = 0.1 + 0.11 * lines
+    left, right = 0.1, 0.95  # right: gap, colour bar, tick labels, label
+    avail_w, avail_h = w - left - right, h - top - bottom
+    ax_h = min(avail_h, avail_w * aspect)
+    ax_w = ax_h / aspect
+    x0, y0 = left + (avail_w - ax_w) / 2, bottom + (avail_h - ax_h) / 2
+    ax = fig.add_axes((x0 / w, y0 / h, ax_w / w, ax_h / h))
+    cax = fig.add_axes(((x0 + ax_w + 0.1) / w, (y0 + 0.05 * ax_h) / h, 0.12 / w, 0.9 * ax_h / h), label="<colorbar>")
+    return ax, cax
 
 
 def component_overlay(
@@ -422,15 +483,77 @@ def component_overlay(
     Limits follow :func:`map_limits` with ``scale`` (and ``images`` for ``"shared"``). See
     :func:`overlay_figure` for the drawing.
     """
+    m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=True)
+    return overlay_figure(
+        image, m, limits=lim, signed=spec.signed, alpha=alpha, background=background, title=title,
+        colorbar_label=label, caption=caption,
+    )
+
+
+def _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex):
+    """(map, limits, title, colour-bar label) of one Explorer map; the title in mathtext or in Unicode."""
     m = feature_map(dec, spec, image_index, channel)
     lim = map_limits(dec, spec, image_index, channel, scale, images)
     where = f"channel {channel}" if spec.kind != "blind_spot" else "all channels"
-    title = f"{spec.tex} · {where}" + (f"\n{image_label}" if image_label else "")
+    title = f"{spec.tex if tex else spec.label} · {where}" + (f"\n{image_label}" if image_label else "")
     unit = f"({units})²" if spec.kind == "blind_spot" else units
-    return overlay_figure(
-        image, m, limits=lim, signed=spec.signed, alpha=alpha, background=background, title=title,
-        colorbar_label=f"{unit} · scale: {SCALE_NAMES[scale]}", caption=caption,
-    )
+    return m, lim, title, f"{unit} · scale: {SCALE_NAMES[scale]}"
+
+
+def component_overlay_interactive(
+    dec: Decomposition,
+    spec: MapSpec,
+    image_index: int,
+    channel: int | None,
+    image: np.ndarray | None = None,
+    *,
+    scale: Scale = "map",
+    images: Sequence[int] | None = None,
+    alpha: float = 0.6,
+    background: Background = "gray",
+    image_label: str | None = None,
+    units: str = "target units",
+    height: int = 420,
+):
+    """:func:`component_overlay` as an interactive Plotly figure (the dashboard's Explorer).
+
+    The same map, limits, colour map, opacity and background as the matplotlib figure; the browser draws
+    it (the server only sends the arrays, ~10 ms instead of ~50 ms for a rendered PNG) and shows each
+    pixel's value on hover. The map is drawn as a heat map over the (grey) image with opacity ``alpha``;
+    exports use :func:`component_overlay`.
+
+    Returns:
+        A ``plotly.graph_objects.Figure``: an ``Image`` trace (the background, absent without an image or
+        with ``background="none"``) and a ``Heatmap`` trace whose ``zmin``/``zmax`` are the limits.
+    """
+    import plotly.graph_objects as go
+
+    m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=False)
+    _check_alpha(alpha)
+    size = m.shape if image is None else np.asarray(image).shape[:2]
+    under = _background(image, background, size)
+    fig = go.Figure()
+    opacity = 1.0
+    if image is not None and background != "none":
+        fig.add_trace(go.Image(z=np.round(under * 255).astype(np.uint8), hoverinfo="skip", name="image"))
+        opacity = float(alpha)
+    fig.add_trace(go.Heatmap(
+        z=upsample(m, size), zmin=lim[0], zmax=lim[1], colorscale=plotly_colorscale(DIVERGING_CMAP if spec.signed else SEQUENTIAL_CMAP),
+        opacity=opacity, name=spec.label,
+        colorbar={"title": {"text": label, "side": "right", "font": {"size": 11}}, "thickness": 12, "len": 0.9},
+        hovertemplate="x %{x}, y %{y}: %{z:.4g}<extra></extra>",
+    ))
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_layout(title={"text": title.replace("\n", "<br>"), "font": {"size": 13}}, height=height,
+                      margin={"l": 0, "r": 0, "t": 56, "b": 0}, plot_bgcolor="white")
+    return fig
+
+
+def plotly_colorscale(cmap: str, n: int = 33) -> list[list]:
+    """A matplotlib colour map as a Plotly colour scale (``n`` evenly spaced stops, linear in between)."""
+    lut = colormaps[cmap](np.linspace(0.0, 1.0, n))[:, :3]
+    return [[i / (n - 1), "rgb({:.0f},{:.0f},{:.0f})".format(*(255 * c))] for i, c in enumerate(lut)]
 
 
 def _order_colours(k_max: int) -> list:

@@ -70,6 +70,22 @@ def test_figure_bytes_are_valid_and_deterministic():
         assert export.figure_bytes(make(), fmt, dpi=100) == first, fmt
 
 
+def test_png_compression_changes_the_size_never_the_pixels():
+    from PIL import Image
+
+    def make():
+        return viz.overlay_figure(None, np.outer(np.sin(np.arange(16.0)), np.cos(np.arange(16.0))), title="t")
+
+    fast, small = export.figure_bytes(make(), "png", 100, png_compression=1), export.figure_bytes(make(), "png", 100)
+    check_png(fast)
+    assert len(fast) > len(small)
+    pixels = [np.asarray(Image.open(io.BytesIO(b))) for b in (fast, small)]
+    np.testing.assert_array_equal(*pixels)
+    for bad in (10, -1, 2.5, True):
+        with pytest.raises(ValueError, match="png_compression must be an integer zlib level"):
+            export.figure_bytes(make(), "png", 100, png_compression=bad)
+
+
 def test_figure_stem_is_deterministic_and_file_safe():
     stem = export.figure_stem("overlay", "A_to_B", image_id="kshapes/test/00012", channel=7, what="x0+1", scale="image")
     assert stem == "overlay_A_to_B_img-kshapes-test-00012_ch007_x0+1_scale-image"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib import colormaps
+from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 
 from kcore import viz
@@ -28,37 +30,88 @@ def _colorbars(fig: Figure):
     return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
 
 
+def _drawn(fig: Figure) -> np.ndarray:
+    """The RGB raster the overlay axes show."""
+    (im,) = fig.axes[0].images
+    return np.asarray(im.get_array())
+
+
 def test_signed_overlay_has_symmetric_colorbar_and_diverging_map(dec, image):
     spec = viz.MapSpec("component", (1,))
-    fig = viz.component_overlay(dec, spec, 0, 2, image, scale="map")
+    fig = viz.component_overlay(dec, spec, 0, 2, image, scale="map", alpha=0.6)
     (cax,) = _colorbars(fig)
     m = float(dec.components[1][0, 2].abs().max())
     lo, hi = sorted(cax.get_ylim())
     assert lo == pytest.approx(-m) and hi == pytest.approx(m)
-    overlay = fig.axes[0].images[-1]
-    assert overlay.get_cmap().name == viz.DIVERGING_CMAP
-    assert overlay.norm.vmin == pytest.approx(-m) and overlay.norm.vmax == pytest.approx(m)
+    # the pixels are the diverging map with those limits, blended over the grey image
+    norm = mcolors.Normalize(-m, m)
+    expected = viz.blend_overlay(image, dec.components[1][0, 2], norm, viz.DIVERGING_CMAP, 0.6)
+    np.testing.assert_allclose(_drawn(fig), expected)
+    assert not np.allclose(expected, viz.blend_overlay(image, dec.components[1][0, 2], norm, "viridis", 0.6))
 
 
 def test_blind_spot_map_is_sequential_from_zero(dec, image):
-    fig = viz.component_overlay(dec, viz.MapSpec("blind_spot"), 1, None, image)
+    fig = viz.component_overlay(dec, viz.MapSpec("blind_spot"), 1, None, image, alpha=0.7)
     (cax,) = _colorbars(fig)
     energy = (dec.residual[1].double() ** 2).mean(0)
     lo, hi = sorted(cax.get_ylim())
     assert lo == 0.0 and hi == pytest.approx(float(energy.max()))
-    assert fig.axes[0].images[-1].get_cmap().name == viz.SEQUENTIAL_CMAP
+    expected = viz.blend_overlay(image, energy, mcolors.Normalize(0, float(energy.max())), viz.SEQUENTIAL_CMAP, 0.7)
+    np.testing.assert_allclose(_drawn(fig), expected)
     np.testing.assert_allclose(viz.feature_map(dec, viz.MapSpec("blind_spot"), 1, None), energy.numpy())
 
 
 def test_overlay_upsamples_the_map_to_the_image(dec, image):
     fig = viz.overlay_figure(image, dec.target[0, 0], alpha=0.5)
-    overlay = fig.axes[0].images[-1]
-    assert overlay.get_array().shape == image.shape[:2]
-    assert overlay.get_alpha() == 0.5
+    assert _drawn(fig).shape == (*image.shape[:2], 3)
     up = viz.upsample(np.arange(16.0).reshape(4, 4), (16, 12))
     assert up.shape == (16, 12)
     # bilinear with align_corners=False keeps the mean of a linear ramp and stays within its range
     assert up.min() >= 0 and up.max() <= 15 and up.mean() == pytest.approx(7.5)
+
+
+def test_blend_is_the_alpha_mix_of_background_and_colour_map(image):
+    m = np.linspace(-1.0, 1.0, 16).reshape(4, 4)
+    norm = mcolors.Normalize(-1.0, 1.0)
+    grey = image.astype(float) / 255 @ np.array([0.299, 0.587, 0.114])
+    colours = colormaps[viz.DIVERGING_CMAP](norm(viz.upsample(m, image.shape[:2])))[..., :3]
+    np.testing.assert_allclose(viz.blend_overlay(image, m, norm, viz.DIVERGING_CMAP, 0.0), np.repeat(grey[..., None], 3, 2))
+    np.testing.assert_allclose(viz.blend_overlay(image, m, norm, viz.DIVERGING_CMAP, 1.0), colours)
+    half = viz.blend_overlay(image, m, norm, viz.DIVERGING_CMAP, 0.5, background="rgb")
+    np.testing.assert_allclose(half, 0.5 * image / 255 + 0.5 * colours)
+    # no image, or nothing under the map: the colour map alone at full opacity, at the map's own size
+    alone = viz.blend_overlay(None, m, norm, viz.DIVERGING_CMAP, 0.3)
+    np.testing.assert_allclose(alone, colormaps[viz.DIVERGING_CMAP](norm(m))[..., :3])
+    np.testing.assert_allclose(viz.blend_overlay(image, m, norm, viz.DIVERGING_CMAP, 0.3, background="none"), colours)
+    # zero sits at the diverging map's white centre
+    centre = viz.blend_overlay(None, np.zeros((2, 2)), norm, viz.DIVERGING_CMAP, 1.0)
+    assert centre.min() > 0.95
+
+
+def test_interactive_overlay_shows_the_same_map_limits_and_colours(dec, image):
+    spec = viz.MapSpec("component", (2,))
+    fig = viz.component_overlay_interactive(dec, spec, 1, 3, image, scale="image", alpha=0.4)
+    bg, heat = fig.data
+    assert bg.type == "image" and heat.type == "heatmap"
+    grey = viz.blend_overlay(image, np.zeros((2, 2)), mcolors.Normalize(-1, 1), viz.DIVERGING_CMAP, 0.0)
+    np.testing.assert_array_equal(np.asarray(bg.z), np.round(grey * 255).astype(np.uint8))
+    lo, hi = viz.map_limits(dec, spec, 1, 3, "image")
+    assert (heat.zmin, heat.zmax) == (lo, hi) and heat.opacity == 0.4
+    np.testing.assert_allclose(np.asarray(heat.z), viz.upsample(viz.feature_map(dec, spec, 1, 3), image.shape[:2]))
+    # the colour scale is the matplotlib colour map: ends and centre
+    cmap = colormaps[viz.DIVERGING_CMAP]
+    stops = heat.colorscale
+    for pos in (0.0, 0.5, 1.0):
+        (colour,) = [c for p, c in stops if abs(p - pos) < 1e-9]
+        want = np.round(np.asarray(cmap(pos)[:3]) * 255)
+        assert np.abs(np.array([float(v) for v in colour[4:-1].split(",")]) - want).max() <= 1.0
+    assert "x⁽²⁾ · channel 3" in fig.layout.title.text
+    # blind spot: sequential from 0; without an image the map alone, fully opaque
+    fig = viz.component_overlay_interactive(dec, viz.MapSpec("blind_spot"), 0, None, None, alpha=0.3)
+    (heat,) = fig.data
+    energy = (dec.residual[0].double() ** 2).mean(0)
+    assert heat.zmin == 0.0 and heat.zmax == pytest.approx(float(energy.max())) and heat.opacity == 1.0
+    np.testing.assert_allclose(np.asarray(heat.z), energy.numpy())
 
 
 def test_scaling_limits_follow_the_documented_definitions(dec):
