@@ -35,6 +35,7 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
+state.freeze_startup_objects()
 state.ensure_defaults()
 state.adopt_finished_jobs()
 sidebar.draw(show_progress=page.title != "Fit")

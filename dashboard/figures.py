@@ -1,7 +1,9 @@
 """The dashboard's figures: kcore.viz calls with a run's data and the page's choices.
 
 Pages display these and the Export page saves the very same figures (PNG, SVG, PDF). Each builder has a
-``*_stem`` twin that names the exported file deterministically from the same choices.
+``*_stem`` twin that names the exported file deterministically from the same choices. The Explorer shows its
+two maps as interactive Plotly views (``*_view``: the same arrays, limits and colour maps, drawn by the browser
+so that a redraw stays well under 150 ms); Export saves them as the matplotlib figures.
 """
 from __future__ import annotations
 
@@ -57,6 +59,21 @@ def overlay(run: state.RunEntry, m: MapChoice) -> Figure:
         background=m.background, image_label=short_id(view.image_ids[m.image]), units=units,
         caption=export.caption(run.comparison, m.direction),
     )
+
+
+def overlay_view(run: state.RunEntry, m: MapChoice, spec: viz.MapSpec | None = None):
+    """The Explorer's interactive view of :func:`overlay` (Plotly; the same map, limits and colours)."""
+    view = state.decomposition(run, m.direction)
+    units = "standardised units" if view.dec.convention == "paper" else "target units"
+    return viz.component_overlay_interactive(
+        view.dec, spec or m.spec, m.image, m.channel, view.raw[m.image], scale=m.scale, alpha=m.alpha,
+        background=m.background, image_label=short_id(view.image_ids[m.image]), units=units,
+    )
+
+
+def blind_spot_view(run: state.RunEntry, m: MapChoice):
+    """The Explorer's interactive view of :func:`blind_spot`."""
+    return overlay_view(run, m, viz.MapSpec("blind_spot"))
 
 
 def overlay_stem(run: state.RunEntry, m: MapChoice) -> str:

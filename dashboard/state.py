@@ -43,6 +43,28 @@ DIRECTION_HELP = {
 
 
 # --------------------------------------------------------------------------------------------- registry
+_STARTUP_FROZEN = False
+
+
+def freeze_startup_objects() -> None:
+    """Exempt what the imports created from garbage collection, once per server process.
+
+    With torch, matplotlib and streamlit loaded the interpreter tracks ~500k objects, and a full collection,
+    which Python starts on its own now and then, walks all of them: ~300 ms, landing in the middle of a
+    redraw. These objects live as long as the process, so ``gc.freeze()`` (after one collection) moves them
+    out of the collector's way; everything created later is collected as usual.
+    """
+    global _STARTUP_FROZEN
+    if not _STARTUP_FROZEN:
+        import gc
+
+        import kcore.viz  # noqa: F401  (what the result pages import, frozen with the rest)
+
+        gc.collect()
+        gc.freeze()
+        _STARTUP_FROZEN = True
+
+
 @st.cache_resource(show_spinner=False)
 def registry() -> JobRegistry:
     """The process-wide job registry (one per server)."""

@@ -107,10 +107,14 @@ def test_default_fit_shows_the_overlay(server, browser, tmp_path):
     page.get_by_role("link", name="Explorer", exact=True).first.click()
     page.get_by_role("heading", name="Explorer").wait_for(timeout=60_000)
     page.get_by_text("Blind-spot energy").first.wait_for(timeout=60_000)  # the caption under the second map
-    images = page.locator('[data-testid="stImage"] img')
-    sync_api.expect(images).to_have_count(2, timeout=60_000)
-    images.first.wait_for(state="visible")
-    assert page.evaluate("(img) => img.naturalWidth", images.first.element_handle()) > 100
+    charts = page.locator('[data-testid="stPlotlyChart"]')
+    sync_api.expect(charts).to_have_count(2, timeout=60_000)
+    # Plotly has drawn each view: the heat map's raster layer and its colour bar
+    for i in range(2):
+        chart = charts.nth(i)
+        chart.locator("g.colorbar").first.wait_for(state="attached", timeout=60_000)
+        chart.locator("g.heatmaplayer image, g.imagelayer image").first.wait_for(state="attached", timeout=60_000)
+        assert chart.bounding_box()["width"] > 100
     _idle(page)
     shot = tmp_path / "explorer.png"
     page.screenshot(path=str(shot), full_page=True)

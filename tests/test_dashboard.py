@@ -189,7 +189,9 @@ def test_result_pages_render_with_provenance(fitted, page):
     run = next(iter(at.session_state["kc_runs"].values()))
     text = " ".join(m.value for m in at.markdown)
     assert run.comparison.a.sha256[:12] in text and run.comparison.b.sha256[:12] in text
-    if page != "export":
+    if page == "explorer":
+        assert len(at.get("plotly_chart")) == 2  # the interactive map and blind-spot views
+    elif page != "export":
         assert len(at.image) >= 1  # st.image elements (the figures)
 
 
@@ -213,7 +215,7 @@ def test_changing_image_channel_and_order_does_not_refit(fitted, calls):
     assert after == before  # no extraction, no fit, no new decomposition
     run2 = next(iter(at.session_state["kc_runs"].values()))
     assert run2 is run and {k: id(d.fit) for k, d in run2.comparison.directions.items()} == fits
-    assert len(at.image) == 2  # the overlay and the blind-spot map
+    assert len(at.get("plotly_chart")) == 2  # the overlay and the blind-spot map
 
 
 def test_filters_and_figure1_choices(fitted, calls):
@@ -270,7 +272,7 @@ def test_reopen_the_run_folder(fitted):
     assert reopened.origin == "folder" and reopened.raw_images  # images kept for the overlays
     at.switch_page("app_pages/explorer.py").run()
     _clean(at)
-    assert len(at.image) == 2
+    assert len(at.get("plotly_chart")) == 2
 
 
 def test_cancel_keeps_the_finished_results(fitted):

@@ -60,12 +60,13 @@ def explorer() -> None:
     with main:
         left, right = st.columns(2)
         with left:
-            ui.show_figure(lambda: figures.overlay(run, choice), key=f"ov-{run.id}-{choice}",
-                           caption=f"{spec.label} of channel {channel} on {view.image_ids[image]} "
-                                   f"(diverging, centred at 0; scale {scale})")
+            ui.show_interactive(figures.overlay_view(run, choice),
+                                caption=f"{spec.label} of channel {channel} on {view.image_ids[image]} "
+                                        f"(diverging, centred at 0; scale {scale}). Hover for values; the Export "
+                                        "page saves this map as a PNG/SVG/PDF figure.")
         with right:
-            ui.show_figure(lambda: figures.blind_spot(run, choice), key=f"bs-{run.id}-{choice}",
-                           caption="Blind-spot energy: mean over channels of (x^Δ)² (sequential, from 0)")
+            ui.show_interactive(figures.blind_spot_view(run, choice),
+                                caption="Blind-spot energy: mean over channels of (x^Δ)² (sequential, from 0)")
         rep = run.comparison.directions[direction].fit.heldout_report["per_channel"]
         units = ("standardised units of x* (paper convention)" if dec.convention == "paper"
                  else "raw units of x* (authors' convention)")
