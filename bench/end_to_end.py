@@ -6,10 +6,11 @@ cards' default layers) over the 400 bundled images, one direction (A → B), the
 held-out decomposition the result pages show. Loading the checkpoints is not counted (the dashboard keeps
 them loaded).
 
-Redraw is what the Explorer page does when the image, the channel or the order changes: build the overlay
-of the chosen map and the blind-spot overlay from the cached decomposition (:func:`kcore.viz.component_overlay`)
-and render both to PNG at the dashboard's 150 dpi. The decomposition itself is computed once per run and
-is not part of a redraw.
+Redraw is what the Explorer page does when the image, the channel or the order changes, timed through the
+dashboard itself (Streamlit's AppTest on the run folder of the end-to-end fit): :func:`dashboard_redraw`.
+The Explorer shows its maps as Plotly views drawn by the browser; :func:`figure_split` compares one such
+view with the matplotlib figure that Export saves (built and rendered to PNG) and with an axis-free floor.
+The decomposition is computed once per run and is not part of a redraw.
 """
 from __future__ import annotations
 
@@ -23,11 +24,22 @@ import numpy as np
 
 from bench.data import DEFAULT_N_IMAGES, load_default_pair, sample_images
 
-DISPLAY_DPI = 150  # dashboard/ui.py's DISPLAY_DPI
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, models_dir: Path | None = None) -> dict[str, Any] | None:
-    """Time extract + fit + decompose of the embedded default; None when the sample models are missing."""
+def _display() -> tuple[int, int]:
+    """The dashboard's display resolution and PNG compression (dashboard/ui.py)."""
+    from dashboard.ui import DISPLAY_DPI, DISPLAY_PNG_COMPRESSION
+
+    return DISPLAY_DPI, DISPLAY_PNG_COMPRESSION
+
+
+def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, models_dir: Path | None = None,
+               epochs: int | None = None) -> dict[str, Any] | None:
+    """Time extract + fit + decompose of the embedded default; None when the sample models are missing.
+
+    ``epochs`` caps the fit (smoke test only; None is the default preset's own stopping).
+    """
     from kcore.pipeline import compare
 
     loaded = load_default_pair(models_dir)
@@ -41,7 +53,8 @@ def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, 
     def on_progress(p: Any) -> None:
         stages.setdefault(p.stage, time.perf_counter() - t0)
 
-    comp = compare(a, la, b, lb, images, both_directions=both_directions, device="cpu", progress=on_progress)
+    comp = compare(a, la, b, lb, images, both_directions=both_directions, device="cpu", progress=on_progress,
+                   epochs=epochs)
     t_fit = time.perf_counter() - t0
     decs = {d: comp.decompose(d) for d in comp.directions}
     total = time.perf_counter() - t0
@@ -63,98 +76,115 @@ def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, 
 
 
 def _png(fig: Any) -> bytes:
-    try:
-        from kcore.export import figure_bytes
+    from kcore.export import figure_bytes
 
-        return figure_bytes(fig, "png", DISPLAY_DPI)
-    except ImportError:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=DISPLAY_DPI)
-        return buf.getvalue()
+    dpi, level = _display()
+    return figure_bytes(fig, "png", dpi, png_compression=level)
 
 
 def _array_overlay_png(dec: Any, order: int, image: int, channel: int, rgb: np.ndarray | None) -> bytes:
-    """The same overlay without matplotlib: colour-map lookup, bilinear upsampling, alpha blend, PNG (fast zlib).
+    """The same overlay without matplotlib's axes: colour-map lookup, bilinear upsampling, blend, PNG.
 
     A floor for what a redraw has to cost (no axes, colour bar or title), not what the dashboard draws.
     """
-    import torch
-    from matplotlib import colormaps
+    from matplotlib import colors as mcolors
     from PIL import Image
 
-    from kcore.conventions import resample
+    from kcore import viz
 
     m = dec.components[order][image, channel]
-    size = (64, 64) if rgb is None else rgb.shape[:2]
-    up = resample(m[None, None].float(), size)[0, 0]
-    lim = float(up.abs().max()) or 1.0
-    lut = (colormaps["RdBu_r"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
-    idx = ((up / lim + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
-    base = np.full((*size, 3), 255.0, np.float32) if rgb is None else rgb.astype(np.float32).mean(2, keepdims=True)
-    out = (0.35 * base + 0.65 * lut[idx]).astype(np.uint8)
-    img = Image.fromarray(out).resize((size[1] * 6, size[0] * 6), Image.NEAREST)
+    lim = float(m.abs().max()) or 1.0
+    out = viz.blend_overlay(rgb, m, mcolors.Normalize(-lim, lim), viz.DIVERGING_CMAP, 0.65)
+    img = Image.fromarray((out * 255).astype(np.uint8))
+    img = img.resize((img.width * 6, img.height * 6), Image.NEAREST)
     buf = io.BytesIO()
-    img.save(buf, format="png", compress_level=1)
+    img.save(buf, format="png", compress_level=_display()[1])
     return buf.getvalue()
 
 
-def redraw(dec: Any, images: list[np.ndarray] | None = None, changes: int = 12) -> dict[str, Any]:
-    """Median time of one Explorer redraw (chosen map + blind-spot map, built and rendered) per kind of change.
-
-    Also reports, for the same redraws, how the time splits into building the figures and encoding the PNGs,
-    and the array-only floor (:func:`_array_overlay_png`, both maps).
-
-    Args:
-        dec: a :class:`kcore.decompose.Decomposition` (the cached held-out decomposition).
-        images: the input images (H, W, 3) uint8 under the overlays (None: maps alone).
-        changes: redraws timed per kind of change.
+def figure_split(dec: Any, images: list[np.ndarray] | None = None, repeats: int = 12) -> dict[str, Any]:
+    """Median cost of one overlay in kcore: the matplotlib figure (build, render to PNG), the Plotly view the
+    Explorer shows (build and serialise to JSON), and the floor (:func:`_array_overlay_png`: the same pixels
+    without axes, colour bar or text).
     """
     from kcore import viz
 
-    n, c, k = int(dec.target.shape[0]), int(dec.target.shape[1]), dec.orders
-    rng = np.random.default_rng(0)
-    state = {"image": 0, "channel": 0, "order": 0}
-    split = {"build": [], "png": [], "floor": []}
-
-    def draw() -> None:
-        spec = viz.MapSpec("component", (state["order"],))
-        img = images[state["image"]] if images is not None else None
+    n, c = int(dec.target.shape[0]), int(dec.target.shape[1])
+    build, png, floor, interactive = [], [], [], []
+    for r in range(repeats + 1):
+        i, ch, k = r % n, (3 * r) % c, r % (dec.orders + 1)
+        img = images[i] if images is not None else None
         t = time.perf_counter()
-        figs = [viz.component_overlay(dec, s, state["image"], state["channel"], img, alpha=0.65)
-                for s in (spec, viz.MapSpec("blind_spot"))]
+        fig = viz.component_overlay(dec, viz.MapSpec("component", (k,)), i, ch, img, alpha=0.65)
         t1 = time.perf_counter()
-        for f in figs:
-            _png(f)
-        split["build"].append(t1 - t)
-        split["png"].append(time.perf_counter() - t1)
+        _png(fig)
+        t2 = time.perf_counter()
+        _array_overlay_png(dec, k, i, ch, img)
+        t3 = time.perf_counter()
+        viz.component_overlay_interactive(dec, viz.MapSpec("component", (k,)), i, ch, img, alpha=0.65).to_json()
+        t4 = time.perf_counter()
+        if r:  # the first is a warm-up (fonts, colour maps)
+            build.append(t1 - t)
+            png.append(t2 - t1)
+            floor.append(t3 - t2)
+            interactive.append(t4 - t3)
+    return {"build_seconds": statistics.median(build), "png_seconds": statistics.median(png),
+            "array_floor_seconds": statistics.median(floor), "interactive_seconds": statistics.median(interactive),
+            "dpi": _display()[0]}
 
-    def floor() -> None:
-        img = images[state["image"]] if images is not None else None
+
+def dashboard_redraw(run_dir: Path, changes: int = 12) -> dict[str, Any]:
+    """Time the Explorer page's rerun when the image, the channel or the order changes (Streamlit AppTest).
+
+    Opens the run folder in the dashboard (Fit page → Open), goes to the Explorer and changes one choice at a
+    time, timing ``AppTest.run()``: the whole page script (provenance, controls, both figures, captions) as the
+    server runs it, plus AppTest's own overhead, without the browser's paint. Every timed change shows
+    something not shown before (a fresh image; a fresh channel; for orders, a fresh image is opened untimed
+    first), so the figure cache never answers for the change being timed; what a real rerun may keep (the
+    blind-spot map when only the channel or order changes) it keeps.
+    """
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    if at.exception:
+        raise RuntimeError(f"the dashboard failed to start: {[e.value for e in at.exception]}")
+    at.switch_page("app_pages/fit.py").run()
+    at.text_input(key="kc_open_path").input(str(run_dir)).run()
+    at.button(key="kc_open_go").click().run()
+    at.switch_page("app_pages/explorer.py").run()
+    if at.exception or len(at.get("plotly_chart")) != 2:
+        raise RuntimeError(f"the Explorer did not draw the run: {[e.value for e in at.exception]}")
+    choice = at.session_state["kc_ex_choice"]
+    run = at.session_state["kc_runs"][at.session_state["kc_active_run"]]
+    orders = next(iter(run.comparison.directions.values())).fit.config.orders
+    n_images = len(at.selectbox(key="kc_ex_image").options)
+    n_channels = int(at.number_input(key="kc_ex_channel").max) + 1
+    fresh_images = iter([i for i in range(n_images) if i != choice.image])
+
+    def timed(change) -> float:
+        change()
         t = time.perf_counter()
-        for _ in range(2):
-            _array_overlay_png(dec, state["order"], state["image"], state["channel"], img)
-        split["floor"].append(time.perf_counter() - t)
+        at.run()
+        dt = time.perf_counter() - t
+        if at.exception:
+            raise RuntimeError(f"the Explorer failed: {[e.value for e in at.exception]}")
+        return dt
 
-    draw()  # warm-up: fonts, colour maps
-    floor()
-    for v in split.values():
-        v.clear()
-    out: dict[str, Any] = {"n_images": n, "channels": c, "orders": k, "dpi": DISPLAY_DPI}
-    for what, size in (("image", n), ("channel", c), ("order", k + 1)):
-        times, cpu = [], []
-        for _ in range(changes):
-            state[what] = int((state[what] + 1 + rng.integers(max(size - 1, 1))) % size)
-            t, tc = time.perf_counter(), time.process_time()
-            draw()
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - tc)
-            floor()
-        out[f"{what}_seconds"] = statistics.median(times)
-        out[f"{what}_cpu_seconds"] = statistics.median(cpu)
+    out: dict[str, Any] = {"images": n_images, "channels": n_channels, "orders": orders}
+    img_t = [timed(lambda i=next(fresh_images): at.selectbox(key="kc_ex_image").set_value(i)) for _ in range(changes)]
+    ch_t = [timed(lambda c=c: at.number_input(key="kc_ex_channel").set_value(c))
+            for c in range(1, min(changes, n_channels - 1) + 1)]
+    ord_t = []
+    for r in range(changes):
+        at.selectbox(key="kc_ex_image").set_value(next(fresh_images)).run()
+        ord_t.append(timed(lambda k=(r % orders) + 1: at.segmented_control(key="kc_ex_order").set_value(k)))
+        at.segmented_control(key="kc_ex_order").set_value(0).run()
+    for what, ts in (("image", img_t), ("channel", ch_t), ("order", ord_t)):
+        out[f"{what}_seconds"] = statistics.median(ts)
+        out[f"{what}_max_seconds"] = max(ts)
+        out[f"{what}_changes"] = len(ts)
     out["worst_seconds"] = max(out[f"{w}_seconds"] for w in ("image", "channel", "order"))
-    out["build_seconds"] = statistics.median(split["build"])
-    out["png_seconds"] = statistics.median(split["png"])
-    out["array_floor_seconds"] = statistics.median(split["floor"])
     return out
 
 
