@@ -5,7 +5,7 @@ resident set (``VmHWM``) belongs to that size alone. A sampling thread also reco
 memory (``RssAnon``: the heap, what the process really holds) apart from file-backed pages (``RssFile``: pages
 of the memory-mapped cache, which the kernel writes back and drops under pressure).
 
-The two networks are the sample architectures with random weights (``kc_tinynet`` block2 → 16×16×16 and
+The two networks are the sample architectures with random weights (``kc_tinynet`` block2 → 32×16×16 and
 ``kc_resnet`` layer2 → 32×16×16, the embedded default's layers), and the images are 64×64 random RGB tensors
 made per index, so rendering images costs nothing and the numbers are extraction alone.
 """

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, BinaryIO, Protocol, Union
 
 import numpy as np
 import torch
@@ -629,23 +629,29 @@ def _batches(
 
 
 class _Sink:
-    """Where features go: preallocated float32 tensors in memory, or float16 .npy memory maps on disk.
+    """Where features go: preallocated float32 tensors in memory, or float16 .npy files on disk.
 
-    With an unknown number of images the memory sink keeps a list of batches (concatenated at the end)
-    and the disk sink writes one file per batch (consolidated into one memory map at the end), so the
-    disk path never holds more than one batch in memory.
+    The disk sink appends each batch to its file with plain writes, not through a memory map: the written
+    pages then sit in the kernel's page cache rather than in this process's resident set, so extraction holds
+    about one batch whatever the number of images. With an unknown number of images the data goes to a
+    headerless file first and is copied behind the .npy header at the end; the memory sink keeps a list of
+    batches and concatenates them.
     """
 
     def __init__(self, folder: Path | None, n: int | None, shape: tuple[int, ...], name: str) -> None:
         self.folder, self.n, self.shape, self.name = folder, n, shape, name
         self.done = 0
         self.parts: list[Tensor] = []
-        self.part_files: list[Path] = []
-        self.store: Tensor | np.memmap | None = None
-        if n is not None and folder is None:
-            self.store = torch.empty((n, *shape), dtype=torch.float32)
-        elif n is not None and folder is not None:
-            self.store = np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=np.float16, shape=(n, *shape))
+        self.store: Tensor | None = None
+        self.file: BinaryIO | None = None
+        if folder is None:
+            if n is not None:
+                self.store = torch.empty((n, *shape), dtype=torch.float32)
+        elif n is not None:
+            self.file = open(folder / f"{name}.npy", "wb")
+            _write_npy_header(self.file, (n, *shape))
+        else:
+            self.file = open(folder / f"{name}.raw", "wb")
 
     def write(self, feats: Tensor, layer: str) -> None:
         b = feats.shape[0]
@@ -657,22 +663,16 @@ class _Sink:
         if self.n is not None and self.done + b > self.n:
             raise ValueError(f"images yielded more than the {self.n} images announced (n_images or len(dataset)).")
         feats = feats.detach().to("cpu", torch.float32)
-        if self.folder is not None:
+        if self.file is not None:
             peak = float(feats.abs().max()) if feats.numel() else 0.0
             if not peak < FLOAT16_MAX:
                 raise ValueError(
                     f"layer {layer!r} has values up to {peak:.4g} in magnitude, beyond float16 (max {FLOAT16_MAX}); the "
                     "float16 cache would store them as inf. Fix: pass cache_dir=None to keep float32 features in memory."
                 )
-            half = feats.to(torch.float16).numpy()
-            if self.store is not None:
-                self.store[self.done : self.done + b] = half
-            else:
-                path = self.folder / f"{self.name}.part{len(self.part_files):06d}.npy"
-                np.save(path, half)
-                self.part_files.append(path)
+            self.file.write(memoryview(feats.to(torch.float16).contiguous().numpy()))
         elif self.store is not None:
-            self.store[self.done : self.done + b] = feats  # type: ignore[index]
+            self.store[self.done : self.done + b] = feats
         else:
             self.parts.append(feats)
         self.done += b
@@ -680,24 +680,28 @@ class _Sink:
     def finish(self) -> Tensor | None:
         """Complete the storage; return the in-memory tensor (memory sink) or None (disk sink)."""
         if self.folder is None:
-            return self.store if self.store is not None else torch.cat(self.parts)  # type: ignore[return-value]
-        if self.store is None:
-            out = np.lib.format.open_memmap(
-                self.folder / f"{self.name}.npy", mode="w+", dtype=np.float16, shape=(self.done, *self.shape)
-            )
-            offset = 0
-            for path in self.part_files:
-                part = np.load(path, mmap_mode="r")
-                out[offset : offset + part.shape[0]] = part
-                offset += part.shape[0]
-                del part
-                path.unlink()
-            out.flush()
-            del out
-        else:
-            self.store.flush()  # type: ignore[union-attr]
-            self.store = None
+            return self.store if self.store is not None else torch.cat(self.parts)
+        assert self.file is not None
+        self.file.close()
+        if self.n is None:
+            raw = self.folder / f"{self.name}.raw"
+            with open(self.folder / f"{self.name}.npy", "wb") as out, open(raw, "rb") as src:
+                _write_npy_header(out, (self.done, *self.shape))
+                shutil.copyfileobj(src, out, 2**22)
+            raw.unlink()
         return None
+
+    def close(self) -> None:
+        """Close the file of a disk sink (after an error; :meth:`finish` closes it otherwise)."""
+        if self.file is not None:
+            self.file.close()
+
+
+def _write_npy_header(file: BinaryIO, shape: tuple[int, ...]) -> None:
+    """The .npy header of a C-ordered float16 array of ``shape``; the data follows it in the file."""
+    np.lib.format.write_array_header_1_0(
+        file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    )
 
 
 def extract_features(
@@ -793,10 +797,10 @@ def extract_features(
         tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     same = model_a is model_b and transform_a is transform_b
+    sinks: tuple[_Sink, _Sink] | None = None
     try:
         with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b):
-            sinks: tuple[_Sink, _Sink] | None = None
-            labels: list[Tensor] = []
+            labels: list[int] = []  # plain ints: a small tensor kept per batch pins freed batch buffers in the heap
             has_labels = True
             batch_ids: list[str] = []
             done = 0
@@ -828,7 +832,7 @@ def extract_features(
                 if batch.labels is None:
                     has_labels = False
                 elif has_labels:
-                    labels.append(batch.labels)
+                    labels.extend(batch.labels.tolist())
                 if batch.ids is not None:
                     batch_ids.extend(batch.ids)
                 done += x.shape[0]
@@ -839,7 +843,7 @@ def extract_features(
         if n_total is not None and done != n_total:
             raise ValueError(f"images yielded {done} images but {n_total} were announced (n_images or len(dataset)).")
         image_ids = _resolve_ids(given_ids, batch_ids, done)
-        label_tensor = torch.cat(labels) if has_labels and labels else None
+        label_tensor = torch.tensor(labels, dtype=torch.int64) if has_labels and labels else None
         x_a, x_b = sinks[0].finish(), sinks[1].finish()
         if tmp is None or entry is None:
             return FeaturePair(x_a, x_b, layer_a, layer_b, image_ids, label_tensor)  # type: ignore[arg-type]
@@ -848,6 +852,8 @@ def extract_features(
         return _read_entry(entry)
     finally:
         if tmp is not None:
+            for sink in sinks or ():
+                sink.close()
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -470,6 +470,45 @@ def test_cache_path_memory_does_not_grow_with_the_number_of_images(tmp_path: Pat
     assert grown >= 0.9 * kf.estimate_feature_bytes(448, (16, 16, 16), (8, 16, 16), dtype_bytes=4), grown
 
 
+def _resident_bytes() -> int | None:
+    """VmRSS of this process from /proc (None where there is no /proc)."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((l for l in text.splitlines() if l.startswith("VmRSS:")), None)
+    return None if line is None else int(line.split()[1]) * 1024
+
+
+def test_cache_path_resident_memory_stays_flat_over_thousands_of_images(tmp_path: Path) -> None:
+    """The process's resident set (what the OS counts, heap fragmentation and mapped pages included) after
+    1024 images and after 4096 images of one extraction with the disk cache differ by less than 24 MiB.
+
+    The 3072 images in between make 3072·2·(32·16·16)·2 B = 96 MiB of float16 features and 144 MiB of input
+    images. Two ways memory used to grow here: writing the cache through a shared memory map kept every written
+    page resident, and a small labels tensor kept per batch pinned each freed batch of images in the heap
+    (48 KiB per image), though no live object held them.
+    """
+    if _resident_bytes() is None:
+        pytest.skip("needs /proc/self/status")
+    from kcore.zoo import DEFAULT_LAYERS, kc_resnet, kc_tinynet
+
+    torch.manual_seed(0)
+    a, b = kc_tinynet(10), kc_resnet(10)
+    rss: dict[int, int] = {}
+
+    def progress(done: int, total: int | None) -> None:
+        if done in (1024, 4096):
+            rss[done] = _resident_bytes() or 0
+
+    feats = extract_features(
+        a, DEFAULT_LAYERS["kc_tinynet"].name, b, DEFAULT_LAYERS["kc_resnet"].name, Images(4096, size=64),
+        batch_size=64, device="cpu", cache_dir=tmp_path, cache_key="flat", progress=progress,
+    )
+    assert feats.x_a.shape == (4096, 32, 16, 16) and feats.x_b.shape == (4096, 32, 16, 16)
+    assert rss[4096] - rss[1024] < 24 << 20, {k: v >> 20 for k, v in rss.items()}
+
+
 @pytest.mark.needs_cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_extract_on_cuda_matches_cpu_and_gives_models_back_on_cpu() -> None:
