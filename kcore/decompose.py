@@ -79,13 +79,17 @@ def _batched(g: GTheta, x: Tensor) -> list[Tensor]:
     stack = x.new_empty((K + 1, *x.shape)) if K else x.unsqueeze(0)
     if K:
         stack[K] = x
+    gate = x.new_empty(x.shape) if K > 1 else None  # h^(k), then its gate, for the levels with several branches
     for k in range(K, 0, -1):
-        h = u[0] if u.shape[0] == 1 else u.sum(0)  # h^(k), by linearity
-        scale = p[k - 1] / g.normaliser(k, h)  # p^(k) Σ_(k)^(-1/2), (1 or N, C_a, 1, 1)
         if u.shape[0] == 1:  # the top branch alone: its gated signal is p^(k) ReLU(Σ^(-1/2) h)
-            torch.mul(torch.relu(h), scale, out=stack[k - 1])
+            h = u[0]
+            scale = p[k - 1] / g.normaliser(k, h)  # p^(k) Σ_(k)^(-1/2), (1 or N, C_a, 1, 1)
+            torch.mul(h.relu_(), scale, out=stack[k - 1])  # u is not needed after this level
         else:
-            torch.mul(u, ((h > 0) * scale).unsqueeze(0), out=stack[k - 1 : K])  # · p^(k) A^(k) Σ_(k)^(-1/2)
+            h = torch.sum(u, 0, out=gate)  # h^(k), by linearity
+            scale = p[k - 1] / g.normaliser(k, h)
+            h.gt_(0).mul_(scale)  # in place, no new maps: p^(k) A^(k) Σ_(k)^(-1/2)
+            torch.mul(u, h.unsqueeze(0), out=stack[k - 1 : K])
         u = _conv_stack(g.convs[k - 1], stack[k - 1 :])  # branches [K, …, k-1]
     return [u[K - k] for k in range(K + 1)]  # x^(0) … x^(K)
 
