@@ -188,7 +188,7 @@ def run_extraction(profile: Profile, table: Table, results: dict) -> None:
     for r in out:
         table.add("extraction (disk cache)", f"{r['n_images']} images 64×64, tinynet+resnet",
                   f"{r['images_per_second']:.0f} images/s; peak RSS {common.fmt_bytes(r['peak_rss'])} "
-                  f"(heap {common.fmt_bytes(r['peak_rss_anon'])}, cache pages {common.fmt_bytes(r['peak_rss_file'])}); "
+                  f"(heap {common.fmt_bytes(r['peak_rss_anon'])}, file-backed pages {common.fmt_bytes(r['peak_rss_file'])}); "
                   f"cache {common.fmt_bytes(r['cache_bytes'])}")
     if len(out) >= 2:
         growth = out[-1]["peak_rss"] / out[0]["peak_rss"]

@@ -2,8 +2,9 @@
 
 Each size runs in a fresh Python process (``python -m bench.extraction N CACHE_DIR``), so that its peak
 resident set (``VmHWM``) belongs to that size alone. A sampling thread also records the peak of anonymous
-memory (``RssAnon``: the heap, what the process really holds) apart from file-backed pages (``RssFile``: pages
-of the memory-mapped cache, which the kernel writes back and drops under pressure).
+memory (``RssAnon``: the heap, what the process really holds) apart from file-backed pages (``RssFile``: mostly
+torch's shared libraries; the cache is written with plain file writes, so its pages stay in the kernel's page
+cache and out of this count).
 
 The two networks are the sample architectures with random weights (``kc_tinynet`` block2 → 32×16×16 and
 ``kc_resnet`` layer2 → 32×16×16, the embedded default's layers), and the images are 64×64 random RGB tensors

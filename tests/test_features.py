@@ -470,16 +470,6 @@ def test_cache_path_memory_does_not_grow_with_the_number_of_images(tmp_path: Pat
     assert grown >= 0.9 * kf.estimate_feature_bytes(448, (16, 16, 16), (8, 16, 16), dtype_bytes=4), grown
 
 
-def _resident_bytes() -> int | None:
-    """VmRSS of this process from /proc (None where there is no /proc)."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    line = next((l for l in text.splitlines() if l.startswith("VmRSS:")), None)
-    return None if line is None else int(line.split()[1]) * 1024
-
-
 def test_cache_path_resident_memory_stays_flat_over_thousands_of_images(tmp_path: Path) -> None:
     """The process's resident set (what the OS counts, heap fragmentation and mapped pages included) after
     1024 images and after 4096 images of one extraction with the disk cache differ by less than 24 MiB.
@@ -489,9 +479,11 @@ def test_cache_path_resident_memory_stays_flat_over_thousands_of_images(tmp_path
     page resident, and a small labels tensor kept per batch pinned each freed batch of images in the heap
     (48 KiB per image), though no live object held them.
     """
-    if _resident_bytes() is None:
-        pytest.skip("needs /proc/self/status")
+    from bench.common import proc_status
     from kcore.zoo import DEFAULT_LAYERS, kc_resnet, kc_tinynet
+
+    if "VmRSS" not in proc_status():
+        pytest.skip("needs /proc/self/status")
 
     torch.manual_seed(0)
     a, b = kc_tinynet(10), kc_resnet(10)
@@ -499,7 +491,7 @@ def test_cache_path_resident_memory_stays_flat_over_thousands_of_images(tmp_path
 
     def progress(done: int, total: int | None) -> None:
         if done in (1024, 4096):
-            rss[done] = _resident_bytes() or 0
+            rss[done] = proc_status()["VmRSS"]
 
     feats = extract_features(
         a, DEFAULT_LAYERS["kc_tinynet"].name, b, DEFAULT_LAYERS["kc_resnet"].name, Images(4096, size=64),
