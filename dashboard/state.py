@@ -19,7 +19,8 @@ import numpy as np
 import streamlit as st
 
 from dashboard.jobs import Job, JobRegistry
-from kcore.checkpoints import LoadedModel, ModelCard, file_sha256, load_model
+from kcore.cards import ModelCard
+from kcore.checkpoints import LoadedModel, file_sha256, load_model
 from kcore.decompose import Decomposition
 from kcore.features import LayerInfo, list_layers
 

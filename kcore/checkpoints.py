@@ -23,7 +23,6 @@ The format is detected from the bytes (zip member names, the safetensors header)
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import json
@@ -34,15 +33,15 @@ import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
 
 import torch
 from torch import Tensor, nn
 
-CARD_FORMAT = "kcore-model-card/1"
-"""Value of the ``"format"`` key of a model card JSON file."""
+from kcore.architectures import build_model
+from kcore.cards import ModelCard, card_path_for, read_card
 
 CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "pickle"]
 CHECKPOINT_KINDS: dict[str, str] = {
@@ -75,250 +74,6 @@ class UnsafeCheckpointError(ValueError):
     def __init__(self, message: str, unsafe_globals: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.unsafe_globals = unsafe_globals
-
-
-# --------------------------------------------------------------------------------------------------
-# Model cards
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What a checkpoint cannot say about itself: architecture, classes, preprocessing, provenance.
-
-    Stored as JSON beside the checkpoint (see :func:`card_path_for`) with ``"format":
-    "kcore-model-card/1"``; read automatically by :func:`load_model`.
-
-    Attributes:
-        architecture: a name accepted by :func:`build_model`.
-        num_classes: number of outputs of the classifier.
-        input_size: ``(H, W)`` of the images the model was trained on.
-        mean: per-channel mean used to normalise the input images.
-        std: per-channel standard deviation used to normalise the input images.
-        class_names: one name per class, in output order.
-        dataset: name of the training data set.
-        test_accuracy: reported test accuracy (a fraction in [0, 1] by convention).
-        default_layer: the layer to preselect when comparing this model.
-        extra: any other JSON-serialisable information (kept, not interpreted).
-    """
-
-    architecture: str | None = None
-    num_classes: int | None = None
-    input_size: tuple[int, int] | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    class_names: tuple[str, ...] | None = None
-    dataset: str | None = None
-    test_accuracy: float | None = None
-    default_layer: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON-ready dictionary of this card, with the ``"format"`` key first."""
-        out: dict[str, Any] = {"format": CARD_FORMAT}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra":
-                out[f.name] = dict(value)
-            elif isinstance(value, tuple):
-                out[f.name] = list(value)
-            else:
-                out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "model card") -> ModelCard:
-        """Build a card from a parsed JSON object, checking every field's type.
-
-        Args:
-            data: the JSON object. Unknown keys are kept in ``extra``.
-            source: how to name the card in error messages (e.g. its path).
-
-        Raises:
-            ValueError: wrong ``"format"`` value, or a field of the wrong type.
-        """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}.")
-        fmt = data.get("format", CARD_FORMAT)
-        if fmt != CARD_FORMAT:
-            raise ValueError(
-                f"{source}: 'format' must be {CARD_FORMAT!r}; got {fmt!r}. "
-                "Fix: write the card with kcore.checkpoints.write_card."
-            )
-        known = {f.name for f in fields(cls)}
-        extra = dict(data.get("extra") or {})
-        if not isinstance(data.get("extra", {}), Mapping):
-            raise ValueError(f"{source}: 'extra' must be a JSON object; got {data['extra']!r}.")
-        for key, value in data.items():
-            if key not in known and key != "format":
-                extra[key] = value
-
-        def opt_str(key: str) -> str | None:
-            value = data.get(key)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{source}: {key!r} must be a string or null; got {value!r}.")
-            return value
-
-        def opt_floats(key: str) -> tuple[float, ...] | None:
-            value = data.get(key)
-            if value is None:
-                return None
-            if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-            ):
-                raise ValueError(f"{source}: {key!r} must be a list of numbers, e.g. [0.5, 0.5, 0.5]; got {value!r}.")
-            return tuple(float(v) for v in value)
-
-        num_classes = data.get("num_classes")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-        ):
-            raise ValueError(f"{source}: 'num_classes' must be a positive integer; got {num_classes!r}.")
-        input_size = data.get("input_size")
-        if input_size is not None:
-            if (
-                not isinstance(input_size, (list, tuple))
-                or len(input_size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_size)
-            ):
-                raise ValueError(f"{source}: 'input_size' must be [H, W] (two positive integers); got {input_size!r}.")
-            input_size = (int(input_size[0]), int(input_size[1]))
-        std = opt_floats("std")
-        if std is not None and any(v <= 0 for v in std):
-            raise ValueError(f"{source}: 'std' must hold positive numbers; got {list(std)}.")
-        class_names = data.get("class_names")
-        if class_names is not None:
-            if not isinstance(class_names, (list, tuple)) or not all(isinstance(v, str) for v in class_names):
-                raise ValueError(f"{source}: 'class_names' must be a list of strings; got {class_names!r}.")
-            class_names = tuple(class_names)
-            if num_classes is not None and len(class_names) != num_classes:
-                raise ValueError(
-                    f"{source}: 'class_names' has {len(class_names)} names but 'num_classes' is {num_classes}. "
-                    "Fix: give one name per class."
-                )
-        accuracy = data.get("test_accuracy")
-        if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
-            raise ValueError(f"{source}: 'test_accuracy' must be a number or null; got {accuracy!r}.")
-        return cls(
-            architecture=opt_str("architecture"),
-            num_classes=num_classes,
-            input_size=input_size,
-            mean=opt_floats("mean"),
-            std=std,
-            class_names=class_names,
-            dataset=opt_str("dataset"),
-            test_accuracy=None if accuracy is None else float(accuracy),
-            default_layer=opt_str("default_layer"),
-            extra=extra,
-        )
-
-
-def card_path_for(checkpoint_path: str | os.PathLike[str]) -> Path:
-    """Return where the model card of a checkpoint lives: same folder, ``<stem>.card.json``.
-
-    Example: ``runs/m.safetensors`` -> ``runs/m.card.json``.
-    """
-    path = Path(checkpoint_path)
-    return path.with_name(path.stem + ".card.json")
-
-
-def read_card(path: str | os.PathLike[str]) -> ModelCard:
-    """Read a model card JSON file.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the file is not valid JSON or not a valid card.
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"model card {str(path)!r} is not valid JSON ({exc}). "
-            "Fix: correct the file or rewrite it with kcore.checkpoints.write_card."
-        ) from exc
-    return ModelCard.from_dict(data, source=f"model card {str(path)!r}")
-
-
-def write_card(card: ModelCard, path: str | os.PathLike[str]) -> Path:
-    """Write ``card`` as JSON to ``path`` (use :func:`card_path_for` to place it beside a checkpoint).
-
-    Returns:
-        The path written.
-
-    Raises:
-        TypeError: ``card.extra`` holds something JSON cannot store.
-    """
-    path = Path(path)
-    text = json.dumps(card.to_dict(), indent=2)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-# --------------------------------------------------------------------------------------------------
-# Architectures
-# --------------------------------------------------------------------------------------------------
-
-
-def _sample_architectures() -> Mapping[str, Any]:
-    from kcore import zoo  # lazy: the zoo may import torchvision models
-
-    return zoo.SAMPLE_ARCHITECTURES
-
-
-def _torchvision_architectures() -> list[str]:
-    import torchvision  # lazy: importing torchvision takes seconds
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def available_architectures() -> list[str]:
-    """Return every name :func:`build_model` accepts: the project's samples first, then torchvision's."""
-    samples = sorted(_sample_architectures())
-    return samples + [name for name in _torchvision_architectures() if name not in samples]
-
-
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """Build an untrained model by name (the project's sample architectures, then torchvision's).
-
-    Args:
-        arch: a name from :func:`available_architectures`, e.g. ``"resnet18"`` or ``"vgg16_bn"``.
-        num_classes: number of classifier outputs.
-
-    Returns:
-        A freshly initialised model (training mode, on the CPU). No weights are downloaded.
-
-    Raises:
-        ValueError: unknown ``arch`` (with the closest names), or ``num_classes`` not a positive int.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(
-            f"num_classes must be a positive integer; got {num_classes!r}. "
-            "Fix: pass the number of outputs of the model's classifier (e.g. 10 for CIFAR-10)."
-        )
-    if not isinstance(arch, str) or not arch:
-        raise ValueError(f"arch must be a non-empty architecture name such as 'resnet18'; got {arch!r}.")
-    samples = _sample_architectures()
-    if arch in samples:
-        return samples[arch](num_classes)
-    tv_names = _torchvision_architectures()
-    if arch in tv_names:
-        import torchvision
-
-        try:
-            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"torchvision could not build arch={arch!r} with num_classes={num_classes}: {exc}") from exc
-    names = sorted(samples) + tv_names
-    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(
-        f"arch={arch!r} is not a known architecture.{hint} "
-        "See kcore.checkpoints.available_architectures() for the full list "
-        f"({len(names)} names: the project's samples and torchvision's classification models)."
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,7 +383,7 @@ def _model_from_state_dict(
     if arch is None:
         raise ValueError(
             f"checkpoint {src.where!r} holds weights only, so arch is needed: pass arch='resnet18' (or another "
-            "name from kcore.checkpoints.available_architectures()), or write a model card with 'architecture' "
+            "name from kcore.architectures.available_architectures()), or write a model card with 'architecture' "
             f"beside it ({card_path_for(src.display).name})."
         )
     if num_classes is None:

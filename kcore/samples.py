@@ -33,10 +33,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from kcore.cards import CARD_FORMAT, card_path_for
 from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
 from kcore.zoo import DEFAULT_LAYERS, SAMPLE_ARCHITECTURES
 
-CARD_FORMAT = "kcore-model-card/1"
 SAMPLE_MODELS_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 """Where the committed sample models live in a source checkout."""
 
@@ -292,11 +292,6 @@ class SampleModel:
     weights: Path
     card_path: Path
     card: dict = field(hash=False)
-
-
-def card_path_for(weights: Path) -> Path:
-    """``dir/<stem>.card.json`` beside ``dir/<stem>.safetensors``."""
-    return weights.with_name(weights.stem + ".card.json")
 
 
 def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> dict:

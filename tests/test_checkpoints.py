@@ -1,4 +1,5 @@
-"""Tests of kcore.checkpoints: every loading path gives back the saved model, and unsafe files are refused."""
+"""Tests of kcore.checkpoints (every loading path gives back the saved model, unsafe files are refused), kcore.cards
+and kcore.architectures."""
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from kcore import architectures, cards
 from kcore import checkpoints as ck
-from kcore.checkpoints import ModelCard, UnsafeCheckpointError, load_model
+from kcore.cards import ModelCard
+from kcore.checkpoints import UnsafeCheckpointError, load_model
 
 ARCH = "kc_test_tiny"
 OTHER_ARCH = "kc_test_other"
@@ -174,10 +177,10 @@ def test_card_round_trip_and_automatic_use(tmp_path: Path, trained: TinyNet) -> 
     )
     path = tmp_path / "m.safetensors"
     save_file(trained.state_dict(), str(path))
-    card_path = ck.card_path_for(path)
+    card_path = cards.card_path_for(path)
     assert card_path == tmp_path / "m.card.json"
-    ck.write_card(card, card_path)
-    assert ck.read_card(card_path) == card
+    cards.write_card(card, card_path)
+    assert cards.read_card(card_path) == card
     assert '"format": "kcore-model-card/1"' in card_path.read_text()
 
     loaded = load_model(path)  # architecture and classes come from the card
@@ -189,12 +192,12 @@ def test_card_with_wrong_format_or_types_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.card.json"
     path.write_text('{"format": "kcore-model-card/9"}')
     with pytest.raises(ValueError, match="'format' must be 'kcore-model-card/1'"):
-        ck.read_card(path)
+        cards.read_card(path)
     path.write_text('{"input_size": [32]}')
     with pytest.raises(ValueError, match=r"'input_size' must be \[H, W\]"):
-        ck.read_card(path)
+        cards.read_card(path)
     path.write_text('{"architecture": "a", "unknown_key": 1}')
-    assert ck.read_card(path).extra == {"unknown_key": 1}
+    assert cards.read_card(path).extra == {"unknown_key": 1}
 
 
 # ------------------------------------------------------------------------------------------ graph formats
@@ -348,15 +351,15 @@ def test_sha256_matches_hashlib(tmp_path: Path, trained: TinyNet, monkeypatch: p
 
 
 def test_build_model_samples_then_torchvision() -> None:
-    assert isinstance(ck.build_model(ARCH, 3), TinyNet)
-    resnet = ck.build_model("resnet18", 7)
+    assert isinstance(architectures.build_model(ARCH, 3), TinyNet)
+    resnet = architectures.build_model("resnet18", 7)
     assert resnet.fc.out_features == 7
-    names = ck.available_architectures()
+    names = architectures.available_architectures()
     assert names.index(ARCH) < names.index("resnet18")
 
 
 def test_unknown_arch_suggests_names() -> None:
     with pytest.raises(ValueError, match=r"arch='resnet81'.*Did you mean 'resnet18'.*available_architectures\(\)"):
-        ck.build_model("resnet81", 10)
+        architectures.build_model("resnet81", 10)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
-        ck.build_model("resnet18", 0)
+        architectures.build_model("resnet18", 0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kcore.checkpoints import card_path_for, load_model, read_card, write_card
+from kcore.cards import card_path_for, read_card, write_card
+from kcore.checkpoints import load_model
 from kcore.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

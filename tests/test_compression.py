@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kcore.checkpoints import ModelCard, card_path_for, write_card
+from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.cli import main
 from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study

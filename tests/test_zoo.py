@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kcore.cards import CARD_FORMAT
 from kcore.samples import (
-    CARD_FORMAT,
     CHECK_N,
     SAMPLE_MODELS_DIR,
     SAMPLE_RECIPES,

@@ -6,7 +6,8 @@ import json
 import streamlit as st
 
 from dashboard import state, ui
-from kcore.checkpoints import CHECKPOINT_KINDS, available_architectures
+from kcore.architectures import available_architectures
+from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
 
 SOURCES = {"sample": "Sample model", "upload": "Upload a file", "path": "File on the server"}

@@ -57,7 +57,7 @@ def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: in
     Returns:
         ``(fine TrainResult, coarse TrainResult)`` (:func:`kcore.samples.train_classifier`).
     """
-    from kcore.checkpoints import build_model
+    from kcore.architectures import build_model
     from kcore.devices import resolve_device
     from kcore.samples import train_classifier
 

@@ -412,7 +412,7 @@ def add_cli(sub: Any) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from kcore.checkpoints import build_model
+    from kcore.architectures import build_model
     from kcore.experiments._common import write_study
     from kcore.samples import train_classifier
 
@@ -432,7 +432,7 @@ def _cmd(args: argparse.Namespace) -> int:
         card = m.card
         if card is None or not card.architecture or not card.num_classes:
             raise ValueError(f"--teacher {path!r} needs a model card with architecture and num_classes, to build "
-                             "students of the same architecture. Fix: write a card (kcore.checkpoints.write_card).")
+                             "students of the same architecture. Fix: write a card (kcore.cards.write_card).")
         arch, size = card.architecture, (card.input_size[0] if card.input_size else 64)
     data = study_data(args.data, image_size=size, n_train=args.n_train, n_test=args.n_test, n_images=args.n_images,
                       mean=card.mean if card else None, std=card.std if card else None)

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from kcore.checkpoints import LoadedModel, ModelCard, build_model, card_path_for, load_model, write_card
+from kcore.architectures import build_model
+from kcore.cards import ModelCard, card_path_for, write_card
+from kcore.checkpoints import LoadedModel, load_model
 
 FAMILY_FORMAT = "kcore-family/1"
 Optimizer = Literal["sgd", "adamw"]
@@ -324,7 +326,7 @@ def train_family(
     """Train networks of one architecture that differ only in their seed, or in their training half.
 
     Args:
-        arch: an architecture of :func:`kcore.checkpoints.build_model` (e.g. ``"kc_resnet"``).
+        arch: an architecture of :func:`kcore.architectures.build_model` (e.g. ``"kc_resnet"``).
         seeds: one seed per network (initialisation and data order). With ``halves``: exactly two.
         halves: case 2 of Sec. 4.2: network i is trained on half i of the training images (disjoint halves,
             split class by class with ``split_seed``); otherwise every network sees all of them (case 1).
