@@ -1,4 +1,4 @@
-"""Feature maps of two networks on the same images: list layers, capture them, extract and cache.
+"""Feature maps of two networks on the same images: list layers, capture them, extract them.
 
 The pipeline's first step (Sec. 3 of the paper fits g_θ on the feature maps x of network A and x* of
 network B for the same images). Hooks only ever exist inside a ``with capture(...)`` block and are removed
@@ -9,33 +9,35 @@ TorchScript models cannot be hooked (their forward runs in the TorchScript inter
 Python hooks), so :func:`list_layers`, :func:`capture` and :func:`extract_features` refuse them with a
 ValueError that says how to re-save the model. ``torch.export`` archives loaded by
 :func:`kcore.checkpoints.load_model` are unflattened and work like ordinary modules.
+
+Extracted features come back as a :class:`kcore.feature_set.FeaturePair`; with ``cache_dir`` they are written
+to (and later reopened from) the float16 disk cache of :mod:`kcore.feature_cache`.
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, Union
+from typing import Protocol, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from kcore.devices import resolve_device
-
-CACHE_FORMAT = "kcore-feature-cache/1"
-"""Value of the ``"format"`` key in a cache entry's ``meta.json``."""
-
-FLOAT16_MAX = 65504.0
-"""Largest finite float16 value; cached features must stay below it in magnitude."""
+from kcore.feature_cache import (
+    ArrayWriter,
+    CacheKey,
+    cache_entry_dir,
+    discard_entry,
+    finish_entry,
+    read_entry,
+    start_entry,
+)
+from kcore.feature_set import FeaturePair
 
 _MAX_SUGGESTIONS = 3
 
@@ -386,174 +388,6 @@ def format_bytes(n_bytes: int | float) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class FeaturePair:
-    """Feature maps of networks A and B for the same images, in the same order.
-
-    Without a cache the tensors are float32 in memory. From the cache (``cache_dir`` given, or
-    :func:`load_cached_features`) they are float16, memory-mapped from disk: slice them in batches
-    (:meth:`iter_batches`) rather than converting them whole.
-
-    Attributes:
-        x_a: (N, C_a, H_a, W_a) features of ``layer_a`` of network A, on the CPU.
-        x_b: (N, C_b, H_b, W_b) features of ``layer_b`` of network B, on the CPU.
-        layer_a: layer name in A.
-        layer_b: layer name in B.
-        image_ids: one id per image.
-        labels: (N,) int64 class labels, or None when the images came without labels.
-    """
-
-    x_a: Tensor
-    x_b: Tensor
-    layer_a: str
-    layer_b: str
-    image_ids: tuple[str, ...]
-    labels: Tensor | None = None
-
-    @property
-    def n_images(self) -> int:
-        """Number of images N."""
-        return int(self.x_a.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of both feature tensors (on disk when memory-mapped)."""
-        return self.x_a.numel() * self.x_a.element_size() + self.x_b.numel() * self.x_b.element_size()
-
-    def iter_batches(self, batch_size: int = 256) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield float32 copies of consecutive slices ``(x_a[i:j], x_b[i:j])``; memory stays at one batch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-        for start in range(0, self.n_images, batch_size):
-            stop = start + batch_size
-            yield self.x_a[start:stop].float(), self.x_b[start:stop].float()
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """What identifies a cache entry besides the two layer names (which :func:`extract_features` adds).
-
-    Attributes:
-        checkpoint_a: SHA-256 of network A's checkpoint file (``LoadedModel.sha256``).
-        checkpoint_b: SHA-256 of network B's checkpoint file.
-        image_set: a hash of the images and their order (e.g. :func:`image_set_hash` of their ids
-            together with the data set's version).
-        transform: a description of the preprocessing (resize, crop, normalisation).
-    """
-
-    checkpoint_a: str
-    checkpoint_b: str
-    image_set: str
-    transform: str = ""
-
-
-def image_set_hash(image_ids: Iterable[str]) -> str:
-    """SHA-256 of an ordered list of image ids (for :attr:`CacheKey.image_set`)."""
-    digest = hashlib.sha256()
-    for image_id in image_ids:
-        digest.update(str(image_id).encode("utf-8") + b"\0")
-    return digest.hexdigest()
-
-
-def cache_digest(cache_key: CacheKey | str, layer_a: str, layer_b: str, cache_key_extra: str = "") -> str:
-    """The SHA-256 naming a cache entry: of the key's fields, both layer names and ``cache_key_extra``.
-
-    Args:
-        cache_key: a :class:`CacheKey`, or a string the caller already made unique for the two models,
-            the images and the transform.
-        layer_a: layer name in A.
-        layer_b: layer name in B.
-        cache_key_extra: anything else that changes the features (e.g. an input resolution).
-    """
-    if isinstance(cache_key, CacheKey):
-        key: dict[str, Any] = asdict(cache_key)
-    elif isinstance(cache_key, str) and cache_key:
-        key = {"key": cache_key}
-    else:
-        raise ValueError(
-            f"cache_key must be a kcore.features.CacheKey or a non-empty string; got {cache_key!r}. Fix: "
-            "CacheKey(checkpoint_a=loaded_a.sha256, checkpoint_b=loaded_b.sha256, image_set=..., transform=...)."
-        )
-    payload = {"format": CACHE_FORMAT, **key, "layer_a": layer_a, "layer_b": layer_b, "extra": cache_key_extra}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def cache_entry_dir(
-    cache_dir: str | os.PathLike[str],
-    cache_key: CacheKey | str,
-    layer_a: str,
-    layer_b: str,
-    cache_key_extra: str = "",
-) -> Path:
-    """The folder of a cache entry: ``cache_dir / <cache_digest>``."""
-    return Path(cache_dir) / cache_digest(cache_key, layer_a, layer_b, cache_key_extra)
-
-
-def _read_entry(entry: Path) -> FeaturePair:
-    """Open a finished cache entry with its arrays memory-mapped (copy-on-write, so the file never changes)."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-        ids = json.loads((entry / "ids.json").read_text(encoding="utf-8"))
-        x_a = np.load(entry / "x_a.npy", mmap_mode="c")
-        x_b = np.load(entry / "x_b.npy", mmap_mode="c")
-        labels = np.load(entry / "labels.npy") if meta["has_labels"] else None
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"feature cache entry {str(entry)!r} is unreadable ({exc}). Fix: delete that folder; the next "
-            "extraction recomputes it."
-        ) from exc
-    n = meta["n_images"]
-    if (
-        meta.get("format") != CACHE_FORMAT
-        or x_a.shape != (n, *meta["shape_a"])
-        or x_b.shape != (n, *meta["shape_b"])
-        or len(ids) != n
-    ):
-        raise ValueError(
-            f"feature cache entry {str(entry)!r} does not match its meta.json (arrays {x_a.shape}, {x_b.shape}, "
-            f"{len(ids)} ids; meta {meta}). Fix: delete that folder; the next extraction recomputes it."
-        )
-    return FeaturePair(
-        x_a=torch.from_numpy(x_a),
-        x_b=torch.from_numpy(x_b),
-        layer_a=meta["layer_a"],
-        layer_b=meta["layer_b"],
-        image_ids=tuple(ids),
-        labels=None if labels is None else torch.from_numpy(labels),
-    )
-
-
-def load_cached_features(
-    cache_dir: str | os.PathLike[str],
-    cache_key: CacheKey | str,
-    layer_a: str,
-    layer_b: str,
-    *,
-    cache_key_extra: str = "",
-) -> FeaturePair | None:
-    """Open cached features without reading them into memory.
-
-    Args:
-        cache_dir: the cache folder given to :func:`extract_features`.
-        cache_key: the same key given to :func:`extract_features`.
-        layer_a: layer name in A.
-        layer_b: layer name in B.
-        cache_key_extra: the same extra string given to :func:`extract_features`.
-
-    Returns:
-        A :class:`FeaturePair` whose ``x_a`` (N, C_a, H_a, W_a) and ``x_b`` (N, C_b, H_b, W_b) are float16
-        tensors memory-mapped from the cache files (``torch.from_numpy`` on ``np.load(mmap_mode="c")``),
-        or None when there is no finished entry for this key.
-
-    Raises:
-        ValueError: the entry exists but is unreadable or inconsistent.
-    """
-    entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
-    if not (entry / "meta.json").is_file():
-        return None
-    return _read_entry(entry)
-
-
 def _is_cancelled(cancel: Cancel | None) -> bool:
     if cancel is None:
         return False
@@ -628,80 +462,45 @@ def _batches(
     )
 
 
-class _Sink:
-    """Where features go: preallocated float32 tensors in memory, or float16 .npy files on disk.
+class _MemorySink:
+    """One feature array kept in memory as float32: preallocated when N is known, else a list of batches."""
 
-    The disk sink appends each batch to its file with plain writes, not through a memory map: the written
-    pages then sit in the kernel's page cache rather than in this process's resident set, so extraction holds
-    about one batch whatever the number of images. With an unknown number of images the data goes to a
-    headerless file first and is copied behind the .npy header at the end; the memory sink keeps a list of
-    batches and concatenates them.
-    """
-
-    def __init__(self, folder: Path | None, n: int | None, shape: tuple[int, ...], name: str) -> None:
-        self.folder, self.n, self.shape, self.name = folder, n, shape, name
+    def __init__(self, n: int | None, shape: tuple[int, ...]) -> None:
+        self.shape = shape
         self.done = 0
         self.parts: list[Tensor] = []
-        self.store: Tensor | None = None
-        self.file: BinaryIO | None = None
-        if folder is None:
-            if n is not None:
-                self.store = torch.empty((n, *shape), dtype=torch.float32)
-        elif n is not None:
-            self.file = open(folder / f"{name}.npy", "wb")
-            _write_npy_header(self.file, (n, *shape))
-        else:
-            self.file = open(folder / f"{name}.raw", "wb")
+        self.store = torch.empty((n, *shape), dtype=torch.float32) if n is not None else None
 
     def write(self, feats: Tensor, layer: str) -> None:
         b = feats.shape[0]
-        if tuple(feats.shape[1:]) != self.shape:
-            raise ValueError(
-                f"layer {layer!r} gave shape {tuple(feats.shape[1:])} for a later batch but {self.shape} for the "
-                "first one. Fix: resize all images to one size."
-            )
-        if self.n is not None and self.done + b > self.n:
-            raise ValueError(f"images yielded more than the {self.n} images announced (n_images or len(dataset)).")
-        feats = feats.detach().to("cpu", torch.float32)
-        if self.file is not None:
-            peak = float(feats.abs().max()) if feats.numel() else 0.0
-            if not peak < FLOAT16_MAX:
-                raise ValueError(
-                    f"layer {layer!r} has values up to {peak:.4g} in magnitude, beyond float16 (max {FLOAT16_MAX}); the "
-                    "float16 cache would store them as inf. Fix: pass cache_dir=None to keep float32 features in memory."
-                )
-            self.file.write(memoryview(feats.to(torch.float16).contiguous().numpy()))
-        elif self.store is not None:
+        if self.store is not None:
             self.store[self.done : self.done + b] = feats
         else:
             self.parts.append(feats)
         self.done += b
 
-    def finish(self) -> Tensor | None:
-        """Complete the storage; return the in-memory tensor (memory sink) or None (disk sink)."""
-        if self.folder is None:
-            return self.store if self.store is not None else torch.cat(self.parts)
-        assert self.file is not None
-        self.file.close()
-        if self.n is None:
-            raw = self.folder / f"{self.name}.raw"
-            with open(self.folder / f"{self.name}.npy", "wb") as out, open(raw, "rb") as src:
-                _write_npy_header(out, (self.done, *self.shape))
-                shutil.copyfileobj(src, out, 2**22)
-            raw.unlink()
-        return None
+    def finish(self) -> Tensor:
+        return self.store if self.store is not None else torch.cat(self.parts)
 
     def close(self) -> None:
-        """Close the file of a disk sink (after an error; :meth:`finish` closes it otherwise)."""
-        if self.file is not None:
-            self.file.close()
+        pass
 
 
-def _write_npy_header(file: BinaryIO, shape: tuple[int, ...]) -> None:
-    """The .npy header of a C-ordered float16 array of ``shape``; the data follows it in the file."""
-    np.lib.format.write_array_header_1_0(
-        file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
-    )
+def _store(sink: _MemorySink | ArrayWriter, n: int | None, done: int, feats: Tensor, layer: str) -> None:
+    """Check one batch of features against the first batch's shape and the announced N, then store it."""
+    if tuple(feats.shape[1:]) != sink.shape:
+        raise ValueError(
+            f"layer {layer!r} gave shape {tuple(feats.shape[1:])} for a later batch but {sink.shape} for the "
+            "first one. Fix: resize all images to one size."
+        )
+    if n is not None and done + feats.shape[0] > n:
+        raise ValueError(f"images yielded more than the {n} images announced (n_images or len(dataset)).")
+    sink.write(feats.detach().to("cpu", torch.float32), layer)
+
+
+def _sink(folder: Path | None, n: int | None, shape: tuple[int, ...], name: str) -> _MemorySink | ArrayWriter:
+    """Where one layer's features go: float32 in memory (no cache) or a float16 array of the cache entry."""
+    return _MemorySink(n, shape) if folder is None else ArrayWriter(folder, n, shape, name)
 
 
 def extract_features(
@@ -748,9 +547,9 @@ def extract_features(
         transform_a: applied to each batch on the device before model A (e.g. its normalisation).
         transform_b: the same for model B.
         cache_dir: folder of the float16 on-disk cache; None keeps float32 features in memory.
-        cache_key: required with ``cache_dir``: a :class:`CacheKey` (checkpoint hashes, image-set hash,
-            transform description) or a string unique to them; the layer names and ``cache_key_extra``
-            are added to it (see :func:`cache_digest`).
+        cache_key: required with ``cache_dir``: a :class:`kcore.feature_cache.CacheKey` (checkpoint hashes,
+            image-set hash, transform description) or a string unique to them; the layer names and
+            ``cache_key_extra`` are added to it (see :func:`kcore.feature_cache.cache_digest`).
         cache_key_extra: anything else that changes the features.
         progress: called after each batch with (images done, total or None).
         cancel: checked before each batch; ``threading.Event`` or a function returning True to stop.
@@ -783,7 +582,7 @@ def extract_features(
             )
         entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
         if (entry / "meta.json").is_file():
-            return _read_entry(entry)
+            return read_entry(entry)
     batches, n_total, given_ids = _batches(images, batch_size, ids)
     if n_images is not None:
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
@@ -793,11 +592,9 @@ def extract_features(
         n_total = n_images
     tmp: Path | None = None
     if entry is not None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = start_entry(entry)
     same = model_a is model_b and transform_a is transform_b
-    sinks: tuple[_Sink, _Sink] | None = None
+    sinks: tuple[_MemorySink | ArrayWriter, _MemorySink | ArrayWriter] | None = None
     try:
         with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b):
             labels: list[int] = []  # plain ints: a small tensor kept per batch pins freed batch buffers in the heap
@@ -823,11 +620,11 @@ def extract_features(
                     )
                 if sinks is None:
                     sinks = (
-                        _Sink(tmp, n_total, tuple(feat_a.shape[1:]), "x_a"),
-                        _Sink(tmp, n_total, tuple(feat_b.shape[1:]), "x_b"),
+                        _sink(tmp, n_total, tuple(feat_a.shape[1:]), "x_a"),
+                        _sink(tmp, n_total, tuple(feat_b.shape[1:]), "x_b"),
                     )
-                sinks[0].write(feat_a, layer_a)
-                sinks[1].write(feat_b, layer_b)
+                _store(sinks[0], n_total, done, feat_a, layer_a)
+                _store(sinks[1], n_total, done, feat_b, layer_b)
                 del feat_a, feat_b
                 if batch.labels is None:
                     has_labels = False
@@ -847,14 +644,14 @@ def extract_features(
         x_a, x_b = sinks[0].finish(), sinks[1].finish()
         if tmp is None or entry is None:
             return FeaturePair(x_a, x_b, layer_a, layer_b, image_ids, label_tensor)  # type: ignore[arg-type]
-        _write_entry(tmp, entry, sinks, layer_a, layer_b, image_ids, label_tensor)
+        finish_entry(tmp, entry, sinks[0].shape, sinks[1].shape, layer_a, layer_b, image_ids, label_tensor)
         tmp = None
-        return _read_entry(entry)
+        return read_entry(entry)
     finally:
         if tmp is not None:
             for sink in sinks or ():
                 sink.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard_entry(tmp)
 
 
 def _resolve_ids(given: Sequence[str] | None, from_batches: list[str], n: int) -> tuple[str, ...]:
@@ -862,36 +659,3 @@ def _resolve_ids(given: Sequence[str] | None, from_batches: list[str], n: int) -
     if len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries but {n} images were read. Fix: give one id per image.")
     return tuple(ids)
-
-
-def _write_entry(
-    tmp: Path,
-    entry: Path,
-    sinks: tuple[_Sink, _Sink],
-    layer_a: str,
-    layer_b: str,
-    image_ids: tuple[str, ...],
-    labels: Tensor | None,
-) -> None:
-    """Finish a cache entry in its temporary folder, then rename it into place (atomic on one file system)."""
-    (tmp / "ids.json").write_text(json.dumps(list(image_ids)), encoding="utf-8")
-    if labels is not None:
-        np.save(tmp / "labels.npy", labels.numpy())
-    meta = {
-        "format": CACHE_FORMAT,
-        "n_images": len(image_ids),
-        "shape_a": list(sinks[0].shape),
-        "shape_b": list(sinks[1].shape),
-        "dtype": "float16",
-        "layer_a": layer_a,
-        "layer_b": layer_b,
-        "has_labels": labels is not None,
-    }
-    # meta.json last: an entry counts as finished only once it is there.
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    try:
-        os.rename(tmp, entry)
-    except OSError:
-        if not (entry / "meta.json").is_file():  # not a concurrent writer that finished first
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,9 @@ from kcore._io import atomic_folder
 from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
-from kcore.features import CacheKey, FeaturePair, extract_features, image_set_hash, validate_layer
+from kcore.feature_cache import CacheKey, image_set_hash
+from kcore.feature_set import FeaturePair
+from kcore.features import extract_features, validate_layer
 from kcore.fit import FitResult, fit, make_config
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {

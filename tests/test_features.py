@@ -1,4 +1,4 @@
-"""Tests of kcore.features: layer discovery, hook hygiene, extraction against manual forwards, the cache."""
+"""Tests of kcore.features, feature_cache and feature_set: layers, hook hygiene, extraction, the cache."""
 from __future__ import annotations
 
 import gc
@@ -11,9 +11,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from kcore import feature_cache as fc
 from kcore import features as kf
 from kcore.devices import resolve_device
-from kcore.features import CacheKey, FeaturePair, extract_features
+from kcore.feature_cache import CacheKey
+from kcore.feature_set import FeaturePair
+from kcore.features import extract_features
 
 
 class TinyNet(nn.Module):
@@ -353,13 +356,13 @@ def test_cache_hit_returns_identical_features_without_running_models(tmp_path: P
     assert torch.equal(second.x_a, first.x_a) and torch.equal(second.x_b, first.x_b)
     assert second.image_ids == first.image_ids and torch.equal(second.labels, first.labels)
 
-    loaded = kf.load_cached_features(tmp_path, key(), "bn1", "conv2")
+    loaded = fc.load_cached_features(tmp_path, key(), "bn1", "conv2")
     assert loaded is not None and torch.equal(loaded.x_a, first.x_a)
     batches = list(loaded.iter_batches(batch_size=4))
     assert [b[0].shape[0] for b in batches] == [4, 4, 2] and batches[0][0].dtype == torch.float32
-    assert kf.load_cached_features(tmp_path, key(), "bn1", "conv1") is None  # other layer: other entry
-    assert kf.load_cached_features(tmp_path, key("other"), "bn1", "conv2") is None
-    assert kf.load_cached_features(tmp_path, key(), "bn1", "conv2", cache_key_extra="224px") is None
+    assert fc.load_cached_features(tmp_path, key(), "bn1", "conv1") is None  # other layer: other entry
+    assert fc.load_cached_features(tmp_path, key("other"), "bn1", "conv2") is None
+    assert fc.load_cached_features(tmp_path, key(), "bn1", "conv2", cache_key_extra="224px") is None
 
 
 def test_cache_from_an_iterable_of_unknown_length(tmp_path: Path) -> None:

@@ -1,0 +1,256 @@
+"""The float16 on-disk feature cache: one folder per (checkpoints, images, transform, layers) key.
+
+An entry is a folder ``cache_dir / <cache_digest>`` holding ``x_a.npy`` and ``x_b.npy`` (float16, C order),
+``ids.json``, ``labels.npy`` when the images had labels, and ``meta.json``, written last. It is built in a
+hidden temporary folder next to it and renamed into place, so a reader sees either a finished entry or none.
+Entries are opened memory-mapped (:func:`read_entry`), so reading one costs about one batch of memory.
+
+:func:`kcore.features.extract_features` writes entries through :func:`start_entry`, :class:`ArrayWriter` and
+:func:`finish_entry`; :func:`load_cached_features` opens one without running any model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kcore.feature_set import FeaturePair
+
+CACHE_FORMAT = "kcore-feature-cache/1"
+"""Value of the ``"format"`` key in a cache entry's ``meta.json``."""
+
+FLOAT16_MAX = 65504.0
+"""Largest finite float16 value; cached features must stay below it in magnitude."""
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """What identifies a cache entry besides the two layer names (which :func:`kcore.features.extract_features` adds).
+
+    Attributes:
+        checkpoint_a: SHA-256 of network A's checkpoint file (``LoadedModel.sha256``).
+        checkpoint_b: SHA-256 of network B's checkpoint file.
+        image_set: a hash of the images and their order (e.g. :func:`image_set_hash` of their ids
+            together with the data set's version).
+        transform: a description of the preprocessing (resize, crop, normalisation).
+    """
+
+    checkpoint_a: str
+    checkpoint_b: str
+    image_set: str
+    transform: str = ""
+
+
+def image_set_hash(image_ids: Iterable[str]) -> str:
+    """SHA-256 of an ordered list of image ids (for :attr:`CacheKey.image_set`)."""
+    digest = hashlib.sha256()
+    for image_id in image_ids:
+        digest.update(str(image_id).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def cache_digest(cache_key: CacheKey | str, layer_a: str, layer_b: str, cache_key_extra: str = "") -> str:
+    """The SHA-256 naming a cache entry: of the key's fields, both layer names and ``cache_key_extra``.
+
+    Args:
+        cache_key: a :class:`CacheKey`, or a string the caller already made unique for the two models,
+            the images and the transform.
+        layer_a: layer name in A.
+        layer_b: layer name in B.
+        cache_key_extra: anything else that changes the features (e.g. an input resolution).
+    """
+    if isinstance(cache_key, CacheKey):
+        key: dict[str, Any] = asdict(cache_key)
+    elif isinstance(cache_key, str) and cache_key:
+        key = {"key": cache_key}
+    else:
+        raise ValueError(
+            f"cache_key must be a kcore.feature_cache.CacheKey or a non-empty string; got {cache_key!r}. Fix: "
+            "CacheKey(checkpoint_a=loaded_a.sha256, checkpoint_b=loaded_b.sha256, image_set=..., transform=...)."
+        )
+    payload = {"format": CACHE_FORMAT, **key, "layer_a": layer_a, "layer_b": layer_b, "extra": cache_key_extra}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_entry_dir(
+    cache_dir: str | os.PathLike[str],
+    cache_key: CacheKey | str,
+    layer_a: str,
+    layer_b: str,
+    cache_key_extra: str = "",
+) -> Path:
+    """The folder of a cache entry: ``cache_dir / <cache_digest>``."""
+    return Path(cache_dir) / cache_digest(cache_key, layer_a, layer_b, cache_key_extra)
+
+
+def read_entry(entry: Path) -> FeaturePair:
+    """Open a finished cache entry with its arrays memory-mapped (copy-on-write, so the file never changes)."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        ids = json.loads((entry / "ids.json").read_text(encoding="utf-8"))
+        x_a = np.load(entry / "x_a.npy", mmap_mode="c")
+        x_b = np.load(entry / "x_b.npy", mmap_mode="c")
+        labels = np.load(entry / "labels.npy") if meta["has_labels"] else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"feature cache entry {str(entry)!r} is unreadable ({exc}). Fix: delete that folder; the next "
+            "extraction recomputes it."
+        ) from exc
+    n = meta["n_images"]
+    if (
+        meta.get("format") != CACHE_FORMAT
+        or x_a.shape != (n, *meta["shape_a"])
+        or x_b.shape != (n, *meta["shape_b"])
+        or len(ids) != n
+    ):
+        raise ValueError(
+            f"feature cache entry {str(entry)!r} does not match its meta.json (arrays {x_a.shape}, {x_b.shape}, "
+            f"{len(ids)} ids; meta {meta}). Fix: delete that folder; the next extraction recomputes it."
+        )
+    return FeaturePair(
+        x_a=torch.from_numpy(x_a),
+        x_b=torch.from_numpy(x_b),
+        layer_a=meta["layer_a"],
+        layer_b=meta["layer_b"],
+        image_ids=tuple(ids),
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
+
+
+def load_cached_features(
+    cache_dir: str | os.PathLike[str],
+    cache_key: CacheKey | str,
+    layer_a: str,
+    layer_b: str,
+    *,
+    cache_key_extra: str = "",
+) -> FeaturePair | None:
+    """Open cached features without reading them into memory.
+
+    Args:
+        cache_dir: the cache folder given to :func:`kcore.features.extract_features`.
+        cache_key: the same key given to :func:`kcore.features.extract_features`.
+        layer_a: layer name in A.
+        layer_b: layer name in B.
+        cache_key_extra: the same extra string given to :func:`kcore.features.extract_features`.
+
+    Returns:
+        A :class:`FeaturePair` whose ``x_a`` (N, C_a, H_a, W_a) and ``x_b`` (N, C_b, H_b, W_b) are float16
+        tensors memory-mapped from the cache files (``torch.from_numpy`` on ``np.load(mmap_mode="c")``),
+        or None when there is no finished entry for this key.
+
+    Raises:
+        ValueError: the entry exists but is unreadable or inconsistent.
+    """
+    entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
+    if not (entry / "meta.json").is_file():
+        return None
+    return read_entry(entry)
+
+
+def start_entry(entry: Path) -> Path:
+    """Create the hidden temporary folder an entry is written into (next to ``entry``, same file system)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def discard_entry(tmp: Path) -> None:
+    """Remove an unfinished entry's temporary folder (after an error or a cancel)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ArrayWriter:
+    """One feature array of an entry, appended batch by batch as float16 to ``folder / <name>.npy``.
+
+    Batches are appended with plain writes, not through a memory map: the written pages then sit in the
+    kernel's page cache rather than in this process's resident set, so extraction holds about one batch
+    whatever the number of images. With an unknown number of images the data goes to a headerless file first
+    and is copied behind the .npy header at the end.
+    """
+
+    def __init__(self, folder: Path, n: int | None, shape: tuple[int, ...], name: str) -> None:
+        self.folder, self.n, self.shape, self.name = folder, n, shape, name
+        self.done = 0
+        if n is not None:
+            self.file: BinaryIO = open(folder / f"{name}.npy", "wb")
+            _write_npy_header(self.file, (n, *shape))
+        else:
+            self.file = open(folder / f"{name}.raw", "wb")
+
+    def write(self, feats: Tensor, layer: str) -> None:
+        """Append a CPU float32 batch (B, *shape); refuse values float16 would turn into inf."""
+        peak = float(feats.abs().max()) if feats.numel() else 0.0
+        if not peak < FLOAT16_MAX:
+            raise ValueError(
+                f"layer {layer!r} has values up to {peak:.4g} in magnitude, beyond float16 (max {FLOAT16_MAX}); the "
+                "float16 cache would store them as inf. Fix: pass cache_dir=None to keep float32 features in memory."
+            )
+        self.file.write(memoryview(feats.to(torch.float16).contiguous().numpy()))
+        self.done += feats.shape[0]
+
+    def finish(self) -> None:
+        """Close the file and, with an unknown N, put the .npy header in front of the data."""
+        self.file.close()
+        if self.n is None:
+            raw = self.folder / f"{self.name}.raw"
+            with open(self.folder / f"{self.name}.npy", "wb") as out, open(raw, "rb") as src:
+                _write_npy_header(out, (self.done, *self.shape))
+                shutil.copyfileobj(src, out, 2**22)
+            raw.unlink()
+
+    def close(self) -> None:
+        """Close the file (after an error; :meth:`finish` closes it otherwise)."""
+        self.file.close()
+
+
+def _write_npy_header(file: BinaryIO, shape: tuple[int, ...]) -> None:
+    """The .npy header of a C-ordered float16 array of ``shape``; the data follows it in the file."""
+    np.lib.format.write_array_header_1_0(
+        file, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": shape}
+    )
+
+
+def finish_entry(
+    tmp: Path,
+    entry: Path,
+    shape_a: tuple[int, ...],
+    shape_b: tuple[int, ...],
+    layer_a: str,
+    layer_b: str,
+    image_ids: tuple[str, ...],
+    labels: Tensor | None,
+) -> None:
+    """Finish a cache entry in its temporary folder, then rename it into place (atomic on one file system)."""
+    (tmp / "ids.json").write_text(json.dumps(list(image_ids)), encoding="utf-8")
+    if labels is not None:
+        np.save(tmp / "labels.npy", labels.numpy())
+    meta = {
+        "format": CACHE_FORMAT,
+        "n_images": len(image_ids),
+        "shape_a": list(shape_a),
+        "shape_b": list(shape_b),
+        "dtype": "float16",
+        "layer_a": layer_a,
+        "layer_b": layer_b,
+        "has_labels": labels is not None,
+    }
+    # meta.json last: an entry counts as finished only once it is there.
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    try:
+        os.rename(tmp, entry)
+    except OSError:
+        if not (entry / "meta.json").is_file():  # not a concurrent writer that finished first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
