@@ -22,9 +22,19 @@ from kcore.conventions import Convention, Normalization, check_convention
 from kcore.decompose import Decomposition, Method, components
 from kcore.devices import resolve_device
 from kcore.gtheta import Gate, GTheta, GThetaSpec, gtheta_loss
-from kcore.metrics import Baseline, ChannelMoments, VarianceAccumulator, fit_linear_map, linear_baseline
+from kcore.metrics import (
+    Baseline,
+    ChannelMoments,
+    LinearMap,
+    VarianceAccumulator,
+    fit_linear_map,
+    linear_baseline,
+)
 
 Schedule = Literal["cosine", "loglinear"]
+EVAL_BATCH_SIZE = 256
+"""Images per batch of the passes without gradients (monitor error, calibration, held-out evaluation, predict,
+decompose): bounds their working memory; any value gives the same numbers."""
 Init = Literal["torch", "lstsq"]
 
 
@@ -230,7 +240,7 @@ class FitResult:
                     "Fix: use features of the same layer of network B as in the fit."
                 )
 
-    def predict(self, x_src: Tensor, batch_size: int = 256) -> Tensor:
+    def predict(self, x_src: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
         """g(x) in the fit's target units for raw source features (N, C_a, H_a, W_a) -> (N, C_b, H, W)."""
         from kcore._validate import check_feature_map
 
@@ -242,7 +252,7 @@ class FitResult:
                 [self.model(self.norm.source(x_src[i : i + batch_size].to(dev))).cpu() for i in range(0, len(x_src), batch_size)]
             )
 
-    def iter_decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256, method: Method = "batched"):
+    def iter_decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE, method: Method = "batched"):
         """Yield (components, residual, target) batch by batch (memory bounded by ``batch_size``)."""
         x_src, x_tgt = check_pair(x_src, x_tgt)
         self._check(x_src, x_tgt)
@@ -255,7 +265,7 @@ class FitResult:
             resid = xt - torch.stack(comps).sum(0)
             yield comps, resid, xt
 
-    def decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256, method: Method = "batched") -> Decomposition:
+    def decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE, method: Method = "batched") -> Decomposition:
         """Split x* into x^(0) … x^(K) and x^Δ (Eq. 3–4) for raw features of the same images.
 
         Args:
@@ -276,7 +286,7 @@ class FitResult:
             tgt.append(xt.cpu())
         return Decomposition([torch.cat(p) for p in parts], torch.cat(res), torch.cat(tgt), self.norm.convention)
 
-    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> dict:
+    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> dict:
         """The variance report for these images in one streaming pass, without keeping the components."""
         acc = VarianceAccumulator(self.model.orders, self.model.spec.out_channels)
         for comps, resid, xt in self.iter_decompose(x_src, x_tgt, batch_size):
@@ -414,6 +424,245 @@ def calibrate(model: GTheta, xs: Tensor, batch_size: int, device: torch.device) 
         model.running_var[k - 1] = mom.channel_var().to(model.running_var)
 
 
+@dataclass(frozen=True)
+class FitData:
+    """The fit's inputs after normalisation, on the fit's device, with the seeded split.
+
+    Attributes:
+        norm: the :class:`Normalization` fitted on the training split.
+        xs, xt: all normalised source and target maps (channels-last on the CPU).
+        train_idx, monitor_idx, heldout_idx: the split (:func:`split_indices`).
+        xs_tr, xt_tr: the training split; xs_mon, xt_mon: the monitor split (``None`` without one).
+        train_sst: Σ(x* − channel mean)² over the training targets, used for the monitor error when there is
+            no monitor split (``nan`` otherwise).
+        device: where the model runs; memory_format: the layout of the maps and the model.
+    """
+
+    norm: Normalization
+    xs: Tensor
+    xt: Tensor
+    train_idx: Tensor
+    monitor_idx: Tensor
+    heldout_idx: Tensor
+    xs_tr: Tensor
+    xt_tr: Tensor
+    xs_mon: Tensor | None
+    xt_mon: Tensor | None
+    train_sst: float
+    device: torch.device
+    memory_format: torch.memory_format
+
+    @property
+    def has_monitor(self) -> bool:
+        return self.xs_mon is not None
+
+
+def prepare_data(x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device) -> FitData:
+    """Split the images (seeded), fit the normalisation on the training split and normalise every map."""
+    train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
+    norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx)
+    # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) maps than on NCHW ones (bench/).
+    fmt = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+    xs = _prepare(norm.source, x_src, memory_format=fmt)
+    xt = _prepare(norm.target, x_tgt, memory_format=fmt)
+    if dev.type == "cuda":
+        xs, xt = xs.to(dev), xt.to(dev)
+    fit_idx = train_idx.to(xs.device)
+    xs_tr, xt_tr = xs[fit_idx], xt[fit_idx]
+    xs_mon = xt_mon = None
+    train_sst = float("nan")
+    if len(mon_idx) > 0:
+        xs_mon, xt_mon = xs[mon_idx.to(xs.device)], xt[mon_idx.to(xs.device)]
+    else:
+        train_mom = ChannelMoments(xt_tr.shape[1])
+        for i in range(0, xt_tr.shape[0], EVAL_BATCH_SIZE):
+            train_mom.update(xt_tr[i : i + EVAL_BATCH_SIZE])
+        train_sst = float(train_mom.m2.sum())
+    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt)
+
+
+def init_model(data: FitData, cfg: FitConfig) -> tuple[GTheta, LinearMap | None]:
+    """A seeded g_θ on the fit's device; with ``init="lstsq"``, W^(0) starts at the least-squares map.
+
+    Returns:
+        The model and the least-squares map (``None`` with ``init="torch"``), reused by the baseline.
+    """
+    torch.manual_seed(cfg.seed)
+    spec = GThetaSpec(
+        data.xs.shape[1], data.xt.shape[1], cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init
+    )
+    model = GTheta(spec).to(data.device, memory_format=data.memory_format)
+    lin = None
+    if cfg.init == "lstsq":
+        lin = fit_linear_map(data.xs_tr, data.xt_tr, cfg.kernel_size)
+        with torch.no_grad():
+            w = torch.zeros_like(model.convs[0].weight)
+            c, k = cfg.kernel_size // 2, lin.kernel_size // 2
+            w[:, :, c - k : c + k + 1, c - k : c + k + 1] = lin.weight.to(w)
+            model.convs[0].weight.copy_(w)
+    return model, lin
+
+
+def train_schedule(cfg: FitConfig, n_train: int) -> tuple[int, int, int | None]:
+    """(steps per epoch, epochs, patience): ``epochs`` and ``patience`` scaled up by the same factor when
+    ``epochs`` of ``n_train`` images would give fewer than ``cfg.min_steps`` optimiser steps."""
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    scale = max(1, math.ceil(cfg.min_steps / (steps_per_epoch * cfg.epochs)))
+    patience = None if cfg.patience is None else cfg.patience * scale
+    return steps_per_epoch, cfg.epochs * scale, patience
+
+
+class EarlyStopping:
+    """Keeps the weights of the epoch with the best monitor error; says when patience has run out.
+
+    Without a monitor split nothing is kept (the last epoch's weights are used, as in the authors' recipe).
+    """
+
+    def __init__(self, cfg: FitConfig, patience: int | None, keep_weights: bool) -> None:
+        self.min_delta = cfg.min_delta
+        self.patience = patience
+        self.keep_weights = keep_weights
+        self.best_error = math.inf
+        self.best_epoch = 0
+        self.best_state: dict[str, Tensor] = {}
+
+    def update(self, epoch: int, error: float, model: GTheta) -> bool:
+        """Record an epoch's monitor error; return True when training should stop."""
+        if error < self.best_error - self.min_delta * abs(self.best_error) or not math.isfinite(self.best_error):
+            self.best_error, self.best_epoch = error, epoch
+            self.best_state = _snapshot(model) if self.keep_weights else {}
+            return False
+        return self.patience is not None and epoch - self.best_epoch >= self.patience
+
+
+def train_epoch(
+    model: GTheta,
+    opt: torch.optim.Optimizer,
+    data: FitData,
+    cfg: FitConfig,
+    *,
+    epoch: int,
+    first_step: int,
+    total_steps: int,
+    gen: torch.Generator,
+    cancel: Any = None,
+) -> tuple[float, float, int]:
+    """One pass over the training split in a seeded random order (Eq. 2).
+
+    Returns:
+        (Σ loss, Σ mse) weighted by batch size, and the number of optimiser steps taken.
+
+    Raises:
+        FitCancelled: ``cancel`` asked to stop (checked before every step).
+    """
+    model.train()
+    n_tr = data.xs_tr.shape[0]
+    perm = torch.randperm(n_tr, generator=gen).to(data.xs_tr.device)
+    tot_loss = tot_mse = 0.0
+    step = first_step
+    for b in range(math.ceil(n_tr / cfg.batch_size)):
+        if _is_cancelled(cancel):
+            raise FitCancelled(f"fit cancelled at epoch {epoch}")
+        if cfg.schedule == "cosine":
+            _set_lr(opt, _cosine_lr(cfg, step, total_steps))
+        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        xb = data.xs_tr[idx].to(data.device, non_blocking=True)
+        tb = data.xt_tr[idx].to(data.device, non_blocking=True)
+        loss, mse = train_step(model, opt, xb, tb, cfg.lam)
+        tot_loss += float(loss.detach()) * len(idx)
+        tot_mse += float(mse.detach()) * len(idx)
+        step += 1
+    return tot_loss, tot_mse, step - first_step
+
+
+def monitor_error(model: GTheta, data: FitData, tot_mse: float) -> float:
+    """The relative error on the monitor split; without one, the training split's from the epoch's running
+    mean squared error ``tot_mse`` (summed over images), which costs no extra pass."""
+    if data.xs_mon is not None and data.xt_mon is not None:
+        return _relative_error(model, data.xs_mon, data.xt_mon, EVAL_BATCH_SIZE, data.device)
+    if not data.train_sst > 0:
+        return float("nan")
+    return tot_mse * data.xt_tr[0].numel() / data.train_sst
+
+
+def train(
+    model: GTheta,
+    data: FitData,
+    cfg: FitConfig,
+    *,
+    report: Callable[[FitProgress], None],
+    t0: float,
+    cancel: Any = None,
+    on_epoch: Callable[[int, GTheta], None] | None = None,
+) -> tuple[list[EpochRecord], int, int]:
+    """The training loop with early stopping on the monitor split; leaves the kept weights in ``model``.
+
+    Returns:
+        (history, best epoch, scheduled number of epochs).
+    """
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_tr = data.xs_tr.shape[0]
+    steps_per_epoch, epochs, patience = train_schedule(cfg, n_tr)
+    total_steps = steps_per_epoch * epochs
+    history: list[EpochRecord] = []
+    stopper = EarlyStopping(cfg, patience, keep_weights=data.has_monitor)
+    stopper.best_state = _snapshot(model)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        te = time.perf_counter()
+        if cfg.schedule == "loglinear":
+            frac = (epoch - 1) / max(epochs - 1, 1)
+            _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
+        tot_loss, tot_mse, taken = train_epoch(
+            model, opt, data, cfg, epoch=epoch, first_step=step, total_steps=total_steps, gen=gen, cancel=cancel
+        )
+        step += taken
+        model.eval()
+        mon = monitor_error(model, data, tot_mse)
+        gates = tuple(float(v) for v in model.gates().detach().cpu())
+        rec = EpochRecord(epoch, tot_loss / n_tr, tot_mse / n_tr, mon, opt.param_groups[0]["lr"], gates, time.perf_counter() - te)
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+        report(FitProgress("train", epoch, epochs, rec.train_loss, mon, rec.lr, gates, time.perf_counter() - t0))
+        if stopper.update(epoch, mon, model):
+            break
+        if not math.isfinite(rec.train_loss):
+            raise ValueError(
+                f"the fit diverged at epoch {epoch} (loss {rec.train_loss}). Fix: lower lr (now {cfg.lr}) "
+                "or use the 'fast' preset."
+            )
+    if data.has_monitor:
+        model.load_state_dict(stopper.best_state)
+        return history, stopper.best_epoch, epochs
+    return history, len(history), epochs  # without a monitor split, the last epoch is kept
+
+
+def evaluate_heldout(
+    model: GTheta, data: FitData, cfg: FitConfig, lin: LinearMap | None
+) -> tuple[float, dict, Baseline]:
+    """The held-out relative error, variance report and 0-order baseline, in one streaming pass.
+
+    Returns:
+        (Σ(x* − g(x))² / Σ(x* − channel mean)², variance report, baseline) on the held-out images.
+    """
+    held = data.heldout_idx.to(data.xs.device)
+    xs_h, xt_h = data.xs[held], data.xt[held]
+    acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
+    with torch.no_grad():
+        for i in range(0, xs_h.shape[0], EVAL_BATCH_SIZE):
+            comps = components(model, xs_h[i : i + EVAL_BATCH_SIZE].to(data.device))
+            tb = xt_h[i : i + EVAL_BATCH_SIZE].to(data.device)
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
+    baseline = linear_baseline(
+        data.xs_tr.cpu(), data.xt_tr.cpu(), xs_h.cpu(), xt_h.cpu(), cfg.kernel_size, lin=lin
+    )
+    sst = float(acc.target.m2.sum())  # = _relative_error on the held-out images, without another forward pass
+    err = acc.sq_err / sst if sst > 0 else float("nan")
+    return err, acc.report(), baseline
+
+
 def fit(
     x_src: Tensor,
     x_tgt: Tensor,
@@ -428,6 +677,10 @@ def fit(
     **overrides: Any,
 ) -> FitResult:
     """Fit g_θ so that g(x_src) reconstructs x_tgt, on a training split; evaluate on held-out images.
+
+    The steps: :func:`prepare_data` (split, normalisation), :func:`init_model` (least-squares start),
+    :func:`train` (loop, early stopping on the monitor split), :func:`calibrate` (exact Σ_(k)),
+    :func:`evaluate_heldout`.
 
     Args:
         x_src: (N, C_a, H_a, W_a) features of network A (x). Resampled to x_tgt's H×W when they differ.
@@ -458,126 +711,33 @@ def fit(
     dev = resolve_device(device)
     report = progress or (lambda p: None)
 
-    train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
-    norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx)
-    # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) maps than on NCHW ones (bench/).
-    fmt = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
-    xs = _prepare(norm.source, x_src, memory_format=fmt)
-    xt = _prepare(norm.target, x_tgt, memory_format=fmt)
-    if dev.type == "cuda":
-        xs, xt = xs.to(dev), xt.to(dev)
-    fit_idx = train_idx.to(xs.device)
-    xs_tr, xt_tr = xs[fit_idx], xt[fit_idx]
-    has_monitor = len(mon_idx) > 0
-    if has_monitor:
-        xs_mon, xt_mon = xs[mon_idx.to(xs.device)], xt[mon_idx.to(xs.device)]
-    else:
-        train_mom = ChannelMoments(xt_tr.shape[1])
-        for i in range(0, xt_tr.shape[0], 256):
-            train_mom.update(xt_tr[i : i + 256])
-        train_sst = float(train_mom.m2.sum())
-
-    torch.manual_seed(cfg.seed)
-    spec = GThetaSpec(x_src.shape[1], x_tgt.shape[1], cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init)
-    model = GTheta(spec).to(dev, memory_format=fmt)
+    data = prepare_data(x_src, x_tgt, cfg, dev)
     report(FitProgress("init", 0, cfg.epochs, elapsed=time.perf_counter() - t0))
-    lin = None
-    if cfg.init == "lstsq":
-        lin = fit_linear_map(xs_tr, xt_tr, cfg.kernel_size)
-        with torch.no_grad():
-            w = torch.zeros_like(model.convs[0].weight)
-            c, k = cfg.kernel_size // 2, lin.kernel_size // 2
-            w[:, :, c - k : c + k + 1, c - k : c + k + 1] = lin.weight.to(w)
-            model.convs[0].weight.copy_(w)
+    model, lin = init_model(data, cfg)
+    history, best_epoch, epochs = train(model, data, cfg, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
 
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n_tr = xs_tr.shape[0]
-    steps_per_epoch = math.ceil(n_tr / cfg.batch_size)
-    scale = max(1, math.ceil(cfg.min_steps / (steps_per_epoch * cfg.epochs)))
-    epochs = cfg.epochs * scale
-    patience = None if cfg.patience is None else cfg.patience * scale
-    total_steps = steps_per_epoch * epochs
-    history: list[EpochRecord] = []
-    best = (math.inf, 0, _snapshot(model))
-    step = 0
-    for epoch in range(1, epochs + 1):
-        te = time.perf_counter()
-        model.train()
-        if cfg.schedule == "loglinear":
-            frac = (epoch - 1) / max(epochs - 1, 1)
-            _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
-        perm = torch.randperm(n_tr, generator=gen).to(xs_tr.device)
-        tot_loss = tot_mse = 0.0
-        for b in range(steps_per_epoch):
-            if _is_cancelled(cancel):
-                raise FitCancelled(f"fit cancelled at epoch {epoch}")
-            if cfg.schedule == "cosine":
-                _set_lr(opt, _cosine_lr(cfg, step, total_steps))
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            xb, tb = xs_tr[idx].to(dev, non_blocking=True), xt_tr[idx].to(dev, non_blocking=True)
-            loss, mse = train_step(model, opt, xb, tb, cfg.lam)
-            tot_loss += float(loss.detach()) * len(idx)
-            tot_mse += float(mse.detach()) * len(idx)
-            step += 1
-        model.eval()
-        if has_monitor:
-            mon = _relative_error(model, xs_mon, xt_mon, 256, dev)
-        else:
-            mon = tot_mse * xt_tr[0].numel() / train_sst if train_sst > 0 else float("nan")
-        gates = tuple(float(v) for v in model.gates().detach().cpu())
-        rec = EpochRecord(epoch, tot_loss / n_tr, tot_mse / n_tr, mon, opt.param_groups[0]["lr"], gates, time.perf_counter() - te)
-        history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, model)
-        report(FitProgress("train", epoch, epochs, rec.train_loss, mon, rec.lr, gates, time.perf_counter() - t0))
-        if mon < best[0] - cfg.min_delta * abs(best[0]) or not math.isfinite(best[0]):
-            best = (mon, epoch, _snapshot(model) if has_monitor else {})
-        elif patience is not None and epoch - best[1] >= patience:
-            break
-        if not math.isfinite(rec.train_loss):
-            raise ValueError(
-                f"the fit diverged at epoch {epoch} (loss {rec.train_loss}). Fix: lower lr (now {cfg.lr}) "
-                "or use the 'fast' preset."
-            )
-
-    # Without a monitor split, keep the last epoch (as the authors' recipe does).
-    best_epoch = best[1] if has_monitor else len(history)
-    if has_monitor:
-        model.load_state_dict(best[2])
     report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
-    calibrate(model, xs_tr, 256, dev)
+    calibrate(model, data.xs_tr, EVAL_BATCH_SIZE, dev)
     model.eval()
 
     report(FitProgress("evaluate", len(history), epochs, elapsed=time.perf_counter() - t0))
-    held = held_idx.to(xs.device)
-    xs_h, xt_h = xs[held], xt[held]
-    acc = VarianceAccumulator(cfg.orders, x_tgt.shape[1])
-    with torch.no_grad():
-        for i in range(0, xs_h.shape[0], 256):
-            comps = components(model, xs_h[i : i + 256].to(dev))
-            tb = xt_h[i : i + 256].to(dev)
-            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
-    heldout = acc.report()
-    baseline = linear_baseline(xs_tr.cpu(), xt_tr.cpu(), xs_h.cpu(), xt_h.cpu(), cfg.kernel_size, lin=lin)
-    sst = float(acc.target.m2.sum())  # = _relative_error on the held-out images, without another forward pass
-    err = acc.sq_err / sst if sst > 0 else float("nan")
+    err, heldout, baseline = evaluate_heldout(model, data, cfg, lin)
 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     result = FitResult(
         model=model,
-        norm=norm,
+        norm=data.norm,
         config=cfg,
         history=tuple(history),
         best_epoch=best_epoch,
         heldout_error=err,
         heldout_report=heldout,
         baseline=baseline,
-        train_indices=tuple(int(i) for i in train_idx),
-        heldout_indices=tuple(int(i) for i in held_idx),
+        train_indices=tuple(int(i) for i in data.train_idx),
+        heldout_indices=tuple(int(i) for i in data.heldout_idx),
         device=str(dev),
         seconds=time.perf_counter() - t0,
-        extra={"monitor_indices": [int(i) for i in mon_idx]},
+        extra={"monitor_indices": [int(i) for i in data.monitor_idx]},
     )
     report(FitProgress("done", len(history), epochs, elapsed=result.seconds))
     return result
