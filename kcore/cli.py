@@ -182,8 +182,9 @@ def _cmd_fit(args) -> int:
     from kcore.pipeline import compare, write_run
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {str(out)!r} already exists. Fix: choose a new folder or pass --overwrite.")
+    from kcore._io import check_out_dir
+
+    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
     a = _load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle)
     b = _load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle)
     layer_a = args.layer_a or (a.card.default_layer if a.card else None)

@@ -122,7 +122,7 @@ def write_study(
     """
     from kcore.pipeline import versions
 
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, kind="study") as tmp:
         (tmp / "result.json").write_text(json.dumps({"format": STUDY_FORMAT, "study": study, **result}, indent=1, default=_json))
         prov = {"study": study, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(), **dict(provenance)}

@@ -496,8 +496,9 @@ def fit_settings_from(args: argparse.Namespace) -> FitSettings:
 
 
 def check_out(args: argparse.Namespace) -> None:
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} already exists. Fix: choose a new folder or pass --overwrite.")
+    from kcore._io import check_out_dir
+
+    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
 
 
 def _parse_ratios(text: str) -> tuple[float, ...]:

@@ -340,8 +340,9 @@ def add_cli(sub: Any) -> None:
 def _cmd_stability(args: argparse.Namespace) -> int:
     from kcore.experiments.refinement import command_line, load_checkpoint
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise ValueError(f"--out {args.out!r} already exists. Fix: choose a new folder or pass --overwrite.")
+    from kcore._io import check_out_dir
+
+    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     log = stderr_progress("stability")
