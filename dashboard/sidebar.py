@@ -14,7 +14,7 @@ def _job_status() -> None:
         return
     if job.running:
         st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
-    elif job.id not in st.session_state.get("kc_adopted", set()):
+    elif not state.is_adopted(job):
         st.rerun()  # finished since the last poll: redraw the whole app with the new result
 
 
@@ -24,7 +24,7 @@ def draw(show_progress: bool = True) -> None:
         st.markdown("### :material/biotech: kcore")
         st.caption("Knowledge consistency between two networks (Liang et al., ICLR 2020): what B's features "
                    "share with A's at each order of non-linearity, and what A misses.")
-        if err := st.session_state.get("kc_default_error"):
+        if err := state.default_error():
             st.warning(f"The default models could not be loaded: {err}")
         job = state.current_job()
         if show_progress and job is not None and job.running:
@@ -34,9 +34,7 @@ def draw(show_progress: bool = True) -> None:
         if runs:
             ids = list(runs)[::-1]
             state.apply_active_request()
-            if st.session_state.get("kc_active_run") not in runs:
-                st.session_state["kc_active_run"] = ids[0]
-            st.selectbox("Result shown", ids, format_func=lambda r: runs[r].label, key="kc_active_run",
+            st.selectbox("Result shown", ids, format_func=lambda r: runs[r].label, key=state.ACTIVE_RUN_KEY,
                          help="Every fit of this session (newest first), and runs re-opened from folders.",
                          persist_state="session")
         else:

@@ -210,7 +210,7 @@ def _cmd_fit(args) -> int:
         cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(), fit_options=opts,
         paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
     )
-    write_run(comp, out, overwrite=args.overwrite)
+    write_run(comp, out, overwrite=args.overwrite, images=images)
     for key, d in comp.directions.items():
         rep = d.fit.heldout_report
         vo = ", ".join(f"{v:.4g}" for v in rep["var_orders"])

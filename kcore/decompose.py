@@ -13,7 +13,7 @@ literally: one recording forward pass, then each branch on its own) is kept as a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -137,6 +137,22 @@ class Decomposition:
     def output(self) -> Tensor:
         """g(x) = Σ_k x^(k)."""
         return torch.stack(self.components).sum(0)
+
+    def select(self, indices: Sequence[int]) -> "Decomposition":
+        """The decomposition of some of the images (``indices`` into the first axis), without recomputing.
+
+        Examples::
+
+            dec = comparison.decompose("A_to_B")
+            first_two = dec.select([0, 1])   # first_two.target.shape[0] == 2
+        """
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        n = self.target.shape[0]
+        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise ValueError(f"indices must lie in [0, {n}) (the decomposition has {n} images), got "
+                             f"{list(indices)[:8]}. Fix: pick image positions of this decomposition.")
+        return Decomposition([c[idx] for c in self.components], self.residual[idx], self.target[idx],
+                             self.convention, dict(self.meta))
 
     def report(self, batch_size: int = 256) -> dict:
         """Variances of every part (Sec. 4.2), overall and per channel; see :func:`kcore.metrics.variance_report`."""

@@ -13,8 +13,9 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,10 @@ DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "B_to_A": ("B", "A", "unreliable features of A: what A encodes that B's feature cannot reconstruct"),
 }
 RUN_FORMAT = "kcore-run/1"
+HELDOUT_IMAGES_FILE = "heldout_images.npz"
+"""Optional part of a run folder: the held-out input images (uint8 RGB), for overlays without the image set."""
+MAX_STORED_IMAGES = 512
+"""At most this many held-out input images are stored with a run."""
 
 
 @dataclass(frozen=True)
@@ -281,12 +286,44 @@ def _card_desc(card: Any) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run folders
-def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def heldout_images(comparison: Comparison, images: Any, limit: int = MAX_STORED_IMAGES) -> dict[str, np.ndarray]:
+    """The first ``limit`` held-out input images of ``comparison`` as uint8 ``(H, W, 3)`` RGB, id → image.
+
+    ``images`` is the image set the comparison was made on; without a ``raw(i)`` method (e.g. a plain
+    dataset of tensors) there is nothing to store and the result is empty.
+    """
+    raw = getattr(images, "raw", None)
+    if raw is None:
+        return {}
+    ids = comparison.features.image_ids
+    return {ids[p]: np.asarray(raw(p)) for p in comparison.heldout_positions[:limit]}
+
+
+def _write_heldout_images(folder: Path, raw: Mapping[str, np.ndarray]) -> None:
+    arrays = list(raw.values())
+    if not arrays or len({a.shape for a in arrays}) != 1:  # only images of one size are stored
+        return
+    np.savez_compressed(folder / HELDOUT_IMAGES_FILE, ids=np.asarray(list(raw)), images=np.stack(arrays))
+
+
+def read_heldout_images(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The held-out input images stored in a run folder (id → uint8 RGB), or ``{}`` if it has none."""
+    f = Path(run_dir) / HELDOUT_IMAGES_FILE
+    if not f.is_file():
+        return {}
+    with np.load(f, allow_pickle=False) as z:
+        return {str(i): a for i, a in zip(z["ids"], z["images"])}
+
+
+def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: bool = False,
+              images: Any = None) -> Path:
     """Write a run folder atomically (a temporary sibling, then one rename).
 
     Contents: ``metrics.json``, ``config.json``, ``provenance.json``, ``images.json`` (held-out ids and
     labels), ``features_heldout.safetensors`` (A's and B's held-out features, so the maps can be redrawn
-    without the checkpoints) and one ``g_<direction>/`` folder per direction (:meth:`FitResult.save`).
+    without the checkpoints), one ``g_<direction>/`` folder per direction (:meth:`FitResult.save`) and, when
+    ``images`` (the image set of :func:`compare`, or a ready id → image mapping) is given,
+    ``heldout_images.npz`` with up to :data:`MAX_STORED_IMAGES` held-out input images for the overlays.
 
     Raises:
         ValueError: ``out_dir`` exists and ``overwrite`` is False.
@@ -300,12 +337,12 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
             str(tmp / "features_heldout.safetensors"),
         )
         labels = comparison.features.labels
-        images = {
+        listing = {
             "ids": comparison.image_ids(),
             "labels": labels[pos].tolist() if labels is not None else None,
             "heldout_of_all": list(comparison.heldout_positions),
         }
-        (tmp / "images.json").write_text(json.dumps(images, indent=1))
+        (tmp / "images.json").write_text(json.dumps(listing, indent=1))
         for key, d in comparison.directions.items():
             d.fit.save(tmp / f"g_{key}")
         (tmp / "metrics.json").write_text(json.dumps(comparison.metrics(), indent=1))
@@ -315,6 +352,9 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
             "fit": cfg,
         }, indent=1))
         (tmp / "provenance.json").write_text(json.dumps(comparison.provenance, indent=1, default=str))
+        if images is not None:
+            raw = images if isinstance(images, Mapping) else heldout_images(comparison, images)
+            _write_heldout_images(tmp, raw)
     return Path(out_dir)
 
 

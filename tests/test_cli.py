@@ -12,6 +12,7 @@ import torch
 from kcore.cards import card_path_for, read_card, write_card
 from kcore.checkpoints import load_model
 from kcore.cli import main
+from kcore.pipeline import read_heldout_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -50,6 +51,10 @@ def test_fit_on_sample_models_end_to_end(tmp_path, capsys):
     assert prov["checkpoint_a"]["sha256"] == load_model(WEAK).sha256
     assert prov["images"]["n"] == 160 and "torch" in prov["versions"]
     assert (out / "g_A_to_B" / "g.safetensors").is_file() and (out / "config.json").is_file()
+    # the held-out input images travel with the run, so the dashboard draws overlays of a CLI run too
+    shown = read_heldout_images(out)
+    assert list(shown) == json.loads((out / "images.json").read_text())["ids"]
+    assert next(iter(shown.values())).shape == (64, 64, 3)
 
 
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):

@@ -6,6 +6,7 @@ image, channel or order afterwards neither re-extracts nor refits.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -64,10 +65,16 @@ def _wait_for_run(at: AppTest, n_runs: int, timeout: float = FIT_TIMEOUT) -> Non
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     runs, exports = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("exports")
-    old = state.RUNS_DIR, state.EXPORTS_DIR
-    state.RUNS_DIR, state.EXPORTS_DIR = runs, exports
+    names = ("KCORE_RUNS_DIR", "KCORE_EXPORTS_DIR")
+    old = {n: os.environ.get(n) for n in names}
+    os.environ.update(dict(zip(names, (str(runs), str(exports)))))
+    assert (state.runs_dir(), state.exports_dir()) == (runs, exports)
     yield runs, exports
-    state.RUNS_DIR, state.EXPORTS_DIR = old
+    for n, v in old.items():
+        if v is None:
+            os.environ.pop(n, None)
+        else:
+            os.environ[n] = v
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from kcore.checkpoints import LoadedModel
-from kcore.pipeline import compare, read_run, write_run
+from kcore.pipeline import HELDOUT_IMAGES_FILE, compare, heldout_images, read_heldout_images, read_run, write_run
 
 
 class _Images(torch.utils.data.Dataset):
@@ -22,6 +23,9 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i], i % 3
+
+    def raw(self, i):
+        return (self.x[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
 def _net(seed, width=6):
@@ -86,3 +90,28 @@ def test_run_folder_round_trip(tmp_path, comparison):
 def test_read_run_rejects_other_folders(tmp_path):
     with pytest.raises(ValueError, match="not a kcore run folder"):
         read_run(tmp_path)
+
+
+def test_run_folder_keeps_the_heldout_input_images(tmp_path, comparison):
+    data = _Images()
+    run = write_run(comparison, tmp_path / "run", images=data)
+    back = read_heldout_images(run)
+    ids = comparison.image_ids()
+    assert list(back) == ids  # every held-out image (fewer than the cap), in held-out order
+    for pos, image_id in zip(comparison.heldout_positions, ids):
+        assert back[image_id].dtype == np.uint8 and (back[image_id] == data.raw(pos)).all()
+    assert heldout_images(comparison, data, limit=2).keys() == set(ids[:2])
+    # without images (or with a dataset that has no raw images) the folder simply has none
+    plain = write_run(comparison, tmp_path / "plain")
+    assert not (plain / HELDOUT_IMAGES_FILE).exists() and read_heldout_images(plain) == {}
+    assert heldout_images(comparison, list(range(40))) == {}
+
+
+def test_selecting_images_of_a_decomposition(comparison):
+    dec = comparison.decompose("A_to_B")
+    sub = dec.select([2, 0])
+    for part, whole in zip([*sub.components, sub.residual, sub.target], [*dec.components, dec.residual, dec.target]):
+        torch.testing.assert_close(part, whole[[2, 0]])
+    assert sub.convention == dec.convention and sub.orders == dec.orders
+    with pytest.raises(ValueError, match="indices must lie in"):
+        dec.select([dec.target.shape[0]])

@@ -56,7 +56,7 @@ def explorer() -> None:
                               format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b],
                               persist_state="session")
     choice = figures.MapChoice(direction, int(image), int(channel), spec, scale, float(alpha), background)
-    st.session_state["kc_ex_choice"] = choice  # the Export page redraws exactly this
+    state.set_explorer_choice(choice)  # the Export page redraws exactly this
     with main:
         left, right = st.columns(2)
         with left:

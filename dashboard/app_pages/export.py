@@ -28,7 +28,7 @@ c1, c2, c3 = st.columns([1, 1, 2])
 formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
                    default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
 dpi = c2.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
-folder = c3.text_input("Folder on the server", value=str(state.EXPORTS_DIR / run.id), key=f"kc_exp_folder_{run.id}",
+folder = c3.text_input("Folder on the server", value=str(state.exports_dir() / run.id), key=f"kc_exp_folder_{run.id}",
                        help="Created if missing; files with the same names are replaced.")
 
 
@@ -39,7 +39,7 @@ def figure_items() -> list[export.FigureItem]:
         items.append(export.FigureItem(export.figure_stem("variance"), figures.variance(run), {"shows": "Var per order"}))
         items.append(export.FigureItem(export.figure_stem("loss"), figures.loss(run), {"shows": "training curves"}))
     if "explorer" in what_:
-        m = st.session_state.get("kc_ex_choice")
+        m = state.explorer_choice()
         if m is None or m.direction not in c.directions:
             m = figures.MapChoice(dirs[0], 0, 0, viz.MapSpec("component", (0,)))
         view = state.decomposition(run, m.direction)
@@ -54,7 +54,7 @@ def figure_items() -> list[export.FigureItem]:
             items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d),
                                            {"shows": "variance share per channel", "direction": d}))
     if "figure1" in what_:
-        f1 = st.session_state.get("kc_f1_choice")
+        f1 = state.figure1_choice()
         if f1 is None or f1[0] not in c.directions:
             view = state.decomposition(run, dirs[0])
             f1 = (dirs[0], tuple(range(min(2, view.n))), (0,), "image", 0.85, "gray")

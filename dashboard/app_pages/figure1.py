@@ -35,7 +35,7 @@ if not imgs or not chans:
     st.info("Choose at least one image and one channel.")
     st.stop()
 
-st.session_state["kc_f1_choice"] = (direction, tuple(imgs), tuple(chans), scale, float(alpha), background)
+state.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background))
 build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background)  # noqa: E731
 ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}",
                caption="Figure 1 grid (exported as PNG, SVG and PDF from the same figure).")

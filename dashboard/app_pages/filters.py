@@ -56,8 +56,7 @@ default_imgs = list(range(min(3, view.n)))
 imgs = st.multiselect("Images", list(range(view.n)), default=default_imgs, format_func=lambda i: view.image_ids[i],
                       key="kc_fl_images", max_selections=6, persist_state="session")
 if st.button("Show in Explorer", key="kc_fl_to_explorer", icon=":material/image_search:"):
-    st.session_state["kc_ex_channel"] = int(channel)
-    st.session_state["kc_ex_dir"] = direction
+    state.show_in_explorer(channel, direction)
     st.switch_page("app_pages/explorer.py")
 if imgs:
     ui.show_figure(lambda: figures.grid(run, direction, imgs, [channel], "image"),

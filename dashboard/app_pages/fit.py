@@ -15,10 +15,7 @@ st.caption("g_θ learns to reconstruct the target network's feature x* from the 
            "meanwhile, and cancel it here.")
 
 a, b, imgs = state.slot("A"), state.slot("B"), state.images()
-layer_a, layer_b = st.session_state.get("kc_layer_A"), st.session_state.get("kc_layer_B")
-if a is not None and b is not None:
-    layer_a = layer_a if layer_a in {l.name for l in a.layers} else a.default_layer  # noqa: E741
-    layer_b = layer_b if layer_b in {l.name for l in b.layers} else b.default_layer  # noqa: E741
+layer_a, layer_b = state.chosen_layer("A"), state.chosen_layer("B")
 
 with st.container(border=True, key="kc_fit_summary"):
     if a is None or b is None or imgs is None:
@@ -58,8 +55,7 @@ both = st.radio("Directions", list(DIRECTION_CHOICES), format_func=DIRECTION_CHO
                 help="A → B: x^Δ is what B encodes and A cannot reconstruct (blind spots of A). "
                      "B → A: what A encodes and B cannot (unreliable features of A).") == "both"
 
-job = state.current_job()
-running = job is not None and job.running
+running = state.job_running()
 if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:"):
     params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
                   preset=preset, both_directions=both)
@@ -77,7 +73,7 @@ def _progress() -> None:
             job.cancel.set()
             st.toast("Cancelling after the current batch…")
         return
-    if job.id not in st.session_state.get("kc_adopted", set()):
+    if not state.is_adopted(job):
         st.rerun()  # just finished: redraw everything with the result
     if job.state == "done":
         st.success(f"Finished in {job.elapsed:.0f} s: {job.label}.")
@@ -105,7 +101,7 @@ else:
     st.caption("None yet.")
 
 with st.expander("Re-open a run folder", expanded=not runs):
-    st.caption(f"Every fit is saved as a run folder under `{state.RUNS_DIR}` (also `kcore fit --out` folders). "
+    st.caption(f"Every fit is saved as a run folder under `{state.runs_dir()}` (also `kcore fit --out` folders). "
                "A run folder holds the fitted g_θ and the held-out features, so the maps redraw without the checkpoints.")
     found = state.run_folders()
     choice = st.selectbox("Found on the server", [str(p) for p in found], index=None, key="kc_open_found",

@@ -19,7 +19,7 @@ AUTO_ARCH = "(from the model card)"
 st.title("Models & images")
 st.caption("Pick the two networks to compare, one layer of each, and the images. Everything starts on the "
            "bundled sample models and images, so you can go straight to **Fit**.")
-if err := st.session_state.get("kc_default_error"):
+if err := state.default_error():
     st.warning(f"The embedded default could not be loaded: {err}")
 
 
@@ -50,7 +50,7 @@ def _use(role: str, load, source: str, path: str | None) -> None:
     current = state.slot(role)
     same_model = current is not None and current.loaded.sha256 == loaded.sha256 and current.input_size == new.input_size
     if not same_model:
-        st.session_state.pop(f"kc_layer_{role}", None)  # the new model's default layer
+        state.forget_layer(role)  # the new model starts on its default layer
     if not same_model or (current.source, current.path, current.loaded.card) != (source, path, loaded.card):
         state.set_slot(role, new)
     if loaded.missing_keys or loaded.unexpected_keys:
@@ -135,11 +135,11 @@ def layer_picker(role: str) -> str | None:
     s = state.slot(role)
     if s is None:
         return None
-    names = [layer.name for layer in s.layers]
+    names = s.layer_names
     if not names:
         st.error(f"Network {role} has no layer with a 4-D (N, C, H, W) output to compare.")
         return None
-    key = f"kc_layer_{role}"
+    key = state.layer_key(role)
     if st.session_state.get(key) not in names:
         st.session_state[key] = s.default_layer
     return st.selectbox(f"Layer of {role} (C × H × W)", names, key=key, format_func=lambda n: _layer_label(s, n),

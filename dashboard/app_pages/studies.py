@@ -15,7 +15,6 @@ from dashboard import state
 from kcore.experiments import STUDIES
 from kcore.experiments._common import read_study
 
-STUDIES_DIR = state.RUNS_DIR.parent / "studies"
 ABOUT = {
     "diagnosis": "Sec. 4.1 / App. B — blind spots (weak → strong) and unreliable features (strong → weak) of a "
     "weak network, with maps and the two accuracy checks.",
@@ -45,7 +44,7 @@ with st.container(border=True):
     extra = st.text_input("Extra options", value="", key="kc_st_extra",
                           help=f"Passed to `kcore {study.replace('_', '-')}`, e.g. `--seed 1`. See `--help`.")
     if st.button("Run", key="kc_st_run", icon=":material/play_arrow:"):
-        out = STUDIES_DIR / f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = state.studies_dir() / f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
         out.parent.mkdir(parents=True, exist_ok=True)
         log = out.parent / f".{out.name}.log"
         cmd = [sys.executable, "-m", "kcore.cli", study.replace("_", "-"), "--out", str(out), *extra.split()]
@@ -79,7 +78,8 @@ if jobs:
     job_status()
 
 st.subheader("Open a study folder")
-found = sorted((p for p in STUDIES_DIR.glob("*") if (p / "result.json").is_file()), reverse=True) if STUDIES_DIR.is_dir() else []
+studies_dir = state.studies_dir()
+found = sorted((p for p in studies_dir.glob("*") if (p / "result.json").is_file()), reverse=True) if studies_dir.is_dir() else []
 choice = st.selectbox("Finished studies on this server", [str(p) for p in found], index=None, key="kc_st_found",
                       placeholder="none yet" if not found else "choose a folder")
 path = st.text_input("… or a folder path", value=choice or "", key="kc_st_path")

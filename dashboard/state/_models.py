@@ -1,0 +1,126 @@
+"""Networks A and B as chosen on the Models page: loading (cached per server), layer listings, the slots."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from dashboard.state._paths import ROOT
+from kcore.cards import ModelCard
+from kcore.checkpoints import LoadedModel, file_sha256, load_model
+from kcore.features import LayerInfo, list_layers
+
+ROLES = ("A", "B")
+DEFAULT_PAIR = ("kshapes_tinynet_s0", "kshapes_resnet_s0")
+"""The embedded default: a weak network (A) against a strong one (B), the paper's diagnosis setting."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSlot:
+    """Network A or B as chosen on the Models page.
+
+    Attributes:
+        loaded: the checkpoint (model, name, hash, card).
+        source: how it was chosen: ``"sample"``, ``"upload"`` or ``"path"``.
+        path: its file on the server (None for uploads).
+        layers: the spatial layers with output shapes, for the picker.
+        input_size: (C, H, W) the layers were listed at.
+    """
+
+    loaded: LoadedModel
+    source: str
+    path: str | None
+    layers: tuple[LayerInfo, ...]
+    input_size: tuple[int, int, int]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def default_layer(self) -> str:
+        names = self.layer_names
+        card = self.loaded.card
+        if card is not None and card.default_layer in names:
+            return card.default_layer
+        return names[len(names) // 2] if names else ""
+
+    def shape_of(self, layer: str) -> tuple[int, ...] | None:
+        return next((layer_.shape for layer_ in self.layers if layer_.name == layer), None)
+
+
+def sample_models() -> dict[str, Path]:
+    """The bundled sample checkpoints in ``sample_models/``, name → path."""
+    return {p.stem: p for p in sorted((ROOT / "sample_models").glob("*.safetensors"))}
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _load_path(path: str, mtime: float, arch: str | None, num_classes: int | None) -> LoadedModel:
+    return load_model(path, arch=arch, num_classes=num_classes)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _load_bytes(sha256: str, name: str, arch: str | None, num_classes: int | None, card_json: str | None,
+                _data: bytes) -> LoadedModel:
+    card = ModelCard.from_dict(json.loads(card_json), source="uploaded model card") if card_json else None
+    # a full pickle is never accepted from the browser: trust_pickle stays False
+    return load_model(_data, name=name, arch=arch, num_classes=num_classes, card=card, trust_pickle=False)
+
+
+def load_path(path: str, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Load a checkpoint from the server's disk (cached by path and modification time)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {str(p)!r} on the server. Fix: give the full path of an existing file.")
+    return _load_path(str(p.resolve()), p.stat().st_mtime, arch, num_classes)
+
+
+def load_bytes(data: bytes, name: str, arch: str | None = None, num_classes: int | None = None,
+               card_json: str | None = None) -> LoadedModel:
+    """Load uploaded checkpoint bytes (cached by their SHA-256)."""
+    return _load_bytes(file_sha256(data), name, arch, num_classes, card_json, data)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _layers(sha256: str, key: str, input_size: tuple[int, int, int], _model: Any) -> tuple[LayerInfo, ...]:
+    return tuple(list_layers(_model, input_size, spatial_only=True))
+
+
+def make_slot(loaded: LoadedModel, source: str, path: str | None, image_size: tuple[int, int]) -> ModelSlot:
+    """List the model's spatial layers at its card's input size (else the images' size)."""
+    card = loaded.card
+    hw = tuple(card.input_size) if card is not None and card.input_size else tuple(image_size)
+    size = (3, int(hw[0]), int(hw[1]))
+    key = f"{loaded.kind}:{card.architecture if card else ''}:{loaded.num_parameters}"
+    return ModelSlot(loaded, source, path, _layers(loaded.sha256, key, size, loaded.model), size)
+
+
+def slot(role: str) -> ModelSlot | None:
+    """The chosen model ``"A"`` or ``"B"``."""
+    return st.session_state.get(f"kc_slot_{role}")
+
+
+def set_slot(role: str, value: ModelSlot) -> None:
+    st.session_state[f"kc_slot_{role}"] = value
+
+
+def layer_key(role: str) -> str:
+    """The widget key of the Models page's layer picker for ``role``."""
+    return f"kc_layer_{role}"
+
+
+def forget_layer(role: str) -> None:
+    """Drop the layer chosen for ``role`` (a new model starts on its default layer)."""
+    st.session_state.pop(layer_key(role), None)
+
+
+def chosen_layer(role: str) -> str | None:
+    """The layer picked for ``role`` on the Models page, else its model's default layer (None without a model)."""
+    s = slot(role)
+    if s is None:
+        return None
+    picked = st.session_state.get(layer_key(role))
+    return picked if picked in s.layer_names else s.default_layer

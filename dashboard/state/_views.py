@@ -1,0 +1,82 @@
+"""A run's held-out decomposition as the result pages use it (computed once per run and direction), and the
+choices one page hands to another (Explorer and Figure 1 → Export, Filters → Explorer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from dashboard.state._runs import RunEntry, counters
+from kcore.decompose import Decomposition
+
+MAX_DECOMPOSE_BYTES = 256 * 1024**2
+"""Held-out images decomposed for the views at most take this much memory (the rest are not shown)."""
+
+
+def working_positions(comparison: Any, direction: str) -> list[int]:
+    """Held-out positions decomposed for the views: all of them, or as many as fit in
+    :data:`MAX_DECOMPOSE_BYTES`."""
+    fit = comparison.directions[direction].fit
+    c = fit.model.spec.out_channels
+    h, w = fit.norm.target_size
+    per_image = c * h * w * (fit.model.orders + 3) * 4
+    cap = max(1, MAX_DECOMPOSE_BYTES // max(per_image, 1))
+    return list(comparison.heldout_positions[:cap])
+
+
+@dataclass(frozen=True, eq=False)
+class DecompositionView:
+    """A run's decomposition of its held-out images in one direction, as the views use it.
+
+    Attributes:
+        dec: the :class:`Decomposition` (N images, index ``i`` = ``image_ids[i]``).
+        image_ids: the images' ids.
+        raw: input image per index (or None when the run does not have it).
+    """
+
+    dec: Decomposition
+    image_ids: tuple[str, ...]
+    raw: tuple[np.ndarray | None, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.image_ids)
+
+
+def decomposition(run: RunEntry, direction: str) -> DecompositionView:
+    """The held-out decomposition of ``run`` in ``direction``: computed once per session, then reused."""
+    cache = st.session_state.setdefault("kc_decomp", {})
+    key = (run.id, direction)
+    if key not in cache:
+        pos = working_positions(run.comparison, direction)
+        dec = run.comparison.decompose(direction, pos)
+        ids = tuple(run.comparison.image_ids(pos))
+        cache[key] = DecompositionView(dec, ids, tuple(run.raw_images.get(i) for i in ids))
+        counters()["decompositions"] += 1
+    return cache[key]
+
+
+def explorer_choice() -> Any:
+    """What the Explorer shows now (a :class:`dashboard.figures.MapChoice`), or None before it was opened."""
+    return st.session_state.get("kc_ex_choice")
+
+
+def set_explorer_choice(choice: Any) -> None:
+    st.session_state["kc_ex_choice"] = choice
+
+
+def figure1_choice() -> tuple | None:
+    """What Figure 1 shows now: (direction, images, channels, scale, alpha, background), or None."""
+    return st.session_state.get("kc_f1_choice")
+
+
+def set_figure1_choice(choice: tuple) -> None:
+    st.session_state["kc_f1_choice"] = choice
+
+
+def show_in_explorer(channel: int, direction: str) -> None:
+    """Make the Explorer open on ``channel`` in ``direction`` (the Filters page's hand-off)."""
+    st.session_state["kc_ex_channel"] = int(channel)
+    st.session_state["kc_ex_dir"] = direction
