@@ -8,7 +8,8 @@ from typing import Any
 from torch import nn
 
 
-def _sample_architectures() -> Mapping[str, Any]:
+def sample_architectures() -> Mapping[str, Any]:
+    """The project's sample architectures (name → constructor taking ``num_classes``)."""
     from kcore import zoo  # lazy: the zoo may import torchvision models
 
     return zoo.SAMPLE_ARCHITECTURES
@@ -22,7 +23,7 @@ def _torchvision_architectures() -> list[str]:
 
 def available_architectures() -> list[str]:
     """Return every name :func:`build_model` accepts: the project's samples first, then torchvision's."""
-    samples = sorted(_sample_architectures())
+    samples = sorted(sample_architectures())
     return samples + [name for name in _torchvision_architectures() if name not in samples]
 
 
@@ -46,7 +47,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         )
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a non-empty architecture name such as 'resnet18'; got {arch!r}.")
-    samples = _sample_architectures()
+    samples = sample_architectures()
     if arch in samples:
         return samples[arch](num_classes)
     tv_names = _torchvision_architectures()

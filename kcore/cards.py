@@ -33,7 +33,8 @@ class ModelCard:
         dataset: name of the training data set.
         test_accuracy: reported test accuracy (a fraction in [0, 1] by convention).
         default_layer: the layer to preselect when comparing this model.
-        extra: any other JSON-serialisable information (kept, not interpreted).
+        extra: any other JSON-serialisable information (kept; only ``resize_size``, the shorter side before the
+            centre crop to ``input_size``, is read, by :mod:`kcore.preprocessing`).
     """
 
     architecture: str | None = None

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, read_card
+from kcore.preprocessing import Preprocessing, resolve_preprocessing
 
 CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "pickle"]
 CHECKPOINT_KINDS: dict[str, str] = {
@@ -377,7 +378,7 @@ def _model_from_state_dict(
     num_classes: int | None,
     card: ModelCard | None,
     strict: bool,
-) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
+) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...], str, int]:
     state, non_tensors = _find_state_dict(raw, src)
     arch = arch or (card.architecture if card else None)
     if arch is None:
@@ -427,7 +428,7 @@ def _model_from_state_dict(
             "matching tensors and leave the rest at their random initialisation."
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-    return model, tuple(missing), tuple(unexpected)
+    return model, tuple(missing), tuple(unexpected), arch, num_classes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +449,10 @@ class LoadedModel:
         num_parameters: total number of parameter elements.
         missing_keys: model tensors the checkpoint did not provide (only with ``strict=False``).
         unexpected_keys: checkpoint entries the model has no place for (only with ``strict=False``).
+        architecture: the architecture the weights were loaded into (``None`` for files that carry their graph).
+        num_classes: classifier outputs (given, from the card, or inferred from the weights).
+        preprocessing: how images become this model's input (:func:`kcore.preprocessing.resolve_preprocessing`:
+            the card, else torchvision's standard evaluation transform of the architecture, else none).
     """
 
     model: nn.Module
@@ -458,6 +463,9 @@ class LoadedModel:
     num_parameters: int
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    architecture: str | None = None
+    num_classes: int | None = None
+    preprocessing: Preprocessing | None = None
 
     @property
     def short_hash(self) -> str:
@@ -548,6 +556,8 @@ def load_model(
     fmt = _sniff(src)
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
+    built_arch: str | None = None
+    built_classes: int | None = None
     kind: CheckpointKind
     if fmt == "safetensors":
         from safetensors import SafetensorError
@@ -557,7 +567,7 @@ def load_model(
             state = st_load(src.data) if src.data is not None else st_load_file(str(src.path))
         except (SafetensorError, OSError) as exc:
             raise _corrupt(src, "safetensors", exc) from exc
-        model, missing, unexpected = _model_from_state_dict(
+        model, missing, unexpected, built_arch, built_classes = _model_from_state_dict(
             state, src, arch=arch, num_classes=num_classes, card=card, strict=strict
         )
         kind = "safetensors"
@@ -569,7 +579,7 @@ def load_model(
         if module is not None:
             model, kind = module, "pickle"
         else:
-            model, missing, unexpected = _model_from_state_dict(
+            model, missing, unexpected, built_arch, built_classes = _model_from_state_dict(
                 obj, src, arch=arch, num_classes=num_classes, card=card, strict=strict
             )
             kind = "state_dict"
@@ -605,4 +615,7 @@ def load_model(
         num_parameters=sum(p.numel() for p in model.parameters()),
         missing_keys=missing,
         unexpected_keys=unexpected,
+        architecture=built_arch,
+        num_classes=built_classes if built_classes is not None else (card.num_classes if card else None),
+        preprocessing=resolve_preprocessing(card, built_arch),
     )

@@ -63,6 +63,13 @@ def _add_model_args(p: argparse.ArgumentParser, which: str) -> None:
     p.add_argument(f"--arch-{w}", metavar="ARCH", help="architecture name when the file is a bare state dict "
                    "without a model card (e.g. resnet18, vgg16_bn, kc_resnet)")
     p.add_argument(f"--num-classes-{w}", type=int, metavar="N", help="classifier outputs, when no card says it")
+    p.add_argument(f"--input-size-{w}", type=int, nargs=2, metavar=("H", "W"),
+                   help=f"input size of {which} (default: its model card's; for a torchvision architecture without a "
+                   "card, its standard evaluation transform, e.g. shorter side 256 and centre crop 224)")
+    p.add_argument(f"--mean-{w}", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help=f"normalisation mean of {which} on [0, 1] RGB (default: card's, else torchvision's ImageNet mean)")
+    p.add_argument(f"--std-{w}", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help=f"normalisation std of {which} (default: card's, else torchvision's ImageNet std)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,11 +137,25 @@ def _load(path: str, arch: str | None, num_classes: int | None, trust: bool):
 
 
 def _input_size(m, given=None) -> tuple[int, int]:
+    from kcore.preprocessing import preprocessing_of
+
     if given:
         return tuple(given)
-    if m.card is not None and m.card.input_size:
-        return tuple(m.card.input_size)
-    return (224, 224)
+    return preprocessing_of(m).input_size or (224, 224)
+
+
+def _with_preprocessing(m, which: str, args):
+    """``m`` with the user's --input-size/--mean/--std for model ``which`` applied; says what is used."""
+    import dataclasses
+
+    from kcore.preprocessing import preprocessing_of
+
+    w = which.lower()
+    given = {k: getattr(args, f"{k}_{w}") for k in ("input_size", "mean", "std")}
+    flags = " ".join(f"--{k.replace('_', '-')}-{w}" for k, v in given.items() if v is not None)
+    prep = preprocessing_of(m).with_overrides(**given, what=f"from {flags}")
+    print(f"{which}: preprocessing {prep.describe()}", file=sys.stderr)
+    return dataclasses.replace(m, preprocessing=prep)
 
 
 def _cmd_layers(args) -> int:
@@ -152,11 +173,12 @@ def _cmd_layers(args) -> int:
     return 0
 
 
-def _images(data: str, n: int | None, size: tuple[int, int]):
-    """The images as [0, 1] RGB at ``size``; each model's card normalises them (kcore.pipeline.model_transform)."""
+def _images(data: str, n: int | None, size: tuple[int, int], resize: str = "stretch"):
+    """The images as [0, 1] RGB at ``size``; each model's preprocessing resizes, crops and normalises them
+    (kcore.preprocessing)."""
     from kcore import data as kdata
 
-    pre = kdata.Preprocess(tuple(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    pre = kdata.Preprocess(tuple(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize)
     if data == "sample":
         return kdata.sample_images(n=n or 400, preprocess=pre), "kshapes test split (bundled)"
     images = kdata.ImageSet.from_folder(data, pre, limit=n)
@@ -193,7 +215,13 @@ def _cmd_fit(args) -> int:
         if not layer:
             raise ValueError(f"{flag} is required: the checkpoint has no model card with a default_layer. "
                              "Fix: list candidates with `kcore layers CKPT`.")
-    images, source = _images(args.data, args.n_images, _input_size(a))
+    a, b = _with_preprocessing(a, "A", args), _with_preprocessing(b, "B", args)
+    from kcore.preprocessing import load_size
+
+    preps = (a.preprocessing, b.preprocessing)
+    # torchvision's evaluation transforms keep the aspect ratio (shorter side, centre crop): load images that way
+    resize = "center_crop" if any(p.resize_size is not None for p in preps) else "stretch"
+    images, source = _images(args.data, args.n_images, load_size(*preps), resize)
     from kcore.features import estimate_feature_bytes, format_bytes
 
     shape_a = _layer_shape(a, layer_a)

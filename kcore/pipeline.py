@@ -27,6 +27,7 @@ from kcore.feature_cache import CacheKey, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import FitResult, fit, make_config
+from kcore.preprocessing import Preprocessing, preprocessing_of
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
@@ -155,19 +156,13 @@ def _check_direction(direction: str, available: dict) -> None:
 
 
 def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Callable[[Tensor], Tensor]:
-    """Per-model preprocessing of [0, 1] RGB batches (N, 3, H, W): resize to the card's input size, normalise."""
-    size = tuple(card.input_size) if card is not None and card.input_size else input_size
-    mean = torch.tensor(card.mean).view(1, -1, 1, 1) if card is not None and card.mean else None
-    std = torch.tensor(card.std).view(1, -1, 1, 1) if card is not None and card.std else None
-
-    def apply(x: Tensor) -> Tensor:
-        if size is not None and tuple(x.shape[-2:]) != tuple(size):
-            x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        if mean is not None:
-            x = (x - mean.to(x)) / std.to(x)
-        return x
-
-    return apply
+    """Per-model preprocessing of [0, 1] RGB batches (N, 3, H, W) as a model card states it: resize to the card's
+    input size (else ``input_size``), normalise. For a loaded model use ``preprocessing_of(m).transform()``,
+    which also knows torchvision's standard transforms and the user's overrides."""
+    prep = Preprocessing.from_card(card)
+    if prep.input_size is None and input_size is not None:
+        prep = prep.with_overrides(input_size=input_size)
+    return prep.transform()
 
 
 def versions() -> dict[str, str]:
@@ -232,7 +227,8 @@ def compare(
     cfg = make_config(preset, orders=orders, lam=lam, epochs=epochs, seed=seed, **opts)
     ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
     n = len(ids)
-    transform_desc = json.dumps([_card_desc(a.card), _card_desc(b.card)], sort_keys=True)
+    prep_a, prep_b = preprocessing_of(a), preprocessing_of(b)
+    transform_desc = json.dumps([_prep_desc(prep_a), _prep_desc(prep_b)], sort_keys=True)
     key = CacheKey(a.sha256, b.sha256, image_set_hash(ids), transform_desc) if cache_dir else None
     n_fits = 2 if both_directions else 1
     share = 0.3  # of the progress bar for extraction
@@ -243,7 +239,7 @@ def compare(
     report(PipelineProgress("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images"))
     feats = extract_features(
         a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=dev, ids=ids,
-        transform_a=model_transform(a.card), transform_b=model_transform(b.card), cache_dir=cache_dir,
+        transform_a=prep_a.transform(), transform_b=prep_b.transform(), cache_dir=cache_dir,
         cache_key=key, progress=on_extract, cancel=cancel,
     )
     results: dict[str, DirectionResult] = {}
@@ -269,6 +265,7 @@ def compare(
         "layers": {"A": layer_a, "B": layer_b},
         "feature_shapes": {"A": list(feats.x_a.shape[1:]), "B": list(feats.x_b.shape[1:])},
         "images": {"n": n, "source": image_source, "ids_sha256": image_set_hash(ids), "transform": transform_desc},
+        "preprocessing": {"A": prep_a.as_dict(), "B": prep_b.as_dict()},
         "seed": seed,
         "config": dataclasses.asdict(cfg),
         "device": str(dev),
@@ -279,10 +276,9 @@ def compare(
     return Comparison(info_a, info_b, feats, held, results, prov)
 
 
-def _card_desc(card: Any) -> dict:
-    if card is None:
-        return {}
-    return {"input_size": card.input_size, "mean": card.mean, "std": card.std}
+def _prep_desc(prep: Preprocessing) -> dict:
+    """What changes the features (the cache key); the source is words only."""
+    return {k: v for k, v in prep.as_dict().items() if k != "source"}
 
 
 # ------------------------------------------------------------------------------------------------ run folders
