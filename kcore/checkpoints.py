@@ -8,8 +8,9 @@ The loading contract (what :func:`load_model` accepts, in order of preference):
    removed. These files hold no graph, so they need an architecture name and a number of classes, taken
    from the arguments, else from the model card beside the file (:class:`ModelCard`), else (classes only)
    from the shape of the last 2-D ``.weight`` in the file.
-2. A TorchScript archive (``torch.jit.save``): needs no architecture. No Python pickle is run, but the
-   archive's TorchScript code runs inside PyTorch, so it is only as safe as the TorchScript interpreter.
+2. A TorchScript archive (``torch.jit.save``): recognised from its zip entries (``code/``, ``constants.pkl``)
+   without loading it, and refused unless ``trust_pickle=True``: ``torch.jit.load`` runs the archive's own
+   code (e.g. a ``__setstate__`` that writes files with ``torch.from_file``) while loading.
 3. A ``torch.export`` archive (``.pt2``, ``torch.export.save``): needs no architecture. It is unflattened
    (:func:`torch.export.unflatten`) so that its layers keep their names and can be hooked.
    ``torch.export.load`` may unpickle parts of an archive with ``weights_only=False``; kcore therefore
@@ -48,7 +49,7 @@ CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "
 CHECKPOINT_KINDS: dict[str, str] = {
     "state_dict": "torch.save state dict (.pt/.pth/.bin), read weights-only; needs arch and num_classes",
     "safetensors": "safetensors weights (.safetensors); needs arch and num_classes",
-    "torchscript": "TorchScript archive (torch.jit.save); no arch needed, layers cannot be hooked",
+    "torchscript": "TorchScript archive (torch.jit.save); runs code when loaded: only with trust_pickle=True",
     "export": "torch.export archive (.pt2, torch.export.save); no arch needed",
     "pickle": "whole pickled nn.Module (torch.save(model)); loaded only with trust_pickle=True",
 }
@@ -534,8 +535,8 @@ def load_model(
         arch: architecture for weights-only files (see :func:`available_architectures`); default: the card's.
             Not used for TorchScript, torch.export and whole-module pickles, which carry their graph.
         num_classes: classifier outputs for weights-only files; default: the card's, else inferred.
-        trust_pickle: allow full pickles (``torch.save(model)``) and ``.pt2`` archives with pickled parts.
-            Unpickling can run any code: only for files from a source you trust.
+        trust_pickle: allow full pickles (``torch.save(model)``), TorchScript archives and ``.pt2`` archives
+            with pickled parts. Loading these can run any code: only for files from a source you trust.
         strict: refuse a state dict whose keys differ from the model's (before anything runs). With
             ``False`` the matching tensors are loaded and the differences reported on the result.
         name: display name; for bytes it is also used to recognise the format by its extension.
@@ -584,6 +585,19 @@ def load_model(
             )
             kind = "state_dict"
     elif fmt == "torchscript":
+        if not trust_pickle:
+            # detected from the archive's entries only: torch.jit.load would run the archive's code
+            # (e.g. a __setstate__ that writes files) before kcore could look at the model
+            raise UnsafeCheckpointError(
+                f"checkpoint {src.where!r} is a TorchScript archive (torch.jit.save: it has code/ and "
+                "constants.pkl entries). Loading TorchScript runs the code stored in the file (its __setstate__ "
+                "and forward methods), so kcore never loads it from an untrusted source (trust_pickle=False); "
+                "its layers could not be hooked anyway. Fix: where the model was made, save its weights with "
+                "safetensors.torch.save_file(model.state_dict(), 'model.safetensors') (or torch.save(model."
+                "state_dict(), 'model.pt')) and load that with arch=... and num_classes=... (or a model card); "
+                "pass trust_pickle=True (CLI: --trust-pickle) only for a file you trust.",
+                unsafe_globals=("TorchScript code/",),
+            )
         try:
             model = torch.jit.load(src.arg(), map_location="cpu")
         except _LOAD_ERRORS as exc:

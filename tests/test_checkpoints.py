@@ -203,10 +203,12 @@ def test_card_with_wrong_format_or_types_is_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------ graph formats
 
 
-def test_torchscript_needs_no_arch(tmp_path: Path, trained: TinyNet) -> None:
+def test_torchscript_is_refused_unless_trusted_and_then_needs_no_arch(tmp_path: Path, trained: TinyNet) -> None:
     path = tmp_path / "m.ts.pt"
     torch.jit.save(torch.jit.script(trained), str(path))
-    loaded = load_model(path)
+    with pytest.raises(UnsafeCheckpointError, match=r"TorchScript archive.*Fix:.*safetensors"):
+        load_model(path)
+    loaded = load_model(path, trust_pickle=True)
     assert loaded.kind == "torchscript"
     assert_same_outputs(loaded.model, trained)
 
