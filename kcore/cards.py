@@ -118,6 +118,14 @@ class ModelCard:
             ):
                 raise ValueError(f"{source}: 'input_size' must be [H, W] (two positive integers); got {input_size!r}.")
             input_size = (int(input_size[0]), int(input_size[1]))
+            from kcore.data import MAX_INPUT_SIDE
+
+            if max(input_size) > MAX_INPUT_SIDE:
+                raise ValueError(
+                    f"{source}: 'input_size' must be at most [{MAX_INPUT_SIDE}, {MAX_INPUT_SIDE}]; got "
+                    f"{list(input_size)} (one float32 RGB image alone would take "
+                    f"{12 * input_size[0] * input_size[1] / 2**30:.1f} GiB). Fix: set the size the model was "
+                    "trained at, e.g. [224, 224].")
         std = opt_floats("std")
         if std is not None and any(v <= 0 for v in std):
             raise ValueError(f"{source}: 'std' must hold positive numbers; got {list(std)}.")

@@ -9,9 +9,11 @@ Memory: ``N * H * W * 3`` bytes (about 150 kB per 224x224 image, 12 kB per 64x64
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
+import stat
 import struct
 import warnings
 import zipfile
@@ -41,7 +43,13 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", "
 """Extensions reported as images (other files are still tried: the content decides)."""
 
 MAX_FILE_BYTES = 256 * 2**20
-"""Zip members larger than this (uncompressed) are skipped, not inflated: zip-bomb guard."""
+"""Image files and zip members larger than this (uncompressed) are skipped, not read: bomb guard."""
+
+MAX_ZIP_BYTES = 4 * 2**30
+"""A zip archive read from disk may be at most this large."""
+
+MAX_INPUT_SIDE = 2048
+"""Largest model input side (pixels) accepted: 2048×2048 float32 RGB is 48 MiB per image."""
 
 # What PIL raises on bad input: unidentified (OSError), truncated (OSError), broken PNG
 # chunks (SyntaxError), bad headers (ValueError, struct.error, EOFError, zlib.error) and
@@ -70,6 +78,11 @@ class Preprocess:
         size = tuple(int(v) for v in self.input_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"input_size must be (H, W) with positive ints, got {self.input_size!r}")
+        if max(size) > MAX_INPUT_SIDE:
+            raise ValueError(
+                f"input_size must be at most {MAX_INPUT_SIDE}×{MAX_INPUT_SIDE} pixels; got {size[0]}×{size[1]} "
+                f"(one float32 RGB image alone would take {3 * 4 * size[0] * size[1] / 2**30:.1f} GiB). Fix: use "
+                "the size the model was trained at (e.g. 224×224) in the model card or --input-size.")
         object.__setattr__(self, "input_size", size)
         for name in ("mean", "std"):
             value = tuple(float(v) for v in getattr(self, name))
@@ -138,7 +151,54 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I;16") or img.mode == "I":
+            # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips at 255 (a white image); scale to 8 bits instead
+            wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+            grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES, *, what: str = "file") -> bytes:
+    """Read a regular file of at most ``max_bytes`` bytes; never blocks on a FIFO or reads a device.
+
+    Raises:
+        OSError: not a regular file (FIFO, device, socket, folder), larger than ``max_bytes``, or unreadable.
+            The message names the path and never includes the file's contents.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    fd = os.open(os.fspath(path), flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{what} {str(path)!r} is not a regular file (a FIFO, device, socket or folder); "
+                          "kcore reads only regular files. Fix: copy the data into a regular file.")
+        if st.st_size > max_bytes:
+            raise OSError(f"{what} {str(path)!r} has {st.st_size} bytes, more than the limit of {max_bytes}. "
+                          "Fix: use a smaller file.")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 24))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _folder_reader(path: Path, root: Path) -> Callable[[], bytes]:
+    """Read ``path`` only if it resolves (symlinks followed) to a regular file inside ``root``."""
+    def read() -> bytes:
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            raise OSError("a symlink that leads out of the folder (not followed)")
+        return read_regular_file(real, what="image file")
+
+    return read
 
 
 @dataclass(frozen=True)
@@ -264,6 +324,7 @@ class ImageSet(Dataset):
         root = Path(folder)
         if not root.is_dir():
             raise FileNotFoundError(f"folder {str(root)!r} does not exist or is not a folder")
+        real_root = root.resolve()
         entries = []
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -272,7 +333,7 @@ class ImageSet(Dataset):
                     continue
                 path = Path(dirpath) / fname
                 rel = path.relative_to(root).as_posix()
-                entries.append(_Entry(rel, path.read_bytes, _label_of(rel)))
+                entries.append(_Entry(rel, _folder_reader(path, real_root), _label_of(rel)))
         return _build(entries, preprocess, f"folder {str(root)!r}", limit)
 
     @classmethod
@@ -294,7 +355,7 @@ class ImageSet(Dataset):
                 name = p.resolve().relative_to(parent).as_posix()
             except ValueError:  # different drives on Windows
                 name = p.as_posix()
-            entries.append(_Entry(name, p.read_bytes))
+            entries.append(_Entry(name, functools.partial(read_regular_file, p, what="image file")))
         return _build(entries, preprocess, f"{len(paths)} file paths", None)
 
     @classmethod
@@ -328,7 +389,8 @@ class ImageSet(Dataset):
         if isinstance(archive, (bytes, bytearray)):
             data, source = bytes(archive), "zip archive (bytes)"
         else:
-            data, source = Path(archive).read_bytes(), f"zip archive {str(archive)!r}"
+            data = read_regular_file(archive, MAX_ZIP_BYTES, what="zip archive")
+            source = f"zip archive {str(archive)!r}"
         return _build(_zip_entries(data), preprocess, source, None)
 
     @classmethod
