@@ -69,7 +69,7 @@ def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, 
         "total_seconds": total,
         "epochs": {d: len(r.fit.history) for d, r in comp.directions.items()},
         "heldout_error": {d: r.fit.heldout_error for d, r in comp.directions.items()},
-        "instability": {d: r.fit.heldout_report["instability"] for d, r in comp.directions.items()},
+        "instability": {d: r.fit.heldout_report.instability for d, r in comp.directions.items()},
         "n_heldout": {d: int(v.target.shape[0]) for d, v in decs.items()},
         "comparison": comp,  # used by the redraw benchmark; dropped before writing JSON
     }

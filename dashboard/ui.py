@@ -11,6 +11,10 @@ from dashboard import state
 from kcore import export
 
 DISPLAY_DPI = 150
+SHARE_HELP = ("Additive share s⁽ᵏ⁾ = Cov(x⁽ᵏ⁾, x*)/Var(x*) (one global mean, as the paper's Var). Because "
+              "x⁽⁰⁾ + … + x⁽ᴷ⁾ + x^Δ = x*, the shares of the orders and of x^Δ add up to exactly 100 %.")
+VAR_RATIO_HELP = ("The paper's metric Var(x⁽ᵏ⁾)/Var(x*) (Sec. 4.2). It is not a share: the components are "
+                  "correlated, so these ratios need not add up to 1 and one of them can exceed 1.")
 
 
 def model_line(info: Any, role: str) -> str:

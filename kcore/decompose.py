@@ -13,12 +13,15 @@ literally: one recording forward pass, then each branch on its own) is kept as a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 from torch import Tensor
 
 from kcore.gtheta import GTheta
+
+if TYPE_CHECKING:
+    from kcore.metrics import VarianceReport
 
 Method = Literal["batched", "branchwise"]
 METHODS: dict[str, str] = {
@@ -154,8 +157,8 @@ class Decomposition:
         return Decomposition([c[idx] for c in self.components], self.residual[idx], self.target[idx],
                              self.convention, dict(self.meta))
 
-    def report(self, batch_size: int = 256) -> dict:
-        """Variances of every part (Sec. 4.2), overall and per channel; see :func:`kcore.metrics.variance_report`."""
+    def report(self, batch_size: int = 256) -> "VarianceReport":
+        """Variances and additive shares of every part (Sec. 4.2), overall and per channel (:class:`VarianceReport`)."""
         from kcore.metrics import VarianceAccumulator
 
         acc = VarianceAccumulator(self.orders, self.target.shape[1])

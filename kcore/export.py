@@ -27,6 +27,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from kcore.decompose import Decomposition
+from kcore.metrics import VarianceReport
 
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_FORMATS: dict[str, str] = {
@@ -243,17 +244,21 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     """One row per direction: Var of each order, of x^Δ and x*, instability, held-out error, baseline, fit.
 
     Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
-    heldout_error, baseline_linear_r2, baseline_cka, gates, best_epoch, epochs_run, fit_seconds``.
+    share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``heldout_error, baseline_linear_r2, baseline_cka, gates, best_epoch, epochs_run, fit_seconds``.
     """
     rows = []
     for key, d in comparison.directions.items():
         f = d.fit
         rep = f.heldout_report
         row: dict[str, Any] = {"direction": key, "source": d.source, "target": d.target}
-        for k, v in enumerate(rep["var_orders"]):
+        for k, v in enumerate(rep.var_orders):
             row[f"var_x{k}"] = v
+        row.update({"var_residual": rep.var_residual, "var_target": rep.var_target, "instability": rep.instability})
+        nan = float("nan")
+        for k in range(rep.orders + 1):
+            row[f"share_x{k}"] = rep.share_orders[k] if rep.has_shares else nan
+        row["share_residual"] = rep.share_residual if rep.has_shares else nan
         row.update({
-            "var_residual": rep["var_residual"], "var_target": rep["var_target"], "instability": rep["instability"],
             "heldout_error": f.heldout_error, "baseline_linear_r2": f.baseline.linear_r2,
             "baseline_cka": f.baseline.cka, "gates": " ".join(f"{g:.4g}" for g in f.gates),
             "best_epoch": f.best_epoch, "epochs_run": len(f.history), "fit_seconds": round(f.seconds, 3),
@@ -262,20 +267,29 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def channel_table(report: Mapping) -> pd.DataFrame:
+def channel_table(report: VarianceReport) -> pd.DataFrame:
     """Per-filter fuzziness: one row per channel of x*.
 
-    Columns: ``channel``, ``var_target`` (the channel's Var(x*)), ``share_x0 … share_xK`` (Var(x⁽ᵏ⁾_c) /
-    Var(x*_c)), ``share_residual`` (Var(x^Δ_c) / Var(x*_c)), and ``dominant_order`` (the order with the
-    largest share).
+    Columns: ``channel``, ``var_target`` (the channel's Var(x*)), ``share_x0 … share_xK`` (additive shares
+    Cov(x⁽ᵏ⁾_c, x*_c)/Var(x*_c)), ``share_residual`` (Cov(x^Δ_c, x*_c)/Var(x*_c); with the orders it sums to 1),
+    ``dominant_order`` (the order with the largest share), and the paper's ``var_ratio_x0 … var_ratio_xK``
+    (Var(x⁽ᵏ⁾_c)/Var(x*_c), not additive) and ``var_ratio_residual`` (Var(x^Δ_c)/Var(x*_c)). Shares are NaN for
+    reports written before they existed.
     """
-    pc = report["per_channel"]
-    orders = np.asarray(pc["order_share"], dtype=np.float64)  # (K+1, C)
-    df = pd.DataFrame({"channel": np.arange(orders.shape[1]), "var_target": np.asarray(pc["var_target"], dtype=np.float64)})
-    for k in range(orders.shape[0]):
-        df[f"share_x{k}"] = orders[k]
-    df["share_residual"] = np.asarray(pc["residual_share"], dtype=np.float64)
-    df["dominant_order"] = orders.argmax(0)
+    pc = report.per_channel
+    ratios = np.asarray(pc.var_ratio_orders, dtype=np.float64)  # (K+1, C)
+    C = ratios.shape[1]
+    shares = (np.asarray(pc.share_orders, dtype=np.float64) if pc.share_orders is not None
+              else np.full_like(ratios, np.nan))
+    df = pd.DataFrame({"channel": np.arange(C), "var_target": np.asarray(pc.var_target, dtype=np.float64)})
+    for k in range(shares.shape[0]):
+        df[f"share_x{k}"] = shares[k]
+    df["share_residual"] = (np.asarray(pc.share_residual, dtype=np.float64) if pc.share_residual is not None
+                            else np.full(C, np.nan))
+    df["dominant_order"] = (np.nan_to_num(shares, nan=-np.inf)).argmax(0)
+    for k in range(ratios.shape[0]):
+        df[f"var_ratio_x{k}"] = ratios[k]
+    df["var_ratio_residual"] = np.asarray(pc.var_ratio_residual, dtype=np.float64)
     return df
 
 

@@ -27,6 +27,7 @@ from kcore.metrics import (
     ChannelMoments,
     LinearMap,
     VarianceAccumulator,
+    VarianceReport,
     fit_linear_map,
     linear_baseline,
 )
@@ -200,7 +201,7 @@ class FitResult:
         history: one :class:`EpochRecord` per epoch run.
         best_epoch: the epoch whose weights were kept (early stopping on the monitor split).
         heldout_error: relative squared error Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images (= 1 − R²).
-        heldout_report: the variance report (:func:`kcore.metrics.variance_report`) on held-out images.
+        heldout_report: the :class:`~kcore.metrics.VarianceReport` on held-out images.
         baseline: the 0-order baseline (least-squares R², linear CKA) on the same held-out images.
         train_indices, heldout_indices: the split (image indices into the fit's inputs).
         device: where it was fitted; seconds: wall time of the fit.
@@ -212,7 +213,7 @@ class FitResult:
     history: tuple[EpochRecord, ...]
     best_epoch: int
     heldout_error: float
-    heldout_report: dict
+    heldout_report: VarianceReport
     baseline: Baseline
     train_indices: tuple[int, ...]
     heldout_indices: tuple[int, ...]
@@ -286,8 +287,8 @@ class FitResult:
             tgt.append(xt.cpu())
         return Decomposition([torch.cat(p) for p in parts], torch.cat(res), torch.cat(tgt), self.norm.convention)
 
-    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> dict:
-        """The variance report for these images in one streaming pass, without keeping the components."""
+    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> VarianceReport:
+        """The :class:`~kcore.metrics.VarianceReport` for these images in one streaming pass, without keeping the components."""
         acc = VarianceAccumulator(self.model.orders, self.model.spec.out_channels)
         for comps, resid, xt in self.iter_decompose(x_src, x_tgt, batch_size):
             acc.update(comps, resid, xt)
@@ -311,7 +312,7 @@ class FitResult:
             "history": [dataclasses.asdict(r) for r in self.history],
             "best_epoch": self.best_epoch,
             "heldout_error": self.heldout_error,
-            "heldout_report": self.heldout_report,
+            "heldout_report": self.heldout_report.as_dict(),
             "baseline": self.baseline.as_dict(),
             "train_indices": list(self.train_indices),
             "heldout_indices": list(self.heldout_indices),
@@ -347,7 +348,7 @@ class FitResult:
             history=tuple(EpochRecord(**{**r, "gates": tuple(r["gates"])}) for r in meta["history"]),
             best_epoch=meta["best_epoch"],
             heldout_error=meta["heldout_error"],
-            heldout_report=meta["heldout_report"],
+            heldout_report=VarianceReport.from_dict(meta["heldout_report"]),
             baseline=Baseline(**meta["baseline"]),
             train_indices=tuple(meta["train_indices"]),
             heldout_indices=tuple(meta["heldout_indices"]),

@@ -10,11 +10,17 @@ under ``*_channel_centred``. Both come from one streaming pass of per-channel mo
 parallel update in float64), so memory does not grow with the number of images.
 
 Instability (Sec. 4.2) = Var(x^Δ) / Var(x*).
+
+Shares. The paper's Var(x⁽ᵏ⁾)/Var(x*) do not add up (the components are correlated, so a ratio can exceed 1).
+The additive share of a part p ∈ {x⁽⁰⁾, …, x⁽ᴷ⁾, x^Δ} is s(p) = Cov(p, x*)/Var(x*), with the same single
+global mean; since Σₖ x⁽ᵏ⁾ + x^Δ = x*, the shares sum to exactly 1 (a share can be negative when a part
+points against x*). Results are the frozen :class:`VarianceReport` and :class:`ChannelProfile`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +70,284 @@ def paper_var(x: Tensor) -> float:
     return float(((x - x.mean()) ** 2).mean())
 
 
+def paper_cov(x: Tensor, y: Tensor) -> float:
+    """Cov(x, y) with the paper's single global mean of each tensor, computed directly (reference for the stream)."""
+    x, y = x.detach().to(torch.float64), y.detach().to(torch.float64)
+    return float(((x - x.mean()) * (y - y.mean())).mean())
+
+
+class CrossMoments:
+    """Streaming per-channel co-moment Σ(a − mean_a)(b − mean_b) of two (N, C, H, W) tensors (float64)."""
+
+    def __init__(self, channels: int):
+        self.n = 0
+        self.mean_a = torch.zeros(channels, dtype=torch.float64)
+        self.mean_b = torch.zeros(channels, dtype=torch.float64)
+        self.c2 = torch.zeros(channels, dtype=torch.float64)
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        """Merge a batch of paired tensors (float64 on any device) into the running co-moment."""
+        nb = a.shape[0] * a.shape[2] * a.shape[3]
+        if nb == 0:
+            return
+        ma, mb = a.mean(dim=(0, 2, 3)), b.mean(dim=(0, 2, 3))
+        c2b = ((a - ma.view(1, -1, 1, 1)) * (b - mb.view(1, -1, 1, 1))).sum(dim=(0, 2, 3))
+        ma, mb, c2b = ma.cpu(), mb.cpu(), c2b.cpu()
+        n = self.n + nb
+        da, db = ma - self.mean_a, mb - self.mean_b
+        self.mean_a = self.mean_a + da * (nb / n)
+        self.mean_b = self.mean_b + db * (nb / n)
+        self.c2 = self.c2 + c2b + da * db * (self.n * nb / n)
+        self.n = n
+
+    def channel_cov(self) -> Tensor:
+        """(C,) covariance of each channel around its own means."""
+        return self.c2 / max(self.n, 1)
+
+    def global_cov(self) -> float:
+        """Cov with the paper's single mean over images and units for each of the two tensors."""
+        ga, gb = self.mean_a.mean(), self.mean_b.mean()
+        num = self.c2.sum() + self.n * ((self.mean_a - ga) * (self.mean_b - gb)).sum()
+        return float(num / (self.n * self.mean_a.numel()))
+
+
+def _floats(v) -> tuple:
+    """Nested lists/tuples/tensors of numbers -> nested tuples of floats."""
+    if isinstance(v, Tensor):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        return tuple(_floats(x) if isinstance(x, (list, tuple, Tensor)) else float(x) for x in v)
+    raise TypeError(f"expected a sequence of numbers; got {type(v).__name__}.")
+
+
+def _opt(v):
+    return None if v is None else _floats(v)
+
+
+def _nested_list(v):
+    return None if v is None else [_nested_list(x) if isinstance(x, tuple) else x for x in v]
+
+
+@dataclass(frozen=True)
+class ConfidenceIntervals:
+    """Bootstrap intervals over held-out images (resampled with replacement; no refit).
+
+    Each interval is ``(lo, hi)``, the percentile interval at ``level``. Per-channel intervals are ``None``
+    when the per-image moments were not kept (too many images × channels).
+
+    Attributes:
+        level: e.g. 0.95. n_boot: bootstrap resamples. seed: their seed. n_heldout: images resampled.
+        instability: Var(x^Δ)/Var(x*). share_orders: one per order k. share_residual: x^Δ's share.
+        channel_share_orders: (K+1) × C intervals. channel_share_residual: C intervals.
+        channel_instability: C intervals of Var(x^Δ_c)/Var(x*_c).
+    """
+
+    level: float
+    n_boot: int
+    seed: int
+    n_heldout: int
+    instability: tuple[float, float]
+    share_orders: tuple[tuple[float, float], ...]
+    share_residual: tuple[float, float]
+    channel_share_orders: tuple[tuple[tuple[float, float], ...], ...] | None = None
+    channel_share_residual: tuple[tuple[float, float], ...] | None = None
+    channel_instability: tuple[tuple[float, float], ...] | None = None
+
+    def headline(self) -> dict[str, tuple[float, float]]:
+        """Name → interval of the run-level quantities (instability and every share)."""
+        out = {"instability": self.instability}
+        out.update({f"share_x{k}": v for k, v in enumerate(self.share_orders)})
+        out["share_residual"] = self.share_residual
+        return out
+
+    def widest(self) -> tuple[str, float]:
+        """The run-level quantity with the widest interval, and that width."""
+        name, (lo, hi) = max(self.headline().items(), key=lambda kv: kv[1][1] - kv[1][0])
+        return name, hi - lo
+
+    def as_dict(self) -> dict:
+        return {k: _nested_list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "ConfidenceIntervals":
+        return ConfidenceIntervals(
+            level=float(d["level"]), n_boot=int(d["n_boot"]), seed=int(d["seed"]), n_heldout=int(d["n_heldout"]),
+            instability=_floats(d["instability"]), share_orders=_floats(d["share_orders"]),
+            share_residual=_floats(d["share_residual"]),
+            channel_share_orders=_opt(d.get("channel_share_orders")),
+            channel_share_residual=_opt(d.get("channel_share_residual")),
+            channel_instability=_opt(d.get("channel_instability")),
+        )
+
+
+@dataclass(frozen=True)
+class ChannelProfile:
+    """Per-channel values of a :class:`VarianceReport` (each channel of x* around its own mean).
+
+    Attributes:
+        var_orders: (K+1) × C, Var(x⁽ᵏ⁾_c). var_residual: C, Var(x^Δ_c). var_target: C, Var(x*_c).
+        share_orders: (K+1) × C additive shares Cov(x⁽ᵏ⁾_c, x*_c)/Var(x*_c).
+        share_residual: C, Cov(x^Δ_c, x*_c)/Var(x*_c); with the orders they sum to 1 per channel.
+            ``None`` in reports read from runs written before shares existed.
+    """
+
+    var_orders: tuple[tuple[float, ...], ...]
+    var_residual: tuple[float, ...]
+    var_target: tuple[float, ...]
+    share_orders: tuple[tuple[float, ...], ...] | None = None
+    share_residual: tuple[float, ...] | None = None
+
+    @property
+    def channels(self) -> int:
+        return len(self.var_target)
+
+    @property
+    def var_ratio_orders(self) -> tuple[tuple[float, ...], ...]:
+        """The paper's Var(x⁽ᵏ⁾_c)/Var(x*_c): not additive (components are correlated; may exceed 1)."""
+        return tuple(tuple(_ratio(v, t) for v, t in zip(row, self.var_target)) for row in self.var_orders)
+
+    @property
+    def var_ratio_residual(self) -> tuple[float, ...]:
+        """Var(x^Δ_c)/Var(x*_c), the instability of each channel."""
+        return tuple(_ratio(v, t) for v, t in zip(self.var_residual, self.var_target))
+
+    def as_dict(self) -> dict:
+        return {
+            "var_orders": _nested_list(self.var_orders), "var_residual": list(self.var_residual),
+            "var_target": list(self.var_target),
+            "var_ratio_orders": _nested_list(self.var_ratio_orders), "var_ratio_residual": list(self.var_ratio_residual),
+            "share_orders": _nested_list(self.share_orders), "share_residual": _nested_list(self.share_residual),
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "ChannelProfile":
+        # format 1 stored the Var ratios as "order_share"/"residual_share"; they are recomputed from the Vars
+        return ChannelProfile(
+            var_orders=_floats(d["var_orders"]), var_residual=_floats(d["var_residual"]),
+            var_target=_floats(d["var_target"]),
+            share_orders=_opt(d.get("share_orders")), share_residual=_opt(d.get("share_residual")),
+        )
+
+
+def _ratio(v: float, t: float) -> float:
+    return v / t if t > 0 else 0.0
+
+
+REPORT_FORMAT = "kcore-report/2"
+REPORT_DEFINITION = (
+    "Var = mean over images and units of (value - mean over images and units)^2 (paper, Sec. 4.2); "
+    "instability = Var(x^D)/Var(x*); share_orders[k] = Cov(x^(k), x*)/Var(x*) and share_residual = "
+    "Cov(x^D, x*)/Var(x*) (additive: they sum to 1); var_ratio_orders = the paper's Var(x^(k))/Var(x*) (not "
+    "additive: the components are correlated); per_channel: the same per channel of x* around its own mean; "
+    "*_channel_centred = variance around per-channel means (authors' Variance.py); ci = bootstrap over held-out images."
+)
+
+
+@dataclass(frozen=True)
+class VarianceReport:
+    """The variances of Sec. 4.2 and the additive shares on a set of images (usually the held-out ones).
+
+    Attributes:
+        n_images: images the numbers are computed on (``n_heldout`` in ``as_dict()``). orders: K.
+        var_orders: Var(x⁽⁰⁾) … Var(x⁽ᴷ⁾) (the paper's metric). var_output: Var(g(x)).
+        var_residual: Var(x^Δ). var_target: Var(x*). instability: Var(x^Δ)/Var(x*).
+        mse: mean of (x^Δ)² over all elements.
+        var_*_channel_centred: the authors' variant (variance around per-channel means).
+        share_orders, share_residual: additive shares Cov(·, x*)/Var(x*); they sum to 1. ``None`` in reports
+            of runs written before they existed.
+        per_channel: the :class:`ChannelProfile`.
+        ci: bootstrap :class:`ConfidenceIntervals`, or ``None`` when not computed.
+
+    Examples::
+
+        rep = fit_result.heldout_report
+        rep.instability, rep.share_orders, rep.per_channel.share_residual[3]
+        VarianceReport.from_dict(rep.as_dict()) == rep
+    """
+
+    n_images: int
+    orders: int
+    var_orders: tuple[float, ...]
+    var_output: float
+    var_residual: float
+    var_target: float
+    instability: float
+    mse: float
+    var_orders_channel_centred: tuple[float, ...]
+    var_residual_channel_centred: float
+    var_target_channel_centred: float
+    per_channel: ChannelProfile
+    share_orders: tuple[float, ...] | None = None
+    share_residual: float | None = None
+    ci: ConfidenceIntervals | None = None
+
+    def __getitem__(self, key: str):
+        raise TypeError(
+            f"a VarianceReport is a typed result, not a dict: got report[{key!r}]. "
+            f"Fix: use report.{key} (or report.as_dict()[{key!r}] for the metrics.json form)."
+        )
+
+    @property
+    def n_heldout(self) -> int:
+        return self.n_images
+
+    @property
+    def var_ratio_orders(self) -> tuple[float, ...]:
+        """The paper's Var(x⁽ᵏ⁾)/Var(x*): not additive (the components are correlated; may exceed 1)."""
+        return tuple(_ratio(v, self.var_target) for v in self.var_orders)
+
+    @property
+    def has_shares(self) -> bool:
+        return self.share_orders is not None and self.share_residual is not None
+
+    def as_dict(self) -> dict:
+        """The JSON form (``metrics.json``, ``fit.json``); :meth:`from_dict` reads it back."""
+        return {
+            "report_format": REPORT_FORMAT,
+            "n_images": self.n_images, "n_heldout": self.n_images, "orders": self.orders,
+            "var_orders": list(self.var_orders), "var_output": self.var_output, "var_residual": self.var_residual,
+            "var_target": self.var_target, "instability": self.instability, "mse": self.mse,
+            "var_ratio_orders": list(self.var_ratio_orders),
+            "share_orders": _nested_list(self.share_orders), "share_residual": self.share_residual,
+            "var_orders_channel_centred": list(self.var_orders_channel_centred),
+            "var_residual_channel_centred": self.var_residual_channel_centred,
+            "var_target_channel_centred": self.var_target_channel_centred,
+            "per_channel": self.per_channel.as_dict(),
+            "ci": self.ci.as_dict() if self.ci is not None else None,
+            "definition": REPORT_DEFINITION,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "VarianceReport":
+        """Read :meth:`as_dict` output back; also reads format 1 (runs written before shares and intervals)."""
+        if not isinstance(d, Mapping) or "var_orders" not in d or "per_channel" not in d:
+            got = sorted(d)[:8] if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"not a variance report: expected keys var_orders, per_channel, …; got {got}. "
+                             "Fix: pass the 'heldout_report' of a fit.json or a direction block of metrics.json.")
+        fmt = d.get("report_format", "kcore-report/1")
+        if fmt not in ("kcore-report/1", REPORT_FORMAT):
+            raise ValueError(f"variance report format {fmt!r} is not known to this kcore (reads "
+                             f"kcore-report/1 and {REPORT_FORMAT}). Fix: upgrade kcore.")
+        return VarianceReport(
+            n_images=int(d["n_images"]), orders=int(d["orders"]), var_orders=_floats(d["var_orders"]),
+            var_output=float(d["var_output"]), var_residual=float(d["var_residual"]),
+            var_target=float(d["var_target"]), instability=float(d["instability"]), mse=float(d["mse"]),
+            var_orders_channel_centred=_floats(d["var_orders_channel_centred"]),
+            var_residual_channel_centred=float(d["var_residual_channel_centred"]),
+            var_target_channel_centred=float(d["var_target_channel_centred"]),
+            per_channel=ChannelProfile.from_dict(d["per_channel"]),
+            share_orders=_opt(d.get("share_orders")),
+            share_residual=None if d.get("share_residual") is None else float(d["share_residual"]),
+            ci=ConfidenceIntervals.from_dict(d["ci"]) if d.get("ci") else None,
+        )
+
+
 class VarianceAccumulator:
-    """One streaming pass over batches of (components, residual, target) -> the variance report."""
+    """One streaming pass over batches of (components, residual, target) -> a :class:`VarianceReport`.
+
+    Moments are float64 whatever the input dtype. The shares sum to 1 as exactly as the caller's x^Δ equals
+    x* − Σₖ x⁽ᵏ⁾ (float64 inputs: ~1e-15; float32 ones: ~1e-7).
+    """
 
     def __init__(self, orders: int, channels: int):
         self.orders = orders
@@ -73,60 +355,68 @@ class VarianceAccumulator:
         self.output = ChannelMoments(channels)
         self.residual = ChannelMoments(channels)
         self.target = ChannelMoments(channels)
+        self.cross = [CrossMoments(channels) for _ in range(orders + 2)]  # Cov(x^(k), x*) …, Cov(x^Δ, x*)
         self.sq_err = 0.0
         self.images = 0
 
     def update(self, components: Sequence[Tensor], residual: Tensor, target: Tensor) -> None:
         """Add one batch: ``components`` K+1 tensors (n, C_b, H, W), ``residual`` and ``target`` (n, C_b, H, W)."""
+        if len(components) != self.orders + 1:
+            raise ValueError(f"expected {self.orders + 1} components (K = {self.orders}); got {len(components)}.")
+        t64 = target.detach().to(torch.float64)
         out = None
-        for acc, c in zip(self.comp, components):
-            acc.update(c)
-            out = c if out is None else out + c
+        for acc, cross, c in zip(self.comp, self.cross, components):
+            c64 = c.detach().to(torch.float64)
+            acc.update(c64)
+            cross.update(c64, t64)
+            out = c64 if out is None else out + c64
+        r64 = residual.detach().to(torch.float64)
         self.output.update(out)
-        self.residual.update(residual)
-        self.target.update(target)
-        self.sq_err += float((residual.detach().to(torch.float64) ** 2).sum())
+        self.residual.update(r64)
+        self.cross[-1].update(r64, t64)
+        self.target.update(t64)
+        self.sq_err += float((r64**2).sum())
         self.images += int(target.shape[0])
 
-    def report(self) -> dict:
-        """The report dict (see :func:`variance_report` for the keys)."""
+    def report(self) -> VarianceReport:
+        """The :class:`VarianceReport` of everything added so far."""
         var_t = self.target.global_var()
         ch_t = self.target.channel_var()
-        ch_r = self.residual.channel_var()
-        ch_k = torch.stack([a.channel_var() for a in self.comp])  # (K+1, C)
         safe_t = torch.where(ch_t > 0, ch_t, torch.ones_like(ch_t))
         numel = self.target.n * self.target.mean.numel()
-        return {
-            "n_images": self.images,
-            "orders": self.orders,
-            "var_orders": [a.global_var() for a in self.comp],
-            "var_output": self.output.global_var(),
-            "var_residual": self.residual.global_var(),
-            "var_target": var_t,
-            "instability": self.residual.global_var() / var_t if var_t > 0 else float("nan"),
-            "mse": self.sq_err / numel if numel else float("nan"),
-            "var_orders_channel_centred": [a.channel_centred_var() for a in self.comp],
-            "var_residual_channel_centred": self.residual.channel_centred_var(),
-            "var_target_channel_centred": self.target.channel_centred_var(),
-            "per_channel": {
-                "var_orders": ch_k.tolist(),
-                "var_residual": ch_r.tolist(),
-                "var_target": ch_t.tolist(),
-                "order_share": (ch_k / safe_t).tolist(),
-                "residual_share": (ch_r / safe_t).tolist(),
-            },
-            "definition": "Var = mean over images and units of (value - mean over images and units)^2 "
-            "(paper, Sec. 4.2); shares = channel variance / Var(x*) of that channel; "
-            "*_channel_centred = variance around per-channel means (authors' Variance.py).",
-        }
+        covs = [c.global_cov() for c in self.cross]
+        ch_cov = torch.stack([c.channel_cov() for c in self.cross])  # (K+2, C)
+        ch_share = torch.where(ch_t > 0, ch_cov / safe_t, torch.zeros_like(ch_cov))
+        profile = ChannelProfile(
+            var_orders=_floats(torch.stack([a.channel_var() for a in self.comp])),
+            var_residual=_floats(self.residual.channel_var()),
+            var_target=_floats(ch_t),
+            share_orders=_floats(ch_share[:-1]),
+            share_residual=_floats(ch_share[-1]),
+        )
+        nan = float("nan")
+        return VarianceReport(
+            n_images=self.images,
+            orders=self.orders,
+            var_orders=tuple(a.global_var() for a in self.comp),
+            var_output=self.output.global_var(),
+            var_residual=self.residual.global_var(),
+            var_target=var_t,
+            instability=self.residual.global_var() / var_t if var_t > 0 else nan,
+            mse=self.sq_err / numel if numel else nan,
+            var_orders_channel_centred=tuple(a.channel_centred_var() for a in self.comp),
+            var_residual_channel_centred=self.residual.channel_centred_var(),
+            var_target_channel_centred=self.target.channel_centred_var(),
+            per_channel=profile,
+            share_orders=tuple(c / var_t if var_t > 0 else nan for c in covs[:-1]),
+            share_residual=covs[-1] / var_t if var_t > 0 else nan,
+        )
 
 
-def variance_report(components: Sequence[Tensor], residual: Tensor, target: Tensor, batch_size: int = 256) -> dict:
-    """Variance report for whole tensors, computed by streaming over batches.
+def variance_report(components: Sequence[Tensor], residual: Tensor, target: Tensor, batch_size: int = 256) -> VarianceReport:
+    """:class:`VarianceReport` for whole tensors, computed by streaming over batches.
 
-    Returns a dict with ``var_orders`` (K+1 floats), ``var_output``, ``var_residual``, ``var_target``,
-    ``instability`` = Var(x^Δ)/Var(x*), ``mse``, the ``*_channel_centred`` variants, and ``per_channel``
-    (lists of per-channel variances per order, of x^Δ and x*, and each channel's shares).
+    ``components``: K+1 tensors (N, C, H, W); ``residual``: x^Δ = x* − Σ x⁽ᵏ⁾; ``target``: x*.
     """
     acc = VarianceAccumulator(len(components) - 1, target.shape[1])
     for i in range(0, target.shape[0], batch_size):

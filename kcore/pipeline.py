@@ -135,7 +135,7 @@ class Comparison:
                 "meaning": d.meaning,
                 "source": d.source,
                 "target": d.target,
-                **d.fit.heldout_report,
+                **d.fit.heldout_report.as_dict(),
                 "heldout_error": d.fit.heldout_error,
                 "baseline": d.fit.baseline.as_dict(),
                 "gates": list(d.fit.gates),
@@ -371,6 +371,10 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
     results = {}
     for key, (src, tgt, meaning) in DIRECTIONS.items():
         if (d / f"g_{key}").is_dir():
-            results[key] = DirectionResult(key, src, tgt, meaning, FitResult.load(d / f"g_{key}"))
+            res = FitResult.load(d / f"g_{key}")
+            if not res.heldout_report.has_shares:  # a run written before the additive shares: recompute them
+                x_src, x_tgt = (feats.x_a, feats.x_b) if key == "A_to_B" else (feats.x_b, feats.x_a)
+                res = dataclasses.replace(res, heldout_report=res.report(x_src.float(), x_tgt.float()))
+            results[key] = DirectionResult(key, src, tgt, meaning, res)
     a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
     return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov)

@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kcore.conventions import resample
 from kcore.decompose import Decomposition
+from kcore.metrics import VarianceReport
 
 DIVERGING_CMAP = "RdBu_r"
 """Colour map of signed maps (red > 0, blue < 0, white at 0)."""
@@ -561,8 +562,25 @@ def _order_colours(k_max: int) -> list:
     return [cmap(k / max(k_max, 1)) for k in range(k_max + 1)]
 
 
+@dataclass(frozen=True)
+class _VarRow:
+    """The four numbers :func:`variance_figure` draws, from a flat study row (``var_x0…``) or a report dict."""
+
+    var_orders: tuple[float, ...]
+    var_residual: float
+    var_target: float
+    instability: float
+
+    @staticmethod
+    def of(row: Mapping) -> "_VarRow":
+        orders = row.get("var_orders")
+        if orders is None:
+            orders = [row[f"var_x{k}"] for k in range(len([k for k in row if str(k).startswith("var_x")]))]
+        return _VarRow(tuple(orders), row["var_residual"], row["var_target"], row["instability"])
+
+
 def variance_figure(
-    reports: Mapping[str, Mapping],
+    reports: Mapping[str, "VarianceReport | Mapping"],
     *,
     titles: Mapping[str, str] | None = None,
     caption: str | None = None,
@@ -570,8 +588,9 @@ def variance_figure(
     """Var of every component per direction (bar charts side by side), the paper's Sec. 4.2 quantities.
 
     Args:
-        reports: direction key → variance report (``FitResult.heldout_report``): uses ``var_orders``,
-            ``var_residual``, ``var_target`` and ``instability``.
+        reports: direction key → :class:`~kcore.metrics.VarianceReport` (``FitResult.heldout_report``), or a
+            flat study row with ``var_x0 … var_xK`` (or ``var_orders``), ``var_residual``, ``var_target``,
+            ``instability``.
         titles: direction key → panel title (default: the key).
         caption: provenance line.
 
@@ -584,16 +603,17 @@ def variance_figure(
     n = len(reports)
     fig = Figure(figsize=(3.4 * n + 0.4, 3.0), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False, sharey=True)[0]
-    top = max(max(max(r["var_orders"]), r["var_residual"], r["var_target"]) for r in reports.values())
+    reports = {k: r if isinstance(r, VarianceReport) else _VarRow.of(r) for k, r in reports.items()}
+    top = max(max(max(r.var_orders), r.var_residual, r.var_target) for r in reports.values())
     for ax, (key, rep) in zip(axes, reports.items()):
-        K = len(rep["var_orders"]) - 1
+        K = len(rep.var_orders) - 1
         labels = [order_tex(k) for k in range(K + 1)] + [RESIDUAL_TEX, TARGET_TEX]
-        values = list(rep["var_orders"]) + [rep["var_residual"], rep["var_target"]]
+        values = list(rep.var_orders) + [rep.var_residual, rep.var_target]
         colours = _order_colours(K) + ["#c0392b", "#9e9e9e"]
         bars = ax.bar(labels, values, color=colours, edgecolor="black", linewidth=0.4)
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=7, padding=1)
         name = (titles or {}).get(key, key)
-        ax.set_title(f"{name}\ninstability Var({RESIDUAL_TEX})/Var({TARGET_TEX}) = {rep['instability']:.3f}", fontsize=8)
+        ax.set_title(f"{name}\ninstability Var({RESIDUAL_TEX})/Var({TARGET_TEX}) = {rep.instability:.3f}", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.set_ylim(0, top * 1.15 if top > 0 else 1)
         ax.grid(axis="y", alpha=0.3)
@@ -652,11 +672,19 @@ SHARE_SORTS: dict[str, str] = {
 }
 
 
-def share_matrix(report: Mapping) -> np.ndarray:
-    """(C, K+2) per-channel variance shares: columns x⁽⁰⁾ … x⁽ᴷ⁾, then x^Δ (of each channel's Var(x*))."""
-    pc = report["per_channel"]
-    orders = np.asarray(pc["order_share"], dtype=np.float64)  # (K+1, C)
-    resid = np.asarray(pc["residual_share"], dtype=np.float64)  # (C,)
+def share_matrix(report: "VarianceReport") -> np.ndarray:
+    """(C, K+2) per-channel additive shares Cov(·_c, x*_c)/Var(x*_c): columns x⁽⁰⁾ … x⁽ᴷ⁾, then x^Δ; rows sum to 1.
+
+    Raises:
+        ValueError: the report predates shares (re-open the run with :func:`kcore.pipeline.read_run`, which
+            recomputes them from the stored held-out features).
+    """
+    pc = report.per_channel
+    if pc.share_orders is None or pc.share_residual is None:
+        raise ValueError("this report has no additive shares (written by an older kcore). "
+                         "Fix: re-open the run folder with kcore.pipeline.read_run, which recomputes them.")
+    orders = np.asarray(pc.share_orders, dtype=np.float64)  # (K+1, C)
+    resid = np.asarray(pc.share_residual, dtype=np.float64)  # (C,)
     return np.concatenate([orders.T, resid[:, None]], axis=1)
 
 
@@ -692,7 +720,9 @@ def channel_share_figure(
         caption: provenance line.
 
     Returns:
-        The heatmap, values Var(x⁽ᵏ⁾_c)/Var(x*_c) and Var(x^Δ_c)/Var(x*_c) on a sequential scale from 0.
+        The heatmap of the additive shares Cov(x⁽ᵏ⁾_c, x*_c)/Var(x*_c) and Cov(x^Δ_c, x*_c)/Var(x*_c) (each row
+        sums to 1) on a sequential scale from 0 to 1 (a rare negative share, a part pointing against x*, shows
+        as 0 in colour and with its sign in the cell text).
     """
     m = share_matrix(report)
     K = m.shape[1] - 2
@@ -700,7 +730,7 @@ def channel_share_figure(
         raise ValueError(f"order must be in 0…{K}; got {order}.")
     rows = channel_order(report, sort, order)[: max(1, int(max_channels))]
     data = m[rows]
-    vmax = max(1.0, float(np.nanmax(data))) if data.size else 1.0
+    vmax = 1.0
     h = min(9.0, 1.2 + 0.16 * len(rows))
     fig = Figure(figsize=(2.2 + 0.55 * (K + 2), h), layout="constrained")
     ax = fig.add_subplot()
@@ -719,9 +749,9 @@ def channel_share_figure(
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
                         color="white" if norm(v) < 0.55 else "black")
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SHARE_CMAP), ax=ax, shrink=0.8)
-    cb.set_label(f"share of the channel's Var({TARGET_TEX})", fontsize=7)
+    cb.set_label(f"additive share of the channel's Var({TARGET_TEX})", fontsize=7)
     cb.ax.tick_params(labelsize=7)
-    ax.set_title(title or "variance share per channel and order", fontsize=8)
+    ax.set_title(title or "additive share per channel and order", fontsize=8)
     _caption(fig, caption)
     return fig
 
@@ -832,9 +862,9 @@ def _fmt():
     return FuncFormatter(lambda v, _: f"{v:.2g}")
 
 
-def metric_summary_text(report: Mapping, heldout_error: float, baseline: Mapping) -> str:
+def metric_summary_text(report: VarianceReport, heldout_error: float, baseline: Mapping) -> str:
     """One line of the key numbers of a direction (for captions and tables)."""
     return (
-        f"Var(x^Δ)/Var(x*) = {report['instability']:.3f} · held-out error {heldout_error:.3f} · "
+        f"Var(x^Δ)/Var(x*) = {report.instability:.3f} · held-out error {heldout_error:.3f} · "
         f"0-order baseline R² {baseline.get('linear_r2', float('nan')):.3f}, CKA {baseline.get('cka', float('nan')):.3f}"
     )

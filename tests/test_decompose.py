@@ -81,8 +81,8 @@ def test_streaming_report_equals_report_of_materialised_decomposition(feats):
     res = kcore.fit(x_src, x_tgt, orders=2, epochs=1, min_steps=0)
     streamed = res.report(x_src, x_tgt, batch_size=5)
     whole = res.decompose(x_src, x_tgt).report()
-    assert streamed["var_orders"] == pytest.approx(whole["var_orders"], rel=1e-6)
-    assert streamed["var_residual"] == pytest.approx(whole["var_residual"], rel=1e-6)
+    assert streamed.var_orders == pytest.approx(whole.var_orders, rel=1e-6)
+    assert streamed.var_residual == pytest.approx(whole.var_residual, rel=1e-6)
 
 
 def test_inputs_are_not_mutated(feats):

@@ -99,8 +99,12 @@ def test_tables(comparison):
     assert list(df["direction"]) == ["A_to_B", "B_to_A"]
     assert {"var_x0", "var_x1", "var_residual", "var_target", "instability", "baseline_cka"} <= set(df.columns)
     ch = export.channel_table(comparison.directions["A_to_B"].fit.heldout_report)
-    assert list(ch.columns) == ["channel", "var_target", "share_x0", "share_x1", "share_residual", "dominant_order"]
+    assert list(ch.columns) == ["channel", "var_target", "share_x0", "share_x1", "share_residual", "dominant_order",
+                                "var_ratio_x0", "var_ratio_x1", "var_ratio_residual"]
     assert len(ch) == 4  # B has 4 channels
+    # additive shares add up per channel; the paper's Var ratios need not
+    assert (ch[["share_x0", "share_x1", "share_residual"]].sum(axis=1) - 1).abs().max() < 1e-5
+    assert {"share_x0", "share_x1", "share_residual"} <= set(df.columns)
 
 
 def test_export_comparison_writes_valid_files_with_provenance(tmp_path, comparison):

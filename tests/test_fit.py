@@ -28,29 +28,29 @@ def permuted(x):
 
 
 def _higher_share(rep):
-    return sum(rep["var_orders"][1:]) / rep["var_target"]
+    return sum(rep.var_orders[1:]) / rep.var_target
 
 
 def test_channel_permutation_is_zero_order_consistent(permuted, x):
     res, y = permuted
     rep = res.decompose(x, y).report()
-    assert rep["var_orders"][0] >= 0.95 * rep["var_target"]
-    assert rep["instability"] <= 0.05
+    assert rep.var_orders[0] >= 0.95 * rep.var_target
+    assert rep.instability <= 0.05
     # also on the held-out images alone, as the fit reports it
-    assert res.heldout_report["instability"] <= 0.05
+    assert res.heldout_report.instability <= 0.05
     assert res.baseline.linear_r2 >= 0.99
 
 
 def test_identity_is_consistent(x):
     res = kcore.fit(x, x.clone(), orders=2)
-    assert res.heldout_report["instability"] <= 0.01
+    assert res.heldout_report.instability <= 0.01
     assert res.heldout_error <= 0.01
 
 
 def test_independent_target_is_inconsistent(x):
     y = torch.randn(N, 5, H, H, generator=torch.Generator().manual_seed(7))
     res = kcore.fit(x, y, orders=2)
-    assert res.heldout_report["instability"] >= 0.9
+    assert res.heldout_report.instability >= 0.9
     assert abs(res.baseline.linear_r2) < 0.1
 
 
@@ -168,7 +168,7 @@ def test_cuda_fit_matches_cpu_closely(x):
         pytest.skip("CUDA not available")
     a = kcore.fit(x, x.flip(1), orders=1, device="cuda")
     assert a.device.startswith("cuda")
-    assert a.heldout_report["instability"] <= 0.05
+    assert a.heldout_report.instability <= 0.05
 
 
 def test_float16_cached_features_with_different_sizes_fit_and_decompose():
@@ -179,4 +179,4 @@ def test_float16_cached_features_with_different_sizes_fit_and_decompose():
     res = kcore.fit(xa.half(), xb.half(), orders=1, epochs=3)
     dec = res.decompose(xa.half(), xb.half())
     assert dec.components[0].dtype == torch.float32
-    assert res.heldout_report["instability"] < 0.01  # x is resampled to x*'s size first: linear, 0-order
+    assert res.heldout_report.instability < 0.01  # x is resampled to x*'s size first: linear, 0-order

@@ -30,21 +30,26 @@ def test_variance_report_known_values():
     resid = t - sum(comps)
     rep = variance_report(comps, resid, t, batch_size=7)
     v = paper_var(t)
-    assert rep["var_target"] == pytest.approx(v, rel=1e-10)
-    assert rep["var_orders"] == pytest.approx([0.36 * v, 0.09 * v], rel=1e-10)
-    assert rep["var_residual"] == pytest.approx(0.01 * v, rel=1e-8)
-    assert rep["instability"] == pytest.approx(0.01, rel=1e-8)
-    shares = torch.tensor(rep["per_channel"]["order_share"], dtype=torch.float64)
-    torch.testing.assert_close(shares, torch.tensor([[0.36] * 3, [0.09] * 3], dtype=torch.float64))
-    assert rep["per_channel"]["residual_share"] == pytest.approx([0.01] * 3, rel=1e-8)
+    assert rep.var_target == pytest.approx(v, rel=1e-10)
+    assert rep.var_orders == pytest.approx([0.36 * v, 0.09 * v], rel=1e-10)
+    assert rep.var_residual == pytest.approx(0.01 * v, rel=1e-8)
+    assert rep.instability == pytest.approx(0.01, rel=1e-8)
+    ratios = torch.tensor(rep.per_channel.var_ratio_orders, dtype=torch.float64)
+    torch.testing.assert_close(ratios, torch.tensor([[0.36] * 3, [0.09] * 3], dtype=torch.float64))
+    assert rep.per_channel.var_ratio_residual == pytest.approx([0.01] * 3, rel=1e-8)
+    # components proportional to x*: the additive shares are the coefficients 0.6, 0.3 and 0.1
+    assert rep.share_orders == pytest.approx([0.6, 0.3], rel=1e-10)
+    assert rep.share_residual == pytest.approx(0.1, rel=1e-8)
+    torch.testing.assert_close(torch.tensor(rep.per_channel.share_orders, dtype=torch.float64),
+                               torch.tensor([[0.6] * 3, [0.3] * 3], dtype=torch.float64))
 
 
 def test_paper_var_uses_one_global_mean_not_per_channel():
     # two constant channels: zero variance per channel, but the paper's Var sees the gap between them
     x = torch.cat([torch.zeros(4, 1, 2, 2), torch.full((4, 1, 2, 2), 2.0)], 1)
     rep = variance_report([x], torch.zeros_like(x), x)
-    assert rep["var_target"] == pytest.approx(1.0)
-    assert rep["var_target_channel_centred"] == pytest.approx(0.0)
+    assert rep.var_target == pytest.approx(1.0)
+    assert rep.var_target_channel_centred == pytest.approx(0.0)
 
 
 def test_least_squares_map_recovers_a_planted_convolution():

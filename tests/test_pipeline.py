@@ -81,7 +81,7 @@ def test_run_folder_round_trip(tmp_path, comparison):
             torch.testing.assert_close(c1, c2)
         # the stored held-out report is what decomposing the stored held-out features gives
         rep = d2.report()
-        assert rep["var_residual"] == pytest.approx(back.directions[key].fit.heldout_report["var_residual"], rel=1e-5)
+        assert rep.var_residual == pytest.approx(back.directions[key].fit.heldout_report.var_residual, rel=1e-5)
     with pytest.raises(ValueError, match="already exists"):
         write_run(comparison, tmp_path / "run")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]  # no debris

@@ -56,7 +56,7 @@ def test_all_pairs_both_ways_and_the_pair_formula(result):
         assert row["instability_std"] == pytest.approx(statistics.stdev(pairs.values()))
         assert row["n_pairs"] == 3
     for d in result.directions:
-        assert d.instability == pytest.approx(d.var_delta / d.var_target)
+        assert d.instability == pytest.approx(d.var_residual / d.var_target)
         assert len(d.var_orders) == 2 and d.n_images == 6  # 20 % of 30 images held out
 
 
@@ -83,10 +83,10 @@ def test_raw_units_variance_is_the_paper_var_of_raw_features(family, images):
     xb, _ = single_features(b, "layer3", images)
     res = kcore.fit(xa, xb, orders=1, epochs=1, seed=0, device="cpu")
     rep = raw_report(res, xa, xb)
-    assert rep["var_target"] == pytest.approx(paper_var(xb), rel=1e-5)
+    assert rep.var_target == pytest.approx(paper_var(xb), rel=1e-5)
     dec = res.decompose(xa, xb)
     delta_raw = dec.residual * res.norm.tgt_std.view(1, -1, 1, 1).float()
-    assert rep["var_residual"] == pytest.approx(paper_var(delta_raw), rel=1e-4)
+    assert rep.var_residual == pytest.approx(paper_var(delta_raw), rel=1e-4)
 
 
 def test_disjoint_halves_are_disjoint_balanced_and_complete():

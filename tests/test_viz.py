@@ -157,13 +157,13 @@ def test_summary_figures(dec):
     rep = dec.report()
     fig = viz.variance_figure({"A_to_B": rep, "B_to_A": rep})
     assert len(fig.axes) == 2
-    assert [p.get_height() for p in fig.axes[0].patches][-1] == pytest.approx(rep["var_target"])
+    assert [p.get_height() for p in fig.axes[0].patches][-1] == pytest.approx(rep.var_target)
     hist = [EpochRecord(e, 1.0 / e, 1.0 / e, 1.1 / e, 1e-3, (0.1,), 0.01) for e in range(1, 6)]
     assert len(viz.loss_figure({"A_to_B": hist}, best_epochs={"A_to_B": 4}).axes) == 1
     fig = viz.channel_share_figure(rep, sort="residual", highlight=0)
     assert _colorbars(fig)
     order = viz.channel_order(rep, "residual")
-    shares = rep["per_channel"]["residual_share"]
+    shares = rep.per_channel.share_residual
     assert [shares[i] for i in order] == sorted(shares, reverse=True)
 
 

@@ -67,12 +67,15 @@ def explorer() -> None:
         with right:
             ui.show_interactive(figures.blind_spot_view(run, choice),
                                 caption="Blind-spot energy: mean over channels of (x^Δ)² (sequential, from 0)")
-        rep = run.comparison.directions[direction].fit.heldout_report["per_channel"]
+        rep = run.comparison.directions[direction].fit.heldout_report.per_channel
         units = ("standardised units of x* (paper convention)" if dec.convention == "paper"
                  else "raw units of x* (authors' convention)")
-        shares = " · ".join(f"{viz.order_label(k)} {rep['order_share'][k][channel]:.1%}" for k in range(K + 1))
-        st.caption(f"Channel {channel} on held-out images: {shares} · x^Δ {rep['residual_share'][channel]:.1%} "
-                   f"of its Var(x*). Maps are in {units} and upsampled bilinearly to the image.")
+        if rep.share_orders is not None and rep.share_residual is not None:
+            shares = " · ".join(f"{viz.order_label(k)} {rep.share_orders[k][channel]:.1%}" for k in range(K + 1))
+            shares += f" · x^Δ {rep.share_residual[channel]:.1%} of its Var(x*) (additive shares)"
+        else:
+            shares = "shares not stored in this run"
+        st.caption(f"Channel {channel} on held-out images: {shares}. Maps are in {units} and upsampled bilinearly to the image.")
 
 
 explorer()

@@ -14,9 +14,9 @@ st.caption("Like the paper's Fig. 1: consistent features disentangled from a fil
            "and the inconsistent rest x^Δ. Rows are (image, channel); the colour map is diverging, centred at 0.")
 
 view = state.decomposition(run, direction)
-rep = run.comparison.directions[direction].fit.heldout_report["per_channel"]
-C = len(rep["var_target"])
-top = sorted(range(C), key=lambda c: -rep["var_target"][c])[:2]  # the most active channels by default
+rep = run.comparison.directions[direction].fit.heldout_report.per_channel
+C = rep.channels
+top = sorted(range(C), key=lambda c: -rep.var_target[c])[:2]  # the most active channels by default
 
 c1, c2 = st.columns(2)
 imgs = c1.multiselect("Images", list(range(view.n)), default=list(range(min(2, view.n))), max_selections=8,

@@ -16,7 +16,7 @@ st.caption("Each channel of x*: the share of its variance reconstructed at each 
 
 rep = run.comparison.directions[direction].fit.heldout_report
 table = export.channel_table(rep)
-K = len(rep["var_orders"]) - 1
+K = rep.orders
 
 c1, c2 = st.columns([2, 1])
 sort = c1.radio("Sort by", list(viz.SHARE_SORTS), key="kc_fl_sort", horizontal=True, persist_state="session",

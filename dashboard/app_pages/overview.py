@@ -23,7 +23,7 @@ for col, (key, d) in zip(cols, c.directions.items()):
         st.subheader(state.DIRECTION_TITLES[key])
         st.caption(state.DIRECTION_HELP[key])
         m1, m2 = st.columns(2)
-        m1.metric("Instability Var(x^Δ)/Var(x*)", f"{rep['instability']:.3f}",
+        m1.metric("Instability Var(x^Δ)/Var(x*)", f"{rep.instability:.3f}",
                   help="0 = the target feature is fully reconstructed; 1 = nothing is.")
         m2.metric("Held-out error 1 − R²", f"{f.heldout_error:.3f}",
                   help="Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images.")
@@ -32,9 +32,16 @@ for col, (key, d) in zip(cols, c.directions.items()):
                   help=f"Closed-form least-squares {f.baseline.linear_kernel}×{f.baseline.linear_kernel} convolution, "
                        "held out: what a purely linear map reconstructs.")
         m4.metric("Linear CKA (x, x*)", f"{f.baseline.cka:.3f}", help="Linear CKA between the two feature maps.")
-        share = [v / rep["var_target"] for v in rep["var_orders"]] if rep["var_target"] else []
-        st.caption("Share of Var(x*) per order: " + " · ".join(f"{viz.order_label(k)} {s:.1%}" for k, s in enumerate(share))
-                   + f" · gates p = {', '.join(f'{g:.3g}' for g in f.gates) or '—'} · kept epoch {f.best_epoch} "
+        if rep.has_shares:
+            shares = " · ".join(f"{viz.order_label(k)} {s:.1%}" for k, s in enumerate(rep.share_orders))
+            shares += f" · x^Δ {rep.share_residual:.1%}"
+        else:
+            shares = "— (re-open the run to compute them)"
+        ratios = " · ".join(f"{viz.order_label(k)} {s:.3f}" for k, s in enumerate(rep.var_ratio_orders))
+        st.caption(f"Share of Var(x*) per order (Cov(x⁽ᵏ⁾, x*)/Var(x*), adds up to 100 %): {shares}",
+                   help=ui.SHARE_HELP)
+        st.caption(f"Paper's Var(x⁽ᵏ⁾)/Var(x*): {ratios}", help=ui.VAR_RATIO_HELP)
+        st.caption(f"gates p = {', '.join(f'{g:.3g}' for g in f.gates) or '—'} · kept epoch {f.best_epoch} "
                      f"of {len(f.history)} · {f.seconds:.0f} s")
 
 width = 420 * len(c.directions) + 60

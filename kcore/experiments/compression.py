@@ -210,10 +210,10 @@ def fit_consistency(src: nn.Module, src_layer: str, tgt: nn.Module, tgt_layer: s
 def consistency_row(res: Any) -> dict[str, Any]:
     """The held-out numbers of a fit as a flat row: Var per order, Var(x^Δ), Var(x*), instability, baselines."""
     rep = res.heldout_report
-    row = {f"var_x{k}": float(v) for k, v in enumerate(rep["var_orders"])}
+    row = {f"var_x{k}": float(v) for k, v in enumerate(rep.var_orders)}
     row.update({
-        "var_residual": float(rep["var_residual"]), "var_target": float(rep["var_target"]),
-        "instability": float(rep["instability"]), "heldout_error": float(res.heldout_error),
+        "var_residual": float(rep.var_residual), "var_target": float(rep.var_target),
+        "instability": float(rep.instability), "heldout_error": float(res.heldout_error),
         "linear_r2": float(res.baseline.linear_r2), "cka": float(res.baseline.cka),
     })
     row.update({f"p{k + 1}": float(p) for k, p in enumerate(res.gates)})
@@ -223,7 +223,7 @@ def consistency_row(res: Any) -> dict[str, Any]:
 def map_selection(res: Any, n_images: int) -> tuple[list[int], int]:
     """Held-out image positions (the first ``n_images``) and the x* channel with the largest Var(x^Δ)."""
     held = list(res.heldout_indices)[:n_images]
-    per = res.heldout_report["per_channel"]["var_residual"]
+    per = res.heldout_report.per_channel.var_residual
     return held, int(np.argmax(per))
 
 

@@ -135,7 +135,7 @@ class CrossTaskResult:
 
         reports = {k: {"var_orders": [r[f"var_x{i}"] for i in range(self.settings["fit"]["orders"] + 1)],
                        "var_residual": r["var_residual"], "var_target": r["var_target"],
-                       "instability": r["instability"]} for k, r in self.rows.items()}
+                       "instability": r["instability"]} for k, r in self.rows.items()}  # flat rows, not reports
         figs = {"variances": variance_figure(reports, titles={k: k.replace("_", " ") for k in reports},
                                              caption=f"layer {self.layer}; held-out images; standardised target units")}
         for key, dec in self.maps.items():

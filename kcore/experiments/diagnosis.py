@@ -202,7 +202,7 @@ class DiagnosisResult:
             row = {"component": key, "meaning": meaning, "heldout_error": d["heldout_error"],
                    "var_delta_over_var_target": d["instability"], "var_residual": d["var_residual"],
                    "var_target": d["var_target"], "linear_r2": d["linear_r2"]}
-            row.update({f"var_order{k}": v for k, v in enumerate(d["var_orders"])})
+            row.update({f"var_x{k}": v for k, v in enumerate(d["var_orders"])})
             rows.append(row)
         exp_rows = []
         for key in ("blind_spots", "unreliable"):

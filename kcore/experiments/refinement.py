@@ -301,12 +301,14 @@ def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = Tru
     return fig
 
 
-def fit_summary(res: Any, report: dict | None = None) -> dict:
-    """The numbers of one fitted g_θ worth keeping in a study result."""
+def fit_summary(res: Any, report: Any = None) -> dict:
+    """The numbers of one fitted g_θ worth keeping in a study result (``report``: a VarianceReport)."""
     rep = report if report is not None else res.heldout_report
     return {
-        "heldout_error": res.heldout_error, "instability": rep["instability"], "var_orders": rep["var_orders"],
-        "var_residual": rep["var_residual"], "var_target": rep["var_target"], "n_images": rep["n_images"],
+        "heldout_error": res.heldout_error, "instability": rep.instability, "var_orders": list(rep.var_orders),
+        "var_residual": rep.var_residual, "var_target": rep.var_target, "n_images": rep.n_images,
+        "share_orders": None if rep.share_orders is None else list(rep.share_orders),
+        "share_residual": rep.share_residual,
         "gates": list(res.gates), "linear_r2": res.baseline.linear_r2, "best_epoch": res.best_epoch,
         "epochs_run": len(res.history), "config": dataclasses.asdict(res.config),
     }

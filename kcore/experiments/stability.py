@@ -33,7 +33,7 @@ from kcore.checkpoints import LoadedModel
 from kcore.experiments import families
 from kcore.experiments._common import write_study
 from kcore.experiments.families import Progress, as_jsonable, labelled_images, say, source_revision, stderr_progress
-from kcore.metrics import VarianceAccumulator
+from kcore.metrics import VarianceAccumulator, VarianceReport
 
 Case = Literal["seeds", "halves"]
 CASES: dict[str, str] = {
@@ -66,7 +66,7 @@ class DirectionResult:
         instability_std_units: the same ratio in the fit's target units: standardised per channel in the paper
             convention (every channel weighs the same); equal to ``instability`` in the authors' convention.
         var_orders: Var(x^(k)) for k = 0..K, raw units.
-        var_delta, var_target: Var(x^Δ), Var(x*), raw units.
+        var_residual, var_target: Var(x^Δ), Var(x*), raw units.
         heldout_error: 1 − R² of g_θ on the held-out images.
         linear_r2: R² of the 0-order (least-squares) baseline on the same images.
         gates: fitted p^(1..K).
@@ -79,7 +79,7 @@ class DirectionResult:
     instability: float
     instability_std_units: float
     var_orders: tuple[float, ...]
-    var_delta: float
+    var_residual: float
     var_target: float
     heldout_error: float
     linear_r2: float
@@ -139,8 +139,8 @@ class StabilityResult:
                 "instability_std_units_mean": statistics.fmean(d.instability_std_units for d in ds),
             }
             for k in range(self.orders + 1):
-                row[f"var_order{k}"] = statistics.fmean(d.var_orders[k] for d in ds)
-            row["var_delta"] = statistics.fmean(d.var_delta for d in ds)
+                row[f"var_x{k}"] = statistics.fmean(d.var_orders[k] for d in ds)
+            row["var_residual"] = statistics.fmean(d.var_residual for d in ds)
             row["var_target"] = statistics.fmean(d.var_target for d in ds)
             row["heldout_error_mean"] = statistics.fmean(d.heldout_error for d in ds)
             row["linear_r2_mean"] = statistics.fmean(d.linear_r2 for d in ds)
@@ -154,8 +154,8 @@ class StabilityResult:
         for d in self.directions:
             row = {"layer": d.layer, "source": d.source, "target": d.target, "instability": d.instability,
                    "instability_std_units": d.instability_std_units}
-            row.update({f"var_order{k}": v for k, v in enumerate(d.var_orders)})
-            row.update({"var_delta": d.var_delta, "var_target": d.var_target, "heldout_error": d.heldout_error,
+            row.update({f"var_x{k}": v for k, v in enumerate(d.var_orders)})
+            row.update({"var_residual": d.var_residual, "var_target": d.var_target, "heldout_error": d.heldout_error,
                         "linear_r2": d.linear_r2, "gates": " ".join(f"{g:.4f}" for g in d.gates),
                         "n_images": d.n_images})
             pairs.append(row)
@@ -184,7 +184,7 @@ class StabilityResult:
         names = [f"$x^{{({k})}}$" for k in range(self.orders + 1)] + [r"$x^\Delta$"]
         width = 0.8 / len(names)
         for j, nm in enumerate(names):
-            key = f"var_order{j}" if j <= self.orders else "var_delta"
+            key = f"var_x{j}" if j <= self.orders else "var_residual"
             ax2.bar(np.arange(len(rows)) + j * width, [r[key] / r["var_target"] for r in rows], width, label=nm)
         ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["layer"] for r in rows], fontsize=7)
         ax2.set_ylabel("Var / Var(x*)  (raw units)", fontsize=8)
@@ -207,7 +207,7 @@ class StabilityResult:
         })
 
 
-def raw_report(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> dict:
+def raw_report(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> VarianceReport:
     """The variance report with x^(k) and x^Δ mapped back to raw target units (σ_c · y) and raw x*."""
     acc = VarianceAccumulator(res.model.orders, x_tgt.shape[1])
     for comps, resid, target in res.iter_decompose(x_src, x_tgt, batch_size):
@@ -282,9 +282,9 @@ def stability(
                 held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
                 raw = raw_report(res, feats[s][held], feats[t][held])
                 d = DirectionResult(
-                    layer=layer, source=names[s], target=names[t], instability=raw["instability"],
-                    instability_std_units=res.heldout_report["instability"], var_orders=tuple(raw["var_orders"]),
-                    var_delta=raw["var_residual"], var_target=raw["var_target"], heldout_error=res.heldout_error,
+                    layer=layer, source=names[s], target=names[t], instability=raw.instability,
+                    instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
+                    var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
                     linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
                 )
                 directions.append(d)
