@@ -642,7 +642,7 @@ def train(
 
 def evaluate_heldout(
     model: GTheta, data: FitData, cfg: FitConfig, lin: LinearMap | None
-) -> tuple[float, dict, Baseline]:
+) -> tuple[float, VarianceReport, Baseline]:
     """The held-out relative error, variance report and 0-order baseline, in one streaming pass.
 
     Returns:
