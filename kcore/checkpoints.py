@@ -200,7 +200,7 @@ def _sniff(src: _Source) -> _Format:
     if src.suffix == ".safetensors":
         raise _corrupt(src, "safetensors", "the 8-byte header length and JSON header are missing or inconsistent")
     raise ValueError(
-        f"checkpoint {src.where!r} is not a format kcore reads (first bytes: {head[:8]!r}). Expected one of: "
+        f"checkpoint {src.where!r} is not a format kcore reads. Expected one of: "
         + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_KINDS.items())
         + "."
     )

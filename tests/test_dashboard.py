@@ -297,13 +297,14 @@ def test_cancel_keeps_the_finished_results(fitted):
     assert len(at.session_state["kc_runs"]) == n_before
 
 
-def test_core_errors_are_shown_as_messages(dirs):
+def test_core_errors_are_shown_as_messages(dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))
     at = _new_app().run()
     at.segmented_control(key="kc_src_B").set_value("path").run()
-    at.text_input(key="kc_path_B").input("/nonexistent/model.pth").run()
+    at.text_input(key="kc_path_B").input(str(tmp_path / "model.pth")).run()
     at.button(key="kc_loadpath_B").click().run()
     _clean(at)
-    assert any("no checkpoint file" in e for e in _errors(at))
+    assert any("no such file on the server" in e for e in _errors(at)), _errors(at)
 
 
 @pytest.mark.skipif(not hasattr(AppTest, "file_uploader"), reason="this Streamlit's AppTest cannot upload files")

@@ -28,8 +28,10 @@ c1, c2, c3 = st.columns([1, 1, 2])
 formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
                    default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
 dpi = c2.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
-folder = c3.text_input("Folder on the server", value=str(state.exports_dir() / run.id), key=f"kc_exp_folder_{run.id}",
-                       help="Created if missing; files with the same names are replaced.")
+export_name = c3.text_input("Export name", value=run.id, key=f"kc_exp_folder_{run.id}", max_chars=80,
+                            help=f"A folder of this name under {state.exports_dir()} (letters, digits, '.', '_' and "
+                                 "'-' only; other characters become '_'). Created if missing; files with the same "
+                                 "names are replaced.")
 
 
 def figure_items() -> list[export.FigureItem]:
@@ -74,7 +76,7 @@ if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/sa
             for d in dirs:
                 view = state.decomposition(run, d)
                 arrays[f"components_{d}"] = (view.dec, view.image_ids)
-        return export.export_comparison(c, folder, figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
+        return export.export_comparison(c, state.export_folder(export_name), figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
 
     with st.spinner("Drawing and writing…"):
         try:

@@ -9,12 +9,16 @@ from dashboard import state, ui
 from kcore.architectures import available_architectures
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
+from kcore.server_paths import ROOTS_ENV, server_paths_enabled
 
 SOURCES = {"sample": "Sample model", "upload": "Upload a file", "path": "File on the server"}
 IMAGE_SOURCES = {"bundled": "Bundled images", "upload": "Upload images or a zip", "folder": "Folder on the server"}
 UPLOAD_TYPES = ["safetensors", "pt", "pth", "bin", "ckpt", "pt2", "zip"]
 IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "zip"]
 AUTO_ARCH = "(from the model card)"
+SERVER_PATHS_OFF = (f"Paths on the server are turned off on this server (it was started without {ROOTS_ENV}). "
+                    "Upload the file instead, or ask whoever runs the server to allow folders with "
+                    f"{ROOTS_ENV}=/data:/models.")
 
 st.title("Models & images")
 st.caption("Pick the two networks to compare, one layer of each, and the images. Everything starts on the "
@@ -95,13 +99,15 @@ def model_panel(role: str) -> None:
                     card_json = None
             data = up.getvalue()
             _use(role, lambda: state.load_bytes(data, up.name, arch, ncls, card_json), "upload", None)
+    elif not server_paths_enabled():
+        st.info(SERVER_PATHS_OFF)
     else:
         path = st.text_input("Path on the server", key=f"kc_path_{role}", placeholder="/data/models/resnet18.pth",
                              help="For files over the upload limit. A model card <name>.card.json beside the "
                                   "file is read automatically.", persist_state="session")
         arch, ncls = _arch_inputs(role)
         if st.button("Load", key=f"kc_loadpath_{role}", disabled=not path):
-            _use(role, lambda: state.load_path(path, arch, ncls), "path", path)
+            _use(role, lambda: state.load_server_path(path, arch, ncls), "path", path)
     model_card(role)
 
 
@@ -185,6 +191,8 @@ def images_panel() -> None:
                                                             state.working_image_size()), "Uploaded images")
             if imgs is not None:
                 state.set_images(state.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload"))
+    elif not server_paths_enabled():
+        st.info(SERVER_PATHS_OFF)
     else:
         folder = st.text_input("Folder on the server", key="kc_img_folder", placeholder="/data/images",
                                help="Images directly inside it, or one subfolder per class.", persist_state="session")

@@ -21,8 +21,8 @@ from dashboard.state._images import (DEFAULT_N_IMAGES, ImageChoice, bundled_imag
 from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
                                    start_fit)
 from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, chosen_layer, forget_layer, layer_key, load_bytes,
-                                     load_path, make_slot, sample_models, set_slot, slot)
-from dashboard.state._paths import ROOT, exports_dir, runs_dir, studies_dir
+                                     load_path, load_server_path, make_slot, sample_models, set_slot, slot)
+from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_dir, runs_dir, studies_dir
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
                                    apply_active_request, counters, open_run_folder, run_folders, runs)
 from dashboard.state._startup import default_error, ensure_defaults, freeze_startup_objects
@@ -36,7 +36,7 @@ __all__ = [
     "adopt_finished_jobs", "apply_active_request", "bundled_images", "chosen_layer", "counters", "current_job",
     "decomposition", "default_error", "ensure_defaults", "explorer_choice", "exports_dir", "figure1_choice",
     "folder_images", "forget_layer", "freeze_startup_objects", "image_size", "images", "is_adopted", "job_running",
-    "layer_key", "load_bytes", "load_path", "make_slot", "open_run_folder", "registry", "run_folders", "runs",
+    "layer_key", "load_bytes", "load_path", "load_server_path", "make_slot", "allowed_folder", "export_folder", "open_run_folder", "registry", "run_folders", "runs",
     "runs_dir", "sample_models", "session_jobs", "set_explorer_choice", "set_figure1_choice", "set_images",
     "set_slot", "show_in_explorer", "slot", "start_fit", "studies_dir", "uploaded_images", "working_image_size",
     "working_positions",

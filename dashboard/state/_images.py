@@ -55,10 +55,15 @@ def uploaded_images(files: Sequence[tuple[str, bytes]], size: tuple[int, int]) -
 
 
 def folder_images(folder: str, size: tuple[int, int]) -> Any:
-    """The images in a folder on the server (flat, or one subfolder per class), at ``size``."""
-    from kcore import data as kdata
+    """The images in a folder on the server (flat, or one subfolder per class), at ``size``.
 
-    return kdata.ImageSet.from_folder(Path(folder).expanduser(), _unit_preprocess(size))
+    Only a folder under the server's roots (``KCORE_SERVER_ROOTS``; off when unset); symlinks leading out of it,
+    FIFOs and devices inside it are skipped (:meth:`kcore.data.ImageSet.from_folder`)."""
+    from kcore import data as kdata
+    from kcore.server_paths import resolve_server_path
+
+    real = resolve_server_path(folder, kind="folder", what="image folder")
+    return kdata.ImageSet.from_folder(real, _unit_preprocess(size))
 
 
 def working_image_size() -> tuple[int, int]:

@@ -78,6 +78,15 @@ def load_path(path: str, arch: str | None = None, num_classes: int | None = None
     return _load_path(str(p.resolve()), p.stat().st_mtime, arch, num_classes)
 
 
+def load_server_path(path: str, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
+    """Load a checkpoint typed into the browser: only a regular file under the server's roots (``KCORE_SERVER_ROOTS``;
+    off when unset), never with ``trust_pickle``."""
+    from kcore.server_paths import resolve_server_path
+
+    real = resolve_server_path(path, kind="file", what="checkpoint path")
+    return _load_path(str(real), real.stat().st_mtime, arch, num_classes)
+
+
 def load_bytes(data: bytes, name: str, arch: str | None = None, num_classes: int | None = None,
                card_json: str | None = None) -> LoadedModel:
     """Load uploaded checkpoint bytes (cached by their SHA-256)."""

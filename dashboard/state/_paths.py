@@ -19,6 +19,27 @@ def exports_dir() -> Path:
     return Path(os.environ.get("KCORE_EXPORTS_DIR", ROOT / "runs" / "exports"))
 
 
+def allowed_folder(text: str | Path, what: str = "run folder") -> Path:
+    """A folder typed into the browser, resolved: inside :func:`runs_dir`, :func:`studies_dir` or a server root.
+
+    Raises:
+        ServerPathError: anywhere else (see :func:`kcore.server_paths.resolve_server_path`).
+    """
+    from kcore.server_paths import resolve_server_path, server_roots
+
+    own = tuple(p.resolve() for p in (runs_dir(), studies_dir()) if p.is_dir())
+    return resolve_server_path(text, kind="folder", what=what, roots=own + server_roots())
+
+
+def export_folder(name: str) -> Path:
+    """The export folder for ``name`` (sanitised to ``[A-Za-z0-9._-]``), always directly inside :func:`exports_dir`."""
+    from kcore.server_paths import child_path
+
+    base = exports_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    return child_path(base, name)
+
+
 def studies_dir() -> Path:
     """Where the Studies page writes study folders: ``$KCORE_STUDIES_DIR`` or beside the run folders."""
     return Path(os.environ.get("KCORE_STUDIES_DIR", runs_dir().parent / "studies"))

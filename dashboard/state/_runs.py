@@ -90,9 +90,9 @@ def open_run_folder(path: str | Path) -> RunEntry:
     """Re-open a run folder written by the dashboard or ``kcore fit --out`` (no checkpoints needed)."""
     from kcore.pipeline import read_heldout_images, read_run
 
-    d = Path(path).expanduser()
-    if not d.is_dir():
-        raise ValueError(f"{str(d)!r} is not a folder on the server. Fix: give the path of a run folder.")
+    from dashboard.state._paths import allowed_folder
+
+    d = allowed_folder(path, "run folder")
     comparison = read_run(d)
     created = (d / "provenance.json").stat().st_mtime
     return RunEntry(f"{d.name}-opened", comparison, d, read_heldout_images(d), "folder", created)
