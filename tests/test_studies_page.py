@@ -19,10 +19,12 @@ def test_a_study_folder_shows_its_tables_and_figures(tmp_path):
     assert len(at.image) >= 1  # the figure, from the folder's PNG
 
 
-def test_a_folder_that_is_no_study_is_a_message_not_a_traceback(tmp_path):
+def test_a_folder_that_is_no_study_is_a_message_not_a_traceback(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     from studies_page import ROOT
+
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))
 
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
     at.switch_page("app_pages/studies.py").run()

@@ -5,7 +5,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -14,6 +13,11 @@ import streamlit as st
 from dashboard import state
 from kcore.experiments import STUDIES
 from kcore.experiments._common import read_study
+from kcore.study_options import MAX_FLOAT, MAX_INT, new_study_folder, study_command, study_options
+
+
+def _default(study: str, name: str) -> object:
+    return next((o.default for o in study_options(study) if o.name == name), None)
 
 ABOUT = {
     "diagnosis": "Sec. 4.1 / App. B — blind spots (weak → strong) and unreliable features (strong → weak) of a "
@@ -41,13 +45,37 @@ jobs: dict = st.session_state.setdefault("kc_study_jobs", {})
 
 with st.container(border=True):
     st.markdown("**Run with the small defaults** (bundled sample models and kshapes images; minutes on a CPU)")
-    extra = st.text_input("Extra options", value="", key="kc_st_extra",
-                          help=f"Passed to `kcore {study.replace('_', '-')}`, e.g. `--seed 1`. See `--help`.")
+    values: dict = {}
+    with st.expander("Options", expanded=False):
+        st.caption(f"The numbers and choices of `kcore {study.replace('_', '-')}` (see `--help`); paths, "
+                   "checkpoints and the output folder are not set from the browser.")
+        cols = st.columns(3)
+        for i, opt in enumerate(study_options(study)):
+            key, col = f"kc_st_opt_{study}_{opt.name}", cols[i % 3]
+            label = opt.flag.lstrip("-")
+            if opt.kind == "switch":
+                values[opt.name] = col.checkbox(label, value=False, key=key, help=opt.help or None)
+            elif opt.kind == "choice":
+                values[opt.name] = col.selectbox(label, opt.choices, key=key, help=opt.help or None,
+                                                 index=opt.choices.index(str(opt.default))
+                                                 if str(opt.default) in opt.choices else 0)
+            elif opt.kind == "int":
+                values[opt.name] = col.number_input(label, min_value=0, max_value=MAX_INT, step=1, key=key,
+                                                    value=opt.default if isinstance(opt.default, int) else None,
+                                                    help=opt.help or None)
+            else:
+                values[opt.name] = col.number_input(label, min_value=0.0, max_value=MAX_FLOAT, key=key,
+                                                    format="%g", help=opt.help or None,
+                                                    value=float(opt.default) if opt.default is not None else None)
     if st.button("Run", key="kc_st_run", icon=":material/play_arrow:"):
-        out = state.studies_dir() / f"{study}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = new_study_folder(state.studies_dir(), study)
+        try:  # checked again on the server: the typed values, never a path or --out
+            cmd = study_command(study, {k: v for k, v in values.items() if v != _default(study, k)}, out)
+        except ValueError as exc:
+            st.error(str(exc))
+            st.stop()
         out.parent.mkdir(parents=True, exist_ok=True)
         log = out.parent / f".{out.name}.log"
-        cmd = [sys.executable, "-m", "kcore.cli", study.replace("_", "-"), "--out", str(out), *extra.split()]
         with open(log, "wb") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=state.ROOT,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -86,7 +114,7 @@ path = st.text_input("… or a folder path", value=choice or "", key="kc_st_path
 if not path:
     st.stop()
 try:
-    folder = read_study(path)
+    folder = read_study(state.allowed_folder(path, "study folder"))
 except (ValueError, OSError) as exc:
     st.error(f"Could not open {path!r}: {exc}")
     st.stop()
