@@ -300,6 +300,25 @@ class VarianceReport:
     def has_shares(self) -> bool:
         return self.share_orders is not None and self.share_residual is not None
 
+    def interval(self, name: str) -> tuple[float, float] | None:
+        """The interval of ``instability``, ``share_x<k>`` or ``share_residual``, or None without intervals."""
+        return None if self.ci is None else self.ci.headline().get(name)
+
+    def warnings(self) -> list[str]:
+        """Plain-language warnings about the uncertainty of these numbers (empty when there is nothing to say)."""
+        out = []
+        if self.n_images < CI_MIN_IMAGES:
+            out.append(f"only {self.n_images} held-out images (fewer than {CI_MIN_IMAGES}): the numbers are uncertain. "
+                       "Fix: use more images (the fit holds out 20 %, so 250 images give 50 held out).")
+        if self.ci is None:
+            out.append("no confidence intervals were computed for these numbers.")
+        else:
+            name, width = self.ci.widest()
+            if width > CI_WARN_WIDTH:
+                out.append(f"the {self.ci.level:.0%} interval of {name} is {width:.2f} wide (> {CI_WARN_WIDTH}): "
+                           "differences smaller than that are not resolved. Fix: use more images.")
+        return out
+
     def as_dict(self) -> dict:
         """The JSON form (``metrics.json``, ``fit.json``); :meth:`from_dict` reads it back."""
         return {
@@ -342,6 +361,94 @@ class VarianceReport:
         )
 
 
+#: default bootstrap: 95 % percentile intervals from 1000 resamples of the held-out images, seed 0
+CI_LEVEL, CI_BOOTSTRAPS, CI_SEED = 0.95, 1000, 0
+#: per-image, per-channel moments are kept up to this many float64 values (images × channels × (2K+7));
+#: beyond it only the per-image sums over channels are kept (run-level intervals only)
+MAX_IMAGE_MOMENTS = 2**25
+#: warn when fewer held-out images than this are used, or when a run-level interval is wider than CI_WARN_WIDTH
+CI_MIN_IMAGES, CI_WARN_WIDTH = 50, 0.1
+
+
+class ImageMoments:
+    """Per-image sums that let a bootstrap over images recompute every variance and share without a refit.
+
+    For each image and channel, with one fixed shift per part (taken from the first batch, for precision):
+    Σ(p − s_p) for the parts p = x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ, x*; Σ(p − s_p)(x* − s_*) for the same parts; Σ(x^Δ − s_Δ)²
+    (2K+7 numbers). Covariances are shift-invariant, so any resample's Var and Cov follow from weighted sums.
+    """
+
+    def __init__(self, orders: int, channels: int):
+        self.orders, self.channels = orders, channels
+        self.shifts: list[float] | None = None
+        self.batches: list[Tensor] = []  # (n, 2K+7, C) or, once too large, (n, 2K+7, 1)
+        self.per_channel = True
+        self.units = 0  # elements per image per channel (H·W)
+        self.kept = 0
+
+    def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor) -> None:
+        parts = list(comps) + [r, t]
+        if self.shifts is None:
+            self.shifts = [float(p.mean()) for p in parts]
+        self.units = t.shape[2] * t.shape[3]
+        cen = [p - s for p, s in zip(parts, self.shifts)]
+        tc, rc = cen[-1], cen[-2]
+        rows = [p.sum(dim=(2, 3)) for p in cen] + [(p * tc).sum(dim=(2, 3)) for p in cen] + [(rc * rc).sum(dim=(2, 3))]
+        block = torch.stack(rows, 1).cpu()  # (n, 2K+7, C)
+        self.kept += block.numel()
+        if self.per_channel and self.kept > MAX_IMAGE_MOMENTS:
+            self.per_channel = False
+            self.batches = [b.sum(-1, keepdim=True) for b in self.batches]
+        self.batches.append(block if self.per_channel else block.sum(-1, keepdim=True))
+
+    def bootstrap(self, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED
+                  ) -> ConfidenceIntervals | None:
+        """Percentile intervals from ``n_boot`` resamples (with replacement) of the images; None below 2 images."""
+        if not 0 < level < 1:
+            raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level}.")
+        if n_boot < 10:
+            raise ValueError(f"n_boot must be at least 10; got {n_boot}.")
+        if not self.batches:
+            return None
+        s = torch.cat(self.batches)  # (N, 2K+7, C')
+        n = s.shape[0]
+        if n < 2:
+            return None
+        gen = torch.Generator().manual_seed(int(seed))
+        q = (1 - level) / 2
+        k1 = self.orders + 1
+
+        def stats(tot: Tensor, m: float) -> tuple[Tensor, Tensor, Tensor]:
+            """tot (..., 2K+7) weighted sums over m elements → (instability, shares of orders (…, K+1), x^Δ share)."""
+            mean = tot[..., : k1 + 2] / m
+            cross = tot[..., k1 + 2 : 2 * k1 + 4] / m
+            cov = cross - mean * mean[..., -1:]  # Cov(part, x*), the last one Var(x*)
+            var_t = cov[..., -1]
+            var_r = tot[..., -1] / m - mean[..., k1] ** 2
+            safe = torch.where(var_t > 0, var_t, torch.ones_like(var_t))
+            return var_r / safe, cov[..., :k1] / safe.unsqueeze(-1), cov[..., k1] / safe
+
+        def interval(x: Tensor) -> Tensor:  # (B, …) -> (…, 2)
+            return torch.stack([torch.quantile(x, q, dim=0), torch.quantile(x, 1 - q, dim=0)], -1)
+
+        idx = torch.randint(n, (n_boot, n), generator=gen)
+        w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        glob = w @ s.sum(-1)  # (B, 2K+7)
+        inst, sh, shr = stats(glob, n * self.units * self.channels)
+        out = dict(instability=_floats(interval(inst)), share_orders=_floats(interval(sh)),
+                   share_residual=_floats(interval(shr)))
+        if self.per_channel and s.shape[-1] == self.channels:
+            flat = s.reshape(n, -1)
+            chunk = max(1, 2**24 // max(flat.shape[1], 1))
+            tot = torch.cat([w[i : i + chunk] @ flat for i in range(0, n_boot, chunk)])
+            tot = tot.view(n_boot, s.shape[1], self.channels).transpose(1, 2)  # (B, C, 2K+7)
+            inst_c, sh_c, shr_c = stats(tot, n * self.units)
+            out.update(channel_instability=_floats(interval(inst_c)),
+                       channel_share_orders=_floats(interval(sh_c).transpose(0, 1)),  # (K+1, C, 2)
+                       channel_share_residual=_floats(interval(shr_c)))
+        return ConfidenceIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n, **out)
+
+
 class VarianceAccumulator:
     """One streaming pass over batches of (components, residual, target) -> a :class:`VarianceReport`.
 
@@ -358,6 +465,7 @@ class VarianceAccumulator:
         self.cross = [CrossMoments(channels) for _ in range(orders + 2)]  # Cov(x^(k), x*) …, Cov(x^Δ, x*)
         self.sq_err = 0.0
         self.images = 0
+        self.image_moments = ImageMoments(orders, channels)
 
     def update(self, components: Sequence[Tensor], residual: Tensor, target: Tensor) -> None:
         """Add one batch: ``components`` K+1 tensors (n, C_b, H, W), ``residual`` and ``target`` (n, C_b, H, W)."""
@@ -377,9 +485,11 @@ class VarianceAccumulator:
         self.target.update(t64)
         self.sq_err += float((r64**2).sum())
         self.images += int(target.shape[0])
+        self.image_moments.update([c.detach().to(torch.float64) for c in components], r64, t64)
 
-    def report(self) -> VarianceReport:
-        """The :class:`VarianceReport` of everything added so far."""
+    def report(self, ci: bool = True, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED
+               ) -> VarianceReport:
+        """The :class:`VarianceReport` of everything added so far, with bootstrap intervals when ``ci``."""
         var_t = self.target.global_var()
         ch_t = self.target.channel_var()
         safe_t = torch.where(ch_t > 0, ch_t, torch.ones_like(ch_t))
@@ -410,6 +520,7 @@ class VarianceAccumulator:
             per_channel=profile,
             share_orders=tuple(c / var_t if var_t > 0 else nan for c in covs[:-1]),
             share_residual=covs[-1] / var_t if var_t > 0 else nan,
+            ci=self.image_moments.bootstrap(level, n_boot, seed) if ci else None,
         )
 
 
