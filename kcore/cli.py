@@ -239,11 +239,13 @@ def _cmd_fit(args) -> int:
         paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
     )
     write_run(comp, out, overwrite=args.overwrite, images=images)
+    from kcore.metrics import summary_lines
+
     for key, d in comp.directions.items():
         rep = d.fit.heldout_report
         vo = ", ".join(f"{v:.4g}" for v in rep.var_orders)
-        print(f"{key} ({d.meaning}):\n  held-out instability Var(x^D)/Var(x*) = {rep.instability:.4f}; "
-              f"Var per order [{vo}]; Var(x^D) {rep.var_residual:.4g}; Var(x*) {rep.var_target:.4g}\n"
+        print(f"{key} ({d.meaning}):\n  " + "\n  ".join(summary_lines(rep, args.preset)) + "\n"
+              f"  Var per order [{vo}]; Var(x^D) {rep.var_residual:.4g}; Var(x*) {rep.var_target:.4g}\n"
               f"  held-out error {d.fit.heldout_error:.4f}; 0-order baseline: least-squares R² "
               f"{d.fit.baseline.linear_r2:.4f}, linear CKA {d.fit.baseline.cka:.4f}")
     print(f"wrote {out}")

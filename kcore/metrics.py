@@ -449,6 +449,36 @@ class ImageMoments:
         return ConfidenceIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n, **out)
 
 
+def plus_minus(value: float, interval: tuple[float, float] | None, fmt: str = ".3f", percent: bool = False) -> str:
+    """``0.231 ± 0.012`` (half the interval's width; the interval need not be symmetric), or the value alone."""
+    scale, unit = (100.0, " %") if percent else (1.0, "")
+    text = f"{value * scale:{fmt}}"
+    if interval is not None:
+        text += f" ± {(interval[1] - interval[0]) * scale / 2:{fmt}}"
+    return text + unit
+
+
+def summary_lines(report: VarianceReport, preset: str | None = None) -> list[str]:
+    """Plain-text lines of a report for the CLI and logs: instability and shares with their intervals,
+    the paper's Var ratios labelled as such, and the uncertainty warnings."""
+    ci = report.ci
+    level = f"{ci.level:.0%} CI" if ci is not None else "no CI"
+    inst = report.interval("instability")
+    rng = f" [{inst[0]:.4f}, {inst[1]:.4f}]" if inst else ""
+    lines = [f"instability Var(x^D)/Var(x*) = {plus_minus(report.instability, inst, '.4f')}{rng} "
+             f"({level}, {report.n_images} held-out images)"]
+    if report.has_shares:
+        parts = [f"x{k} {plus_minus(s, report.interval(f'share_x{k}'), '.1f', True)}"
+                 for k, s in enumerate(report.share_orders)]
+        parts.append(f"x^D {plus_minus(report.share_residual, report.interval('share_residual'), '.1f', True)}")
+        lines.append(f"shares of Var(x*) (Cov(part, x*)/Var(x*), add up to 100 %"
+                     f"{', preset ' + preset if preset else ''}): " + ", ".join(parts))
+    lines.append("paper's Var(x^(k))/Var(x*) (not additive): "
+                 + ", ".join(f"{v:.3f}" for v in report.var_ratio_orders))
+    lines += [f"warning: {w}" for w in report.warnings()]
+    return lines
+
+
 class VarianceAccumulator:
     """One streaming pass over batches of (components, residual, target) -> a :class:`VarianceReport`.
 

@@ -267,6 +267,7 @@ def compare(
         "images": {"n": n, "source": image_source, "ids_sha256": image_set_hash(ids), "transform": transform_desc},
         "preprocessing": {"A": prep_a.as_dict(), "B": prep_b.as_dict()},
         "seed": seed,
+        "preset": preset,
         "config": dataclasses.asdict(cfg),
         "device": str(dev),
         "versions": versions(),
