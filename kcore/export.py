@@ -32,7 +32,7 @@ from kcore.metrics import VarianceReport
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_FORMATS: dict[str, str] = {
     "png": "raster image at the chosen DPI",
-    "svg": "vector graphics (text drawn as paths: looks the same everywhere)",
+    "svg": "vector graphics with text as real, editable <text> (fonts: the reader's own)",
     "pdf": "vector graphics for LaTeX",
 }
 """Valid figure formats."""
@@ -85,7 +85,7 @@ def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300, *, png_
         "pdf": {"CreationDate": None, "ModDate": None, "Creator": "kcore (matplotlib)", "Producer": "kcore"},
     }[fmt]
     buf = io.BytesIO()
-    with rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "path", "pdf.fonttype": 42}):
+    with rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "none", "pdf.fonttype": 42}):
         extra = {"pil_kwargs": {"compress_level": png_compression}} if fmt == "png" else {}
         fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata, facecolor="white", **extra)
     return buf.getvalue()

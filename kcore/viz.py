@@ -35,7 +35,16 @@ from kcore.decompose import Decomposition
 from kcore.metrics import VarianceReport
 
 DIVERGING_CMAP = "RdBu_r"
-"""Colour map of signed maps (red > 0, blue < 0, white at 0)."""
+"""Colour map of signed maps (red > 0, blue < 0, white at 0): the default, safe for colour-blind readers."""
+DIVERGING_CMAPS: dict[str, str] = {
+    "RdBu_r": "red–blue (colour-blind safe; default)",
+    "PuOr_r": "orange–purple (colour-blind safe)",
+    "BrBG_r": "brown–teal (colour-blind safe)",
+    "PiYG_r": "green–pink (safe for most colour-blind readers)",
+    "coolwarm": "cool–warm (smooth; less safe for colour-blind readers)",
+    "seismic": "seismic (strong contrast; not colour-blind safe)",
+}
+"""Valid colour maps of signed maps, all diverging with white (or light grey) at 0."""
 SEQUENTIAL_CMAP = "magma"
 """Colour map of non-negative magnitudes (blind-spot energy)."""
 SHARE_CMAP = "viridis"
@@ -312,6 +321,12 @@ def _background(image: np.ndarray | None, background: Background, size: tuple[in
     return rgb
 
 
+def _check_cmap(cmap: str) -> None:
+    if cmap not in DIVERGING_CMAPS:
+        raise ValueError(f"cmap must be one of {sorted(DIVERGING_CMAPS)} (diverging, white at 0); got {cmap!r}. "
+                         f"Fix: use {DIVERGING_CMAP!r}, the colour-blind-safe default.")
+
+
 def _norm(limits: tuple[float, float]) -> mcolors.Normalize:
     vmin, vmax = float(limits[0]), float(limits[1])
     if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= vmin:
@@ -406,6 +421,7 @@ def overlay_figure(
     colorbar_label: str | None = None,
     caption: str | None = None,
     size_inches: tuple[float, float] = (4.2, 3.6),
+    cmap: str = DIVERGING_CMAP,
 ) -> Figure:
     """A feature map upsampled (bilinear) to the image and overlaid on it, with a colour bar.
 
@@ -420,14 +436,16 @@ def overlay_figure(
         colorbar_label: label of the colour bar (units).
         caption: small provenance line under the figure (which checkpoints, layers, fit).
         size_inches: figure size.
+        cmap: colour map of signed maps (:data:`DIVERGING_CMAPS`); unsigned ones use :data:`SEQUENTIAL_CMAP`.
 
     Returns:
         The figure: one image axes and one colour bar whose limits are ``limits``.
     """
     _check_alpha(alpha)
+    _check_cmap(cmap)
     lim = limits_of(map2d, signed) if limits is None else limits
     norm = _norm(lim)
-    cmap = DIVERGING_CMAP if signed else SEQUENTIAL_CMAP
+    cmap = cmap if signed else SEQUENTIAL_CMAP
     fig = Figure(figsize=size_inches)
     shape = np.shape(map2d) if image is None else np.shape(image)
     ax, cax = _overlay_axes(fig, shape[0] / shape[1], title, caption)
@@ -478,6 +496,7 @@ def component_overlay(
     image_label: str | None = None,
     caption: str | None = None,
     units: str = "target units",
+    cmap: str = DIVERGING_CMAP,
 ) -> Figure:
     """The explorer's figure: one map of ``dec`` (``spec`` at ``image_index``, ``channel``) over its image.
 
@@ -487,7 +506,7 @@ def component_overlay(
     m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=True)
     return overlay_figure(
         image, m, limits=lim, signed=spec.signed, alpha=alpha, background=background, title=title,
-        colorbar_label=label, caption=caption,
+        colorbar_label=label, caption=caption, cmap=cmap,
     )
 
 
@@ -515,6 +534,7 @@ def component_overlay_interactive(
     image_label: str | None = None,
     units: str = "target units",
     height: int = 420,
+    cmap: str = DIVERGING_CMAP,
 ):
     """:func:`component_overlay` as an interactive Plotly figure (the dashboard's Explorer).
 
@@ -522,6 +542,9 @@ def component_overlay_interactive(
     it (the server only sends the arrays, ~10 ms instead of ~50 ms for a rendered PNG) and shows each
     pixel's value on hover. The map is drawn as a heat map over the (grey) image with opacity ``alpha``;
     exports use :func:`component_overlay`.
+
+    Hovering a pixel shows its value with the units and the feature-map cell (row, column of the h × w map
+    at feature resolution) it was upsampled from.
 
     Returns:
         A ``plotly.graph_objects.Figure``: an ``Image`` trace (the background, absent without an image or
@@ -531,7 +554,10 @@ def component_overlay_interactive(
 
     m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=False)
     _check_alpha(alpha)
+    _check_cmap(cmap)
     size = m.shape if image is None else np.asarray(image).shape[:2]
+    cells = feature_cells(m.shape, size)
+    unit = f"({units})²" if spec.kind == "blind_spot" else units
     under = _background(image, background, size)
     fig = go.Figure()
     opacity = 1.0
@@ -539,16 +565,29 @@ def component_overlay_interactive(
         fig.add_trace(go.Image(z=np.round(under * 255).astype(np.uint8), hoverinfo="skip", name="image"))
         opacity = float(alpha)
     fig.add_trace(go.Heatmap(
-        z=upsample(m, size), zmin=lim[0], zmax=lim[1], colorscale=plotly_colorscale(DIVERGING_CMAP if spec.signed else SEQUENTIAL_CMAP),
-        opacity=opacity, name=spec.label,
+        z=upsample(m, size), zmin=lim[0], zmax=lim[1], colorscale=plotly_colorscale(cmap if spec.signed else SEQUENTIAL_CMAP),
+        opacity=opacity, name=spec.label, customdata=cells,
         colorbar={"title": {"text": label, "side": "right", "font": {"size": 11}}, "thickness": 12, "len": 0.9},
-        hovertemplate="x %{x}, y %{y}: %{z:.4g}<extra></extra>",
+        hovertemplate=(f"{spec.label} = %{{z:.4g}} {unit}<br>feature cell (row %{{customdata[0]}}, col "
+                       f"%{{customdata[1]}}) of {m.shape[0]}×{m.shape[1]}<br>pixel (x %{{x}}, y %{{y}})<extra></extra>"),
     ))
     fig.update_xaxes(visible=False, constrain="domain")
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
-    fig.update_layout(title={"text": title.replace("\n", "<br>"), "font": {"size": 13}}, height=height,
-                      margin={"l": 0, "r": 0, "t": 56, "b": 0}, plot_bgcolor="white")
+    # the title sits left and the mode bar top right, in a band of its own above the plot
+    fig.update_layout(title={"text": title.replace("\n", "<br>"), "font": {"size": 13}, "x": 0.0, "xanchor": "left",
+                             "y": 0.985, "yanchor": "top"},
+                      height=height, margin={"l": 0, "r": 0, "t": 64, "b": 0}, plot_bgcolor="white")
     return fig
+
+
+def feature_cells(map_shape: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """For each pixel of an ``size`` (H, W) upsampled map: the (row, column) of the ``map_shape`` (h, w)
+    feature-map cell it lies in, as an ``(H, W, 2)`` int array (what the Explorer's hover shows)."""
+    h, w = int(map_shape[0]), int(map_shape[1])
+    H, W = int(size[0]), int(size[1])
+    rows = np.minimum((np.arange(H) * h) // max(H, 1), h - 1)
+    cols = np.minimum((np.arange(W) * w) // max(W, 1), w - 1)
+    return np.stack(np.broadcast_arrays(rows[:, None], cols[None, :]), axis=-1).astype(np.int32)
 
 
 def plotly_colorscale(cmap: str, n: int = 33) -> list[list]:
@@ -708,6 +747,7 @@ def channel_share_figure(
     highlight: int | None = None,
     title: str | None = None,
     caption: str | None = None,
+    wide: bool = False,
 ) -> Figure:
     """Per-filter fuzziness: a channels × (orders, x^Δ) heatmap of each channel's variance shares.
 
@@ -718,6 +758,8 @@ def channel_share_figure(
         highlight: a channel to outline.
         title: axes title.
         caption: provenance line.
+        wide: channels along x and (orders, x^Δ) along y: a wide, short figure that reads well across a
+            page (the default puts one channel per row).
 
     Returns:
         The heatmap of the additive shares Cov(x⁽ᵏ⁾_c, x*_c)/Var(x*_c) and Cov(x^Δ_c, x*_c)/Var(x*_c) (each row
@@ -731,6 +773,8 @@ def channel_share_figure(
     rows = channel_order(report, sort, order)[: max(1, int(max_channels))]
     data = m[rows]
     vmax = 1.0
+    if wide:
+        return _channel_share_wide(data, rows, K, vmax, highlight, title, caption)
     h = min(9.0, 1.2 + 0.16 * len(rows))
     fig = Figure(figsize=(2.2 + 0.55 * (K + 2), h), layout="constrained")
     ax = fig.add_subplot()
@@ -756,6 +800,31 @@ def channel_share_figure(
     return fig
 
 
+def _channel_share_wide(data: np.ndarray, rows: list[int], K: int, vmax: float, highlight: int | None,
+                        title: str | None, caption: str | None) -> Figure:
+    """:func:`channel_share_figure` with channels along x (one column each) and the parts along y."""
+    from matplotlib.patches import Rectangle
+
+    n = len(rows)
+    fig = Figure(figsize=(min(14.0, 2.4 + 0.22 * n), 1.5 + 0.32 * (K + 2)), layout="constrained")
+    ax = fig.add_subplot()
+    norm = mcolors.Normalize(0.0, vmax)
+    ax.imshow(data.T, cmap=SHARE_CMAP, norm=norm, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(K + 2), [order_tex(k) for k in range(K + 1)] + [RESIDUAL_TEX], fontsize=9)
+    step = 1 if n <= 40 else 2
+    ax.set_xticks(range(0, n, step), [str(c) for c in rows[::step]], fontsize=7, rotation=90 if n > 24 else 0)
+    ax.set_xlabel(f"channel of {TARGET_TEX}", fontsize=9)
+    if highlight is not None and highlight in rows:
+        c = rows.index(highlight)
+        ax.add_patch(Rectangle((c - 0.5, -0.5), 1, K + 2, fill=False, edgecolor="red", linewidth=1.5, clip_on=False))
+    cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SHARE_CMAP), ax=ax, shrink=0.9, pad=0.01)
+    cb.set_label(f"additive share of Var({TARGET_TEX})", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    ax.set_title(title or "additive share per channel and order", fontsize=9)
+    _caption(fig, caption)
+    return fig
+
+
 def _rect(row: int, ncols: int):
     from matplotlib.patches import Rectangle
 
@@ -774,6 +843,7 @@ def figure1_grid(
     row_labels: Sequence[str] | None = None,
     caption: str | None = None,
     units: str = "target units",
+    cmap: str = DIVERGING_CMAP,
 ) -> Figure:
     """The paper's Figure 1 as a grid: per (image, channel) row: image, x*, x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ.
 
@@ -789,7 +859,8 @@ def figure1_grid(
         background: see :data:`BACKGROUNDS`.
         row_labels: one label per image (default ``"image i"``).
         caption: provenance line.
-        units: unit name for the colour bars.
+        units: unit name for the colour bars (every colour bar is labelled with it).
+        cmap: colour map of the maps (:data:`DIVERGING_CMAPS`).
 
     Returns:
         The grid figure.
@@ -797,6 +868,7 @@ def figure1_grid(
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}; got {scale!r}.")
     _check_alpha(alpha)
+    _check_cmap(cmap)
     image_indices = [int(i) for i in image_indices]
     channels = [int(c) for c in channels]
     if not image_indices or not channels:
@@ -826,27 +898,29 @@ def figure1_grid(
         label = row_labels[p] if row_labels is not None else f"image {i}"
         ax0.set_ylabel(f"{label}\nch {c}", fontsize=7)
         if scale == "map":  # an invisible bar keeps the image the size of the maps beside it
-            fig.colorbar(ScalarMappable(cmap=DIVERGING_CMAP), ax=ax0, orientation="horizontal", fraction=0.08,
+            fig.colorbar(ScalarMappable(cmap=cmap), ax=ax0, orientation="horizontal", fraction=0.08,
                          pad=0.02, aspect=12).ax.set_visible(False)
         row_lim = limits_of([cells[(i, c, s)] for s in specs], True) if scale == "image" else shared
         for j, s in enumerate(specs, start=1):
             ax = axes[r, j]
             lim = row_lim if row_lim is not None else limits_of(cells[(i, c, s)], True)
             norm = _norm(lim)
-            _draw_overlay(ax, img, cells[(i, c, s)], norm, DIVERGING_CMAP, alpha, background)
+            _draw_overlay(ax, img, cells[(i, c, s)], norm, cmap, alpha, background)
             if scale == "map":
-                cb = fig.colorbar(ScalarMappable(norm=norm, cmap=DIVERGING_CMAP), ax=ax, orientation="horizontal",
+                cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, orientation="horizontal",
                                   fraction=0.08, pad=0.02, aspect=12)
                 cb.ax.tick_params(labelsize=5)
                 cb.set_ticks([lim[0], 0.0, lim[1]])
                 cb.ax.xaxis.set_major_formatter(_fmt())
+                cb.set_label(units, fontsize=5, labelpad=1)
         if scale == "image":
             norm = _norm(row_lim)
-            cb = fig.colorbar(ScalarMappable(norm=norm, cmap=DIVERGING_CMAP), ax=list(axes[r, 1:]), shrink=0.9,
+            cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[r, 1:]), shrink=0.9,
                               aspect=8, pad=0.01)
             cb.ax.tick_params(labelsize=6)
+            cb.set_label(units, fontsize=6)
     if scale == "shared":
-        cb = fig.colorbar(ScalarMappable(norm=_norm(shared), cmap=DIVERGING_CMAP), ax=list(axes[:, 1:].ravel()),
+        cb = fig.colorbar(ScalarMappable(norm=_norm(shared), cmap=cmap), ax=list(axes[:, 1:].ravel()),
                           shrink=0.8, aspect=25, pad=0.01)
         cb.ax.tick_params(labelsize=7)
         cb.set_label(units, fontsize=7)

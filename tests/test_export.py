@@ -50,6 +50,8 @@ def check_svg(data: bytes) -> None:
     root = ET.fromstring(data)
     assert root.tag.endswith("svg")
     assert b"<svg" in data
+    # text stays editable: real <text> elements, not glyph outlines
+    assert root.iter("{http://www.w3.org/2000/svg}text").__next__() is not None
 
 
 def check_pdf(data: bytes) -> None:

@@ -178,3 +178,45 @@ def test_errors_name_the_argument(dec, image):
         viz.map_limits(dec, viz.MapSpec("target"), 0, 0, "global")
     with pytest.raises(ValueError, match="alpha must lie in"):
         viz.overlay_figure(image, np.zeros((4, 4)), alpha=2)
+
+
+@pytest.mark.parametrize("scale", ["map", "image", "shared"])
+def test_every_figure1_colour_bar_names_its_units(dec, image, scale):
+    fig = viz.figure1_grid(dec, [0, 1], [2], [image, image], scale=scale, units="standardised units")
+    bars = [ax for ax in _colorbars(fig) if ax.get_visible()]
+    assert bars
+    for cax in bars:
+        label = cax.get_xlabel() or cax.get_ylabel()
+        assert label == "standardised units"
+
+
+def test_colour_map_choice_reaches_both_renderers(dec, image):
+    spec = viz.MapSpec("component", (0,))
+    fig = viz.component_overlay(dec, spec, 0, 1, image, alpha=0.5, cmap="PuOr_r")
+    lim = viz.map_limits(dec, spec, 0, 1, "map")
+    expected = viz.blend_overlay(image, dec.components[0][0, 1], viz._norm(lim), "PuOr_r", 0.5)
+    np.testing.assert_allclose(_drawn(fig), expected)
+    heat = viz.component_overlay_interactive(dec, spec, 0, 1, image, cmap="PuOr_r").data[-1]
+    assert heat.colorscale == tuple(tuple(s) for s in viz.plotly_colorscale("PuOr_r")) or \
+        [list(s) for s in heat.colorscale] == viz.plotly_colorscale("PuOr_r")
+    with pytest.raises(ValueError, match="cmap must be one of"):
+        viz.component_overlay(dec, spec, 0, 1, image, cmap="jet")
+
+
+def test_hover_names_the_feature_cell_and_units(dec, image):
+    cells = viz.feature_cells((8, 8), (32, 32))
+    assert cells.shape == (32, 32, 2)
+    assert tuple(cells[0, 0]) == (0, 0) and tuple(cells[31, 31]) == (7, 7) and tuple(cells[4, 3]) == (1, 0)
+    assert tuple(viz.feature_cells((7, 7), (224, 224))[223, 0]) == (6, 0)  # 32 pixels per cell
+    heat = viz.component_overlay_interactive(dec, viz.MapSpec("residual"), 0, 1, image, units="raw units").data[-1]
+    np.testing.assert_array_equal(np.asarray(heat.customdata), cells)
+    assert "raw units" in heat.hovertemplate and "feature cell" in heat.hovertemplate
+
+
+def test_wide_channel_share_heatmap_has_one_column_per_channel(dec):
+    rep = dec.report()
+    fig = viz.channel_share_figure(rep, sort="residual", highlight=1, wide=True)
+    ax = fig.axes[0]
+    (im,) = ax.images
+    assert im.get_array().shape == (dec.orders + 2, dec.target.shape[1])
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in viz.channel_order(rep, "residual")]
