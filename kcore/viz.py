@@ -550,14 +550,39 @@ def component_overlay_interactive(
         A ``plotly.graph_objects.Figure``: an ``Image`` trace (the background, absent without an image or
         with ``background="none"``) and a ``Heatmap`` trace whose ``zmin``/``zmax`` are the limits.
     """
+    m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=False)
+    unit = f"({units})²" if spec.kind == "blind_spot" else units
+    return map_view_interactive(m, lim, image, title=title, colorbar_label=label, unit=unit, value_label=spec.label,
+                                signed=spec.signed, alpha=alpha, background=background, cmap=cmap, height=height)
+
+
+def map_view_interactive(
+    m: np.ndarray | torch.Tensor,
+    limits: tuple[float, float],
+    image: np.ndarray | None = None,
+    *,
+    title: str = "",
+    colorbar_label: str = "",
+    unit: str = "",
+    value_label: str = "value",
+    signed: bool = True,
+    alpha: float = 0.6,
+    background: Background = "gray",
+    cmap: str = DIVERGING_CMAP,
+    height: int = 420,
+):
+    """One feature map (h, w) as an interactive Plotly view over its image (the Explorer's panels).
+
+    Hovering a pixel shows ``value_label = value unit``, the feature-map cell (row, column of the h × w map)
+    it was upsampled from, and the pixel.
+    """
     import plotly.graph_objects as go
 
-    m, lim, title, label = _overlay_parts(dec, spec, image_index, channel, scale, images, image_label, units, tex=False)
     _check_alpha(alpha)
     _check_cmap(cmap)
+    m = _np(m)
     size = m.shape if image is None else np.asarray(image).shape[:2]
     cells = feature_cells(m.shape, size)
-    unit = f"({units})²" if spec.kind == "blind_spot" else units
     under = _background(image, background, size)
     fig = go.Figure()
     opacity = 1.0
@@ -565,10 +590,11 @@ def component_overlay_interactive(
         fig.add_trace(go.Image(z=np.round(under * 255).astype(np.uint8), hoverinfo="skip", name="image"))
         opacity = float(alpha)
     fig.add_trace(go.Heatmap(
-        z=upsample(m, size), zmin=lim[0], zmax=lim[1], colorscale=plotly_colorscale(cmap if spec.signed else SEQUENTIAL_CMAP),
-        opacity=opacity, name=spec.label, customdata=cells,
-        colorbar={"title": {"text": label, "side": "right", "font": {"size": 11}}, "thickness": 12, "len": 0.9},
-        hovertemplate=(f"{spec.label} = %{{z:.4g}} {unit}<br>feature cell (row %{{customdata[0]}}, col "
+        z=upsample(m, size), zmin=limits[0], zmax=limits[1],
+        colorscale=plotly_colorscale(cmap if signed else SEQUENTIAL_CMAP),
+        opacity=opacity, name=value_label, customdata=cells,
+        colorbar={"title": {"text": colorbar_label, "side": "right", "font": {"size": 11}}, "thickness": 12, "len": 0.9},
+        hovertemplate=(f"{value_label} = %{{z:.4g}} {unit}<br>feature cell (row %{{customdata[0]}}, col "
                        f"%{{customdata[1]}}) of {m.shape[0]}×{m.shape[1]}<br>pixel (x %{{x}}, y %{{y}})<extra></extra>"),
     ))
     fig.update_xaxes(visible=False, constrain="domain")
@@ -577,6 +603,44 @@ def component_overlay_interactive(
     fig.update_layout(title={"text": title.replace("\n", "<br>"), "font": {"size": 13}, "x": 0.0, "xanchor": "left",
                              "y": 0.985, "yanchor": "top"},
                       height=height, margin={"l": 0, "r": 0, "t": 64, "b": 0}, plot_bgcolor="white")
+    return fig
+
+
+def side_by_side_figure(
+    panels: Sequence[tuple[np.ndarray | torch.Tensor, str, str]],
+    image: np.ndarray | None = None,
+    *,
+    alpha: float = 0.6,
+    background: Background = "gray",
+    cmap: str = DIVERGING_CMAP,
+    caption: str | None = None,
+    panel_inches: float = 3.2,
+) -> Figure:
+    """Several signed maps of one image next to each other, each over the image with its own colour bar
+    (e.g. A's feature x and B's feature x* of the same image: the Explorer's A-vs-B view).
+
+    Args:
+        panels: ``(map2d (h, w), title, colour-bar label)`` per panel; each gets limits ±max|map|.
+        image: the input image (H, W, 3); None draws the maps alone.
+        alpha, background, cmap: as in :func:`overlay_figure`.
+        caption: optional provenance line under the figure.
+    """
+    _check_alpha(alpha)
+    _check_cmap(cmap)
+    if not panels:
+        raise ValueError("side_by_side_figure needs at least one panel (map, title, colour-bar label).")
+    fig = Figure(figsize=(panel_inches * len(panels) + 0.6, panel_inches * 0.95 + 0.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (m, title, label) in zip(axes, panels):
+        lim = limits_of(m, True)
+        norm = _norm(lim)
+        _draw_overlay(ax, image, m, norm, cmap, alpha, background)
+        _hide_axis_lines(ax)
+        ax.set_title(title, fontsize=9)
+        cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.85, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+        cb.set_label(label, fontsize=8)
+    _caption(fig, caption)
     return fig
 
 

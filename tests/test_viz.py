@@ -220,3 +220,17 @@ def test_wide_channel_share_heatmap_has_one_column_per_channel(dec):
     (im,) = ax.images
     assert im.get_array().shape == (dec.orders + 2, dec.target.shape[1])
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in viz.channel_order(rep, "residual")]
+
+
+def test_side_by_side_figure_draws_each_map_on_its_own_scale(dec, image):
+    a, b = dec.target[0, 1].numpy(), 3.0 * dec.residual[0, 2].numpy()
+    fig = viz.side_by_side_figure([(a, "A: x", "A's units"), (b, "B: x*", "B's units")], image, alpha=0.5)
+    bars = _colorbars(fig)
+    assert [c.get_ylabel() for c in bars] == ["A's units", "B's units"]
+    for cax, m in zip(bars, (a, b)):
+        lo, hi = sorted(cax.get_ylim())
+        assert hi == pytest.approx(float(np.abs(m).max())) and lo == -hi
+    view = viz.map_view_interactive(b, (-1.0, 1.0), image, title="B", unit="B's units", value_label="x*")
+    assert "x* = " in view.data[-1].hovertemplate and "B's units" in view.data[-1].hovertemplate
+    with pytest.raises(ValueError, match="at least one panel"):
+        viz.side_by_side_figure([], image)
