@@ -88,9 +88,16 @@ def show_figure(build: Callable[[], Figure], *, key: str, caption: str | None = 
     return png
 
 
+PLOTLY_CONFIG = {
+    "displaylogo": False,
+    # zoom, pan and reset stay; the page's own download buttons save the figure (with units and editable text)
+    "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d", "toImage"],
+}
+
+
 def show_interactive(fig: Any, *, caption: str | None = None) -> None:
     """Display a Plotly figure from :mod:`kcore.viz` with its own colours (not Streamlit's theme)."""
-    st.plotly_chart(fig, theme=None, config={"displaylogo": False})
+    st.plotly_chart(fig, theme=None, config=PLOTLY_CONFIG)
     if caption:
         st.caption(caption)
 

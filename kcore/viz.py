@@ -600,7 +600,8 @@ def map_view_interactive(
     fig.update_xaxes(visible=False, constrain="domain")
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
     # the title sits left and the mode bar top right, in a band of its own above the plot
-    fig.update_layout(title={"text": title.replace("\n", "<br>"), "font": {"size": 13}, "x": 0.0, "xanchor": "left",
+    text = title.replace("\n", "<br>").replace("x^Δ", "x<sup>Δ</sup>")  # rendered as a superscript
+    fig.update_layout(title={"text": text, "font": {"size": 13}, "x": 0.0, "xanchor": "left",
                              "y": 0.985, "yanchor": "top"},
                       height=height, margin={"l": 0, "r": 0, "t": 64, "b": 0}, plot_bgcolor="white")
     return fig

@@ -225,6 +225,33 @@ def test_changing_image_channel_and_order_does_not_refit(fitted, calls):
     assert len(at.get("plotly_chart")) == 2  # the overlay and the blind-spot map
 
 
+def test_side_by_side_view_shows_x_and_x_star_of_the_same_image(fitted, calls):
+    at = fitted
+    at.switch_page("app_pages/explorer.py").run()
+    at.selectbox(key="kc_ex_image").set_value(2).run()
+    at.number_input(key="kc_ex_channel").set_value(1).run()
+    at.radio(key="kc_ex_view").set_value("a_vs_b").run()
+    at.selectbox(key="kc_ex_cmap").set_value("PuOr_r").run()
+    _clean(at)
+    assert not _errors(at)
+    run = next(iter(at.session_state["kc_runs"].values()))
+    direction = at.session_state["kc_ex_choice"].direction
+    x, x_star = at.get("plotly_chart")
+    src, tgt = ("A", "B") if direction == "A_to_B" else ("B", "A")
+    pos = run.comparison.heldout_positions[2]
+    feats = {"A": run.comparison.features.x_a, "B": run.comparison.features.x_b}
+    for chart, net in ((x, src), (x_star, tgt)):
+        spec = __import__("json").loads(chart.proto.spec)
+        heat = spec["data"][-1]
+        want = feats[net][pos, 1].float().abs().max().item()  # channel 1 of each network, raw activations
+        assert heat["zmax"] == pytest.approx(want, rel=1e-5) and heat["zmin"] == pytest.approx(-want, rel=1e-5)
+        assert f"{net}'s" in spec["layout"]["title"]["text"]
+    assert {b.proto.label for b in at.get("download_button")} >= {"PNG", "SVG", "PDF"}
+    assert calls["fit"] == 2
+    at.radio(key="kc_ex_view").set_value("map").run()
+    at.selectbox(key="kc_ex_cmap").set_value("RdBu_r").run()
+
+
 def test_filters_and_figure1_choices(fitted, calls):
     at = fitted
     at.switch_page("app_pages/filters.py").run()

@@ -1,15 +1,18 @@
-"""Explorer: one image × channel × order at a time, overlaid on the input image, and the blind-spot map."""
+"""Explorer: one image × channel × order at a time, overlaid on the input image, with the blind-spot map or
+with the two networks' features x and x* side by side."""
 from __future__ import annotations
 
 import streamlit as st
 
 from dashboard import figures, state, ui
-from kcore import viz
+from kcore import export, viz
 
-KINDS = {"order": "x⁽ᵏ⁾", "sum": "sum of orders", "target": "x*", "output": "g(x)", "residual": "x^Δ"}
-KIND_HELP = ("x⁽ᵏ⁾: the part of x* reconstructed at order k (0 = linear). Sum: several orders together. "
-             "x*: the target feature. g(x) = Σₖ x⁽ᵏ⁾: all that the source reconstructs. "
-             "x^Δ = x* − g(x): what it cannot.")
+KINDS = {"order": "$x^{(k)}$", "sum": "sum of orders", "target": "$x^*$", "output": "$g(x)$", "residual": r"$x^\Delta$"}
+KIND_HELP = (r"$x^{(k)}$: the part of $x^*$ reconstructed at order k (0 = linear). Sum: several orders together. "
+             r"$x^*$: the target feature. $g(x) = \sum_k x^{(k)}$: all that the source reconstructs. "
+             r"$x^\Delta = x^* - g(x)$: what it cannot.")
+SCALE_NAMES = {"map": "per map", "image": "per image", "shared": "shared"}
+BACKGROUND_NAMES = {"gray": "grey image", "rgb": "colour image", "none": "nothing"}
 
 st.title("Explorer")
 run = ui.require_run()
@@ -17,65 +20,109 @@ direction = ui.direction_picker(run, key="kc_ex_dir")
 ui.provenance_banner(run, direction)
 
 
-@st.fragment
-def explorer() -> None:
-    view = state.decomposition(run, direction)
+def _controls(view: state.DecompositionView) -> figures.MapChoice:
+    """The choices, in two rows above the maps (so the maps get the page's width, also at 1024 px)."""
     dec = view.dec
     K, C = dec.orders, int(dec.target.shape[1])
-    controls, main = st.columns([1, 3.2], gap="medium")
-    with controls:
-        image = st.selectbox("Image (held out)", list(range(view.n)), format_func=lambda i: view.image_ids[i],
-                             key="kc_ex_image", persist_state="session",
-                             help=f"The {view.n} held-out images: never used to fit g_θ.")
-        if st.session_state.get("kc_ex_channel", 0) >= C:
-            st.session_state["kc_ex_channel"] = 0
-        channel = st.number_input(f"Channel of x* (0–{C - 1})", 0, C - 1, 0, key="kc_ex_channel",
-                                  persist_state="session",
-                                  help="Channels are ranked by fuzziness on the Filters page; click one there.")
-        kind = st.radio("Map", list(KINDS), format_func=KINDS.get, key="kc_ex_kind", persist_state="session",
-                        help=KIND_HELP)
+    c1, c2, c3 = st.columns([2.2, 1.3, 2.2])
+    image = c1.selectbox("Image (held out)", list(range(view.n)), format_func=lambda i: view.image_ids[i],
+                         key="kc_ex_image", persist_state="session",
+                         help=f"The {view.n} held-out images: never used to fit g_θ.")
+    if st.session_state.get("kc_ex_channel", 0) >= C:
+        st.session_state["kc_ex_channel"] = 0
+    channel = c2.number_input(f"Channel of x* (0–{C - 1})", 0, C - 1, 0, key="kc_ex_channel", persist_state="session",
+                              help="Channels are ranked by fuzziness on the Filters page; click one there.")
+    mode = c3.radio("View", list(figures.VIEWS), format_func=figures.VIEWS.get, key="kc_ex_view", horizontal=True,
+                    persist_state="session",
+                    help="Map and blind spots: one part of the decomposition and where the source fails. "
+                         "x and x* side by side: the source network's feature and the target's, same image.")
+    d1, d2, d3, d4 = st.columns([1.6, 1.6, 1.4, 1.6])
+    spec, source_channel = viz.MapSpec("component", (0,)), None
+    if mode == "map":
+        kind = d1.radio("Map", list(KINDS), format_func=KINDS.get, key="kc_ex_kind", persist_state="session",
+                        help=KIND_HELP, horizontal=True)
         orders_all = list(range(K + 1))
         if st.session_state.get("kc_ex_order", 0) not in orders_all:
             st.session_state["kc_ex_order"] = 0
         if kind == "order":
-            order = st.segmented_control("Order k", orders_all, key="kc_ex_order", default=0, required=True,
+            order = d2.segmented_control("Order k", orders_all, key="kc_ex_order", default=0, required=True,
                                          persist_state="session")
             spec = viz.MapSpec("component", (int(order),))
         elif kind == "sum":
-            chosen = st.pills("Orders to sum", orders_all, selection_mode="multi", key="kc_ex_orders",
+            chosen = d2.pills("Orders to sum", orders_all, selection_mode="multi", key="kc_ex_orders",
                               default=[0, 1] if K >= 1 else [0], persist_state="session")
             chosen = [k for k in (chosen or []) if k in orders_all] or [0]
             spec = viz.MapSpec("component", tuple(chosen))
         else:
             spec = viz.MapSpec(kind)
-        scale = st.radio("Colour scale", list(viz.SCALES), key="kc_ex_scale", persist_state="session",
-                         format_func=lambda s: {"map": "per map", "image": "per image", "shared": "shared"}[s],
-                         help=" · ".join(viz.SCALES.values()))
-        alpha = st.slider("Opacity of the map", 0.0, 1.0, 0.65, 0.05, key="kc_ex_alpha", persist_state="session")
-        background = st.radio("Under the map", list(viz.BACKGROUNDS), key="kc_ex_bg",
-                              format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b],
+        d2.radio("Colour scale", list(viz.SCALES), key="kc_ex_scale", persist_state="session",
+                 format_func=SCALE_NAMES.get, help=" · ".join(viz.SCALES.values()), horizontal=True)
+    else:
+        c_src = int(state.feature_maps(run, direction, int(image))[0].shape[0])
+        if st.session_state.get("kc_ex_src_channel", 0) >= c_src:
+            st.session_state["kc_ex_src_channel"] = min(int(channel), c_src - 1)
+        source_channel = int(d1.number_input(f"Channel of x (0–{c_src - 1})", 0, c_src - 1, min(int(channel), c_src - 1),
+                                             key="kc_ex_src_channel", persist_state="session",
+                                             help="The source network's channel shown beside x*'s channel "
+                                                  "(the two networks' channels need not correspond)."))
+        d2.caption("Each map on its own colour scale (±max), in the raw activations of its network's layer.")
+    scale = st.session_state.get("kc_ex_scale", "map")
+    alpha = d3.slider("Opacity", 0.0, 1.0, 0.65, 0.05, key="kc_ex_alpha", persist_state="session",
+                      help="Opacity of the map over the image.")
+    background = d3.selectbox("Under the map", list(viz.BACKGROUNDS), key="kc_ex_bg", format_func=BACKGROUND_NAMES.get,
                               persist_state="session")
-    choice = figures.MapChoice(direction, int(image), int(channel), spec, scale, float(alpha), background)
+    cmap = d4.selectbox("Colour map", list(viz.DIVERGING_CMAPS), format_func=viz.DIVERGING_CMAPS.get, key="kc_ex_cmap",
+                        persist_state="session", help="Diverging, white at 0. The default is safe for colour-blind "
+                                                      "readers.")
+    return figures.MapChoice(direction, int(image), int(channel), spec, scale, float(alpha), background, cmap, mode,
+                             source_channel)
+
+
+@st.fragment
+def explorer() -> None:
+    view = state.decomposition(run, direction)
+    choice = _controls(view)
     state.set_explorer_choice(choice)  # the Export page redraws exactly this
-    with main:
-        left, right = st.columns(2)
+    left, right = st.columns(2)
+    image_id = view.image_ids[choice.image]
+    if choice.view == "a_vs_b":
+        fx, fxs = figures.pair_views(run, choice)
+        with left:
+            ui.show_interactive(fx, caption="x: the source network's feature (what g_θ reads).")
+        with right:
+            ui.show_interactive(fxs, caption="x*: the target network's feature (what g_θ reconstructs).")
+    else:
         with left:
             ui.show_interactive(figures.overlay_view(run, choice),
-                                caption=f"{spec.label} of channel {channel} on {view.image_ids[image]} "
-                                        f"(diverging, centred at 0; scale {scale}). Hover for values; the Export "
-                                        "page saves this map as a PNG/SVG/PDF figure.")
+                                caption=f"{choice.spec.label} of channel {choice.channel} on {image_id} (diverging, "
+                                        f"centred at 0; scale {SCALE_NAMES[choice.scale]}). Hover for values.")
         with right:
             ui.show_interactive(figures.blind_spot_view(run, choice),
-                                caption="Blind-spot energy: mean over channels of (x^Δ)² (sequential, from 0)")
+                                caption=r"Blind-spot energy: mean over channels of $(x^\Delta)^2$ (sequential, from 0).")
         rep = run.comparison.directions[direction].fit.heldout_report.per_channel
-        units = ("standardised units of x* (paper convention)" if dec.convention == "paper"
-                 else "raw units of x* (authors' convention)")
+        K, c = view.dec.orders, choice.channel
         if rep.share_orders is not None and rep.share_residual is not None:
-            shares = " · ".join(f"{viz.order_label(k)} {rep.share_orders[k][channel]:.1%}" for k in range(K + 1))
-            shares += f" · x^Δ {rep.share_residual[channel]:.1%} of its Var(x*) (additive shares)"
+            shares = " · ".join(f"{viz.order_label(k)} {rep.share_orders[k][c]:.1%}" for k in range(K + 1))
+            shares += " · " + r"$x^\Delta$" + f" {rep.share_residual[c]:.1%} of its Var(x*) (additive shares)"
         else:
             shares = "shares not stored in this run"
-        st.caption(f"Channel {channel} on held-out images: {shares}. Maps are in {units} and upsampled bilinearly to the image.")
+        st.caption(f"Channel {c} on held-out images: {shares}. Maps are in {figures.units(view)} of x* "
+                   f"({'paper' if view.dec.convention == 'paper' else 'authors’'} convention), upsampled bilinearly "
+                   "to the image.")
+    downloads(choice)
+
+
+def downloads(choice: figures.MapChoice) -> None:
+    """Download buttons for the figure shown (drawn by matplotlib on the server only when clicked)."""
+    stem = figures.explorer_stem(run, choice)
+    cols = st.columns([1, 1, 1, 3])
+    for col, fmt in zip(cols, export.FIGURE_FORMATS):
+        col.download_button(
+            f"{fmt.upper()}", data=lambda fmt=fmt: export.figure_bytes(figures.explorer_figure(run, choice)[1], fmt, 300),
+            file_name=f"{stem}.{fmt}", mime=export.MIME[fmt], key=f"kc_ex_dl_{fmt}", on_click="ignore",
+            icon=":material/download:", help=f"This view as a {fmt.upper()} figure ({export.FIGURE_FORMATS[fmt]}).")
+    cols[3].caption("Download what is shown (300 dpi PNG, SVG with editable text, PDF); the Export page saves it with "
+                    "everything else and a provenance sidecar.")
 
 
 explorer()

@@ -2,6 +2,8 @@
 on the server and as a zip download."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from dashboard import figures, state, ui
@@ -28,6 +30,9 @@ c1, c2, c3 = st.columns([1, 1, 2])
 formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
                    default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
 dpi = c2.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
+footer = st.toggle("Provenance footer under each figure", key=state.FOOTER_KEY, persist_state="session",
+                   help="A small grey line naming the checkpoints, layers and fit. Off: the figures are clean for a "
+                        "paper; the JSON sidecar of every figure and provenance.json always hold the provenance.")
 export_name = c3.text_input("Export name", value=run.id, key=f"kc_exp_folder_{run.id}", max_chars=80,
                             help=f"A folder of this name under {state.exports_dir()} (letters, digits, '.', '_' and "
                                  "'-' only; other characters become '_'). Created if missing; files with the same "
@@ -38,34 +43,43 @@ def figure_items() -> list[export.FigureItem]:
     items = []
     what_ = set(what or [])
     if "overview" in what_:
-        items.append(export.FigureItem(export.figure_stem("variance"), figures.variance(run), {"shows": "Var per order"}))
-        items.append(export.FigureItem(export.figure_stem("loss"), figures.loss(run), {"shows": "training curves"}))
+        items.append(export.FigureItem(export.figure_stem("variance"), figures.variance(run, footer),
+                                       {"shows": "Var per order"}))
+        items.append(export.FigureItem(export.figure_stem("loss"), figures.loss(run, footer), {"shows": "training curves"}))
     if "explorer" in what_:
         m = state.explorer_choice()
         if m is None or m.direction not in c.directions:
             m = figures.MapChoice(dirs[0], 0, 0, viz.MapSpec("component", (0,)))
         view = state.decomposition(run, m.direction)
-        for spec in (m.spec, viz.MapSpec("blind_spot")):
-            mm = figures.MapChoice(m.direction, m.image, m.channel, spec, m.scale, m.alpha, m.background)
-            meta = {"shows": spec.label, "direction": m.direction, "image_id": view.image_ids[m.image],
-                    "channel": None if spec.kind == "blind_spot" else m.channel, "scale": m.scale, "alpha": m.alpha,
-                    "limits": viz.map_limits(view.dec, spec, m.image, m.channel, m.scale)}
-            items.append(export.FigureItem(figures.overlay_stem(run, mm), figures.overlay(run, mm), meta))
+        if m.view == "a_vs_b":  # what the Explorer shows: x and x* side by side
+            meta = {"shows": "x and x* side by side (raw activations)", "direction": m.direction,
+                    "image_id": view.image_ids[m.image], "channel_x": m.source_channel, "channel_x_star": m.channel,
+                    "alpha": m.alpha, "cmap": m.cmap}
+            items.append(export.FigureItem(figures.pair_stem(run, m), figures.pair(run, m, footer), meta))
+        else:
+            for spec in (m.spec, viz.MapSpec("blind_spot")):
+                mm = replace(m, spec=spec)
+                meta = {"shows": spec.label, "direction": m.direction, "image_id": view.image_ids[m.image],
+                        "channel": None if spec.kind == "blind_spot" else m.channel, "scale": m.scale,
+                        "alpha": m.alpha, "cmap": m.cmap,
+                        "limits": viz.map_limits(view.dec, spec, m.image, m.channel, m.scale)}
+                items.append(export.FigureItem(figures.overlay_stem(run, mm), figures.overlay(run, mm, footer), meta))
     if "filters" in what_:
         for d in dirs:
-            items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d),
+            items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d, footer=footer),
                                            {"shows": "variance share per channel", "direction": d}))
     if "figure1" in what_:
         f1 = state.figure1_choice()
         if f1 is None or f1[0] not in c.directions:
             view = state.decomposition(run, dirs[0])
-            f1 = (dirs[0], tuple(range(min(2, view.n))), (0,), "image", 0.85, "gray")
-        d, imgs, chans, scale, alpha, bg = f1
+            f1 = (dirs[0], tuple(range(min(2, view.n))), (0,), "image", 0.85, "gray", viz.DIVERGING_CMAP)
+        d, imgs, chans, scale, alpha, bg, cmap = f1
         view = state.decomposition(run, d)
         items.append(export.FigureItem(
-            figures.grid_stem(run, d, imgs, chans, scale), figures.grid(run, d, imgs, chans, scale, alpha, bg),
+            figures.grid_stem(run, d, imgs, chans, scale),
+            figures.grid(run, d, imgs, chans, scale, alpha, bg, cmap, footer),
             {"shows": "Figure 1 grid", "direction": d, "image_ids": [view.image_ids[i] for i in imgs],
-             "channels": list(chans), "scale": scale}))
+             "channels": list(chans), "scale": scale, "cmap": cmap}))
     return items
 
 

@@ -23,22 +23,28 @@ imgs = c1.multiselect("Images", list(range(view.n)), default=list(range(min(2, v
                       format_func=lambda i: view.image_ids[i], key="kc_f1_images", persist_state="session")
 chans = c2.multiselect("Channels of x*", list(range(C)), default=top, max_selections=8, key="kc_f1_channels",
                        persist_state="session", help="Default: the two channels with the largest Var(x*).")
-c3, c4, c5 = st.columns(3)
+c3, c4, c5, c6 = st.columns(4)
 scale = c3.radio("Colour scale", list(viz.SCALES), index=1, key="kc_f1_scale", persist_state="session",
                  format_func=lambda s: {"map": "per map", "image": "per row", "shared": "shared"}[s],
                  help=" · ".join(viz.SCALES.values()))
 alpha = c4.slider("Opacity of the maps", 0.0, 1.0, 0.85, 0.05, key="kc_f1_alpha", persist_state="session")
 background = c5.radio("Under the maps", list(viz.BACKGROUNDS), key="kc_f1_bg", persist_state="session",
                       format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b])
+cmap = c6.selectbox("Colour map", list(viz.DIVERGING_CMAPS), format_func=viz.DIVERGING_CMAPS.get, key="kc_f1_cmap",
+                    persist_state="session", help="Diverging, white at 0; the default is safe for colour-blind readers.")
+footer = c6.toggle("Provenance footer", key=state.FOOTER_KEY, persist_state="session",
+                   help="A grey line naming the checkpoints, layers and fit under the figure. The JSON sidecar of an "
+                        "export always holds the provenance.")
 
 if not imgs or not chans:
     st.info("Choose at least one image and one channel.")
     st.stop()
 
-state.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background))
-build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background)  # noqa: E731
-ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}",
-               caption="Figure 1 grid (exported as PNG, SVG and PDF from the same figure).")
+state.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background, cmap))
+build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background, cmap, footer)  # noqa: E731
+ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}-{cmap}-{footer}",
+               caption="Figure 1 grid; every colour bar is in units of x* (exported as PNG, SVG and PDF from the "
+                       "same figure).")
 
 
 @st.fragment

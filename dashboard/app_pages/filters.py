@@ -33,22 +33,21 @@ share_cols["share_residual"] = st.column_config.ProgressColumn("x^Δ", min_value
 share_cols["var_target"] = st.column_config.NumberColumn("Var(x*)", format="%.3f")
 share_cols["dominant_order"] = st.column_config.NumberColumn("main order")
 
-left, right = st.columns([5, 2], gap="medium")
-with left:
-    event = st.dataframe(shown, hide_index=True, column_config=share_cols, on_select="rerun",
-                         selection_mode="single-row", key="kc_fl_table", height=420)
-    picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
-    if picked:
-        st.session_state["kc_fl_channel"] = int(shown.iloc[picked[0]]["channel"])
-    C = len(table)
-    if st.session_state.get("kc_fl_channel", 0) >= C:
-        st.session_state["kc_fl_channel"] = 0
-    channel = st.selectbox("Channel", list(range(C)), key="kc_fl_channel",
-                           help="Or click a row of the table.")
-with right:
-    ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel), key=f"sh-{run.id}-{direction}-{sort}-{order}-{channel}",
-                   caption="Variance share per channel and order (first 64 rows in the table's order); the selected "
-                           "channel is outlined.")
+# the table gets the page's width (every column readable at 1024 px); the heatmap runs across the page below it
+event = st.dataframe(shown, hide_index=True, column_config=share_cols, on_select="rerun", width="stretch",
+                     selection_mode="single-row", key="kc_fl_table", height=360)
+picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
+if picked:
+    st.session_state["kc_fl_channel"] = int(shown.iloc[picked[0]]["channel"])
+C = len(table)
+if st.session_state.get("kc_fl_channel", 0) >= C:
+    st.session_state["kc_fl_channel"] = 0
+pick, _ = st.columns([1, 3])
+channel = pick.selectbox("Channel", list(range(C)), key="kc_fl_channel", help="Or click a row of the table.")
+ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel),
+               key=f"sh-{run.id}-{direction}-{sort}-{order}-{channel}",
+               caption="Variance share per channel (columns, in the table's order; the first 64) and order (rows); "
+                       "the selected channel is outlined.")
 
 st.subheader(f"Channel {channel}: its maps")
 view = state.decomposition(run, direction)

@@ -26,12 +26,12 @@ from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
                                    apply_active_request, counters, open_run_folder, run_folders, runs)
 from dashboard.state._startup import default_error, ensure_defaults, freeze_startup_objects
-from dashboard.state._views import (MAX_DECOMPOSE_BYTES, DecompositionView, decomposition, explorer_choice,
-                                    figure1_choice, set_explorer_choice, set_figure1_choice, show_in_explorer,
-                                    working_positions)
+from dashboard.state._views import (FOOTER_KEY, MAX_DECOMPOSE_BYTES, DecompositionView, decomposition,
+                                    explorer_choice, feature_maps, figure1_choice, footer, set_explorer_choice,
+                                    set_figure1_choice, show_in_explorer, working_positions)
 
 __all__ = [
-    "ACTIVE_RUN_KEY", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
+    "ACTIVE_RUN_KEY", "FOOTER_KEY", "feature_maps", "footer", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
     "ROLES", "ROOT", "DecompositionView", "ImageChoice", "ModelSlot", "RunEntry", "active_run", "add_run",
     "adopt_finished_jobs", "apply_active_request", "bundled_images", "chosen_layer", "counters", "current_job",
     "decomposition", "default_error", "ensure_defaults", "explorer_choice", "exports_dir", "figure1_choice",

@@ -39,6 +39,7 @@ class DecompositionView:
     dec: Decomposition
     image_ids: tuple[str, ...]
     raw: tuple[np.ndarray | None, ...]
+    positions: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
@@ -53,9 +54,30 @@ def decomposition(run: RunEntry, direction: str) -> DecompositionView:
         pos = working_positions(run.comparison, direction)
         dec = run.comparison.decompose(direction, pos)
         ids = tuple(run.comparison.image_ids(pos))
-        cache[key] = DecompositionView(dec, ids, tuple(run.raw_images.get(i) for i in ids))
+        cache[key] = DecompositionView(dec, ids, tuple(run.raw_images.get(i) for i in ids), tuple(pos))
         counters()["decompositions"] += 1
     return cache[key]
+
+
+def feature_maps(run: RunEntry, direction: str, index: int) -> tuple[Any, Any]:
+    """(x, x*) of image ``index`` of the run's decomposition view: the source's and the target's raw feature
+    maps (C, h, w) as extracted (before any resampling or standardisation)."""
+    from kcore.pipeline import DIRECTIONS
+
+    pos = decomposition(run, direction).positions[index]
+    feats = run.comparison.features
+    src = DIRECTIONS[direction][0]
+    x_a, x_b = feats.x_a[pos].float(), feats.x_b[pos].float()
+    return (x_a, x_b) if src == "A" else (x_b, x_a)
+
+
+FOOTER_KEY = "kc_fig_footer"
+"""The widget key of the 'provenance footer' switch (Figure 1 and Export pages share it)."""
+
+
+def footer() -> bool:
+    """Whether exported figures carry the provenance footer (their JSON sidecars always hold it)."""
+    return bool(st.session_state.get(FOOTER_KEY, False))
 
 
 def explorer_choice() -> Any:
