@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -213,6 +214,90 @@ class ArrayWriter:
     def close(self) -> None:
         """Close the file (after an error; :meth:`finish` closes it otherwise)."""
         self.file.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Entries written by several ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def part_key(entry: Path, rank: int, world_size: int) -> str:
+    """The cache key of rank ``rank``'s part of ``entry`` when ``world_size`` ranks share its extraction."""
+    return f"{entry.name}/part-{rank}-of-{world_size}"
+
+
+def parts_dir(entry: Path) -> Path:
+    """Where the ranks' parts of ``entry`` are written before rank 0 assembles them (next to the entry)."""
+    return entry.parent / f".{entry.name}.parts"
+
+
+def assemble_entry(entry: Path, parts: Sequence[Path], block: int) -> FeaturePair:
+    """Build ``entry`` from the ranks' finished part entries, then remove the parts.
+
+    Part r holds blocks r, r + R, r + 2R, … of ``block`` consecutive images (R = ``len(parts)``, see
+    :func:`kcore.distributed.shard`). The arrays are copied block by block from file to file, so memory stays
+    at one block whatever the number of images, and the entry is byte for byte the one a single process
+    writes for the same images and batches.
+
+    Raises:
+        ValueError: a part is unreadable or does not fit the others (layers, shapes, number of images).
+    """
+    opened = [read_entry(p) for p in parts]
+    first = opened[0]
+    n = sum(p.n_images for p in opened)
+    world = len(parts)
+    for r, p in enumerate(opened):
+        expected = sum(min(block, n - s) for s in range(r * block, n, world * block))
+        same = (p.layer_a, p.layer_b, p.x_a.shape[1:], p.x_b.shape[1:], p.labels is None) == (
+            first.layer_a, first.layer_b, first.x_a.shape[1:], first.x_b.shape[1:], first.labels is None
+        )
+        if not same or p.n_images != expected:
+            raise ValueError(
+                f"part {r} of {str(entry)!r} ({p.n_images} images, layers {p.layer_a!r}/{p.layer_b!r}) does not fit "
+                f"part 0 or the {expected} images expected. Fix: delete {str(parts_dir(entry))!r} and rerun the job."
+            )
+    order = [(i % world, (i // world) * block) for i in range(math.ceil(n / block))]
+    ids: list[str] = []
+    labels: list[Tensor] = []
+    for r, first_row in order:
+        ids.extend(opened[r].image_ids[first_row : first_row + block])
+        part_labels = opened[r].labels
+        if part_labels is not None:
+            labels.append(part_labels[first_row : first_row + block])
+    shapes = {"x_a": tuple(first.x_a.shape[1:]), "x_b": tuple(first.x_b.shape[1:])}
+    sizes = [p.n_images for p in opened]
+    layer_a, layer_b = first.layer_a, first.layer_b
+    del opened, first  # close the memory maps before copying
+    tmp = start_entry(entry)
+    try:
+        for name, shape in shapes.items():
+            row = math.prod(shape) * 2  # bytes of one image's float16 features
+            with open(tmp / f"{name}.npy", "wb") as out:
+                _write_npy_header(out, (n, *shape))
+                handles = [open(p / f"{name}.npy", "rb") for p in parts]
+                try:
+                    starts = [_npy_data_offset(h) for h in handles]
+                    for r, first_row in order:
+                        handles[r].seek(starts[r] + first_row * row)
+                        out.write(handles[r].read(min(block, sizes[r] - first_row) * row))
+                finally:
+                    for h in handles:
+                        h.close()
+        label_tensor = torch.cat(labels) if labels else None
+        finish_entry(tmp, entry, shapes["x_a"], shapes["x_b"], layer_a, layer_b, tuple(ids), label_tensor)
+    except BaseException:
+        discard_entry(tmp)
+        raise
+    shutil.rmtree(parts_dir(entry), ignore_errors=True)
+    return read_entry(entry)
+
+
+def _npy_data_offset(file: BinaryIO) -> int:
+    """Offset of the data behind a .npy header (``file`` at 0 on entry, at the data on return)."""
+    version = np.lib.format.read_magic(file)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    read(file)
+    return file.tell()
 
 
 def _write_npy_header(file: BinaryIO, shape: tuple[int, ...]) -> None:

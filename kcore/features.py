@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +31,19 @@ from kcore.devices import resolve_device
 from kcore.feature_cache import (
     ArrayWriter,
     CacheKey,
+    assemble_entry,
     cache_entry_dir,
     discard_entry,
     finish_entry,
+    part_key,
+    parts_dir,
     read_entry,
     start_entry,
 )
 from kcore.feature_set import FeaturePair
+
+if TYPE_CHECKING:
+    from kcore.distributed import Context
 
 _MAX_SUGGESTIONS = 3
 
@@ -521,6 +527,7 @@ def extract_features(
     cache_key_extra: str = "",
     progress: Progress | None = None,
     cancel: Cancel | None = None,
+    ctx: Context | None = None,
 ) -> FeaturePair:
     """Run both networks over the same images and gather one layer's feature maps from each.
 
@@ -553,6 +560,11 @@ def extract_features(
         cache_key_extra: anything else that changes the features.
         progress: called after each batch with (images done, total or None).
         cancel: checked before each batch; ``threading.Event`` or a function returning True to stop.
+        ctx: a torchrun job to share the work with (:func:`kcore.distributed.init`); None or a single process:
+            this process does it all. With several ranks, ``cache_dir`` must be a folder every rank sees;
+            each rank extracts its shard (whole batches, :func:`kcore.distributed.shard`) into its part of
+            the entry, rank 0 assembles the entry (the same bytes one process writes) and every rank gets it
+            memory-mapped. No rank holds the whole feature set; ``images`` must be a Dataset or a tensor.
 
     Returns:
         A :class:`FeaturePair`. Without ``cache_dir``: float32 tensors in memory. With ``cache_dir``: float16
@@ -583,6 +595,16 @@ def extract_features(
         entry = cache_entry_dir(cache_dir, cache_key, layer_a, layer_b, cache_key_extra)
         if (entry / "meta.json").is_file():
             return read_entry(entry)
+    if ctx is not None and ctx.distributed:
+        if entry is None:
+            raise ValueError(
+                f"extraction shared by {ctx.world_size} ranks needs cache_dir: each rank writes its part of the float16 "
+                "cache there and rank 0 assembles it. Fix: pass cache_dir (--cache-dir) on a folder every rank can see."
+            )
+        return _extract_sharded(
+            entry, ctx, model_a, layer_a, model_b, layer_b, images, ids, batch_size=batch_size, device=dev,
+            transform_a=transform_a, transform_b=transform_b, progress=progress, cancel=cancel,
+        )
     batches, n_total, given_ids = _batches(images, batch_size, ids)
     if n_images is not None:
         if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
@@ -652,6 +674,64 @@ def extract_features(
             for sink in sinks or ():
                 sink.close()
             discard_entry(tmp)
+
+
+def _extract_sharded(
+    entry: Path,
+    ctx: Context,
+    model_a: nn.Module,
+    layer_a: str,
+    model_b: nn.Module,
+    layer_b: str,
+    images: object,
+    ids: Sequence[str] | None,
+    **options: Any,
+) -> FeaturePair:
+    """This rank's shard of the images into its part of ``entry``; rank 0 assembles; all open the entry."""
+    from torch.utils.data import Dataset, Subset
+
+    from kcore import distributed as kd
+
+    if kd.broadcast_object((entry / "meta.json").is_file(), 0, ctx):  # rank 0's view decides for everyone
+        return read_entry(entry)
+    if isinstance(images, Tensor):
+        n = int(images.shape[0])
+    elif isinstance(images, Dataset) and hasattr(images, "__len__"):
+        n = len(images)  # type: ignore[arg-type]
+    else:
+        raise ValueError(
+            f"images must be a torch Dataset with a length or a tensor when {ctx.world_size} ranks share the "
+            f"extraction (each rank takes its own images by index); got {type(images).__name__}. Fix: pass the "
+            "Dataset rather than a DataLoader."
+        )
+    all_ids = [str(i) for i in (ids if ids is not None else getattr(images, "ids", None) or range(n))]
+    if len(all_ids) != n:
+        raise ValueError(f"ids has {len(all_ids)} entries but images holds {n}. Fix: give one id per image.")
+    block = int(options["batch_size"])
+    mine = kd.shard(n, block, ctx)
+    n_parts = min(ctx.world_size, math.ceil(n / block))
+    part_dirs = [
+        cache_entry_dir(parts_dir(entry), part_key(entry, r, ctx.world_size), layer_a, layer_b) for r in range(n_parts)
+    ]
+    error: BaseException | None = None
+    if mine:
+        index = torch.as_tensor(mine, dtype=torch.long)
+        subset = images[index] if isinstance(images, Tensor) else Subset(images, mine)  # type: ignore[arg-type]
+        try:
+            extract_features(
+                model_a, layer_a, model_b, layer_b, subset, ids=[all_ids[i] for i in mine],
+                cache_dir=parts_dir(entry), cache_key=part_key(entry, ctx.rank, ctx.world_size), **options,
+            )
+        except Exception as exc:  # noqa: BLE001 - raised below on this rank, after telling the others
+            error = exc
+    try:
+        kd.agree(error is None, f"{type(error).__name__}: {error}", ctx)
+    except kd.RankFailure:
+        if error is not None:
+            raise error from None
+        raise
+    kd.main_first(lambda: assemble_entry(entry, part_dirs, block), ctx)
+    return read_entry(entry)
 
 
 def _resolve_ids(given: Sequence[str] | None, from_batches: list[str], n: int) -> tuple[str, ...]:
