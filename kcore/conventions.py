@@ -15,7 +15,7 @@ exactness of the decomposition; it is part of how x is defined.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,22 +60,30 @@ def spatial_std(h: Tensor, eps: float = EPS) -> Tensor:
     return h.detach().reshape(n, c, hh * ww).var(-1, unbiased=True).sqrt().add(eps).reshape(n, c, 1, 1)
 
 
-def channel_mean_std(x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and (population) std of ``x`` (N, C, H, W) over images and positions, in float64."""
+def channel_mean_std(x: Tensor, batch_size: int = 1024, ctx: Any = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and (population) std of ``x`` (N, C, H, W) over images and positions, in float64.
+
+    With ``ctx`` (a :class:`kcore.distributed.Context` of several ranks) each rank sums its own batches and the
+    sums are all-reduced, so every rank gets the statistics of all N images.
+    """
+    from kcore.distributed import all_reduce_sum
+    from kcore.streaming import batch_slices
+
     c = x.shape[1]
-    count = 0
-    total = torch.zeros(c, dtype=torch.float64)
+    total = torch.zeros(c + 1, dtype=torch.float64)  # per-channel sums, then the count
     total_sq = torch.zeros(c, dtype=torch.float64)
+    mine = batch_slices(x.shape[0], batch_size, ctx)
     # Two passes (mean, then squared deviations) keep the variance accurate for features with a large mean.
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(dtype=torch.float64, device="cpu")
-        total += xb.sum(dim=(0, 2, 3))
-        count += xb.shape[0] * xb.shape[2] * xb.shape[3]
-    mean = total / count
-    for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(dtype=torch.float64, device="cpu")
+    for sl in mine:
+        xb = x[sl].to(dtype=torch.float64, device="cpu")
+        total[:c] += xb.sum(dim=(0, 2, 3))
+        total[c] += xb.shape[0] * xb.shape[2] * xb.shape[3]
+    total = all_reduce_sum(total, ctx)
+    mean = total[:c] / total[c]
+    for sl in mine:
+        xb = x[sl].to(dtype=torch.float64, device="cpu")
         total_sq += ((xb - mean.view(1, c, 1, 1)) ** 2).sum(dim=(0, 2, 3))
-    std = (total_sq / count).sqrt()
+    std = (all_reduce_sum(total_sq, ctx) / total[c]).sqrt()
     return mean, std
 
 
@@ -115,7 +123,9 @@ class Normalization:
     tgt_std: Tensor | None = None
 
     @staticmethod
-    def fit(x_src: Tensor, x_tgt: Tensor, convention: Convention, indices: Tensor | None = None) -> "Normalization":
+    def fit(
+        x_src: Tensor, x_tgt: Tensor, convention: Convention, indices: Tensor | None = None, ctx: Any = None
+    ) -> "Normalization":
         """Compute the normalisation from training features.
 
         Args:
@@ -123,13 +133,15 @@ class Normalization:
             x_tgt: (N, C_b, H, W) target features.
             convention: ``"paper"`` or ``"authors"``.
             indices: the training images (default: all); read batch by batch, never copied whole.
+            ctx: a :class:`kcore.distributed.Context`: with several ranks each reads its share of the
+                batches and the sums are all-reduced (the same statistics as one process).
         """
         check_convention(convention)
         size = (int(x_tgt.shape[-2]), int(x_tgt.shape[-1]))
         if convention == "authors":
             return Normalization("authors", size)
-        sm, ss = channel_mean_std(_Batches(x_src, size, indices))
-        tm, ts = channel_mean_std(_Batches(x_tgt, None, indices))
+        sm, ss = channel_mean_std(_Batches(x_src, size, indices), ctx=ctx)
+        tm, ts = channel_mean_std(_Batches(x_tgt, None, indices), ctx=ctx)
         ss, ts = std_floor(ss), std_floor(ts)
         return Normalization("paper", size, sm, ss, tm, ts)
 

@@ -12,6 +12,9 @@ What kcore spreads over ranks and how:
   i mod WORLD_SIZE. The blocks are the batches a single process would use, so per-batch arithmetic (float32
   patch products of the least-squares start, for instance) is the same whatever the world size and only the
   float64 sums over batches are added in another order.
+Every helper takes the job's :class:`Context` explicitly; without one it acts for a single process (no
+collective call), so a rank may also run work of its own (one fit of a study) inside a torchrun job.
+
 - **Sums** (:func:`all_reduce_sum`, :func:`merge_moments`): statistics are reduced in float64; moments of
   several ranks are merged with Chan et al.'s update in rank order, so every rank gets the same numbers.
 - **One writer** (:func:`main_first`): only rank 0 writes shared outputs; the others wait and learn whether it
@@ -209,13 +212,13 @@ def shard(items: int | Sequence[T] | Tensor, block: int = 1, ctx: Context | None
     Args:
         items: a number n (meaning ``range(n)``), a sequence or a 1-D tensor (e.g. image indices).
         block: items per block, e.g. the batch size, so that each rank gets whole batches of the global order.
-        ctx: default :func:`current`.
+        ctx: the job (default: a single process, which gets everything).
 
     Returns:
         The same kind as ``items`` (a list for a number or a sequence), in the original order. The shards of
         all ranks are disjoint and together hold every item; with one process, all of ``items``.
     """
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be a positive integer; got {block!r}.")
     n = items if isinstance(items, int) else len(items)
@@ -252,7 +255,7 @@ def _wire(t: Tensor, ctx: Context) -> Tensor:
 
 def all_reduce_sum(t: Tensor, ctx: Context | None = None) -> Tensor:
     """Sum of ``t`` over all ranks (a new tensor on ``t``'s device, same dtype); ``t`` itself for one process."""
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return t
     buf = _wire(t.detach().clone(), ctx)
@@ -268,7 +271,7 @@ def all_reduce_floats(*values: float, ctx: Context | None = None) -> tuple[float
 
 def all_gather_tensors(t: Tensor, ctx: Context | None = None) -> list[Tensor]:
     """``t`` from every rank, in rank order (same shape on every rank); ``[t]`` for one process."""
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return [t]
     buf = _wire(t.detach().contiguous(), ctx)
@@ -279,7 +282,7 @@ def all_gather_tensors(t: Tensor, ctx: Context | None = None) -> list[Tensor]:
 
 def broadcast_object(obj: T, src: int = 0, ctx: Context | None = None) -> T:
     """Rank ``src``'s ``obj`` on every rank (pickled; for small things such as a decision or a message)."""
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return obj
     box = [obj]
@@ -289,7 +292,7 @@ def broadcast_object(obj: T, src: int = 0, ctx: Context | None = None) -> T:
 
 def barrier(ctx: Context | None = None) -> None:
     """Wait for every rank."""
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if ctx.distributed:
         _collective("barrier", lambda: dist.barrier(device_ids=[ctx.local_rank]) if ctx.backend == "nccl" else dist.barrier(), ctx)
 
@@ -301,7 +304,7 @@ def merge_moments(moments: Any, ctx: Context | None = None) -> Any:
     """
     from kcore.metrics import ChannelMoments
 
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return moments
     c = moments.mean.numel()
@@ -325,7 +328,7 @@ def agree(ok: bool, message: str, ctx: Context | None = None) -> None:
     Raises:
         RankFailure: some rank reported a failure; the message names the ranks and, for this rank, ``message``.
     """
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return
     flags = all_gather_tensors(torch.tensor([0.0 if ok else 1.0], dtype=torch.float64), ctx)
@@ -343,7 +346,7 @@ def main_first(fn: Callable[[], T], ctx: Context | None = None) -> T | None:
     Raises:
         whatever ``fn`` raised, on rank 0; :class:`RankFailure` on the other ranks when rank 0 failed.
     """
-    ctx = ctx or current()
+    ctx = ctx or Context()
     if not ctx.distributed:
         return fn()
     result, error = None, None
@@ -362,7 +365,7 @@ def main_first(fn: Callable[[], T], ctx: Context | None = None) -> T | None:
 
 def hosts(ctx: Context | None = None) -> list[str]:
     """The host name of every rank, in rank order (for provenance)."""
-    ctx = ctx or current()
+    ctx = ctx or Context()
     name = socket.gethostname()
     if not ctx.distributed:
         return [name]

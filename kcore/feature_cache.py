@@ -125,7 +125,95 @@ def read_entry(entry: Path) -> FeaturePair:
         layer_b=meta["layer_b"],
         image_ids=tuple(ids),
         labels=None if labels is None else torch.from_numpy(labels),
+        entry=entry,
     )
+
+
+class CachedArray:
+    """One float16 array of a cache entry, read from the file on demand (never memory-mapped).
+
+    ``array[i:j]`` and ``array[index_tensor]`` return float16 tensors of those images, read with ``os.pread``:
+    the bytes pass through the kernel's page cache but are not mapped into this process, so its resident
+    memory holds only what was asked for, however large the file. :func:`kcore.fit` accepts these arrays
+    in place of tensors and streams its batches from them.
+
+    Attributes:
+        path: the ``.npy`` file.
+        shape: (N, C, H, W).
+    """
+
+    dtype = torch.float16
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            self._offset = _npy_data_offset(f)
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        if fortran or np.dtype(dtype) != np.float16 or len(shape) != 4:
+            raise ValueError(
+                f"{str(self.path)!r} is not a float16 (N, C, H, W) array in C order (got {dtype}, shape {shape}). "
+                "Fix: delete that cache entry; the next extraction recomputes it."
+            )
+        self.shape = torch.Size(shape)
+        self._row = math.prod(shape[1:]) * 2
+        self._fd: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
+
+    def _read(self, start: int, count: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        data = os.pread(self._fd, count * self._row, self._offset + start * self._row)
+        if len(data) != count * self._row:
+            raise ValueError(f"{str(self.path)!r} is shorter than its header says. Fix: delete that cache entry.")
+        return data
+
+    def __getitem__(self, key: int | slice | Tensor | Sequence[int]) -> Tensor:
+        n = len(self)
+        if isinstance(key, int):
+            return self[key : key + 1][0] if -n <= key < n else self[torch.tensor([key])][0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                count = max(0, stop - start)
+                if count == 0:
+                    return torch.empty(0, *self.shape[1:], dtype=torch.float16)
+                buf = bytearray(self._read(start, count))
+                return torch.frombuffer(buf, dtype=torch.float16).reshape(count, *self.shape[1:])
+            key = torch.arange(start, stop, step)
+        index = torch.as_tensor(key, dtype=torch.long).reshape(-1)
+        if len(index) and (int(index.min()) < -n or int(index.max()) >= n):
+            raise IndexError(f"index out of range for {n} images")
+        out = torch.empty(len(index), *self.shape[1:], dtype=torch.float16)
+        flat = out.view(len(index), -1).numpy().view(np.uint8)
+        for j, i in enumerate(index.tolist()):
+            flat[j] = np.frombuffer(self._read(i % n, 1), dtype=np.uint8)
+        return out
+
+
+def cached_arrays(features: FeaturePair) -> tuple[CachedArray, CachedArray]:
+    """(x_a, x_b) of a feature set read from the cache, as :class:`CachedArray` (for :func:`kcore.fit`).
+
+    Raises:
+        ValueError: ``features`` did not come from the cache (it holds in-memory tensors).
+    """
+    if features.entry is None:
+        raise ValueError(
+            "these features are in memory, not in the disk cache. Fix: extract them with cache_dir=... "
+            "(kcore fit --cache-dir DIR), or pass the tensors themselves to kcore.fit."
+        )
+    return CachedArray(features.entry / "x_a.npy"), CachedArray(features.entry / "x_b.npy")
 
 
 def load_cached_features(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import Tensor
 
@@ -26,6 +27,7 @@ class FeaturePair:
         layer_b: layer name in B.
         image_ids: one id per image.
         labels: (N,) int64 class labels, or None when the images came without labels.
+        entry: the cache entry folder the tensors are memory-mapped from, or None for in-memory features.
     """
 
     x_a: Tensor
@@ -34,6 +36,7 @@ class FeaturePair:
     layer_b: str
     image_ids: tuple[str, ...]
     labels: Tensor | None = None
+    entry: Path | None = None
 
     @property
     def n_images(self) -> int:

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kcore.distributed import all_reduce_sum
+from kcore.streaming import batch_slices
 
 
 class ChannelMoments:
@@ -609,7 +612,13 @@ class LinearMap:
 
 
 def fit_linear_map(
-    x: Tensor, y: Tensor, kernel_size: int = 3, ridge: float = 1e-4, batch_size: int = 256, max_rows: int | None = None
+    x: Tensor,
+    y: Tensor,
+    kernel_size: int = 3,
+    ridge: float = 1e-4,
+    batch_size: int = 256,
+    max_rows: int | None = None,
+    ctx: Any = None,
 ) -> LinearMap:
     """Closed-form least-squares convolution ``y ≈ W * x`` (the best 0-order reconstruction).
 
@@ -619,6 +628,9 @@ def fit_linear_map(
         kernel_size: k of W (odd); falls back to 1 when C_a·k² > MAX_LSTSQ_FEATURES.
         ridge: Tikhonov regulariser, relative to the mean diagonal of XᵀX.
         max_rows: optional cap on patch rows used (a strided subsample), for speed.
+        ctx: a :class:`kcore.distributed.Context`: with several ranks each accumulates its share of the
+            batches and the normal equations are all-reduced before the solve (every rank gets the same map).
+            ``x`` and ``y`` only need to be sliceable (e.g. :class:`kcore.streaming.Rows`).
 
     Returns:
         The fitted map; normal equations are accumulated in float64 batch by batch.
@@ -630,13 +642,14 @@ def fit_linear_map(
     n_rows_total = x.shape[0] * x.shape[2] * x.shape[3]
     stride = max(1, n_rows_total // max_rows) if max_rows else 1
     batch_size = max(1, min(batch_size, GRAM_ROWS // (x.shape[2] * x.shape[3])))
-    for i in range(0, x.shape[0], batch_size):
-        px = _patches(x[i : i + batch_size].to(GRAM_DTYPE), k)
-        py = _rows(y[i : i + batch_size].to(GRAM_DTYPE))
+    for sl in batch_slices(x.shape[0], batch_size, ctx):
+        px = _patches(x[sl].to(GRAM_DTYPE), k)
+        py = _rows(y[sl].to(GRAM_DTYPE))
         if stride > 1:
             px, py = px[::stride].contiguous(), py[::stride].contiguous()
         xtx += (px.T @ px).to("cpu", torch.float64)
         xty += (px.T @ py).to("cpu", torch.float64)
+    xtx, xty = all_reduce_sum(xtx, ctx), all_reduce_sum(xty, ctx)
     reg = ridge * float(xtx.diagonal().mean().clamp_min(1e-12))
     a = xtx + reg * torch.eye(d, dtype=torch.float64)
     chol, info = torch.linalg.cholesky_ex(a)  # symmetric positive definite: half the work of a general solve

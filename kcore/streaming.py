@@ -1,0 +1,115 @@
+"""Feature maps a fit reads batch by batch: from tensors in memory or from the on-disk cache, on one or many ranks.
+
+:class:`Rows` is a lazy, prepared (resampled, normalised, float32) view of selected images of a raw feature
+array; slicing it reads and prepares only those images, so a fit from the float16 cache
+(:class:`kcore.feature_cache.CachedArray`) holds about one batch of features whatever the number of
+images. :func:`batch_slices` gives this rank's batches of a split (whole batches of the single-process order,
+:func:`kcore.distributed.shard`), and the reductions below turn per-rank sums into the job's.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kcore import distributed as kd
+
+
+class Rows:
+    """Prepared maps of images ``index`` of ``raw``: ``rows[i:j]`` / ``rows[positions]`` -> float32 tensor.
+
+    Args:
+        raw: (N, C, H, W) raw features: a tensor (float32 or float16, possibly memory-mapped) or a
+            :class:`kcore.feature_cache.CachedArray`.
+        fn: the preparation (``Normalization.source`` or ``.target``), applied per batch.
+        index: the images of ``raw`` this view covers, in order.
+        memory_format: layout of the returned batches.
+        shape: per-image shape after ``fn`` (C, H, W).
+    """
+
+    def __init__(self, raw: Any, fn: Callable[[Tensor], Tensor], index: Tensor, memory_format: torch.memory_format,
+                 shape: tuple[int, ...]) -> None:
+        self.raw, self.fn, self.index, self.memory_format = raw, fn, index.to(torch.long), memory_format
+        self.shape = torch.Size((len(self.index), *shape))
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, positions: Tensor) -> "Rows":
+        """The view of ``self.index[positions]``."""
+        return Rows(self.raw, self.fn, self.index[positions.to(torch.long).cpu()], self.memory_format, tuple(self.shape[1:]))
+
+    def __getitem__(self, key: int | slice | Tensor) -> Tensor:
+        if isinstance(key, int):
+            return self[key : key + 1][0]
+        picks = self.index[key] if isinstance(key, slice) else self.index[key.to(torch.long).cpu()]
+        if len(picks) == 0:
+            return torch.empty(0, *self.shape[1:])
+        order = torch.argsort(picks)  # read the file forwards, then put the images back in the asked order
+        xb = self.raw[picks[order]]
+        xb = xb.float() if xb.dtype in (torch.float16, torch.bfloat16) else xb
+        with torch.no_grad():
+            out = self.fn(xb).float()
+        out = out[torch.argsort(order)] if not bool((order == torch.arange(len(order))).all()) else out
+        return out.contiguous(memory_format=self.memory_format)
+
+
+def batch_slices(n: int, batch_size: int, ctx: kd.Context | None = None) -> list[slice]:
+    """This rank's batches of ``n`` positions: ``slice(s, s + batch_size)`` for s = rank·B, (rank + R)·B, ….
+
+    One process gets ``range(0, n, batch_size)``, the batches it always used; R ranks split those same
+    batches between them.
+    """
+    ctx = ctx or kd.Context()
+    starts = range(ctx.rank * batch_size, n, ctx.world_size * batch_size)
+    return [slice(s, min(s + batch_size, n)) for s in starts]
+
+
+def merge_accumulator(acc: Any, ctx: kd.Context | None = None) -> Any:
+    """A :class:`kcore.metrics.VarianceAccumulator` holding every rank's images (the same on every rank)."""
+    ctx = ctx or kd.Context()
+    if not ctx.distributed:
+        return acc
+    acc.comp = [kd.merge_moments(m, ctx) for m in acc.comp]
+    acc.output = kd.merge_moments(acc.output, ctx)
+    acc.residual = kd.merge_moments(acc.residual, ctx)
+    acc.target = kd.merge_moments(acc.target, ctx)
+    acc.sq_err, images = kd.all_reduce_floats(acc.sq_err, float(acc.images), ctx=ctx)
+    acc.images = int(images)
+    return acc
+
+
+def gram_cka(x: Any, y: Any, batch_size: int = 256) -> float:
+    """Linear CKA between the images of ``x`` and ``y`` (Rows or tensors), from Gram matrices built block by block.
+
+    Equal to :func:`kcore.metrics.linear_cka` (the Gram form ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖), float64), with
+    memory of an N × N matrix and two blocks of images rather than all N images' features.
+    """
+    n = x.shape[0]
+    if n < 2:
+        return float("nan")
+    ka = torch.zeros(n, n, dtype=torch.float64)
+    kb = torch.zeros(n, n, dtype=torch.float64)
+    starts = range(0, n, batch_size)
+    for i in starts:
+        xi = x[i : i + batch_size].reshape(min(batch_size, n - i), -1).to(torch.float64)
+        yi = y[i : i + batch_size].reshape(min(batch_size, n - i), -1).to(torch.float64)
+        for j in starts:
+            if j < i:
+                continue
+            xj = xi if j == i else x[j : j + batch_size].reshape(min(batch_size, n - j), -1).to(torch.float64)
+            yj = yi if j == i else y[j : j + batch_size].reshape(min(batch_size, n - j), -1).to(torch.float64)
+            ka[i : i + batch_size, j : j + batch_size] = xi @ xj.T
+            kb[i : i + batch_size, j : j + batch_size] = yi @ yj.T
+    ka = torch.triu(ka) + torch.triu(ka, 1).T
+    kb = torch.triu(kb) + torch.triu(kb, 1).T
+
+    def centre(k: Tensor) -> Tensor:
+        return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+    ka, kb = centre(ka), centre(kb)
+    den = ka.norm() * kb.norm()
+    return float((ka * kb).sum() / den) if float(den) > 0 else float("nan")
