@@ -19,9 +19,11 @@ from torch import Tensor
 
 from kcore._validate import check_orders, check_pair
 from kcore.conventions import Convention, Normalization, check_convention
+from kcore import distributed as kd
 from kcore.decompose import Decomposition, Method, components
 from kcore.devices import resolve_device
 from kcore.gtheta import Gate, GTheta, GThetaSpec, gtheta_loss
+from kcore.streaming import Rows, batch_slices, gram_cka, merge_accumulator
 from kcore.metrics import (
     Baseline,
     ChannelMoments,
@@ -399,30 +401,36 @@ def split_indices(n: int, val_fraction: float, monitor_fraction: float, seed: in
     return train.sort().values, monitor.sort().values, held.sort().values
 
 
-def _relative_error(model: GTheta, xs: Tensor, xt: Tensor, batch_size: int, device: torch.device) -> float:
-    """Σ(x* − g(x))² / Σ(x* − channel mean)² over prepared tensors, in eval mode."""
+def _relative_error(
+    model: GTheta, xs: Tensor, xt: Tensor, batch_size: int, device: torch.device, ctx: kd.Context | None = None
+) -> float:
+    """Σ(x* − g(x))² / Σ(x* − channel mean)² over prepared maps, in eval mode (sums over all ranks of ``ctx``)."""
     sse, mom = 0.0, ChannelMoments(xt.shape[1])
     with torch.no_grad():
-        for i in range(0, xs.shape[0], batch_size):
-            xb, tb = xs[i : i + batch_size].to(device), xt[i : i + batch_size].to(device)
+        for sl in batch_slices(xs.shape[0], batch_size, ctx):
+            xb, tb = xs[sl].to(device), xt[sl].to(device)
             sse += float(((model(xb) - tb).double() ** 2).sum())
             mom.update(tb)
-    sst = float(mom.m2.sum())
+    (sse,) = kd.all_reduce_floats(sse, ctx=ctx)
+    sst = float(kd.merge_moments(mom, ctx).m2.sum())
     return sse / sst if sst > 0 else float("nan")
 
 
 @torch.no_grad()
-def calibrate(model: GTheta, xs: Tensor, batch_size: int, device: torch.device) -> None:
-    """Set Σ_(k) (paper convention) to the exact per-channel variance of h^(k) over ``xs``, k = K … 1."""
+def calibrate(model: GTheta, xs: Tensor, batch_size: int, device: torch.device, ctx: kd.Context | None = None) -> None:
+    """Set Σ_(k) (paper convention) to the exact per-channel variance of h^(k) over ``xs``, k = K … 1.
+
+    With ``ctx`` of several ranks, each rank passes its share of the batches and the moments are merged.
+    """
     if model.spec.convention != "paper":
         return
     model.eval()
     K = model.orders
     for k in range(K, 0, -1):
         mom = ChannelMoments(model.spec.in_channels)
-        for i in range(0, xs.shape[0], batch_size):
-            mom.update(model.hidden(xs[i : i + batch_size].to(device), down_to=k)[-1])
-        model.running_var[k - 1] = mom.channel_var().to(model.running_var)
+        for sl in batch_slices(xs.shape[0], batch_size, ctx):
+            mom.update(model.hidden(xs[sl].to(device), down_to=k)[-1])
+        model.running_var[k - 1] = kd.merge_moments(mom, ctx).channel_var().to(model.running_var)
 
 
 @dataclass(frozen=True)
@@ -437,6 +445,10 @@ class FitData:
         train_sst: Σ(x* − channel mean)² over the training targets, used for the monitor error when there is
             no monitor split (``nan`` otherwise).
         device: where the model runs; memory_format: the layout of the maps and the model.
+        ctx: the torchrun job the fit is shared with (a single process by default).
+
+    When the inputs are read from the disk cache or the fit is shared by several ranks, ``xs``/``xt`` and the
+    splits are :class:`kcore.streaming.Rows`: prepared batch by batch when sliced, never held whole.
     """
 
     norm: Normalization
@@ -452,18 +464,34 @@ class FitData:
     train_sst: float
     device: torch.device
     memory_format: torch.memory_format
+    ctx: kd.Context = kd.Context()
 
     @property
     def has_monitor(self) -> bool:
         return self.xs_mon is not None
 
+    @property
+    def streamed(self) -> bool:
+        """True when the maps are read batch by batch (:class:`kcore.streaming.Rows`), not held in memory."""
+        return isinstance(self.xs, Rows)
 
-def prepare_data(x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device) -> FitData:
-    """Split the images (seeded), fit the normalisation on the training split and normalise every map."""
+
+def prepare_data(
+    x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device, ctx: kd.Context | None = None
+) -> FitData:
+    """Split the images (seeded), fit the normalisation on the training split and normalise every map.
+
+    In-memory tensors in one process are normalised once and kept (fastest). Cached arrays
+    (:class:`kcore.feature_cache.CachedArray`), or a fit shared by several ranks, are streamed instead: the
+    statistics come from (all-reduced) sums and every batch is read and prepared when it is used.
+    """
+    ctx = ctx or kd.Context()
     train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
-    norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx)
+    norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx, ctx=ctx)
     # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) maps than on NCHW ones (bench/).
     fmt = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
+    if ctx.distributed or not (isinstance(x_src, Tensor) and isinstance(x_tgt, Tensor)):
+        return _streamed_data(x_src, x_tgt, norm, (train_idx, mon_idx, held_idx), dev, fmt, ctx)
     xs = _prepare(norm.source, x_src, memory_format=fmt)
     xt = _prepare(norm.target, x_tgt, memory_format=fmt)
     if dev.type == "cuda":
@@ -482,6 +510,34 @@ def prepare_data(x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device
     return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt)
 
 
+def _streamed_data(
+    x_src: Any,
+    x_tgt: Any,
+    norm: Normalization,
+    split: tuple[Tensor, Tensor, Tensor],
+    dev: torch.device,
+    fmt: torch.memory_format,
+    ctx: kd.Context,
+) -> FitData:
+    """The :class:`FitData` of a streamed fit: lazy :class:`Rows` over the raw arrays (nothing read yet)."""
+    train_idx, mon_idx, held_idx = split
+    size = norm.target_size
+    everything = torch.arange(x_src.shape[0])
+    xs = Rows(x_src, norm.source, everything, fmt, (x_src.shape[1], *size))
+    xt = Rows(x_tgt, norm.target, everything, fmt, tuple(x_tgt.shape[1:]))
+    xs_tr, xt_tr = xs.take(train_idx), xt.take(train_idx)
+    xs_mon = xt_mon = None
+    train_sst = float("nan")
+    if len(mon_idx) > 0:
+        xs_mon, xt_mon = xs.take(mon_idx), xt.take(mon_idx)
+    else:
+        mom = ChannelMoments(xt.shape[1])
+        for sl in batch_slices(len(xt_tr), EVAL_BATCH_SIZE, ctx):
+            mom.update(xt_tr[sl])
+        train_sst = float(kd.merge_moments(mom, ctx).m2.sum())
+    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt, ctx)
+
+
 def init_model(data: FitData, cfg: FitConfig) -> tuple[GTheta, LinearMap | None]:
     """A seeded g_θ on the fit's device; with ``init="lstsq"``, W^(0) starts at the least-squares map.
 
@@ -495,7 +551,7 @@ def init_model(data: FitData, cfg: FitConfig) -> tuple[GTheta, LinearMap | None]
     model = GTheta(spec).to(data.device, memory_format=data.memory_format)
     lin = None
     if cfg.init == "lstsq":
-        lin = fit_linear_map(data.xs_tr, data.xt_tr, cfg.kernel_size)
+        lin = fit_linear_map(data.xs_tr, data.xt_tr, cfg.kernel_size, ctx=data.ctx)
         with torch.no_grad():
             w = torch.zeros_like(model.convs[0].weight)
             c, k = cfg.kernel_size // 2, lin.kernel_size // 2
@@ -547,8 +603,13 @@ def train_epoch(
     total_steps: int,
     gen: torch.Generator,
     cancel: Any = None,
+    forward: torch.nn.Module | None = None,
 ) -> tuple[float, float, int]:
     """One pass over the training split in a seeded random order (Eq. 2).
+
+    Every rank draws the same order; with several ranks each takes its share of every batch (positions
+    rank, rank + R, …) and ``forward`` (the model wrapped in DistributedDataParallel) averages the gradients.
+    The sums returned are this rank's.
 
     Returns:
         (Σ loss, Σ mse) weighted by batch size, and the number of optimiser steps taken.
@@ -559,6 +620,7 @@ def train_epoch(
     model.train()
     n_tr = data.xs_tr.shape[0]
     perm = torch.randperm(n_tr, generator=gen).to(data.xs_tr.device)
+    rank, world = data.ctx.rank, data.ctx.world_size
     tot_loss = tot_mse = 0.0
     step = first_step
     for b in range(math.ceil(n_tr / cfg.batch_size)):
@@ -566,10 +628,10 @@ def train_epoch(
             raise FitCancelled(f"fit cancelled at epoch {epoch}")
         if cfg.schedule == "cosine":
             _set_lr(opt, _cosine_lr(cfg, step, total_steps))
-        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size][rank::world]
         xb = data.xs_tr[idx].to(data.device, non_blocking=True)
         tb = data.xt_tr[idx].to(data.device, non_blocking=True)
-        loss, mse = train_step(model, opt, xb, tb, cfg.lam)
+        loss, mse = train_step(model, opt, xb, tb, cfg.lam, forward=forward)
         tot_loss += float(loss.detach()) * len(idx)
         tot_mse += float(mse.detach()) * len(idx)
         step += 1
@@ -580,7 +642,7 @@ def monitor_error(model: GTheta, data: FitData, tot_mse: float) -> float:
     """The relative error on the monitor split; without one, the training split's from the epoch's running
     mean squared error ``tot_mse`` (summed over images), which costs no extra pass."""
     if data.xs_mon is not None and data.xt_mon is not None:
-        return _relative_error(model, data.xs_mon, data.xt_mon, EVAL_BATCH_SIZE, data.device)
+        return _relative_error(model, data.xs_mon, data.xt_mon, EVAL_BATCH_SIZE, data.device, data.ctx)
     if not data.train_sst > 0:
         return float("nan")
     return tot_mse * data.xt_tr[0].numel() / data.train_sst
@@ -604,6 +666,7 @@ def train(
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_tr = data.xs_tr.shape[0]
+    forward = _ddp(model, data.ctx)
     steps_per_epoch, epochs, patience = train_schedule(cfg, n_tr)
     total_steps = steps_per_epoch * epochs
     history: list[EpochRecord] = []
@@ -616,8 +679,10 @@ def train(
             frac = (epoch - 1) / max(epochs - 1, 1)
             _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
         tot_loss, tot_mse, taken = train_epoch(
-            model, opt, data, cfg, epoch=epoch, first_step=step, total_steps=total_steps, gen=gen, cancel=cancel
+            model, opt, data, cfg, epoch=epoch, first_step=step, total_steps=total_steps, gen=gen, cancel=cancel,
+            forward=forward,
         )
+        tot_loss, tot_mse = kd.all_reduce_floats(tot_loss, tot_mse, ctx=data.ctx)
         step += taken
         model.eval()
         mon = monitor_error(model, data, tot_mse)
@@ -648,6 +713,8 @@ def evaluate_heldout(
     Returns:
         (Σ(x* − g(x))² / Σ(x* − channel mean)², variance report, baseline) on the held-out images.
     """
+    if data.streamed:
+        return _evaluate_streamed(model, data, cfg, lin)
     held = data.heldout_idx.to(data.xs.device)
     xs_h, xt_h = data.xs[held], data.xt[held]
     acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
@@ -664,6 +731,66 @@ def evaluate_heldout(
     return err, acc.report(), baseline
 
 
+def _evaluate_streamed(
+    model: GTheta, data: FitData, cfg: FitConfig, lin: LinearMap | None
+) -> tuple[float, dict, Baseline]:
+    """:func:`evaluate_heldout` batch by batch over :class:`Rows`, each rank its share, sums all-reduced.
+
+    The least-squares baseline's R² comes from the same pass; the linear CKA from Gram matrices that rank 0
+    builds block by block over the held-out images (N_held² numbers in memory, not their features).
+    """
+    ctx = data.ctx
+    xs_h, xt_h = data.xs.take(data.heldout_idx), data.xt.take(data.heldout_idx)
+    if lin is None:
+        lin = fit_linear_map(data.xs_tr, data.xt_tr, cfg.kernel_size, ctx=ctx)
+    acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
+    lin_sse = 0.0
+    with torch.no_grad():
+        for sl in batch_slices(len(xs_h), EVAL_BATCH_SIZE, ctx):
+            xb, tb = xs_h[sl], xt_h[sl]
+            lin_sse += float(((tb.double() - lin(xb).double()) ** 2).sum())
+            xb, tb = xb.to(data.device), tb.to(data.device)
+            comps = components(model, xb)
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
+    acc = merge_accumulator(acc, ctx)
+    (lin_sse,) = kd.all_reduce_floats(lin_sse, ctx=ctx)
+    sst = float(acc.target.m2.sum())
+    cka = kd.broadcast_object(gram_cka(xs_h, xt_h, EVAL_BATCH_SIZE) if ctx.is_main else None, 0, ctx)
+    baseline = Baseline(1.0 - lin_sse / sst if sst > 0 else float("nan"), lin.kernel_size, float(cka))
+    err = acc.sq_err / sst if sst > 0 else float("nan")
+    return err, acc.report(), baseline
+
+
+def _check_inputs(x_src: Any, x_tgt: Any) -> tuple[Any, Any]:
+    """:func:`check_pair` for tensors; shapes only for cached arrays (the cache stores finite values only)."""
+    from kcore.feature_cache import CachedArray
+
+    if not (isinstance(x_src, CachedArray) or isinstance(x_tgt, CachedArray)):
+        return check_pair(x_src, x_tgt)
+    for name, x in (("x_src", x_src), ("x_tgt", x_tgt)):
+        if not isinstance(x, (Tensor, CachedArray)) or len(x.shape) != 4 or min(x.shape) == 0:
+            raise ValueError(
+                f"{name} must be a (N, C, H, W) tensor or kcore.feature_cache.CachedArray; got "
+                f"{type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}."
+            )
+    if x_src.shape[0] != x_tgt.shape[0]:
+        raise ValueError(
+            f"x_src and x_tgt must hold the same images: expected equal N, got x_src N={x_src.shape[0]} and "
+            f"x_tgt N={x_tgt.shape[0]}. Fix: use both arrays of one cache entry (cached_arrays(features))."
+        )
+    return x_src, x_tgt
+
+
+def _ddp(model: GTheta, ctx: kd.Context) -> torch.nn.Module | None:
+    """``model`` wrapped in DistributedDataParallel when the fit is shared by several ranks, else None."""
+    if not ctx.distributed:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+
 def fit(
     x_src: Tensor,
     x_tgt: Tensor,
@@ -675,6 +802,7 @@ def fit(
     progress: Callable[[FitProgress], None] | None = None,
     cancel: Any = None,
     on_epoch: Callable[[int, GTheta], None] | None = None,
+    ctx: kd.Context | None = None,
     **overrides: Any,
 ) -> FitResult:
     """Fit g_θ so that g(x_src) reconstructs x_tgt, on a training split; evaluate on held-out images.
@@ -685,6 +813,9 @@ def fit(
 
     Args:
         x_src: (N, C_a, H_a, W_a) features of network A (x). Resampled to x_tgt's H×W when they differ.
+            A tensor, or a :class:`kcore.feature_cache.CachedArray` of the on-disk float16 cache
+            (:func:`kcore.feature_cache.cached_arrays`): then every batch is read from disk when it is used
+            and memory does not grow with N.
         x_tgt: (N, C_b, H, W) features of network B (x*), for the same N images in the same order.
         orders: K (default: the preset's, 2).
         preset: ``"fast"`` (default) or ``"authors"``; see :data:`PRESETS`.
@@ -695,6 +826,11 @@ def fit(
         on_epoch: for diagnostics and benchmarks: called after every epoch with (epoch, model), the model in
             eval mode on the fit's device, before early stopping is decided. It must not change the model;
             its time counts in the fit's wall time.
+        ctx: a torchrun job (:func:`kcore.distributed.init`) to share the fit with. Every rank passes the
+            same inputs (a shared cache) and gets the same result: the split is global, statistics and the
+            least-squares start come from all-reduced sums, g_θ is trained with DistributedDataParallel
+            (each rank a share of every batch) and early stopping follows the all-reduced monitor error.
+            The device is the rank's (``ctx.device``). Default: this process alone.
         **overrides: any :class:`FitConfig` field, e.g. ``lam=0.5, epochs=100, seed=1``.
 
     Returns:
@@ -705,20 +841,21 @@ def fit(
         FitCancelled: ``cancel`` asked to stop.
     """
     t0 = time.perf_counter()
-    x_src, x_tgt = check_pair(x_src, x_tgt)
+    x_src, x_tgt = _check_inputs(x_src, x_tgt)
     if orders is not None:
         overrides["orders"] = check_orders(orders)
     cfg = config if config is not None else make_config(preset, **overrides)
-    dev = resolve_device(device)
+    ctx = ctx or kd.Context()
+    dev = ctx.device if ctx.distributed else resolve_device(device)
     report = progress or (lambda p: None)
 
-    data = prepare_data(x_src, x_tgt, cfg, dev)
+    data = prepare_data(x_src, x_tgt, cfg, dev, ctx)
     report(FitProgress("init", 0, cfg.epochs, elapsed=time.perf_counter() - t0))
     model, lin = init_model(data, cfg)
     history, best_epoch, epochs = train(model, data, cfg, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
 
     report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
-    calibrate(model, data.xs_tr, EVAL_BATCH_SIZE, dev)
+    calibrate(model, data.xs_tr, EVAL_BATCH_SIZE, dev, data.ctx)
     model.eval()
 
     report(FitProgress("evaluate", len(history), epochs, elapsed=time.perf_counter() - t0))
@@ -751,9 +888,14 @@ def make_optimizer(model: GTheta, cfg: FitConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def train_step(model: GTheta, opt: torch.optim.Optimizer, xb: Tensor, tb: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """One optimiser step on a batch (Eq. 2); returns the detached (loss, mse)."""
-    loss, mse = gtheta_loss(model(xb), tb, model.gates(), lam)
+def train_step(
+    model: GTheta, opt: torch.optim.Optimizer, xb: Tensor, tb: Tensor, lam: float, forward: torch.nn.Module | None = None
+) -> tuple[Tensor, Tensor]:
+    """One optimiser step on a batch (Eq. 2); returns the detached (loss, mse).
+
+    ``forward`` runs the model's forward pass instead of ``model`` (its DistributedDataParallel wrapper).
+    """
+    loss, mse = gtheta_loss((forward or model)(xb), tb, model.gates(), lam)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
