@@ -322,6 +322,30 @@ def merge_moments(moments: Any, ctx: Context | None = None) -> Any:
     return merged
 
 
+def merge_cross_moments(moments: Any, ctx: Context | None = None) -> Any:
+    """Merge :class:`kcore.metrics.CrossMoments` over ranks, in rank order (the co-moment form of Chan's update)."""
+    from kcore.metrics import CrossMoments
+
+    ctx = ctx or Context()
+    if not ctx.distributed:
+        return moments
+    c = moments.c2.numel()
+    packed = torch.cat([torch.tensor([float(moments.n)], dtype=torch.float64), moments.mean_a, moments.mean_b, moments.c2])
+    merged = CrossMoments(c)
+    for part in all_gather_tensors(packed, ctx):
+        n_b = int(part[0])
+        if n_b == 0:
+            continue
+        n = merged.n + n_b
+        da = part[1 : 1 + c] - merged.mean_a
+        db = part[1 + c : 1 + 2 * c] - merged.mean_b
+        merged.mean_a = merged.mean_a + da * (n_b / n)
+        merged.mean_b = merged.mean_b + db * (n_b / n)
+        merged.c2 = merged.c2 + part[1 + 2 * c :] + da * db * (merged.n * n_b / n)
+        merged.n = n
+    return merged
+
+
 def agree(ok: bool, message: str, ctx: Context | None = None) -> None:
     """Raise on every rank when any rank says not ``ok`` (so that no rank waits for one that gave up).
 

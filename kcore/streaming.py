@@ -77,6 +77,7 @@ def merge_accumulator(acc: Any, ctx: kd.Context | None = None) -> Any:
     acc.output = kd.merge_moments(acc.output, ctx)
     acc.residual = kd.merge_moments(acc.residual, ctx)
     acc.target = kd.merge_moments(acc.target, ctx)
+    acc.cross = [kd.merge_cross_moments(m, ctx) for m in acc.cross]
     acc.sq_err, images = kd.all_reduce_floats(acc.sq_err, float(acc.images), ctx=ctx)
     acc.images = int(images)
     return acc
