@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -144,7 +145,7 @@ def _input_size(m, given=None) -> tuple[int, int]:
     return preprocessing_of(m).input_size or (224, 224)
 
 
-def _with_preprocessing(m, which: str, args):
+def _with_preprocessing(m, which: str, args, say=sys.stderr):
     """``m`` with the user's --input-size/--mean/--std for model ``which`` applied; says what is used."""
     import dataclasses
 
@@ -154,7 +155,7 @@ def _with_preprocessing(m, which: str, args):
     given = {k: getattr(args, f"{k}_{w}") for k in ("input_size", "mean", "std")}
     flags = " ".join(f"--{k.replace('_', '-')}-{w}" for k, v in given.items() if v is not None)
     prep = preprocessing_of(m).with_overrides(**given, what=f"from {flags}")
-    print(f"{which}: preprocessing {prep.describe()}", file=sys.stderr)
+    print(f"{which}: preprocessing {prep.describe()}", file=say)
     return dataclasses.replace(m, preprocessing=prep)
 
 
@@ -201,12 +202,27 @@ def _layer_shape(m, layer: str) -> tuple[int, ...]:
 
 
 def _cmd_fit(args) -> int:
+    from kcore import distributed as kd
+
+    with kd.job(args.device) as ctx:  # under torchrun: one rank of the job; otherwise a single process
+        return _fit_job(args, ctx)
+
+
+def _fit_job(args, ctx) -> int:
+    from kcore import distributed as kd
     from kcore.pipeline import compare, write_run
 
     out = Path(args.out)
     from kcore._io import check_out_dir
 
     check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
+    say = sys.stderr if ctx.is_main else open(os.devnull, "w")  # noqa: SIM115 - only rank 0 talks
+    if ctx.distributed and not args.cache_dir:
+        raise ValueError(
+            f"--cache-dir is required under torchrun ({ctx.world_size} ranks): each rank writes its share of the "
+            "features there and every rank reads them back. Fix: pass --cache-dir on a folder all ranks can see "
+            "(on several machines, a shared file system)."
+        )
     a = _load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle)
     b = _load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle)
     layer_a = args.layer_a or (a.card.default_layer if a.card else None)
@@ -215,7 +231,7 @@ def _cmd_fit(args) -> int:
         if not layer:
             raise ValueError(f"{flag} is required: the checkpoint has no model card with a default_layer. "
                              "Fix: list candidates with `kcore layers CKPT`.")
-    a, b = _with_preprocessing(a, "A", args), _with_preprocessing(b, "B", args)
+    a, b = _with_preprocessing(a, "A", args, say), _with_preprocessing(b, "B", args, say)
     from kcore.preprocessing import load_size
 
     preps = (a.preprocessing, b.preprocessing)
@@ -227,18 +243,24 @@ def _cmd_fit(args) -> int:
     shape_a = _layer_shape(a, layer_a)
     shape_b = _layer_shape(b, layer_b)
     print(f"A: {a.name} [{a.short_hash}] layer {layer_a} {shape_a}\nB: {b.name} [{b.short_hash}] layer {layer_b} "
-          f"{shape_b}\nimages: {len(images)} from {source}", file=sys.stderr)
+          f"{shape_b}\nimages: {len(images)} from {source}", file=say)
     est = estimate_feature_bytes(len(images), shape_a, shape_b, 4)
     note = "" if tuple(shape_a[1:]) == tuple(shape_b[1:]) else "; A's map is resampled bilinearly to B's H×W (and back for B -> A)"
-    print(f"features: about {format_bytes(est)} in memory{note}", file=sys.stderr)
+    where = f"in {ctx.world_size} ranks' shared float16 cache" if ctx.distributed else "in memory"
+    if args.cache_dir and not ctx.distributed:
+        where = "on disk (float16 cache, read batch by batch)"
+        est //= 2
+    print(f"features: about {format_bytes(est)} {where}{note}", file=say)
     opts = {"convention": args.convention} if args.convention else {}
     comp = compare(
         a, layer_a, b, layer_b, images, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
         device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(), fit_options=opts,
-        paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
+        cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(say), fit_options=opts,
+        paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())), ctx=ctx,
     )
-    write_run(comp, out, overwrite=args.overwrite, images=images)
+    kd.main_first(lambda: write_run(comp, out, overwrite=args.overwrite, images=images), ctx)  # rank 0 writes
+    if not ctx.is_main:
+        return 0
     from kcore.metrics import summary_lines
 
     for key, d in comp.directions.items():
@@ -261,6 +283,8 @@ def _cmd_train_samples(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kcore`` command; returns the exit status (2 for bad input)."""
+    from kcore.distributed import RankFailure, Terminated
+
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"layers": _cmd_layers, "fit": _cmd_fit, "train-samples": _cmd_train_samples}
@@ -273,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kcore: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except (RankFailure, Terminated) as exc:  # a torchrun job lost a rank
+        print(f"kcore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,8 @@ from kcore._io import atomic_folder
 from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
-from kcore.feature_cache import CacheKey, image_set_hash
+from kcore import distributed as kd
+from kcore.feature_cache import CacheKey, cached_arrays, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import FitResult, fit, make_config
@@ -199,6 +200,7 @@ def compare(
     cancel: Any = None,
     fit_options: dict | None = None,
     paths: tuple[str | None, str | None] = (None, None),
+    ctx: kd.Context | None = None,
 ) -> Comparison:
     """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
 
@@ -215,13 +217,20 @@ def compare(
         progress, cancel: as in :func:`kcore.fit`; progress gets :class:`PipelineProgress`.
         fit_options: more :class:`kcore.FitConfig` fields.
         paths: the checkpoint paths, if any (for provenance).
+        ctx: a torchrun job (:func:`kcore.distributed.init`) to share the work with: each rank extracts its
+            shard of the images into ``cache_dir`` (required, a folder every rank sees) and the fits run with
+            DistributedDataParallel. Every rank returns the same comparison; only rank 0 should write it.
+
+    With ``cache_dir`` the fits read their batches from the float16 cache as they go (memory bounded,
+    whatever the number of images); without it the features are held in memory as float32.
 
     Returns:
         A :class:`Comparison`.
     """
     validate_layer(a.model, layer_a)
     validate_layer(b.model, layer_b)
-    dev = resolve_device(device)
+    ctx = ctx or kd.Context()
+    dev = ctx.device if ctx.distributed else resolve_device(device)
     report = progress or (lambda p: None)
     opts = dict(fit_options or {})
     cfg = make_config(preset, orders=orders, lam=lam, epochs=epochs, seed=seed, **opts)
@@ -240,20 +249,21 @@ def compare(
     feats = extract_features(
         a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=dev, ids=ids,
         transform_a=prep_a.transform(), transform_b=prep_b.transform(), cache_dir=cache_dir,
-        cache_key=key, progress=on_extract, cancel=cancel,
+        cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
     )
+    arrays = cached_arrays(feats) if feats.entry is not None else (feats.x_a, feats.x_b)
     results: dict[str, DirectionResult] = {}
     keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
     for i, dkey in enumerate(keys):
         src, tgt, meaning = DIRECTIONS[dkey]
-        x_src, x_tgt = (feats.x_a, feats.x_b) if dkey == "A_to_B" else (feats.x_b, feats.x_a)
+        x_src, x_tgt = arrays if dkey == "A_to_B" else arrays[::-1]
         base = share + (1 - share) * i / n_fits
 
         def on_fit(p, base=base, dkey=dkey):
             report(PipelineProgress(f"fit {dkey}", base + (1 - share) / n_fits * p.fraction,
                                     f"g_θ {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
 
-        res = fit(x_src.float(), x_tgt.float(), config=cfg, device=dev, progress=on_fit, cancel=cancel)
+        res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
     held = tuple(results["A_to_B"].fit.heldout_indices)
     info_a = ModelInfo.from_loaded(a, layer_a, paths[0])
@@ -270,6 +280,8 @@ def compare(
         "preset": preset,
         "config": dataclasses.asdict(cfg),
         "device": str(dev),
+        "world_size": ctx.world_size,
+        "hosts": kd.hosts(ctx),
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
