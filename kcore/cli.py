@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
     p.add_argument("--both-directions", action="store_true", help="also fit B -> A (unreliable features of A)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also fit the chance-level references with the same recipe: B replaced by a randomly "
+                        "initialised network of its architecture, and the image pairing shuffled (instability ≈ 1); "
+                        "stored in RUN_DIR/metrics.json under 'baselines'")
     p.add_argument("--cache-dir", default=None, help="float16 on-disk feature cache (bounded memory for many images)")
     p.add_argument("--trust-pickle", action="store_true", help="allow full pickled nn.Module checkpoints (unsafe)")
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
@@ -257,11 +261,12 @@ def _fit_job(args, ctx) -> int:
         device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,
         cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(say), fit_options=opts,
         paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())), ctx=ctx,
+        baselines=args.baselines,
     )
     kd.main_first(lambda: write_run(comp, out, overwrite=args.overwrite, images=images), ctx)  # rank 0 writes
     if not ctx.is_main:
         return 0
-    from kcore.metrics import summary_lines
+    from kcore.metrics import plus_minus, summary_lines
 
     for key, d in comp.directions.items():
         rep = d.fit.heldout_report
@@ -270,6 +275,12 @@ def _fit_job(args, ctx) -> int:
               f"  Var per order [{vo}]; Var(x^D) {rep.var_residual:.4g}; Var(x*) {rep.var_target:.4g}\n"
               f"  held-out error {d.fit.heldout_error:.4f}; 0-order baseline: least-squares R² "
               f"{d.fit.baseline.linear_r2:.4f}, linear CKA {d.fit.baseline.cka:.4f}")
+        for ref in comp.baselines.values():
+            r = ref.reports.get(key)
+            if r is not None:
+                print(f"  chance baseline, {ref.label}: instability {plus_minus(r.instability, r.interval('instability'), '.4f')}")
+    for kind, why in comp.provenance.get("baselines_skipped", {}).items():
+        print(f"chance baseline {kind} skipped: {why}", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

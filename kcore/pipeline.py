@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kcore._io import atomic_folder
+from kcore.baselines import BASELINE_KINDS, ChanceBaseline
 from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
@@ -102,7 +103,8 @@ class Comparison:
             held-out ones after :func:`read_run`).
         heldout_positions: positions in ``features`` of the held-out images (never used for fitting).
         directions: ``"A_to_B"`` and/or ``"B_to_A"`` → :class:`DirectionResult`.
-        provenance: hashes, layers, image set, seed, versions, device.
+        provenance: hashes, layers, image set, seed, preset, versions, device.
+        baselines: chance-level references (:mod:`kcore.baselines`), kind → :class:`ChanceBaseline`.
     """
 
     a: ModelInfo
@@ -111,6 +113,12 @@ class Comparison:
     heldout_positions: tuple[int, ...]
     directions: dict[str, DirectionResult]
     provenance: dict = field(default_factory=dict)
+    baselines: dict[str, ChanceBaseline] = field(default_factory=dict)
+
+    @property
+    def preset(self) -> str:
+        """The fit preset that produced the numbers (the order split depends on it), or ``"unknown"``."""
+        return str(self.provenance.get("preset") or "unknown")
 
     def pair(self, direction: str, positions: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
         """(x_src, x_tgt) float32 for ``direction`` at ``positions`` (default: the held-out images)."""
@@ -148,6 +156,8 @@ class Comparison:
             (key, block), = out["directions"].items()
             out.update({k: v for k, v in block.items()})
             out["direction"] = key
+        out["preset"] = self.preset
+        out["baselines"] = {k: b.as_dict() for k, b in self.baselines.items()}
         return out
 
 
@@ -201,6 +211,7 @@ def compare(
     fit_options: dict | None = None,
     paths: tuple[str | None, str | None] = (None, None),
     ctx: kd.Context | None = None,
+    baselines: bool | Sequence[str] = False,
 ) -> Comparison:
     """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
 
@@ -220,6 +231,9 @@ def compare(
         ctx: a torchrun job (:func:`kcore.distributed.init`) to share the work with: each rank extracts its
             shard of the images into ``cache_dir`` (required, a folder every rank sees) and the fits run with
             DistributedDataParallel. Every rank returns the same comparison; only rank 0 should write it.
+        baselines: also fit the chance-level references (:mod:`kcore.baselines`): ``True`` for all of
+            :data:`~kcore.baselines.BASELINE_KINDS`, or a list of kinds. A ``random_b`` that cannot be built
+            (no architecture) is left out, with the reason in ``provenance["baselines_skipped"]``.
 
     With ``cache_dir`` the fits read their batches from the float16 cache as they go (memory bounded,
     whatever the number of images); without it the features are held in memory as float32.
@@ -239,7 +253,14 @@ def compare(
     prep_a, prep_b = preprocessing_of(a), preprocessing_of(b)
     transform_desc = json.dumps([_prep_desc(prep_a), _prep_desc(prep_b)], sort_keys=True)
     key = CacheKey(a.sha256, b.sha256, image_set_hash(ids), transform_desc) if cache_dir else None
-    n_fits = 2 if both_directions else 1
+    kinds = list(BASELINE_KINDS) if baselines is True else list(baselines or [])
+    bad = [k for k in kinds if k not in BASELINE_KINDS]
+    if bad:
+        raise ValueError(f"baselines must be True, False or kinds from {sorted(BASELINE_KINDS)}; got {bad}.")
+    if kinds and ctx.distributed:
+        raise ValueError("chance baselines are not run under torchrun. Fix: run `kcore fit --baselines` in one "
+                         "process (on a subset of the images if needed), or drop --baselines.")
+    n_fits = (2 if both_directions else 1) * (1 + len(kinds))
     share = 0.3  # of the progress bar for extraction
 
     def on_extract(done: int, total: int | None) -> None:
@@ -265,6 +286,28 @@ def compare(
 
         res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
+    refs, skipped = {}, {}
+    done = len(keys)
+    for kind in kinds:
+        def on_base(dkey, p, kind=kind, base=share + (1 - share) * done / n_fits):
+            report(PipelineProgress(f"baseline {kind}", base + (1 - share) / n_fits * p.fraction,
+                                    f"chance baseline ({kind}) {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
+
+        from kcore import baselines as _bl
+
+        if kind == "shuffled":
+            refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev, cancel=cancel,
+                                               on_fit=on_base)
+        else:
+            try:
+                report(PipelineProgress(f"baseline {kind}", share + (1 - share) * done / n_fits,
+                                        f"features of a randomly initialised B for {n} images"))
+                refs[kind] = _bl.random_network_baseline(
+                    feats.x_a, b, layer_b, images, keys, cfg, seed=seed, device=dev, batch_size=batch_size, ids=ids,
+                    cancel=cancel, on_fit=on_base)
+            except ValueError as exc:
+                skipped[kind] = str(exc)
+        done += len(keys)
     held = tuple(results["A_to_B"].fit.heldout_indices)
     info_a = ModelInfo.from_loaded(a, layer_a, paths[0])
     info_b = ModelInfo.from_loaded(b, layer_b, paths[1])
@@ -285,8 +328,10 @@ def compare(
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
+    if skipped:
+        prov["baselines_skipped"] = skipped
     report(PipelineProgress("done", 1.0, "done"))
-    return Comparison(info_a, info_b, feats, held, results, prov)
+    return Comparison(info_a, info_b, feats, held, results, prov, refs)
 
 
 def _prep_desc(prep: Preprocessing) -> dict:
@@ -390,4 +435,6 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
                 res = dataclasses.replace(res, heldout_report=res.report(x_src.float(), x_tgt.float()))
             results[key] = DirectionResult(key, src, tgt, meaning, res)
     a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
-    return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov)
+    metrics = json.loads((d / "metrics.json").read_text())
+    refs = {k: ChanceBaseline.from_dict(v) for k, v in (metrics.get("baselines") or {}).items()}
+    return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov, refs)

@@ -1,0 +1,148 @@
+"""Chance-level baselines: what the same fit gives when B knows nothing, or when the images are mismatched.
+
+An instability of 0.3 means little until one knows what a network that learned nothing gives (random networks
+share much low-level structure with trained ones). Two references, each fitted with exactly the fit's recipe
+and split and reported with the same :class:`~kcore.metrics.VarianceReport` (held-out, with intervals):
+
+- ``random_b``: B replaced by a randomly initialised network of the same architecture (seeded; built from
+  the architecture registry when the checkpoint names one, else by re-running every module's
+  ``reset_parameters`` on a copy).
+- ``shuffled``: the image pairing shuffled (x of image i against x* of image π(i), π without fixed points):
+  nothing but the per-channel statistics can be predicted, so the instability must come out near 1.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from kcore.metrics import VarianceReport
+
+BASELINE_KINDS: dict[str, str] = {
+    "random_b": "B replaced by a randomly initialised network of the same architecture",
+    "shuffled": "image pairing shuffled (x of one image against x* of another): expect instability ≈ 1",
+}
+BASELINE_LABELS: dict[str, str] = {"random_b": "random-init B", "shuffled": "shuffled pairs"}
+
+
+@dataclass(frozen=True)
+class ChanceBaseline:
+    """One chance-level reference: per direction the held-out report of the same fit on the reference data.
+
+    Attributes:
+        kind: a key of :data:`BASELINE_KINDS`. description: what was done, in words.
+        reports: direction key → :class:`VarianceReport`. heldout_error: direction key → 1 − R².
+        seed: the seed of the random network or of the shuffle.
+    """
+
+    kind: str
+    description: str
+    reports: Mapping[str, VarianceReport]
+    heldout_error: Mapping[str, float]
+    seed: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return BASELINE_LABELS.get(self.kind, self.kind)
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind, "description": self.description, "seed": self.seed, "extra": dict(self.extra),
+            "directions": {k: {**r.as_dict(), "heldout_error": self.heldout_error.get(k)} for k, r in self.reports.items()},
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "ChanceBaseline":
+        dirs = d.get("directions", {})
+        return ChanceBaseline(
+            kind=str(d["kind"]), description=str(d.get("description", "")), seed=int(d.get("seed", 0)),
+            reports={k: VarianceReport.from_dict(v) for k, v in dirs.items()},
+            heldout_error={k: float(v.get("heldout_error") or float("nan")) for k, v in dirs.items()},
+            extra=dict(d.get("extra", {})),
+        )
+
+
+def derangement(n: int, seed: int = 0) -> Tensor:
+    """A seeded permutation of ``range(n)`` with no fixed point (n ≥ 2): a random shift of a random order."""
+    if n < 2:
+        raise ValueError(f"shuffling the pairing needs at least 2 images; got {n}.")
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(n, generator=g)
+    shift = int(torch.randint(1, n, (1,), generator=g))
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-shift)  # image order[i] is paired with order[i + shift]
+    return perm
+
+
+def random_init_like(m: Any, seed: int = 0) -> tuple[Any, str]:
+    """A copy of the :class:`~kcore.checkpoints.LoadedModel` ``m`` with freshly initialised weights (seeded),
+    and how it was made.
+
+    The architecture registry builds it when ``m`` names an architecture (the architecture's own initialisation);
+    otherwise every module's ``reset_parameters`` / ``reset_running_stats`` is run on a deep copy.
+
+    Raises:
+        ValueError: the model can be neither rebuilt nor copied (e.g. a TorchScript archive).
+    """
+    from kcore.architectures import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        if m.architecture and m.num_classes:
+            net, how = build_model(m.architecture, int(m.num_classes)), f"built as {m.architecture}"
+        else:
+            if isinstance(m.model, torch.jit.ScriptModule):
+                raise ValueError(f"{m.name} is a TorchScript archive: kcore cannot build a random network of its "
+                                 "architecture. Fix: load the weights into a named architecture (--arch-b).")
+            net, how = copy.deepcopy(m.model), "a copy with every module's reset_parameters()"
+            for mod in net.modules():
+                for name in ("reset_parameters", "reset_running_stats"):
+                    fn = getattr(mod, name, None)
+                    if callable(fn):
+                        fn()
+    net.eval()
+    digest = hashlib.sha256(f"random-init:{m.sha256}:{seed}".encode()).hexdigest()
+    return dataclasses.replace(m, model=net, name=f"{m.name} (random init, seed {seed})", sha256=digest), how
+
+
+def _fit_directions(x_a: Tensor, x_b: Tensor, keys: Sequence[str], cfg: Any, device: Any, cancel: Any,
+                    on_fit: Callable[[str, Any], None]) -> tuple[dict, dict]:
+    from kcore.fit import fit
+
+    reports, errors = {}, {}
+    for key in keys:
+        x_src, x_tgt = (x_a, x_b) if key == "A_to_B" else (x_b, x_a)
+        res = fit(x_src, x_tgt, config=cfg, device=device, cancel=cancel,
+                  progress=lambda p, key=key: on_fit(key, p))
+        reports[key], errors[key] = res.heldout_report, res.heldout_error
+    return reports, errors
+
+
+def shuffled_baseline(x_a: Tensor, x_b: Tensor, keys: Sequence[str], cfg: Any, *, seed: int = 0,
+                      device: Any = "cpu", cancel: Any = None,
+                      on_fit: Callable[[str, Any], None] | None = None) -> ChanceBaseline:
+    """The fit of ``cfg`` with B's features of image π(i) paired with A's of image i (π: :func:`derangement`)."""
+    perm = derangement(x_b.shape[0], seed)
+    reports, errors = _fit_directions(x_a, x_b[perm], keys, cfg, device, cancel, on_fit or (lambda k, p: None))
+    return ChanceBaseline("shuffled", BASELINE_KINDS["shuffled"], reports, errors, seed)
+
+
+def random_network_baseline(x_a: Tensor, b: Any, layer_b: str, images: Any, keys: Sequence[str], cfg: Any, *,
+                            seed: int = 0, device: Any = "cpu", batch_size: int = 64, ids: Sequence[str] | None = None,
+                            cancel: Any = None, on_fit: Callable[[str, Any], None] | None = None) -> ChanceBaseline:
+    """The fit of ``cfg`` with B replaced by :func:`random_init_like` (same layer, same images, same preprocessing)."""
+    from kcore.features import extract_features
+    from kcore.preprocessing import preprocessing_of
+
+    rand, how = random_init_like(b, seed)
+    t = preprocessing_of(b).transform()
+    feats = extract_features(rand.model, layer_b, rand.model, layer_b, images, batch_size=batch_size, device=device,
+                             ids=ids, transform_a=t, transform_b=t, cancel=cancel)
+    reports, errors = _fit_directions(x_a, feats.x_b, keys, cfg, device, cancel, on_fit or (lambda k, p: None))
+    return ChanceBaseline("random_b", BASELINE_KINDS["random_b"], reports, errors, seed, {"network": how})
