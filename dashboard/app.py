@@ -15,7 +15,9 @@ import streamlit as st  # noqa: E402
 
 from dashboard import sidebar, state  # noqa: E402
 
-st.set_page_config(page_title="kcore · knowledge consistency", page_icon=":material/biotech:", layout="wide")
+# the icon is a file of this project (assets/, drawn by tools/make_icon.py): nothing is fetched from the internet
+st.set_page_config(page_title="kcore · knowledge consistency", page_icon=str(ROOT / "assets" / "icon.png"),
+                   layout="wide")
 
 PAGES = {
     "Set up": [

@@ -142,37 +142,91 @@ def test_every_page_renders_before_any_fit(dirs, page):
         assert any("No result yet" in i.value for i in at.info)
 
 
+def _slot(at: AppTest, role: str):
+    key = f"kc_slot_{role}"
+    return at.session_state[key] if key in at.session_state else None
+
+
 @pytest.mark.skipif(not hasattr(AppTest, "file_uploader"), reason="this Streamlit's AppTest cannot upload files")
 def test_upload_a_sample_checkpoint_and_refuse_a_bad_one(dirs):
     samples = _samples()
     path = samples[state.DEFAULT_PAIR[0]]
     card = path.with_name(path.stem + ".card.json")
     at = _new_app().run()
-    sample_sha = at.session_state["kc_slot_A"].loaded.sha256
+    sample_sha = _slot(at, "A").loaded.sha256
+    # a new source empties the slot at once: no model, card or layer of the sample is left to fit by mistake
     at.segmented_control(key="kc_src_A").set_value("upload").run()
     _clean(at)
-    # weights only, no card, no architecture: a readable error, and network A stays the sample
+    assert _slot(at, "A") is None and "kc_layer_A" not in at.session_state
+    assert any("No network A yet" in i.value for i in at.info)
+    # weights only, no card, no architecture: the message names the control to use, and A stays empty
     at.file_uploader(key="kc_upload_A").upload(path.name, path.read_bytes()).run()
     _clean(at)
-    assert any("arch is needed" in e for e in _errors(at))
-    assert at.session_state["kc_slot_A"].source == "sample"
+    (err,) = [e for e in _errors(at) if "Could not use this checkpoint" in e]
+    assert "**Architecture** box" in err and "available_architectures" not in err and "arch=" not in err
+    assert _slot(at, "A") is None
     # the architecture picker resolves it
-    at.selectbox(key="kc_arch_A").set_value(at.session_state["kc_slot_B"].loaded.card.architecture.replace(
+    at.selectbox(key="kc_arch_A").set_value(_slot(at, "B").loaded.card.architecture.replace(
         "resnet", "tinynet")).run()
     _clean(at)
     assert not _errors(at)
-    slot_a = at.session_state["kc_slot_A"]
+    slot_a = _slot(at, "A")
     assert slot_a.source == "upload" and slot_a.loaded.sha256 == sample_sha
     # with its model card uploaded too, the card's facts appear
     at.selectbox(key="kc_arch_A").set_value("(from the model card)")
     at.file_uploader(key="kc_cardup_A").upload(card.name, card.read_bytes(), "application/json").run()
     _clean(at)
-    assert not _errors(at) and at.session_state["kc_slot_A"].loaded.card is not None
-    # garbage: a readable error, and the previous model stays
+    assert not _errors(at) and _slot(at, "A").loaded.card is not None
+    # garbage: a readable error, and the slot is empty (not the previous model)
     at.file_uploader(key="kc_upload_A").upload("broken.pt", b"not a checkpoint").run()
     _clean(at)
     assert any("Could not use this checkpoint" in e for e in _errors(at))
-    assert at.session_state["kc_slot_A"].loaded.sha256 == sample_sha
+    assert _slot(at, "A") is None
+    at.switch_page("app_pages/fit.py").run()
+    assert any("Choose two networks" in w.value for w in at.warning)  # nothing to fit by mistake
+
+
+def _zip_of_images(n: int) -> bytes:
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from kcore.data import sample_images
+
+    imgs = sample_images(n, split="train")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i in range(n):
+            png = io.BytesIO()
+            Image.fromarray(imgs.raw(i)).save(png, format="PNG")
+            zf.writestr(f"photos/img_{i:03d}.png", png.getvalue())
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(not hasattr(AppTest, "file_uploader"), reason="this Streamlit's AppTest cannot upload files")
+def test_uploaded_zip_is_used_at_once_and_by_the_fit(dirs):
+    at = _new_app().run()
+    at.segmented_control(key="kc_img_src").set_value("upload").run()
+    _clean(at)
+    assert at.session_state["kc_images"].kind == "bundled"
+    assert any("No images uploaded yet" in i.value for i in at.info)  # says what a fit would use meanwhile
+    at.file_uploader(key="kc_img_upload").upload("photos.zip", _zip_of_images(50), "application/zip").run()
+    _clean(at)
+    assert not _errors(at)
+    chosen = at.session_state["kc_images"]
+    assert chosen.kind == "upload" and chosen.n == 50  # no extra button: in use as soon as uploaded
+    assert any("Using **50 uploaded images**" in c.value for c in at.caption)
+    assert any(c.value.startswith("Features of 50 images") for c in at.caption)  # the estimate follows
+    at.switch_page("app_pages/fit.py").run()
+    assert any("50 uploaded images" in m.value for m in at.markdown)
+    at.number_input(key="kc_fit_epochs").set_value(2).run()
+    at.button(key="kc_fit_start").click().run()
+    _wait_for_run(at, 1)
+    run = next(iter(at.session_state["kc_runs"].values()))
+    prov = run.comparison.provenance["images"]
+    assert prov["n"] == 50 and prov["source"] == "50 uploaded images"
+    assert run.comparison.image_ids() and all("img_" in i for i in run.comparison.image_ids())
 
 
 def test_default_fit_runs_in_the_background(fitted, calls):
@@ -315,6 +369,7 @@ def test_cancel_keeps_the_finished_results(fitted):
     at.switch_page("app_pages/fit.py").run()
     at.number_input(key="kc_fit_epochs").set_value(500).run()
     at.button(key="kc_fit_start").click().run()
+    assert at.button(key="kc_fit_start").disabled  # no second fit while one runs
     at.button(key="kc_fit_cancel").click().run()
     job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=60)
     assert job.state == "cancelled"

@@ -56,11 +56,12 @@ both = st.radio("Directions", list(DIRECTION_CHOICES), format_func=DIRECTION_CHO
                      "B → A: what A encodes and B cannot (unreliable features of A).") == "both"
 
 running = state.job_running()
-if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:"):
+if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:",
+             help="Disabled while a fit of this session runs (cancel it below, or wait)." if running else None):
     params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
                   preset=preset, both_directions=both)
-    job = state.start_fit(a, layer_a, b, layer_b, imgs, params)
-    running = True
+    state.start_fit(a, layer_a, b, layer_b, imgs, params)
+    st.rerun()  # redraw at once with Start fit disabled while the job runs
 
 
 def _progress() -> None:

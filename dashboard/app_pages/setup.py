@@ -43,13 +43,30 @@ def _arch_inputs(role: str) -> tuple[str | None, int | None]:
     return (None if arch == AUTO_ARCH else arch), (int(ncls) or None)
 
 
+def _ui_message(role: str, exc: Exception) -> str:
+    """The core's error, with its fix said in terms of this page's controls (not the Python API)."""
+    msg = str(exc)
+    where = f"network {role}'s"
+    if "arch is needed" in msg:
+        head = msg.split(", so arch is needed")[0]
+        return (f"{head}, so its architecture is needed. Fix: choose it in {where} **Architecture** box (below the "
+                "upload), or upload its model card (.json) beside it.")
+    if "num_classes is not given" in msg:
+        head = msg.split(": num_classes")[0]
+        return (f"{head}: the number of classifier outputs is not in a model card and cannot be inferred. "
+                f"Fix: enter it in {where} **Classes** box.")
+    return msg
+
+
 def _use(role: str, load, source: str, path: str | None) -> None:
-    """Load with ``load()``; on success make it network ``role``; on failure keep the previous one."""
+    """Load with ``load()``; on success make it network ``role``; on failure leave ``role`` empty (never a
+    previous model that the user may take for the new one)."""
     try:
         loaded = load()
         new = state.make_slot(loaded, source, path, state.image_size(state.images()))
     except (ValueError, FileNotFoundError) as exc:
-        st.error(f"Could not use this checkpoint: {exc}")
+        state.clear_slot(role)
+        st.error(f"Could not use this checkpoint: {_ui_message(role, exc)}")
         return
     current = state.slot(role)
     same_model = current is not None and current.loaded.sha256 == loaded.sha256 and current.input_size == new.input_size
@@ -64,8 +81,10 @@ def _use(role: str, load, source: str, path: str | None) -> None:
 
 def model_panel(role: str) -> None:
     st.subheader(f"Network {role}")
+    # a new source empties the slot at once (model, card and layers), before anything is drawn
     source = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key=f"kc_src_{role}",
-                                  default="sample", required=True, persist_state="session")
+                                  default="sample", required=True, persist_state="session",
+                                  on_change=state.clear_slot, args=(role,))
     if source == "sample":
         samples = state.sample_models()
         if not samples:
@@ -114,7 +133,9 @@ def model_panel(role: str) -> None:
 def model_card(role: str) -> None:
     s = state.slot(role)
     if s is None:
-        st.info(f"No network {role} yet.")
+        st.info(f"No network {role} yet: " + {"sample": "pick a sample model.", "upload": "upload a checkpoint above.",
+                                              "path": "give its path and press Load."}.get(
+            st.session_state.get(f"kc_src_{role}", "sample"), "choose one above."))
         return
     m, card = s.loaded, s.loaded.card
     with st.container(border=True, key=f"kc_card_{role}"):
@@ -185,12 +206,18 @@ def images_panel() -> None:
                 state.set_images(state.ImageChoice(imgs, f"bundled kshapes test images ({n})", "bundled"))
     elif src == "upload":
         files = st.file_uploader("Images or a zip of images", type=IMAGE_TYPES, accept_multiple_files=True,
-                                 key="kc_img_upload", help="At least a few dozen images; 20 % are held out.")
-        if files and st.button("Use these images", key="kc_img_use_upload", type="primary"):
-            imgs = ui.guarded(lambda: state.uploaded_images([(f.name, f.getvalue()) for f in files],
-                                                            state.working_image_size()), "Uploaded images")
-            if imgs is not None:
-                state.set_images(state.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload"))
+                                 key="kc_img_upload", help="At least a few dozen images; 20 % are held out. "
+                                                           "They are used as soon as they are uploaded.")
+        if files:  # used as soon as uploaded (decoded once per set of files)
+            token = state.upload_token([(f.name, f.size) for f in files])
+            cur = state.images()
+            if cur is None or cur.token != token:
+                imgs = ui.guarded(lambda: state.uploaded_images([(f.name, f.getvalue()) for f in files],
+                                                                state.working_image_size()), "Uploaded images")
+                if imgs is not None:
+                    state.set_images(state.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload", token))
+        elif state.images() is not None and state.images().kind != "upload":
+            st.info(f"No images uploaded yet: a fit now still uses the {state.images().description}.")
     elif not server_paths_enabled():
         st.info(SERVER_PATHS_OFF)
     else:
@@ -226,13 +253,14 @@ with la_col:
 with lb_col:
     layer_b = layer_picker("B")
 a, b = state.slot("A"), state.slot("B")
+estimate = st.empty()  # filled after the images panel, so it counts images uploaded in this very run
 if a is not None and b is not None and layer_a and layer_b:
     alignment_note(a, layer_a, b, layer_b)
-    imgs = state.images()
-    if imgs is not None:
-        need = estimate_feature_bytes(imgs.n, a.shape_of(layer_a), b.shape_of(layer_b))
-        st.caption(f"Features of {imgs.n} images take about {format_bytes(need)} in memory.")
 
 st.divider()
 images_panel()
+imgs = state.images()
+if a is not None and b is not None and layer_a and layer_b and imgs is not None:
+    need = estimate_feature_bytes(imgs.n, a.shape_of(layer_a), b.shape_of(layer_b))
+    estimate.caption(f"Features of {imgs.n} images ({imgs.description}) take about {format_bytes(need)} in memory.")
 st.page_link("app_pages/fit.py", label="Next: Fit", icon=":material/play_arrow:")

@@ -17,10 +17,10 @@ from run folders (the held-out input images, a subset of a decomposition) lives 
 from __future__ import annotations
 
 from dashboard.state._images import (DEFAULT_N_IMAGES, ImageChoice, bundled_images, folder_images, image_size,
-                                     images, set_images, uploaded_images, working_image_size)
+                                     images, set_images, upload_token, uploaded_images, working_image_size)
 from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
                                    start_fit)
-from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, chosen_layer, forget_layer, layer_key, load_bytes,
+from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, chosen_layer, clear_slot, forget_layer, layer_key, load_bytes,
                                      load_path, load_server_path, make_slot, sample_models, set_slot, slot)
 from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_dir, runs_dir, studies_dir
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
@@ -31,7 +31,7 @@ from dashboard.state._views import (FOOTER_KEY, MAX_DECOMPOSE_BYTES, Decompositi
                                     set_figure1_choice, show_in_explorer, working_positions)
 
 __all__ = [
-    "ACTIVE_RUN_KEY", "FOOTER_KEY", "feature_maps", "footer", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
+    "ACTIVE_RUN_KEY", "FOOTER_KEY", "clear_slot", "upload_token", "feature_maps", "footer", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
     "ROLES", "ROOT", "DecompositionView", "ImageChoice", "ModelSlot", "RunEntry", "active_run", "add_run",
     "adopt_finished_jobs", "apply_active_request", "bundled_images", "chosen_layer", "counters", "current_job",
     "decomposition", "default_error", "ensure_defaults", "explorer_choice", "exports_dir", "figure1_choice",

@@ -21,11 +21,13 @@ class ImageChoice:
         images: a dataset of ``(image (3, H, W) in [0, 1], label)`` with ``ids`` and ``raw(i)``.
         description: where they came from (for provenance).
         kind: ``"bundled"``, ``"upload"`` or ``"folder"``.
+        token: identifies the uploaded files it was made from (see :func:`upload_token`), else ``""``.
     """
 
     images: Any
     description: str
     kind: str
+    token: str = ""
 
     @property
     def n(self) -> int:
@@ -52,6 +54,13 @@ def uploaded_images(files: Sequence[tuple[str, bytes]], size: tuple[int, int]) -
     from kcore import data as kdata
 
     return kdata.ImageSet.from_uploads(files, _unit_preprocess(size))
+
+
+def upload_token(files: Sequence[tuple[str, int]]) -> str:
+    """A key for a set of uploaded files (name, size): the images are decoded again only when it changes."""
+    import hashlib
+
+    return hashlib.sha256(repr(sorted((str(n), int(b)) for n, b in files)).encode()).hexdigest()[:16]
 
 
 def folder_images(folder: str, size: tuple[int, int]) -> Any:

@@ -116,6 +116,12 @@ def set_slot(role: str, value: ModelSlot) -> None:
     st.session_state[f"kc_slot_{role}"] = value
 
 
+def clear_slot(role: str) -> None:
+    """Empty ``role``: no model, card or layers (a new source is chosen, or a load failed)."""
+    st.session_state.pop(f"kc_slot_{role}", None)
+    forget_layer(role)
+
+
 def layer_key(role: str) -> str:
     """The widget key of the Models page's layer picker for ``role``."""
     return f"kc_layer_{role}"
