@@ -27,7 +27,7 @@ from torch import Tensor
 
 from kcore.feature_set import FeaturePair
 
-CACHE_FORMAT = "kcore-feature-cache/1"
+CACHE_FORMAT = "kcore-feature-cache/2"  # 2: image sets keyed by content, not by names
 """Value of the ``"format"`` key in a cache entry's ``meta.json``."""
 
 FLOAT16_MAX = 65504.0
@@ -57,6 +57,35 @@ def image_set_hash(image_ids: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for image_id in image_ids:
         digest.update(str(image_id).encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def image_content_hash(images: object, ids: Iterable[str] | None = None) -> str:
+    """SHA-256 of what a set of images holds, in order (for :attr:`CacheKey.image_set`).
+
+    An :class:`kcore.data.ImageSet` hashes its ids, the bytes of each source file and its decoding
+    (size, mean, std, resize), so replacing a file under the same name gives a new key. A tensor is hashed
+    by its bytes; any other dataset by the bytes of each item's tensor (one pass over it).
+    """
+    import torch
+
+    content_hash = getattr(images, "content_hash", None)
+    if callable(content_hash):
+        return str(content_hash(include_preprocess=True))
+    digest = hashlib.sha256(b"kcore-images/1\0")
+    for image_id in ids or ():
+        digest.update(str(image_id).encode("utf-8") + b"\0")
+    if isinstance(images, torch.Tensor):
+        t = images.detach().cpu().contiguous()
+        digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+    for i in range(len(images)):  # type: ignore[arg-type]
+        item = images[i]  # type: ignore[index]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        t = torch.as_tensor(x).detach().cpu().contiguous()
+        digest.update(repr((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -25,7 +25,7 @@ from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
 from kcore import distributed as kd
-from kcore.feature_cache import CacheKey, cached_arrays, image_set_hash
+from kcore.feature_cache import CacheKey, cached_arrays, image_content_hash, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import FitResult, fit, make_config
@@ -252,7 +252,9 @@ def compare(
     n = len(ids)
     prep_a, prep_b = preprocessing_of(a), preprocessing_of(b)
     transform_desc = json.dumps([_prep_desc(prep_a), _prep_desc(prep_b)], sort_keys=True)
-    key = CacheKey(a.sha256, b.sha256, image_set_hash(ids), transform_desc) if cache_dir else None
+    # keyed by the images' content (not their names), both checkpoints, both preprocessings, the layers
+    # (added by extract_features) and the cache format
+    key = CacheKey(a.sha256, b.sha256, image_content_hash(images, ids), transform_desc) if cache_dir else None
     kinds = list(BASELINE_KINDS) if baselines is True else list(baselines or [])
     bad = [k for k in kinds if k not in BASELINE_KINDS]
     if bad:
