@@ -49,6 +49,45 @@ def check_pair(x_src: object, x_tgt: object) -> tuple[Tensor, Tensor]:
     return xs, xt
 
 
+def constant_channels(x: Tensor) -> list[int]:
+    """Channels of a 4-D feature map ``(N, C, H, W)`` that hold one value over all images and positions.
+
+    ``x`` may be any array whose slices ``x[i:j]`` are tensors (e.g. a :class:`kcore.feature_cache.CachedArray`).
+    """
+    c = x.shape[1]
+    lo = torch.full((c,), float("inf"), dtype=torch.float64)
+    hi = torch.full((c,), float("-inf"), dtype=torch.float64)
+    step = max(1, (1 << 24) // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], step):
+        chunk = x[i : i + step].detach().to("cpu", torch.float64).transpose(0, 1).reshape(c, -1)
+        lo = torch.minimum(lo, chunk.amin(1))
+        hi = torch.maximum(hi, chunk.amax(1))
+    return [k for k in range(c) if lo[k] == hi[k]]
+
+
+def check_informative(x_src: Tensor, x_tgt: Tensor, src_name: str = "x_src", tgt_name: str = "x_tgt") -> None:
+    """Refuse a constant target (instability Var(x^Δ)/Var(x*) would be 0/0 = NaN) and a constant source
+    (e.g. all zeros: nothing to reconstruct from); the message names the feature map and its channels.
+
+    Raises:
+        ValueError: every channel of ``x_tgt``, or every channel of ``x_src``, is constant.
+    """
+    for name, x, why, fix in (
+        (tgt_name, x_tgt, "Var(x*) = 0, so the instability Var(x^Δ)/Var(x*) and every share would be 0/0 (NaN)",
+         "pick a layer whose features vary over the images (check the checkpoint loaded correctly and the images "
+         "are not all the same)"),
+        (src_name, x_src, "there is nothing to reconstruct the target from (the fit would report 1 trivially)",
+         "pick another layer of the source network, or check that its checkpoint loaded correctly (an all-zero "
+         "map usually means a dead ReLU layer or missing weights)"),
+    ):
+        const = constant_channels(x)
+        if len(const) == x.shape[1]:
+            value = float(x[0:1].reshape(-1)[0])
+            raise ValueError(
+                f"{name} is constant: all {x.shape[1]} channels hold the single value {value:g} over the "
+                f"{x.shape[0]} images (channels {const[:8]}{' ...' if len(const) > 8 else ''}); {why}. Fix: {fix}.")
+
+
 def check_orders(orders: object) -> int:
     """Check the number of non-linear orders K (an int >= 0)."""
     if isinstance(orders, bool) or not isinstance(orders, int):

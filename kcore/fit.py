@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
-from kcore._validate import check_orders, check_pair
+from kcore._validate import check_informative, check_orders, check_pair
 from kcore.conventions import Convention, Normalization, check_convention
 from kcore import distributed as kd
 from kcore.decompose import Decomposition, Method, components
@@ -327,16 +327,46 @@ class FitResult:
 
     @staticmethod
     def load(directory: str | Path) -> "FitResult":
-        """Read a result written by :meth:`save` (weights-only: safetensors + JSON)."""
+        """Read a result written by :meth:`save` (weights-only: safetensors + JSON).
+
+        Raises:
+            ValueError: a file is missing, truncated, edited or inconsistent with the other; the message names it.
+        """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         d = Path(directory)
         for name in ("g.safetensors", "fit.json"):
             if not (d / name).is_file():
                 raise ValueError(f"directory {str(d)!r} holds no {name}: expected a folder written by FitResult.save().")
-        meta = json.loads((d / "fit.json").read_text())
-        tensors = load_file(str(d / "g.safetensors"))
-        spec = GThetaSpec(**meta["spec"])
+
+        def bad(name: str, exc: object) -> ValueError:
+            return ValueError(f"{str(d / name)!r} is truncated, corrupt or was edited ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}). Nothing else was changed. Fix: fit again (kcore fit --out NEW_DIR) "
+                              "or restore the run folder from a copy.")
+
+        try:
+            meta = json.loads((d / "fit.json").read_text())
+            spec = GThetaSpec(**meta["spec"])
+            with torch.device("meta"):  # shapes only: an edited spec must not allocate anything
+                expected = {k: tuple(v.shape) for k, v in GTheta(spec).state_dict().items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise bad("fit.json", exc) from None
+        try:
+            tensors = load_file(str(d / "g.safetensors"))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise bad("g.safetensors", exc) from None
+        got = {k[2:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("g.")}
+        if got != expected:
+            diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+            raise bad("fit.json", ValueError(f"its spec does not match the weights in g.safetensors: {diff}"))
+        try:
+            return FitResult._from_parts(d, meta, spec, tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise bad("fit.json", exc) from None
+
+    @staticmethod
+    def _from_parts(d: Path, meta: dict, spec: GThetaSpec, tensors: dict) -> "FitResult":
         model = GTheta(spec)
         model.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("g.")})
         model.eval()
@@ -846,6 +876,8 @@ def fit(
         overrides["orders"] = check_orders(orders)
     cfg = config if config is not None else make_config(preset, **overrides)
     ctx = ctx or kd.Context()
+    if not ctx.distributed:  # (a distributed fit's ranks are checked by the pipeline that started them)
+        check_informative(x_src, x_tgt)
     dev = ctx.device if ctx.distributed else resolve_device(device)
     report = progress or (lambda p: None)
 

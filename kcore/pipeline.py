@@ -275,6 +275,11 @@ def compare(
         cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
     )
     arrays = cached_arrays(feats) if feats.entry is not None else (feats.x_a, feats.x_b)
+    from kcore._validate import check_informative
+
+    check_informative(arrays[0], arrays[1], f"A's layer {layer_a!r} ({a.name})", f"B's layer {layer_b!r} ({b.name})")
+    if both_directions:
+        check_informative(arrays[1], arrays[0], f"B's layer {layer_b!r} ({b.name})", f"A's layer {layer_a!r} ({a.name})")
     results: dict[str, DirectionResult] = {}
     keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
     for i, dkey in enumerate(keys):
@@ -423,11 +428,30 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
         raise ValueError(f"{str(d)!r} is not a kcore run folder: missing {missing}. Fix: pick a folder written by `kcore fit --out`.")
-    prov = json.loads((d / "provenance.json").read_text())
-    imgs = json.loads((d / "images.json").read_text())
-    t = load_file(str(d / "features_heldout.safetensors"))
-    labels = torch.tensor(imgs["labels"]) if imgs.get("labels") is not None else None
-    feats = FeaturePair(t["x_a"], t["x_b"], prov["layers"]["A"], prov["layers"]["B"], tuple(imgs["ids"]), labels)
+    from safetensors import SafetensorError
+
+    current = "provenance.json"
+
+    def bad(exc: BaseException) -> ValueError:
+        return ValueError(f"run folder {str(d)!r}: {current} is truncated, corrupt or was edited "
+                          f"({type(exc).__name__}: {str(exc)[:200]}). Nothing was changed. Fix: re-run `kcore fit` "
+                          "into a new folder, or restore the folder from a copy.")
+
+    try:
+        prov = json.loads((d / current).read_text())
+        current = "images.json"
+        imgs = json.loads((d / current).read_text())
+        current = "features_heldout.safetensors"
+        t = load_file(str(d / current))
+        current = "images.json"
+        labels = torch.tensor(imgs["labels"]) if imgs.get("labels") is not None else None
+        current = "provenance.json"
+        layers = (prov["layers"]["A"], prov["layers"]["B"])
+        current = "images.json / features_heldout.safetensors"
+        feats = FeaturePair(t["x_a"], t["x_b"], *layers, tuple(imgs["ids"]), labels)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, SafetensorError, KeyError, TypeError, ValueError,
+            RuntimeError, AttributeError) as exc:
+        raise bad(exc) from None
     results = {}
     for key, (src, tgt, meaning) in DIRECTIONS.items():
         if (d / f"g_{key}").is_dir():
@@ -436,7 +460,12 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
                 x_src, x_tgt = (feats.x_a, feats.x_b) if key == "A_to_B" else (feats.x_b, feats.x_a)
                 res = dataclasses.replace(res, heldout_report=res.report(x_src.float(), x_tgt.float()))
             results[key] = DirectionResult(key, src, tgt, meaning, res)
-    a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
-    metrics = json.loads((d / "metrics.json").read_text())
-    refs = {k: ChanceBaseline.from_dict(v) for k, v in (metrics.get("baselines") or {}).items()}
+    current = "provenance.json"
+    try:
+        a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
+        current = "metrics.json"
+        metrics = json.loads((d / "metrics.json").read_text())
+        refs = {k: ChanceBaseline.from_dict(v) for k, v in (metrics.get("baselines") or {}).items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise bad(exc) from None
     return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov, refs)
