@@ -61,6 +61,13 @@ def variance(run: state.RunEntry, footer: bool = False) -> Figure:
                                caption=_caption(run, None, footer))
 
 
+def instability(run: state.RunEntry, footer: bool = False) -> Figure:
+    c = run.comparison
+    return viz.instability_figure({d: r.fit.heldout_report for d, r in c.directions.items()}, baselines=c.baselines,
+                                  titles={d: state.DIRECTION_TITLES[d] for d in c.directions}, preset=c.preset,
+                                  caption=_caption(run, None, footer))
+
+
 def loss(run: state.RunEntry, footer: bool = False) -> Figure:
     c = run.comparison
     return viz.loss_figure({d: r.fit.history for d, r in c.directions.items()},
@@ -159,7 +166,7 @@ def shares(run: state.RunEntry, direction: str, sort: str = "channel", order: in
            highlight: int | None = None, max_channels: int = 64, footer: bool = False, wide: bool = True) -> Figure:
     rep = run.comparison.directions[direction].fit.heldout_report
     return viz.channel_share_figure(rep, sort=sort, order=order, highlight=highlight, max_channels=max_channels,
-                                    title=f"{state.DIRECTION_TITLES[direction]}: variance share per channel",
+                                    title=f"{state.DIRECTION_TITLES[direction]}: additive share per channel (preset {run.comparison.preset})",
                                     caption=_caption(run, direction, footer), wide=wide)
 
 

@@ -28,6 +28,17 @@ BASELINE_KINDS: dict[str, str] = {
     "shuffled": "image pairing shuffled (x of one image against x* of another): expect instability ≈ 1",
 }
 BASELINE_LABELS: dict[str, str] = {"random_b": "random-init B", "shuffled": "shuffled pairs"}
+#: baselines are "cheap" (on by default in the dashboard) up to this many feature values of B over all images:
+#: they add two fits per direction and one extraction of B, about three times the fit alone
+CHEAP_FEATURE_VALUES = 20_000_000
+
+
+def baselines_are_cheap(n_images: int, shape_b: Sequence[int]) -> bool:
+    """Whether the chance baselines add little wall time: N · C·H·W of B's feature at most CHEAP_FEATURE_VALUES."""
+    n = int(n_images)
+    for s in shape_b:
+        n *= int(s)
+    return n <= CHEAP_FEATURE_VALUES
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,8 @@ def caption(comparison: Any, direction: str | None = None) -> str:
     return (
         f"{head}A: {comparison.a.name} [{comparison.a.sha256[:12]}] {comparison.a.layer} · "
         f"B: {comparison.b.name} [{comparison.b.sha256[:12]}] {comparison.b.layer} · "
-        f"K={cfg.orders} λ={cfg.lam:g} seed={cfg.seed} · held-out images"
+        f"K={cfg.orders} λ={cfg.lam:g} seed={cfg.seed} · preset {getattr(comparison, 'preset', 'unknown')} · "
+        f"held-out images"
     )
 
 
@@ -244,7 +245,9 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     """One row per direction: Var of each order, of x^Δ and x*, instability, held-out error, baseline, fit.
 
     Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
-    share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``heldout_error, baseline_linear_r2, baseline_cka, gates, best_epoch, epochs_run, fit_seconds``.
+    share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``*_ci_lo``/``*_ci_hi``
+    (bootstrap interval of instability and of each share), ``n_heldout, preset, heldout_error, baseline_linear_r2,
+    baseline_cka, gates, best_epoch, epochs_run, fit_seconds`` and ``chance_<kind>_instability`` per chance baseline.
     """
     rows = []
     for key, d in comparison.directions.items():
@@ -258,6 +261,14 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
         for k in range(rep.orders + 1):
             row[f"share_x{k}"] = rep.share_orders[k] if rep.has_shares else nan
         row["share_residual"] = rep.share_residual if rep.has_shares else nan
+        for name in ["instability"] + [f"share_x{k}" for k in range(rep.orders + 1)] + ["share_residual"]:
+            iv = rep.interval(name)
+            row[f"{name}_ci_lo"], row[f"{name}_ci_hi"] = iv if iv is not None else (nan, nan)
+        row["n_heldout"] = rep.n_heldout
+        row["preset"] = getattr(comparison, "preset", "unknown")
+        for kind, ref in getattr(comparison, "baselines", {}).items():
+            r = ref.reports.get(key)
+            row[f"chance_{kind}_instability"] = r.instability if r is not None else nan
         row.update({
             "heldout_error": f.heldout_error, "baseline_linear_r2": f.baseline.linear_r2,
             "baseline_cka": f.baseline.cka, "gates": " ".join(f"{g:.4g}" for g in f.gates),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -722,6 +722,86 @@ def variance_figure(
         ax.set_ylim(0, top * 1.15 if top > 0 else 1)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("Var on held-out images", fontsize=8)
+    _caption(fig, caption)
+    return fig
+
+
+def instability_figure(
+    reports: Mapping[str, VarianceReport],
+    *,
+    baselines: Mapping[str, Any] | None = None,
+    titles: Mapping[str, str] | None = None,
+    preset: str | None = None,
+    caption: str | None = None,
+) -> Figure:
+    """Instability and additive shares per direction with their bootstrap intervals, and the chance baselines.
+
+    Args:
+        reports: direction key → :class:`~kcore.metrics.VarianceReport`.
+        baselines: kind → :class:`~kcore.baselines.ChanceBaseline`; each is drawn as a dashed reference line
+            at its instability (per direction).
+        titles: direction key → label. preset: the fit preset (named in the shares' title: the order split
+            depends on the recipe). caption: provenance line.
+
+    Returns:
+        Left: instability per direction, a point with its interval and the reference lines. Right: the
+        additive shares of x⁽⁰⁾ … x⁽ᴷ⁾ and x^Δ (stacked to 100 %) with the interval of each share.
+    """
+    if not reports:
+        raise ValueError("reports is empty: pass at least one direction's variance report.")
+    keys = list(reports)
+    fig = Figure(figsize=(3.0 + 2.2 * len(keys), 3.1), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    names = [(titles or {}).get(k, k) for k in keys]
+    ref_styles = [("#7f8c8d", "--"), ("#8e44ad", ":"), ("#16a085", "-.")]
+    for i, key in enumerate(keys):
+        rep = reports[key]
+        iv = rep.interval("instability")
+        err = [[rep.instability - iv[0]], [iv[1] - rep.instability]] if iv else None
+        ax.errorbar([i], [rep.instability], yerr=err, fmt="o", color="#c0392b", capsize=4, ms=5,
+                    label=f"this fit ({rep.ci.level:.0%} CI)" if i == 0 and rep.ci else ("this fit" if i == 0 else None))
+        for j, (kind, ref) in enumerate((baselines or {}).items()):
+            r = ref.reports.get(key) if hasattr(ref, "reports") else None
+            if r is None:
+                continue
+            colour, ls = ref_styles[j % len(ref_styles)]
+            ax.hlines(r.instability, i - 0.35, i + 0.35, colors=colour, linestyles=ls, lw=1.4,
+                      label=f"chance: {getattr(ref, 'label', kind)}" if i == 0 else None)
+    ax.set_xticks(range(len(keys)), names, fontsize=7)
+    ax.set_xlim(-0.6, len(keys) - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(f"instability Var({RESIDUAL_TEX})/Var({TARGET_TEX})", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=6, frameon=False, loc="lower right")
+    ax.tick_params(labelsize=7)
+    K = max(r.orders for r in reports.values())
+    colours = _order_colours(K) + ["#c0392b"]
+    labels = [order_tex(k) for k in range(K + 1)] + [RESIDUAL_TEX]
+    for i, key in enumerate(keys):
+        rep = reports[key]
+        if not rep.has_shares:
+            continue
+        vals = list(rep.share_orders) + [rep.share_residual]
+        ivs = [rep.interval(f"share_x{k}") for k in range(rep.orders + 1)] + [rep.interval("share_residual")]
+        bottom = 0.0
+        for j, (v, iv) in enumerate(zip(vals, ivs)):
+            idx = j if j <= rep.orders else K + 1
+            ax2.bar(i, v, bottom=bottom, color=colours[idx], edgecolor="black", linewidth=0.4, width=0.5,
+                    label=labels[idx] if i == 0 else None)
+            if iv is not None:
+                top = bottom + v
+                ax2.errorbar([i + 0.3], [top], yerr=[[v - iv[0]], [iv[1] - v]], fmt="none", ecolor=colours[idx],
+                             capsize=2, lw=1)
+            if abs(v) >= 0.04:
+                ax2.text(i, bottom + v / 2, f"{v:.0%}", ha="center", va="center", fontsize=6,
+                         color="white" if j <= rep.orders else "black")
+            bottom += v
+    ax2.set_xticks(range(len(keys)), names, fontsize=7)
+    ax2.set_ylim(min(0.0, ax2.get_ylim()[0]), max(1.0, ax2.get_ylim()[1]))
+    ax2.set_ylabel(f"share of Var({TARGET_TEX}) (adds up to 1)", fontsize=8)
+    ax2.set_title("additive shares" + (f" · preset {preset}" if preset else ""), fontsize=8)
+    ax2.legend(fontsize=6, frameon=False, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax2.tick_params(labelsize=7)
     _caption(fig, caption)
     return fig
 

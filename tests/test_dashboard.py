@@ -416,3 +416,24 @@ def test_an_error_inside_the_fit_is_shown_as_a_message(dirs):
     at.run()
     _clean(at)
     assert any("The fit stopped" in e and "CUDA" in e for e in _errors(at))
+
+
+def test_no_share_above_100_percent_and_intervals_and_baselines_shown(fitted):
+    import re
+
+    at = fitted
+    run = next(iter(at.session_state["kc_runs"].values()))
+    assert set(run.comparison.baselines) == {"random_b", "shuffled"}  # on by default for a fit this small
+    for page in ("overview", "filters", "explorer"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        _clean(at)
+        assert not _errors(at)
+        texts = [m.value for m in [*at.markdown, *at.caption, *at.warning]] + [m.value for m in at.metric]
+        shares = [float(v) for t in texts if "share" in t.lower() or "Share" in t
+                  for v in re.findall(r"(-?\d+(?:\.\d+)?) ?%", t)]
+        assert all(v <= 100.0 + 1e-9 for v in shares), shares
+        if page == "overview":
+            assert shares, "the Overview shows the additive shares"
+            assert any("±" in str(m.value) for m in at.metric)  # instability with its interval
+            assert any("Chance baseline" in c.value for c in at.caption)
+            assert any("preset fast" in c.value for c in at.caption)

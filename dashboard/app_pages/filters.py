@@ -10,9 +10,10 @@ st.title("Filters")
 run = ui.require_run()
 direction = ui.direction_picker(run, key="kc_fl_dir")
 ui.provenance_banner(run, direction)
-st.caption("Each channel of x*: the share of its variance reconstructed at each order, and the share left in x^Δ "
-           "(held-out images). Low-order channels are strictly consistent; a large x^Δ share marks a channel the "
-           "source cannot explain. Click a row to open that channel's maps.")
+st.caption(f"Each channel of x*: the additive share of its variance reconstructed at each order, Cov(x⁽ᵏ⁾, x*)/Var(x*), "
+           "and the share left in x^Δ (held-out images; each row adds up to 1; preset "
+           f"{run.comparison.preset}). Low-order channels are strictly consistent; a large x^Δ share marks a channel "
+           "the source cannot explain. Click a row to open that channel's maps.", help=ui.SHARE_HELP)
 
 rep = run.comparison.directions[direction].fit.heldout_report
 table = export.channel_table(rep)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, ui
+from kcore.baselines import baselines_are_cheap
 from kcore.devices import DEVICE_CHOICES
 from kcore.fit import PRESETS
 
@@ -55,11 +56,18 @@ both = st.radio("Directions", list(DIRECTION_CHOICES), format_func=DIRECTION_CHO
                 help="A → B: x^Δ is what B encodes and A cannot reconstruct (blind spots of A). "
                      "B → A: what A encodes and B cannot (unreliable features of A).") == "both"
 
+cheap = baselines_are_cheap(imgs.n, sb)
+with_baselines = st.checkbox(
+    "Chance baselines (random-init B, shuffled pairs)", value=cheap, key="kc_fit_baselines",
+    help="Also fit, with the same recipe and split, B replaced by a randomly initialised network of its architecture "
+         "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. About three "
+         "times the fit's time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
+
 running = state.job_running()
 if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:",
              help="Disabled while a fit of this session runs (cancel it below, or wait)." if running else None):
     params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
-                  preset=preset, both_directions=both)
+                  preset=preset, both_directions=both, baselines=bool(with_baselines))
     state.start_fit(a, layer_a, b, layer_b, imgs, params)
     st.rerun()  # redraw at once with Start fit disabled while the job runs
 

@@ -5,6 +5,7 @@ import streamlit as st
 
 from dashboard import figures, state, ui
 from kcore import export, viz
+from kcore.metrics import plus_minus
 
 st.title("Overview")
 run = ui.require_run()
@@ -23,8 +24,11 @@ for col, (key, d) in zip(cols, c.directions.items()):
         st.subheader(state.DIRECTION_TITLES[key])
         st.caption(state.DIRECTION_HELP[key])
         m1, m2 = st.columns(2)
-        m1.metric("Instability Var(x^Δ)/Var(x*)", f"{rep.instability:.3f}",
-                  help="0 = the target feature is fully reconstructed; 1 = nothing is.")
+        iv = rep.interval("instability")
+        m1.metric("Instability Var(x^Δ)/Var(x*)", plus_minus(rep.instability, iv),
+                  help="0 = the target feature is fully reconstructed; 1 = nothing is. ± is half the width of the "
+                       + (f"{rep.ci.level:.0%} bootstrap interval [{iv[0]:.3f}, {iv[1]:.3f}] over the "
+                          f"{rep.n_heldout} held-out images (no refit)." if iv else "interval (none computed)."))
         m2.metric("Held-out error 1 − R²", f"{f.heldout_error:.3f}",
                   help="Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images.")
         m3, m4 = st.columns(2)
@@ -32,19 +36,52 @@ for col, (key, d) in zip(cols, c.directions.items()):
                   help=f"Closed-form least-squares {f.baseline.linear_kernel}×{f.baseline.linear_kernel} convolution, "
                        "held out: what a purely linear map reconstructs.")
         m4.metric("Linear CKA (x, x*)", f"{f.baseline.cka:.3f}", help="Linear CKA between the two feature maps.")
+        for w in rep.warnings():
+            st.warning(w[0].upper() + w[1:], icon=":material/warning:")
+        for ref in c.baselines.values():
+            r = ref.reports.get(key)
+            if r is not None:
+                st.caption(f"Chance baseline, {ref.label}: instability {plus_minus(r.instability, r.interval('instability'))}"
+                           f" ({ref.description}).")
         if rep.has_shares:
-            shares = " · ".join(f"{viz.order_label(k)} {s:.1%}" for k, s in enumerate(rep.share_orders))
-            shares += f" · x^Δ {rep.share_residual:.1%}"
+            shares = " · ".join(f"{viz.order_label(k)} {plus_minus(s, rep.interval(f'share_x{k}'), '.1f', True)}"
+                                for k, s in enumerate(rep.share_orders))
+            shares += f" · x^Δ {plus_minus(rep.share_residual, rep.interval('share_residual'), '.1f', True)}"
         else:
             shares = "— (re-open the run to compute them)"
         ratios = " · ".join(f"{viz.order_label(k)} {s:.3f}" for k, s in enumerate(rep.var_ratio_orders))
-        st.caption(f"Share of Var(x*) per order (Cov(x⁽ᵏ⁾, x*)/Var(x*), adds up to 100 %): {shares}",
-                   help=ui.SHARE_HELP)
+        st.caption(f"Share of Var(x*) per order (preset {c.preset}; Cov(x⁽ᵏ⁾, x*)/Var(x*), adds up to 100 %): "
+                   f"{shares}", help=ui.SHARE_HELP + " " + ui.PRESET_HELP)
         st.caption(f"Paper's Var(x⁽ᵏ⁾)/Var(x*): {ratios}", help=ui.VAR_RATIO_HELP)
         st.caption(f"gates p = {', '.join(f'{g:.3g}' for g in f.gates) or '—'} · kept epoch {f.best_epoch} "
                      f"of {len(f.history)} · {f.seconds:.0f} s")
 
 width = 420 * len(c.directions) + 60
+st.subheader("Instability and shares, with their uncertainty")
+if not c.baselines:
+    st.caption("No chance baselines in this run (tick *Chance baselines* on the Fit page, or `kcore fit --baselines`).")
+ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}", width=width + 200,
+               caption="Left: instability with its bootstrap interval over held-out images; dashed lines: the same "
+                       "fit against a randomly initialised B and against shuffled image pairs (chance level). Right: "
+                       f"additive shares (preset {c.preset}) with the interval of each share.")
+others = [r for rid, r in state.runs().items() if rid != run.id]
+if others:
+    with st.expander(f"Compare with the other {len(others)} result(s) of this session"):
+        rows = []
+        for r in [run] + others:
+            for key, d in r.comparison.directions.items():
+                rep = d.fit.heldout_report
+                iv = rep.interval("instability")
+                rows.append({"result": r.label, "direction": key, "preset": r.comparison.preset,
+                             "instability": rep.instability, "ci_lo": iv[0] if iv else None,
+                             "ci_hi": iv[1] if iv else None, "held-out images": rep.n_heldout})
+        presets = sorted({row["preset"] for row in rows})
+        if len(presets) > 1:
+            st.warning(f"These results used different fit presets ({', '.join(presets)}). The split into orders "
+                       "depends strongly on the recipe; compare shares only between runs of one preset.",
+                       icon=":material/warning:")
+        st.dataframe(rows, hide_index=True, key="kc_ov_compare")
+        st.caption("Two instabilities differ beyond the noise only when their intervals do not overlap.")
 st.subheader("Variance per order")
 ui.show_figure(lambda: figures.variance(run), key=f"var-{run.id}", width=width,
                caption="Var of x⁽⁰⁾…x⁽ᴷ⁾, x^Δ and x* on held-out images (bar labels are the values).")
