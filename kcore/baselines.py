@@ -79,6 +79,36 @@ class ChanceBaseline:
         )
 
 
+def seed_spread(reports: Sequence[VarianceReport], seeds: Sequence[int]) -> dict:
+    """The spread from fitting: instability, additive shares and the paper's Var ratios of fits with several seeds.
+
+    Each seed draws its own split, initialisation and batch order, so the spread holds both the sampling of the
+    held-out images and the fit's own randomness. Returns the per-seed values and their mean, sd, min and max.
+    """
+    import statistics
+
+    def stats(vals: Sequence[float]) -> dict:
+        return {"mean": statistics.fmean(vals), "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "min": min(vals), "max": max(vals)}
+
+    K = reports[0].orders
+    per = {
+        "instability": [r.instability for r in reports],
+        "share_orders": [list(r.share_orders or ()) for r in reports],
+        "share_residual": [r.share_residual for r in reports],
+        "var_ratio_orders": [list(r.var_ratio_orders) for r in reports],
+    }
+    return {
+        "seeds": list(seeds), **per,
+        "summary": {
+            "instability": stats(per["instability"]),
+            "share_orders": [stats([s[k] for s in per["share_orders"]]) for k in range(K + 1)] if reports[0].has_shares else [],
+            "share_residual": stats(per["share_residual"]) if reports[0].has_shares else None,
+            "var_ratio_orders": [stats([s[k] for s in per["var_ratio_orders"]]) for k in range(K + 1)],
+        },
+    }
+
+
 def derangement(n: int, seed: int = 0) -> Tensor:
     """A seeded permutation of ``range(n)`` with no fixed point (n ≥ 2): a random shift of a random order."""
     if n < 2:

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fit the chance-level references with the same recipe: B replaced by a randomly "
                         "initialised network of its architecture, and the image pairing shuffled (instability ≈ 1); "
                         "stored in RUN_DIR/metrics.json under 'baselines'")
+    p.add_argument("--fit-seeds", type=int, default=1, metavar="N",
+                   help="refit g with N seeds (SEED, SEED+1, …; each its own split and initialisation) and report "
+                        "the spread of the instability and of the order split (metrics.json 'seed_spread')")
     p.add_argument("--cache-dir", default=None, help="float16 on-disk feature cache (bounded memory for many images)")
     p.add_argument("--trust-pickle", action="store_true", help="allow full pickled nn.Module checkpoints (unsafe)")
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
@@ -261,7 +264,7 @@ def _fit_job(args, ctx) -> int:
         device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,
         cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(say), fit_options=opts,
         paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())), ctx=ctx,
-        baselines=args.baselines,
+        baselines=args.baselines, fit_seeds=args.fit_seeds,
     )
     kd.main_first(lambda: write_run(comp, out, overwrite=args.overwrite, images=images), ctx)  # rank 0 writes
     if not ctx.is_main:
@@ -279,6 +282,18 @@ def _fit_job(args, ctx) -> int:
             r = ref.reports.get(key)
             if r is not None:
                 print(f"  chance baseline, {ref.label}: instability {plus_minus(r.instability, r.interval('instability'), '.4f')}")
+        sp = comp.seed_spread.get(key)
+        if sp:
+            sm = sp["summary"]
+            inst = sm["instability"]
+            print(f"  over seeds {sp['seeds']}: instability {inst['mean']:.4f} (sd {inst['sd']:.4f}, "
+                  f"{inst['min']:.4f}–{inst['max']:.4f})")
+            if sm["share_orders"]:
+                print("  shares over seeds (mean ± sd): " + ", ".join(
+                    f"x{k} {s['mean']:.1%} ± {s['sd']:.1%}" for k, s in enumerate(sm["share_orders"]))
+                    + f", x^D {sm['share_residual']['mean']:.1%} ± {sm['share_residual']['sd']:.1%}")
+            print("  paper's Var ratios over seeds (mean ± sd): " + ", ".join(
+                f"{s['mean']:.3f} ± {s['sd']:.3f}" for s in sm["var_ratio_orders"]))
     for kind, why in comp.provenance.get("baselines_skipped", {}).items():
         print(f"chance baseline {kind} skipped: {why}", file=sys.stderr)
     print(f"wrote {out}")

@@ -114,6 +114,7 @@ class Comparison:
     directions: dict[str, DirectionResult]
     provenance: dict = field(default_factory=dict)
     baselines: dict[str, ChanceBaseline] = field(default_factory=dict)
+    seed_spread: dict[str, dict] = field(default_factory=dict)
 
     @property
     def preset(self) -> str:
@@ -158,6 +159,7 @@ class Comparison:
             out["direction"] = key
         out["preset"] = self.preset
         out["baselines"] = {k: b.as_dict() for k, b in self.baselines.items()}
+        out["seed_spread"] = self.seed_spread
         return out
 
 
@@ -212,6 +214,7 @@ def compare(
     paths: tuple[str | None, str | None] = (None, None),
     ctx: kd.Context | None = None,
     baselines: bool | Sequence[str] = False,
+    fit_seeds: int = 1,
 ) -> Comparison:
     """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
 
@@ -234,6 +237,8 @@ def compare(
         baselines: also fit the chance-level references (:mod:`kcore.baselines`): ``True`` for all of
             :data:`~kcore.baselines.BASELINE_KINDS`, or a list of kinds. A ``random_b`` that cannot be built
             (no architecture) is left out, with the reason in ``provenance["baselines_skipped"]``.
+        fit_seeds: with N > 1, also refit every direction with seeds ``seed+1 … seed+N−1`` and keep the spread
+            of instability and of the order split (:func:`kcore.baselines.seed_spread`) in ``seed_spread``.
 
     With ``cache_dir`` the fits read their batches from the float16 cache as they go (memory bounded,
     whatever the number of images); without it the features are held in memory as float32.
@@ -262,7 +267,9 @@ def compare(
     if kinds and ctx.distributed:
         raise ValueError("chance baselines are not run under torchrun. Fix: run `kcore fit --baselines` in one "
                          "process (on a subset of the images if needed), or drop --baselines.")
-    n_fits = (2 if both_directions else 1) * (1 + len(kinds))
+    if isinstance(fit_seeds, bool) or not isinstance(fit_seeds, int) or fit_seeds < 1:
+        raise ValueError(f"fit_seeds must be a positive integer (1 = one fit); got {fit_seeds!r}.")
+    n_fits = (2 if both_directions else 1) * (len(kinds) + fit_seeds)
     share = 0.3  # of the progress bar for extraction
 
     def on_extract(done: int, total: int | None) -> None:
@@ -315,6 +322,26 @@ def compare(
             except ValueError as exc:
                 skipped[kind] = str(exc)
         done += len(keys)
+    spread: dict[str, dict] = {}
+    if fit_seeds > 1:
+        from kcore.baselines import seed_spread
+
+        extra = list(range(seed + 1, seed + fit_seeds))
+        for dkey in keys:
+            x_src, x_tgt = arrays if dkey == "A_to_B" else arrays[::-1]
+            reps = [results[dkey].fit.heldout_report]
+            for s in extra:
+                base = share + (1 - share) * done / n_fits
+
+                def on_seed(p, base=base, s=s, dkey=dkey):
+                    report(PipelineProgress(f"seed {s}", base + (1 - share) / n_fits * p.fraction,
+                                            f"g_θ {dkey}, seed {s}: {p.phase} epoch {p.epoch}/{p.epochs}"))
+
+                r = fit(x_src, x_tgt, config=dataclasses.replace(cfg, seed=s), device=dev, progress=on_seed,
+                        cancel=cancel, ctx=ctx)
+                reps.append(r.heldout_report)
+                done += 1
+            spread[dkey] = seed_spread(reps, [seed] + extra)
     held = tuple(results["A_to_B"].fit.heldout_indices)
     info_a = ModelInfo.from_loaded(a, layer_a, paths[0])
     info_b = ModelInfo.from_loaded(b, layer_b, paths[1])
@@ -338,7 +365,7 @@ def compare(
     if skipped:
         prov["baselines_skipped"] = skipped
     report(PipelineProgress("done", 1.0, "done"))
-    return Comparison(info_a, info_b, feats, held, results, prov, refs)
+    return Comparison(info_a, info_b, feats, held, results, prov, refs, spread)
 
 
 def _prep_desc(prep: Preprocessing) -> dict:
@@ -468,4 +495,5 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
         refs = {k: ChanceBaseline.from_dict(v) for k, v in (metrics.get("baselines") or {}).items()}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise bad(exc) from None
-    return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov, refs)
+    return Comparison(a, b, feats, tuple(range(len(imgs["ids"]))), results, prov, refs,
+                      dict(metrics.get("seed_spread") or {}))

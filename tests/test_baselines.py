@@ -74,3 +74,24 @@ def test_baselines_travel_with_the_run_folder(tmp_path):
         assert back.baselines[kind].reports["A_to_B"] == comp.baselines[kind].reports["A_to_B"]
     with pytest.raises(ValueError, match="baselines must be"):
         compare(a, "2", b, "2", _Images(), orders=1, epochs=2, baselines=["nope"])
+
+
+def test_fit_seeds_reports_the_spread_of_instability_and_order_split(tmp_path):
+    import statistics
+
+    from test_pipeline import _Images, _loaded, _net
+
+    from kcore.pipeline import compare, read_run, write_run
+
+    a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
+    comp = compare(a, "2", b, "2", _Images(), orders=1, epochs=2, seed=4, fit_seeds=3)
+    sp = comp.seed_spread["A_to_B"]
+    assert sp["seeds"] == [4, 5, 6]
+    assert sp["instability"][0] == comp.directions["A_to_B"].fit.heldout_report.instability
+    assert sp["summary"]["instability"]["sd"] == pytest.approx(statistics.stdev(sp["instability"]))
+    assert len(sp["share_orders"]) == 3 and len(sp["summary"]["share_orders"]) == 2
+    for shares, resid in zip(sp["share_orders"], sp["share_residual"]):
+        assert sum(shares) + resid == pytest.approx(1.0, abs=1e-6)
+    assert read_run(write_run(comp, tmp_path / "run")).seed_spread == json.loads(json.dumps(comp.seed_spread))
+    with pytest.raises(ValueError, match="fit_seeds must be a positive integer"):
+        compare(a, "2", b, "2", _Images(), orders=1, epochs=2, fit_seeds=0)

@@ -49,6 +49,12 @@ for col, (key, d) in zip(cols, c.directions.items()):
             shares += f" · x^Δ {plus_minus(rep.share_residual, rep.interval('share_residual'), '.1f', True)}"
         else:
             shares = "— (re-open the run to compute them)"
+        sp = c.seed_spread.get(key)
+        if sp:
+            sm = sp["summary"]
+            split = " · ".join(f"{viz.order_label(k)} sd {s['sd']:.1%}" for k, s in enumerate(sm["share_orders"]))
+            st.caption(f"Spread from fitting over seeds {sp['seeds']}: instability {sm['instability']['mean']:.3f} "
+                       f"(sd {sm['instability']['sd']:.3f}); shares {split}.")
         ratios = " · ".join(f"{viz.order_label(k)} {s:.3f}" for k, s in enumerate(rep.var_ratio_orders))
         st.caption(f"Share of Var(x*) per order (preset {c.preset}; Cov(x⁽ᵏ⁾, x*)/Var(x*), adds up to 100 %): "
                    f"{shares}", help=ui.SHARE_HELP + " " + ui.PRESET_HELP)
