@@ -1,7 +1,7 @@
 """The ``kcore`` command: list layers, and compare two checkpoints at one layer each.
 
     kcore layers CKPT
-    kcore fit --a A.safetensors --layer-a layer2 --b B.safetensors --layer-b layer2 --data sample --out runs/ab
+    kcore fit --a A.safetensors --layer-a layer2 --b B.safetensors --layer-b layer2 --data kshapes --out runs/ab
     kcore train-samples --out sample_models
 """
 from __future__ import annotations
@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from kcore.data import BUNDLED_DATA
+from kcore.devices import DEVICE_CHOICES
+
 EPILOG_FIT = """\
 examples:
   # the bundled sample models on the bundled images (works offline, < 1 min on a CPU)
   kcore fit --a sample_models/kshapes_tinynet_s0.safetensors --b sample_models/kshapes_resnet_s0.safetensors \\
-            --data sample --both-directions --out runs/tiny_vs_resnet
+            --data kshapes --both-directions --out runs/tiny_vs_resnet
   # your own: architecture + weights-only state dict, a folder of images (class subfolders or flat)
   kcore fit --a a.pth --arch-a resnet18 --num-classes-a 200 --layer-a layer3 \\
             --b b.pth --arch-b resnet18 --num-classes-b 200 --layer-b layer3 --data ~/images --out runs/a_vs_b
@@ -98,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p, "A")
     _add_model_args(p, "B")
-    p.add_argument("--data", default="sample", metavar="DIR|sample",
-                   help="images: a folder (class subfolders or flat) or 'sample' for the bundled kshapes images")
+    p.add_argument("--data", default=BUNDLED_DATA, metavar=f"DIR|{BUNDLED_DATA}",
+                   help=f"images: a folder (class subfolders or flat) or '{BUNDLED_DATA}' for the bundled images "
+                   "('sample' is a deprecated alias)")
     p.add_argument("--n-images", type=int, default=None, metavar="N", help="use at most N images (default: all; "
-                   "400 for 'sample')")
+                   f"400 for '{BUNDLED_DATA}')")
     p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
@@ -109,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fast", choices=["fast", "authors"], help="training recipe (default fast)")
     p.add_argument("--convention", choices=["paper", "authors"], default=None,
                    help="normalisation convention (default: the preset's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
     p.add_argument("--both-directions", action="store_true", help="also fit B -> A (unreliable features of A)")
@@ -187,7 +191,7 @@ def _images(data: str, n: int | None, size: tuple[int, int], resize: str = "stre
     from kcore import data as kdata
 
     pre = kdata.Preprocess(tuple(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize)
-    if data == "sample":
+    if kdata.is_bundled(data):
         return kdata.sample_images(n=n or 400, preprocess=pre), "kshapes test split (bundled)"
     images = kdata.ImageSet.from_folder(data, pre, limit=n)
     if images.skipped:

@@ -538,3 +538,116 @@ def _build(entries: Iterable[_Entry], preprocess: Preprocess | None, source: str
     labels = [index[n] if n is not None else -1 for n in label_names]
     return ImageSet(np.stack(images), ids, labels, pre, class_names=class_names,
                     skipped=skipped, source=source, digests=digests)
+
+
+# ------------------------------------------------------------------ labelled splits (training and studies)
+BUNDLED_DATA = "kshapes"
+"""The word for the bundled kshapes images wherever a ``data`` argument takes a folder or the bundled set."""
+
+DEPRECATED_DATA_ALIASES = ("sample",)
+"""Older words for :data:`BUNDLED_DATA`, still accepted (with a DeprecationWarning)."""
+
+
+def is_bundled(data: str | os.PathLike) -> bool:
+    """True when ``data`` names the bundled kshapes images (``"kshapes"``, or the deprecated ``"sample"``)."""
+    if not isinstance(data, str):
+        return False
+    if data in DEPRECATED_DATA_ALIASES:
+        warnings.warn(f"data={data!r} is deprecated; pass {BUNDLED_DATA!r} for the bundled images.",
+                      DeprecationWarning, stacklevel=3)
+        return True
+    return data == BUNDLED_DATA
+
+
+class FolderSplit(Dataset):
+    """``ROOT/<split>/<class>/<image>`` read lazily (torchvision ImageFolder) as ``(image (3, H, W), label)``.
+
+    For large labelled training and test splits, where :class:`ImageSet`'s decode-everything-first would
+    hold every image in memory. Images are resized to ``size`` and scaled to [0, 1], then normalised with
+    ``mean``/``std`` when given.
+
+    Attributes:
+        ids: path of each image relative to ``root`` (e.g. ``"train/cat/001.jpg"``).
+        class_names: the class folder names, or the coarse names with ``relabel``.
+        mean, std: the normalisation applied ((0, 0, 0) and (1, 1, 1) when none).
+
+    Args:
+        root: the folder holding one subfolder per split.
+        split: ``"train"``, ``"test"``, ``"val"`` (any subfolder name).
+        size: (H, W) every image is resized to.
+        n: use ``n`` images (a seeded random subset, in folder order); default all.
+        seed: seed of the subset.
+        mean, std: per-channel normalisation (default: none, images in [0, 1]).
+        relabel: class folder name → coarse class name (labels become indices into ``class_names``).
+        coarse_names: the coarse class names in label order (default: the sorted values of ``relabel``).
+
+    Raises:
+        ValueError: the split folder is missing, or ``relabel`` misses a class.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, size: tuple[int, int], n: int | None = None,
+                 seed: int = 0, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 relabel: dict[str, str] | None = None, coarse_names: Sequence[str] | None = None) -> None:
+        from torchvision import datasets, transforms
+
+        root = Path(root)
+        folder = root / split
+        if not folder.is_dir():
+            raise ValueError(f"data folder {str(folder)!r} does not exist. Fix: pass a folder DIR with "
+                             f"DIR/{split}/<class>/* images, or {BUNDLED_DATA!r} for the bundled images.")
+        steps = [transforms.Resize(tuple(size)), transforms.ToTensor()]
+        self.mean = tuple(mean) if mean is not None else (0.0, 0.0, 0.0)
+        self.std = tuple(std) if std is not None else (1.0, 1.0, 1.0)
+        if mean is not None or std is not None:
+            steps.append(transforms.Normalize(list(self.mean), list(self.std)))
+        self._set = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+        total = len(self._set)
+        if n is not None and n < total:  # a seeded subset that covers every class, in a fixed order
+            perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+            self._idx = sorted(int(i) for i in perm)
+        else:
+            self._idx = list(range(total))
+        self.ids = tuple(Path(self._set.samples[i][0]).relative_to(root).as_posix() for i in self._idx)
+        self.class_names = tuple(self._set.classes)
+        self._map: list[int] | None = None
+        if relabel is not None:
+            missing = sorted(set(self.class_names) - set(relabel))
+            if missing:
+                raise ValueError(f"the coarse label map has no entry for class(es) {missing} of {str(folder)!r}. "
+                                 "Fix: map every class folder name to a coarse class name.")
+            fine = self.class_names
+            self.class_names = tuple(coarse_names) if coarse_names else tuple(sorted(set(relabel.values())))
+            self._map = [self.class_names.index(relabel[c]) for c in fine]
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self._set[self._idx[i]]
+        return x, int(y if self._map is None else self._map[y])
+
+
+def labelled_images(data: str, split: str, n: int | None, image_size: int, *, seed: int = 0) -> Dataset:
+    """A labelled split as images in [0, 1]: the bundled kshapes images or a folder.
+
+    Args:
+        data: ``"kshapes"`` (or its deprecated alias ``"sample"``) or a folder ``DIR`` with
+            ``DIR/<split>/<class>/*``.
+        split: ``"train"`` or ``"test"``.
+        n: number of images (kshapes: the first ``n`` of the split; a folder: a seeded subset).
+        image_size: side of the square images (kshapes renders at it; a folder is resized to it).
+        seed: kshapes' dataset seed, or the folder subset's seed.
+
+    Returns:
+        A Dataset of ``(image (3, S, S) float in [0, 1], label)`` with ``ids`` and ``class_names``.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"the number of {split} images must be >= 1; got {n}.")
+    if is_bundled(data):
+        from kcore.synthetic import KShapesDataset
+
+        count = n if n is not None else (2000 if split == "train" else 500)
+        spec = KShapesSpec(seed=seed, image_size=image_size, n_train=count if split == "train" else 0,
+                           n_test=count if split != "train" else 0)
+        return KShapesDataset(spec, split, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return FolderSplit(data, split, (image_size, image_size), n, seed)

@@ -37,7 +37,7 @@ def test_layers_lists_shapes_and_the_card_default(capsys):
 def test_fit_on_sample_models_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     # speed is measured by the benchmark (bench/), not here: a short schedule keeps CI quick
-    rc = main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--data", "sample", "--n-images", "160",
+    rc = main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--data", "kshapes", "--n-images", "160",
                "--epochs", "4", "--both-directions", "--out", str(out)])
     assert rc == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -93,7 +93,7 @@ def test_permuted_copy_is_zero_order_consistent(tmp_path):
         torch.testing.assert_close(perm(x), orig(x), rtol=1e-4, atol=1e-4)  # the function is unchanged
     out = tmp_path / "run"
     rc = main(["fit", "--a", str(STRONG), "--layer-a", "layer2.0.conv1", "--b", str(perm_path),
-               "--layer-b", "layer2.0.conv1", "--data", "sample", "--n-images", "120", "--epochs", "5",
+               "--layer-b", "layer2.0.conv1", "--data", "kshapes", "--n-images", "120", "--epochs", "5",
                "--out", str(out)])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

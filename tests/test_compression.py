@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -13,8 +14,8 @@ from torch.nn.utils import parametrize
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
-from kcore.experiments.compression import FitSettings, compression_study, study_data
+from kcore.experiments._common import FitSettings, read_study, state_fingerprint, study_data, unchanged, write_study
+from kcore.experiments.compression import compression_study
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
 from kcore.samples import train_classifier
 from kcore.synthetic import MEAN, STD
@@ -27,7 +28,7 @@ TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
 def tiny():
     """kshapes at 32 px, a few dozen images, and a kc_resnet trained for one epoch (seconds)."""
     torch.set_num_threads(2)
-    data = study_data("sample", image_size=32, n_train=40, n_test=20, n_images=30)
+    data = study_data("kshapes", image_size=32, n_train=40, n_test=20, n_images=30)
     model = train_classifier("kc_resnet", data.train, None, epochs=1, seed=0).model
     return data, model
 
@@ -205,7 +206,7 @@ def test_cli_writes_a_study_folder(tiny, tmp_path, capsys):
     assert folder.result["scope"] == "global" and folder.result["layer"] == "layer2"
     assert folder.provenance["checkpoint"]["sha256"] and "torch" in folder.provenance["versions"]
     assert len(folder.tables["compression"]) == 2
-    assert "[compression] r = 0.5" in capsys.readouterr().err
+    assert re.search(r"^\[compression +[0-9.]+s\] r = 0\.5:", capsys.readouterr().err, re.M)
     assert main(["compression", "--model", ckpt, "--out", str(out)]) == 2  # exists: no overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(["compression", "--model", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x")]) == 2

@@ -12,8 +12,7 @@ from PIL import Image
 
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import read_study, write_study
-from kcore.experiments.compression import FitSettings, study_data
+from kcore.experiments._common import FitSettings, read_study, study_data, write_study
 from kcore.experiments.cross_task import DIRECTIONS, cross_task_study, train_task_pair
 from kcore.synthetic import COARSE_OF_CLASS
 
@@ -24,14 +23,14 @@ TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
 def tiny():
     torch.set_num_threads(2)
     kw = dict(image_size=32, n_train=40, n_test=20, n_images=30)
-    fine, coarse = study_data("sample", labels="fine", **kw), study_data("sample", labels="coarse", **kw)
+    fine, coarse = study_data("kshapes", labels="fine", **kw), study_data("kshapes", labels="coarse", **kw)
     nets = train_task_pair("kc_resnet", fine, coarse, epochs=1, seed=0)
     return fine, coarse, nets
 
 
 def test_fine_and_coarse_data_are_the_same_images_with_two_labellings():
     kw = dict(image_size=32, n_train=10, n_test=10, n_images=10)
-    fine, coarse = study_data("sample", labels="fine", **kw), study_data("sample", labels="coarse", **kw)
+    fine, coarse = study_data("kshapes", labels="fine", **kw), study_data("kshapes", labels="coarse", **kw)
     assert fine.class_names != coarse.class_names and len(coarse.class_names) == 2
     # same images, labels of the two kinds
     assert fine.train.ids == coarse.train.ids
@@ -40,7 +39,7 @@ def test_fine_and_coarse_data_are_the_same_images_with_two_labellings():
 
 def test_train_task_pair_is_seeded():
     kw = dict(image_size=32, n_train=10, n_test=10, n_images=10)
-    fine, coarse = study_data("sample", labels="fine", **kw), study_data("sample", labels="coarse", **kw)
+    fine, coarse = study_data("kshapes", labels="fine", **kw), study_data("kshapes", labels="coarse", **kw)
     f1, c1 = train_task_pair("kc_resnet", fine, coarse, epochs=1, seed=5)
     f2, c2 = train_task_pair("kc_resnet", fine, coarse, epochs=1, seed=5)
     for a, b in ((f1.model, f2.model), (c1.model, c2.model)):
@@ -59,7 +58,7 @@ def test_the_two_nets_start_from_the_same_weights_except_the_classifier(monkeypa
 
     monkeypatch.setattr(kcore.samples, "train_classifier", untrained)
     kw = dict(image_size=32, n_train=10, n_test=10, n_images=10)
-    train_task_pair("kc_resnet", study_data("sample", **kw), study_data("sample", labels="coarse", **kw), epochs=1,
+    train_task_pair("kc_resnet", study_data("kshapes", **kw), study_data("kshapes", labels="coarse", **kw), epochs=1,
                     seed=5)
     fine, coarse = started[10], started[2]
     differ = sorted(k for k in fine if fine[k].shape != coarse[k].shape or not torch.equal(fine[k], coarse[k]))

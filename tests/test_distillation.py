@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -9,8 +10,7 @@ import torch
 
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
-from kcore.experiments.compression import FitSettings, study_data
+from kcore.experiments._common import FitSettings, read_study, state_fingerprint, study_data, unchanged, write_study
 from kcore.experiments.distillation import (
     StudentSettings, born_again_loss, distillation_study, kd_loss, train_born_again,
 )
@@ -23,7 +23,7 @@ TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
 @pytest.fixture(scope="module")
 def tiny():
     torch.set_num_threads(2)
-    data = study_data("sample", image_size=32, n_train=40, n_test=20, n_images=30)
+    data = study_data("kshapes", image_size=32, n_train=40, n_test=20, n_images=30)
     teacher = train_classifier("kc_resnet", data.train, None, epochs=1, seed=0).model
     return data, teacher
 
@@ -124,6 +124,6 @@ def test_cli_with_a_teacher_trained_from_scratch(tmp_path, capsys):
     assert folder.result["layer"] == "layer2" and len(folder.result["generations"]) == 2
     assert folder.provenance["teacher"]["trained"].startswith("here")
     assert folder.provenance["seeds"]["generations"] == [0, 10]
-    assert "[distillation] generation 1 (seed 10)" in capsys.readouterr().err
+    assert re.search(r"^\[distillation +[0-9.]+s\] generation 1 \(seed 10\)", capsys.readouterr().err, re.M)
     assert main(["distillation", "--teacher", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -9,9 +9,10 @@ import torch
 import kcore
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
-from kcore.experiments.families import labelled_images, pair_features, train_family
-from kcore.experiments.refinement import TrainConfig, component_sums, refine, train_upper
+from kcore.experiments._common import TrainConfig, pair_features, read_study, state_fingerprint, train_upper, unchanged, write_study
+from kcore.data import labelled_images
+from kcore.experiments.families import train_family
+from kcore.experiments.refinement import component_sums, refine
 from kcore.pipeline import model_transform
 
 TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), seed=0)

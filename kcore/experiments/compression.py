@@ -9,233 +9,27 @@ original that the compressed net discarded; the study reports Var(x^Δ) next to 
 Units: the fit's default ("paper") convention standardises x* per channel with statistics of the fit's
 training split. The target is the original net's features at every ratio, so the units (and Var(x*) ≈ 1)
 are the same for every point of the curve and Var(x^Δ) compares directly across ratios.
-
-This module also holds small helpers shared by the compression, distillation and cross-task studies
-(:func:`study_data`, :func:`fit_consistency`, :func:`consistency_row`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
+from kcore.experiments._common import (
+    FitSettings, Progress, StudyData, StudyRun, add_fit_args, checkpoint_provenance,
+    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection, say,
+    study_command, study_data,
+)
 from kcore.experiments.pruning import PRUNE_SCOPES, PruneScope, kept_pruned, prune_magnitude
-
-Progress = Callable[[str], None]
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.9, 0.95)
 DEFAULT_MODEL = "sample_models/kshapes_resnet_s0.safetensors"
-
-
-def _say(progress: Progress | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
-def stderr_progress(study: str) -> Progress:
-    """A progress callback that prints ``[study] message`` lines to stderr."""
-    def say(message: str) -> None:
-        print(f"[{study}] {message}", file=sys.stderr, flush=True)
-    return say
-
-
-# ------------------------------------------------------------------------------------------ shared: data
-class _FolderSplit(Dataset):
-    """Images of ``root/<class>/*`` (torchvision ImageFolder), resized and normalised, with ``ids``."""
-
-    def __init__(self, root: Path, input_size: tuple[int, int], mean: Sequence[float], std: Sequence[float],
-                 n: int | None, relabel: dict[str, str] | None, coarse_names: tuple[str, ...] | None):
-        from torchvision import datasets, transforms
-
-        self.folder = datasets.ImageFolder(str(root))
-        self.transform = transforms.Compose([transforms.Resize(tuple(input_size)), transforms.ToTensor(),
-                                             transforms.Normalize(list(mean), list(std))])
-        total = len(self.folder)
-        if n is not None and n < total:  # a seeded subset that covers every class, in a fixed order
-            idx = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
-        else:
-            idx = list(range(total))
-        self.index = idx
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.ids = tuple(os.path.relpath(self.folder.samples[i][0], root) for i in idx)
-        self.fine_names = tuple(self.folder.classes)
-        self._map = None
-        self.class_names = self.fine_names
-        if relabel is not None:
-            missing = sorted(set(self.fine_names) - set(relabel))
-            if missing:
-                raise ValueError(f"the coarse label map has no entry for class(es) {missing} of {str(root)!r}. "
-                                 "Fix: map every class folder name to a coarse class name.")
-            self.class_names = coarse_names or tuple(sorted(set(relabel.values())))
-            self._map = [self.class_names.index(relabel[c]) for c in self.fine_names]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.folder.samples[self.index[i]]
-        image = self.transform(self.folder.loader(path))
-        return image, (label if self._map is None else self._map[label])
-
-
-@dataclass(frozen=True, eq=False)
-class StudyData:
-    """The images of a study.
-
-    Attributes:
-        train: labelled training images (fine-tuning, training students).
-        test: labelled test images (accuracy).
-        images: the images whose features g_θ is fitted on and evaluated with (its own held-out split).
-        source: a description for provenance.
-        class_names: names of the labels.
-    """
-
-    train: Dataset
-    test: Dataset
-    images: Dataset
-    source: str
-    class_names: tuple[str, ...]
-
-
-def study_data(data: str = "sample", *, labels: str = "fine", image_size: int = 64, n_train: int = 800,
-               n_test: int = 500, n_images: int = 300, mean: Sequence[float] | None = None,
-               std: Sequence[float] | None = None, coarse_map: dict[str, str] | None = None) -> StudyData:
-    """Training, test and consistency images, from the embedded kshapes data or from a folder.
-
-    Args:
-        data: ``"sample"`` (kshapes, dataset seed 0: the first ``n_train`` images of its train split, the first
-            ``n_test`` of its test split, and the first ``n_images`` of its val split for the fits) or a folder
-            holding ``train/<class>/*`` and ``test/<class>/*`` (and optionally ``val/<class>/*``, else the
-            fits use test images) in torchvision ImageFolder layout.
-        labels: ``"fine"`` or ``"coarse"`` (kshapes: round vs angular; folders: through ``coarse_map``).
-        image_size: side of the images (kshapes), or of the resized folder images.
-        n_train, n_test, n_images: how many images of each part (a seeded subset of a folder's split).
-        mean, std: normalisation of the images (default: kshapes'; pass the model card's).
-        coarse_map: for folders with ``labels="coarse"``: fine class folder name → coarse class name.
-
-    Raises:
-        ValueError: bad sizes, a missing folder, or an incomplete coarse map.
-    """
-    from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
-
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("n_images", n_images)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer; got {v!r}.")
-    if labels not in ("fine", "coarse"):
-        raise ValueError(f"labels must be 'fine' or 'coarse'; got {labels!r}.")
-    norm = {"mean": tuple(mean or MEAN), "std": tuple(std or STD)}
-    if data == "sample":
-        spec = KShapesSpec(seed=0, image_size=image_size, n_train=n_train, n_test=max(n_test, n_images))
-        return StudyData(
-            KShapesDataset(spec, "train", labels, n=n_train, **norm),
-            KShapesDataset(spec, "test", labels, n=n_test, **norm),
-            KShapesDataset(spec, "val", labels, n=n_images, **norm),
-            f"kshapes ({spec.name}, {labels} labels): train[:{n_train}], test[:{n_test}], val[:{n_images}] for the fits",
-            KShapesDataset(spec, "test", labels, n=0).class_names)
-    root = Path(data)
-    for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise ValueError(f"data folder {str(root)!r} has no {part}/ subfolder. Fix: pass 'sample', or a folder "
-                             "with train/<class>/* and test/<class>/* images.")
-    relabel = None
-    if labels == "coarse":
-        if coarse_map is None:
-            raise ValueError("labels='coarse' on a folder needs coarse_map (fine class name -> coarse class name). "
-                             "Fix: pass --coarse-map FILE.json.")
-        relabel = dict(coarse_map)
-    size = (image_size, image_size)
-    mean, std = tuple(mean or MEAN), tuple(std or STD)
-    coarse_names = tuple(sorted(set(relabel.values()))) if relabel else None
-    parts = [_FolderSplit(root / p, size, mean, std, n, relabel, coarse_names)
-             for p, n in (("train", n_train), ("test", n_test))]
-    img_part = "val" if (root / "val").is_dir() else "test"
-    images = _FolderSplit(root / img_part, size, mean, std, n_images, relabel, coarse_names)
-    return StudyData(parts[0], parts[1], images, f"folder {root} ({labels} labels; fits on {img_part}/)",
-                     parts[0].class_names)
-
-
-def display_image(dataset: Dataset, i: int) -> np.ndarray:
-    """Item ``i`` of a study dataset as an (H, W, 3) uint8 image (for figures)."""
-    if hasattr(dataset, "raw"):
-        return dataset.raw(i)
-    x = dataset[i][0]
-    mean = torch.tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0))).view(-1, 1, 1)
-    std = torch.tensor(getattr(dataset, "std", (1.0, 1.0, 1.0))).view(-1, 1, 1)
-    return ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
-
-# ------------------------------------------------------------------------------------ shared: consistency
-@dataclass(frozen=True)
-class FitSettings:
-    """How each g_θ of a study is fitted (passed to :func:`kcore.fit` with the ``"fast"`` preset).
-
-    Attributes:
-        orders: K.
-        lam: λ of Eq. 2.
-        epochs: epochs of g_θ (taken literally).
-        seed: seed of the split, the initialisation and the batch order.
-    """
-
-    orders: int = 2
-    lam: float = 0.1
-    epochs: int = 10
-    seed: int = 0
-
-
-def fit_consistency(src: nn.Module, src_layer: str, tgt: nn.Module, tgt_layer: str, images: Dataset,
-                    settings: FitSettings, *, device: str | torch.device = "cpu", batch_size: int = 64):
-    """Fit g_θ from ``src``'s features at ``src_layer`` to ``tgt``'s at ``tgt_layer`` on ``images``.
-
-    Returns:
-        ``(FitResult, FeaturePair)``; the pair's ``x_a`` is the source (x), ``x_b`` the target (x*).
-    """
-    import kcore
-    from kcore.features import extract_features
-
-    feats = extract_features(src, src_layer, tgt, tgt_layer, images, batch_size=batch_size, device=device)
-    res = kcore.fit(feats.x_a, feats.x_b, orders=settings.orders, lam=settings.lam, epochs=settings.epochs,
-                    seed=settings.seed, device=device)
-    return res, feats
-
-
-def consistency_row(res: Any) -> dict[str, Any]:
-    """The held-out numbers of a fit as a flat row: Var per order, Var(x^Δ), Var(x*), instability, baselines."""
-    rep = res.heldout_report
-    row = {f"var_x{k}": float(v) for k, v in enumerate(rep.var_orders)}
-    row.update({
-        "var_residual": float(rep.var_residual), "var_target": float(rep.var_target),
-        "instability": float(rep.instability), "heldout_error": float(res.heldout_error),
-        "linear_r2": float(res.baseline.linear_r2), "cka": float(res.baseline.cka),
-    })
-    row.update({f"p{k + 1}": float(p) for k, p in enumerate(res.gates)})
-    return row
-
-
-def map_selection(res: Any, n_images: int) -> tuple[list[int], int]:
-    """Held-out image positions (the first ``n_images``) and the x* channel with the largest Var(x^Δ)."""
-    held = list(res.heldout_indices)[:n_images]
-    per = res.heldout_report.per_channel.var_residual
-    return held, int(np.argmax(per))
-
-
-def model_summary(model: nn.Module) -> dict[str, Any]:
-    """Parameter count and a hash of the weights (for provenance of models trained in memory)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return {"num_parameters": sum(p.numel() for p in model.parameters()), "weights_sha256": h.hexdigest()}
 
 
 # ------------------------------------------------------------------------------------------- the study
@@ -418,7 +212,7 @@ def compression_study(
     dev = resolve_device(device)
     original = _eval_copy(model, dev)
     acc0 = evaluate(original, data.test)
-    _say(progress, f"original net: test accuracy {acc0:.4f}")
+    say(progress, f"original net: test accuracy {acc0:.4f}")
     points, maps = [], (None, (), (), 0)
     for i, r in enumerate(ratios):
         pruned = prune_magnitude(original, r, scope)
@@ -435,7 +229,7 @@ def compression_study(
         res, feats = fit_consistency(net, layer, original, layer, data.images, fit, device=dev)
         row = consistency_row(res)
         points.append(CompressionPoint(r, pruned.n_weights, pruned.n_pruned, nonzero, acc_pruned, acc, row))
-        _say(progress, f"r = {r:g}: {pruned.n_pruned}/{pruned.n_weights} weights zeroed, accuracy {acc_pruned:.4f}"
+        say(progress, f"r = {r:g}: {pruned.n_pruned}/{pruned.n_weights} weights zeroed, accuracy {acc_pruned:.4f}"
                        + (f" -> {acc:.4f} after fine-tuning" if finetune_epochs else "")
                        + f"; Var(x^D) {row['var_residual']:.4g}, instability {row['instability']:.4f}")
         if r == max(ratios) and n_maps > 0 and maps[0] is None:
@@ -459,48 +253,6 @@ def _eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def load_checkpoint(path: str, what: str):
-    """Load a checkpoint for a study (``kcore.checkpoints.load_model``) with errors that name the option."""
-    from kcore.checkpoints import load_model
-
-    if not Path(path).is_file():
-        hint = (" The sample models are made by `python -m kcore.samples train --out sample_models`."
-                if "sample_models" in str(path) else "")
-        raise ValueError(f"{what} {path!r} does not exist.{hint} Fix: pass an existing checkpoint.")
-    return load_model(path)
-
-
-def checkpoint_provenance(m: Any, path: str, layer: str) -> dict[str, Any]:
-    """Name, hash, layer, architecture and accuracy of a loaded checkpoint."""
-    card = m.card
-    return {"name": m.name, "path": str(Path(path).resolve()), "sha256": m.sha256, "layer": layer,
-            "architecture": card.architecture if card else None, "num_parameters": m.num_parameters,
-            "card_test_accuracy": card.test_accuracy if card else None}
-
-
-def add_fit_args(p: argparse.ArgumentParser) -> None:
-    """The options of g_θ and of the consistency images, shared by the studies of this package."""
-    p.add_argument("--n-images", type=int, default=300, metavar="N",
-                   help="images whose features g_theta is fitted on (20%% held out for the numbers; default 300)")
-    p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K of g_theta (default 2)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.1, metavar="L", help="lambda of Eq. 2 (default 0.1)")
-    p.add_argument("--fit-epochs", type=int, default=10, metavar="E", help="epochs of each g_theta fit (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and fits (default 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder to write (atomically)")
-
-
-def fit_settings_from(args: argparse.Namespace) -> FitSettings:
-    return FitSettings(orders=args.orders, lam=args.lam, epochs=args.fit_epochs, seed=args.seed)
-
-
-def check_out(args: argparse.Namespace) -> None:
-    from kcore._io import check_out_dir
-
-    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
-
-
 def _parse_ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(t) for t in text.split(",") if t.strip())
@@ -524,19 +276,11 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--finetune-epochs", type=int, default=1, metavar="E",
                    help="fine-tuning epochs after pruning, pruned weights held at 0 (default 1; 0 = none)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of fine-tuning (default 0.01)")
-    p.add_argument("--data", default="sample", metavar="DIR|sample",
-                   help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
-    p.add_argument("--n-train", type=int, default=500, help="training images for fine-tuning (default 500)")
-    p.add_argument("--n-test", type=int, default=500, help="test images for the accuracy (default 500)")
-    add_fit_args(p)
-    p.set_defaults(handler=_cmd)
+    add_fit_args(p, n_train=500, train_help="for fine-tuning")
+    study_command(p, "compression", _compute, _report)
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from kcore.experiments._common import write_study
-
-    check_out(args)
-    say = stderr_progress("compression")
+def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     m = load_checkpoint(args.model, "--model")
     layer = args.layer or (m.card.default_layer if m.card else None)
     if not layer:
@@ -545,15 +289,15 @@ def _cmd(args: argparse.Namespace) -> int:
     size = tuple(m.card.input_size) if m.card and m.card.input_size else (64, 64)
     data = study_data(args.data, image_size=size[0], n_train=args.n_train, n_test=args.n_test, n_images=args.n_images,
                       mean=m.card.mean if m.card else None, std=m.card.std if m.card else None)
-    say(f"{m.name} [{m.short_hash}] layer {layer}; {data.source}")
+    progress(f"{m.name} [{m.short_hash}] layer {layer}; {data.source}")
     res = compression_study(m.model, layer, data, ratios=_parse_ratios(args.ratios), scope=args.scope,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            fit=fit_settings_from(args), seed=args.seed, device=args.device, progress=say)
+                            fit=fit_settings_from(args), seed=args.seed, device=args.device, progress=progress)
     prov = {"checkpoint": checkpoint_provenance(m, args.model, layer), "layers": {"pruned": layer, "original": layer},
-            "seeds": {"finetune": args.seed, "fit": args.seed}, "data": data.source,
-            "command": " ".join(["kcore", *sys.argv[1:]]) if sys.argv else ""}
-    out = write_study(args.out, "compression", res.as_dict(), res.tables(), res.figures(), prov, overwrite=args.overwrite)
+            "seeds": {"finetune": args.seed, "fit": args.seed}, "data": data.source}
+    return StudyRun(res, prov)
+
+
+def _report(res: CompressionResult) -> None:
     print(res.tables()["compression"][["ratio", "n_pruned", "accuracy_pruned", "accuracy", "var_residual",
                                        "instability"]].to_string(index=False))
-    print(f"wrote {out}")
-    return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,10 +27,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kcore.experiments.compression import (
-    FitSettings, Progress, StudyData, add_fit_args, check_out, checkpoint_provenance, consistency_row,
-    display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection, model_summary,
-    stderr_progress, study_data,
+from kcore.data import is_bundled
+from kcore.experiments._common import (
+    FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
+    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
+    model_summary, say, study_command, study_data,
 )
 
 DIRECTIONS: dict[str, str] = {
@@ -39,11 +39,6 @@ DIRECTIONS: dict[str, str] = {
     "coarse_to_fine": "x = coarse net, x* = fine net: x^Delta = what the fine net encodes that the coarse net lacks",
 }
 """The two directions of the study and what x^Δ means in each."""
-
-
-def _say(progress: Progress | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
 
 
 def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: int, seed: int, lr: float = 0.1,
@@ -68,13 +63,13 @@ def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: in
     net_c = build_model(arch, len(coarse.class_names)).to(dev)
     shared = {k: v for k, v in net_f.state_dict().items() if net_c.state_dict()[k].shape == v.shape}
     net_c.load_state_dict({**net_c.state_dict(), **shared})
-    _say(progress, f"training the fine net ({len(fine.class_names)} classes, {epochs} epochs, seed {seed})")
+    say(progress, f"training the fine net ({len(fine.class_names)} classes, {epochs} epochs, seed {seed})")
     opts = dict(epochs=epochs, seed=seed, lr=lr, optimizer=optimizer, weight_decay=weight_decay)
     res_f = train_classifier(net_f, fine.train, fine.test, **opts)
-    _say(progress, f"fine net: test accuracy {res_f.test_accuracy:.4f}")
-    _say(progress, f"training the coarse net ({len(coarse.class_names)} classes, {epochs} epochs, seed {seed})")
+    say(progress, f"fine net: test accuracy {res_f.test_accuracy:.4f}")
+    say(progress, f"training the coarse net ({len(coarse.class_names)} classes, {epochs} epochs, seed {seed})")
     res_c = train_classifier(net_c, coarse.train, coarse.test, **opts)
-    _say(progress, f"coarse net: test accuracy {res_c.test_accuracy:.4f}")
+    say(progress, f"coarse net: test accuracy {res_c.test_accuracy:.4f}")
     return res_f, res_c
 
 
@@ -191,7 +186,7 @@ def cross_task_study(
         pred = np.asarray(fine_to_coarse)[predict(fine, fine_test)]
         labels = np.array([int(coarse_test[i][1]) for i in range(len(coarse_test))])
         acc_fc = float((pred == labels).mean())
-    _say(progress, f"accuracy: fine net {acc_f:.4f} (fine labels), coarse net {acc_c:.4f} (coarse labels), "
+    say(progress, f"accuracy: fine net {acc_f:.4f} (fine labels), coarse net {acc_c:.4f} (coarse labels), "
                    f"fine net mapped to coarse {acc_fc:.4f}")
     rows, maps, channels, held, feats0 = {}, {}, {}, [], None
     pairs = {"fine_to_coarse": (fine, coarse), "coarse_to_fine": (coarse, fine)}
@@ -203,7 +198,7 @@ def cross_task_study(
             pos = torch.as_tensor(held)
             maps[key] = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
             feats0 = feats
-        _say(progress, f"{key}: Var(x^D) {rows[key]['var_residual']:.4g}, Var(x*) {rows[key]['var_target']:.4g}, "
+        say(progress, f"{key}: Var(x^D) {rows[key]['var_residual']:.4g}, Var(x*) {rows[key]['var_target']:.4g}, "
                        f"instability {rows[key]['instability']:.4f}")
     map_images = tuple(display_image(images, j) for j in held) if maps else ()
     map_ids = tuple(feats0.image_ids[j] for j in held) if maps else ()
@@ -225,31 +220,16 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--fine", default=None, metavar="CKPT", help="a trained fine-task net (with --coarse; default: "
                    "train both here)")
     p.add_argument("--coarse", default=None, metavar="CKPT", help="a trained coarse-task net (with --fine)")
-    p.add_argument("--arch", default="kc_resnet", help="architecture of the nets trained here (default kc_resnet)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs of each net trained here (default 5)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of training (default 0.1)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
-                   help="optimiser of both nets (default sgd; the sample models use adamw with --lr 0.003 "
-                   "--weight-decay 0.0001)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 0.0005)")
-    p.add_argument("--image-size", type=int, default=32, help="image size for nets trained here (default 32)")
-    p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
-    p.add_argument("--data", default="sample", metavar="DIR|sample",
-                   help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
+    add_recipe_args(p, epochs=5, nets="the two nets trained here")
     p.add_argument("--coarse-map", default=None, metavar="JSON",
                    help="with a folder: JSON object mapping each class folder name to a coarse class name")
-    p.add_argument("--n-train", type=int, default=2000, help="training images of each net (default 2000)")
-    p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
-    add_fit_args(p)
-    p.set_defaults(handler=_cmd)
+    add_fit_args(p, n_train=2000, train_help="of each net")
+    study_command(p, "cross_task", _compute, _report)
 
 
-def _cmd(args: argparse.Namespace) -> int:
-    from kcore.experiments._common import write_study
+def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     from kcore.synthetic import COARSE_OF_CLASS
 
-    check_out(args)
-    say = stderr_progress("cross-task")
     if (args.fine is None) != (args.coarse is None):
         raise ValueError("--fine and --coarse go together. Fix: pass both checkpoints, or neither to train both here.")
     coarse_map = None
@@ -269,7 +249,7 @@ def _cmd(args: argparse.Namespace) -> int:
               coarse_map=coarse_map)
     fine_data = study_data(args.data, labels="fine", **kw)
     coarse_data = study_data(args.data, labels="coarse", **kw)
-    if args.data == "sample":
+    if is_bundled(args.data):
         mapping = list(COARSE_OF_CLASS)
     elif coarse_map is not None:
         mapping = [coarse_data.class_names.index(coarse_map[c]) for c in fine_data.class_names]
@@ -278,7 +258,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if loaded is None:
         res_f, res_c = train_task_pair(args.arch, fine_data, coarse_data, epochs=args.epochs, seed=args.seed,
                                        lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                                       device=args.device, progress=say)
+                                       device=args.device, progress=progress)
         fine, coarse = res_f.model, res_c.model
         layer = args.layer or "layer2"
         prov_nets: dict[str, Any] = {"trained": "here", "architecture": args.arch, "epochs": args.epochs,
@@ -291,14 +271,15 @@ def _cmd(args: argparse.Namespace) -> int:
             raise ValueError("--layer is required: the --fine checkpoint has no model card with a default_layer.")
         prov_nets = {"fine": checkpoint_provenance(loaded[0], args.fine, layer),
                      "coarse": checkpoint_provenance(loaded[1], args.coarse, layer)}
-    say(f"comparing layer {layer} on {len(fine_data.images)} images ({fine_data.source})")
+    progress(f"comparing layer {layer} on {len(fine_data.images)} images ({fine_data.source})")
     res = cross_task_study(fine, coarse, layer, fine_data.images, fine_test=fine_data.test,
                            coarse_test=coarse_data.test, fine_to_coarse=mapping, fit=fit_settings_from(args),
-                           device=args.device, progress=say)
-    prov = {"networks": prov_nets, "layers": {"fine": layer, "coarse": layer}, "seeds": {"train": args.seed,
-            "fit": args.seed}, "data": fine_data.source, "command": " ".join(["kcore", *sys.argv[1:]]) if sys.argv else ""}
-    out = write_study(args.out, "cross_task", res.as_dict(), res.tables(), res.figures(), prov, overwrite=args.overwrite)
+                           device=args.device, progress=progress)
+    prov = {"networks": prov_nets, "layers": {"fine": layer, "coarse": layer},
+            "seeds": {"train": args.seed, "fit": args.seed}, "data": fine_data.source}
+    return StudyRun(res, prov)
+
+
+def _report(res: CrossTaskResult) -> None:
     print(res.tables()["directions"][["direction", "var_residual", "var_target", "instability"]].to_string(index=False))
     print(f"fine net reconstructs more of the coarse net than vice versa: {res.fine_reconstructs_more}")
-    print(f"wrote {out}")
-    return 0

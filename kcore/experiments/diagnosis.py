@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -37,14 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from kcore.checkpoints import LoadedModel
-from kcore.experiments._common import write_study
-from kcore.experiments.families import (
-    Progress, as_jsonable, input_shape, labelled_images, layer_of, pair_features, say, source_revision,
-    stderr_progress,
-)
-from kcore.experiments.refinement import (
-    ArmResult, TrainConfig, accuracy_figure, add_training_arguments, arms_table, command_line, fit_summary,
-    load_checkpoint, model_info, train_config_from, train_upper,
+from kcore.experiments._common import (
+    ArmResult, Progress, StudyRun, TrainConfig, accuracy_figure, add_pair_arguments, add_training_arguments,
+    arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say, study_command,
+    train_config_from, train_test_features, train_test_images, train_upper,
 )
 
 ClassifierInit = Literal["fresh", "trained"]
@@ -374,10 +369,8 @@ def diagnose(
     la, lb = layer_of(weak, layer_weak, "layer_weak"), layer_of(strong, layer_strong, "layer_strong")
     say(progress, f"features: weak {weak.name}:{la}, strong {strong.name}:{lb}; {len(train_images)} train + "
                   f"{len(test_images)} test images")
-    tr = pair_features(weak, la, strong, lb, train_images, device=device)
-    te = pair_features(weak, la, strong, lb, test_images, device=device)
-    if tr.labels is None or te.labels is None:
-        raise ValueError("the images came without labels; the accuracy checks need (image, label) pairs.")
+    tr, te = train_test_features(weak, la, strong, lb, train_images, test_images, device=device,
+                                 needed_by="the accuracy checks")
     xa_tr, xb_tr, xa_te, xb_te = tr.x_a.float(), tr.x_b.float(), te.x_a.float(), te.x_b.float()
     fits = {}
     for key, (src_tr, tgt_tr) in {"blind_spots": (xa_tr, xb_tr), "unreliable": (xb_tr, xa_tr)}.items():
@@ -445,46 +438,34 @@ def add_cli(sub: Any) -> None:
         "layers on x_A, g(x_A), g(x_A) + blind spots and x_A - unreliable features (same init seed, optimiser, "
         "epochs and batch order). Writes accuracy.csv, checks.csv, variances.csv, maps.csv, maps.png, "
         "accuracy.png, result.json and provenance.json into RUN_DIR.")
-    p.add_argument("--weak", default=WEAK, metavar="CKPT", help=f"weak network A (default {WEAK})")
-    p.add_argument("--strong", default=STRONG, metavar="CKPT", help=f"strong network B (default {STRONG})")
-    p.add_argument("--layer-weak", default=None, help="layer of the weak net (default: its card's)")
-    p.add_argument("--layer-strong", default=None, help="layer of the strong net (default: its card's)")
+    add_pair_arguments(p, ("weak", "strong"), (WEAK, STRONG), ("the weak network A", "the strong network B"))
     p.add_argument("--classifier-init", default="fresh", choices=sorted(CLASSIFIER_INITS),
                    help="fresh (default): re-initialised upper layers; trained: the weak net's own")
     p.add_argument("--repeats", type=int, default=3, metavar="R",
                    help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 3)")
     p.add_argument("--n-maps", type=int, default=4, help="test images in the maps figure (default 4)")
     add_training_arguments(p, epochs=60, lr=3e-3, lr_final=3e-5, n_train=2000, convention="authors")
-    p.set_defaults(handler=_cmd_diagnosis)
+    study_command(p, "diagnosis", _compute, _report, device="cpu")
 
 
-def _cmd_diagnosis(args: argparse.Namespace) -> int:
-    from kcore._io import check_out_dir
-
-    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = stderr_progress("diagnosis")
+def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
     weak, strong = load_checkpoint(args.weak, "--weak"), load_checkpoint(args.strong, "--strong")
-    size = max(input_shape(weak)[1], input_shape(strong)[1])
-    train_images = labelled_images(args.data, "train", args.n_train, size)
-    test_images = labelled_images(args.data, "test", args.n_test, size)
+    train_images, test_images = train_test_images(args, max(input_shape(weak)[1], input_shape(strong)[1]))
     res = diagnose(weak, strong, train_images, test_images, layer_weak=args.layer_weak,
                    layer_strong=args.layer_strong, orders=args.orders, lam=args.lam, fit_epochs=args.fit_epochs,
                    convention=args.convention,
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
                    seed=args.seed, device=args.device, data=args.data, progress=log)
-    prov = {"command": command_line(), "source": source_revision(),
-            "checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
+    prov = {"checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
-            "n_train": res.n_train, "n_test": res.n_test, "device": args.device, "threads": torch.get_num_threads()}
-    out = write_study(args.out, "diagnosis", res.as_dict(), res.tables(), res.figures(), prov,
-                      overwrite=args.overwrite)
+            "n_train": res.n_train, "n_test": res.n_test}
+    return StudyRun(res, prov)
+
+
+def _report(res: DiagnosisResult) -> None:
     for key in ("blind_spots", "unreliable"):
         print(key + ": " + ", ".join(f"{k} {v:+.4f}" if k.startswith("gain") else f"{k} {v:.4f}"
                                      for k, v in res.experiments[key].items()))
     print(f"Var(x^Δ)/Var(x*) on test images: blind spots {res.blind_spots['instability']:.4f}, "
           f"unreliable {res.unreliable['instability']:.4f}")
-    print(f"wrote {out}")
-    return 0

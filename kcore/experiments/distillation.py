@@ -19,20 +19,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from kcore.experiments.compression import (
-    DEFAULT_MODEL, FitSettings, Progress, StudyData, add_fit_args, check_out, checkpoint_provenance,
+from kcore.experiments._common import (
+    FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
     consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
-    model_summary, stderr_progress, study_data,
+    model_summary, say, study_command, study_data,
 )
+
+SAMPLE_TEACHER = "sample_models/kshapes_resnet_s0.safetensors"
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0) -> Tensor:
@@ -337,7 +338,7 @@ def distillation_study(
     nets = [copy.deepcopy(teacher).to(dev).eval()]
     info = [(teacher_seed, ())]
     accs = [evaluate(nets[0], data.test)]
-    _say(progress, f"generation 0 (teacher): test accuracy {accs[0]:.4f}")
+    say(progress, f"generation 0 (teacher): test accuracy {accs[0]:.4f}")
     for g in range(1, generations + 1):
         s = seed + 10 * g
         torch.manual_seed(s)
@@ -346,7 +347,7 @@ def distillation_study(
         nets.append(net)
         info.append((s, losses))
         accs.append(evaluate(net, data.test))
-        _say(progress, f"generation {g} (seed {s}): final loss {losses[-1]:.4f}, test accuracy {accs[-1]:.4f}")
+        say(progress, f"generation {g} (seed {s}): final loss {losses[-1]:.4f}, test accuracy {accs[-1]:.4f}")
     rows: list[dict] = []
     maps, target, images, ids, channel = [], None, (), (), 0
     for i in range(generations):
@@ -360,7 +361,7 @@ def distillation_study(
             dec = res.decompose(feats.x_a[torch.as_tensor(held)].float(), feats.x_b[torch.as_tensor(held)].float())
             maps.append(dec.residual)
             target = dec.target
-        _say(progress, f"generation {i} -> {generations}: Var(x^D) {rows[-1]['var_residual']:.4g}, "
+        say(progress, f"generation {i} -> {generations}: Var(x^D) {rows[-1]['var_residual']:.4g}, "
                        f"instability {rows[-1]['instability']:.4f}")
     rows.append({})
     gens = tuple(Generation(g, info[g][0], accs[g], tuple(info[g][1]), rows[g]) for g in range(generations + 1))
@@ -373,11 +374,6 @@ def distillation_study(
     return DistillationResult(layer, gens, tuple(maps), target, images, ids, channel, settings)
 
 
-def _say(progress: Progress | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
-
-
 # --------------------------------------------------------------------------------------------------- CLI
 def add_cli(sub: Any) -> None:
     """Register ``kcore distillation``."""
@@ -388,36 +384,21 @@ def add_cli(sub: Any) -> None:
         "earlier generation's features to the newest generation's: Var(x^Delta) = blind spots of generation i.")
     p.add_argument("--teacher", default="scratch", metavar="scratch|sample|CKPT",
                    help="generation 0: 'scratch' (default: trained here with cross-entropy only and the students' "
-                   f"recipe, seed --seed), 'sample' ({DEFAULT_MODEL}) or a checkpoint with a model card")
-    p.add_argument("--arch", default="kc_resnet", help="architecture with --teacher scratch (default kc_resnet)")
+                   f"recipe, seed --seed), 'sample' ({SAMPLE_TEACHER}) or a checkpoint with a model card")
     p.add_argument("--teacher-epochs", type=int, default=None,
                    help="epochs of a --teacher scratch (default: --epochs, the born-again setting of equal budgets)")
-    p.add_argument("--image-size", type=int, default=32, help="image size with --teacher scratch (default 32)")
-    p.add_argument("--layer", default=None, help="layer to compare (default: the card's default_layer, or layer2)")
     p.add_argument("--generations", type=int, default=3, help="born-again generations after the teacher (default 3)")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs per generation (default 4)")
     p.add_argument("--lambd", type=float, default=0.5, help="weight lambda of the KD term (default 0.5)")
     p.add_argument("--tau", type=float, default=1.0, help="temperature tau (default 1)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of every generation (default 0.1)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
-                   help="optimiser of every generation (default sgd; the sample models use adamw with --lr 0.003 "
-                   "--weight-decay 0.0001)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 0.0005)")
-    p.add_argument("--data", default="sample", metavar="DIR|sample",
-                   help="'sample' (kshapes) or a folder with train/<class>/ and test/<class>/ images")
-    p.add_argument("--n-train", type=int, default=2000, help="training images of every generation (default 2000)")
-    p.add_argument("--n-test", type=int, default=500, help="test images for the accuracies (default 500)")
-    add_fit_args(p)
-    p.set_defaults(handler=_cmd)
+    add_recipe_args(p, epochs=4, nets="every generation (arch, image size: with --teacher scratch)")
+    add_fit_args(p, n_train=2000, train_help="of every generation")
+    study_command(p, "distillation", _compute, _report)
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     from kcore.architectures import build_model
-    from kcore.experiments._common import write_study
     from kcore.samples import train_classifier
 
-    check_out(args)
-    say = stderr_progress("distillation")
     student = StudentSettings(epochs=args.epochs, lambd=args.lambd, tau=args.tau, lr=args.lr,
                               weight_decay=args.weight_decay, optimizer=args.optimizer)
     teacher_epochs = args.teacher_epochs or args.epochs
@@ -427,7 +408,7 @@ def _cmd(args: argparse.Namespace) -> int:
                                         "epochs": teacher_epochs, "seed": args.seed, "lr": args.lr,
                                         "optimizer": args.optimizer, "weight_decay": args.weight_decay}
     else:
-        path = DEFAULT_MODEL if args.teacher == "sample" else args.teacher
+        path = SAMPLE_TEACHER if args.teacher == "sample" else args.teacher
         m = load_checkpoint(path, "--teacher")
         card = m.card
         if card is None or not card.architecture or not card.num_classes:
@@ -438,7 +419,7 @@ def _cmd(args: argparse.Namespace) -> int:
                       mean=card.mean if card else None, std=card.std if card else None)
     num_classes = len(data.class_names) if card is None else card.num_classes
     if args.teacher == "scratch":
-        say(f"training the teacher ({arch}, {teacher_epochs} epochs, seed {args.seed}) on {data.source}")
+        progress(f"training the teacher ({arch}, {teacher_epochs} epochs, seed {args.seed}) on {data.source}")
         teacher = train_classifier(arch, data.train, None, epochs=teacher_epochs, seed=args.seed,
                                    num_classes=num_classes, lr=args.lr, optimizer=args.optimizer,
                                    weight_decay=args.weight_decay).model
@@ -449,16 +430,15 @@ def _cmd(args: argparse.Namespace) -> int:
         prov_teacher = checkpoint_provenance(m, path, layer)
         if not layer:
             raise ValueError("--layer is required: the teacher's card has no default_layer.")
-    say(f"teacher: {arch}, layer {layer}; {data.source}")
+    progress(f"teacher: {arch}, layer {layer}; {data.source}")
     res = distillation_study(teacher, layer, data, lambda: build_model(arch, num_classes), generations=args.generations,
                              student=student, fit=fit_settings_from(args), seed=args.seed, device=args.device,
-                             teacher_seed=args.seed if args.teacher == "scratch" else None, progress=say)
+                             teacher_seed=args.seed if args.teacher == "scratch" else None, progress=progress)
     prov = {"teacher": prov_teacher, "architecture": arch, "layers": {"all generations": layer},
-            "seeds": {"generations": res.settings["seeds"], "fit": args.seed}, "data": data.source,
-            "command": " ".join(["kcore", *sys.argv[1:]]) if sys.argv else ""}
-    out = write_study(args.out, "distillation", res.as_dict(), res.tables(), res.figures(), prov,
-                      overwrite=args.overwrite)
+            "seeds": {"generations": res.settings["seeds"], "fit": args.seed}, "data": data.source}
+    return StudyRun(res, prov)
+
+
+def _report(res: DistillationResult) -> None:
     cols = ["generation", "accuracy", "var_residual", "instability"]
     print(res.tables()["generations"].reindex(columns=cols).to_string(index=False))
-    print(f"wrote {out}")
-    return 0

@@ -1,8 +1,8 @@
 """Families of networks for the studies: train N networks that differ only in seed (or training half).
 
-Also the labelled image splits and per-layer features that the diagnosis, stability and refinement studies
-share. Images handed to the networks are RGB in [0, 1]; each network's model card resizes and normalises
-them (:func:`kcore.pipeline.model_transform`), as in the pipeline.
+A tool of the stability study (not a study itself): it imports only :mod:`kcore.experiments._common` and
+the core. The labelled images are RGB in [0, 1] (:func:`kcore.data.labelled_images`); they are normalised
+for training with the family's mean and std, which every member's model card records.
 
 Command line (registered by :mod:`kcore.experiments.stability`)::
 
@@ -15,22 +15,24 @@ initialisations on the same data; case 2, two networks trained on disjoint halve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import Dataset
 
+from kcore._io import check_out_dir
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.checkpoints import LoadedModel, load_model
+from kcore.data import BUNDLED_DATA, is_bundled, labelled_images
+from kcore.experiments._common import (
+    Normalized, Progress, Subset, add_output_arguments, say, stderr_progress, torch_threads,
+)
 
 FAMILY_FORMAT = "kcore-family/1"
 Optimizer = Literal["sgd", "adamw"]
@@ -42,125 +44,6 @@ RECIPES: dict[str, tuple[Optimizer, float, float]] = {
 }
 #: recipe for any other architecture (torchvision's, trained from scratch)
 DEFAULT_RECIPE: tuple[Optimizer, float, float] = ("sgd", 0.01, 1e-4)
-
-Progress = Callable[[str], None]
-
-
-def say(progress: Progress | None, message: str) -> None:
-    """Send one progress line, if anyone listens."""
-    if progress is not None:
-        progress(message)
-
-
-def stderr_progress(prefix: str) -> Progress:
-    """A progress callback printing ``[prefix] message`` lines to stderr."""
-    t0 = time.perf_counter()
-
-    def out(message: str) -> None:
-        print(f"[{prefix} {time.perf_counter() - t0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ images
-class FolderImages(Dataset):
-    """``ROOT/<split>/<class>/<image>`` as ``(image (3, H, W) in [0, 1], label)`` with ``ids`` and ``class_names``.
-
-    Args:
-        root: the folder holding one subfolder per split.
-        split: ``"train"`` or ``"test"`` (or any subfolder name).
-        size: (H, W) every image is resized to.
-        n: use ``n`` images (a seeded random subset, in folder order); default all.
-        seed: seed of the subset.
-    """
-
-    def __init__(self, root: str | Path, split: str, size: tuple[int, int], n: int | None = None, seed: int = 0):
-        from torchvision import datasets, transforms
-
-        folder = Path(root) / split
-        if not folder.is_dir():
-            raise ValueError(
-                f"data folder {str(folder)!r} does not exist. Fix: pass --data DIR with DIR/train/<class>/*.jpg "
-                "and DIR/test/<class>/*.jpg, or --data kshapes for the embedded images."
-            )
-        self._set = datasets.ImageFolder(
-            str(folder), transform=transforms.Compose([transforms.Resize(tuple(size)), transforms.ToTensor()])
-        )
-        total = len(self._set)
-        if n is not None and n < total:
-            perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-            self._idx = sorted(int(i) for i in perm)
-        else:
-            self._idx = list(range(total))
-        self.class_names = tuple(self._set.classes)
-        self.ids = tuple(str(Path(self._set.samples[i][0]).relative_to(root)) for i in self._idx)
-
-    def __len__(self) -> int:
-        return len(self._idx)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        x, y = self._set[self._idx[i]]
-        return x[:3] if x.shape[0] >= 3 else x.expand(3, -1, -1), int(y)
-
-
-def labelled_images(data: str, split: str, n: int | None, image_size: int, *, seed: int = 0) -> Dataset:
-    """A labelled split as images in [0, 1]: ``"kshapes"`` (embedded, procedural) or a folder.
-
-    Args:
-        data: ``"kshapes"`` or a folder ``DIR`` with ``DIR/<split>/<class>/*``.
-        split: ``"train"`` or ``"test"``.
-        n: number of images (kshapes: the first ``n`` of the split; a folder: a seeded subset).
-        image_size: side of the square images (kshapes renders at it; a folder is resized to it).
-        seed: kshapes' dataset seed, or the folder subset's seed.
-
-    Returns:
-        A Dataset of ``(image (3, S, S) float in [0, 1], label)`` with ``ids`` and ``class_names``.
-    """
-    if n is not None and n < 1:
-        raise ValueError(f"the number of {split} images must be >= 1; got {n}.")
-    if data == "kshapes":
-        from kcore.synthetic import KShapesDataset, KShapesSpec
-
-        count = n if n is not None else (2000 if split == "train" else 500)
-        spec = KShapesSpec(seed=seed, image_size=image_size, n_train=count if split == "train" else 0,
-                           n_test=count if split != "train" else 0)
-        return KShapesDataset(spec, split, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    return FolderImages(data, split, (image_size, image_size), n, seed)
-
-
-class Normalized(Dataset):
-    """A [0, 1] image dataset normalised with a per-channel mean and std (for training)."""
-
-    def __init__(self, base: Dataset, mean: Sequence[float], std: Sequence[float]):
-        self.base = base
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.class_names = getattr(base, "class_names", None)
-        self.ids = getattr(base, "ids", None)
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        x, y = self.base[i]
-        return (x - self.mean) / self.std, y
-
-
-class Subset(Dataset):
-    """Items ``indices`` of a dataset, keeping ``ids`` and ``class_names``."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int]):
-        self.base, self.indices = base, [int(i) for i in indices]
-        ids = getattr(base, "ids", None)
-        self.ids = tuple(ids[i] for i in self.indices) if ids is not None else None
-        self.class_names = getattr(base, "class_names", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.base[self.indices[i]]
-
 
 def dataset_labels(images: Dataset) -> list[int]:
     """Every label of a dataset (without rendering kshapes images)."""
@@ -187,50 +70,6 @@ def disjoint_halves(labels: Sequence[int], seed: int = 0) -> tuple[list[int], li
         first += [idx[j] for j in perm[:half]]
         second += [idx[j] for j in perm[half:]]
     return sorted(first), sorted(second)
-
-
-# ---------------------------------------------------------------------------------------------- features
-def input_shape(model: LoadedModel, default: int = 224) -> tuple[int, int, int]:
-    """(3, H, W) of the model's input, from its card (else ``default`` square)."""
-    if model.card is not None and model.card.input_size:
-        return (3, int(model.card.input_size[0]), int(model.card.input_size[1]))
-    return (3, default, default)
-
-
-def layer_of(model: LoadedModel, layer: str | None, argument: str = "layer") -> str:
-    """``layer``, or the card's default layer; a ValueError that names the fix when there is none."""
-    from kcore.features import validate_layer
-
-    if layer is None:
-        layer = model.card.default_layer if model.card is not None else None
-        if layer is None:
-            raise ValueError(
-                f"{argument} is required for {model.name!r}: its model card names no default_layer. "
-                f"Fix: pass {argument} (see `kcore layers {model.name}`)."
-            )
-    validate_layer(model.model, layer)
-    return layer
-
-
-def pair_features(a: LoadedModel, layer_a: str, b: LoadedModel, layer_b: str, images: Dataset, *,
-                  device: str | torch.device = "cpu", batch_size: int = 64):
-    """A's and B's features at one layer each for ``images`` (a :class:`kcore.features.FeaturePair` with labels)."""
-    from kcore.features import extract_features
-    from kcore.pipeline import model_transform
-
-    ta = model_transform(a.card)
-    tb = ta if a is b else model_transform(b.card)
-    return extract_features(a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=device,
-                            transform_a=ta, transform_b=tb)
-
-
-def single_features(m: LoadedModel, layer: str, images: Dataset, *, device: str | torch.device = "cpu",
-                    batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """One model's features (N, C, H, W) at ``layer`` and the labels (N,) for ``images``."""
-    fp = pair_features(m, layer, m, layer, images, device=device, batch_size=batch_size)
-    if fp.labels is None:
-        raise ValueError("images came without labels; the studies need (image, label) pairs.")
-    return fp.x_a.float(), fp.labels
 
 
 # ---------------------------------------------------------------------------------------------- families
@@ -314,7 +153,7 @@ def train_family(
     n_train: int = 4000,
     n_test: int = 200,
     image_size: int = 32,
-    data: str = "kshapes",
+    data: str = BUNDLED_DATA,
     data_seed: int = 0,
     split_seed: int = 0,
     optimizer: Optimizer | None = None,
@@ -363,7 +202,8 @@ def train_family(
         weight_decay if weight_decay is not None else wd0)
     train_raw = labelled_images(data, "train", n_train, image_size, seed=data_seed)
     test_raw = labelled_images(data, "test", n_test, image_size, seed=data_seed)
-    mean, std = (MEAN, STD) if data == "kshapes" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    bundled = is_bundled(data)
+    mean, std = (MEAN, STD) if bundled else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_set, test_set = Normalized(train_raw, mean, std), Normalized(test_raw, mean, std)
     class_names = tuple(train_raw.class_names)  # type: ignore[attr-defined]
     parts: list[tuple[int | None, Dataset]] = [(None, train_set)] * len(seeds)
@@ -373,7 +213,7 @@ def train_family(
     from kcore.zoo import DEFAULT_LAYERS
 
     default_layer = DEFAULT_LAYERS[arch].name if arch in DEFAULT_LAYERS else None
-    dataset_name = (train_raw.spec.name if data == "kshapes" else f"folder {data}")  # type: ignore[attr-defined]
+    dataset_name = (train_raw.spec.name if bundled else f"folder {data}")  # type: ignore[attr-defined]
     members = []
     for seed, (half, subset) in zip(seeds, parts):
         name = f"{arch}_s{seed}" + (f"_half{half}" if half is not None else "")
@@ -433,8 +273,8 @@ def add_family_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-test", type=int, default=200, metavar="N",
                    help="test images for each network's accuracy (default 200)")
     p.add_argument("--image-size", type=int, default=32, metavar="S", help="image side in pixels (default 32)")
-    p.add_argument("--data", default="kshapes", metavar="kshapes|DIR",
-                   help="'kshapes' (embedded, default) or a folder DIR/{train,test}/<class>/*")
+    p.add_argument("--data", default=BUNDLED_DATA, metavar=f"{BUNDLED_DATA}|DIR",
+                   help=f"'{BUNDLED_DATA}' (the bundled images, default) or a folder DIR/{{train,test}}/<class>/*")
     p.add_argument("--data-seed", type=int, default=0, help="kshapes' dataset seed, or a folder subset's seed")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per architecture)")
 
@@ -454,47 +294,17 @@ def add_cli(sub: Any) -> None:
                        "(case 1 of Sec. 4.2), or two on disjoint halves (--halves, case 2); write weights, model "
                        "cards and family.json into OUT.")
     add_family_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--overwrite", action="store_true", help="write into OUT even if it exists")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_output_arguments(p, metavar="DIR", help="output folder", overwrite_help="write into DIR even if it exists")
     p.set_defaults(handler=_cmd_train_family)
 
 
 def _cmd_train_family(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {str(out)!r} already exists. Fix: choose a new folder or pass --overwrite.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    fam = family_from_args(args, stderr_progress("train-family"))
+    check_out_dir(out, overwrite=args.overwrite, flag="--out")
+    with torch_threads(args.threads):
+        fam = family_from_args(args, stderr_progress("train-family"))
     fam.save(out)
     for m in fam.members:
         print(f"{m.name}: test accuracy {m.test_accuracy:.4f}  sha256 {m.sha256[:12]}")
     print(f"wrote {out}/family.json")
     return 0
-
-
-def source_revision() -> dict:
-    """The git commit of the kcore checkout and whether its kcore/ files differ from it (empty outside git)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kcore"], cwd=root, capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": commit, "kcore_modified": bool(dirty)}
-
-
-def as_jsonable(obj: Any) -> Any:
-    """Dataclasses and tuples as plain JSON values."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {k: as_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {str(k): as_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [as_jsonable(v) for v in obj]
-    return obj

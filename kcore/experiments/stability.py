@@ -23,7 +23,6 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -31,8 +30,9 @@ from torch import Tensor
 
 from kcore.checkpoints import LoadedModel
 from kcore.experiments import families
-from kcore.experiments._common import write_study
-from kcore.experiments.families import Progress, as_jsonable, labelled_images, say, source_revision, stderr_progress
+from kcore.experiments._common import (
+    Progress, StudyRun, as_jsonable, labelled_images, layer_of, load_checkpoint, say, single_features, study_command,
+)
 from kcore.metrics import VarianceAccumulator, VarianceReport
 
 Case = Literal["seeds", "halves"]
@@ -52,7 +52,7 @@ def default_layers(model: LoadedModel) -> list[str]:
     arch = model.card.architecture if model.card is not None else None
     if arch in STAGES:
         return list(STAGES[arch])
-    return [families.layer_of(model, None, "layers")]
+    return [layer_of(model, None, "layers")]
 
 
 @dataclass(frozen=True)
@@ -270,11 +270,11 @@ def stability(
     layer_list = list(layers) if layers else default_layers(models[0])
     for m in models:
         for layer in layer_list:
-            families.layer_of(m, layer, "layers")
+            layer_of(m, layer, "layers")
     directions: list[DirectionResult] = []
     for layer in layer_list:
         say(progress, f"features of {len(models)} networks at {layer} for {len(images)} images")
-        feats = [families.single_features(m, layer, images, device=device)[0] for m in models]
+        feats = [single_features(m, layer, images, device=device)[0] for m in models]
         for i, j in itertools.combinations(range(len(models)), 2):
             for s, t in ([(i, j), (j, i)] if both_directions else [(i, j)]):
                 res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
@@ -330,22 +330,10 @@ def add_cli(sub: Any) -> None:
                    help="normalisation of g_theta's input and target (default paper; see kcore.conventions)")
     p.add_argument("--one-direction", action="store_true", help="fit each pair one way only (half the time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fits")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="study folder to write")
-    p.set_defaults(handler=_cmd_stability)
+    study_command(p, "stability", _compute, _report, device="cpu")
 
 
-def _cmd_stability(args: argparse.Namespace) -> int:
-    from kcore.experiments.refinement import command_line, load_checkpoint
-
-    from kcore._io import check_out_dir
-
-    check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = stderr_progress("stability")
+def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
     trained = None
     if args.family:
         models, manifest = families.load_family(args.family)
@@ -363,16 +351,12 @@ def _cmd_stability(args: argparse.Namespace) -> int:
                     fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
                     seed=args.seed,
                     device=args.device, family=manifest, progress=log)
-    prov = {"command": command_line(), "source": source_revision(),
-            "checkpoints": list(res.members), "layers": list(res.layers),
-            "seed": args.seed, "data": args.data, "n_images": res.n_images, "family_dir": args.family,
-            "family_trained_here": trained is not None, "device": args.device, "threads": torch.get_num_threads()}
-    out = write_study(args.out, "stability", res.as_dict(), res.tables(), res.figures(), prov,
-                      overwrite=args.overwrite)
-    if trained is not None:
-        trained.save(out / "family")
+    prov = {"checkpoints": list(res.members), "layers": list(res.layers), "seed": args.seed, "data": args.data,
+            "n_images": res.n_images, "family_dir": args.family, "family_trained_here": trained is not None}
+    return StudyRun(res, prov, extra=(lambda folder: trained.save(folder / "family")) if trained is not None else None)
+
+
+def _report(res: StabilityResult) -> None:
     for row in res.summary():
         print(f"{row['layer']}: instability {row['instability_mean']:.4f} ± {row['instability_std']:.4f} over "
-              f"{row['n_pairs']} pairs ({case}); in the fit's units {row['instability_std_units_mean']:.4f}")
-    print(f"wrote {out}")
-    return 0
+              f"{row['n_pairs']} pairs ({res.case}); in the fit's units {row['instability_std_units_mean']:.4f}")
