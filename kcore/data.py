@@ -563,8 +563,9 @@ class FolderSplit(Dataset):
     """``ROOT/<split>/<class>/<image>`` read lazily (torchvision ImageFolder) as ``(image (3, H, W), label)``.
 
     For large labelled training and test splits, where :class:`ImageSet`'s decode-everything-first would
-    hold every image in memory. Images are resized to ``size`` and scaled to [0, 1], then normalised with
-    ``mean``/``std`` when given.
+    hold every image in memory. Files are read and decoded as :class:`ImageSet` does (regular files under
+    the size cap, no symlink out of the folder, :func:`decode_image`), resized to ``size`` and scaled to
+    [0, 1], then normalised with ``mean``/``std`` when given.
 
     Attributes:
         ids: path of each image relative to ``root`` (e.g. ``"train/cat/001.jpg"``).
@@ -600,7 +601,8 @@ class FolderSplit(Dataset):
         self.std = tuple(std) if std is not None else (1.0, 1.0, 1.0)
         if mean is not None or std is not None:
             steps.append(transforms.Normalize(list(self.mean), list(self.std)))
-        self._set = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
+        self._set = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps),
+                                         loader=_SafeImageLoader(folder.resolve()))
         total = len(self._set)
         if n is not None and n < total:  # a seeded subset that covers every class, in a fixed order
             perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
@@ -625,6 +627,16 @@ class FolderSplit(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x, y = self._set[self._idx[i]]
         return x, int(y if self._map is None else self._map[y])
+
+
+class _SafeImageLoader:
+    """ImageFolder's ``loader``: a file read as :class:`ImageSet` reads one, as a PIL image (picklable)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, path: str) -> Image.Image:
+        return Image.fromarray(decode_image(_folder_reader(Path(path), self.root)()))
 
 
 def labelled_images(data: str, split: str, n: int | None, image_size: int, *, seed: int = 0) -> Dataset:

@@ -202,3 +202,53 @@ def test_no_warning_when_nothing_is_skipped(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         ds = ImageSet.from_folder(tmp_path)
     assert ds.skipped == () and "1 images" in repr(ds)
+
+
+# ---------------------------------------------------------------- labelled splits (FolderSplit, labelled_images)
+def _split_folder(root, n_per_class=3):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.png")
+    return root
+
+
+def test_folder_split_subset_normalisation_and_relabel(tmp_path):
+    from kcore.data import FolderSplit
+
+    root = _split_folder(tmp_path)
+    raw = FolderSplit(root, "train", (8, 8))
+    assert len(raw) == 6 and raw.class_names == ("cat", "dog") and raw.ids[0] == "train/cat/0.png"
+    norm = FolderSplit(root, "train", (8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert torch.allclose(norm[4][0], (raw[4][0] - 0.5) / 0.25, atol=1e-6) and norm[4][1] == raw[4][1] == 1
+    sub = FolderSplit(root, "train", (8, 8), n=4, seed=3)
+    assert len(sub) == 4 and list(sub.ids) == sorted(sub.ids) and set(sub.ids) <= set(raw.ids)
+    coarse = FolderSplit(root, "train", (8, 8), relabel={"cat": "pet", "dog": "pet"})
+    assert coarse.class_names == ("pet",) and {coarse[i][1] for i in range(6)} == {0}
+    with pytest.raises(ValueError, match="no entry for class"):
+        FolderSplit(root, "train", (8, 8), relabel={"cat": "pet"})
+    with pytest.raises(ValueError, match="does not exist"):
+        FolderSplit(root, "test", (8, 8))
+
+
+def test_folder_split_skips_symlinks_out_of_the_folder(tmp_path):
+    from kcore.data import FolderSplit
+
+    root = _split_folder(tmp_path / "data")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes((root / "train" / "cat" / "0.png").read_bytes())
+    (root / "train" / "cat" / "link.png").symlink_to(outside)
+    ds = FolderSplit(root, "train", (8, 8))
+    with pytest.raises(OSError, match="symlink"):
+        ds[ds.ids.index("train/cat/link.png")]
+
+
+def test_bundled_data_word_and_deprecated_alias():
+    from kcore.data import BUNDLED_DATA, is_bundled, labelled_images
+
+    assert BUNDLED_DATA == "kshapes" and is_bundled("kshapes") and not is_bundled("images/kshapes")
+    with pytest.warns(DeprecationWarning, match="'kshapes'"):
+        old = labelled_images("sample", "test", 3, 16)
+    new = labelled_images("kshapes", "test", 3, 16)
+    assert torch.equal(old[2][0], new[2][0]) and old.class_names == new.class_names

@@ -5,8 +5,13 @@ Each study is a function returning a frozen result dataclass with ``tables()`` (
 (CSV tables, PNG/SVG/PDF figures, JSON result and provenance) that the dashboard re-opens.
 
 Every study module also defines ``add_cli(subparsers)``, which registers its ``kcore <study>``
-subcommand (``parser.set_defaults(handler=...)``; the handler takes the parsed args and returns an exit
-status).
+subcommand through the one study template, :func:`kcore.experiments._common.study_command` (shared
+options, out-folder check, threads, provenance, the study folder and the summary print).
+
+A study module imports only :mod:`kcore.experiments._common` and the core, never another study. Two
+modules here are tools of the studies, not studies: :mod:`~kcore.experiments.pruning` (magnitude pruning,
+used by the compression study) and :mod:`~kcore.experiments.families` (families of networks that differ
+only in seed, used by the stability study; ``kcore train-family``); they import no study either.
 """
 from __future__ import annotations
 
