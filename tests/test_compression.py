@@ -17,7 +17,7 @@ from studies_page import open_in_dashboard
 from kcore.experiments._common import FitSettings, read_study, state_fingerprint, study_data, unchanged, write_study
 from kcore.experiments.compression import compression_study
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
-from kcore.samples import train_classifier
+from kcore.training import train_classifier
 from kcore.synthetic import MEAN, STD
 from kcore.zoo import kc_resnet
 

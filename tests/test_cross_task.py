@@ -48,7 +48,7 @@ def test_train_task_pair_is_seeded():
 
 
 def test_the_two_nets_start_from_the_same_weights_except_the_classifier(monkeypatch):
-    import kcore.samples
+    import kcore.training
 
     started = {}
 
@@ -56,7 +56,7 @@ def test_the_two_nets_start_from_the_same_weights_except_the_classifier(monkeypa
         started[len(train_set.class_names)] = {k: v.clone() for k, v in model.state_dict().items()}
         return SimpleNamespace(model=model, test_accuracy=0.0)
 
-    monkeypatch.setattr(kcore.samples, "train_classifier", untrained)
+    monkeypatch.setattr(kcore.training, "train_classifier", untrained)
     kw = dict(image_size=32, n_train=10, n_test=10, n_images=10)
     train_task_pair("kc_resnet", study_data("kshapes", **kw), study_data("kshapes", labels="coarse", **kw), epochs=1,
                     seed=5)

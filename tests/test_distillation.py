@@ -14,7 +14,7 @@ from kcore.experiments._common import FitSettings, read_study, state_fingerprint
 from kcore.experiments.distillation import (
     StudentSettings, born_again_loss, distillation_study, kd_loss, train_born_again,
 )
-from kcore.samples import train_classifier
+from kcore.training import train_classifier
 from kcore.zoo import kc_resnet
 
 TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)

@@ -14,10 +14,9 @@ from kcore.samples import (
     SAMPLE_MODELS_DIR,
     SAMPLE_RECIPES,
     SAMPLE_SPEC,
-    evaluate,
-    train_classifier,
     train_sample_models,
 )
+from kcore.training import evaluate, train_classifier
 from kcore.synthetic import CLASS_NAMES, KShapesDataset, KShapesSpec
 from kcore.zoo import DEFAULT_LAYERS, SAMPLE_ARCHITECTURES
 

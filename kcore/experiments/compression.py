@@ -182,7 +182,7 @@ def compression_study(
         ratios: pruning fractions in [0, 1].
         scope: ``"layer"`` or ``"global"`` (:data:`kcore.experiments.pruning.PRUNE_SCOPES`).
         finetune_epochs: epochs of fine-tuning after pruning, with the pruned weights held at zero (SGD,
-            :func:`kcore.samples.train_classifier`, peak lr ``finetune_lr``); applied to every ratio, 0
+            :func:`kcore.training.train_classifier`, peak lr ``finetune_lr``); applied to every ratio, 0
             included (the r = 0 point then shows what fine-tuning alone changes); 0 = no fine-tuning.
         finetune_lr: peak learning rate of the fine-tuning.
         fit: how each g_θ is fitted (:class:`FitSettings`).
@@ -201,7 +201,7 @@ def compression_study(
     """
     from kcore.devices import resolve_device
     from kcore.features import validate_layer
-    from kcore.samples import evaluate, train_classifier
+    from kcore.training import evaluate, train_classifier
 
     ratios = _check_ratios(ratios)
     if scope not in PRUNE_SCOPES:

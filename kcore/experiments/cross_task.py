@@ -50,11 +50,11 @@ def train_task_pair(arch: str, fine: StudyData, coarse: StudyData, *, epochs: in
     shapes agree (everything but the last classifier layer), so the two differ only by their task.
 
     Returns:
-        ``(fine TrainResult, coarse TrainResult)`` (:func:`kcore.samples.train_classifier`).
+        ``(fine TrainResult, coarse TrainResult)`` (:func:`kcore.training.train_classifier`).
     """
     from kcore.architectures import build_model
     from kcore.devices import resolve_device
-    from kcore.samples import train_classifier
+    from kcore.training import train_classifier
 
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -175,7 +175,7 @@ def cross_task_study(
     """
     from kcore.devices import resolve_device
     from kcore.features import validate_layer
-    from kcore.samples import evaluate, predict
+    from kcore.training import evaluate, predict
 
     validate_layer(fine, layer)
     validate_layer(coarse, layer)

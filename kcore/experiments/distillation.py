@@ -72,7 +72,7 @@ def born_again_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tens
 @dataclass(frozen=True)
 class StudentSettings:
     """How each born-again generation is trained (linear warm-up over the first epoch, then cosine decay per
-    step, as :func:`kcore.samples.train_classifier`, whose optimisers it also offers).
+    step, as :func:`kcore.training.train_classifier`, whose optimisers it also offers).
 
     Attributes:
         epochs: epochs per generation.
@@ -81,7 +81,7 @@ class StudentSettings:
         lr: peak learning rate.
         weight_decay: weight decay.
         batch_size: images per step.
-        optimizer: ``"sgd"`` (Nesterov momentum 0.9) or ``"adamw"`` (:data:`kcore.samples.OPTIMIZERS`).
+        optimizer: ``"sgd"`` (Nesterov momentum 0.9) or ``"adamw"`` (:data:`kcore.training.OPTIMIZERS`).
     """
 
     epochs: int = 2
@@ -329,7 +329,7 @@ def distillation_study(
 
     from kcore.devices import resolve_device
     from kcore.features import validate_layer
-    from kcore.samples import evaluate
+    from kcore.training import evaluate
 
     if isinstance(generations, bool) or not isinstance(generations, int) or generations < 1:
         raise ValueError(f"generations must be a positive integer; got {generations!r}.")
@@ -397,7 +397,7 @@ def add_cli(sub: Any) -> None:
 
 def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     from kcore.architectures import build_model
-    from kcore.samples import train_classifier
+    from kcore.training import train_classifier
 
     student = StudentSettings(epochs=args.epochs, lambd=args.lambd, tau=args.tau, lr=args.lr,
                               weight_decay=args.weight_decay, optimizer=args.optimizer)

@@ -187,7 +187,7 @@ def train_family(
     """
     from safetensors.torch import save as st_save
 
-    from kcore.samples import train_classifier
+    from kcore.training import train_classifier
     from kcore.synthetic import MEAN, STD
 
     seeds = [int(s) for s in seeds]
@@ -237,7 +237,7 @@ def train_family(
     data_desc = {"data": data, "dataset": dataset_name, "image_size": image_size, "n_train": len(train_raw),
                  "n_test": len(test_raw), "data_seed": data_seed, "split_seed": split_seed if halves else None}
     recipe = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-              "schedule": "linear warm-up 1 epoch, cosine to 0 (kcore.samples.train_classifier)"}
+              "schedule": "linear warm-up 1 epoch, cosine to 0 (kcore.training.train_classifier)"}
     return Family(arch, tuple(members), halves, data_desc, epochs, recipe)
 
 
