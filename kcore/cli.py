@@ -33,17 +33,22 @@ safetensors, config.json and provenance.json. Use `kcore layers CKPT` to find la
 
 
 class ProgressBar:
-    """A one-line text progress bar on stderr (redrawn at most 10 times a second)."""
+    """A text progress bar on stderr: on a terminal one line redrawn at most 10 times a second; otherwise (a log
+    file, a pipe) a new line at each stage and at most every ``every`` seconds within one."""
 
-    def __init__(self, stream=sys.stderr, width: int = 30):
+    def __init__(self, stream=sys.stderr, width: int = 30, every: float = 5.0):
         self.stream, self.width, self.last, self.t0 = stream, width, 0.0, time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self.stage = None
+        self.every = every
+        self.last_line = 0.0
 
     def __call__(self, p) -> None:
         now = time.perf_counter()
         new_stage = p.stage.split(" ")[0] != (self.stage or "").split(" ")[0] or p.stage != self.stage
         if not new_stage and now - self.last < 0.1 and p.fraction < 1.0:
+            return
+        if not self.tty and not (new_stage or p.fraction >= 1.0 or now - self.last_line >= self.every):
             return
         self.last = now
         filled = int(self.width * min(max(p.fraction, 0.0), 1.0))
@@ -52,8 +57,9 @@ class ProgressBar:
             self.stream.write("\r" + line[:120].ljust(120))
             if p.fraction >= 1.0:
                 self.stream.write("\n")
-        elif new_stage or p.fraction >= 1.0:
+        else:
             self.stream.write(line + "\n")
+            self.last_line = now
         self.stream.flush()
         self.stage = p.stage
 

@@ -203,7 +203,11 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
         cfg = f.config
         fits[k] = {
             "meaning": comparison.directions[k].meaning, "orders_K": cfg.orders, "lambda": cfg.lam, "seed": cfg.seed,
-            "epochs_max": cfg.epochs, "epochs_run": len(f.history), "best_epoch": f.best_epoch,
+            # what this fit planned and ran (fits saved before these were recorded: the config's epochs)
+            "epochs_max": f.extra.get("epochs_planned", cfg.epochs),
+            "epochs_run": f.extra.get("epochs_run", len(f.history)), "best_epoch": f.best_epoch,
+            "steps_max": f.extra.get("steps_planned"), "steps_run": f.extra.get("steps_run"),
+            "stopped_by": f.extra.get("stopped_by"),
             "convention": cfg.convention, "kernel_size": cfg.kernel_size, "device": f.device,
             "heldout_images": len(f.heldout_indices),
         }

@@ -69,7 +69,19 @@ class FitConfig:
             share of it.
         min_steps: at least this many optimiser steps: on small training sets ``epochs`` and ``patience``
             are scaled up by the same factor so that the fit still converges.
+        max_steps: when set, the length of the schedule in optimiser steps, whatever the number of images
+            (the learning-rate schedule spans these steps; ``epochs`` and ``min_steps`` are then not used).
+        patience_steps: when set, stop after this many optimiser steps without a better monitor error
+            (instead of ``patience`` epochs).
+        eval_every: the monitor error is measured at the end of every epoch and, when set, every this many
+            steps within long epochs (each measurement is one entry of the history).
+        budget: wall-time budget in seconds for the whole fit; training stops early enough to finish within it
+            and keeps the best weights so far. ``None`` = no budget.
         seed: seeds the split, the initialisation and the batch order.
+
+    With a monitor split, the starting weights (the least-squares start with ``init="lstsq"``) are a candidate
+    too, measured before the first step ("epoch 0"): a fit never keeps weights worse on the monitor split
+    than its start.
     """
 
     orders: int = 2
@@ -91,6 +103,10 @@ class FitConfig:
     patience: int | None = 8
     min_delta: float = 1e-6
     min_steps: int = 800
+    max_steps: int | None = None
+    patience_steps: int | None = None
+    eval_every: int | None = None
+    budget: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,6 +136,14 @@ class FitConfig:
             raise ValueError(f"min_delta must lie in [0, 1) (a relative improvement); got {self.min_delta}.")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None; got {self.patience}.")
+        for name in ("max_steps", "patience_steps", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0
+                                            and math.isfinite(self.budget)):
+            raise ValueError(f"budget must be a positive number of seconds or None; got {self.budget!r}. "
+                             "Fix: e.g. budget=60.")
 
 
 #: Named recipes. "authors" is the authors' Training_TransNet.py recipe (see the README for the differences).
@@ -136,8 +160,8 @@ PRESETS: dict[str, FitConfig] = {
 def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
     """A preset with some fields replaced; unknown names raise a ValueError that lists the valid ones.
 
-    ``None`` values keep the preset's. Passing ``epochs`` (without ``min_steps``) also sets ``min_steps=0``,
-    so that an explicit number of epochs is what runs.
+    ``None`` values keep the preset's. Passing ``epochs`` (without ``min_steps`` or ``max_steps``) also sets
+    ``min_steps=0`` and ``max_steps=None``, so that an explicit number of epochs is what runs.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}.")
@@ -146,14 +170,20 @@ def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
     if unknown:
         raise ValueError(f"unknown fit option(s) {unknown}; valid options are {sorted(names)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
-    if "epochs" in given and "min_steps" not in given:
+    if "epochs" in given and "min_steps" not in given and "max_steps" not in given:
         given["min_steps"] = 0  # an explicit number of epochs is taken literally
+        given["max_steps"] = None
     return dataclasses.replace(PRESETS[preset], **given)
 
 
 @dataclass(frozen=True)
 class FitProgress:
-    """What a progress callback receives (after every epoch, and at phase changes)."""
+    """What a progress callback receives (after every monitor measurement, and at phase changes).
+
+    ``epoch``/``epochs`` count monitor measurements (one per epoch unless ``eval_every`` splits epochs);
+    ``step``/``steps`` are optimiser steps done and planned; ``eta`` is the estimated time left in training
+    (seconds; early stopping may end it sooner).
+    """
 
     phase: str  # "init", "train", "calibrate", "evaluate", "done"
     epoch: int
@@ -163,10 +193,15 @@ class FitProgress:
     lr: float = float("nan")
     gates: tuple[float, ...] = ()
     elapsed: float = 0.0
+    step: int = 0
+    steps: int = 0
+    eta: float = float("nan")
 
     @property
     def fraction(self) -> float:
-        """Progress in [0, 1]."""
+        """Progress in [0, 1] (by optimiser steps while training)."""
+        if self.phase == "train" and self.steps > 0:
+            return min(1.0, self.step / self.steps)
         return {"init": 0.0, "done": 1.0}.get(self.phase, min(1.0, self.epoch / max(self.epochs, 1)))
 
 
@@ -186,6 +221,7 @@ class EpochRecord:
     lr: float
     gates: tuple[float, ...]
     seconds: float
+    step: int = 0
 
 
 class FitCancelled(RuntimeError):
@@ -590,149 +626,237 @@ def init_model(data: FitData, cfg: FitConfig) -> tuple[GTheta, LinearMap | None]
     return model, lin
 
 
-def train_schedule(cfg: FitConfig, n_train: int) -> tuple[int, int, int | None]:
-    """(steps per epoch, epochs, patience): ``epochs`` and ``patience`` scaled up by the same factor when
-    ``epochs`` of ``n_train`` images would give fewer than ``cfg.min_steps`` optimiser steps."""
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    scale = max(1, math.ceil(cfg.min_steps / (steps_per_epoch * cfg.epochs)))
-    patience = None if cfg.patience is None else cfg.patience * scale
-    return steps_per_epoch, cfg.epochs * scale, patience
+@dataclass(frozen=True)
+class TrainPlan:
+    """How long a fit trains, decided before the first step.
+
+    Attributes:
+        steps_per_epoch: optimiser steps in one pass over the training split.
+        total_steps: the length of the learning-rate schedule (the most steps that run).
+        rounds: ``(epoch, steps)`` per stretch of training between two monitor measurements, in order.
+        patience_steps: stop after this many steps without a better monitor error (``None`` = never).
+    """
+
+    steps_per_epoch: int
+    total_steps: int
+    rounds: tuple[tuple[int, int], ...]
+    patience_steps: int | None
+
+    @property
+    def epochs(self) -> int:
+        """Epochs begun (the last may be partial when the schedule is set in steps)."""
+        return self.rounds[-1][0] if self.rounds else 0
+
+
+def train_plan(cfg: FitConfig, n_train: int) -> TrainPlan:
+    """The plan of a fit on ``n_train`` images.
+
+    With ``max_steps`` the schedule spans that many steps whatever the number of images. Otherwise it spans
+    ``epochs`` epochs, and ``epochs`` and ``patience`` are scaled up by the same factor when they would give
+    fewer than ``min_steps`` optimiser steps.
+    """
+    spe = math.ceil(n_train / cfg.batch_size)
+    if cfg.max_steps is not None:
+        total, scale = cfg.max_steps, 1
+    else:
+        scale = max(1, math.ceil(cfg.min_steps / (spe * cfg.epochs)))
+        total = spe * cfg.epochs * scale
+    if cfg.patience_steps is not None:
+        patience = cfg.patience_steps
+    else:
+        patience = None if cfg.patience is None else cfg.patience * scale * spe
+    chunk = min(spe, cfg.eval_every or spe)
+    rounds, step, epoch = [], 0, 0
+    while step < total:
+        epoch += 1
+        done = 0
+        while done < spe and step < total:
+            n = min(chunk, spe - done, total - step)
+            rounds.append((epoch, n))
+            done += n
+            step += n
+    return TrainPlan(spe, total, tuple(rounds), patience)
 
 
 class EarlyStopping:
-    """Keeps the weights of the epoch with the best monitor error; says when patience has run out.
+    """Keeps the weights with the best monitor error; says when patience (in optimiser steps) has run out.
 
-    Without a monitor split nothing is kept (the last epoch's weights are used, as in the authors' recipe).
+    Without a monitor split nothing is kept (the last weights are used, as in the authors' recipe).
     """
 
-    def __init__(self, cfg: FitConfig, patience: int | None, keep_weights: bool) -> None:
-        self.min_delta = cfg.min_delta
-        self.patience = patience
+    def __init__(self, min_delta: float, patience_steps: int | None, keep_weights: bool) -> None:
+        self.min_delta = min_delta
+        self.patience_steps = patience_steps
         self.keep_weights = keep_weights
         self.best_error = math.inf
-        self.best_epoch = 0
+        self.best_index = 0
+        self.best_step = 0
         self.best_state: dict[str, Tensor] = {}
 
-    def update(self, epoch: int, error: float, model: GTheta) -> bool:
-        """Record an epoch's monitor error; return True when training should stop."""
+    def update(self, index: int, step: int, error: float, model: GTheta) -> bool:
+        """Record the monitor error of measurement ``index`` after ``step`` steps; True when training should stop."""
         if error < self.best_error - self.min_delta * abs(self.best_error) or not math.isfinite(self.best_error):
-            self.best_error, self.best_epoch = error, epoch
+            self.best_error, self.best_index, self.best_step = error, index, step
             self.best_state = _snapshot(model) if self.keep_weights else {}
             return False
-        return self.patience is not None and epoch - self.best_epoch >= self.patience
+        return self.patience_steps is not None and step - self.best_step >= self.patience_steps
 
 
-def train_epoch(
+def train_steps(
     model: GTheta,
     opt: torch.optim.Optimizer,
     data: FitData,
     cfg: FitConfig,
+    batches: list[Tensor],
     *,
-    epoch: int,
     first_step: int,
     total_steps: int,
-    gen: torch.Generator,
+    epoch: int,
     cancel: Any = None,
+    deadline: float | None = None,
     forward: torch.nn.Module | None = None,
-) -> tuple[float, float, int]:
-    """One pass over the training split in a seeded random order (Eq. 2).
+) -> tuple[float, float, int, int]:
+    """Optimiser steps on the given batches of training indices (Eq. 2), until they run out or ``deadline``.
 
     Every rank draws the same order; with several ranks each takes its share of every batch (positions
     rank, rank + R, …) and ``forward`` (the model wrapped in DistributedDataParallel) averages the gradients.
     The sums returned are this rank's.
 
     Returns:
-        (Σ loss, Σ mse) weighted by batch size, and the number of optimiser steps taken.
+        (Σ loss, Σ mse) weighted by batch size, the number of images and the number of steps taken.
 
     Raises:
         FitCancelled: ``cancel`` asked to stop (checked before every step).
     """
     model.train()
-    n_tr = data.xs_tr.shape[0]
-    perm = torch.randperm(n_tr, generator=gen).to(data.xs_tr.device)
     rank, world = data.ctx.rank, data.ctx.world_size
     tot_loss = tot_mse = 0.0
-    step = first_step
-    for b in range(math.ceil(n_tr / cfg.batch_size)):
+    n_images = taken = 0
+    for idx in batches:
         if _is_cancelled(cancel):
             raise FitCancelled(f"fit cancelled at epoch {epoch}")
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
         if cfg.schedule == "cosine":
-            _set_lr(opt, _cosine_lr(cfg, step, total_steps))
-        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size][rank::world]
+            _set_lr(opt, _cosine_lr(cfg, first_step + taken, total_steps))
+        idx = idx[rank::world]
         xb = data.xs_tr[idx].to(data.device, non_blocking=True)
         tb = data.xt_tr[idx].to(data.device, non_blocking=True)
         loss, mse = train_step(model, opt, xb, tb, cfg.lam, forward=forward)
         tot_loss += float(loss.detach()) * len(idx)
         tot_mse += float(mse.detach()) * len(idx)
-        step += 1
-    return tot_loss, tot_mse, step - first_step
+        n_images += len(idx)
+        taken += 1
+    return tot_loss, tot_mse, n_images, taken
 
 
-def monitor_error(model: GTheta, data: FitData, tot_mse: float) -> float:
-    """The relative error on the monitor split; without one, the training split's from the epoch's running
-    mean squared error ``tot_mse`` (summed over images), which costs no extra pass."""
+def monitor_error(model: GTheta, data: FitData, tot_mse: float, n_images: int) -> float:
+    """The relative error on the monitor split; without one, the training split's from the running mean squared
+    error ``tot_mse`` (summed over ``n_images`` images) of the last steps, which costs no extra pass."""
     if data.xs_mon is not None and data.xt_mon is not None:
         return _relative_error(model, data.xs_mon, data.xt_mon, EVAL_BATCH_SIZE, data.device, data.ctx)
-    if not data.train_sst > 0:
+    if not data.train_sst > 0 or n_images == 0:
         return float("nan")
-    return tot_mse * data.xt_tr[0].numel() / data.train_sst
+    n_tr = data.xt_tr.shape[0]
+    return tot_mse / n_images * n_tr * data.xt_tr[0].numel() / data.train_sst
 
 
 def train(
     model: GTheta,
     data: FitData,
     cfg: FitConfig,
+    plan: TrainPlan,
     *,
     report: Callable[[FitProgress], None],
     t0: float,
     cancel: Any = None,
     on_epoch: Callable[[int, GTheta], None] | None = None,
-) -> tuple[list[EpochRecord], int, int]:
+) -> tuple[list[EpochRecord], int, dict[str, Any]]:
     """The training loop with early stopping on the monitor split; leaves the kept weights in ``model``.
 
     Returns:
-        (history, best epoch, scheduled number of epochs).
+        (history, index of the kept measurement (0 = the start), facts for ``FitResult.extra``).
     """
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_tr = data.xs_tr.shape[0]
     forward = _ddp(model, data.ctx)
-    steps_per_epoch, epochs, patience = train_schedule(cfg, n_tr)
-    total_steps = steps_per_epoch * epochs
     history: list[EpochRecord] = []
-    stopper = EarlyStopping(cfg, patience, keep_weights=data.has_monitor)
+    stopper = EarlyStopping(cfg.min_delta, plan.patience_steps, keep_weights=data.has_monitor)
     stopper.best_state = _snapshot(model)
-    step = 0
-    for epoch in range(1, epochs + 1):
+    facts: dict[str, Any] = {"steps_planned": plan.total_steps, "epochs_planned": plan.epochs}
+    n_other = n_tr + len(data.heldout_idx)  # images the calibration and held-out passes go through
+    t_start = time.perf_counter()
+    if data.has_monitor:  # the start is a candidate ("epoch 0"): never keep weights worse than it
+        model.eval()
+        start_error = monitor_error(model, data, 0.0, 0)
+        stopper.update(0, 0, start_error, model)
+        facts["start_monitor_error"] = start_error
+        per_image = (time.perf_counter() - t_start) / max(len(data.monitor_idx), 1)
+    else:
+        per_image = None
+    deadline = None
+    step, perm, stopped_by = 0, None, "schedule"
+    t_train = time.perf_counter()
+    for index, (epoch, n_steps) in enumerate(plan.rounds, start=1):
         te = time.perf_counter()
-        if cfg.schedule == "loglinear":
-            frac = (epoch - 1) / max(epochs - 1, 1)
-            _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
-        tot_loss, tot_mse, taken = train_epoch(
-            model, opt, data, cfg, epoch=epoch, first_step=step, total_steps=total_steps, gen=gen, cancel=cancel,
-            forward=forward,
+        if perm is None or (index > 1 and plan.rounds[index - 2][0] != epoch):
+            perm = torch.randperm(n_tr, generator=gen).to(data.xs_tr.device)
+            offset = 0
+            if cfg.schedule == "loglinear":
+                frac = (epoch - 1) / max(plan.epochs - 1, 1)
+                _set_lr(opt, cfg.lr * (cfg.lr_final / cfg.lr) ** frac)
+        batches = [perm[(offset + b) * cfg.batch_size : (offset + b + 1) * cfg.batch_size] for b in range(n_steps)]
+        offset += n_steps
+        if cfg.budget is not None:
+            if per_image is None and step > 0:  # no monitor pass timed: a forward costs about a third of a step
+                per_image = (time.perf_counter() - t_train) / (step * cfg.batch_size * 3)
+            reserve = 1.5 * (per_image or 0.0) * (n_other + len(data.monitor_idx))
+            deadline = t0 + cfg.budget - reserve
+            if data.ctx.distributed:  # ranks must take the same steps: rank 0 decides, between rounds only
+                if kd.broadcast_object(time.perf_counter() >= deadline, 0, data.ctx):
+                    stopped_by = "budget"
+                    break
+                deadline = None
+        tot_loss, tot_mse, n_images, taken = train_steps(
+            model, opt, data, cfg, batches, first_step=step, total_steps=plan.total_steps, epoch=epoch,
+            cancel=cancel, deadline=deadline, forward=forward,
         )
-        tot_loss, tot_mse = kd.all_reduce_floats(tot_loss, tot_mse, ctx=data.ctx)
+        tot_loss, tot_mse, n_images = kd.all_reduce_floats(tot_loss, tot_mse, float(n_images), ctx=data.ctx)
+        if taken == 0:
+            stopped_by = "budget"
+            break
         step += taken
         model.eval()
-        mon = monitor_error(model, data, tot_mse)
+        mon = monitor_error(model, data, tot_mse, n_images)
         gates = tuple(float(v) for v in model.gates().detach().cpu())
-        rec = EpochRecord(epoch, tot_loss / n_tr, tot_mse / n_tr, mon, opt.param_groups[0]["lr"], gates, time.perf_counter() - te)
+        rec = EpochRecord(index, tot_loss / n_images, tot_mse / n_images, mon, opt.param_groups[0]["lr"], gates,
+                          time.perf_counter() - te, step)
         history.append(rec)
         if on_epoch is not None:
-            on_epoch(epoch, model)
-        report(FitProgress("train", epoch, epochs, rec.train_loss, mon, rec.lr, gates, time.perf_counter() - t0))
-        if stopper.update(epoch, mon, model):
-            break
+            on_epoch(index, model)
+        now = time.perf_counter()
+        eta = (now - t_train) / step * (plan.total_steps - step)
+        if cfg.budget is not None:
+            eta = min(eta, max(0.0, t0 + cfg.budget - now))
+        report(FitProgress("train", index, len(plan.rounds), rec.train_loss, mon, rec.lr, gates, now - t0,
+                           step=step, steps=plan.total_steps, eta=eta))
         if not math.isfinite(rec.train_loss):
             raise ValueError(
                 f"the fit diverged at epoch {epoch} (loss {rec.train_loss}). Fix: lower lr (now {cfg.lr}) "
                 "or use the 'fast' preset."
             )
+        if stopper.update(index, step, mon, model):
+            stopped_by = "patience"
+            break
+        if taken < n_steps:
+            stopped_by = "budget"
+            break
+    facts.update(steps_run=step, stopped_by=stopped_by, epochs_run=plan.rounds[len(history) - 1][0] if history else 0)
     if data.has_monitor:
         model.load_state_dict(stopper.best_state)
-        return history, stopper.best_epoch, epochs
-    return history, len(history), epochs  # without a monitor split, the last epoch is kept
+        return history, stopper.best_index, facts
+    return history, len(history), facts  # without a monitor split, the last weights are kept
 
 
 def evaluate_heldout(
@@ -882,9 +1006,11 @@ def fit(
     report = progress or (lambda p: None)
 
     data = prepare_data(x_src, x_tgt, cfg, dev, ctx)
-    report(FitProgress("init", 0, cfg.epochs, elapsed=time.perf_counter() - t0))
+    plan = train_plan(cfg, data.xs_tr.shape[0])
+    report(FitProgress("init", 0, len(plan.rounds), elapsed=time.perf_counter() - t0, steps=plan.total_steps))
     model, lin = init_model(data, cfg)
-    history, best_epoch, epochs = train(model, data, cfg, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+    history, best_epoch, facts = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+    epochs = len(history)  # measurements made: the totals shown from here on are what ran
 
     report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
     calibrate(model, data.xs_tr, EVAL_BATCH_SIZE, dev, data.ctx)
@@ -907,7 +1033,7 @@ def fit(
         heldout_indices=tuple(int(i) for i in data.heldout_idx),
         device=str(dev),
         seconds=time.perf_counter() - t0,
-        extra={"monitor_indices": [int(i) for i in data.monitor_idx]},
+        extra={"monitor_indices": [int(i) for i in data.monitor_idx], **facts},
     )
     report(FitProgress("done", len(history), epochs, elapsed=result.seconds))
     return result

@@ -163,6 +163,19 @@ class Comparison:
         return out
 
 
+def fit_message(direction: str, p: Any) -> str:
+    """One line about a fit in progress: phase, epoch and step counts, monitor error, time left."""
+    msg = f"g_θ {direction}: {p.phase} epoch {p.epoch}/{p.epochs}"
+    if p.phase == "train":
+        if p.steps:
+            msg += f" (step {p.step}/{p.steps})"
+        if p.monitor_error == p.monitor_error:  # not NaN
+            msg += f", monitor error {p.monitor_error:.4f}"
+        if p.eta == p.eta:
+            msg += f", ETA {p.eta:.0f} s" + (" or sooner" if p.eta > 0 else "")
+    return msg
+
+
 def _check_direction(direction: str, available: dict) -> None:
     if direction not in available:
         raise ValueError(f"direction must be one of {sorted(available)}; got {direction!r}.")
@@ -295,8 +308,7 @@ def compare(
         base = share + (1 - share) * i / n_fits
 
         def on_fit(p, base=base, dkey=dkey):
-            report(PipelineProgress(f"fit {dkey}", base + (1 - share) / n_fits * p.fraction,
-                                    f"g_θ {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
+            report(PipelineProgress(f"fit {dkey}", base + (1 - share) / n_fits * p.fraction, fit_message(dkey, p)))
 
         res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
