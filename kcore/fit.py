@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -53,6 +55,9 @@ class FitConfig:
         p_init: initial p^(k).
         lam: λ of Eq. 2 (against a per-element mean squared error).
         lr, lr_final: Adam learning rate, decayed to ``lr_final`` by ``schedule``.
+        lr_w0_scale: W^(0)'s learning rate relative to the others'. With the least-squares start W^(0) already
+            sits at the best linear map; Adam's first steps move every weight by about ``lr`` whatever its
+            gradient, so a full rate first throws that start away and spends steps recovering it.
         schedule: ``"cosine"`` (per step) or ``"loglinear"`` (per epoch, the authors' ``logspace``).
         warmup: share of the scheduled steps (cosine schedule) over which the learning rate ramps up linearly
             from ``lr_final`` to ``lr``. Adam's first steps move every weight by about ``lr`` whatever its
@@ -92,6 +97,7 @@ class FitConfig:
     lam: float = 0.1
     lr: float = 3e-3
     lr_final: float = 3e-5
+    lr_w0_scale: float = 1.0
     schedule: Schedule = "cosine"
     warmup: float = 0.05
     weight_decay: float = 0.0
@@ -126,6 +132,8 @@ class FitConfig:
                 raise ValueError(f"{name} must be a positive integer; got {v!r}.")
         if self.lam < 0 or not math.isfinite(self.lam):
             raise ValueError(f"lam (λ) must be a finite number >= 0; got {self.lam}.")
+        if not (0.0 < self.lr_w0_scale <= 1.0):
+            raise ValueError(f"lr_w0_scale must lie in (0, 1]; got {self.lr_w0_scale}.")
         if not (self.lr > 0 and self.lr_final > 0):
             raise ValueError(f"lr and lr_final must be > 0; got lr={self.lr}, lr_final={self.lr_final}.")
         if self.min_steps < 0:
@@ -750,6 +758,23 @@ def train_steps(
     return tot_loss, tot_mse, n_images, taken
 
 
+@contextmanager
+def _start_candidate(model: GTheta, cfg: FitConfig) -> Iterator[None]:
+    """The start as a candidate: with the least-squares start and linear gates, the gates are closed (p = 0) so
+    that the candidate is exactly the least-squares map; training then starts from ``p_init`` as configured."""
+    if cfg.init != "lstsq" or cfg.gate != "linear":
+        yield
+        return
+    saved = model.p_param.detach().clone()
+    with torch.no_grad():
+        model.p_param.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            model.p_param.copy_(saved)
+
+
 def monitor_error(model: GTheta, data: FitData, tot_mse: float, n_images: int) -> float:
     """The relative error on the monitor split; without one, the training split's from the running mean squared
     error ``tot_mse`` (summed over ``n_images`` images) of the last steps, which costs no extra pass."""
@@ -789,8 +814,9 @@ def train(
     t_start = time.perf_counter()
     if data.has_monitor:  # the start is a candidate ("epoch 0"): never keep weights worse than it
         model.eval()
-        start_error = monitor_error(model, data, 0.0, 0)
-        stopper.update(0, 0, start_error, model)
+        with _start_candidate(model, cfg):
+            start_error = monitor_error(model, data, 0.0, 0)
+            stopper.update(0, 0, start_error, model)
         facts["start_monitor_error"] = start_error
         per_image = (time.perf_counter() - t_start) / max(len(data.monitor_idx), 1)
     else:
@@ -1043,7 +1069,13 @@ def make_optimizer(model: GTheta, cfg: FitConfig) -> torch.optim.Optimizer:
     """The Adam optimiser of a fit, fused (one kernel per step instead of a dozen small ones per parameter) on the
     CPU and CUDA: on small feature maps the optimiser's small kernels otherwise cost as much as the convolutions."""
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in model.parameters())
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    if cfg.lr_w0_scale == 1.0:
+        groups: Any = model.parameters()
+    else:  # W^(0) in its own group, at lr_w0_scale times the rate (see FitConfig.lr_w0_scale)
+        w0 = model.convs[0].weight
+        groups = [{"params": [p for p in model.parameters() if p is not w0], "scale": 1.0},
+                  {"params": [w0], "scale": cfg.lr_w0_scale, "lr": cfg.lr * cfg.lr_w0_scale}]
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def train_step(
@@ -1092,4 +1124,4 @@ def _cosine_lr(cfg: FitConfig, step: int, total_steps: int) -> float:
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("scale", 1.0)

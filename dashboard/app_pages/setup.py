@@ -1,6 +1,7 @@
 """Models & images: choose networks A and B, a layer of each, and the images to compare them on."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import streamlit as st
@@ -9,6 +10,7 @@ from dashboard import state, ui
 from kcore.architectures import available_architectures
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
+from kcore.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing_of, resolve_preprocessing
 from kcore.server_paths import ROOTS_ENV, server_paths_enabled
 
 SOURCES = {"sample": "Sample model", "upload": "Upload a file", "path": "File on the server"}
@@ -16,6 +18,9 @@ IMAGE_SOURCES = {"bundled": "Bundled images", "upload": "Upload images or a zip"
 UPLOAD_TYPES = ["safetensors", "pt", "pth", "bin", "ckpt", "pt2", "zip"]
 IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "zip"]
 AUTO_ARCH = "(from the model card)"
+PREP_HELP = ("How images become this network's input: the values you set below, else its model card's, else (for a "
+             "torchvision architecture) torchvision's standard evaluation transform (shorter side resized, centre "
+             "crop, ImageNet mean and std). Recorded in every run's provenance.")
 SERVER_PATHS_OFF = (f"Paths on the server are turned off on this server (it was started without {ROOTS_ENV}). "
                     "Upload the file instead, or ask whoever runs the server to allow folders with "
                     f"{ROOTS_ENV}=/data:/models.")
@@ -38,7 +43,8 @@ def _arch_inputs(role: str) -> tuple[str | None, int | None]:
                         help="Needed for weights-only files (safetensors, state dicts) without a model card. "
                              "TorchScript and torch.export files carry their own.", persist_state="session")
     ncls = c2.number_input("Classes", min_value=0, value=0, step=1, key=f"kc_ncls_{role}",
-                           help="Number of classifier outputs; 0 = from the card or inferred from the weights.",
+                           help="Number of classifier outputs; 0 = from the card or inferred from the weights "
+                                "(the number used is shown with the loaded model below).",
                            persist_state="session")
     return (None if arch == AUTO_ARCH else arch), (int(ncls) or None)
 
@@ -62,7 +68,7 @@ def _use(role: str, load, source: str, path: str | None) -> None:
     """Load with ``load()``; on success make it network ``role``; on failure leave ``role`` empty (never a
     previous model that the user may take for the new one)."""
     try:
-        loaded = load()
+        loaded = state.with_override(role, load())
         new = state.make_slot(loaded, source, path, state.image_size(state.images()))
     except (ValueError, FileNotFoundError) as exc:
         state.clear_slot(role)
@@ -72,7 +78,8 @@ def _use(role: str, load, source: str, path: str | None) -> None:
     same_model = current is not None and current.loaded.sha256 == loaded.sha256 and current.input_size == new.input_size
     if not same_model:
         state.forget_layer(role)  # the new model starts on its default layer
-    if not same_model or (current.source, current.path, current.loaded.card) != (source, path, loaded.card):
+    if not same_model or (current.source, current.path, current.loaded.card, current.loaded.preprocessing) != (
+            source, path, loaded.card, loaded.preprocessing):
         state.set_slot(role, new)
     if loaded.missing_keys or loaded.unexpected_keys:
         st.warning(f"Loaded with differences: missing {list(loaded.missing_keys)[:5]}, "
@@ -148,8 +155,63 @@ def model_card(role: str) -> None:
                 facts.append(f"trained on {card.dataset}")
             if card.test_accuracy is not None:
                 facts.append(f"test accuracy {card.test_accuracy:.1%}")
+        elif m.architecture:
+            facts.append(f"architecture {m.architecture}")
+        if m.num_classes is not None:
+            given = card is not None and card.num_classes == m.num_classes
+            facts.append(f"{m.num_classes} classes" + ("" if given else " (inferred from the weights)"))
         facts.append(f"input {s.input_size[1]}×{s.input_size[2]}")
         st.caption(" · ".join(facts) + f" · {CHECKPOINT_KINDS.get(m.kind, m.kind).split(';')[0]}")
+        prep = preprocessing_of(m)
+        st.caption(f"Preprocessing: {prep.describe()}", help=PREP_HELP)
+        preprocessing_editor(role, s, prep)
+
+
+def _triple(values, default) -> tuple[float, float, float]:
+    return tuple(float(v) for v in (values if values and len(values) == 3 else default))
+
+
+def preprocessing_editor(role: str, s: state.ModelSlot, prep) -> None:
+    """Input size, mean and std of network ``role``, editable; and its model card to save."""
+    m = s.loaded
+    with st.expander("Input size, normalisation and model card", expanded=False):
+        h0, w0 = prep.input_size or (s.input_size[1], s.input_size[2])
+        mean0, std0 = _triple(prep.mean, IMAGENET_MEAN), _triple(prep.std, IMAGENET_STD)
+        key = f"kc_prep_{role}_{m.short_hash}"
+        c = st.columns(2)
+        h = c[0].number_input("Input height", 8, 2048, int(h0), key=f"{key}_h")
+        w = c[1].number_input("Input width", 8, 2048, int(w0), key=f"{key}_w")
+        st.caption("Mean and std of [0, 1] RGB (R, G, B)")
+        mc, sc = st.columns(3), st.columns(3)
+        mean = tuple(mc[i].number_input(f"mean {ch}", 0.0, 1.0, mean0[i], step=0.001, format="%.3f",
+                                        key=f"{key}_m{i}") for i, ch in enumerate("RGB"))
+        std = tuple(sc[i].number_input(f"std {ch}", 0.001, 10.0, std0[i], step=0.001, format="%.3f",
+                                       key=f"{key}_s{i}") for i, ch in enumerate("RGB"))
+        b1, b2 = st.columns(2)
+        if b1.button("Apply", key=f"{key}_apply", type="primary"):
+            new = prep.with_overrides((int(h), int(w)), mean, std, what="set on the Models page")
+            state.set_preprocessing_override(role, m.sha256, new)
+            state.set_slot(role, state.make_slot(dataclasses.replace(m, preprocessing=new), s.source, s.path,
+                                                 (int(h), int(w))))
+            state.forget_layer(role)
+            st.rerun()
+        if state.preprocessing_override(role, m.sha256) is not None and b2.button("Reset", key=f"{key}_reset"):
+            state.set_preprocessing_override(role, m.sha256, None)
+            base = dataclasses.replace(m, preprocessing=resolve_preprocessing(m.card, m.architecture))
+            state.set_slot(role, state.make_slot(base, s.source, s.path, state.image_size(state.images())))
+            st.rerun()
+        if s.source == "sample":
+            return
+        st.caption("A model card records the architecture, the number of classes and this preprocessing; kcore "
+                   "reads it when it finds it beside the checkpoint as <name>.card.json.")
+        stem = m.name.rsplit(".", 1)[0]
+        st.download_button("Download the model card", state.card_text(s), file_name=f"{stem}.card.json",
+                           mime="application/json", key=f"{key}_download")
+        if s.source == "path" and st.button("Save the model card beside the checkpoint", key=f"{key}_save"):
+            try:
+                st.success(f"Wrote {state.save_card_beside(s)}.")
+            except (ValueError, OSError) as exc:
+                st.error(f"Could not save the model card: {exc}")
 
 
 def _layer_label(s: state.ModelSlot, name: str) -> str:

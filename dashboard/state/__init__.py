@@ -20,8 +20,10 @@ from dashboard.state._images import (DEFAULT_N_IMAGES, ImageChoice, bundled_imag
                                      images, set_images, upload_token, uploaded_images, working_image_size)
 from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
                                    start_fit)
-from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, chosen_layer, clear_slot, forget_layer, layer_key, load_bytes,
-                                     load_path, load_server_path, make_slot, sample_models, set_slot, slot)
+from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, card_text, chosen_layer, clear_slot, forget_layer,
+                                     layer_key, load_bytes, load_path, load_server_path, make_slot,
+                                     preprocessing_override, sample_models, save_card_beside,
+                                     set_preprocessing_override, set_slot, slot, with_override)
 from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_dir, runs_dir, studies_dir
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
                                    apply_active_request, counters, open_run_folder, run_folders, runs)
@@ -39,5 +41,6 @@ __all__ = [
     "layer_key", "load_bytes", "load_path", "load_server_path", "make_slot", "allowed_folder", "export_folder", "open_run_folder", "registry", "run_folders", "runs",
     "runs_dir", "sample_models", "session_jobs", "set_explorer_choice", "set_figure1_choice", "set_images",
     "set_slot", "show_in_explorer", "slot", "start_fit", "studies_dir", "uploaded_images", "working_image_size",
-    "working_positions",
+    "working_positions", "card_text", "preprocessing_override", "save_card_beside", "set_preprocessing_override",
+    "with_override",
 ]

@@ -76,11 +76,11 @@ def folder_images(folder: str, size: tuple[int, int]) -> Any:
 
 
 def working_image_size() -> tuple[int, int]:
-    """Size to decode uploaded / folder images at: the larger input size of the two models' cards
-    (each model resizes to its own), else 224 × 224."""
-    sizes = [tuple(s.loaded.card.input_size) for s in (slot("A"), slot("B"))
-             if s is not None and s.loaded.card is not None and s.loaded.card.input_size]
-    return max(sizes, key=lambda hw: hw[0] * hw[1]) if sizes else (224, 224)
+    """Size to decode uploaded / folder images at: the largest either model needs (each model resizes, crops and
+    normalises to its own input, :mod:`kcore.preprocessing`), else 224 × 224."""
+    from kcore.preprocessing import load_size, preprocessing_of
+
+    return load_size(*(preprocessing_of(s.loaded) for s in (slot("A"), slot("B")) if s is not None))
 
 
 def images() -> ImageChoice | None:

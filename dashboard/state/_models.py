@@ -1,6 +1,7 @@
 """Networks A and B as chosen on the Models page: loading (cached per server), layer listings, the slots."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any
 import streamlit as st
 
 from dashboard.state._paths import ROOT
-from kcore.cards import ModelCard
+from kcore.cards import ModelCard, card_path_for, read_card, write_card
 from kcore.checkpoints import LoadedModel, file_sha256, load_model
 from kcore.features import LayerInfo, list_layers
+from kcore.preprocessing import Preprocessing, card_for, preprocessing_of
 
 ROLES = ("A", "B")
 DEFAULT_PAIR = ("kshapes_tinynet_s0", "kshapes_resnet_s0")
@@ -99,12 +101,61 @@ def _layers(sha256: str, key: str, input_size: tuple[int, int, int], _model: Any
 
 
 def make_slot(loaded: LoadedModel, source: str, path: str | None, image_size: tuple[int, int]) -> ModelSlot:
-    """List the model's spatial layers at its card's input size (else the images' size)."""
-    card = loaded.card
-    hw = tuple(card.input_size) if card is not None and card.input_size else tuple(image_size)
+    """List the model's spatial layers at its input size (:func:`kcore.preprocessing.preprocessing_of`: the user's
+    values, the card's, or torchvision's standard), else at the images' size."""
+    hw = preprocessing_of(loaded).input_size or tuple(image_size)
     size = (3, int(hw[0]), int(hw[1]))
-    key = f"{loaded.kind}:{card.architecture if card else ''}:{loaded.num_parameters}"
+    key = f"{loaded.kind}:{loaded.architecture or ''}:{loaded.num_parameters}"
     return ModelSlot(loaded, source, path, _layers(loaded.sha256, key, size, loaded.model), size)
+
+
+def preprocessing_override(role: str, sha256: str) -> Preprocessing | None:
+    """The input size / mean / std the user set on the Models page for this checkpoint as ``role``, if any."""
+    saved = st.session_state.get(f"kc_prep_{role}")
+    return saved[1] if saved is not None and saved[0] == sha256 else None
+
+
+def set_preprocessing_override(role: str, sha256: str, prep: Preprocessing | None) -> None:
+    """Remember (or with ``None`` forget) the user's preprocessing for this checkpoint as ``role``."""
+    if prep is None:
+        st.session_state.pop(f"kc_prep_{role}", None)
+    else:
+        st.session_state[f"kc_prep_{role}"] = (sha256, prep)
+
+
+def with_override(role: str, loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with the user's preprocessing for ``role`` applied (unchanged when there is none)."""
+    prep = preprocessing_override(role, loaded.sha256)
+    return loaded if prep is None else dataclasses.replace(loaded, preprocessing=prep)
+
+
+def card_text(s: ModelSlot) -> str:
+    """The model card (JSON) recording the model's architecture, class count and preprocessing in use."""
+    return json.dumps(card_for(s.loaded).to_dict(), indent=2) + "\n"
+
+
+def save_card_beside(s: ModelSlot) -> Path:
+    """Write the model card beside a checkpoint on the server (``<stem>.card.json``), where it is read back on
+    the next load. Only for files under the server's roots; an existing file there is replaced only when it is
+    itself a model card.
+
+    Raises:
+        ValueError: not a server file, or something other than a model card is in the way.
+    """
+    from kcore.server_paths import resolve_server_path
+
+    if s.source != "path" or not s.path:
+        raise ValueError("only a checkpoint loaded from a path on the server can get a card beside it. "
+                         "Fix: download the card and keep it beside your file.")
+    real = resolve_server_path(s.path, kind="file", what="checkpoint path")
+    target = card_path_for(real)
+    if target.exists():
+        try:
+            read_card(target)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{target.name} beside the checkpoint is not a model card ({exc}); kcore does not "
+                             "replace it. Fix: move that file away, or download the card instead.") from exc
+    return write_card(card_for(s.loaded), target)
 
 
 def slot(role: str) -> ModelSlot | None:
