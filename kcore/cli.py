@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from kcore.conventions import CONVENTIONS
 from kcore.data import BUNDLED_DATA
 from kcore.devices import DEVICE_CHOICES
+from kcore.fit import PRESETS
 
 EPILOG_FIT = """\
 examples:
@@ -116,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
     p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
-    p.add_argument("--preset", default="fast", choices=["fast", "authors"], help="training recipe (default fast)")
-    p.add_argument("--convention", choices=["paper", "authors"], default=None,
+    p.add_argument("--preset", default="fast", choices=list(PRESETS), help="training recipe (default fast)")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
                    help="normalisation convention (default: the preset's)")
     p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
     p.add_argument("--seed", type=int, default=0)

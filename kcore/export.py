@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from kcore.decompose import Decomposition
 from kcore.metrics import VarianceReport
+from kcore.provenance import dumps, versions
 
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_FORMATS: dict[str, str] = {
@@ -157,25 +158,6 @@ def save_figure(
 
 
 # ---------------------------------------------------------------------------------------------- provenance
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib import metadata
-
-    import matplotlib
-    import torch
-
-    import kcore
-
-    out = {"kcore": kcore.__version__, "torch": torch.__version__, "numpy": np.__version__,
-           "matplotlib": matplotlib.__version__, "python": platform.python_version()}
-    for name in ("torchvision", "streamlit"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _model_dict(info: Any) -> dict[str, Any]:
     keys = ("name", "sha256", "kind", "architecture", "num_parameters", "test_accuracy", "layer", "path")
     return {k: getattr(info, k, None) for k in keys}
@@ -219,7 +201,7 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
         "directions": fits,
         "images": run.get("images", {}),
         "device": run.get("device"),
-        "versions": _versions(),
+        "versions": versions(),
         "run": run,
     }
 
@@ -310,21 +292,7 @@ def channel_table(report: VarianceReport) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ files
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=False, default=_json_default, allow_nan=True) + "\n"
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray,)):
-        return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
+    return dumps(obj, lenient=True) + "\n"
 
 
 def write_metrics(comparison: Any, folder: str | Path) -> list[Path]:
@@ -369,7 +337,7 @@ def write_components(
             fh, components=comps, residual=dec.residual.detach().cpu().float().numpy(),
             target=dec.target.detach().cpu().float().numpy(), output=comps.sum(0),
             image_ids=np.asarray([str(i) for i in image_ids]),
-            meta=np.asarray(json.dumps({**(meta or {}), "layout": layout}, default=_json_default)),
+            meta=np.asarray(dumps({**(meta or {}), "layout": layout}, indent=None, lenient=True)),
         )
     return path
 

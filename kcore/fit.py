@@ -25,6 +25,7 @@ from kcore import distributed as kd
 from kcore.decompose import Decomposition, Method, components
 from kcore.devices import resolve_device
 from kcore.gtheta import Gate, GTheta, GThetaSpec, gtheta_loss
+from kcore.provenance import json_default
 from kcore.streaming import Rows, batch_slices, gram_cka, merge_accumulator
 from kcore.metrics import (
     Baseline,
@@ -366,7 +367,7 @@ class FitResult:
             "seconds": self.seconds,
             "extra": self.extra,
         }
-        (out / "fit.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        (out / "fit.json").write_text(json.dumps(meta, indent=1, default=json_default))
         return out
 
     @staticmethod
@@ -433,13 +434,6 @@ class FitResult:
             extra=meta.get("extra", {}),
         )
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _model_device(m: torch.nn.Module) -> torch.device:

@@ -9,7 +9,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import FitResult, fit, make_config
 from kcore.preprocessing import Preprocessing, preprocessing_of
+from kcore.provenance import versions
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
@@ -189,19 +189,6 @@ def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Cal
     if prep.input_size is None and input_size is not None:
         prep = prep.with_overrides(input_size=input_size)
     return prep.transform()
-
-
-def versions() -> dict[str, str]:
-    """Versions of everything that can change a result."""
-    import numpy
-    import torchvision
-
-    import kcore
-
-    return {
-        "kcore": kcore.__version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": numpy.__version__, "python": platform.python_version(),
-    }
 
 
 def compare(

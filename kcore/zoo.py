@@ -128,7 +128,7 @@ SAMPLE_ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 
 
 @dataclass(frozen=True)
-class LayerInfo:
+class DefaultLayer:
     """A layer worth comparing and its output shape for a 64x64 input.
 
     Attributes:
@@ -140,8 +140,8 @@ class LayerInfo:
     shape: tuple[int, int, int]
 
 
-DEFAULT_LAYERS: dict[str, LayerInfo] = {
-    "kc_resnet": LayerInfo("layer2", (32, 16, 16)),
-    "kc_tinynet": LayerInfo("block2", (32, 16, 16)),
+DEFAULT_LAYERS: dict[str, DefaultLayer] = {
+    "kc_resnet": DefaultLayer("layer2", (32, 16, 16)),
+    "kc_tinynet": DefaultLayer("block2", (32, 16, 16)),
 }
 """Default layer to compare for each sample architecture (written to model cards)."""

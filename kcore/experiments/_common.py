@@ -44,7 +44,10 @@ from torch.utils.data import Dataset
 from kcore._io import atomic_folder, check_out_dir
 from kcore.checkpoints import LoadedModel
 from kcore.data import BUNDLED_DATA, FolderSplit, is_bundled, labelled_images
+from kcore.conventions import CONVENTIONS
 from kcore.devices import DEVICE_CHOICES
+from kcore.provenance import json_default, versions
+from kcore.training import OPTIMIZERS
 
 Progress = Callable[[str], None]
 
@@ -766,13 +769,11 @@ def write_study(
         extra: called with the folder being written, to add more files (e.g. a family of networks)
             before the folder is moved into place.
     """
-    from kcore.pipeline import versions
-
     with atomic_folder(out_dir, overwrite=overwrite, kind="study") as tmp:
-        (tmp / "result.json").write_text(json.dumps({"format": STUDY_FORMAT, "study": study, **result}, indent=1, default=_json))
+        (tmp / "result.json").write_text(json.dumps({"format": STUDY_FORMAT, "study": study, **result}, indent=1, default=json_default))
         prov = {"study": study, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(), **dict(provenance)}
-        (tmp / "provenance.json").write_text(json.dumps(prov, indent=1, default=_json))
+        (tmp / "provenance.json").write_text(json.dumps(prov, indent=1, default=json_default))
         for name, df in tables.items():
             df.to_csv(tmp / f"{name}.csv", index=False)
         for name, fig in figures.items():
@@ -804,18 +805,6 @@ def _fig_meta(fmt: str) -> dict | None:
     if fmt == "pdf":
         return {"CreationDate": None}
     return None
-
-
-def _json(o: Any) -> Any:
-    if isinstance(o, Tensor):
-        return o.tolist()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 # ------------------------------------------------------------------------------- the command-line template
@@ -933,7 +922,7 @@ def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, nets: str) -> No
     p.add_argument("--arch", default="kc_resnet", help=f"architecture of {nets} (default kc_resnet)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs of {nets} (default {epochs})")
     p.add_argument("--lr", type=float, default=0.1, help=f"peak learning rate of {nets} (default 0.1)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+    p.add_argument("--optimizer", default="sgd", choices=list(OPTIMIZERS),
                    help=f"optimiser of {nets} (default sgd; the sample models use adamw with --lr 0.003 "
                    "--weight-decay 0.0001)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default 0.0005)")
@@ -972,7 +961,7 @@ def add_training_arguments(p: argparse.ArgumentParser, *, epochs: int, lr: float
     p.add_argument("--orders", type=int, default=2, metavar="K", help="K of g_theta (default 2)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="lambda of g_theta (default 0.1)")
     p.add_argument("--fit-epochs", type=int, default=15, metavar="E", help="epochs of g_theta (default 15)")
-    p.add_argument("--convention", choices=["paper", "authors"], default=convention,
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=convention,
                    help=f"normalisation of g_theta's input and target (default {convention}; see kcore.conventions)")
     p.add_argument("--epochs", type=int, default=epochs, metavar="E", help=f"epochs of every classifier arm "
                    f"(default {epochs})")

@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -33,9 +33,9 @@ from kcore.data import BUNDLED_DATA, is_bundled, labelled_images
 from kcore.experiments._common import (
     Normalized, Progress, Subset, add_output_arguments, say, stderr_progress, torch_threads,
 )
+from kcore.training import Optimizer
 
 FAMILY_FORMAT = "kcore-family/1"
-Optimizer = Literal["sgd", "adamw"]
 
 #: training recipe per sample architecture: (optimizer, lr, weight decay), as in kcore.samples.SAMPLE_RECIPES
 RECIPES: dict[str, tuple[Optimizer, float, float]] = {

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from kcore.checkpoints import LoadedModel
+from kcore.conventions import CONVENTIONS
 from kcore.experiments import families
 from kcore.experiments._common import (
     Progress, StudyRun, as_jsonable, labelled_images, layer_of, load_checkpoint, say, single_features, study_command,
@@ -56,7 +57,7 @@ def default_layers(model: LoadedModel) -> list[str]:
 
 
 @dataclass(frozen=True)
-class DirectionResult:
+class PairDirection:
     """g_θ fitted from one member's feature to another's, at one layer.
 
     Attributes:
@@ -96,7 +97,7 @@ class StabilityResult:
         architecture: the family's architecture (or None when unknown).
         members: one dict per network (name, sha256, test accuracy, seed, half).
         layers: the layers compared.
-        directions: every fitted direction (:class:`DirectionResult`).
+        directions: every fitted direction (:class:`PairDirection`).
         orders: K.
         both_directions: whether each pair was fitted both ways.
         n_images: images per fit (before the held-out split).
@@ -109,7 +110,7 @@ class StabilityResult:
     architecture: str | None
     members: tuple[dict, ...]
     layers: tuple[str, ...]
-    directions: tuple[DirectionResult, ...]
+    directions: tuple[PairDirection, ...]
     orders: int
     both_directions: bool
     n_images: int
@@ -271,7 +272,7 @@ def stability(
     for m in models:
         for layer in layer_list:
             layer_of(m, layer, "layers")
-    directions: list[DirectionResult] = []
+    directions: list[PairDirection] = []
     for layer in layer_list:
         say(progress, f"features of {len(models)} networks at {layer} for {len(images)} images")
         feats = [single_features(m, layer, images, device=device)[0] for m in models]
@@ -281,7 +282,7 @@ def stability(
                                 device=device, convention=convention)
                 held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
                 raw = raw_report(res, feats[s][held], feats[t][held])
-                d = DirectionResult(
+                d = PairDirection(
                     layer=layer, source=names[s], target=names[t], instability=raw.instability,
                     instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
                     var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
@@ -326,7 +327,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--orders", type=int, default=2, metavar="K", help="K of g_theta (default 2)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="lambda of g_theta (default 0.1)")
     p.add_argument("--fit-epochs", type=int, default=15, metavar="E", help="epochs of every g_theta (default 15)")
-    p.add_argument("--convention", choices=["paper", "authors"], default="paper",
+    p.add_argument("--convention", choices=list(CONVENTIONS), default="paper",
                    help="normalisation of g_theta's input and target (default paper; see kcore.conventions)")
     p.add_argument("--one-direction", action="store_true", help="fit each pair one way only (half the time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fits")
