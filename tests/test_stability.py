@@ -59,6 +59,13 @@ def test_all_pairs_both_ways_and_the_pair_formula(result):
     for d in result.directions:
         assert d.instability == pytest.approx(d.var_residual / d.var_target)
         assert len(d.var_orders) == 2 and d.n_images == 6  # 20 % of 30 images held out
+        lo, hi = d.instability_ci  # bootstrap over the held-out images
+        assert lo <= d.instability <= hi
+    for layer in result.layers:  # the chance level: the first member against a random-init network
+        ref = result.random_reference[layer]
+        assert ref["network"] and ref["ci"][0] <= ref["instability"] <= ref["ci"][1]
+        row = next(r for r in result.summary() if r["layer"] == layer)
+        assert row["random_init_instability"] == ref["instability"] and row["instability_ci_halfwidth_mean"] > 0
 
 
 def test_deterministic_for_a_fixed_seed(family, images, result):

@@ -72,6 +72,7 @@ class PairDirection:
         linear_r2: R² of the 0-order (least-squares) baseline on the same images.
         gates: fitted p^(1..K).
         n_images: held-out images the numbers are computed on.
+        instability_ci: 95 % bootstrap interval of ``instability`` over the held-out images (no refit).
     """
 
     layer: str
@@ -86,6 +87,7 @@ class PairDirection:
     linear_r2: float
     gates: tuple[float, ...]
     n_images: int
+    instability_ci: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class StabilityResult:
         seed: seed of the fits.
         family: the family's manifest (training recipe, data), when known.
         seconds: wall time.
+        random_reference: layer → the same fit from the first member to a randomly initialised network of the
+            architecture (chance level: what a network that learned nothing gives), with its interval.
     """
 
     case: str
@@ -117,6 +121,7 @@ class StabilityResult:
     seed: int
     family: dict | None
     seconds: float
+    random_reference: dict = dataclasses.field(default_factory=dict)
 
     def pair_instability(self, layer: str) -> dict[tuple[str, str], float]:
         """{(A, B): mean of Var(x^Δ)/Var(x*) over the pair's fitted directions} at ``layer``."""
@@ -139,6 +144,14 @@ class StabilityResult:
                 "instability_min": min(vals), "instability_max": max(vals),
                 "instability_std_units_mean": statistics.fmean(d.instability_std_units for d in ds),
             }
+            cis = [d.instability_ci for d in ds if d.instability_ci is not None]
+            # the noise of one fit's number: the mean half-width of the 95 % bootstrap intervals over images
+            row["instability_ci_halfwidth_mean"] = (statistics.fmean((hi - lo) / 2 for lo, hi in cis) if cis
+                                                    else float("nan"))
+            ref = self.random_reference.get(layer)
+            row["random_init_instability"] = ref["instability"] if ref else float("nan")
+            row["random_init_ci_lo"], row["random_init_ci_hi"] = (ref["ci"] if ref and ref.get("ci")
+                                                                   else (float("nan"), float("nan")))
             for k in range(self.orders + 1):
                 row[f"var_x{k}"] = statistics.fmean(d.var_orders[k] for d in ds)
             row["var_residual"] = statistics.fmean(d.var_residual for d in ds)
@@ -158,7 +171,9 @@ class StabilityResult:
             row.update({f"var_x{k}": v for k, v in enumerate(d.var_orders)})
             row.update({"var_residual": d.var_residual, "var_target": d.var_target, "heldout_error": d.heldout_error,
                         "linear_r2": d.linear_r2, "gates": " ".join(f"{g:.4f}" for g in d.gates),
-                        "n_images": d.n_images})
+                        "n_images": d.n_images,
+                        "instability_ci_lo": d.instability_ci[0] if d.instability_ci else float("nan"),
+                        "instability_ci_hi": d.instability_ci[1] if d.instability_ci else float("nan")})
             pairs.append(row)
         return {"summary": pd.DataFrame(self.summary()), "directions": pd.DataFrame(pairs),
                 "members": pd.DataFrame(list(self.members))}
@@ -175,7 +190,16 @@ class StabilityResult:
             m = statistics.fmean(vals)
             s = statistics.stdev(vals) if len(vals) > 1 else 0.0
             ax.errorbar([i + 0.15], [m], yerr=[s], fmt="o", color="#1f4e79", capsize=3,
-                        label="mean ± std" if i == 0 else None)
+                        label="mean ± std over pairs" if i == 0 else None)
+            ds = [d for d in self.directions if d.layer == layer and d.instability_ci is not None]
+            if ds:
+                half = statistics.fmean((d.instability_ci[1] - d.instability_ci[0]) / 2 for d in ds)
+                ax.errorbar([i - 0.15], [m], yerr=[half], fmt="none", ecolor="#e67e22", capsize=3,
+                            label="mean 95 % CI of one fit (images)" if i == 0 else None)
+            ref = self.random_reference.get(layer)
+            if ref:
+                ax.hlines(ref["instability"], i - 0.35, i + 0.35, colors="#7f8c8d", linestyles="--", lw=1.4,
+                          label="random-init network (chance)" if i == 0 else None)
         ax.set_xticks(range(len(self.layers)), self.layers, fontsize=7)
         ax.set_ylabel(r"instability  $Var(x^\Delta)/Var(x^*)$", fontsize=8)
         ax.set_title(f"Table 1 analogue ({self.case})", fontsize=9)
@@ -201,7 +225,7 @@ class StabilityResult:
             "members": list(self.members), "layers": list(self.layers), "orders": self.orders,
             "both_directions": self.both_directions, "n_images": self.n_images, "seed": self.seed,
             "summary": self.summary(), "directions": [dataclasses.asdict(d) for d in self.directions],
-            "family": self.family, "seconds": self.seconds,
+            "family": self.family, "seconds": self.seconds, "random_reference": self.random_reference,
             "definition": "instability of a pair = mean over its fitted directions of Var(x^Delta)/Var(x*), "
                           "Var = mean over images and units of (value - one global mean)^2 in raw feature units, "
                           "on the fits' held-out images",
@@ -232,6 +256,7 @@ def stability(
     device: str | torch.device = "cpu",
     family: dict | None = None,
     progress: Progress | None = None,
+    random_reference: bool = True,
 ) -> StabilityResult:
     """Instability of learning over all pairs of ``models`` at each layer (Sec. 4.2).
 
@@ -249,6 +274,8 @@ def stability(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         family: the family's manifest, stored with the result.
         progress: one line per fit.
+        random_reference: also fit the first member against a randomly initialised network of its
+            architecture at each layer (one more fit per layer): the chance level.
 
     Returns:
         A :class:`StabilityResult`.
@@ -273,6 +300,7 @@ def stability(
         for layer in layer_list:
             layer_of(m, layer, "layers")
     directions: list[PairDirection] = []
+    refs: dict[str, dict] = {}
     for layer in layer_list:
         say(progress, f"features of {len(models)} networks at {layer} for {len(images)} images")
         feats = [single_features(m, layer, images, device=device)[0] for m in models]
@@ -287,10 +315,17 @@ def stability(
                     instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
                     var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
                     linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
+                    instability_ci=raw.ci.instability if raw.ci is not None else None,
                 )
                 directions.append(d)
                 say(progress, f"{layer}: {names[s]} → {names[t]}: Var(x^Δ)/Var(x*) {d.instability:.4f} "
                               f"(standardised {d.instability_std_units:.4f})")
+        if random_reference:
+            ref = _random_reference(models[0], feats[0], layer, images, seed=seed, device=device, orders=orders,
+                                    lam=lam, fit_epochs=fit_epochs, convention=convention)
+            if ref is not None:
+                refs[layer] = ref
+                say(progress, f"{layer}: {names[0]} → random-init network: Var(x^Δ)/Var(x*) {ref['instability']:.4f}")
     members = []
     for name, m in zip(names, models):
         extra = dict(m.card.extra) if m.card is not None else {}
@@ -301,8 +336,27 @@ def stability(
     return StabilityResult(
         case=case, architecture=archs.pop() if len(archs) == 1 else None, members=tuple(members),
         layers=tuple(layer_list), directions=tuple(directions), orders=orders, both_directions=both_directions,
-        n_images=len(images), seed=seed, family=family, seconds=time.perf_counter() - t0,
+        n_images=len(images), seed=seed, family=family, seconds=time.perf_counter() - t0, random_reference=refs,
     )
+
+
+def _random_reference(model: LoadedModel, x_src: Tensor, layer: str, images: Any, *, seed: int, device: Any,
+                      **fit_args: Any) -> dict | None:
+    """Member → a randomly initialised network of its architecture at ``layer`` (raw-unit instability and CI)."""
+    import kcore
+    from kcore.baselines import random_init_like
+
+    try:
+        rand, how = random_init_like(model, seed)
+    except ValueError:
+        return None
+    x_rand = single_features(rand, layer, images, device=device)[0]
+    res = kcore.fit(x_src, x_rand, orders=fit_args["orders"], lam=fit_args["lam"], epochs=fit_args["fit_epochs"],
+                    seed=seed, device=device, convention=fit_args["convention"])
+    held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
+    raw = raw_report(res, x_src[held], x_rand[held])
+    return {"instability": raw.instability, "ci": list(raw.ci.instability) if raw.ci is not None else None,
+            "network": how, "seed": seed}
 
 
 # -------------------------------------------------------------------------------------------------- CLI
