@@ -46,6 +46,9 @@ def figure_items() -> list[export.FigureItem]:
         items.append(export.FigureItem(export.figure_stem("variance"), figures.variance(run, footer),
                                        {"shows": "Var per order"}))
         items.append(export.FigureItem(export.figure_stem("loss"), figures.loss(run, footer), {"shows": "training curves"}))
+        items.append(export.FigureItem(export.figure_stem("instability"), figures.instability(run, footer),
+                                       {"shows": "instability and additive shares with 95 % bootstrap intervals, "
+                                                 "chance baselines", "preset": c.preset}))
     if "explorer" in what_:
         m = state.explorer_choice()
         if m is None or m.direction not in c.directions:
