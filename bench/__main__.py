@@ -31,6 +31,9 @@ class Profile:
         extraction: numbers of images (each in a fresh process).
         end_to_end_images: images of the embedded default run (None: skip end to end and redraw).
         repeats: timed repeats of the micro-benchmarks.
+        scaling: (N, epochs) of the 1-vs-2-process fit from the disk cache, or None to skip it.
+        disk_budget: a RAM budget in bytes: the disk-cache memory row fits on 4× the images whose float32
+            features fill it (None: skip).
     """
 
     quality: tuple[tuple[str, int, int, int, int], ...]
@@ -42,6 +45,8 @@ class Profile:
     repeats: int = 7
     redraw_changes: int = 12
     fast_epochs: int | None = None  # caps the default preset's epochs (smoke test only)
+    scaling: tuple[int, int] | None = None
+    disk_budget: int | None = None
 
 
 PROFILES: dict[str, Profile] = {
@@ -53,6 +58,8 @@ PROFILES: dict[str, Profile] = {
         decomposition=((64, 14, 256, 2), (256, 14, 64, 2), (64, 14, 256, 4)),
         extraction=(1000, 4000, 16000),
         end_to_end_images=400,
+        scaling=(8192, 3),
+        disk_budget=256 << 20,
     ),
     # a few minutes: the same code paths, the authors' recipe cut short (each row says so)
     "quick": Profile(
@@ -64,6 +71,8 @@ PROFILES: dict[str, Profile] = {
         end_to_end_images=400,
         repeats=3,
         redraw_changes=5,
+        scaling=(2048, 2),
+        disk_budget=64 << 20,
     ),
     # seconds: tiny sizes, for tests/test_bench.py
     "smoke": Profile(
@@ -76,6 +85,8 @@ PROFILES: dict[str, Profile] = {
         repeats=1,
         redraw_changes=1,
         fast_epochs=3,
+        scaling=(128, 1),
+        disk_budget=4 << 20,
     ),
 }
 
@@ -266,7 +277,34 @@ def run_end_to_end(profile: Profile, table: Table, results: dict, models_dir: Pa
               f"the pixels alone (no axes or text) {sp['array_floor_seconds'] * 1e3:.0f} ms")
 
 
-SECTIONS = ("quality", "throughput", "decomposition", "extraction", "end_to_end")
+def run_distributed(profile: Profile, table: Table, results: dict) -> None:
+    from bench.distributed import disk_memory_run, scaling_run
+
+    if profile.scaling is not None:
+        n, epochs = profile.scaling
+        _say(f"scaling: fit from the disk cache, {n} images, 1 vs 2 processes (torchrun, gloo)")
+        r = scaling_run(n, epochs)
+        results["scaling"] = r
+        one, two = r["one"], r["two"]
+        table.add("scaling out (torchrun, gloo)", f"fit from the float16 cache, {n} images 16×16×16, {epochs} epochs, "
+                  "1 vs 2 processes of 1 thread", f"**{one['seconds']:.1f} s → {two['seconds']:.1f} s** "
+                  f"({one['seconds'] / two['seconds']:.2f}× speed-up); held-out instability {one['instability']:.4f} vs "
+                  f"{two['instability']:.4f}; peak RSS per rank {common.fmt_bytes(one['peak_rss_per_rank'][0])} vs "
+                  + " / ".join(common.fmt_bytes(p) for p in two["peak_rss_per_rank"]),
+                  "equal results (|Δ| < 0.01)", abs(one["instability"] - two["instability"]) < 0.01)
+    if profile.disk_budget is not None:
+        budget = profile.disk_budget
+        _say(f"fit from the disk cache on 4× the images that fill {common.fmt_bytes(budget)} as float32")
+        r = disk_memory_run(budget)
+        results["disk_memory"] = r
+        table.add("fit from the disk cache", f"{r['n_images']} images 16×16×16 = {common.fmt_bytes(r['float32_bytes'])} "
+                  f"as float32, 4× a {common.fmt_bytes(budget)} budget (cache {common.fmt_bytes(r['cache_bytes'])}), 1 epoch",
+                  f"**peak RSS {common.fmt_bytes(r['peak_rss'])}**, {common.fmt_bytes(r['peak_growth'])} more than the "
+                  f"same fit on {r['n_small']} images ({common.fmt_bytes(r['peak_rss_small'])}); {r['seconds']:.1f} s",
+                  f"growth < {common.fmt_bytes(budget)} (the budget)", r["peak_growth"] < budget)
+
+
+SECTIONS = ("quality", "throughput", "decomposition", "extraction", "end_to_end", "distributed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         run_extraction(profile, table, results)
     if "end_to_end" in sections:
         run_end_to_end(profile, table, results, args.models)
+    if "distributed" in sections:
+        run_distributed(profile, table, results)
     results["machine_end"] = common.machine()
     results["seconds"] = time.perf_counter() - t0
     m, m2 = results["machine"], results["machine_end"]

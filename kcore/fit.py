@@ -911,7 +911,8 @@ def _evaluate_streamed(
     """:func:`evaluate_heldout` batch by batch over :class:`Rows`, each rank its share, sums all-reduced.
 
     The least-squares baseline's R² comes from the same pass; the linear CKA from Gram matrices that rank 0
-    builds block by block over the held-out images (N_held² numbers in memory, not their features).
+    builds block by block over the held-out images (N_held² numbers in memory, not their features), from the
+    first :data:`STREAMED_CKA_IMAGES` held-out images when there are more (so memory stays bounded).
     """
     ctx = data.ctx
     xs_h, xt_h = data.xs.take(data.heldout_idx), data.xt.take(data.heldout_idx)
@@ -929,7 +930,9 @@ def _evaluate_streamed(
     acc = merge_accumulator(acc, ctx)
     (lin_sse,) = kd.all_reduce_floats(lin_sse, ctx=ctx)
     sst = float(acc.target.m2.sum())
-    cka = kd.broadcast_object(gram_cka(xs_h, xt_h, EVAL_BATCH_SIZE) if ctx.is_main else None, 0, ctx)
+    cka_rows = torch.arange(min(len(xs_h), STREAMED_CKA_IMAGES))
+    cka = gram_cka(xs_h.take(cka_rows), xt_h.take(cka_rows), EVAL_BATCH_SIZE) if ctx.is_main else None
+    cka = kd.broadcast_object(cka, 0, ctx)
     baseline = Baseline(1.0 - lin_sse / sst if sst > 0 else float("nan"), lin.kernel_size, float(cka))
     err = acc.sq_err / sst if sst > 0 else float("nan")
     return err, acc.report(), baseline
@@ -953,6 +956,11 @@ def _check_inputs(x_src: Any, x_tgt: Any) -> tuple[Any, Any]:
             f"x_tgt N={x_tgt.shape[0]}. Fix: use both arrays of one cache entry (cached_arrays(features))."
         )
     return x_src, x_tgt
+
+
+STREAMED_CKA_IMAGES = 2048
+"""A streamed fit's linear CKA baseline uses at most this many held-out images (two 2048² float64 Gram
+matrices, 64 MiB); its R² baseline and every variance use all of them."""
 
 
 def _ddp(model: GTheta, ctx: kd.Context) -> torch.nn.Module | None:
