@@ -958,9 +958,9 @@ def _check_inputs(x_src: Any, x_tgt: Any) -> tuple[Any, Any]:
     return x_src, x_tgt
 
 
-STREAMED_CKA_IMAGES = 2048
-"""A streamed fit's linear CKA baseline uses at most this many held-out images (two 2048² float64 Gram
-matrices, 64 MiB); its R² baseline and every variance use all of them."""
+STREAMED_CKA_IMAGES = 1024
+"""A streamed fit's linear CKA baseline uses at most this many held-out images (two 1024² float64 Gram
+matrices, 16 MiB); its R² baseline and every variance use all of them."""
 
 
 def _ddp(model: GTheta, ctx: kd.Context) -> torch.nn.Module | None:

@@ -103,14 +103,12 @@ def gram_cka(x: Any, y: Any, batch_size: int = 256) -> float:
                 continue
             xj = xi if j == i else x[j : j + batch_size].reshape(min(batch_size, n - j), -1).to(torch.float64)
             yj = yi if j == i else y[j : j + batch_size].reshape(min(batch_size, n - j), -1).to(torch.float64)
-            ka[i : i + batch_size, j : j + batch_size] = xi @ xj.T
-            kb[i : i + batch_size, j : j + batch_size] = yi @ yj.T
-    ka = torch.triu(ka) + torch.triu(ka, 1).T
-    kb = torch.triu(kb) + torch.triu(kb, 1).T
-
-    def centre(k: Tensor) -> Tensor:
-        return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
-
-    ka, kb = centre(ka), centre(kb)
+            for k, a, b in ((ka, xi, xj), (kb, yi, yj)):
+                block = a @ b.T
+                k[i : i + batch_size, j : j + batch_size] = block
+                k[j : j + batch_size, i : i + batch_size] = block.T
+    for k in (ka, kb):  # H K H in place: minus column means, then minus row means (grand mean restored)
+        k.sub_(k.mean(0, keepdim=True))
+        k.sub_(k.mean(1, keepdim=True))
     den = ka.norm() * kb.norm()
-    return float((ka * kb).sum() / den) if float(den) > 0 else float("nan")
+    return float(torch.dot(ka.view(-1), kb.view(-1)) / den) if float(den) > 0 else float("nan")

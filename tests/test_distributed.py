@@ -243,7 +243,7 @@ def test_two_ranks_write_the_cache_one_process_writes(two_runs: dict) -> None:
 def test_a_killed_rank_fails_the_job_clearly_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "runs" / "ab"
     args = [*TORCHRUN, "-m", "kcore", "fit", "--a", "sample_models/kshapes_tinynet_s0.safetensors",
-            "--b", "sample_models/kshapes_resnet_s0.safetensors", "--data", "sample", "--n-images", "120",
+            "--b", "sample_models/kshapes_resnet_s0.safetensors", "--data", "kshapes", "--n-images", "120",
             "--epochs", "400", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     lines: list[str] = []
