@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 import zipfile
-from pathlib import Path
 
 import streamlit as st
 
 from dashboard import state
 from kcore.experiments import STUDIES
 from kcore.experiments._common import read_study
-from kcore.study_options import MAX_FLOAT, MAX_INT, new_study_folder, study_command, study_options
+from kcore.study_options import MAX_FLOAT, MAX_INT, study_options
 
 
 def _default(study: str, name: str) -> object:
@@ -41,69 +37,88 @@ study = st.selectbox("Study", STUDIES, format_func=lambda s: s.replace("_", "-")
                      help="Each study's command also runs from a terminal: `kcore <study> --help`.")
 st.markdown(ABOUT.get(study, ""))
 
-jobs: dict = st.session_state.setdefault("kc_study_jobs", {})
-
 with st.container(border=True):
-    st.markdown("**Run with the small defaults** (bundled sample models and kshapes images; minutes on a CPU)")
+    st.markdown("**Run on the bundled sample models and kshapes images**")
+    scale = st.radio("Scale", list(state.SCALES), format_func=state.SCALES.get, key="kc_st_scale", horizontal=True,
+                     help="Quick: fewer images and epochs than the command's defaults (see Options), to see the "
+                          "study's shape in minutes. Full: the command's own defaults.")
+    quick = state.QUICK.get(study, {}) if scale == "quick" else {}
+
+    def start_value(opt):
+        return quick.get(opt.name, opt.default)
+
     values: dict = {}
     with st.expander("Options", expanded=False):
         st.caption(f"The numbers and choices of `kcore {study.replace('_', '-')}` (see `--help`); paths, "
                    "checkpoints and the output folder are not set from the browser.")
         cols = st.columns(3)
         for i, opt in enumerate(study_options(study)):
-            key, col = f"kc_st_opt_{study}_{opt.name}", cols[i % 3]
+            key, col = f"kc_st_opt_{study}_{scale}_{opt.name}", cols[i % 3]
             label = opt.flag.lstrip("-")
             if opt.kind == "switch":
-                values[opt.name] = col.checkbox(label, value=False, key=key, help=opt.help or None)
+                values[opt.name] = col.checkbox(label, value=bool(start_value(opt)), key=key, help=opt.help or None)
             elif opt.kind == "choice":
                 values[opt.name] = col.selectbox(label, opt.choices, key=key, help=opt.help or None,
                                                  index=opt.choices.index(str(opt.default))
                                                  if str(opt.default) in opt.choices else 0)
             elif opt.kind == "int":
                 values[opt.name] = col.number_input(label, min_value=0, max_value=MAX_INT, step=1, key=key,
-                                                    value=opt.default if isinstance(opt.default, int) else None,
+                                                    value=start_value(opt) if isinstance(start_value(opt), int) else None,
                                                     help=opt.help or None)
             else:
                 values[opt.name] = col.number_input(label, min_value=0.0, max_value=MAX_FLOAT, key=key,
                                                     format="%g", help=opt.help or None,
-                                                    value=float(opt.default) if opt.default is not None else None)
-    if st.button("Run", key="kc_st_run", icon=":material/play_arrow:"):
-        out = new_study_folder(state.studies_dir(), study)
-        try:  # checked again on the server: the typed values, never a path or --out
-            cmd = study_command(study, {k: v for k, v in values.items() if v != _default(study, k)}, out)
+                                                    value=float(start_value(opt)) if start_value(opt) is not None else None)
+    busy = state.study_running()
+    if st.button("Run", key="kc_st_run", icon=":material/play_arrow:", type="primary", disabled=busy,
+                 help="Disabled while a study of this session runs (cancel it below, or wait)." if busy else None):
+        try:
+            state.start_study(study, {k: v for k, v in values.items() if v != _default(study, k)})
         except ValueError as exc:
             st.error(str(exc))
             st.stop()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log = out.parent / f".{out.name}.log"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=state.ROOT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        jobs[str(out)] = {"pid": proc.pid, "proc": proc, "log": str(log), "cmd": " ".join(cmd[2:])}
+        st.rerun()  # redraw with Run disabled and the job's progress
 
 
-@st.fragment(run_every=2.0)
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 def job_status() -> None:
-    for out, job in list(jobs.items()):
-        proc = job["proc"]
-        code = proc.poll()
-        tail = Path(job["log"]).read_text(errors="replace").splitlines()[-6:] if Path(job["log"]).exists() else []
-        with st.container(border=True, key=f"kc_st_job_{Path(out).name}"):
-            name = Path(out).name
-            if code is None:
-                st.markdown(f":material/hourglass_top: **{name}** running — `{job['cmd']}`")
-                if st.button("Cancel", key=f"kc_st_cancel_{name}"):
-                    proc.terminate()
-            elif code == 0:
-                st.markdown(f":material/check_circle: **{name}** finished")
+    for name, job in reversed(list(state.study_jobs().items())):
+        status, p = job.state, state.study_progress(job)
+        with st.container(border=True, key=f"kc_st_job_{name}"):
+            head = f"**{name}** · `{' '.join(job.args) or 'defaults'}`"
+            if status == "running":
+                st.markdown(f":material/hourglass_top: {head} · running")
+                steps = f"step {p.steps}" + (f" of about {p.expected}" if p.expected else "")
+                eta = (f" · about {_duration(p.eta)} left (the last run of these settings took "
+                       f"{_duration(p.elapsed + p.eta)})" if p.eta is not None else
+                       " · no time estimate yet (first run of these settings)")
+                text = f"{steps} · {_duration(p.elapsed)} elapsed{eta}"
+                if p.fraction is not None:
+                    st.progress(p.fraction, text=text)
+                else:
+                    st.caption(text)
+                if st.button("Cancel", key=f"kc_st_cancel_{name}", icon=":material/stop:"):
+                    state.cancel_study(job)
+                    st.rerun()
+            elif status == "done":
+                st.markdown(f":material/check_circle: {head} · finished in {_duration(p.elapsed)} "
+                            f"({p.steps} steps); open it below.")
+            elif status == "cancelled":
+                st.markdown(f":material/cancel: {head} · cancelled after {_duration(p.elapsed)}; nothing was "
+                            "written.")
             else:
-                st.markdown(f":material/error: **{name}** failed (exit {code})")
-            if tail:
-                st.code("\n".join(tail), language=None)
+                st.markdown(f":material/error: {head} · failed (exit code {job.exit_code}) after "
+                            f"{_duration(p.elapsed)}: the log's last lines say why.")
+            if p.last and status != "done":
+                st.code("\n".join(job.lines()[-4:]), language=None)
 
 
-if jobs:
-    job_status()
+if state.study_jobs():
+    st.fragment(job_status, run_every=2.0 if state.study_running() else None)()
 
 st.subheader("Open a study folder")
 studies_dir = state.studies_dir()

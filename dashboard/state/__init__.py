@@ -8,6 +8,8 @@
   their results;
 - views (:mod:`._views`): each run's held-out decomposition, computed once per run and direction so that
   changing the image, channel or order never refits or re-extracts, and the choices pages hand each other;
+- studies (:mod:`._studies`): ``kcore <study>`` processes started from the Studies page, their progress and
+  Cancel;
 - startup (:mod:`._startup`): the embedded default every session starts on;
 - paths (:mod:`._paths`): where run folders, exports and study folders are written.
 
@@ -28,12 +30,16 @@ from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
                                    apply_active_request, counters, open_run_folder, run_folders, runs)
 from dashboard.state._startup import default_error, ensure_defaults, freeze_startup_objects
+from dashboard.state._studies import (QUICK, SCALES, StudyJob, StudyProgress, cancel_study, start_study, study_jobs,
+                                      study_running)
+from dashboard.state._studies import progress as study_progress
 from dashboard.state._views import (FOOTER_KEY, MAX_DECOMPOSE_BYTES, DecompositionView, decomposition,
                                     explorer_choice, feature_maps, figure1_choice, footer, set_explorer_choice,
                                     set_figure1_choice, show_in_explorer, working_positions)
 
 __all__ = [
-    "ACTIVE_RUN_KEY", "FOOTER_KEY", "clear_slot", "upload_token", "feature_maps", "footer", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
+    "ACTIVE_RUN_KEY", "FOOTER_KEY", "QUICK", "SCALES", "StudyJob", "StudyProgress", "cancel_study", "start_study", "study_jobs",
+    "study_progress", "study_running", "clear_slot", "upload_token", "feature_maps", "footer", "DEFAULT_N_IMAGES", "DEFAULT_PAIR", "DIRECTION_HELP", "DIRECTION_TITLES", "MAX_DECOMPOSE_BYTES",
     "ROLES", "ROOT", "DecompositionView", "ImageChoice", "ModelSlot", "RunEntry", "active_run", "add_run",
     "adopt_finished_jobs", "apply_active_request", "bundled_images", "chosen_layer", "counters", "current_job",
     "decomposition", "default_error", "ensure_defaults", "explorer_choice", "exports_dir", "figure1_choice",
