@@ -163,7 +163,9 @@ def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
         pid = _pid_of(name, prefix)
         if pid is not None and _pid_alive(pid):
             continue  # another writer is at work
-        ours = p.is_dir() and not p.is_symlink() and ((p / MARKER).is_file() or (p / TMP_MARKER).is_file())
+        ours = p.is_dir() and not p.is_symlink() and (
+            (p / MARKER).is_file() or (p / TMP_MARKER).is_file() or not any(p.iterdir())  # empty: killed at birth
+        )
         if not ours or pid is None:
             left.append(p)
             continue

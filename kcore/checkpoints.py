@@ -202,7 +202,8 @@ def _sniff(src: _Source) -> _Format:
     raise ValueError(
         f"checkpoint {src.where!r} is not a format kcore reads. Expected one of: "
         + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_KINDS.items())
-        + "."
+        + ". Fix: save the weights with safetensors.torch.save_file(model.state_dict(), 'model.safetensors') or "
+        "torch.save(model.state_dict(), 'model.pt')."
     )
 
 
