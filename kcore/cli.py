@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: card's, or 224 224)")
     p.add_argument("--all", action="store_true", help="also list layers whose output is not a 4-D feature map")
-    p.add_argument("--trust-pickle", action="store_true", help="allow a full pickled nn.Module (runs code from the file!)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow a full pickled nn.Module or a TorchScript archive (runs code from the file!)")
 
     p = sub.add_parser("fit", help="compare two checkpoints at one layer each and write a run folder",
                        description="Extract features, fit g_theta on a training split, decompose the held-out "
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit g with N seeds (SEED, SEED+1, …; each its own split and initialisation) and report "
                         "the spread of the instability and of the order split (metrics.json 'seed_spread')")
     p.add_argument("--cache-dir", default=None, help="float16 on-disk feature cache (bounded memory for many images)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow full pickled nn.Module checkpoints (unsafe)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow full pickled nn.Module and TorchScript checkpoints (runs code from the file!)")
     p.add_argument("--overwrite", action="store_true", help="replace RUN_DIR if it exists")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="output folder (written atomically)")
 

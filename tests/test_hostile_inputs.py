@@ -616,3 +616,39 @@ def test_studies_page_has_no_raw_flag_field():
     assert not at.exception
     assert [t.key for t in at.text_input] == ["kc_st_path"]  # the only text field opens a finished study
     assert len(at.number_input) >= 5
+
+
+def _forged_png(width: int, height: int) -> bytes:
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_and_zip_bombs_stay_bounded(tmp_path, monkeypatch):
+    import kcore.data as kdata
+
+    good = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 99, np.uint8)).save(good, "PNG")
+    # a PNG that claims 100000 × 100000 pixels (30 GB decoded) in a few bytes
+    bomb_png = _forged_png(100_000, 100_000)
+    # a zip member that inflates to 8 MiB of zeros from a few KiB, with the cap lowered to 1 MiB
+    monkeypatch.setattr(kdata, "MAX_FILE_BYTES", 1 << 20)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.png", b"\0" * (8 << 20))
+        zf.writestr("bomb.png", bomb_png)
+        zf.writestr("good.png", good.getvalue())
+    assert len(buf.getvalue()) < 100_000
+    t0 = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = kdata.ImageSet.from_uploads([("photos.zip", buf.getvalue()), ("direct_bomb.png", bomb_png)])
+    reasons = dict(s.skipped)
+    assert [i.split("/")[-1] for i in s.ids] == ["good.png"]
+    assert "MAX_FILE_BYTES" in reasons["photos.zip/zeros.png"]
+    assert "DecompressionBomb" in reasons["photos.zip/bomb.png"] and "DecompressionBomb" in reasons["direct_bomb.png"]
+    assert time.monotonic() - t0 < 10
