@@ -3,4 +3,5 @@ import sys
 
 from kcore.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # (not when a tool imports every module, e.g. pkgutil.walk_packages)
+    sys.exit(main())
