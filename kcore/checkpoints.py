@@ -455,6 +455,11 @@ class LoadedModel:
         num_classes: classifier outputs (given, from the card, or inferred from the weights).
         preprocessing: how images become this model's input (:func:`kcore.preprocessing.resolve_preprocessing`:
             the card, else torchvision's standard evaluation transform of the architecture, else none).
+
+    Examples::
+
+        m = kcore.load_model("sample_models/kshapes_resnet_s0.safetensors")
+        m.name, m.kind, m.card.input_size, m.num_parameters
     """
 
     model: nn.Module
@@ -550,6 +555,11 @@ def load_model(
         FileNotFoundError: ``source`` is a path with no file.
         UnsafeCheckpointError: the file would run code when loaded and ``trust_pickle`` is False.
         ValueError: unknown, truncated or corrupt file; missing arch; keys or shapes that do not fit.
+
+    Examples::
+
+        m = kcore.load_model("sample_models/kshapes_resnet_s0.safetensors")   # card read from beside it
+        m.model, m.card.default_layer, m.sha256[:12]
     """
     src = _as_source(source, name)
     if card is None and src.path is not None and card_path_for(src.path).is_file():

@@ -51,8 +51,7 @@ def _conv_stack(conv: torch.nn.Module, stack: Tensor) -> Tensor:
 
 #: On the CPU the batched method runs over chunks of images whose stacked input holds about this many
 #: floats (4 MB): the stack is (K+1)× larger than a forward pass's input, and a convolution over a batch
-#: that overflows the caches costs more per image (64×14×14, K = 2, 256 images on 2 cores: 3.2 forward
-#: passes of time in one piece, 2.4 in chunks; the chunk size was picked from 2^18 … 2^22 floats).
+#: that overflows the CPU caches costs more per image (bench/README.md, "decomposition", has the timings).
 CHUNK_FLOATS = 2**20
 
 
@@ -123,6 +122,12 @@ class Decomposition:
         residual: x^Δ = x* − g(x), (N, C_b, H, W): what A's feature cannot reconstruct.
         target: x* as g_θ sees it (standardised per channel in the paper convention, raw otherwise).
         convention: the fit's convention.
+
+    Examples::
+
+        dec = fit_result.decompose(x_src, x_tgt)
+        torch.allclose(sum(dec.components) + dec.residual, dec.target)   # exact split (Eq. 3–4)
+        dec.report().instability
     """
 
     components: list[Tensor]

@@ -194,6 +194,11 @@ def list_layers(
 
     Raises:
         ValueError: TorchScript model, bad ``input_size``, or the dry run failed (wrong input size).
+
+    Examples::
+
+        layers = kcore.list_layers(m.model, (3, 64, 64), spatial_only=True)
+        [(l.name, l.shape) for l in layers][:3]        # e.g. [("conv1", (16, 64, 64)), ...]
     """
     _check_hookable(model)
     if len(input_size) != 3 or not all(isinstance(v, int) and v > 0 for v in input_size):
@@ -576,6 +581,12 @@ def extract_features(
         ValueError: unknown or non-4-D layers, malformed batches, no images, too many images, features beyond
             the float16 range when caching, ``cache_dir`` without ``cache_key``, or an unusable device.
         ExtractionCancelled: ``cancel`` asked to stop; nothing is written to the cache.
+
+    Examples::
+
+        images = kcore.data.sample_images(200)
+        pair = kcore.extract_features(a.model, "layer2", b.model, "layer2", images)
+        res = kcore.fit(pair.x_a, pair.x_b)
     """
     _check_hookable(model_a, "model_a")
     _check_hookable(model_b, "model_b")

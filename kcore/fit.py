@@ -88,6 +88,12 @@ class FitConfig:
     With a monitor split, the starting weights (the least-squares start with ``init="lstsq"``) are a candidate
     too, measured before the first step ("epoch 0"): a fit never keeps weights worse on the monitor split
     than its start.
+
+    Examples::
+
+        cfg = kcore.FitConfig(orders=2, lam=0.1)                     # or the preset's: kcore.PRESETS["fast"]
+        res = kcore.fit(x_src, x_tgt, orders=cfg.orders, lam=cfg.lam)
+        res.config                                                     # the FitConfig that ran
     """
 
     orders: int = 2
@@ -234,7 +240,16 @@ class EpochRecord:
 
 
 class FitCancelled(RuntimeError):
-    """Raised by :func:`fit` when its ``cancel`` callback asked it to stop."""
+    """Raised by :func:`fit` when its ``cancel`` callback asked it to stop.
+
+    Examples::
+
+        stop = threading.Event()
+        try:
+            kcore.fit(x_src, x_tgt, cancel=stop)                      # stop.set() from another thread
+        except kcore.FitCancelled:
+            ...
+    """
 
 
 @dataclass(frozen=True)
@@ -252,6 +267,12 @@ class FitResult:
         baseline: the 0-order baseline (least-squares R², linear CKA) on the same held-out images.
         train_indices, heldout_indices: the split (image indices into the fit's inputs).
         device: where it was fitted; seconds: wall time of the fit.
+
+    Examples::
+
+        res = kcore.fit(x_src, x_tgt)
+        res.gates, res.heldout_error, res.heldout_report.share_residual
+        dec = res.decompose(x_src[:8], x_tgt[:8])
     """
 
     model: GTheta
@@ -376,6 +397,11 @@ class FitResult:
 
         Raises:
             ValueError: a file is missing, truncated, edited or inconsistent with the other; the message names it.
+
+        Examples::
+
+            res = kcore.load_result("runs/g")               # the folder written by res.save("runs/g")
+            dec = res.decompose(x_src, x_tgt)
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -1021,6 +1047,12 @@ def fit(
     Raises:
         ValueError: bad inputs (shapes, NaN/Inf, too few images, K < 0, unknown option).
         FitCancelled: ``cancel`` asked to stop.
+
+    Examples::
+
+        res = kcore.fit(x_src, x_tgt, orders=2)        # g_θ reconstructs x* = x_tgt from x = x_src
+        res.heldout_report.instability                  # Var(x^Δ)/Var(x*) on the held-out images
+        res.save("runs/g"); kcore.load_result("runs/g")
     """
     t0 = time.perf_counter()
     x_src, x_tgt = _check_inputs(x_src, x_tgt)

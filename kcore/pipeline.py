@@ -105,6 +105,12 @@ class Comparison:
         directions: ``"A_to_B"`` and/or ``"B_to_A"`` → :class:`DirectionResult`.
         provenance: hashes, layers, image set, seed, preset, versions, device.
         baselines: chance-level references (:mod:`kcore.baselines`), kind → :class:`ChanceBaseline`.
+
+    Examples::
+
+        cmp = kcore.read_run("runs/ab")
+        for key, d in cmp.directions.items():
+            print(key, d.meaning, d.fit.heldout_report.instability)
     """
 
     a: ModelInfo
@@ -245,6 +251,14 @@ def compare(
 
     Returns:
         A :class:`Comparison`.
+
+    Examples::
+
+        a = kcore.load_model("sample_models/kshapes_tinynet_s0.safetensors")
+        b = kcore.load_model("sample_models/kshapes_resnet_s0.safetensors")
+        cmp = kcore.compare(a, "block2", b, "layer2", kcore.data.sample_images(300), both_directions=True)
+        cmp.directions["A_to_B"].fit.heldout_report.instability
+        kcore.write_run(cmp, "runs/tiny_vs_resnet")
     """
     validate_layer(a.model, layer_a)
     validate_layer(b.model, layer_b)
@@ -414,6 +428,10 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
 
     Raises:
         ValueError: ``out_dir`` exists and ``overwrite`` is False.
+
+    Examples::
+
+        kcore.write_run(kcore.compare(a, "block2", b, "layer2", images), "runs/ab")
     """
     from safetensors.torch import save_file
 
@@ -446,7 +464,13 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
 
 
 def read_run(run_dir: str | os.PathLike) -> Comparison:
-    """Re-open a run folder written by :func:`write_run` (weights-only: JSON and safetensors)."""
+    """Re-open a run folder written by :func:`write_run` (weights-only: JSON and safetensors).
+
+    Examples::
+
+        cmp = kcore.read_run("runs/tiny_vs_resnet")     # a folder written by `kcore fit` or write_run
+        dec = cmp.decompose("A_to_B")                    # held-out images: x^(0) … x^(K), x^Δ, x*
+    """
     from safetensors.torch import load_file
 
     d = Path(run_dir)

@@ -399,7 +399,7 @@ def _draw_overlay(ax, image, map2d, norm, cmap, alpha, background) -> None:
 
 
 def _hide_axis_lines(ax) -> None:
-    """No tick machinery on an image axes (the frame stays): drawing empty axes still costs ~5 ms each."""
+    """No tick machinery on an image axes (the frame stays): even empty tick machinery costs drawing time."""
     ax.xaxis.set_visible(False)
     ax.yaxis.set_visible(False)
 
@@ -539,7 +539,7 @@ def component_overlay_interactive(
     """:func:`component_overlay` as an interactive Plotly figure (the dashboard's Explorer).
 
     The same map, limits, colour map, opacity and background as the matplotlib figure; the browser draws
-    it (the server only sends the arrays, ~10 ms instead of ~50 ms for a rendered PNG) and shows each
+    it (the server only sends the arrays, much cheaper than rendering a PNG) and shows each
     pixel's value on hover. The map is drawn as a heat map over the (grey) image with opacity ``alpha``;
     exports use :func:`component_overlay`.
 

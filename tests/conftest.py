@@ -1,5 +1,7 @@
-"""Shared test fixtures."""
+"""Shared test fixtures: threads, and the tiny kshapes data and models the study tests share."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -12,3 +14,53 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test leaves torch's thread count as it found it (a CLI test may pass --threads)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_fit():
+    """g_θ settings of the study tests: K = 2, one epoch (seconds, not a converged fit)."""
+    from kcore.experiments._common import FitSettings
+
+    return FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_kshapes():
+    """kshapes at 32 px (40 train, 20 test, 30 fit images) and a kc_resnet trained for one epoch on one thread."""
+    from kcore.experiments._common import study_data, torch_threads
+    from kcore.training import train_classifier
+
+    with torch_threads(1):
+        data = study_data("kshapes", image_size=32, n_train=40, n_test=20, n_images=30)
+        model = train_classifier("kc_resnet", data.train, None, epochs=1, seed=0).model
+    return data, model
+
+
+@pytest.fixture(scope="session")
+def kshapes_train_test():
+    """32 training and 16 test kshapes images at 32 px, in [0, 1] (each model's card normalises them)."""
+    from kcore.data import labelled_images
+
+    return labelled_images("kshapes", "train", 32, 32), labelled_images("kshapes", "test", 16, 32)
+
+
+@pytest.fixture(scope="session")
+def without_timings():
+    """A study result's ``as_dict()`` as JSON values without wall times (to compare two runs exactly)."""
+    def numbers(d: dict) -> dict:
+        d = json.loads(json.dumps(d))
+        d.pop("seconds", None)
+        for arm in d.get("arms", ()):
+            arm.pop("seconds", None)
+        return d
+
+    return numbers

@@ -216,8 +216,8 @@ def test_torchscript_is_refused_unless_trusted_and_then_needs_no_arch(tmp_path: 
 def _export(model: nn.Module, path: Path) -> None:
     try:
         program = torch.export.export(model, (X,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    except Exception as exc:  # noqa: BLE001 - export support varies; the test is skipped with the reason
-        pytest.skip(f"torch.export failed on the tiny model: {exc}")
+    except (torch._dynamo.exc.TorchDynamoException, NotImplementedError) as exc:  # torch.export's own limits
+        pytest.skip(f"torch.export cannot trace the tiny model on this torch build: {exc}")
     torch.export.save(program, str(path))
 
 

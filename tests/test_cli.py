@@ -34,6 +34,7 @@ def test_layers_lists_shapes_and_the_card_default(capsys):
     assert "layer2" in out and "32x16x16" in out and "(card default)" in out
 
 
+@pytest.mark.slow
 def test_fit_on_sample_models_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     # speed is measured by the benchmark (bench/), not here: a short schedule keeps CI quick

@@ -14,23 +14,14 @@ from torch.nn.utils import parametrize
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import FitSettings, read_study, state_fingerprint, study_data, unchanged, write_study
+from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.compression import compression_study
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
 from kcore.training import train_classifier
 from kcore.synthetic import MEAN, STD
 from kcore.zoo import kc_resnet
 
-TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """kshapes at 32 px, a few dozen images, and a kc_resnet trained for one epoch (seconds)."""
-    torch.set_num_threads(2)
-    data = study_data("kshapes", image_size=32, n_train=40, n_test=20, n_images=30)
-    model = train_classifier("kc_resnet", data.train, None, epochs=1, seed=0).model
-    return data, model
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net() -> nn.Module:
@@ -119,8 +110,8 @@ def test_unknown_scope_lists_the_valid_ones():
         prune_magnitude(_net(), 0.5, "channel")
 
 
-def test_pruned_weights_stay_zero_during_training_with_momentum_and_weight_decay(tiny):
-    data, model = tiny
+def test_pruned_weights_stay_zero_during_training_with_momentum_and_weight_decay(tiny_kshapes):
+    data, model = tiny_kshapes
     pruned = prune_magnitude(model, 0.7, "global")
     before = [w.clone() for w in _pruned_weights(pruned.model)]
     with kept_pruned(pruned.model, pruned.masks) as net:
@@ -144,10 +135,11 @@ def test_kept_pruned_removes_its_parametrisations_after_an_error():
 
 
 # --------------------------------------------------------------------------------------------------- study
-def test_compression_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_path):
-    data, model = tiny
+@pytest.mark.slow
+def test_compression_study_end_to_end_is_deterministic_and_reopens(tiny_fit, tiny_kshapes, tmp_path):
+    data, model = tiny_kshapes
     before = state_fingerprint(model)
-    kw = dict(ratios=(0.0, 0.9), finetune_epochs=1, fit=TINY_FIT, seed=0, device="cpu", n_maps=2)
+    kw = dict(ratios=(0.0, 0.9), finetune_epochs=1, fit=tiny_fit, seed=0, device="cpu", n_maps=2)
     a = compression_study(model, "layer2", data, **kw)
     b = compression_study(model, "layer2", data, **kw)
     assert unchanged(model, before)
@@ -168,9 +160,9 @@ def test_compression_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_pat
     assert {"compression_curve", "discarded_components"} <= set(folder.figures)
 
 
-def test_unpruned_point_without_finetuning_is_the_original(tiny):
-    data, model = tiny
-    res = compression_study(model, "layer2", data, ratios=(0.0,), fit=TINY_FIT, n_maps=0)
+def test_unpruned_point_without_finetuning_is_the_original(tiny_fit, tiny_kshapes):
+    data, model = tiny_kshapes
+    res = compression_study(model, "layer2", data, ratios=(0.0,), fit=tiny_fit, n_maps=0)
     p = res.points[0]
     assert p.accuracy == p.accuracy_pruned == res.original_accuracy
     # identical features: the closed-form 0-order map reconstructs them (g_θ after one epoch nearly so)
@@ -178,8 +170,8 @@ def test_unpruned_point_without_finetuning_is_the_original(tiny):
     assert p.row["instability"] < 0.1
 
 
-def test_bad_study_input_is_explained(tiny):
-    data, model = tiny
+def test_bad_study_input_is_explained(tiny_kshapes):
+    data, model = tiny_kshapes
     with pytest.raises(ValueError, match="ratios must lie in \\[0, 1\\]"):
         compression_study(model, "layer2", data, ratios=(0.5, 2.0))
     with pytest.raises(ValueError, match="layer9"):
@@ -194,8 +186,9 @@ def _checkpoint(model: nn.Module, folder) -> str:
     return str(path)
 
 
-def test_cli_writes_a_study_folder(tiny, tmp_path, capsys):
-    _, model = tiny
+@pytest.mark.slow
+def test_cli_writes_a_study_folder(tiny_kshapes, tmp_path, capsys):
+    _, model = tiny_kshapes
     ckpt = _checkpoint(model, tmp_path)
     out = tmp_path / "run"
     rc = main(["compression", "--model", ckpt, "--ratios", "0,0.5", "--scope", "global", "--finetune-epochs", "0",

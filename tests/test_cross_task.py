@@ -12,16 +12,15 @@ from PIL import Image
 
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import FitSettings, read_study, study_data, write_study
+from kcore.experiments._common import read_study, study_data, write_study
 from kcore.experiments.cross_task import DIRECTIONS, cross_task_study, train_task_pair
 from kcore.synthetic import COARSE_OF_CLASS
 
-TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
     kw = dict(image_size=32, n_train=40, n_test=20, n_images=30)
     fine, coarse = study_data("kshapes", labels="fine", **kw), study_data("kshapes", labels="coarse", **kw)
     nets = train_task_pair("kc_resnet", fine, coarse, epochs=1, seed=0)
@@ -65,9 +64,10 @@ def test_the_two_nets_start_from_the_same_weights_except_the_classifier(monkeypa
     assert differ == ["fc.bias", "fc.weight"]
 
 
-def test_cross_task_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_path):
+@pytest.mark.slow
+def test_cross_task_study_end_to_end_is_deterministic_and_reopens(tiny_fit, tiny, tmp_path):
     fine, coarse, (f, c) = tiny
-    kw = dict(fine_test=fine.test, coarse_test=coarse.test, fine_to_coarse=COARSE_OF_CLASS, fit=TINY_FIT,
+    kw = dict(fine_test=fine.test, coarse_test=coarse.test, fine_to_coarse=COARSE_OF_CLASS, fit=tiny_fit,
               device="cpu", n_maps=2)
     a = cross_task_study(f.model, c.model, "layer2", fine.images, **kw)
     b = cross_task_study(f.model, c.model, "layer2", fine.images, **kw)
@@ -90,6 +90,7 @@ def test_cross_task_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_path
     assert len(folder.tables["directions"]) == 2
 
 
+@pytest.mark.slow
 def test_cli_trains_both_nets_and_writes_a_study(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["cross-task", "--image-size", "32", "--epochs", "1", "--n-train", "20", "--n-test", "10",

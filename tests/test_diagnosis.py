@@ -1,8 +1,6 @@
 """Diagnosis (Sec. 4.1, App. B): blind spots, unreliable features, the two accuracy checks, maps, folders."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,6 @@ from kcore.cli import main
 from studies_page import open_in_dashboard
 from kcore.experiments._common import FromLayer, TrainConfig, pair_features, read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.diagnosis import _raw_output_and_residual, adapt_input_width, diagnose, reinitialised
-from kcore.data import labelled_images
 from kcore.experiments.families import train_family
 from kcore.pipeline import model_transform
 
@@ -32,21 +29,13 @@ def nets():
 
 
 @pytest.fixture(scope="module")
-def images():
-    return labelled_images("kshapes", "train", 32, 32), labelled_images("kshapes", "test", 16, 32)
+def images(kshapes_train_test):
+    return kshapes_train_test
 
 
 @pytest.fixture(scope="module")
 def result(nets, images):
     return diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **TINY)
-
-
-def _numbers(d: dict) -> dict:
-    d = json.loads(json.dumps(d))
-    d.pop("seconds")
-    for arm in d["arms"]:
-        arm.pop("seconds")
-    return d
 
 
 def test_arms_and_checks_of_section_4_1(result):
@@ -66,9 +55,9 @@ def test_arms_and_checks_of_section_4_1(result):
     assert set(result.tables()) == {"accuracy", "checks", "variances", "maps"}
 
 
-def test_deterministic_for_a_fixed_seed(nets, images, result):
+def test_deterministic_for_a_fixed_seed(without_timings, nets, images, result):
     again = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **TINY)
-    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+    assert without_timings(again.as_dict()) == without_timings(result.as_dict())
 
 
 def test_repeats_train_every_arm_with_more_seeds(nets, images, result):
@@ -158,6 +147,7 @@ def test_study_folder_reopens(result, tmp_path):
     assert np.allclose(st.result["maps"]["blind_spot_energy"], result.blind_energy)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(nets, tmp_path, capsys):
     w = nets[0].save(tmp_path / "weak") / "kc_tinynet_s0.safetensors"
     s = nets[1].save(tmp_path / "strong") / "kc_resnet_s0.safetensors"

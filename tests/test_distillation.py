@@ -10,22 +10,13 @@ import torch
 
 from kcore.cli import main
 from studies_page import open_in_dashboard
-from kcore.experiments._common import FitSettings, read_study, state_fingerprint, study_data, unchanged, write_study
+from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.distillation import (
     StudentSettings, born_again_loss, distillation_study, kd_loss, train_born_again,
 )
-from kcore.training import train_classifier
 from kcore.zoo import kc_resnet
 
-TINY_FIT = FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.set_num_threads(2)
-    data = study_data("kshapes", image_size=32, n_train=40, n_test=20, n_images=30)
-    teacher = train_classifier("kc_resnet", data.train, None, epochs=1, seed=0).model
-    return data, teacher
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------------ KD loss
@@ -74,8 +65,8 @@ def test_kd_loss_rejects_mismatched_shapes_and_bad_tau():
         kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), tau=0.0)
 
 
-def test_training_a_student_leaves_the_teacher_alone(tiny):
-    data, teacher = tiny
+def test_training_a_student_leaves_the_teacher_alone(tiny_kshapes):
+    data, teacher = tiny_kshapes
     before = state_fingerprint(teacher)
     teacher.train()
     torch.manual_seed(10)
@@ -86,9 +77,10 @@ def test_training_a_student_leaves_the_teacher_alone(tiny):
 
 
 # --------------------------------------------------------------------------------------------------- study
-def test_distillation_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_path):
-    data, teacher = tiny
-    kw = dict(generations=2, student=StudentSettings(epochs=1), fit=TINY_FIT, seed=0, device="cpu", n_maps=2)
+@pytest.mark.slow
+def test_distillation_study_end_to_end_is_deterministic_and_reopens(tiny_fit, tiny_kshapes, tmp_path):
+    data, teacher = tiny_kshapes
+    kw = dict(generations=2, student=StudentSettings(epochs=1), fit=tiny_fit, seed=0, device="cpu", n_maps=2)
     a = distillation_study(teacher, "layer2", data, lambda: kc_resnet(10), **kw)
     b = distillation_study(teacher, "layer2", data, lambda: kc_resnet(10), **kw)
     ta, tb = a.tables()["generations"], b.tables()["generations"]
@@ -108,12 +100,13 @@ def test_distillation_study_end_to_end_is_deterministic_and_reopens(tiny, tmp_pa
     assert {"blind_spots", "blind_spot_maps"} <= set(folder.figures)
 
 
-def test_generations_must_be_positive(tiny):
-    data, teacher = tiny
+def test_generations_must_be_positive(tiny_kshapes):
+    data, teacher = tiny_kshapes
     with pytest.raises(ValueError, match="generations must be a positive integer"):
         distillation_study(teacher, "layer2", data, lambda: kc_resnet(10), generations=0)
 
 
+@pytest.mark.slow
 def test_cli_with_a_teacher_trained_from_scratch(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["distillation", "--teacher", "scratch", "--teacher-epochs", "1", "--image-size", "32",

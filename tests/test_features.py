@@ -242,8 +242,8 @@ def test_export_archive_layers_can_be_listed_and_captured(tmp_path: Path) -> Non
     x = torch.randn(2, 3, 8, 8)
     try:
         program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    except Exception as exc:  # noqa: BLE001 - export support varies; the test is skipped with the reason
-        pytest.skip(f"torch.export failed on the tiny model: {exc}")
+    except (torch._dynamo.exc.TorchDynamoException, NotImplementedError) as exc:  # torch.export's own limits
+        pytest.skip(f"torch.export cannot trace the tiny model on this torch build: {exc}")
     torch.export.save(program, str(tmp_path / "m.pt2"))
     exported = load_model(tmp_path / "m.pt2").model
     names = [l.name for l in kf.list_layers(exported, (3, 8, 8), spatial_only=True)]  # noqa: E741

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,9 +41,29 @@ def test_kcore_imports_without_streamlit():
         "import kcore, kcore.fit, kcore.decompose, kcore.metrics\n"
         "import pkgutil, importlib\n"
         "for m in pkgutil.walk_packages(kcore.__path__, 'kcore.'):\n"
-        "    importlib.import_module(m.name)\n"
+        "    if not m.name.endswith('.__main__'):  # `python -m kcore` runs the CLI when imported\n"
+        "        importlib.import_module(m.name)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_public_api_is_the_workflow_with_examples():
+    import kcore
+
+    assert {"load_model", "list_layers", "extract_features", "fit", "compare", "read_run", "load_result",
+            "FitResult", "Decomposition", "VarianceReport", "Comparison"} <= set(kcore.__all__)
+    assert len(kcore.__all__) <= 20
+    for name in kcore.__all__:
+        obj = getattr(kcore, name)
+        if name != "PRESETS":  # a dict: documented in kcore.fit
+            assert "Examples::" in (obj.__doc__ or ""), name
+    assert kcore.load_result == kcore.FitResult.load and kcore.compare.__module__ == "kcore.pipeline"
+    with pytest.raises(AttributeError, match="import it from its module"):
+        kcore.gtheta_loss  # noqa: B018  (internals live in their modules)
+    from kcore.decompose import components  # noqa: F401
+    from kcore.fit import FitProgress, make_config  # noqa: F401
+    from kcore.gtheta import gtheta_loss  # noqa: F401
+    from kcore.metrics import linear_cka, variance_report  # noqa: F401

@@ -1,8 +1,6 @@
 """Feature refinement (Sec. 4.3, App. A): fair arms, frozen g_θ and lower layers, study folders."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -10,7 +8,6 @@ import kcore
 from kcore.cli import main
 from studies_page import open_in_dashboard
 from kcore.experiments._common import TrainConfig, pair_features, read_study, state_fingerprint, train_upper, unchanged, write_study
-from kcore.data import labelled_images
 from kcore.experiments.families import train_family
 from kcore.experiments.refinement import component_sums, refine
 from kcore.pipeline import model_transform
@@ -28,22 +25,14 @@ def family():
 
 
 @pytest.fixture(scope="module")
-def images():
-    return labelled_images("kshapes", "train", 32, 32), labelled_images("kshapes", "test", 16, 32)
+def images(kshapes_train_test):
+    return kshapes_train_test
 
 
 @pytest.fixture(scope="module")
 def result(family, images):
     a, b = family.loaded()
     return refine(a, b, *images, **TINY)
-
-
-def _numbers(d: dict) -> dict:
-    d = json.loads(json.dumps(d))
-    d.pop("seconds", None)
-    for arm in d["arms"]:
-        arm.pop("seconds")
-    return d
 
 
 def test_arms_of_table_3(result):
@@ -57,10 +46,10 @@ def test_arms_of_table_3(result):
     assert len(result.fit["var_orders"]) == 2
 
 
-def test_deterministic_for_a_fixed_seed(family, images, result):
+def test_deterministic_for_a_fixed_seed(without_timings, family, images, result):
     a, b = family.loaded()
     again = refine(a, b, *images, **TINY)
-    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+    assert without_timings(again.as_dict()) == without_timings(result.as_dict())
 
 
 def test_g_and_lower_layers_stay_frozen(family, images):
@@ -124,6 +113,7 @@ def test_study_folder_reopens(result, tmp_path):
     assert st.result["frozen"]["g_theta"] is True and "accuracy" in st.figures
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(family, tmp_path, capsys):
     fam = family.save(tmp_path / "fam")
     rc = main(["refinement", "--a", str(fam / "kc_resnet_s0.safetensors"), "--b", str(fam / "kc_resnet_s1.safetensors"),

@@ -37,12 +37,6 @@ def result(family, images):
     return stability(family.loaded(), images, layers=["layer2", "layer3"], **TINY)
 
 
-def _numbers(d: dict) -> dict:
-    d = json.loads(json.dumps(d))
-    d.pop("seconds")
-    return d
-
-
 def test_all_pairs_both_ways_and_the_pair_formula(result):
     assert result.case == "seeds" and result.layers == ("layer2", "layer3")
     assert len(result.directions) == 2 * 3 * 2  # layers x pairs x directions
@@ -68,9 +62,9 @@ def test_all_pairs_both_ways_and_the_pair_formula(result):
         assert row["random_init_instability"] == ref["instability"] and row["instability_ci_halfwidth_mean"] > 0
 
 
-def test_deterministic_for_a_fixed_seed(family, images, result):
+def test_deterministic_for_a_fixed_seed(without_timings, family, images, result):
     again = stability(family.loaded(), images, layers=["layer2", "layer3"], **TINY)
-    assert _numbers(again.as_dict()) == _numbers(result.as_dict())
+    assert without_timings(again.as_dict()) == without_timings(result.as_dict())
 
 
 def test_a_network_against_its_own_copy_is_stable(family, images):
@@ -153,6 +147,7 @@ def test_study_folder_reopens(result, tmp_path):
     assert "instability" in st.figures
 
 
+@pytest.mark.slow
 def test_cli_halves_family_then_stability(tmp_path, capsys):
     fam = tmp_path / "halves"
     assert main(["train-family", "--arch", "kc_tinynet", "--halves", "--epochs", "1", "--n-train", "40",
@@ -166,6 +161,7 @@ def test_cli_halves_family_then_stability(tmp_path, capsys):
     assert st.provenance["checkpoints"][0]["sha256"] == manifest["members"][0]["sha256"]
 
 
+@pytest.mark.slow
 def test_cli_trains_its_own_family_when_given_none(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["stability", "--arch", "kc_tinynet", "--seeds", "0", "1", "--epochs", "1", "--n-train", "30",
