@@ -76,6 +76,9 @@ SAMPLE_RECIPES: tuple[Recipe, ...] = (
 )
 """The committed sample models and how each was trained."""
 
+SAMPLE_CHECKPOINTS: dict[str, str] = {r.name: f"sample_models/{r.name}.safetensors" for r in SAMPLE_RECIPES}
+"""Each sample model's checkpoint as the commands' defaults name it (relative to a source checkout)."""
+
 SAMPLE_SPEC = KShapesSpec(seed=0, image_size=64, n_train=8000, n_test=1000)
 """The kshapes data of the sample models: trained on "train", evaluated on all of "test"."""
 CHECK_N = 300

@@ -41,8 +41,7 @@ def test_kcore_imports_without_streamlit():
         "import kcore, kcore.fit, kcore.decompose, kcore.metrics\n"
         "import pkgutil, importlib\n"
         "for m in pkgutil.walk_packages(kcore.__path__, 'kcore.'):\n"
-        "    if not m.name.endswith('.__main__'):  # `python -m kcore` runs the CLI when imported\n"
-        "        importlib.import_module(m.name)\n"
+        "    importlib.import_module(m.name)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

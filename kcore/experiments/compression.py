@@ -27,9 +27,10 @@ from kcore.experiments._common import (
     study_command, study_data,
 )
 from kcore.experiments.pruning import PRUNE_SCOPES, PruneScope, kept_pruned, prune_magnitude
+from kcore.samples import SAMPLE_CHECKPOINTS
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.9, 0.95)
-DEFAULT_MODEL = "sample_models/kshapes_resnet_s0.safetensors"
+DEFAULT_MODEL = SAMPLE_CHECKPOINTS["kshapes_resnet_s0"]
 
 
 # ------------------------------------------------------------------------------------------- the study

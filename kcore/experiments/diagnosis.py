@@ -41,14 +41,15 @@ from kcore.experiments._common import (
     arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say, study_command,
     train_config_from, train_test_features, train_test_images, train_upper,
 )
+from kcore.samples import SAMPLE_CHECKPOINTS
 
 ClassifierInit = Literal["fresh", "trained"]
 CLASSIFIER_INITS: dict[str, str] = {
     "fresh": "A's upper layers re-initialised (reset_parameters, seeded) for every arm: the fair default",
     "trained": "A's upper layers start from the trained weak network (favours raw x_A, which they were trained on)",
 }
-WEAK = "sample_models/kshapes_tinynet_s0.safetensors"
-STRONG = "sample_models/kshapes_resnet_s0.safetensors"
+WEAK = SAMPLE_CHECKPOINTS["kshapes_tinynet_s0"]
+STRONG = SAMPLE_CHECKPOINTS["kshapes_resnet_s0"]
 
 
 def reinitialised(net: nn.Module, seed: int) -> nn.Module:

@@ -32,8 +32,9 @@ from kcore.experiments._common import (
     consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
     model_summary, say, study_command, study_data,
 )
+from kcore.samples import SAMPLE_CHECKPOINTS
 
-SAMPLE_TEACHER = "sample_models/kshapes_resnet_s0.safetensors"
+SAMPLE_TEACHER = SAMPLE_CHECKPOINTS["kshapes_resnet_s0"]
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, tau: float = 1.0) -> Tensor:

@@ -37,6 +37,7 @@ from kcore.experiments._common import (
     state_fingerprint, study_command, train_config_from, train_test_features, train_test_images, train_upper,
     unchanged,
 )
+from kcore.samples import SAMPLE_CHECKPOINTS
 
 
 # -------------------------------------------------------------------------------------------- the study
@@ -201,8 +202,8 @@ def refine(
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-SAMPLE_A = "sample_models/kshapes_resnet_s0.safetensors"
-SAMPLE_B = "sample_models/kshapes_resnet_s1.safetensors"
+SAMPLE_A = SAMPLE_CHECKPOINTS["kshapes_resnet_s0"]
+SAMPLE_B = SAMPLE_CHECKPOINTS["kshapes_resnet_s1"]
 
 
 def add_cli(sub: Any) -> None:
