@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
     p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
     p.add_argument("--preset", default="fast", choices=list(PRESETS), help="training recipe (default fast)")
+    p.add_argument("--budget", type=_duration, default=None, metavar="TIME",
+                   help="wall-time budget per direction's fit, e.g. 60s, 2m or 90: training stops in time and keeps "
+                   "the weights with the best monitor error so far (default: none, the fit ends when converged)")
     p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
                    help="normalisation convention (default: the preset's)")
     p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
@@ -146,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     for module in study_modules():  # `kcore <study>` subcommands of the paper's studies
         module.add_cli(sub)
     return parser
+
+
+def _duration(text: str) -> float:
+    """``60s``, ``2m``, ``1h`` or a plain number of seconds → seconds (argparse type)."""
+    raw = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(raw[-1:], None)
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1.0)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 60s, 2m or 90; got {text!r}")
+    return value
 
 
 def _load(path: str, arch: str | None, num_classes: int | None, trust: bool):
@@ -271,6 +287,8 @@ def _fit_job(args, ctx) -> int:
         est //= 2
     print(f"features: about {format_bytes(est)} {where}{note}", file=say)
     opts = {"convention": args.convention} if args.convention else {}
+    if args.budget is not None:
+        opts["budget"] = args.budget
     comp = compare(
         a, layer_a, b, layer_b, images, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
         device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,

@@ -28,7 +28,9 @@ def feats():
 @pytest.mark.parametrize("K", [0, 1, 2, 3])
 def test_components_sum_to_g_of_x(feats, K, convention):
     x_src, x_tgt = feats
-    res = kcore.fit(x_src, x_tgt, orders=K, convention=convention, epochs=2, min_steps=0, p_init=0.8)
+    # no monitor split: the trained weights are kept (on this noise target the least-squares start, with the
+    # gates closed, would win the monitor and leave the higher orders at exactly zero)
+    res = kcore.fit(x_src, x_tgt, orders=K, convention=convention, epochs=2, p_init=0.8, monitor_fraction=0.0)
     # float32: relative 1e-5
     dec = res.decompose(x_src, x_tgt, batch_size=7)
     assert len(dec.components) == K + 1

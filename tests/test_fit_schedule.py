@@ -1,0 +1,97 @@
+"""The default fit's stopping rule: steps, the least-squares start as a candidate, the time budget, progress lines."""
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kcore
+from kcore.cli import ProgressBar, _duration
+from kcore.fit import make_config, train_plan
+from kcore.pipeline import PipelineProgress
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pair(n: int = 60, c: int = 8, h: int = 8, noise: float = 1.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, h, generator=g)
+    w = torch.randn(c, c, 3, 3, generator=g) / (c * 9) ** 0.5
+    return x, F.conv2d(x, w, padding=1) + noise * torch.randn(n, c, h, h, generator=g)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_never_ends_worse_than_its_least_squares_start(seed: int) -> None:
+    # a linear target under heavy noise: the non-linear orders can only overfit, so training tends to make the
+    # monitor error worse than the least-squares start; the kept weights must not be
+    x, y = _pair(seed=seed)
+    res = kcore.fit(x, y, orders=2, lr=3e-2, lr_w0_scale=1.0, warmup=0.0)  # a rough schedule on purpose
+    start = res.extra["start_monitor_error"]
+    kept = start if res.best_epoch == 0 else res.history[res.best_epoch - 1].monitor_error
+    assert kept <= start
+    assert kept <= min(r.monitor_error for r in res.history)
+    if res.best_epoch == 0:  # the start is exactly the least-squares map: the gates are closed
+        assert res.gates == (0.0, 0.0)
+        assert res.heldout_error == pytest.approx(1 - res.baseline.linear_r2, rel=1e-4, abs=1e-6)
+
+
+def test_stopping_is_counted_in_optimiser_steps() -> None:
+    cfg = make_config("fast")
+    small, large = train_plan(cfg, 100), train_plan(cfg, 5000)
+    assert small.total_steps == large.total_steps == cfg.max_steps  # the same schedule whatever the set size
+    assert sum(n for _, n in small.rounds) == sum(n for _, n in large.rounds) == cfg.max_steps
+    assert max(n for _, n in large.rounds) == cfg.eval_every  # long epochs are measured within
+    explicit = make_config("fast", epochs=3)
+    assert explicit.max_steps is None and train_plan(explicit, 128).epochs == 3
+    x, y = _pair(n=80)
+    res = kcore.fit(x, y, orders=1, max_steps=12, eval_every=4, batch_size=8, patience=None)
+    assert [r.step for r in res.history] == [4, 8, 12] and res.extra["steps_run"] == 12
+
+
+def test_budget_fit_stops_within_its_budget() -> None:
+    x, y = _pair(n=200, c=16, h=12)
+    budget = 1.5
+    t0 = time.perf_counter()
+    res = kcore.fit(x, y, orders=2, max_steps=100000, patience=None, budget=budget)
+    took = time.perf_counter() - t0
+    assert took <= budget * 1.25 + 0.2, took
+    assert res.extra["stopped_by"] == "budget" and 0 < res.extra["steps_run"] < 100000
+    assert res.heldout_error == res.heldout_error  # evaluated (not NaN)
+
+
+def test_budget_duration_parser() -> None:
+    assert (_duration("60s"), _duration("2m"), _duration("90"), _duration("0.5h")) == (60, 120, 90, 1800)
+    with pytest.raises(Exception, match="positive duration"):
+        _duration("soon")
+
+
+def test_non_tty_progress_prints_periodic_lines(monkeypatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    out = io.StringIO()  # not a terminal
+    bar = ProgressBar(stream=out, every=5.0)
+    bar(PipelineProgress("extract", 0.0, "extracting"))
+    for i in range(1, 61):  # one update a second for a minute within one stage
+        clock[0] = float(i)
+        bar(PipelineProgress("fit A_to_B", 0.3 + 0.01 * i, f"g_θ A_to_B: train epoch {i}/100, ETA {100 - i} s"))
+    lines = out.getvalue().splitlines()
+    assert 12 <= len(lines) <= 14  # the stage changes, then a line every 5 s: not 61, not 2
+    assert "ETA" in lines[-1] and "epoch 56/100" in lines[-1]  # lines at 1, 6, ..., 56 s
+
+
+def test_cli_fit_off_a_terminal_prints_progress_with_eta(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    from kcore.cli import main
+
+    strong = Path(__file__).resolve().parents[1] / "sample_models" / "kshapes_resnet_s0.safetensors"
+    if not strong.is_file():
+        pytest.skip("sample models not built")
+    rc = main(["fit", "--a", str(strong), "--b", str(strong), "--n-images", "60", "--budget", "20s",
+               "--out", str(tmp_path / "run")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "monitor error" in err and "ETA" in err and "step" in err
