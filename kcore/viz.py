@@ -602,8 +602,8 @@ def map_view_interactive(
     # the title sits left and the mode bar top right, in a band of its own above the plot
     text = title.replace("\n", "<br>").replace("x^Δ", "x<sup>Δ</sup>")  # rendered as a superscript
     fig.update_layout(title={"text": text, "font": {"size": 13}, "x": 0.0, "xanchor": "left",
-                             "y": 0.985, "yanchor": "top"},
-                      height=height, margin={"l": 0, "r": 0, "t": 64, "b": 0}, plot_bgcolor="white")
+                             "y": 0.97, "yanchor": "top"},
+                      height=height, margin={"l": 0, "r": 0, "t": 76, "b": 0}, plot_bgcolor="white")
     return fig
 
 

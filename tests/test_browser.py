@@ -124,3 +124,72 @@ def test_default_fit_shows_the_overlay(server, browser, tmp_path):
     except OSError:
         pass
     page.close()
+
+
+ASSETS = ROOT / "assets"
+PAGES = [  # (link in the sidebar, heading, screenshot name)
+    ("Models & images", "Models & images", "models"),
+    ("Fit", "Fit", "fit"),
+    ("Overview", "Overview", "overview"),
+    ("Explorer", "Explorer", "explorer"),
+    ("Filters", "Filters", "filters"),
+    ("Figure 1", "Figure 1", "figure1"),
+    ("Export", "Export", "export"),
+    ("Paper studies", "Studies", "studies"),
+]
+
+
+def _local(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return u.scheme in ("data", "blob", "about") or u.hostname == "127.0.0.1"
+
+
+def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser):
+    """At 1024×700 no page scrolls sideways, no request goes anywhere but 127.0.0.1 (no icon or font from the
+    internet), and a screenshot of every page lands in assets/ (the README shows them)."""
+    page = browser.new_page(viewport={"width": 1024, "height": 700})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(server)
+    page.get_by_role("heading", name="Models & images").wait_for(timeout=60_000)
+    page.get_by_text("kshapes_tinynet_s0.safetensors").first.wait_for(timeout=60_000)
+    _idle(page)
+    # a short fit so that the result pages have something to show
+    page.get_by_role("link", name="Fit", exact=True).first.click()
+    start = page.get_by_role("button", name="Start fit")
+    start.wait_for(timeout=60_000)
+    _idle(page)
+    field = page.get_by_role("spinbutton", name="Epochs (0 = preset schedule)")
+    field.fill("2")
+    field.press("Enter")
+    _idle(page)
+    start.click()
+    page.get_by_text("Finished in").wait_for(timeout=FIT_TIMEOUT_MS)
+    _idle(page)
+    ASSETS.mkdir(exist_ok=True)
+    too_wide = {}
+    for link, heading, shot in PAGES:
+        page.get_by_role("link", name=link, exact=True).first.click()
+        page.get_by_role("heading", name=heading).first.wait_for(timeout=60_000)
+        _idle(page)
+        if shot == "explorer":
+            charts = page.locator('[data-testid="stPlotlyChart"]')
+            sync_api.expect(charts).to_have_count(2, timeout=60_000)
+            assert charts.first.bounding_box()["width"] > 250  # the maps are not shrunk to thumbnails
+        widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        if widths[0] > widths[1]:
+            too_wide[shot] = widths
+        # Streamlit scrolls inside its main area, so a taller window shows the whole page in the screenshot
+        page.set_viewport_size({"width": 1024, "height": 1500})
+        time.sleep(1.0)
+        page.screenshot(path=str(ASSETS / f"screenshot-{shot}.png"))
+        page.set_viewport_size({"width": 1024, "height": 700})
+    page.close()
+    assert not too_wide, f"pages that scroll sideways at 1024 px (scrollWidth, innerWidth): {too_wide}"
+    outside = sorted({u for u in requests if not _local(u)})
+    assert not outside, f"requests that left 127.0.0.1: {outside[:10]}"
+    assert not [u for u in failed if not _local(u)]

@@ -13,8 +13,8 @@ from dashboard.state._paths import runs_dir
 
 DIRECTION_TITLES = {"A_to_B": "A → B", "B_to_A": "B → A"}
 DIRECTION_HELP = {
-    "A_to_B": "A's feature x reconstructs B's x*: x^Δ = blind spots of A (what B encodes and A misses)",
-    "B_to_A": "B's feature x reconstructs A's x*: x^Δ = unreliable features of A (what only A encodes)",
+    "A_to_B": r"A's feature $x$ reconstructs B's $x^*$: $x^\Delta$ = blind spots of A (what B encodes and A misses)",
+    "B_to_A": r"B's feature $x$ reconstructs A's $x^*$: $x^\Delta$ = unreliable features of A (what only A encodes)",
 }
 
 
