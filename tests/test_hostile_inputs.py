@@ -652,3 +652,46 @@ def test_decompression_and_zip_bombs_stay_bounded(tmp_path, monkeypatch):
     assert "MAX_FILE_BYTES" in reasons["photos.zip/zeros.png"]
     assert "DecompressionBomb" in reasons["photos.zip/bomb.png"] and "DecompressionBomb" in reasons["direct_bomb.png"]
     assert time.monotonic() - t0 < 10
+
+
+def test_cli_fit_on_a_hostile_folder_and_a_reused_cache(roots):
+    """Through the CLI: a FIFO and a /dev/zero symlink in the image folder are skipped (no hang), and a cache
+    folder reused after the images changed under the same names gives the new features, not the old ones."""
+    inside, _ = roots
+    folder, cache = inside / "images", inside / "cache"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+
+    def fit(seed: int, out: str) -> dict:
+        for i in range(30):
+            _png(folder / f"img{i:02d}.png", size=32, seed=seed + i)
+        r = subprocess.run([sys.executable, "-m", "kcore.cli", "fit", "--a", str(SAMPLE), "--b", str(SAMPLE),
+                            "--data", str(folder), "--epochs", "1", "--orders", "0", "--cache-dir", str(cache),
+                            "--out", str(inside / out)], env=_env(), capture_output=True, text=True,
+                           timeout=3 * TIME_BOUND)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "skipped 2" in r.stderr
+        return json.loads((inside / out / "metrics.json").read_text())
+
+    t0 = time.monotonic()
+    first, second = fit(0, "run1"), fit(500, "run2")
+    assert time.monotonic() - t0 < 6 * TIME_BOUND
+
+    def var_target(m: dict) -> float:
+        d = m["directions"]["A_to_B"] if "directions" in m else m["A_to_B"]
+        report = d.get("heldout_report", d)
+        return float(report["var_target"])
+
+    assert var_target(first) != pytest.approx(var_target(second), rel=1e-6)
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2  # a second entry, not a reuse
+
+
+def test_export_names_stay_inside_the_exports_folder(tmp_path, monkeypatch):
+    from dashboard import state
+
+    monkeypatch.setenv("KCORE_EXPORTS_DIR", str(tmp_path / "exports"))
+    for name in ("../../elsewhere", "/etc", "..", "a/b/../../c", "run 1 (copy)"):
+        folder = state.export_folder(name)
+        assert folder.parent == (tmp_path / "exports").resolve() and folder.name not in ("", ".", "..")
+    assert state.export_folder("run 1 (copy)").name == "run_1_copy"
