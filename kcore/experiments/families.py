@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kcore._io import check_out_dir
+from kcore._io import MARKER, check_out_dir
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.checkpoints import LoadedModel, load_model
@@ -141,6 +141,8 @@ class Family:
             path.write_bytes(m._bytes)
             write_card(m.card, card_path_for(path))
         (out / "family.json").write_text(json.dumps(self.manifest(), indent=1) + "\n")
+        # kcore's marker: `train-family --overwrite` may write into this folder again (kcore._io.check_out_dir)
+        (out / MARKER).write_text(json.dumps({"kcore": "family", "format": 1}))
         return out
 
 
