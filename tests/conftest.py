@@ -64,3 +64,26 @@ def without_timings():
         return d
 
     return numbers
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """``n`` seeded random images (3, size, size) in [0, 1] with labels ``i % 3``, ``ids`` and ``raw(i)``."""
+
+    def __init__(self, n: int = 40, size: int = 16, id_format: str = "img{:03d}") -> None:
+        self.x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+        self.ids = [id_format.format(i) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], i % 3
+
+    def raw(self, i: int):
+        return (self.x[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+@pytest.fixture(scope="session")
+def random_images():
+    """:class:`RandomImages` (the class: call it with n, size, id_format)."""
+    return RandomImages

@@ -23,23 +23,12 @@ def _net(seed, width):
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=24, size=12):
-        self.x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
-        self.ids = [f"set/img {i:03d}" for i in range(n)]
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], i % 3
-
-
 @pytest.fixture(scope="module")
-def comparison():
+def comparison(random_images):
     a = LoadedModel(_net(0, 5), "a.safetensors", "a" * 64, "safetensors", None, 10)
     b = LoadedModel(_net(1, 4), "b.safetensors", "b" * 64, "safetensors", None, 10)
-    return compare(a, "2", b, "2", _Images(), orders=1, epochs=2, both_directions=True, device="cpu")
+    images = random_images(24, 12, "set/img {:03d}")  # ids with a space and a slash: export names them safely
+    return compare(a, "2", b, "2", images, orders=1, epochs=2, both_directions=True, device="cpu")
 
 
 def check_png(data: bytes) -> None:

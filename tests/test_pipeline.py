@@ -12,22 +12,6 @@ from kcore.checkpoints import LoadedModel
 from kcore.pipeline import HELDOUT_IMAGES_FILE, compare, heldout_images, read_heldout_images, read_run, write_run
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=40, size=16):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.rand(n, 3, size, size, generator=g)
-        self.ids = [f"img{i:03d}" for i in range(n)]
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], i % 3
-
-    def raw(self, i):
-        return (self.x[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-
-
 def _net(seed, width=6):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1),
@@ -40,9 +24,9 @@ def _loaded(model, name):
 
 
 @pytest.fixture(scope="module")
-def comparison():
+def comparison(random_images):
     a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
-    return compare(a, "2", b, "2", _Images(), orders=1, epochs=2, both_directions=True, image_source="test")
+    return compare(a, "2", b, "2", random_images(), orders=1, epochs=2, both_directions=True, image_source="test")
 
 
 def test_both_directions_and_provenance(comparison):
@@ -56,8 +40,8 @@ def test_both_directions_and_provenance(comparison):
     assert comparison.heldout_positions == comparison.directions["A_to_B"].fit.heldout_indices
 
 
-def test_captured_features_are_the_conv_outputs_before_inplace_relu(comparison):
-    data = _Images()
+def test_captured_features_are_the_conv_outputs_before_inplace_relu(comparison, random_images):
+    data = random_images()
     with torch.no_grad():
         expected = _net(0)[:3](data.x)
     torch.testing.assert_close(comparison.features.x_a, expected)
@@ -92,8 +76,8 @@ def test_read_run_rejects_other_folders(tmp_path):
         read_run(tmp_path)
 
 
-def test_run_folder_keeps_the_heldout_input_images(tmp_path, comparison):
-    data = _Images()
+def test_run_folder_keeps_the_heldout_input_images(tmp_path, comparison, random_images):
+    data = random_images()
     run = write_run(comparison, tmp_path / "run", images=data)
     back = read_heldout_images(run)
     ids = comparison.image_ids()
