@@ -305,6 +305,34 @@ def run_distributed(profile: Profile, table: Table, results: dict) -> None:
 
 
 SECTIONS = ("quality", "throughput", "decomposition", "extraction", "end_to_end", "distributed")
+OPT_IN = ("real_size",)
+"""Sections that run only when named with --only (minutes per row at real sizes)."""
+
+
+def run_real_size(table: Table, results: dict, rows: list[int] | None, longer: bool) -> None:
+    from bench.real_size import ROWS, real_size_row
+
+    chosen = [ROWS[i] for i in (rows if rows else range(len(ROWS)))]
+    out = results.setdefault("real_size", [])
+    for arch, layer, n in chosen:
+        _say(f"real size: {arch} {layer}, {n} images at 224 px")
+        r = real_size_row(arch, layer, n, longer=longer)
+        out.append(r)
+        shape = "×".join(str(v) for v in r["shape"])
+        ref = (f"; 10× longer run: {r['longer_heldout_error']:.4f} in {r['longer_seconds']:.0f} s"
+               if "longer_heldout_error" in r else "")
+        met = r["heldout_error"] <= r["lstsq_error"]
+        table.add("real size, whole default run", f"{arch} {layer} ({shape}), {n} kshapes images at 224 px, "
+                  "random weights (seeds 0 and 1)",
+                  f"**{r['total_seconds']:.0f} s** (extract {r['extract_seconds']:.0f} + fit {r['fit_seconds']:.0f} "
+                  f"({r['steps_run']} steps, stopped by {r['stopped_by']}) + decompose {r['decompose_seconds']:.1f}); "
+                  f"held-out error {r['heldout_error']:.4f} vs least squares {r['lstsq_error']:.4f}{ref}; "
+                  f"peak RSS {common.fmt_bytes(r['peak_rss'])}",
+                  "held-out ≤ least squares", met)
+        t = r["throughput"]
+        table.add("  training step vs bare conv", f"{shape}, batch 64, K=2",
+                  f"{t['ratio']:.2f} ({t['step_gflops']:.0f} vs {t['conv_gflops']:.0f} GFLOP/s; "
+                  f"{t['step_seconds']:.2f} s/step)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="a few minutes")
     mode.add_argument("--full", action="store_const", const="full", dest="profile", help="the README's table (hours)")
     mode.add_argument("--profile", choices=sorted(PROFILES), dest="profile")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    p.add_argument("--only", nargs="+", choices=SECTIONS + OPT_IN,
+                   help=f"run only these sections ({', '.join(OPT_IN)} runs only when named here)")
+    p.add_argument("--real-size-rows", nargs="+", type=int, default=None, metavar="I",
+                   help="real_size: which rows (0 resnet18, 1 resnet50, 2 vgg16; default all)")
+    p.add_argument("--real-size-longer", action="store_true",
+                   help="real_size: also run the default preset 10× longer as the quality reference")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results.json and results.md")
     p.add_argument("--models", type=Path, default=None, help="folder of the sample models (default: sample_models/)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -339,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         run_end_to_end(profile, table, results, args.models)
     if "distributed" in sections:
         run_distributed(profile, table, results)
+    if "real_size" in sections:
+        run_real_size(table, results, args.real_size_rows, args.real_size_longer)
     results["machine_end"] = common.machine()
     results["seconds"] = time.perf_counter() - t0
     m, m2 = results["machine"], results["machine_end"]

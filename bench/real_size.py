@@ -1,0 +1,112 @@
+"""Real sizes: torchvision architectures (random weights) at 224 px on images the project renders (kshapes).
+
+One row per (architecture, layer, N images): extraction into the float16 disk cache, the whole default fit from
+that cache, the held-out decomposition report; steps run, held-out error against the least-squares baseline and
+(optionally) against the same preset run 10× longer; peak memory; and the training step's FLOP/s against a bare
+convolution forward of the same shape (oneDNN's rate, the floor the step cannot beat) in the same process.
+
+Random weights make the timing honest; the quality is a function of the data (two differently seeded networks on
+the same images), the same for every schedule compared. Opt-in (``python -m bench --only real_size``): minutes
+per row on two cores, never part of the smoke profile.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import interleaved_times, proc_status
+from bench.throughput import forward_flops
+from kcore.fit import make_config, make_optimizer, train_step
+from kcore.gtheta import GTheta, GThetaSpec
+
+ROWS: tuple[tuple[str, str, int], ...] = (
+    ("resnet18", "layer3", 600),
+    ("resnet50", "layer3", 1000),
+    ("vgg16", "features.21", 1000),  # conv4_3 (512×28×28 at 224 px)
+)
+"""(architecture, layer, images) of the issue's real-size rows."""
+
+
+def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 3) -> dict[str, Any]:
+    """FLOP/s of the default fit's training step against one bare 3×3 convolution forward of the same shape."""
+    cfg = make_config("fast")
+    torch.manual_seed(0)
+    spec = GThetaSpec(channels_in, channels_out, cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init)
+    fmt = torch.channels_last
+    model = GTheta(spec).to(memory_format=fmt).train()
+    opt = make_optimizer(model, cfg)
+    b = cfg.batch_size
+    xb = torch.randn(b, channels_in, size, size).contiguous(memory_format=fmt)
+    tb = torch.randn(b, channels_out, size, size).contiguous(memory_format=fmt)
+    w = torch.randn(channels_out, channels_in, 3, 3).contiguous(memory_format=fmt)
+
+    def conv() -> None:
+        with torch.no_grad():
+            F.conv2d(xb, w, padding=1)
+
+    t = interleaved_times({"step": lambda: train_step(model, opt, xb, tb, cfg.lam), "conv": conv},
+                          repeats=repeats, warmup=1)
+    step_rate = 3.0 * forward_flops(spec, size, size) * b / t["step"]
+    conv_rate = 2.0 * 9 * channels_in * channels_out * size * size * b / t["conv"]
+    return {"step_gflops": step_rate / 1e9, "conv_gflops": conv_rate / 1e9, "ratio": step_rate / conv_rate,
+            "step_seconds": t["step"]}
+
+
+def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32) -> dict[str, Any]:
+    """Extraction + whole default fit + held-out report for two random-weight ``arch`` networks on ``n`` images."""
+    import torchvision
+
+    from kcore.data import ImageSet, Preprocess
+    from kcore.feature_cache import CacheKey, cached_arrays
+    from kcore.features import extract_features
+    from kcore.fit import fit
+    from kcore.preprocessing import standard_preprocessing
+    from kcore.synthetic import KShapesSpec
+
+    prep = standard_preprocessing(arch)
+    size = prep.load_size
+    images = ImageSet.from_kshapes(KShapesSpec(seed=0, image_size=size[0], n_train=n, n_test=10), "train", n,
+                                   Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    torch.manual_seed(0)
+    a = torchvision.models.get_model(arch, num_classes=10).eval()
+    torch.manual_seed(1)
+    b = torchvision.models.get_model(arch, num_classes=10).eval()
+    out: dict[str, Any] = {"arch": arch, "layer": layer, "n_images": n, "preprocessing": prep.as_dict()}
+    with tempfile.TemporaryDirectory(prefix="kcore-bench-") as tmp:
+        t = time.perf_counter()
+        feats = extract_features(a, layer, b, layer, images, batch_size=batch_size, device="cpu",
+                                 transform_a=prep.transform(), transform_b=prep.transform(), cache_dir=tmp,
+                                 cache_key=CacheKey(f"{arch}-seed0", f"{arch}-seed1", f"kshapes-224-{n}", str(prep)))
+        out["extract_seconds"] = time.perf_counter() - t
+        xa, xb = cached_arrays(feats) if _has_cached(feats) else (feats.x_a, feats.x_b)
+        out["shape"] = list(feats.x_a.shape[1:])
+        t = time.perf_counter()
+        res = fit(xa, xb, device="cpu")
+        out["fit_seconds"] = time.perf_counter() - t
+        held = torch.as_tensor(res.heldout_indices)
+        t = time.perf_counter()
+        res.report(feats.x_a[held].float(), feats.x_b[held].float())
+        out["decompose_seconds"] = time.perf_counter() - t
+        out.update(steps_run=res.extra.get("steps_run"), epochs_run=res.extra.get("epochs_run"),
+                   stopped_by=res.extra.get("stopped_by"), best=res.best_epoch, heldout_error=res.heldout_error,
+                   lstsq_error=1.0 - res.baseline.linear_r2)
+        if longer:
+            cfg = res.config
+            t = time.perf_counter()
+            ref = fit(xa, xb, device="cpu", max_steps=cfg.max_steps * 10,
+                      patience_steps=(cfg.patience_steps or 0) * 10 or None)
+            out["longer_seconds"] = time.perf_counter() - t
+            out["longer_heldout_error"] = ref.heldout_error
+    out["peak_rss"] = proc_status().get("VmHWM")
+    c, h = out["shape"][0], out["shape"][1]
+    out["throughput"] = step_vs_conv(c, c, h)
+    out["total_seconds"] = out["extract_seconds"] + out["fit_seconds"] + out["decompose_seconds"]
+    return out
+
+
+def _has_cached(feats: Any) -> bool:
+    return getattr(feats, "entry", None) is not None
