@@ -11,6 +11,8 @@ from dashboard import state
 from kcore import export
 
 DISPLAY_DPI = 150
+LAYOUT_PX = 1000
+"""About the width of the main area on a large screen: fixed figure widths are shares of it."""
 SHARE_HELP = ("Additive share s⁽ᵏ⁾ = Cov(x⁽ᵏ⁾, x*)/Var(x*) (one global mean, as the paper's Var). Because "
               "x⁽⁰⁾ + … + x⁽ᴷ⁾ + x^Δ = x*, the shares of the orders and of x^Δ add up to exactly 100 %.")
 PRESET_HELP = ("The split into orders is not unique: the training recipe decides it (the README's 'How much the "
@@ -86,7 +88,12 @@ def show_figure(build: Callable[[], Figure], *, key: str, caption: str | None = 
     except ValueError as exc:
         st.error(f"Could not draw this figure: {exc}")
         return None
-    st.image(png, caption=caption, width=width)
+    if isinstance(width, int) and width < LAYOUT_PX:
+        # a fixed width as a share of a wide page: the figure shrinks with a narrow window instead of overflowing
+        col, _ = st.columns([width, LAYOUT_PX - width])
+        col.image(png, caption=caption, width="stretch")
+    else:
+        st.image(png, caption=caption, width="stretch" if isinstance(width, int) else width)
     return png
 
 

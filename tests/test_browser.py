@@ -183,8 +183,17 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
         widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
         if widths[0] > widths[1]:
             too_wide[shot] = widths
+        # nothing drawn past the window's right edge either (Streamlit scrolls inside its main area)
+        cut = page.evaluate("""() => [...document.querySelectorAll('[data-testid="stMain"] img, '
+            + '[data-testid="stMain"] .js-plotly-plot, [data-testid="stMain"] [data-testid="stDataFrame"]')]
+            .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1).length""")
+        if cut:
+            too_wide[f"{shot} (elements cut at the right)"] = cut
         # Streamlit scrolls inside its main area, so a taller window shows the whole page in the screenshot
         page.set_viewport_size({"width": 1024, "height": 1500})
+        _idle(page)
+        page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
         time.sleep(1.0)
         page.screenshot(path=str(ASSETS / f"screenshot-{shot}.png"))
         page.set_viewport_size({"width": 1024, "height": 700})
