@@ -339,6 +339,7 @@ def test_export_writes_valid_files(fitted, dirs):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         svg = p.with_suffix(".svg").read_bytes()
         assert ET.fromstring(svg).tag.endswith("svg") and b"<svg" in svg
+        assert b"<text" in svg  # editable text, not glyph outlines
         pdf = p.with_suffix(".pdf").read_bytes()
         assert pdf.startswith(b"%PDF") and re.search(rb"/Type\s*/Page\b", pdf)
         assert p.with_suffix(".json").is_file()
