@@ -77,6 +77,9 @@ class FitConfig:
             are scaled up by the same factor so that the fit still converges.
         max_steps: when set, the length of the schedule in optimiser steps, whatever the number of images
             (the learning-rate schedule spans these steps; ``epochs`` and ``min_steps`` are then not used).
+        flops_budget: with ``max_steps``, fewer steps where steps are expensive: the schedule spans
+            ``min(max_steps, flops_budget / FLOPs of one training step)`` steps, at least ``MIN_PLANNED_STEPS``
+            (deterministic: it depends on the shapes, never on the clock).
         patience_steps: when set, stop after this many optimiser steps without a better monitor error
             (instead of ``patience`` epochs).
         eval_every: the monitor error is measured at the end of every epoch and, when set, every this many
@@ -117,6 +120,7 @@ class FitConfig:
     min_delta: float = 1e-6
     min_steps: int = 800
     max_steps: int | None = None
+    flops_budget: float | None = None
     patience_steps: int | None = None
     eval_every: int | None = None
     budget: float | None = None
@@ -155,6 +159,8 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
+        if self.flops_budget is not None and not self.flops_budget > 0:
+            raise ValueError(f"flops_budget must be > 0 or None; got {self.flops_budget}.")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0
                                             and math.isfinite(self.budget)):
             raise ValueError(f"budget must be a positive number of seconds or None; got {self.budget!r}. "
@@ -167,7 +173,10 @@ PRESETS: dict[str, FitConfig] = {
     # converges), measured on the monitor split every 10 steps, from the least-squares start with W^(0) at a
     # tenth of the rate (see lr_w0_scale); the start itself is a candidate. bench/ and the README's Performance
     # section give the measurements behind these numbers.
-    "fast": FitConfig(max_steps=200, patience_steps=60, eval_every=10, lr_w0_scale=0.1, min_steps=0),
+    # 800 steps where they are cheap (the sample models: seconds), fewer where they are not: a whole schedule of
+    # at most 2.6e13 training FLOPs (200 steps at resnet18 layer3, 256×14×14; about 75 s on two idle cores).
+    "fast": FitConfig(max_steps=800, flops_budget=2.6e13, patience_steps=60, eval_every=10, lr_w0_scale=0.1,
+                      min_steps=0),
     "authors": FitConfig(
         orders=2, kernel_size=3, convention="authors", gate="sigmoid", p_init=0.5, lam=0.1, lr=1e-4,
         lr_final=1e-6, schedule="loglinear", warmup=0.0, weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
@@ -190,11 +199,14 @@ def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
     if unknown:
         raise ValueError(f"unknown fit option(s) {unknown}; valid options are {sorted(names)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if "max_steps" in given and "flops_budget" not in given:  # an explicit number of steps is taken literally
+        given["flops_budget"] = None
     if "epochs" in given and "max_steps" not in given:  # an explicit number of epochs is taken literally
         given.setdefault("min_steps", 0)
         given["max_steps"] = None
         given.setdefault("eval_every", None)
-    if "patience" in overrides and "patience_steps" not in given:  # patience in epochs, as asked
+    if "patience" in overrides and "patience_steps" not in given:  # patience in epochs as asked (None: never stop)
+        given["patience"] = overrides["patience"]
         given["patience_steps"] = None
     return dataclasses.replace(PRESETS[preset], **given)
 
@@ -684,7 +696,17 @@ class TrainPlan:
         return self.rounds[-1][0] if self.rounds else 0
 
 
-def train_plan(cfg: FitConfig, n_train: int) -> TrainPlan:
+MIN_PLANNED_STEPS = 60
+"""The fewest steps ``flops_budget`` can plan."""
+
+
+def step_flops(c_in: int, c_out: int, h: int, w: int, cfg: FitConfig) -> float:
+    """FLOPs of one training step of g_θ (forward + backward ≈ 3 forwards; a multiply-add counts 2)."""
+    k2 = cfg.kernel_size**2
+    return 3.0 * 2.0 * k2 * h * w * (c_in * c_out + cfg.orders * c_in * c_in) * cfg.batch_size
+
+
+def train_plan(cfg: FitConfig, n_train: int, flops_per_step: float | None = None) -> TrainPlan:
     """The plan of a fit on ``n_train`` images.
 
     With ``max_steps`` the schedule spans that many steps whatever the number of images. Otherwise it spans
@@ -694,6 +716,8 @@ def train_plan(cfg: FitConfig, n_train: int) -> TrainPlan:
     spe = math.ceil(n_train / cfg.batch_size)
     if cfg.max_steps is not None:
         total, scale = cfg.max_steps, 1
+        if cfg.flops_budget and flops_per_step:
+            total = max(min(cfg.max_steps, int(cfg.flops_budget / flops_per_step)), min(MIN_PLANNED_STEPS, total))
     else:
         scale = max(1, math.ceil(cfg.min_steps / (spe * cfg.epochs)))
         total = spe * cfg.epochs * scale
@@ -1074,7 +1098,8 @@ def fit(
     report = progress or (lambda p: None)
 
     data = prepare_data(x_src, x_tgt, cfg, dev, ctx)
-    plan = train_plan(cfg, data.xs_tr.shape[0])
+    flops = step_flops(data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3], cfg)
+    plan = train_plan(cfg, data.xs_tr.shape[0], flops)
     report(FitProgress("init", 0, len(plan.rounds), elapsed=time.perf_counter() - t0, steps=plan.total_steps))
     model, lin = init_model(data, cfg)
     history, best_epoch, facts = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)

@@ -82,10 +82,15 @@ def test_non_tty_progress_prints_periodic_lines(monkeypatch) -> None:
     assert "ETA" in lines[-1] and "epoch 56/100" in lines[-1]  # lines at 1, 6, ..., 56 s
 
 
-def test_cli_fit_off_a_terminal_prints_progress_with_eta(tmp_path, capsys) -> None:
+def test_cli_fit_off_a_terminal_prints_progress_with_eta(tmp_path, capsys, monkeypatch) -> None:
+    import functools
     from pathlib import Path
 
+    from kcore import cli
     from kcore.cli import main
+
+    # this fit takes seconds: print every update (the 5 s spacing is tested above) to see what a line holds
+    monkeypatch.setattr(cli, "ProgressBar", functools.partial(ProgressBar, every=0.0))
 
     strong = Path(__file__).resolve().parents[1] / "sample_models" / "kshapes_resnet_s0.safetensors"
     if not strong.is_file():
