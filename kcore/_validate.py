@@ -57,11 +57,11 @@ def constant_channels(x: Tensor) -> list[int]:
     c = x.shape[1]
     lo = torch.full((c,), float("inf"), dtype=torch.float64)
     hi = torch.full((c,), float("-inf"), dtype=torch.float64)
-    step = max(1, (1 << 24) // max(1, x[0].numel()))
+    step = max(1, (1 << 21) // max(1, x[0].numel()))  # chunks of 2M values (16 MiB as float64): bounded memory
     for i in range(0, x.shape[0], step):
-        chunk = x[i : i + step].detach().to("cpu", torch.float64).transpose(0, 1).reshape(c, -1)
-        lo = torch.minimum(lo, chunk.amin(1))
-        hi = torch.maximum(hi, chunk.amax(1))
+        chunk = x[i : i + step].detach().to("cpu", torch.float64)
+        lo = torch.minimum(lo, chunk.amin(dim=(0, 2, 3)))
+        hi = torch.maximum(hi, chunk.amax(dim=(0, 2, 3)))
     return [k for k in range(c) if lo[k] == hi[k]]
 
 

@@ -387,6 +387,36 @@ def main_first(fn: Callable[[], T], ctx: Context | None = None) -> T | None:
     return result
 
 
+def map_over_ranks(fn: Callable[[T], Any], items: Sequence[T], ctx: Context | None = None) -> list[Any]:
+    """``[fn(item) for item in items]`` with the items dealt out to the ranks (item i to rank i mod R).
+
+    For independent pieces of work, such as the fits of a study: each rank runs its own items alone (no
+    collective call inside ``fn``), then every rank gets all results, in the order of ``items``. The results
+    must be picklable. A rank whose ``fn`` raised makes every rank raise (:func:`agree`).
+    """
+    ctx = ctx or Context()
+    if not ctx.distributed:
+        return [fn(item) for item in items]
+    mine: dict[int, Any] = {}
+    error: BaseException | None = None
+    for i in shard(len(items), 1, ctx):
+        try:
+            mine[i] = fn(items[i])
+        except Exception as exc:  # noqa: BLE001 - raised below, after telling the other ranks
+            error = exc
+            break
+    try:
+        agree(error is None, f"{type(error).__name__}: {error}", ctx)
+    except RankFailure:
+        if error is not None:
+            raise error from None
+        raise
+    parts: list[Any] = [None] * ctx.world_size
+    _collective("all_gather_object", lambda: dist.all_gather_object(parts, mine), ctx)
+    merged = {i: r for part in parts for i, r in part.items()}
+    return [merged[i] for i in range(len(items))]
+
+
 def hosts(ctx: Context | None = None) -> list[str]:
     """The host name of every rank, in rank order (for provenance)."""
     ctx = ctx or Context()

@@ -330,3 +330,26 @@ def test_no_cuda_variant_runs_here_without_cuda() -> None:
     with pytest.raises(ValueError, match="CUDA"):
         kd.init("cuda")
     assert kd.init("auto").device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ studies
+@pytest.mark.slow
+def test_stability_study_spreads_its_fits_over_two_ranks(tmp_path: Path) -> None:
+    """All pairs of a 3-member family (6 fits): 2 gloo ranks (3 fits each) write the study one process writes."""
+    from kcore.cli import main
+    from kcore.experiments._common import read_study
+
+    fam = tmp_path / "fam"
+    assert main(["train-family", "--arch", "kc_tinynet", "--seeds", "0", "1", "2", "--epochs", "1", "--n-train", "30",
+                 "--n-test", "10", "--image-size", "32", "--out", str(fam)]) == 0
+    study = ["-m", "kcore", "stability", "--family", str(fam), "--layers", "block2", "--n-images", "30", "--orders",
+             "1", "--fit-epochs", "1", "--threads", "1", "--device", "cpu"]
+    _run_job([sys.executable, *study, "--out", str(tmp_path / "one")])
+    _run_job([*TORCHRUN, *study, "--out", str(tmp_path / "two")])
+    one, two = read_study(tmp_path / "one"), read_study(tmp_path / "two")
+    assert (one.provenance["world_size"], two.provenance["world_size"]) == (1, 2)
+    d1, d2 = one.result["directions"], two.result["directions"]
+    assert len(d1) == 6 and [(d["source"], d["target"]) for d in d1] == [(d["source"], d["target"]) for d in d2]
+    for a, b in zip(d1, d2):  # each fit ran whole on one rank: the same numbers
+        assert b["instability"] == pytest.approx(a["instability"], abs=1e-9)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -879,14 +879,24 @@ def run_study(args: argparse.Namespace, *, study: str, compute: Compute, report:
     Returns:
         0 (errors are raised).
     """
+    from kcore import distributed as kd
+
     check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
-    with torch_threads(args.threads):
+    # under torchrun every rank runs the study; studies that spread their fits read ``args.job`` (the others
+    # compute everything on every rank); rank 0 alone writes the folder and prints the summary
+    with kd.job(args.device) as ctx, torch_threads(args.threads):
+        args.job = ctx
+        if ctx.distributed:
+            args.device = str(ctx.device)
         run = compute(args, stderr_progress(study.replace("_", "-")))
         prov = {"command": command_line(), "source": source_revision(), **run.provenance,
-                "device": args.device, "threads": torch.get_num_threads()}
+                "device": args.device, "threads": torch.get_num_threads(), "world_size": ctx.world_size,
+                "hosts": kd.hosts(ctx)}
         res = run.result
-        out = write_study(args.out, study, res.as_dict(), res.tables(), res.figures(), prov,
-                          overwrite=args.overwrite, extra=run.extra)
+        out = kd.main_first(lambda: write_study(args.out, study, res.as_dict(), res.tables(), res.figures(), prov,
+                                                overwrite=args.overwrite, extra=run.extra), ctx)
+        if not ctx.is_main:
+            return 0
     report(res)
     print(f"wrote {out}")
     return 0

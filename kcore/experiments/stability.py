@@ -34,6 +34,7 @@ from kcore.experiments import families
 from kcore.experiments._common import (
     Progress, StudyRun, as_jsonable, labelled_images, layer_of, load_checkpoint, say, single_features, study_command,
 )
+from kcore.distributed import map_over_ranks
 from kcore.metrics import VarianceAccumulator, VarianceReport
 
 Case = Literal["seeds", "halves"]
@@ -257,6 +258,7 @@ def stability(
     family: dict | None = None,
     progress: Progress | None = None,
     random_reference: bool = True,
+    ctx: Any = None,
 ) -> StabilityResult:
     """Instability of learning over all pairs of ``models`` at each layer (Sec. 4.2).
 
@@ -276,6 +278,9 @@ def stability(
         progress: one line per fit.
         random_reference: also fit the first member against a randomly initialised network of its
             architecture at each layer (one more fit per layer): the chance level.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the fits of every layer are dealt out to the
+            ranks (each rank extracts the layer's features of every member, fits its pairs alone, and all
+            ranks get every result). Default: this process does every fit.
 
     Returns:
         A :class:`StabilityResult`.
@@ -304,22 +309,27 @@ def stability(
     for layer in layer_list:
         say(progress, f"features of {len(models)} networks at {layer} for {len(images)} images")
         feats = [single_features(m, layer, images, device=device)[0] for m in models]
-        for i, j in itertools.combinations(range(len(models)), 2):
-            for s, t in ([(i, j), (j, i)] if both_directions else [(i, j)]):
-                res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
-                                device=device, convention=convention)
-                held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
-                raw = raw_report(res, feats[s][held], feats[t][held])
-                d = PairDirection(
-                    layer=layer, source=names[s], target=names[t], instability=raw.instability,
-                    instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
-                    var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
-                    linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
-                    instability_ci=raw.ci.instability if raw.ci is not None else None,
-                )
-                directions.append(d)
-                say(progress, f"{layer}: {names[s]} → {names[t]}: Var(x^Δ)/Var(x*) {d.instability:.4f} "
-                              f"(standardised {d.instability_std_units:.4f})")
+        pairs = [(s, t) for i, j in itertools.combinations(range(len(models)), 2)
+                 for s, t in ([(i, j), (j, i)] if both_directions else [(i, j)])]
+
+        def pair_fit(st: tuple[int, int], layer: str = layer, feats: list[Tensor] = feats) -> PairDirection:
+            s, t = st
+            res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
+                            device=device, convention=convention)
+            held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
+            raw = raw_report(res, feats[s][held], feats[t][held])
+            d = PairDirection(
+                layer=layer, source=names[s], target=names[t], instability=raw.instability,
+                instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
+                var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
+                linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
+                instability_ci=raw.ci.instability if raw.ci is not None else None,
+            )
+            say(progress, f"{layer}: {names[s]} → {names[t]}: Var(x^Δ)/Var(x*) {d.instability:.4f} "
+                          f"(standardised {d.instability_std_units:.4f})")
+            return d
+
+        directions.extend(map_over_ranks(pair_fit, pairs, ctx))
         if random_reference:
             ref = _random_reference(models[0], feats[0], layer, images, seed=seed, device=device, orders=orders,
                                     lam=lam, fit_epochs=fit_epochs, convention=convention)
@@ -404,8 +414,7 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
     images = labelled_images(args.data, "test", args.n_images, size, seed=args.data_seed)
     res = stability(models, images, layers=args.layers, case=case, orders=args.orders, lam=args.lam,
                     fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
-                    seed=args.seed,
-                    device=args.device, family=manifest, progress=log)
+                    seed=args.seed, device=args.device, family=manifest, progress=log, ctx=getattr(args, "job", None))
     prov = {"checkpoints": list(res.members), "layers": list(res.layers), "seed": args.seed, "data": args.data,
             "n_images": res.n_images, "family_dir": args.family, "family_trained_here": trained is not None}
     return StudyRun(res, prov, extra=(lambda folder: trained.save(folder / "family")) if trained is not None else None)
