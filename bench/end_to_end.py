@@ -15,6 +15,7 @@ The decomposition is computed once per run and is not part of a redraw.
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
 from pathlib import Path
@@ -145,6 +146,21 @@ def dashboard_redraw(run_dir: Path, changes: int = 12) -> dict[str, Any]:
     """
     from streamlit.testing.v1 import AppTest
 
+    from kcore.server_paths import ROOTS_ENV
+
+    # the run folder is opened as a path on the server: the dashboard reads typed paths only under its roots
+    old_roots = os.environ.get(ROOTS_ENV)
+    os.environ[ROOTS_ENV] = str(Path(run_dir).resolve().parent)
+    try:
+        return _timed_redraws(AppTest, run_dir, changes)
+    finally:
+        if old_roots is None:
+            os.environ.pop(ROOTS_ENV, None)
+        else:
+            os.environ[ROOTS_ENV] = old_roots
+
+
+def _timed_redraws(AppTest: Any, run_dir: Path, changes: int) -> dict[str, Any]:
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=120)
     at.run()
     if at.exception:

@@ -55,13 +55,13 @@ def test_shuffled_pairing_gives_instability_near_one_on_the_sample_models():
         assert ref.reports[key].instability >= 0.9, (key, ref.reports[key].instability)
 
 
-def test_baselines_travel_with_the_run_folder(tmp_path):
-    from test_pipeline import _Images, _loaded, _net
+def test_baselines_travel_with_the_run_folder(tmp_path, random_images):
+    from test_pipeline import _loaded, _net
 
     from kcore.pipeline import compare, read_run, write_run
 
     a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
-    comp = compare(a, "2", b, "2", _Images(), orders=1, epochs=2, baselines=True)
+    comp = compare(a, "2", b, "2", random_images(), orders=1, epochs=2, baselines=True)
     # the test nets name no architecture: the random B is a re-initialised copy
     assert set(comp.baselines) == {"random_b", "shuffled"}
     assert "reset_parameters" in comp.baselines["random_b"].extra["network"]
@@ -73,18 +73,18 @@ def test_baselines_travel_with_the_run_folder(tmp_path):
     for kind in ("random_b", "shuffled"):
         assert back.baselines[kind].reports["A_to_B"] == comp.baselines[kind].reports["A_to_B"]
     with pytest.raises(ValueError, match="baselines must be"):
-        compare(a, "2", b, "2", _Images(), orders=1, epochs=2, baselines=["nope"])
+        compare(a, "2", b, "2", random_images(), orders=1, epochs=2, baselines=["nope"])
 
 
-def test_fit_seeds_reports_the_spread_of_instability_and_order_split(tmp_path):
+def test_fit_seeds_reports_the_spread_of_instability_and_order_split(tmp_path, random_images):
     import statistics
 
-    from test_pipeline import _Images, _loaded, _net
+    from test_pipeline import _loaded, _net
 
     from kcore.pipeline import compare, read_run, write_run
 
     a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
-    comp = compare(a, "2", b, "2", _Images(), orders=1, epochs=2, seed=4, fit_seeds=3)
+    comp = compare(a, "2", b, "2", random_images(), orders=1, epochs=2, seed=4, fit_seeds=3)
     sp = comp.seed_spread["A_to_B"]
     assert sp["seeds"] == [4, 5, 6]
     assert sp["instability"][0] == comp.directions["A_to_B"].fit.heldout_report.instability
@@ -94,4 +94,4 @@ def test_fit_seeds_reports_the_spread_of_instability_and_order_split(tmp_path):
         assert sum(shares) + resid == pytest.approx(1.0, abs=1e-6)
     assert read_run(write_run(comp, tmp_path / "run")).seed_spread == json.loads(json.dumps(comp.seed_spread))
     with pytest.raises(ValueError, match="fit_seeds must be a positive integer"):
-        compare(a, "2", b, "2", _Images(), orders=1, epochs=2, fit_seeds=0)
+        compare(a, "2", b, "2", random_images(), orders=1, epochs=2, fit_seeds=0)
