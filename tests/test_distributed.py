@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -353,3 +354,73 @@ def test_stability_study_spreads_its_fits_over_two_ranks(tmp_path: Path) -> None
     for a, b in zip(d1, d2):  # each fit ran whole on one rank: the same numbers
         assert b["instability"] == pytest.approx(a["instability"], abs=1e-9)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def _same_numbers(a: Any, b: Any, where: str = "result") -> None:
+    """Two study results hold the same values (floats to 1e-9), timings aside."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (where, sorted(set(a) ^ set(b)))
+        for k in a:
+            if "seconds" not in k:
+                _same_numbers(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert (a != a and b != b) or b == pytest.approx(a, rel=1e-9, abs=1e-9), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+SAMPLES = ROOT / "sample_models"
+TINY_STUDIES = {  # every multi-fit study at a size that takes seconds; each deals its independent pieces out
+    "compression": ["compression", "--model", str(SAMPLES / "kshapes_resnet_s0.safetensors"), "--ratios", "0,0.5,0.9",
+                    "--finetune-epochs", "0", "--n-train", "10", "--n-test", "10", "--n-images", "20",
+                    "--fit-epochs", "1"],
+    "cross-task": ["cross-task", "--image-size", "32", "--epochs", "1", "--n-train", "20", "--n-test", "10",
+                   "--n-images", "20", "--fit-epochs", "1"],
+    "distillation": ["distillation", "--teacher", "scratch", "--teacher-epochs", "1", "--image-size", "32",
+                     "--generations", "2", "--epochs", "1", "--n-train", "20", "--n-test", "10", "--n-images", "20",
+                     "--fit-epochs", "1"],
+    "diagnosis": ["diagnosis", "--weak", str(SAMPLES / "kshapes_tinynet_s0.safetensors"), "--strong",
+                  str(SAMPLES / "kshapes_resnet_s0.safetensors"), "--n-train", "24", "--n-test", "12", "--orders", "1",
+                  "--fit-epochs", "1", "--epochs", "1", "--n-maps", "2", "--repeats", "1"],
+    "refinement": ["refinement", "--a", str(SAMPLES / "kshapes_resnet_s0.safetensors"), "--b",
+                   str(SAMPLES / "kshapes_resnet_s1.safetensors"), "--n-train", "24", "--n-test", "12", "--orders",
+                   "1", "--fit-epochs", "1", "--epochs", "1"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("study", sorted(TINY_STUDIES))
+def test_multi_fit_studies_spread_over_two_ranks(study: str, tmp_path: Path) -> None:
+    """Each study's independent fits/arms dealt out to 2 gloo ranks give the study one process writes."""
+    from kcore.experiments._common import read_study
+
+    args = ["-m", "kcore", *TINY_STUDIES[study], "--threads", "1", "--device", "cpu"]
+    _run_job([sys.executable, *args, "--out", str(tmp_path / "one")])
+    _run_job([*TORCHRUN, *args, "--out", str(tmp_path / "two")])
+    one_s, two_s = read_study(tmp_path / "one"), read_study(tmp_path / "two")
+    assert (one_s.provenance["world_size"], two_s.provenance["world_size"]) == (1, 2)
+    _same_numbers(one_s.result, two_s.result)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_train_family_deals_its_networks_to_two_ranks(tmp_path: Path) -> None:
+    """`train-family` under torchrun: each network trained whole on one rank, rank 0 alone writes the folder."""
+    args = ["-m", "kcore", "train-family", "--arch", "kc_tinynet", "--seeds", "0", "1", "2", "--epochs", "1",
+            "--n-train", "30", "--n-test", "10", "--image-size", "32", "--threads", "1"]
+    _run_job([sys.executable, *args, "--out", str(tmp_path / "one")])
+    _run_job([*TORCHRUN, *args, "--out", str(tmp_path / "two")])
+    one = json.loads((tmp_path / "one" / "family.json").read_text())
+    two = json.loads((tmp_path / "two" / "family.json").read_text())
+    assert [m["sha256"] for m in two["members"]] == [m["sha256"] for m in one["members"]]  # byte-equal weights
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "two" / "kc_tinynet_s2.safetensors"), "pt") as f:
+        # one metadata entry: safetensors writes several in no fixed order (the files' hashes then varied)
+        assert json.loads(f.metadata()["kcore"]) == {"format": "kcore-family-member/1", "name": "kc_tinynet_s2"}
+        assert list(f.metadata()) == ["kcore"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

@@ -26,6 +26,7 @@ from kcore.experiments._common import (
     consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection, say,
     study_command, study_data,
 )
+from kcore.distributed import map_over_ranks
 from kcore.experiments.pruning import PRUNE_SCOPES, PruneScope, kept_pruned, prune_magnitude
 from kcore.samples import SAMPLE_CHECKPOINTS
 
@@ -173,6 +174,7 @@ def compression_study(
     device: str | torch.device = "cpu",
     n_maps: int = 2,
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> CompressionResult:
     """Prune ``model`` at each ratio, optionally fine-tune, and measure what the original loses (Sec. 4.4).
 
@@ -191,6 +193,8 @@ def compression_study(
         device: where everything runs.
         n_maps: held-out images drawn in the ``discarded_components`` figure.
         progress: called with one line per step.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the ratios (prune, fine-tune, fit) are dealt out to
+            the ranks, each ratio run whole on one rank, and every rank gets every point; ``None``: one process.
 
     Returns:
         A :class:`CompressionResult`.
@@ -214,8 +218,7 @@ def compression_study(
     original = _eval_copy(model, dev)
     acc0 = evaluate(original, data.test)
     say(progress, f"original net: test accuracy {acc0:.4f}")
-    points, maps = [], (None, (), (), 0)
-    for i, r in enumerate(ratios):
+    def one_ratio(r: float) -> tuple[CompressionPoint, tuple | None]:
         pruned = prune_magnitude(original, r, scope)
         net = pruned.model
         acc_pruned = evaluate(net, data.test)
@@ -229,16 +232,21 @@ def compression_study(
         nonzero = sum(int((modules[n].weight.detach()[~k] != 0).sum()) for n, k in pruned.masks.items())
         res, feats = fit_consistency(net, layer, original, layer, data.images, fit, device=dev)
         row = consistency_row(res)
-        points.append(CompressionPoint(r, pruned.n_weights, pruned.n_pruned, nonzero, acc_pruned, acc, row))
         say(progress, f"r = {r:g}: {pruned.n_pruned}/{pruned.n_weights} weights zeroed, accuracy {acc_pruned:.4f}"
                        + (f" -> {acc:.4f} after fine-tuning" if finetune_epochs else "")
                        + f"; Var(x^D) {row['var_residual']:.4g}, instability {row['instability']:.4f}")
-        if r == max(ratios) and n_maps > 0 and maps[0] is None:
+        maps = None
+        if r == max(ratios) and n_maps > 0:
             held, channel = map_selection(res, n_maps)
             pos = torch.as_tensor(held)
             dec = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
             maps = (dec, tuple(display_image(data.images, j) for j in held),
                     tuple(feats.image_ids[j] for j in held), channel)
+        return CompressionPoint(r, pruned.n_weights, pruned.n_pruned, nonzero, acc_pruned, acc, row), maps
+
+    done = map_over_ranks(one_ratio, list(ratios), ctx)  # every ratio is independent of the others
+    points = [point for point, _ in done]
+    maps = next((m for _, m in done if m is not None), (None, (), (), 0))
     settings = {"ratios": list(ratios), "finetune_lr": finetune_lr, "fit": dataclasses.asdict(fit), "seed": seed,
                 "device": str(dev), "n_train": len(data.train), "n_test": len(data.test),
                 "n_images": len(data.images), "data": data.source, "fit_preset": "fast",
@@ -293,7 +301,8 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     progress(f"{m.name} [{m.short_hash}] layer {layer}; {data.source}")
     res = compression_study(m.model, layer, data, ratios=_parse_ratios(args.ratios), scope=args.scope,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            fit=fit_settings_from(args), seed=args.seed, device=args.device, progress=progress)
+                            fit=fit_settings_from(args), seed=args.seed, device=args.device, progress=progress,
+                            ctx=getattr(args, "job", None))
     prov = {"checkpoint": checkpoint_provenance(m, args.model, layer), "layers": {"pruned": layer, "original": layer},
             "seeds": {"finetune": args.seed, "fit": args.seed}, "data": data.source}
     return StudyRun(res, prov)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from kcore.data import is_bundled
+from kcore.distributed import map_over_ranks
 from kcore.experiments._common import (
     FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
     consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
@@ -153,6 +154,7 @@ def cross_task_study(
     device: str | torch.device = "cpu",
     n_maps: int = 2,
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> CrossTaskResult:
     """Fit g_θ between a fine-task and a coarse-task net in both directions at ``layer`` (Sec. 4.6).
 
@@ -167,6 +169,8 @@ def cross_task_study(
         device: where everything runs.
         n_maps: held-out images drawn per direction.
         progress: called with one line per step.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the two directions are fitted on different ranks,
+            and every rank gets both; ``None``: one process.
 
     Returns:
         A :class:`CrossTaskResult`.
@@ -188,20 +192,29 @@ def cross_task_study(
         acc_fc = float((pred == labels).mean())
     say(progress, f"accuracy: fine net {acc_f:.4f} (fine labels), coarse net {acc_c:.4f} (coarse labels), "
                    f"fine net mapped to coarse {acc_fc:.4f}")
-    rows, maps, channels, held, feats0 = {}, {}, {}, [], None
     pairs = {"fine_to_coarse": (fine, coarse), "coarse_to_fine": (coarse, fine)}
-    for key, (src, tgt) in pairs.items():
+
+    def one_direction(key: str) -> tuple[dict, Any, int, list[int], tuple[str, ...]]:
+        src, tgt = pairs[key]
         res, feats = fit_consistency(src, layer, tgt, layer, images, fit, device=dev)
-        rows[key] = consistency_row(res)
+        row = consistency_row(res)
+        dec, channel, held = None, 0, []
         if n_maps > 0:
-            held, channels[key] = map_selection(res, n_maps)
+            held, channel = map_selection(res, n_maps)
             pos = torch.as_tensor(held)
-            maps[key] = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
-            feats0 = feats
-        say(progress, f"{key}: Var(x^D) {rows[key]['var_residual']:.4g}, Var(x*) {rows[key]['var_target']:.4g}, "
-                       f"instability {rows[key]['instability']:.4f}")
+            dec = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
+        say(progress, f"{key}: Var(x^D) {row['var_residual']:.4g}, Var(x*) {row['var_target']:.4g}, "
+                       f"instability {row['instability']:.4f}")
+        return row, dec, channel, list(held), tuple(feats.image_ids[j] for j in held)
+
+    done = dict(zip(pairs, map_over_ranks(one_direction, list(pairs), ctx)))
+    rows = {key: d[0] for key, d in done.items()}
+    maps = {key: d[1] for key, d in done.items() if d[1] is not None}
+    channels = {key: d[2] for key, d in done.items() if d[1] is not None}
+    # both directions share one held-out split (same images, same seed): the last one's images label the maps
+    held, held_ids = (done["coarse_to_fine"][3], done["coarse_to_fine"][4]) if maps else ([], ())
     map_images = tuple(display_image(images, j) for j in held) if maps else ()
-    map_ids = tuple(feats0.image_ids[j] for j in held) if maps else ()
+    map_ids = held_ids
     settings = {"fit": dataclasses.asdict(fit), "device": str(dev), "n_images": len(images),
                 "n_test": len(fine_test), "fit_preset": "fast", "models": {"fine": model_summary(fine),
                                                                           "coarse": model_summary(coarse)},
@@ -274,7 +287,7 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     progress(f"comparing layer {layer} on {len(fine_data.images)} images ({fine_data.source})")
     res = cross_task_study(fine, coarse, layer, fine_data.images, fine_test=fine_data.test,
                            coarse_test=coarse_data.test, fine_to_coarse=mapping, fit=fit_settings_from(args),
-                           device=args.device, progress=progress)
+                           device=args.device, progress=progress, ctx=getattr(args, "job", None))
     prov = {"networks": prov_nets, "layers": {"fine": layer, "coarse": layer},
             "seeds": {"train": args.seed, "fit": args.seed}, "data": fine_data.source}
     return StudyRun(res, prov)

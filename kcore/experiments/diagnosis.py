@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from kcore.checkpoints import LoadedModel
+from kcore.distributed import map_over_ranks
 from kcore.experiments._common import (
     ArmResult, Progress, StudyRun, TrainConfig, accuracy_figure, add_pair_arguments, add_training_arguments,
     arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say, study_command,
@@ -334,6 +335,7 @@ def diagnose(
     device: str | torch.device = "cpu",
     data: str = "",
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> DiagnosisResult:
     """Find the weak network's blind spots and unreliable features, and test both with classifiers (Sec. 4.1).
 
@@ -356,6 +358,8 @@ def diagnose(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         data: description of the images.
         progress: one line per step.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the two fits, then the classifier arms, are dealt
+            out to the ranks (each run whole on one rank; every rank gets all); ``None``: one process.
 
     Returns:
         A :class:`DiagnosisResult`.
@@ -373,13 +377,16 @@ def diagnose(
     tr, te = train_test_features(weak, la, strong, lb, train_images, test_images, device=device,
                                  needed_by="the accuracy checks")
     xa_tr, xb_tr, xa_te, xb_te = tr.x_a.float(), tr.x_b.float(), te.x_a.float(), te.x_b.float()
-    fits = {}
-    for key, (src_tr, tgt_tr) in {"blind_spots": (xa_tr, xb_tr), "unreliable": (xb_tr, xa_tr)}.items():
+    fit_pairs = {"blind_spots": (xa_tr, xb_tr), "unreliable": (xb_tr, xa_tr)}
+
+    def one_fit(key: str) -> Any:
         say(progress, f"fitting g_θ for {key} ({'weak → strong' if key == 'blind_spots' else 'strong → weak'}, "
                       f"K={orders}), no labels")
-        fits[key] = kcore.fit(src_tr, tgt_tr, orders=orders, lam=lam, epochs=fit_epochs, seed=seed, device=device,
-                              convention=convention)
-    g_ab, g_ba = fits["blind_spots"], fits["unreliable"]
+        src_tr, tgt_tr = fit_pairs[key]
+        return kcore.fit(src_tr, tgt_tr, orders=orders, lam=lam, epochs=fit_epochs, seed=seed, device=device,
+                         convention=convention)
+
+    g_ab, g_ba = map_over_ranks(one_fit, list(fit_pairs), ctx)
     gxa_tr, db_tr, _ = _raw_output_and_residual(g_ab, xa_tr, xb_tr)
     gxa_te, db_te, e_blind = _raw_output_and_residual(g_ab, xa_te, xb_te)
     gxb_tr, _, _ = _raw_output_and_residual(g_ba, xb_tr, xa_tr)
@@ -393,27 +400,35 @@ def diagnose(
     init = "re-initialised (seeded)" if classifier_init == "fresh" else "from the trained weak net"
     upper = f"weak net's layers above {la}, {init}"
     y_tr, y_te = tr.labels, te.labels
-    arms: list[ArmResult] = []
-    adapted: list[str] = []
-    for r in range(repeats):
+
+    def one_arm(item: tuple[int, int]) -> tuple[ArmResult, list[str]]:
+        r, arm = item
         s = train.seed + r  # one seed per repeat: the same initialisation and batch order for all four arms
         cfg = dataclasses.replace(train, seed=s)
         base = reinitialised(weak.model, s) if classifier_init == "fresh" else copy.deepcopy(weak.model)
         wide, adapted = adapt_input_width(base, la, shape, xb_tr.shape[1], s)
         upper_wide = upper + (f"; {', '.join(adapted)} widened to {xb_tr.shape[1]} input channels" if adapted else "")
         common = dict(config=cfg, device=device, progress=progress)
-        arms += [
-            train_upper(base, la, shape, xa_tr, y_tr, xa_te, y_te, name="x_A", features="raw x_A (weak)",
-                        upper_layers=upper, **common),
-            train_upper(wide, la, shape, gxa_tr, y_tr, gxa_te, y_te, name="g(x_A)",
-                        features="g(x_A), weak → strong reconstruction (raw strong units)",
-                        upper_layers=upper_wide, **common),
-            train_upper(wide, la, shape, gxa_tr + db_tr, y_tr, gxa_te + db_te, y_te, name="g(x_A)+blind spots",
-                        features="g(x_A) + x^Δ_B (= x_B)", upper_layers=upper_wide, **common),
-            train_upper(base, la, shape, gxb_tr, y_tr, gxb_te, y_te, name="x_A-unreliable",
-                        features="x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)",
-                        upper_layers=upper, **common),
-        ]
+        if arm == 0:
+            out = train_upper(base, la, shape, xa_tr, y_tr, xa_te, y_te, name="x_A", features="raw x_A (weak)",
+                              upper_layers=upper, **common)
+        elif arm == 1:
+            out = train_upper(wide, la, shape, gxa_tr, y_tr, gxa_te, y_te, name="g(x_A)",
+                              features="g(x_A), weak → strong reconstruction (raw strong units)",
+                              upper_layers=upper_wide, **common)
+        elif arm == 2:
+            out = train_upper(wide, la, shape, gxa_tr + db_tr, y_tr, gxa_te + db_te, y_te, name="g(x_A)+blind spots",
+                              features="g(x_A) + x^Δ_B (= x_B)", upper_layers=upper_wide, **common)
+        else:
+            out = train_upper(base, la, shape, gxb_tr, y_tr, gxb_te, y_te, name="x_A-unreliable",
+                              features="x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)",
+                              upper_layers=upper, **common)
+        return out, list(adapted)
+
+    # every arm of every repeat is independent of the others (its own copy of the net, its own seed)
+    done = map_over_ranks(one_arm, [(r, arm) for r in range(repeats) for arm in range(4)], ctx)
+    arms: list[ArmResult] = [arm for arm, _ in done]
+    adapted = done[-1][1]
     experiments = checks(arms)
     n_maps = max(0, min(int(n_maps), len(test_images)))
     ids = tuple(te.image_ids[:n_maps])
@@ -457,7 +472,7 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
                    convention=args.convention,
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
-                   seed=args.seed, device=args.device, data=args.data, progress=log)
+                   seed=args.seed, device=args.device, data=args.data, progress=log, ctx=getattr(args, "job", None))
     prov = {"checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test}

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from kcore.distributed import map_over_ranks
 from kcore.experiments._common import (
     FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
     consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
@@ -301,6 +302,7 @@ def distillation_study(
     n_maps: int = 3,
     teacher_seed: int | None = None,
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> DistillationResult:
     """Train born-again generations from ``teacher`` and measure each one's blind spots w.r.t. the newest.
 
@@ -317,6 +319,9 @@ def distillation_study(
         n_maps: held-out images drawn in ``blind_spot_maps``.
         teacher_seed: the teacher's seed, for the table (None for a loaded teacher).
         progress: called with one line per step.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the generations are trained in turn (each learns
+            from the one before, on every rank alike), then the fits are dealt out to the ranks (each run whole on
+            one rank; every rank gets all); ``None``: one process.
 
     Returns:
         A :class:`DistillationResult`.
@@ -349,21 +354,26 @@ def distillation_study(
         info.append((s, losses))
         accs.append(evaluate(net, data.test))
         say(progress, f"generation {g} (seed {s}): final loss {losses[-1]:.4f}, test accuracy {accs[-1]:.4f}")
-    rows: list[dict] = []
-    maps, target, images, ids, channel = [], None, (), (), 0
-    for i in range(generations):
+
+    def one_fit(i: int) -> tuple[dict, Any, list[int], int, tuple[str, ...]]:
         res, feats = fit_consistency(nets[i], layer, nets[-1], layer, data.images, fit, device=dev)
-        rows.append(consistency_row(res))
+        row = consistency_row(res)
+        dec, held, channel = None, [], 0
         if n_maps > 0:
-            if i == 0:
-                held, channel = map_selection(res, n_maps)
-                images = tuple(display_image(data.images, j) for j in held)
-                ids = tuple(feats.image_ids[j] for j in held)
+            held, channel = map_selection(res, n_maps)  # the same held-out split in every fit (same images, seed)
             dec = res.decompose(feats.x_a[torch.as_tensor(held)].float(), feats.x_b[torch.as_tensor(held)].float())
-            maps.append(dec.residual)
-            target = dec.target
-        say(progress, f"generation {i} -> {generations}: Var(x^D) {rows[-1]['var_residual']:.4g}, "
-                       f"instability {rows[-1]['instability']:.4f}")
+        say(progress, f"generation {i} -> {generations}: Var(x^D) {row['var_residual']:.4g}, "
+                       f"instability {row['instability']:.4f}")
+        return row, dec, held, channel, tuple(feats.image_ids[j] for j in held)
+
+    done = map_over_ranks(one_fit, list(range(generations)), ctx)
+    rows: list[dict] = [d[0] for d in done]
+    maps, target, images, ids, channel = [], None, (), (), 0
+    if n_maps > 0:
+        held, channel, ids = done[0][2], done[0][3], done[0][4]  # images and channel of generation 0's fit
+        images = tuple(display_image(data.images, j) for j in held)
+        maps = [d[1].residual for d in done]
+        target = done[-1][1].target
     rows.append({})
     gens = tuple(Generation(g, info[g][0], accs[g], tuple(info[g][1]), rows[g]) for g in range(generations + 1))
     settings = {"generations": generations, "student": dataclasses.asdict(student), "fit": dataclasses.asdict(fit),
@@ -434,7 +444,8 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     progress(f"teacher: {arch}, layer {layer}; {data.source}")
     res = distillation_study(teacher, layer, data, lambda: build_model(arch, num_classes), generations=args.generations,
                              student=student, fit=fit_settings_from(args), seed=args.seed, device=args.device,
-                             teacher_seed=args.seed if args.teacher == "scratch" else None, progress=progress)
+                             teacher_seed=args.seed if args.teacher == "scratch" else None, progress=progress,
+                             ctx=getattr(args, "job", None))
     prov = {"teacher": prov_teacher, "architecture": arch, "layers": {"all generations": layer},
             "seeds": {"generations": res.settings["seeds"], "fit": args.seed}, "data": data.source}
     return StudyRun(res, prov)

@@ -30,6 +30,7 @@ from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.checkpoints import LoadedModel, load_model
 from kcore.data import BUNDLED_DATA, is_bundled, labelled_images
+from kcore.distributed import map_over_ranks
 from kcore.experiments._common import (
     Normalized, Progress, Subset, add_output_arguments, say, stderr_progress, torch_threads,
 )
@@ -163,6 +164,7 @@ def train_family(
     weight_decay: float | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> Family:
     """Train networks of one architecture that differ only in their seed, or in their training half.
 
@@ -180,6 +182,8 @@ def train_family(
         optimizer, lr, weight_decay: default: :data:`RECIPES` for the architecture.
         batch_size: images per step.
         progress: called with one line per network (and per epoch).
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the networks are dealt out to the ranks (each
+            trained whole on one rank; every rank gets all); ``None``: one process.
 
     Returns:
         A :class:`Family` (in memory; :meth:`Family.save` writes it).
@@ -216,8 +220,9 @@ def train_family(
 
     default_layer = DEFAULT_LAYERS[arch].name if arch in DEFAULT_LAYERS else None
     dataset_name = (train_raw.spec.name if bundled else f"folder {data}")  # type: ignore[attr-defined]
-    members = []
-    for seed, (half, subset) in zip(seeds, parts):
+
+    def one_member(i: int) -> FamilyMember:
+        seed, (half, subset) = seeds[i], parts[i]
         name = f"{arch}_s{seed}" + (f"_half{half}" if half is not None else "")
         say(progress, f"training {name} ({len(subset)} images, {epochs} epochs)")
         torch.manual_seed(seed)
@@ -225,7 +230,10 @@ def train_family(
         res = train_classifier(model, subset, test_set, epochs=epochs, seed=seed, lr=lr, optimizer=optimizer,
                                weight_decay=weight_decay, batch_size=batch_size, progress=progress)
         state = {k: v.detach().contiguous() for k, v in res.model.state_dict().items()}
-        blob = st_save(state, metadata={"format": "kcore-family-member/1", "name": name})
+        # one metadata entry: safetensors writes a metadata map in no fixed order, so two entries made the same
+        # weights hash differently from run to run
+        blob = st_save(state, metadata={"kcore": json.dumps({"format": "kcore-family-member/1", "name": name},
+                                                            sort_keys=True)})
         card = ModelCard(
             architecture=arch, num_classes=len(class_names), input_size=(image_size, image_size), mean=tuple(mean),
             std=tuple(std), class_names=class_names, dataset=dataset_name, test_accuracy=res.test_accuracy,
@@ -233,14 +241,17 @@ def train_family(
             extra={"seed": seed, "half": half, "epochs": epochs, "n_train": len(subset), "optimizer": optimizer,
                    "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "family": FAMILY_FORMAT},
         )
-        members.append(FamilyMember(name, seed, half, res.model.eval(), card, hashlib.sha256(blob).hexdigest(),
-                                    res.test_accuracy, res.train_seconds, blob))
         say(progress, f"{name}: test accuracy {res.test_accuracy:.3f} ({res.train_seconds:.0f} s)")
+        return FamilyMember(name, seed, half, res.model.eval(), card, hashlib.sha256(blob).hexdigest(),
+                            res.test_accuracy, res.train_seconds, blob)
+
+    # every network has its own seed and data: they are independent of each other
+    members = tuple(map_over_ranks(one_member, list(range(len(seeds))), ctx))
     data_desc = {"data": data, "dataset": dataset_name, "image_size": image_size, "n_train": len(train_raw),
                  "n_test": len(test_raw), "data_seed": data_seed, "split_seed": split_seed if halves else None}
     recipe = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
               "schedule": "linear warm-up 1 epoch, cosine to 0 (kcore.training.train_classifier)"}
-    return Family(arch, tuple(members), halves, data_desc, epochs, recipe)
+    return Family(arch, members, halves, data_desc, epochs, recipe)
 
 
 def load_family(directory: str | Path) -> tuple[list[LoadedModel], dict]:
@@ -281,12 +292,12 @@ def add_family_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per architecture)")
 
 
-def family_from_args(args: argparse.Namespace, progress: Progress | None) -> Family:
-    """Train the family that the options of :func:`add_family_arguments` describe."""
+def family_from_args(args: argparse.Namespace, progress: Progress | None, ctx: Any = None) -> Family:
+    """Train the family that the options of :func:`add_family_arguments` describe (``ctx``: a torchrun job)."""
     seeds = args.seeds or ([0, 1] if args.halves else [0, 1, 2])
     return train_family(args.arch, seeds, halves=args.halves, epochs=args.epochs, n_train=args.n_train,
                         n_test=args.n_test, image_size=args.image_size, data=args.data, data_seed=args.data_seed,
-                        lr=args.lr, progress=progress)
+                        lr=args.lr, progress=progress, ctx=ctx)
 
 
 def add_cli(sub: Any) -> None:
@@ -301,11 +312,16 @@ def add_cli(sub: Any) -> None:
 
 
 def _cmd_train_family(args: argparse.Namespace) -> int:
+    from kcore import distributed as kd
+
     out = Path(args.out)
     check_out_dir(out, overwrite=args.overwrite, flag="--out")
-    with torch_threads(args.threads):
-        fam = family_from_args(args, stderr_progress("train-family"))
-    fam.save(out)
+    # under torchrun the networks are dealt out to the ranks; rank 0 alone writes the family folder
+    with kd.job("cpu") as ctx, torch_threads(args.threads):  # the networks train on the CPU (gloo)
+        fam = family_from_args(args, stderr_progress("train-family"), ctx)
+        kd.main_first(lambda: fam.save(out), ctx)
+        if not ctx.is_main:
+            return 0
     for m in fam.members:
         print(f"{m.name}: test accuracy {m.test_accuracy:.4f}  sha256 {m.sha256[:12]}")
     print(f"wrote {out}/family.json")

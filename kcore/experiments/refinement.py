@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from kcore.checkpoints import LoadedModel
+from kcore.distributed import map_over_ranks
 from kcore.experiments._common import (
     ArmResult, Progress, StudyRun, TrainConfig, accuracy_figure, add_pair_arguments, add_training_arguments,
     arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say,
@@ -132,6 +133,7 @@ def refine(
     device: str | torch.device = "cpu",
     data: str = "",
     progress: Progress | None = None,
+    ctx: Any = None,
 ) -> RefinementResult:
     """Fine-tune upper layers on raw features (A, B) and on B-consistent components of A (Table 3).
 
@@ -149,6 +151,8 @@ def refine(
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         data: description of the images (for the result).
         progress: one line per step.
+        ctx: a torchrun job (:func:`kcore.distributed.init`): the arms are dealt out to the ranks (each trained
+            whole on one rank; every rank gets all); ``None``: one process.
 
     Returns:
         A :class:`RefinementResult`.
@@ -177,17 +181,23 @@ def refine(
     say(progress, f"g_θ: held-out 1−R² {g.heldout_error:.3f}, gates {tuple(round(p, 3) for p in g.gates)}")
     y_tr, y_te = tr.labels, te.labels
     sa, sb = input_shape(a), input_shape(b)
-    arms: list[ArmResult] = []
     common = dict(config=train, device=device, progress=progress)
-    arms.append(train_upper(a.model, la, sa, xa_tr, y_tr, xa_te, y_te, name="network A", features="raw x_A",
-                            upper_layers=f"A's layers above {la}, from trained A", **common))
-    arms.append(train_upper(b.model, lb, sb, xb_tr, y_tr, xb_te, y_te, name="network B", features="raw x_B",
-                            upper_layers=f"B's layers above {lb}, from trained B", **common))
-    for k in range(g.model.orders + 1):
+
+    def one_arm(arm: int) -> ArmResult:
+        if arm == 0:
+            return train_upper(a.model, la, sa, xa_tr, y_tr, xa_te, y_te, name="network A", features="raw x_A",
+                               upper_layers=f"A's layers above {la}, from trained A", **common)
+        if arm == 1:
+            return train_upper(b.model, lb, sb, xb_tr, y_tr, xb_te, y_te, name="network B", features="raw x_B",
+                               upper_layers=f"B's layers above {lb}, from trained B", **common)
+        k = arm - 2
         nm = "+".join(f"x({j})" for j in range(k + 1))
-        arms.append(train_upper(b.model, lb, sb, sums_tr[k], y_tr, sums_te[k], y_te, name=nm,
-                                features=f"{nm} of g(x_A) (A → B), raw B units",
-                                upper_layers=f"B's layers above {lb}, from trained B", **common))
+        return train_upper(b.model, lb, sb, sums_tr[k], y_tr, sums_te[k], y_te, name=nm,
+                           features=f"{nm} of g(x_A) (A → B), raw B units",
+                           upper_layers=f"B's layers above {lb}, from trained B", **common)
+
+    # A, B, then x(0), x(0)+x(1), …: each arm trains its own copy of the upper layers
+    arms: list[ArmResult] = map_over_ranks(one_arm, list(range(g.model.orders + 3)), ctx)
     frozen = {
         "A lower layers": unchanged(a.model, frozen_before["A lower layers"]),
         "B lower layers": unchanged(b.model, frozen_before["B lower layers"]),
@@ -225,7 +235,7 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
     res = refine(a, b, train_images, test_images, layer_a=args.layer_a, layer_b=args.layer_b, orders=args.orders,
                  lam=args.lam, fit_epochs=args.fit_epochs, convention=args.convention,
                  train=train_config_from(args), seed=args.seed,
-                 device=args.device, data=args.data, progress=log)
+                 device=args.device, data=args.data, progress=log, ctx=getattr(args, "job", None))
     prov = {"checkpoint_a": res.a, "checkpoint_b": res.b, "layers": {"A": res.layer_a, "B": res.layer_b},
             "seed": args.seed, "data": args.data, "n_train": res.n_train, "n_test": res.n_test}
     return StudyRun(res, prov)

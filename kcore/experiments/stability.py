@@ -407,7 +407,7 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
         models, manifest = [load_checkpoint(c, "--ckpts") for c in args.ckpts], None
         case = "halves" if args.halves else "seeds"
     else:
-        trained = families.family_from_args(args, log)
+        trained = families.family_from_args(args, log, getattr(args, "job", None))
         models, manifest, case = trained.loaded(), trained.manifest(), trained.case
     card = models[0].card
     size = int(card.input_size[0]) if card is not None and card.input_size else args.image_size
