@@ -272,8 +272,14 @@ def validate_layer(
     raise ValueError(f"layer {name!r} not found in {model_name}{where}{hint} {listing}")
 
 
+class _ForwardDone(Exception):
+    """Raised from a capture hook to end a forward pass once every wanted layer has run (:func:`run_capture`)."""
+
+
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+def capture(
+    model: nn.Module, layers: Sequence[str], *, after_each: Callable[[str], None] | None = None
+) -> Iterator[dict[str, Tensor]]:
     """Capture the outputs of named layers during the forward passes run inside the block.
 
     Example::
@@ -290,6 +296,7 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tenso
     Args:
         model: the network (not TorchScript).
         layers: module names (see :func:`list_layers`).
+        after_each: called with the layer's name each time one of them has produced (and stored) its output.
 
     Yields:
         A dict filled during the block: layer name -> its output tensor (on the model's device).
@@ -312,6 +319,8 @@ def capture(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, Tenso
                 "feature map. Fix: pick one of its sub-modules (see kcore.features.list_layers(model))."
             )
         outputs[name] = out.detach().clone()
+        if after_each is not None:
+            after_each(name)
 
     with _hooked(model, list(dict.fromkeys(layers)), on_output):
         yield outputs
@@ -323,6 +332,8 @@ def run_capture(
     layers: Sequence[str],
     *,
     require_spatial: bool = False,
+    stop_early: bool = False,
+    calls: dict[str, int] | None = None,
 ) -> dict[str, Tensor]:
     """Run ``model(x)`` without gradients and return the named layers' outputs.
 
@@ -331,6 +342,11 @@ def run_capture(
         x: the input batch (N, C, H, W), on the model's device.
         layers: module names.
         require_spatial: demand 4-D outputs (N, C, H, W).
+        stop_early: end the forward pass as soon as every layer has produced an output, so the layers above
+            them never run (e.g. a ResNet's ``layer4`` and ``fc`` when ``layer3`` is captured). Only for layers
+            known to run once per forward pass: a layer that would run again later would keep its first
+            output, not its last. :func:`extract_features` turns it on after a full first batch showed that.
+        calls: when given, filled with how many times each layer ran in this forward pass.
 
     Returns:
         Layer name -> output tensor (detached clone).
@@ -338,8 +354,19 @@ def run_capture(
     Raises:
         ValueError: a layer did not run, or (with ``require_spatial``) its output is not 4-D.
     """
-    with torch.no_grad(), capture(model, layers) as outputs:
-        model(x)
+    wanted = set(layers)
+    ran: dict[str, int] = {} if calls is None else calls
+
+    def after_each(name: str) -> None:
+        ran[name] = ran.get(name, 0) + 1
+        if stop_early and wanted.issubset(ran):
+            raise _ForwardDone
+
+    try:
+        with torch.no_grad(), capture(model, layers, after_each=after_each) as outputs:
+            model(x)
+    except _ForwardDone:
+        pass
     for name in layers:
         if name not in outputs:
             raise ValueError(
@@ -634,18 +661,30 @@ def extract_features(
             has_labels = True
             batch_ids: list[str] = []
             done = 0
+            # after a full first forward pass per model, later ones stop once the captured layers have run, when
+            # each of them ran exactly once (the layers above them do not change the features)
+            truncate: dict[str, bool] = {}
+
+            def features(model: nn.Module, x: Tensor, layers: list[str], key: str) -> dict[str, Tensor]:
+                calls: dict[str, int] | None = None if key in truncate else {}
+                outs = run_capture(model, x, layers, require_spatial=True, stop_early=truncate.get(key, False),
+                                   calls=calls)
+                if calls is not None:
+                    truncate[key] = all(calls.get(name, 0) == 1 for name in layers)
+                return outs
+
             for batch in batches:
                 if _is_cancelled(cancel):
                     raise ExtractionCancelled(f"feature extraction cancelled after {done} images")
                 x = batch.x.to(dev)
                 xa = x.to(_module_dtype(model_a))
                 if same:
-                    outs = run_capture(model_a, transform_a(xa) if transform_a else xa, [layer_a, layer_b], require_spatial=True)
+                    outs = features(model_a, transform_a(xa) if transform_a else xa, [layer_a, layer_b], "a")
                     feat_a, feat_b = outs[layer_a], outs[layer_b]
                 else:
-                    feat_a = run_capture(model_a, transform_a(xa) if transform_a else xa, [layer_a], require_spatial=True)[layer_a]
+                    feat_a = features(model_a, transform_a(xa) if transform_a else xa, [layer_a], "a")[layer_a]
                     xb = x.to(_module_dtype(model_b))
-                    feat_b = run_capture(model_b, transform_b(xb) if transform_b else xb, [layer_b], require_spatial=True)[layer_b]
+                    feat_b = features(model_b, transform_b(xb) if transform_b else xb, [layer_b], "b")[layer_b]
                 if feat_a.shape[0] != x.shape[0] or feat_b.shape[0] != x.shape[0]:
                     raise ValueError(
                         f"layers must keep the batch dimension: {x.shape[0]} images gave {layer_a!r} "

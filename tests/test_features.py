@@ -293,6 +293,46 @@ def test_extract_same_model_runs_once_per_batch_and_applies_transforms() -> None
     torch.testing.assert_close(double.x_b, manual_features(model, 2 * x_all, "conv1"))
 
 
+def test_extraction_stops_each_forward_after_the_captured_layers_without_changing_them() -> None:
+    """After a full first batch, the layers above the captured ones never run; the features are the same."""
+    model_a, model_b = make_models()
+    data = Images(12)
+    x_all = torch.stack([data[i][0] for i in range(12)])
+    ran = {"fc": 0, "relu": 0}
+    hooks = [model_a.fc.register_forward_hook(lambda *_: ran.__setitem__("fc", ran["fc"] + 1)),
+             model_a.relu.register_forward_hook(lambda *_: ran.__setitem__("relu", ran["relu"] + 1))]
+    try:
+        pair = extract_features(model_a, "bn1", model_b, "conv2", data, batch_size=4, device="cpu")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == {"fc": 1, "relu": 1}  # three batches: only the first ran past bn1
+    torch.testing.assert_close(pair.x_a, manual_features(model_a, x_all, "bn1"), rtol=0, atol=0)
+    torch.testing.assert_close(pair.x_b, manual_features(model_b, x_all, "conv2"), rtol=0, atol=0)
+
+
+class ReusedReLU(TinyNet):
+    """One ReLU module called twice per forward: its output is the second call's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.conv2(x) - 0.1)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_layer_that_runs_twice_keeps_its_last_output_in_every_batch() -> None:
+    """No early stop for a module that runs more than once: every batch keeps the last call's output."""
+    torch.manual_seed(0)
+    model = ReusedReLU(width=4).eval()
+    data = Images(9)
+    x_all = torch.stack([data[i][0] for i in range(9)])
+    with torch.no_grad():
+        expected = torch.relu(model.conv2(torch.relu(model.bn1(model.conv1(x_all)))) - 0.1)
+    pair = extract_features(model, "relu", model, "conv1", data, batch_size=3, device="cpu")
+    assert pair.x_a.shape == (9, 8, 4, 4)
+    torch.testing.assert_close(pair.x_a, expected)
+
+
 def test_extract_restores_modes_and_device_and_leaves_no_hooks() -> None:
     model_a, model_b = make_models()
     model_a.train()
