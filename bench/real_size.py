@@ -11,6 +11,7 @@ per row on two cores, never part of the smoke profile.
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from typing import Any
@@ -56,8 +57,13 @@ def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 
             "step_seconds": t["step"]}
 
 
-def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32) -> dict[str, Any]:
-    """Extraction + whole default fit + held-out report for two random-weight ``arch`` networks on ``n`` images."""
+def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32,
+                  float32: bool = False) -> dict[str, Any]:
+    """Extraction + whole default fit + held-out report for two random-weight ``arch`` networks on ``n`` images.
+
+    ``longer``: also the same preset with 10× the planned steps (the quality reference); ``float32``: also the
+    default fit with ``train_precision="float32"`` (what the bfloat16 training steps change).
+    """
     import torchvision
 
     from kcore.data import ImageSet, Preprocess
@@ -94,11 +100,25 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
         out.update(steps_run=res.extra.get("steps_run"), epochs_run=res.extra.get("epochs_run"),
                    stopped_by=res.extra.get("stopped_by"), best=res.best_epoch, heldout_error=res.heldout_error,
                    lstsq_error=1.0 - res.baseline.linear_r2)
+        print(f"[real size] {arch} {layer}: extract {out['extract_seconds']:.1f} s, fit {out['fit_seconds']:.1f} s "
+              f"({out['steps_run']} of {res.extra.get('steps_planned')} planned steps, {out['stopped_by']}), "
+              f"decompose {out['decompose_seconds']:.1f} s; held-out {out['heldout_error']:.4f} vs least squares "
+              f"{out['lstsq_error']:.4f}", file=sys.stderr, flush=True)
+        out["train_precision"] = res.extra.get("train_precision")
+        if float32:
+            t = time.perf_counter()
+            ref32 = fit(xa, xb, device="cpu", train_precision="float32")
+            out["float32_seconds"] = time.perf_counter() - t
+            out["float32_heldout_error"] = ref32.heldout_error
+            out["float32_steps_run"] = ref32.extra.get("steps_run")
         if longer:
             cfg = res.config
+            planned = int(res.extra["steps_planned"])
+            out["longer_steps_planned"] = planned * 10
             t = time.perf_counter()
-            ref = fit(xa, xb, device="cpu", max_steps=cfg.max_steps * 10,
+            ref = fit(xa, xb, device="cpu", max_steps=planned * 10,
                       patience_steps=(cfg.patience_steps or 0) * 10 or None)
+            out["longer_steps_run"] = ref.extra.get("steps_run")
             out["longer_seconds"] = time.perf_counter() - t
             out["longer_heldout_error"] = ref.heldout_error
     out["peak_rss"] = proc_status().get("VmHWM")

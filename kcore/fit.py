@@ -42,6 +42,7 @@ EVAL_BATCH_SIZE = 256
 """Images per batch of the passes without gradients (monitor error, calibration, held-out evaluation, predict,
 decompose): bounds their working memory; any value gives the same numbers."""
 Init = Literal["torch", "lstsq"]
+Precision = Literal["float32", "auto"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,12 @@ class FitConfig:
         budget: wall-time budget in seconds for the whole fit; training stops early enough to finish within it
             and keeps the best weights so far. ``None`` = no budget.
         seed: seeds the split, the initialisation and the batch order.
+        train_precision: ``"float32"``, or ``"auto"``: the training steps' forward pass runs under bfloat16
+            autocast on a CPU with native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16``) when a step is
+            large enough to gain from it (at least :data:`BF16_MIN_STEP_FLOPS`), else in float32. Weights,
+            gradients, Adam, the loss, the least-squares start, the monitor and held-out errors, the
+            calibration and every decomposition stay float32; ``FitResult.extra["train_precision"]`` says
+            what ran.
 
     With a monitor split, the starting weights (the least-squares start with ``init="lstsq"``) are a candidate
     too, measured before the first step ("epoch 0"): a fit never keeps weights worse on the monitor split
@@ -125,6 +132,7 @@ class FitConfig:
     eval_every: int | None = None
     budget: float | None = None
     seed: int = 0
+    train_precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         check_orders(self.orders)
@@ -159,6 +167,8 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be a positive integer or None; got {v!r}.")
+        if self.train_precision not in ("float32", "auto"):
+            raise ValueError(f"train_precision must be 'float32' or 'auto'; got {self.train_precision!r}.")
         if self.flops_budget is not None and not self.flops_budget > 0:
             raise ValueError(f"flops_budget must be > 0 or None; got {self.flops_budget}.")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0
@@ -175,8 +185,9 @@ PRESETS: dict[str, FitConfig] = {
     # section give the measurements behind these numbers.
     # 800 steps where they are cheap (the sample models: seconds), fewer where they are not: a whole schedule of
     # at most 2.6e13 training FLOPs (200 steps at resnet18 layer3, 256×14×14; about 75 s on two idle cores).
+    # Large steps run their forward pass in bfloat16 where the CPU does that natively (train_precision="auto").
     "fast": FitConfig(max_steps=800, flops_budget=2.6e13, patience_steps=60, eval_every=10, lr_w0_scale=0.1,
-                      min_steps=0),
+                      min_steps=0, train_precision="auto"),
     "authors": FitConfig(
         orders=2, kernel_size=3, convention="authors", gate="sigmoid", p_init=0.5, lam=0.1, lr=1e-4,
         lr_final=1e-6, schedule="loglinear", warmup=0.0, weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
@@ -706,6 +717,30 @@ def step_flops(c_in: int, c_out: int, h: int, w: int, cfg: FitConfig) -> float:
     return 3.0 * 2.0 * k2 * h * w * (c_in * c_out + cfg.orders * c_in * c_in) * cfg.batch_size
 
 
+BF16_MIN_STEP_FLOPS = 5e9
+"""The smallest training step (FLOPs) that ``train_precision="auto"`` runs in bfloat16: below it the casts cost
+about what the faster convolutions save."""
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_dtype(cfg: FitConfig, device: torch.device, flops_per_step: float) -> torch.dtype:
+    """The dtype of the training steps' forward pass: bfloat16 only with ``train_precision="auto"``, on a CPU
+    with native bfloat16, for steps of at least :data:`BF16_MIN_STEP_FLOPS`; float32 otherwise."""
+    if (cfg.train_precision == "auto" and device.type == "cpu" and flops_per_step >= BF16_MIN_STEP_FLOPS
+            and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
 def train_plan(cfg: FitConfig, n_train: int, flops_per_step: float | None = None) -> TrainPlan:
     """The plan of a fit on ``n_train`` images.
 
@@ -775,6 +810,7 @@ def train_steps(
     cancel: Any = None,
     deadline: float | None = None,
     forward: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[float, float, int, int]:
     """Optimiser steps on the given batches of training indices (Eq. 2), until they run out or ``deadline``.
 
@@ -802,7 +838,7 @@ def train_steps(
         idx = idx[rank::world]
         xb = data.xs_tr[idx].to(data.device, non_blocking=True)
         tb = data.xt_tr[idx].to(data.device, non_blocking=True)
-        loss, mse = train_step(model, opt, xb, tb, cfg.lam, forward=forward)
+        loss, mse = train_step(model, opt, xb, tb, cfg.lam, forward=forward, dtype=dtype)
         tot_loss += float(loss.detach()) * len(idx)
         tot_mse += float(mse.detach()) * len(idx)
         n_images += len(idx)
@@ -861,7 +897,10 @@ def train(
     history: list[EpochRecord] = []
     stopper = EarlyStopping(cfg.min_delta, plan.patience_steps, keep_weights=data.has_monitor)
     stopper.best_state = _snapshot(model)
-    facts: dict[str, Any] = {"steps_planned": plan.total_steps, "epochs_planned": plan.epochs}
+    flops = step_flops(data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3], cfg)
+    dtype = training_dtype(cfg, torch.device(data.device), flops)
+    facts: dict[str, Any] = {"steps_planned": plan.total_steps, "epochs_planned": plan.epochs,
+                             "train_precision": "bfloat16 autocast" if dtype == torch.bfloat16 else "float32"}
     n_other = n_tr + len(data.heldout_idx)  # images the calibration and held-out passes go through
     t_start = time.perf_counter()
     if data.has_monitor:  # the start is a candidate ("epoch 0"): never keep weights worse than it
@@ -898,7 +937,7 @@ def train(
                 deadline = None
         tot_loss, tot_mse, n_images, taken = train_steps(
             model, opt, data, cfg, batches, first_step=step, total_steps=plan.total_steps, epoch=epoch,
-            cancel=cancel, deadline=deadline, forward=forward,
+            cancel=cancel, deadline=deadline, forward=forward, dtype=dtype,
         )
         tot_loss, tot_mse, n_images = kd.all_reduce_floats(tot_loss, tot_mse, float(n_images), ctx=data.ctx)
         if taken == 0:
@@ -1146,13 +1185,22 @@ def make_optimizer(model: GTheta, cfg: FitConfig) -> torch.optim.Optimizer:
 
 
 def train_step(
-    model: GTheta, opt: torch.optim.Optimizer, xb: Tensor, tb: Tensor, lam: float, forward: torch.nn.Module | None = None
+    model: GTheta, opt: torch.optim.Optimizer, xb: Tensor, tb: Tensor, lam: float, forward: torch.nn.Module | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """One optimiser step on a batch (Eq. 2); returns the detached (loss, mse).
 
     ``forward`` runs the model's forward pass instead of ``model`` (its DistributedDataParallel wrapper).
+    ``dtype=torch.bfloat16`` runs that forward pass under CPU bfloat16 autocast (:func:`training_dtype`); the
+    loss is computed in float32 from its output either way.
     """
-    loss, mse = gtheta_loss((forward or model)(xb), tb, model.gates(), lam)
+    if dtype == torch.float32:
+        out = (forward or model)(xb)
+    else:
+        with torch.autocast(xb.device.type, dtype=dtype):
+            out = (forward or model)(xb)
+        out = out.float()
+    loss, mse = gtheta_loss(out, tb, model.gates(), lam)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -1,6 +1,7 @@
 """The default fit's stopping rule: steps, the least-squares start as a candidate, the time budget, progress lines."""
 from __future__ import annotations
 
+import importlib
 import io
 import time
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 import kcore
 from kcore.cli import ProgressBar, _duration
-from kcore.fit import make_config, train_plan
+from kcore.fit import PRESETS, fit, make_config, train_plan
 from kcore.pipeline import PipelineProgress
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,3 +101,40 @@ def test_cli_fit_off_a_terminal_prints_progress_with_eta(tmp_path, capsys, monke
     assert rc == 0
     err = capsys.readouterr().err
     assert "monitor error" in err and "ETA" in err and "step" in err
+
+
+# ------------------------------------------------------------------------------------- bfloat16 training steps
+def test_training_dtype_is_bfloat16_only_where_it_pays(monkeypatch):
+    kfit = importlib.import_module("kcore.fit")  # (the package's name kcore.fit is the function)
+
+    auto, f32 = make_config("fast"), make_config("fast", train_precision="float32")
+    assert auto.train_precision == "auto" and PRESETS["authors"].train_precision == "float32"
+    big, small = kfit.BF16_MIN_STEP_FLOPS, kfit.BF16_MIN_STEP_FLOPS / 2
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kfit, "cpu_has_native_bf16", lambda: True)
+    assert kfit.training_dtype(auto, cpu, big) == torch.bfloat16
+    assert kfit.training_dtype(auto, cpu, small) == torch.float32  # small steps: the casts eat the gain
+    assert kfit.training_dtype(f32, cpu, big) == torch.float32
+    assert kfit.training_dtype(auto, torch.device("cuda"), big) == torch.float32  # CPU only
+    monkeypatch.setattr(kfit, "cpu_has_native_bf16", lambda: False)
+    assert kfit.training_dtype(auto, cpu, big) == torch.float32  # emulated bfloat16 would be slower
+    with pytest.raises(ValueError, match="train_precision must be"):
+        make_config("fast", train_precision="half")
+
+
+@pytest.mark.skipif(not importlib.import_module("kcore.fit").cpu_has_native_bf16(),
+                    reason="this CPU has no native bfloat16")
+def test_bfloat16_steps_train_as_well_as_float32():
+    """Same steps, same data: the bfloat16-autocast fit ends within a hair of the float32 one (weights stay float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 64, 12, 12, generator=g)  # a step of 6e9 FLOPs: above BF16_MIN_STEP_FLOPS
+    w = torch.randn(64, 64, 3, 3, generator=g) * 0.05
+    y = torch.nn.functional.conv2d(x, w, padding=1)
+    y = y + 0.3 * torch.tanh(y) ** 2 + 0.05 * torch.randn(y.shape, generator=g)
+    res = {p: fit(x, y, train_precision=p, max_steps=30, eval_every=10) for p in ("auto", "float32")}
+    assert res["auto"].extra["train_precision"] == "bfloat16 autocast"
+    assert res["float32"].extra["train_precision"] == "float32"
+    assert all(p.dtype == torch.float32 for p in res["auto"].model.parameters())
+    assert res["auto"].extra["steps_run"] == res["float32"].extra["steps_run"] == 30
+    assert abs(res["auto"].heldout_error - res["float32"].heldout_error) < 0.01, (
+        res["auto"].heldout_error, res["float32"].heldout_error)
