@@ -124,6 +124,23 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
+def _channels_last(model: nn.Module, device: torch.device) -> Iterator[bool]:
+    """On the CPU, run ``model`` with its 4-D weights in channels-last layout for the block (oneDNN's convolutions
+    are about a third faster on it), then give them back in the standard layout. Yields whether it did; a model
+    already in channels-last layout, or without 4-D weights, is left as it is."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    switch = (device.type == "cpu" and bool(weights)
+              and not any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights))
+    if switch:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield switch
+    finally:
+        if switch:
+            model.to(memory_format=torch.contiguous_format)
+
+
+@contextmanager
 def _hooked(
     model: nn.Module,
     names: Sequence[str],
@@ -656,7 +673,9 @@ def extract_features(
     same = model_a is model_b and transform_a is transform_b
     sinks: tuple[_MemorySink | ArrayWriter, _MemorySink | ArrayWriter] | None = None
     try:
-        with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b):
+        with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b), \
+                _channels_last(model_a, dev) as cl_a, _channels_last(model_b, dev) as cl_b:
+            layout = {"a": cl_a or (same and cl_b), "b": cl_b}
             labels: list[int] = []  # plain ints: a small tensor kept per batch pins freed batch buffers in the heap
             has_labels = True
             batch_ids: list[str] = []
@@ -667,6 +686,8 @@ def extract_features(
 
             def features(model: nn.Module, x: Tensor, layers: list[str], key: str) -> dict[str, Tensor]:
                 calls: dict[str, int] | None = None if key in truncate else {}
+                if layout[key] and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 outs = run_capture(model, x, layers, require_spatial=True, stop_early=truncate.get(key, False),
                                    calls=calls)
                 if calls is not None:

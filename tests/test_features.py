@@ -333,6 +333,19 @@ def test_a_layer_that_runs_twice_keeps_its_last_output_in_every_batch() -> None:
     torch.testing.assert_close(pair.x_a, expected)
 
 
+def test_extraction_gives_the_weights_back_in_their_layout() -> None:
+    """Extraction runs convolutions channels-last on the CPU; the caller's weights come back as they were."""
+    model_a, model_b = make_models()
+    model_b.to(memory_format=torch.channels_last)  # a model the caller keeps channels-last stays so
+    data = Images(6)
+    pair = extract_features(model_a, "conv2", model_b, "conv2", data, batch_size=3, device="cpu")
+    assert model_a.conv1.weight.is_contiguous() and model_a.conv2.weight.is_contiguous()
+    assert model_b.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model_b.conv2.weight.is_contiguous()
+    x_all = torch.stack([data[i][0] for i in range(6)])
+    torch.testing.assert_close(pair.x_a, manual_features(model_a, x_all, "conv2"))
+
+
 def test_extract_restores_modes_and_device_and_leaves_no_hooks() -> None:
     model_a, model_b = make_models()
     model_a.train()
