@@ -364,6 +364,29 @@ def test_reopen_the_run_folder(fitted):
     assert len(at.get("plotly_chart")) == 2
 
 
+def test_overview_warns_when_compared_runs_used_different_presets(fitted):
+    """A run of another preset re-opened beside the session's fit: the comparison says its shares differ."""
+    import dataclasses
+
+    from kcore.pipeline import write_run
+
+    at = fitted
+    run = next(iter(at.session_state["kc_runs"].values()))
+    other = dataclasses.replace(run.comparison, provenance={**run.comparison.provenance, "preset": "authors"})
+    folder = write_run(other, state.runs_dir() / "authors_preset_run")
+    at.switch_page("app_pages/fit.py").run()
+    at.text_input(key="kc_open_path").input(str(folder)).run()
+    at.button(key="kc_open_go").click().run()
+    _clean(at)
+    at.switch_page("app_pages/overview.py").run()
+    _clean(at)
+    warnings = [w.value for w in at.warning]
+    assert any("different fit presets (authors, fast)" in w for w in warnings), warnings
+    at.session_state["kc_active_request"] = run.id  # the session's own fit is shown again (later tests read it)
+    at.run()
+    assert at.session_state["kc_active_run"] == run.id
+
+
 def test_cancel_keeps_the_finished_results(fitted):
     at = fitted
     n_before = len(at.session_state["kc_runs"])
