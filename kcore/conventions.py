@@ -60,8 +60,15 @@ def spatial_std(h: Tensor, eps: float = EPS) -> Tensor:
     return h.detach().reshape(n, c, hh * ww).var(-1, unbiased=True).sqrt().add(eps).reshape(n, c, 1, 1)
 
 
-def channel_mean_std(x: Tensor, batch_size: int = 1024, ctx: Any = None) -> tuple[Tensor, Tensor]:
+STATS_BATCH_ELEMENTS = 2**23
+""":func:`channel_mean_std` reads at most this many values per batch (64 MiB in float64)."""
+
+
+def channel_mean_std(x: Tensor, batch_size: int | None = None, ctx: Any = None) -> tuple[Tensor, Tensor]:
     """Per-channel mean and (population) std of ``x`` (N, C, H, W) over images and positions, in float64.
+
+    ``batch_size`` images are read at a time (default: as many as hold :data:`STATS_BATCH_ELEMENTS` values, at
+    most 1024), so memory does not grow with N or with the map's size.
 
     With ``ctx`` (a :class:`kcore.distributed.Context` of several ranks) each rank sums its own batches and the
     sums are all-reduced, so every rank gets the statistics of all N images.
@@ -70,6 +77,9 @@ def channel_mean_std(x: Tensor, batch_size: int = 1024, ctx: Any = None) -> tupl
     from kcore.streaming import batch_slices
 
     c = x.shape[1]
+    if batch_size is None:
+        per_image = max(1, int(x.shape[1]) * int(x.shape[2]) * int(x.shape[3]))
+        batch_size = max(1, min(1024, STATS_BATCH_ELEMENTS // per_image))
     total = torch.zeros(c + 1, dtype=torch.float64)  # per-channel sums, then the count
     total_sq = torch.zeros(c, dtype=torch.float64)
     mine = batch_slices(x.shape[0], batch_size, ctx)

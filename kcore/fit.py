@@ -39,6 +39,15 @@ from kcore.metrics import (
 
 Schedule = Literal["cosine", "loglinear"]
 EVAL_BATCH_SIZE = 256
+EVAL_BATCH_ELEMENTS = 2**23
+"""Evaluation passes (monitor, calibration, held-out, decomposition) take at most ``EVAL_BATCH_SIZE`` images and
+at most this many values per map in one batch (32 MiB in float32): 256 images at 64×14×14, 20 at 512×28×28."""
+
+
+def eval_batch_size(shape: Any) -> int:
+    """Images per evaluation batch for maps of ``shape`` ((N, C, H, W) or (C, H, W)): bounded in images and values."""
+    per_image = math.prod(int(v) for v in tuple(shape)[-3:])
+    return max(1, min(EVAL_BATCH_SIZE, EVAL_BATCH_ELEMENTS // max(per_image, 1)))
 """Images per batch of the passes without gradients (monitor error, calibration, held-out evaluation, predict,
 decompose): bounds their working memory; any value gives the same numbers."""
 Init = Literal["torch", "lstsq"]
@@ -340,22 +349,25 @@ class FitResult:
                     "Fix: use features of the same layer of network B as in the fit."
                 )
 
-    def predict(self, x_src: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> Tensor:
+    def predict(self, x_src: Tensor, batch_size: int | None = None) -> Tensor:
         """g(x) in the fit's target units for raw source features (N, C_a, H_a, W_a) -> (N, C_b, H, W)."""
         from kcore._validate import check_feature_map
 
         check_feature_map("x_src", x_src)
         self._check(x_src, None)
+        batch_size = batch_size or eval_batch_size(x_src.shape)
         dev = _model_device(self.model)
         with torch.no_grad():
             return torch.cat(
                 [self.model(self.norm.source(x_src[i : i + batch_size].to(dev))).cpu() for i in range(0, len(x_src), batch_size)]
             )
 
-    def iter_decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE, method: Method = "batched"):
-        """Yield (components, residual, target) batch by batch (memory bounded by ``batch_size``)."""
+    def iter_decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int | None = None, method: Method = "batched"):
+        """Yield (components, residual, target) batch by batch (memory bounded by ``batch_size``; default
+        :func:`eval_batch_size`)."""
         x_src, x_tgt = check_pair(x_src, x_tgt)
         self._check(x_src, x_tgt)
+        batch_size = batch_size or max(1, min(eval_batch_size(x_src.shape), eval_batch_size(x_tgt.shape)))
         dev = _model_device(self.model)
         dtype = next(self.model.parameters()).dtype
         for i in range(0, x_src.shape[0], batch_size):
@@ -365,13 +377,13 @@ class FitResult:
             resid = xt - torch.stack(comps).sum(0)
             yield comps, resid, xt
 
-    def decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE, method: Method = "batched") -> Decomposition:
+    def decompose(self, x_src: Tensor, x_tgt: Tensor, batch_size: int | None = None, method: Method = "batched") -> Decomposition:
         """Split x* into x^(0) … x^(K) and x^Δ (Eq. 3–4) for raw features of the same images.
 
         Args:
             x_src: (N, C_a, H_a, W_a) features of network A.
             x_tgt: (N, C_b, H, W) features of network B.
-            batch_size: images per batch (bounds the working memory).
+            batch_size: images per batch (bounds the working memory; default :func:`eval_batch_size`).
             method: ``"batched"`` (default) or ``"branchwise"`` (reference).
 
         Returns:
@@ -386,7 +398,7 @@ class FitResult:
             tgt.append(xt.cpu())
         return Decomposition([torch.cat(p) for p in parts], torch.cat(res), torch.cat(tgt), self.norm.convention)
 
-    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int = EVAL_BATCH_SIZE) -> VarianceReport:
+    def report(self, x_src: Tensor, x_tgt: Tensor, batch_size: int | None = None) -> VarianceReport:
         """The :class:`~kcore.metrics.VarianceReport` for these images in one streaming pass, without keeping the components."""
         acc = VarianceAccumulator(self.model.orders, self.model.spec.out_channels)
         for comps, resid, xt in self.iter_decompose(x_src, x_tgt, batch_size):
@@ -596,6 +608,11 @@ class FitData:
         return self.xs_mon is not None
 
     @property
+    def eval_batch(self) -> int:
+        """Images per batch of the evaluation passes (:func:`eval_batch_size` of the larger of the two maps)."""
+        return min(eval_batch_size(self.xs.shape), eval_batch_size(self.xt.shape))
+
+    @property
     def streamed(self) -> bool:
         """True when the maps are read batch by batch (:class:`kcore.streaming.Rows`), not held in memory."""
         return isinstance(self.xs, Rows)
@@ -629,8 +646,9 @@ def prepare_data(
         xs_mon, xt_mon = xs[mon_idx.to(xs.device)], xt[mon_idx.to(xs.device)]
     else:
         train_mom = ChannelMoments(xt_tr.shape[1])
-        for i in range(0, xt_tr.shape[0], EVAL_BATCH_SIZE):
-            train_mom.update(xt_tr[i : i + EVAL_BATCH_SIZE])
+        step = eval_batch_size(xt_tr.shape)
+        for i in range(0, xt_tr.shape[0], step):
+            train_mom.update(xt_tr[i : i + step])
         train_sst = float(train_mom.m2.sum())
     return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt)
 
@@ -657,7 +675,7 @@ def _streamed_data(
         xs_mon, xt_mon = xs.take(mon_idx), xt.take(mon_idx)
     else:
         mom = ChannelMoments(xt.shape[1])
-        for sl in batch_slices(len(xt_tr), EVAL_BATCH_SIZE, ctx):
+        for sl in batch_slices(len(xt_tr), eval_batch_size(xt.shape), ctx):
             mom.update(xt_tr[sl])
         train_sst = float(kd.merge_moments(mom, ctx).m2.sum())
     return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt, ctx)
@@ -867,7 +885,7 @@ def monitor_error(model: GTheta, data: FitData, tot_mse: float, n_images: int) -
     """The relative error on the monitor split; without one, the training split's from the running mean squared
     error ``tot_mse`` (summed over ``n_images`` images) of the last steps, which costs no extra pass."""
     if data.xs_mon is not None and data.xt_mon is not None:
-        return _relative_error(model, data.xs_mon, data.xt_mon, EVAL_BATCH_SIZE, data.device, data.ctx)
+        return _relative_error(model, data.xs_mon, data.xt_mon, data.eval_batch, data.device, data.ctx)
     if not data.train_sst > 0 or n_images == 0:
         return float("nan")
     n_tr = data.xt_tr.shape[0]
@@ -990,9 +1008,10 @@ def evaluate_heldout(
     xs_h, xt_h = data.xs[held], data.xt[held]
     acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
     with torch.no_grad():
-        for i in range(0, xs_h.shape[0], EVAL_BATCH_SIZE):
-            comps = components(model, xs_h[i : i + EVAL_BATCH_SIZE].to(data.device))
-            tb = xt_h[i : i + EVAL_BATCH_SIZE].to(data.device)
+        step = data.eval_batch
+        for i in range(0, xs_h.shape[0], step):
+            comps = components(model, xs_h[i : i + step].to(data.device))
+            tb = xt_h[i : i + step].to(data.device)
             acc.update(comps, tb - torch.stack(comps).sum(0), tb)
     baseline = linear_baseline(
         data.xs_tr.cpu(), data.xt_tr.cpu(), xs_h.cpu(), xt_h.cpu(), cfg.kernel_size, lin=lin
@@ -1018,7 +1037,7 @@ def _evaluate_streamed(
     acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
     lin_sse = 0.0
     with torch.no_grad():
-        for sl in batch_slices(len(xs_h), EVAL_BATCH_SIZE, ctx):
+        for sl in batch_slices(len(xs_h), data.eval_batch, ctx):
             xb, tb = xs_h[sl], xt_h[sl]
             lin_sse += float(((tb.double() - lin(xb).double()) ** 2).sum())
             xb, tb = xb.to(data.device), tb.to(data.device)
@@ -1028,7 +1047,7 @@ def _evaluate_streamed(
     (lin_sse,) = kd.all_reduce_floats(lin_sse, ctx=ctx)
     sst = float(acc.target.m2.sum())
     cka_rows = torch.arange(min(len(xs_h), STREAMED_CKA_IMAGES))
-    cka = gram_cka(xs_h.take(cka_rows), xt_h.take(cka_rows), EVAL_BATCH_SIZE) if ctx.is_main else None
+    cka = gram_cka(xs_h.take(cka_rows), xt_h.take(cka_rows), data.eval_batch) if ctx.is_main else None
     cka = kd.broadcast_object(cka, 0, ctx)
     baseline = Baseline(1.0 - lin_sse / sst if sst > 0 else float("nan"), lin.kernel_size, float(cka))
     err = acc.sq_err / sst if sst > 0 else float("nan")
@@ -1145,7 +1164,7 @@ def fit(
     epochs = len(history)  # measurements made: the totals shown from here on are what ran
 
     report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
-    calibrate(model, data.xs_tr, EVAL_BATCH_SIZE, dev, data.ctx)
+    calibrate(model, data.xs_tr, data.eval_batch, dev, data.ctx)
     model.eval()
 
     report(FitProgress("evaluate", len(history), epochs, elapsed=time.perf_counter() - t0))

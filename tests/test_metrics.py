@@ -92,3 +92,38 @@ def test_linear_cka_matches_reference_and_invariances(n):
 def test_linear_cka_rejects_mismatched_images():
     with pytest.raises(ValueError, match="same images"):
         linear_cka(torch.randn(4, 3), torch.randn(5, 3))
+
+
+class _CountingMaps:
+    """A lazy (N, C, H, W) array that makes its images on demand and records the largest batch read."""
+
+    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+        self.shape, self.largest = shape, 0
+        g = torch.Generator().manual_seed(0)
+        self.scale = torch.rand(shape[0], shape[1], 1, 1, generator=g) + 0.5
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        scale = self.scale[sl]
+        self.largest = max(self.largest, scale.shape[0])
+        ramp = torch.linspace(-1.0, 1.0, self.shape[2] * self.shape[3]).view(1, 1, *self.shape[2:])
+        return scale * ramp + scale
+
+
+def test_normalisation_statistics_read_big_maps_in_small_batches():
+    """Per-channel mean/std of 40 maps of 16×256×256 (1 M values each): read 8 at a time, same numbers."""
+    from kcore.conventions import STATS_BATCH_ELEMENTS, channel_mean_std
+
+    maps = _CountingMaps((40, 16, 256, 256))
+    mean, std = channel_mean_std(maps)
+    assert maps.largest == STATS_BATCH_ELEMENTS // (16 * 256 * 256) == 8
+    whole = maps[0:40].double()
+    torch.testing.assert_close(mean, whole.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(std, whole.std(dim=(0, 2, 3), unbiased=False))
+
+
+def test_evaluation_batches_are_bounded_in_images_and_values():
+    from kcore.fit import EVAL_BATCH_ELEMENTS, EVAL_BATCH_SIZE, eval_batch_size
+
+    assert eval_batch_size((1000, 64, 14, 14)) == EVAL_BATCH_SIZE  # small maps: the image cap
+    assert eval_batch_size((1000, 512, 28, 28)) == EVAL_BATCH_ELEMENTS // (512 * 28 * 28) == 20
+    assert eval_batch_size((3, 4096, 64, 64)) == 1  # one map above the value cap still goes, alone
