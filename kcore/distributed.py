@@ -184,21 +184,34 @@ def current() -> Context:
     return Context(rank, world, local, dev, backend)
 
 
-def shutdown() -> None:
-    """Leave the process group (if one was joined)."""
+def shutdown(wait: bool = False) -> None:
+    """Leave the process group (if one was joined).
+
+    ``wait``: first wait for every rank to arrive here (a barrier), so that no rank tears its connections down
+    while another still uses them (gloo then aborts the other rank with SIGABRT). Only on a normal exit: after
+    a failure the other ranks may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - leaving anyway; the job's own error (if any) is what matters
+                pass
         dist.destroy_process_group()
 
 
 @contextmanager
 def job(device: str | torch.device | None = "auto") -> Iterator[Context]:
-    """``with job(device) as ctx:`` joins the torchrun job (or not, in a single process) and leaves it after."""
+    """``with job(device) as ctx:`` joins the torchrun job (or not, in a single process) and leaves it after
+    (all ranks together when the block ended normally)."""
     ctx = init(device)
+    finished = False
     try:
         yield ctx
+        finished = True
     finally:
         if ctx.distributed:
-            shutdown()
+            shutdown(wait=finished)
 
 
 # --------------------------------------------------------------------------------------------------
