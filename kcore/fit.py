@@ -712,12 +712,14 @@ class TrainPlan:
         total_steps: the length of the learning-rate schedule (the most steps that run).
         rounds: ``(epoch, steps)`` per stretch of training between two monitor measurements, in order.
         patience_steps: stop after this many steps without a better monitor error (``None`` = never).
+        flops_per_step: FLOPs of one training step (:func:`step_flops`), when the plan was given them.
     """
 
     steps_per_epoch: int
     total_steps: int
     rounds: tuple[tuple[int, int], ...]
     patience_steps: int | None
+    flops_per_step: float | None = None
 
     @property
     def epochs(self) -> int:
@@ -788,7 +790,7 @@ def train_plan(cfg: FitConfig, n_train: int, flops_per_step: float | None = None
             rounds.append((epoch, n))
             done += n
             step += n
-    return TrainPlan(spe, total, tuple(rounds), patience)
+    return TrainPlan(spe, total, tuple(rounds), patience, flops_per_step)
 
 
 class EarlyStopping:
@@ -915,8 +917,7 @@ def train(
     history: list[EpochRecord] = []
     stopper = EarlyStopping(cfg.min_delta, plan.patience_steps, keep_weights=data.has_monitor)
     stopper.best_state = _snapshot(model)
-    flops = step_flops(data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3], cfg)
-    dtype = training_dtype(cfg, torch.device(data.device), flops)
+    dtype = training_dtype(cfg, torch.device(data.device), plan.flops_per_step or 0.0)
     facts: dict[str, Any] = {"steps_planned": plan.total_steps, "epochs_planned": plan.epochs,
                              "train_precision": "bfloat16 autocast" if dtype == torch.bfloat16 else "float32"}
     n_other = n_tr + len(data.heldout_idx)  # images the calibration and held-out passes go through
