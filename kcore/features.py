@@ -675,7 +675,7 @@ def extract_features(
     try:
         with _on_device(model_a, dev), _on_device(model_b, dev), _eval_mode(model_a), _eval_mode(model_b), \
                 _channels_last(model_a, dev) as cl_a, _channels_last(model_b, dev) as cl_b:
-            layout = {"a": cl_a or (same and cl_b), "b": cl_b}
+            layout = {"a": cl_a, "b": cl_b}  # (one model for both: only "a" is used)
             labels: list[int] = []  # plain ints: a small tensor kept per batch pins freed batch buffers in the heap
             has_labels = True
             batch_ids: list[str] = []

@@ -401,28 +401,26 @@ def diagnose(
     upper = f"weak net's layers above {la}, {init}"
     y_tr, y_te = tr.labels, te.labels
 
+    arm_specs = (  # (on the widened net, training features, test features, name, what the features are)
+        (False, xa_tr, xa_te, "x_A", "raw x_A (weak)"),
+        (True, gxa_tr, gxa_te, "g(x_A)", "g(x_A), weak → strong reconstruction (raw strong units)"),
+        (True, gxa_tr + db_tr, gxa_te + db_te, "g(x_A)+blind spots", "g(x_A) + x^Δ_B (= x_B)"),
+        (False, gxb_tr, gxb_te, "x_A-unreliable",
+         "x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)"),
+    )
+
     def one_arm(item: tuple[int, int]) -> tuple[ArmResult, list[str]]:
         r, arm = item
         s = train.seed + r  # one seed per repeat: the same initialisation and batch order for all four arms
-        cfg = dataclasses.replace(train, seed=s)
         base = reinitialised(weak.model, s) if classifier_init == "fresh" else copy.deepcopy(weak.model)
         wide, adapted = adapt_input_width(base, la, shape, xb_tr.shape[1], s)
-        upper_wide = upper + (f"; {', '.join(adapted)} widened to {xb_tr.shape[1]} input channels" if adapted else "")
-        common = dict(config=cfg, device=device, progress=progress)
-        if arm == 0:
-            out = train_upper(base, la, shape, xa_tr, y_tr, xa_te, y_te, name="x_A", features="raw x_A (weak)",
-                              upper_layers=upper, **common)
-        elif arm == 1:
-            out = train_upper(wide, la, shape, gxa_tr, y_tr, gxa_te, y_te, name="g(x_A)",
-                              features="g(x_A), weak → strong reconstruction (raw strong units)",
-                              upper_layers=upper_wide, **common)
-        elif arm == 2:
-            out = train_upper(wide, la, shape, gxa_tr + db_tr, y_tr, gxa_te + db_te, y_te, name="g(x_A)+blind spots",
-                              features="g(x_A) + x^Δ_B (= x_B)", upper_layers=upper_wide, **common)
-        else:
-            out = train_upper(base, la, shape, gxb_tr, y_tr, gxb_te, y_te, name="x_A-unreliable",
-                              features="x_A − x^Δ_A = g(x_B), strong → weak reconstruction (raw weak units)",
-                              upper_layers=upper, **common)
+        widened, x_tr, x_te, name, what = arm_specs[arm]
+        layers = upper
+        if widened and adapted:
+            layers += f"; {', '.join(adapted)} widened to {xb_tr.shape[1]} input channels"
+        out = train_upper(wide if widened else base, la, shape, x_tr, y_tr, x_te, y_te, name=name, features=what,
+                          upper_layers=layers, config=dataclasses.replace(train, seed=s), device=device,
+                          progress=progress)
         return out, list(adapted)
 
     # every arm of every repeat is independent of the others (its own copy of the net, its own seed)
