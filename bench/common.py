@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from kcore.fit import cpu_has_native_bf16
+
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` calls, after ``warmup`` calls."""
@@ -83,6 +85,9 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     return {
         "cpu": cpu_model(),
+        # "AMD EPYC" names CPUs of very different speed: the vector width and native bfloat16 tell them apart
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
