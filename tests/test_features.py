@@ -72,8 +72,18 @@ def make_models() -> tuple[TinyNet, TinyNet]:
     return a.eval(), b.eval()
 
 
-def manual_features(model: TinyNet, x: Tensor, upto: str) -> Tensor:
-    """The layer outputs computed by hand (no hooks), for known-answer comparisons."""
+def manual_features(model: TinyNet, x: Tensor, upto: str, *, as_extracted: int | None = None) -> Tensor:
+    """The layer outputs computed by hand (no hooks), for known-answer comparisons.
+
+    ``as_extracted=B`` computes them as CPU extraction does (channels-last weights and maps, batches of B), so
+    that they can be compared bit for bit: the layout and the batch change float32 rounding on some CPUs (AVX2).
+    """
+    if as_extracted is not None:
+        from kcore.features import _channels_last
+
+        with _channels_last(model, torch.device("cpu")):
+            return torch.cat([manual_features(model, x[i : i + as_extracted].contiguous(memory_format=torch.channels_last), upto)
+                              for i in range(0, len(x), as_extracted)])
     with torch.no_grad():
         h = model.conv1(x)
         if upto == "conv1":
@@ -307,8 +317,8 @@ def test_extraction_stops_each_forward_after_the_captured_layers_without_changin
         for h in hooks:
             h.remove()
     assert ran == {"fc": 1, "relu": 1}  # three batches: only the first ran past bn1
-    torch.testing.assert_close(pair.x_a, manual_features(model_a, x_all, "bn1"), rtol=0, atol=0)
-    torch.testing.assert_close(pair.x_b, manual_features(model_b, x_all, "conv2"), rtol=0, atol=0)
+    torch.testing.assert_close(pair.x_a, manual_features(model_a, x_all, "bn1", as_extracted=4), rtol=0, atol=0)
+    torch.testing.assert_close(pair.x_b, manual_features(model_b, x_all, "conv2", as_extracted=4), rtol=0, atol=0)
 
 
 class ReusedReLU(TinyNet):
@@ -396,8 +406,8 @@ def test_cache_hit_returns_identical_features_without_running_models(tmp_path: P
     first = extract_features(model_a, "bn1", model_b, "conv2", data, batch_size=4, cache_dir=tmp_path, cache_key=key())
     assert first.x_a.dtype == torch.float16 and first.x_b.dtype == torch.float16
     # Cached features are the float32 features rounded to float16.
-    assert torch.equal(first.x_a, manual_features(model_a, x_all, "bn1").half())
-    assert torch.equal(first.x_b, manual_features(model_b, x_all, "conv2").half())
+    assert torch.equal(first.x_a, manual_features(model_a, x_all, "bn1", as_extracted=4).half())
+    assert torch.equal(first.x_b, manual_features(model_b, x_all, "conv2", as_extracted=4).half())
     assert first.image_ids == tuple(data.ids) and first.labels.tolist() == [i % 10 for i in range(10)]
     entries = list(tmp_path.iterdir())
     assert len(entries) == 1 and not entries[0].name.startswith(".")  # no temporary folder left
