@@ -111,7 +111,7 @@ class GTheta(nn.Module):
         if self.spec.convention == "authors":
             return spatial_std(h, EPS)
         if self.training:
-            var = h.detach().var(dim=(0, 2, 3), unbiased=False)
+            var = batch_channel_var(h.detach())
             with torch.no_grad():
                 self.running_var[k - 1].lerp_(var.to(self.running_var.dtype), self.momentum)
         else:
@@ -143,6 +143,22 @@ class GTheta(nn.Module):
             h = self.convs[k - 1](x + self._branch(k, h, p))
             out.append(h)
         return out
+
+
+def batch_channel_var(h: Tensor) -> Tensor:
+    """The per-channel (population) variance of ``h`` (N, C, H, W) over images and positions, in ``h``'s dtype.
+
+    From one pass of sums and sums of squares in float32 (float64 for float64 maps; bfloat16 maps are widened
+    first): 4–7× faster than ``Tensor.var`` over (0, 2, 3) on the CPU, whose Welford kernel took 17 % of a
+    bfloat16 training step at 256×14×14. The one-pass form loses about ε·(mean/std)² of relative precision
+    (ε of float32: 1e-5 for a channel whose mean is 10× its std); h^(k) is a convolution of normalised maps,
+    and the value is only the training-time normaliser (the stored Σ_(k) is recomputed by
+    :func:`kcore.fit.calibrate`).
+    """
+    hw = h if h.dtype in (torch.float32, torch.float64) else h.float()
+    n = hw.numel() // hw.shape[1]
+    mean = hw.sum((0, 2, 3)) / n
+    return ((hw * hw).sum((0, 2, 3)) / n - mean * mean).clamp_min(0).to(h.dtype)
 
 
 def gtheta_loss(output: Tensor, target: Tensor, gates: Tensor, lam: float) -> tuple[Tensor, Tensor]:

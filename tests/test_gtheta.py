@@ -104,3 +104,23 @@ def test_nearly_dead_channels_are_not_blown_up_by_standardisation():
     floor = STD_FLOOR * float(torch.stack([x[:, c].std(unbiased=False) for c in range(3)]).double().mean())
     assert float(norm.src_std[2]) == pytest.approx(floor, rel=1e-3)
     assert float(norm.source(x)[:, 2].abs().max()) < 1e-2  # not scaled up to unit variance
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4), (torch.bfloat16, 2**-8)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_batch_channel_var_is_the_population_variance_over_images_and_positions(dtype, tol, layout) -> None:
+    from kcore.gtheta import batch_channel_var
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.1, 1.0, 5.0, 2.0]).view(1, 4, 1, 1)
+    # the last channel: mean 10× its std, where the one-pass form loses about ε·(mean/std)² ≈ 1e-5 in float32
+    shift = torch.tensor([0.0, -3.0, 1.0, 20.0]).view(1, 4, 1, 1)
+    h64 = torch.randn(16, 4, 7, 9, generator=g, dtype=torch.float64) * scale + shift
+    h = h64.to(dtype).contiguous(memory_format=layout)
+    got = batch_channel_var(h)
+    want = h.double().var(dim=(0, 2, 3), unbiased=False)  # two-pass, in float64, of the same rounded values
+    # (tolerances: float32 rounding times (mean/std)² ≈ 100 for the last channel; bfloat16: the result is rounded)
+    assert got.dtype == dtype and got.shape == (4,)
+    assert torch.allclose(got.double(), want, rtol=tol, atol=0.0), (got, want)
+    const = torch.full((3, 2, 4, 4), 7.0, dtype=dtype)
+    assert torch.equal(batch_channel_var(const), torch.zeros(2, dtype=dtype))  # never negative
