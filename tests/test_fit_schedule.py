@@ -122,6 +122,28 @@ def test_training_dtype_is_bfloat16_only_where_it_pays(monkeypatch):
         make_config("fast", train_precision="half")
 
 
+def test_bfloat16_steps_count_half_in_the_flops_budget(monkeypatch):
+    kfit = importlib.import_module("kcore.fit")
+    cfg = make_config("fast")
+    resnet18 = kfit.step_flops(256, 256, 14, 14, cfg)  # layer3 → layer3
+    f32, bf16 = train_plan(cfg, 480, resnet18, torch.float32), train_plan(cfg, 480, resnet18, torch.bfloat16)
+    assert f32.total_steps == int(cfg.flops_budget / resnet18) == 195
+    assert bf16.total_steps == int(cfg.flops_budget / (kfit.BF16_STEP_COST * resnet18)) == 390
+    assert (f32.precision, bf16.precision) == (torch.float32, torch.bfloat16)
+    big = kfit.step_flops(1024, 1024, 14, 14, cfg)  # resnet50 layer3: the floor either way
+    assert train_plan(cfg, 800, big, torch.bfloat16).total_steps == kfit.MIN_PLANNED_STEPS
+    # fit() plans with the precision its steps will run in (seen in the plan it reports before the first step)
+    x, y = _pair(n=40, c=8, h=8)
+    planned: dict[str, int] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        monkeypatch.setattr(kfit, "training_dtype", lambda *a, _d=dtype: _d)
+        flops = kfit.step_flops(8, 8, 8, 8, make_config("fast", batch_size=8))
+        with pytest.raises(kfit.FitCancelled):  # cancelled before its first step: only the plan is looked at
+            fit(x, y, orders=2, batch_size=8, flops_budget=100 * flops, max_steps=1000, cancel=lambda: True,
+                progress=lambda p, _n=name: planned.setdefault(_n, p.steps))
+    assert planned == {"float32": 100, "bfloat16": 200}
+
+
 @pytest.mark.skipif(not importlib.import_module("kcore.fit").cpu_has_native_bf16(),
                     reason="this CPU has no native bfloat16")
 def test_bfloat16_steps_train_as_well_as_float32():
