@@ -580,8 +580,9 @@ MAX_LSTSQ_FEATURES = 4608
 #: into float64 normal equations; against float64 products the weights differ by ~5e-4 relative at 2304
 #: features, far below the ridge's effect (``bench/`` measures it)
 GRAM_DTYPE = torch.float32
-#: patch rows per batch of the normal equations (bounds the unfolded patches to 8192 × C_a·k² floats)
-GRAM_ROWS = 8192
+#: map positions per batch of the normal equations (bounds a batch to 65536 × (C_a + C_b) floats; the
+#: patches are never unfolded, see ``_normal_equations``)
+GRAM_ROWS = 65536
 
 
 def _patches(x: Tensor, kernel_size: int) -> Tensor:
@@ -611,13 +612,74 @@ class LinearMap:
         return F.conv2d(x, self.weight.to(x.dtype), padding=self.kernel_size // 2)
 
 
+def _valid(size: int, shift: int) -> tuple[int, int]:
+    """The positions u of one axis (0 ≤ u < size) with u + shift also on it: [lo, hi)."""
+    return max(0, -shift), min(size, size - shift)
+
+
+def _region_sum(xl: Tensor, rows: tuple[int, int], cols: tuple[int, int], dy: int, dx: int) -> Tensor:
+    """Σ over images and the positions u in rows × cols of x(u) x(u + (dy, dx))ᵀ, (C, C); ``xl`` is (N, H, W, C)."""
+    (r0, r1), (c0, c1) = rows, cols
+    if r1 <= r0 or c1 <= c0:
+        return xl.new_zeros(xl.shape[3], xl.shape[3])
+    a = xl[:, r0:r1, c0:c1].reshape(-1, xl.shape[3])
+    b = xl[:, r0 + dy : r1 + dy, c0 + dx : c1 + dx].reshape(-1, xl.shape[3])
+    return a.T @ b
+
+
+def _normal_equations(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """PᵀP and PᵀY of the 'same'-padded k×k patches P of ``x`` (N, C_a, H, W) and the rows Y of ``y``, without
+    unfolding P: the same sums as ``_patches(x, k).T @ _patches(x, k)``, in about a third of the FLOPs at 3×3.
+
+    The block of PᵀP for patch offsets a and b sums x(u) x(u + b − a)ᵀ over the pixels u that offset a reads
+    inside the image. That region is the full overlap of the image with itself shifted by δ = b − a, less a
+    strip of at most k//2 rows and k//2 columns at its edges, so each of the (2k − 1)² shifts δ is summed once
+    over its full overlap (half of them, as the transposes of the other half) and every block is that sum
+    less its edge strips. PᵀY sums x(p + a − k//2) y(p)ᵀ over the output positions p per offset a.
+    """
+    n, c, h, w = x.shape
+    r, k2 = k // 2, k * k
+    xl = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): every region below is a plain reshape away
+    yl = y.permute(0, 2, 3, 1).contiguous()
+    offsets = [(i - r, j - r) for i in range(k) for j in range(k)]  # patch entry a reads pixel p + offsets[a]
+    full: dict[tuple[int, int], Tensor] = {}
+    for dy in range(-2 * r, 2 * r + 1):
+        for dx in range(-2 * r, 2 * r + 1):
+            if (dy, dx) < (0, 0):  # the transpose of the sum for (−dy, −dx)
+                continue
+            full[(dy, dx)] = _region_sum(xl, _valid(h, dy), _valid(w, dx), dy, dx)
+    blocks = x.new_zeros(k2, k2, c, c)
+    for ia, (ay, ax) in enumerate(offsets):
+        for ib in range(ia, k2):
+            by, bx = offsets[ib]
+            dy, dx = by - ay, bx - ax
+            g = full[(dy, dx)] if (dy, dx) >= (0, 0) else full[(-dy, -dx)].T
+            # the region offset a reads: pixels u = p + a with p on the grid, and u + δ in the image
+            fy, fx = _valid(h, dy), _valid(w, dx)
+            ry = (max(fy[0], ay), min(fy[1], h + ay))
+            rx = (max(fx[0], ax), min(fx[1], w + ax))
+            for strip in ((fy[0], ry[0]), (ry[1], fy[1])):  # rows of the full overlap outside the region
+                g = g - _region_sum(xl, strip, fx, dy, dx)
+            for strip in ((fx[0], rx[0]), (rx[1], fx[1])):  # columns within the region's rows
+                g = g - _region_sum(xl, ry, strip, dy, dx)
+            blocks[ia, ib] = g
+            if ib != ia:
+                blocks[ib, ia] = g.T
+    xty = x.new_zeros(k2, c, y.shape[1])
+    for ia, (ay, ax) in enumerate(offsets):
+        (p0, p1), (q0, q1) = _valid(h, ay), _valid(w, ax)  # output positions p whose pixel p + a is inside
+        a = xl[:, p0 + ay : p1 + ay, q0 + ax : q1 + ax].reshape(-1, c)
+        xty[ia] = a.T @ yl[:, p0:p1, q0:q1].reshape(-1, y.shape[1])
+    # patch column c·k² + a (F.unfold's order)
+    return blocks.permute(2, 0, 3, 1).reshape(c * k2, c * k2), xty.permute(1, 0, 2).reshape(c * k2, y.shape[1])
+
+
 def fit_linear_map(
     x: Tensor,
     y: Tensor,
     kernel_size: int = 3,
     ridge: float = 1e-4,
     batch_size: int = 256,
-    max_rows: int | None = None,
     ctx: Any = None,
 ) -> LinearMap:
     """Closed-form least-squares convolution ``y ≈ W * x`` (the best 0-order reconstruction).
@@ -627,28 +689,24 @@ def fit_linear_map(
         y: (N, C_b, H, W) target.
         kernel_size: k of W (odd); falls back to 1 when C_a·k² > MAX_LSTSQ_FEATURES.
         ridge: Tikhonov regulariser, relative to the mean diagonal of XᵀX.
-        max_rows: optional cap on patch rows used (a strided subsample), for speed.
+        batch_size: at most this many images per batch of the normal equations.
         ctx: a :class:`kcore.distributed.Context`: with several ranks each accumulates its share of the
             batches and the normal equations are all-reduced before the solve (every rank gets the same map).
             ``x`` and ``y`` only need to be sliceable (e.g. :class:`kcore.streaming.Rows`).
 
     Returns:
-        The fitted map; normal equations are accumulated in float64 batch by batch.
+        The fitted map; normal equations are accumulated in float64 batch by batch, each batch's sums are
+        products in ``GRAM_DTYPE`` (:func:`_normal_equations`: the patch matrix is never unfolded).
     """
     k = effective_kernel(x.shape[1], kernel_size)
     d = x.shape[1] * k * k
     xtx = torch.zeros(d, d, dtype=torch.float64)
     xty = torch.zeros(d, y.shape[1], dtype=torch.float64)
-    n_rows_total = x.shape[0] * x.shape[2] * x.shape[3]
-    stride = max(1, n_rows_total // max_rows) if max_rows else 1
     batch_size = max(1, min(batch_size, GRAM_ROWS // (x.shape[2] * x.shape[3])))
     for sl in batch_slices(x.shape[0], batch_size, ctx):
-        px = _patches(x[sl].to(GRAM_DTYPE), k)
-        py = _rows(y[sl].to(GRAM_DTYPE))
-        if stride > 1:
-            px, py = px[::stride].contiguous(), py[::stride].contiguous()
-        xtx += (px.T @ px).to("cpu", torch.float64)
-        xty += (px.T @ py).to("cpu", torch.float64)
+        gram, cross = _normal_equations(x[sl].to(GRAM_DTYPE), y[sl].to(GRAM_DTYPE), k)
+        xtx += gram.to("cpu", torch.float64)
+        xty += cross.to("cpu", torch.float64)
     xtx, xty = all_reduce_sum(xtx, ctx), all_reduce_sum(xty, ctx)
     reg = ridge * float(xtx.diagonal().mean().clamp_min(1e-12))
     a = xtx + reg * torch.eye(d, dtype=torch.float64)

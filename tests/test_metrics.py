@@ -62,6 +62,22 @@ def test_least_squares_map_recovers_a_planted_convolution():
     assert r2_score(lin(x), y) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("shape, k", [((3, 2, 5, 7), 3), ((2, 3, 1, 5), 3), ((2, 2, 2, 2), 3), ((2, 2, 6, 4), 5),
+                                      ((2, 3, 4, 4), 1), ((1, 2, 3, 3), 5)])
+def test_normal_equations_without_unfolding_equal_the_unfolded_patch_products(shape, k):
+    # two ways of computing the same sums: the explicit patch matrix (F.unfold) and the shift-and-strip form,
+    # including maps smaller than the kernel (1×5, 2×2 at 3×3; 3×3 at 5×5), where most blocks are strips
+    from kcore.metrics import _normal_equations, _patches, _rows
+
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randn(shape[0], 2, *shape[2:], generator=g, dtype=torch.float64)
+    px = _patches(x, k)
+    xtx, xty = _normal_equations(x, y, k)
+    torch.testing.assert_close(xtx, px.T @ px, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xty, px.T @ _rows(y), rtol=1e-12, atol=1e-12)
+
+
 def test_r2_of_mean_prediction_is_zero():
     y = torch.randn(10, 2, 3, 3, dtype=torch.float64)
     mean = y.mean(dim=(0, 2, 3), keepdim=True).expand_as(y)
