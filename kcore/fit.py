@@ -195,7 +195,7 @@ PRESETS: dict[str, FitConfig] = {
     # 800 steps where they are cheap (the sample models: seconds), fewer where they are not: a whole schedule of
     # at most 2.6e13 training FLOPs (195 float32 steps at resnet18 layer3, 256×14×14). Large steps run their
     # forward pass in bfloat16 where the CPU does that natively (train_precision="auto"); such a step counts
-    # half (BF16_STEP_COST), so 390 bfloat16 steps at 256×14×14 (38 s on an idle 2-core AMX Xeon).
+    # half (BF16_STEP_COST), so 390 bfloat16 steps at 256×14×14 (about 40 s of steps on an idle 2-core AMX Xeon).
     "fast": FitConfig(max_steps=800, flops_budget=2.6e13, patience_steps=60, eval_every=10, lr_w0_scale=0.1,
                       min_steps=0, train_precision="auto"),
     "authors": FitConfig(
