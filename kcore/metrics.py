@@ -580,8 +580,9 @@ MAX_LSTSQ_FEATURES = 4608
 #: into float64 normal equations; against float64 products the weights differ by ~5e-4 relative at 2304
 #: features, far below the ridge's effect (``bench/`` measures it)
 GRAM_DTYPE = torch.float32
-#: map positions per batch of the normal equations (bounds a batch to 65536 × (C_a + C_b) floats; the
-#: patches are never unfolded, see ``_normal_equations``)
+#: map positions per batch of the normal equations: a batch holds 65536 × (C_a + C_b) floats, channels-last
+#: copies of them and the copies of two shifted regions at a time (the patches are never unfolded, see
+#: ``_normal_equations``); about 0.8 GB at C_a = C_b = 512
 GRAM_ROWS = 65536
 
 
