@@ -73,6 +73,9 @@ class FitConfig:
         warmup: share of the scheduled steps (cosine schedule) over which the learning rate ramps up linearly
             from ``lr_final`` to ``lr``. Adam's first steps move every weight by about ``lr`` whatever its
             gradient, which would throw W^(0) away from its least-squares start.
+        warmup_steps: the warm-up lasts at least this many steps (at most half the schedule), however short the
+            schedule: on wide maps Adam's first full-rate steps blow W^(1)…W^(K) up (their weights are of size
+            about 1/sqrt(9·C_a), the steps about ``lr`` each), and that cost does not shrink with the plan.
         weight_decay: Adam's L2 weight decay.
         epochs: maximum number of epochs.
         batch_size: images per step.
@@ -126,6 +129,7 @@ class FitConfig:
     lr_w0_scale: float = 1.0
     schedule: Schedule = "cosine"
     warmup: float = 0.05
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     epochs: int = 40
     batch_size: int = 64
@@ -168,6 +172,8 @@ class FitConfig:
             raise ValueError(f"min_steps must be >= 0; got {self.min_steps}.")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must lie in [0, 1) (a share of the steps); got {self.warmup}.")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}.")
         if not 0.0 <= self.min_delta < 1.0:
             raise ValueError(f"min_delta must lie in [0, 1) (a relative improvement); got {self.min_delta}.")
         if self.patience is not None and self.patience < 1:
@@ -196,8 +202,9 @@ PRESETS: dict[str, FitConfig] = {
     # at most 2.6e13 training FLOPs (195 float32 steps at resnet18 layer3, 256×14×14). Large steps run their
     # forward pass in bfloat16 where the CPU does that natively (train_precision="auto"); such a step counts
     # half (BF16_STEP_COST), so 390 bfloat16 steps at 256×14×14 (about 40 s of steps on an idle 2-core AMX Xeon).
+    # The warm-up lasts 5 % of the steps but at least 30 (40 of the 800; 30 of 390 or of the floor of 60).
     "fast": FitConfig(max_steps=800, flops_budget=2.6e13, patience_steps=60, eval_every=10, lr_w0_scale=0.1,
-                      min_steps=0, train_precision="auto"),
+                      min_steps=0, train_precision="auto", warmup_steps=30),
     "authors": FitConfig(
         orders=2, kernel_size=3, convention="authors", gate="sigmoid", p_init=0.5, lam=0.1, lr=1e-4,
         lr_final=1e-6, schedule="loglinear", warmup=0.0, weight_decay=1e-4, epochs=1000, batch_size=64, init="torch",
@@ -210,7 +217,8 @@ def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
     """A preset with some fields replaced; unknown names raise a ValueError that lists the valid ones.
 
     ``None`` values keep the preset's. Passing ``epochs`` (without ``max_steps``) also sets ``max_steps=None``,
-    ``min_steps=0`` and ``eval_every=None`` (unless given), so that an explicit number of epochs is what runs;
+    ``min_steps=0``, ``eval_every=None`` and ``warmup_steps=0`` (unless given), so that an explicit number of
+    epochs is what runs, with the share of warm-up the studies were measured with;
     passing ``patience`` (epochs, ``None`` = never stop early) clears ``patience_steps``.
     """
     if preset not in PRESETS:
@@ -226,6 +234,7 @@ def make_config(preset: str = "fast", **overrides: Any) -> FitConfig:
         given.setdefault("min_steps", 0)
         given["max_steps"] = None
         given.setdefault("eval_every", None)
+        given.setdefault("warmup_steps", 0)
     if "patience" in overrides and "patience_steps" not in given:  # patience in epochs as asked (None: never stop)
         given["patience"] = overrides["patience"]
         given["patience_steps"] = None
@@ -1264,8 +1273,9 @@ def _snapshot(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def _cosine_lr(cfg: FitConfig, step: int, total_steps: int) -> float:
-    """Linear warm-up over ``cfg.warmup`` of the steps, then cosine decay from ``lr`` to ``lr_final``."""
-    warm = int(cfg.warmup * total_steps)
+    """Linear warm-up over ``cfg.warmup`` of the steps (at least ``cfg.warmup_steps``, at most half of them), then
+    cosine decay from ``lr`` to ``lr_final``."""
+    warm = max(int(cfg.warmup * total_steps), min(cfg.warmup_steps, total_steps // 2))
     if step < warm:
         return cfg.lr_final + (cfg.lr - cfg.lr_final) * (step + 1) / warm
     frac = (step - warm) / max(total_steps - warm, 1)

@@ -160,3 +160,26 @@ def test_bfloat16_steps_train_as_well_as_float32():
     assert res["auto"].extra["steps_run"] == res["float32"].extra["steps_run"] == 30
     assert abs(res["auto"].heldout_error - res["float32"].heldout_error) < 0.01, (
         res["auto"].heldout_error, res["float32"].heldout_error)
+
+
+def test_warm_up_lasts_at_least_warmup_steps_at_most_half_the_schedule():
+    kfit = importlib.import_module("kcore.fit")
+    cfg = make_config("fast")
+    assert cfg.warmup_steps == 30
+
+    def warm(total: int, c=cfg) -> int:  # steps before the peak rate (the ramp's last step reaches it)
+        lrs = [kfit._cosine_lr(c, s, total) for s in range(total)]
+        return lrs.index(max(lrs)) + 1
+
+    assert warm(800) == 40  # 5 % of a long schedule: the floor changes nothing there (the sample models)
+    assert warm(390) == 30  # resnet18 layer3 on a CPU with native bfloat16 (5 % would be 19)
+    assert warm(60) == 30  # the plan's floor at 1024×14×14 and 512×28×28 (5 % would be 3)
+    assert warm(40) == 20  # never more than half the schedule
+    lrs = [kfit._cosine_lr(cfg, s, 60) for s in range(60)]
+    assert lrs[:30] == sorted(lrs[:30]) and lrs[29] == pytest.approx(cfg.lr)  # a linear ramp to the peak...
+    assert lrs[29:] == sorted(lrs[29:], reverse=True) and lrs[-1] > cfg.lr_final  # ...then the cosine decay
+    # an explicit number of epochs runs the share of warm-up the studies were measured with
+    assert make_config("fast", epochs=10).warmup_steps == 0
+    assert warm(60, make_config("fast", epochs=10)) == 3
+    with pytest.raises(ValueError, match="warmup_steps must be"):
+        make_config("fast", warmup_steps=-1)
