@@ -424,3 +424,26 @@ def test_train_family_deals_its_networks_to_two_ranks(tmp_path: Path) -> None:
         assert json.loads(f.metadata()["kcore"]) == {"format": "kcore-family-member/1", "name": "kc_tinynet_s2"}
         assert list(f.metadata()) == ["kcore"]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+_LEAVE_JOB = '''
+import json, sys
+import torch.distributed as dist
+from kcore import distributed as kd
+with kd.job("cpu") as ctx:
+    store = dist.distributed_c10d._get_default_store()
+    rank = ctx.rank
+seen = {"initialized_after": dist.is_initialized(), "arrived": store.add("kcore/leave/0/arrived", 0),
+        "all": store.check(["kcore/leave/0/all"])}
+open(sys.argv[1] + f".{rank}", "w").write(json.dumps(seen))
+'''
+
+
+def test_ranks_leave_the_job_together_after_a_second_barrier_on_the_store(tmp_path: Path) -> None:
+    """After the gloo barrier every rank also waits on the job's store (pytorch/gloo#155), then leaves the group."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE_JOB)
+    _run_job([*TORCHRUN, str(script), str(tmp_path / "seen")], timeout=120)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen.{rank}").read_text())
+        assert seen == {"initialized_after": False, "arrived": 2, "all": True}, (rank, seen)
