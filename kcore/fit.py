@@ -72,10 +72,11 @@ class FitConfig:
         schedule: ``"cosine"`` (per step) or ``"loglinear"`` (per epoch, the authors' ``logspace``).
         warmup: share of the scheduled steps (cosine schedule) over which the learning rate ramps up linearly
             from ``lr_final`` to ``lr``. Adam's first steps move every weight by about ``lr`` whatever its
-            gradient, which would throw W^(0) away from its least-squares start.
+            gradient, which throws the least-squares start away.
         warmup_steps: the warm-up lasts at least this many steps (at most half the schedule), however short the
             schedule: on wide maps Adam's first full-rate steps blow W^(1)…W^(K) up (their weights are of size
-            about 1/sqrt(9·C_a), the steps about ``lr`` each), and that cost does not shrink with the plan.
+            about 1/sqrt(9·C_a), the steps about ``lr`` each; at 1024 channels the monitor error went from 0.198
+            to 1.07 in one step while W^(0) moved 2 %), and that cost does not shrink with the plan.
         weight_decay: Adam's L2 weight decay.
         epochs: maximum number of epochs.
         batch_size: images per step.
