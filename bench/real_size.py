@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bench.common import interleaved_times, proc_status
 from bench.throughput import forward_flops
-from kcore.fit import make_config, make_optimizer, train_step
+from kcore.fit import FitConfig, make_config, make_optimizer, train_step
 from kcore.gtheta import GTheta, GThetaSpec
 
 ROWS: tuple[tuple[str, str, int], ...] = (
@@ -55,6 +55,16 @@ def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 
     conv_rate = 2.0 * 9 * channels_in * channels_out * size * size * b / t["conv"]
     return {"step_gflops": step_rate / 1e9, "conv_gflops": conv_rate / 1e9, "ratio": step_rate / conv_rate,
             "step_seconds": t["step"]}
+
+
+def longer_overrides(cfg: FitConfig, planned: int, factor: int = 10) -> dict[str, Any]:
+    """``fit`` overrides for the quality reference: the same preset for ``factor``× the ``planned`` steps.
+
+    An explicit ``max_steps`` is taken literally (:func:`kcore.fit.make_config` lifts the preset's
+    ``flops_budget``, which would otherwise cap the plan at the default's length); the patience grows by the same
+    factor.
+    """
+    return {"max_steps": planned * factor, "patience_steps": (cfg.patience_steps or 0) * factor or None}
 
 
 def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32,
@@ -116,8 +126,7 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
             planned = int(res.extra["steps_planned"])
             out["longer_steps_planned"] = planned * 10
             t = time.perf_counter()
-            ref = fit(xa, xb, device="cpu", max_steps=planned * 10,
-                      patience_steps=(cfg.patience_steps or 0) * 10 or None)
+            ref = fit(xa, xb, device="cpu", **longer_overrides(cfg, planned))
             out["longer_steps_run"] = ref.extra.get("steps_run")
             out["longer_seconds"] = time.perf_counter() - t
             out["longer_heldout_error"] = ref.heldout_error

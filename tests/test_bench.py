@@ -9,7 +9,9 @@ import torch
 from bench.__main__ import main
 from bench.data import synthetic_pair
 from bench.quality import Curve, time_to_quality
+from bench.real_size import longer_overrides
 from bench.throughput import forward_flops
+from kcore.fit import make_config, step_flops, train_plan
 from kcore.gtheta import GThetaSpec
 
 
@@ -54,3 +56,15 @@ def test_smoke_profile_writes_the_table_and_json(tmp_path):
     assert "| Measure | Setting | Result | Target | Met |" in table
     for measure in ("time to quality", "training FLOP/s", "decomposition / forward", "extraction", "dashboard redraw"):
         assert measure in table, measure
+
+
+@pytest.mark.parametrize("shape", [(256, 14), (1024, 14), (512, 28)])
+def test_the_quality_reference_plans_ten_times_the_default_even_where_the_flops_budget_binds(shape):
+    c, size = shape
+    cfg = make_config("fast")
+    flops = step_flops(c, c, size, size, cfg)
+    default = train_plan(cfg, 900, flops)
+    assert default.total_steps < cfg.max_steps  # the budget, not max_steps, decides the default's length
+    longer = train_plan(make_config("fast", **longer_overrides(cfg, default.total_steps)), 900, flops)
+    assert longer.total_steps == 10 * default.total_steps
+    assert longer.patience_steps == 10 * default.patience_steps
