@@ -314,14 +314,25 @@ REAL_SIZE_SECONDS = {"resnet18": 90.0, "resnet50": 600.0, "vgg16": 600.0}
 """Issue 12's time targets for the whole default run (extraction + fit + decomposition) on 2 cores."""
 
 
-def run_real_size(table: Table, results: dict, rows: list[int] | None, longer: bool, float32: bool = False) -> None:
+def run_real_size(table: Table, results: dict, rows: list[int] | None, longer: bool, float32: bool = False,
+                  device: str = "cpu") -> None:
+    """The real-size rows on ``device``: on the CPU judged against issue 12's 2-core targets; on CUDA (the GPU
+    table) timed and judged on quality only, and skipped with a row that says so where no GPU is present."""
     from bench.real_size import ROWS, real_size_row
 
     chosen = [ROWS[i] for i in (rows if rows else range(len(ROWS)))]
-    out = results.setdefault("real_size", [])
+    gpu = device == "cuda"
+    key = "real_size_gpu" if gpu else "real_size"
+    if gpu and not torch.cuda.is_available():
+        reason = "skipped: no CUDA device on this machine (torch.cuda.is_available() is False)"
+        _say(f"real size on GPU {reason}")
+        results[key] = {"skipped": reason}
+        table.add("real size on GPU", ", ".join(f"{a} {layer}" for a, layer, _ in chosen), reason)
+        return
+    out = results.setdefault(key, [])
     for arch, layer, n in chosen:
-        _say(f"real size: {arch} {layer}, {n} images at 224 px")
-        r = real_size_row(arch, layer, n, longer=longer, float32=float32)
+        _say(f"real size: {arch} {layer}, {n} images at 224 px on {device}")
+        r = real_size_row(arch, layer, n, longer=longer, float32=float32, device=device)
         out.append(r)
         shape = "×".join(str(v) for v in r["shape"])
         ref = (f"; float32 steps: {r['float32_heldout_error']:.4f} in {r['float32_seconds']:.0f} s"
@@ -329,18 +340,22 @@ def run_real_size(table: Table, results: dict, rows: list[int] | None, longer: b
         ref += (f"; 10× longer run ({r['longer_steps_run']} steps): {r['longer_heldout_error']:.4f} in "
                f"{r['longer_seconds']:.0f} s" if "longer_heldout_error" in r else "")
         limit = REAL_SIZE_SECONDS.get(arch, 600.0)
-        met: bool | str = r["total_seconds"] <= limit and r["heldout_error"] <= r["lstsq_error"]
+        in_time = gpu or r["total_seconds"] <= limit  # the time targets are for 2 CPU cores
+        met: bool | str = in_time and r["heldout_error"] <= r["lstsq_error"]
         if "longer_heldout_error" in r:
             met = met and r["heldout_error"] <= 1.02 * r["longer_heldout_error"]
         else:  # the quality rule needs the 10× run: without it only the rest can be judged
             met = ("yes" if met else "**no**") + " (without the 10× rule: not run)"
-        table.add("real size, whole default run", f"{arch} {layer} ({shape}), {n} kshapes images at 224 px, "
-                  "random weights (seeds 0 and 1)",
+        where = f", on {torch.cuda.get_device_name()}" if gpu else ""
+        memory = f"; peak GPU memory {common.fmt_bytes(r['peak_cuda'])}" if gpu else ""
+        target = ("held-out ≤ least squares and ≤ 1.02 × the 10× longer run (time: reported)" if gpu else
+                  f"≤ {limit:.0f} s; held-out ≤ least squares and ≤ 1.02 × the 10× longer run")
+        table.add("real size, whole default run" + (" (GPU)" if gpu else ""),
+                  f"{arch} {layer} ({shape}), {n} kshapes images at 224 px, random weights (seeds 0 and 1){where}",
                   f"**{r['total_seconds']:.0f} s** (extract {r['extract_seconds']:.0f} + fit {r['fit_seconds']:.0f} "
                   f"({r['steps_run']} steps, {r['train_precision']}, stopped by {r['stopped_by']}) + decompose {r['decompose_seconds']:.1f}); "
                   f"held-out error {r['heldout_error']:.4f} vs least squares {r['lstsq_error']:.4f}{ref}; "
-                  f"peak RSS {common.fmt_bytes(r['peak_rss'])}",
-                  f"≤ {limit:.0f} s; held-out ≤ least squares and ≤ 1.02 × the 10× longer run", met)
+                  f"peak RSS {common.fmt_bytes(r['peak_rss'])}{memory}", target, met)
         t = r["throughput"]
         table.add("  training step vs bare conv", f"{shape}, batch 64, K=2",
                   f"{t['ratio']:.2f} ({t['step_gflops']:.0f} vs {t['conv_gflops']:.0f} GFLOP/s; "
@@ -361,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="real_size: also run the default preset 10× longer as the quality reference")
     p.add_argument("--real-size-float32", action="store_true",
                    help="real_size: also run the default fit with float32 training steps (no bfloat16 autocast)")
+    p.add_argument("--real-size-device", choices=("cpu", "cuda"), default="cpu",
+                   help="real_size: run the rows on this device (cuda: the GPU table; skipped where there is no GPU)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results.json and results.md")
     p.add_argument("--models", type=Path, default=None, help="folder of the sample models (default: sample_models/)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -387,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if "distributed" in sections:
         run_distributed(profile, table, results)
     if "real_size" in sections:
-        run_real_size(table, results, args.real_size_rows, args.real_size_longer, args.real_size_float32)
+        run_real_size(table, results, args.real_size_rows, args.real_size_longer, args.real_size_float32,
+                      args.real_size_device)
     results["machine_end"] = common.machine()
     results["seconds"] = time.perf_counter() - t0
     m, m2 = results["machine"], results["machine_end"]

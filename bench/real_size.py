@@ -32,24 +32,35 @@ ROWS: tuple[tuple[str, str, int], ...] = (
 """(architecture, layer, images) of the issue's real-size rows."""
 
 
-def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 3) -> dict[str, Any]:
-    """FLOP/s of the default fit's training step against one bare 3×3 convolution forward of the same shape."""
+def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 3,
+                 device: str = "cpu") -> dict[str, Any]:
+    """FLOP/s of the default fit's training step against one bare 3×3 convolution forward of the same shape
+    (both in float32; on CUDA each call is timed to its end with a synchronisation)."""
     cfg = make_config("fast")
     torch.manual_seed(0)
     spec = GThetaSpec(channels_in, channels_out, cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init)
     fmt = torch.channels_last
-    model = GTheta(spec).to(memory_format=fmt).train()
+    dev = torch.device(device)
+    model = GTheta(spec).to(dev, memory_format=fmt).train()
     opt = make_optimizer(model, cfg)
     b = cfg.batch_size
-    xb = torch.randn(b, channels_in, size, size).contiguous(memory_format=fmt)
-    tb = torch.randn(b, channels_out, size, size).contiguous(memory_format=fmt)
-    w = torch.randn(channels_out, channels_in, 3, 3).contiguous(memory_format=fmt)
+    xb = torch.randn(b, channels_in, size, size, device=dev).contiguous(memory_format=fmt)
+    tb = torch.randn(b, channels_out, size, size, device=dev).contiguous(memory_format=fmt)
+    w = torch.randn(channels_out, channels_in, 3, 3, device=dev).contiguous(memory_format=fmt)
+
+    def synced(fn: Any) -> Any:
+        if dev.type != "cuda":
+            return fn
+        def run() -> None:
+            fn()
+            torch.cuda.synchronize(dev)
+        return run
 
     def conv() -> None:
         with torch.no_grad():
             F.conv2d(xb, w, padding=1)
 
-    t = interleaved_times({"step": lambda: train_step(model, opt, xb, tb, cfg.lam), "conv": conv},
+    t = interleaved_times({"step": synced(lambda: train_step(model, opt, xb, tb, cfg.lam)), "conv": synced(conv)},
                           repeats=repeats, warmup=1)
     step_rate = 3.0 * forward_flops(spec, size, size) * b / t["step"]
     conv_rate = 2.0 * 9 * channels_in * channels_out * size * size * b / t["conv"]
@@ -68,11 +79,13 @@ def longer_overrides(cfg: FitConfig, planned: int, factor: int = 10) -> dict[str
 
 
 def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32,
-                  float32: bool = False) -> dict[str, Any]:
+                  float32: bool = False, device: str = "cpu") -> dict[str, Any]:
     """Extraction + whole default fit + held-out report for two random-weight ``arch`` networks on ``n`` images.
 
     ``longer``: also the same preset with 10× the planned steps (the quality reference); ``float32``: also the
-    default fit with ``train_precision="float32"`` (what the bfloat16 training steps change).
+    default fit with ``train_precision="float32"`` (what the bfloat16 training steps change). ``device``:
+    ``"cpu"`` or ``"cuda"`` for extraction, fits and decomposition (the features' cache stays on disk either way);
+    on CUDA the row also records the peak GPU memory.
     """
     import torchvision
 
@@ -91,17 +104,21 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
     a = torchvision.models.get_model(arch, num_classes=10).eval()
     torch.manual_seed(1)
     b = torchvision.models.get_model(arch, num_classes=10).eval()
-    out: dict[str, Any] = {"arch": arch, "layer": layer, "n_images": n, "preprocessing": prep.as_dict()}
+    out: dict[str, Any] = {"arch": arch, "layer": layer, "n_images": n, "preprocessing": prep.as_dict(),
+                           "device": device}
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="kcore-bench-") as tmp:
         t = time.perf_counter()
-        feats = extract_features(a, layer, b, layer, images, batch_size=batch_size, device="cpu",
+        feats = extract_features(a, layer, b, layer, images, batch_size=batch_size, device=device,
                                  transform_a=prep.transform(), transform_b=prep.transform(), cache_dir=tmp,
                                  cache_key=CacheKey(f"{arch}-seed0", f"{arch}-seed1", f"kshapes-224-{n}", str(prep)))
         out["extract_seconds"] = time.perf_counter() - t
         xa, xb = cached_arrays(feats) if _has_cached(feats) else (feats.x_a, feats.x_b)
         out["shape"] = list(feats.x_a.shape[1:])
         t = time.perf_counter()
-        res = fit(xa, xb, device="cpu")
+        res = fit(xa, xb, device=device)
         out["fit_seconds"] = time.perf_counter() - t
         held = torch.as_tensor(res.heldout_indices)
         t = time.perf_counter()
@@ -117,7 +134,7 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
         out["train_precision"] = res.extra.get("train_precision")
         if float32:
             t = time.perf_counter()
-            ref32 = fit(xa, xb, device="cpu", train_precision="float32")
+            ref32 = fit(xa, xb, device=device, train_precision="float32")
             out["float32_seconds"] = time.perf_counter() - t
             out["float32_heldout_error"] = ref32.heldout_error
             out["float32_steps_run"] = ref32.extra.get("steps_run")
@@ -126,13 +143,15 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
             planned = int(res.extra["steps_planned"])
             out["longer_steps_planned"] = planned * 10
             t = time.perf_counter()
-            ref = fit(xa, xb, device="cpu", **longer_overrides(cfg, planned))
+            ref = fit(xa, xb, device=device, **longer_overrides(cfg, planned))
             out["longer_steps_run"] = ref.extra.get("steps_run")
             out["longer_seconds"] = time.perf_counter() - t
             out["longer_heldout_error"] = ref.heldout_error
     out["peak_rss"] = proc_status().get("VmHWM")
+    if cuda:
+        out["peak_cuda"] = torch.cuda.max_memory_allocated()
     c, h = out["shape"][0], out["shape"][1]
-    out["throughput"] = step_vs_conv(c, c, h)
+    out["throughput"] = step_vs_conv(c, c, h, device=device)
     out["total_seconds"] = out["extract_seconds"] + out["fit_seconds"] + out["decompose_seconds"]
     return out
 

@@ -68,3 +68,22 @@ def test_the_quality_reference_plans_ten_times_the_default_even_where_the_flops_
     longer = train_plan(make_config("fast", **longer_overrides(cfg, default.total_steps)), 900, flops)
     assert longer.total_steps == 10 * default.total_steps
     assert longer.patience_steps == 10 * default.patience_steps
+
+
+def test_the_gpu_table_is_skipped_with_a_row_that_says_why_where_there_is_no_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--only", "real_size", "--real-size-device", "cuda", "--real-size-rows", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "no CUDA device" in data["real_size_gpu"]["skipped"] and "real_size" not in data
+    table = (tmp_path / "results.md").read_text()
+    assert "| real size on GPU | resnet50 layer3 | skipped: no CUDA device" in table
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_the_training_step_is_timed_against_a_bare_convolution_on_each_device(device):
+    from bench.real_size import step_vs_conv
+
+    t = step_vs_conv(8, 8, 8, repeats=1, device=device)
+    assert t["step_seconds"] > 0 and t["step_gflops"] > 0 and t["conv_gflops"] > 0
+    assert t["ratio"] == pytest.approx(t["step_gflops"] / t["conv_gflops"])
