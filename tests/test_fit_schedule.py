@@ -144,6 +144,26 @@ def test_bfloat16_steps_count_half_in_the_flops_budget(monkeypatch):
     assert planned == {"float32": 100, "bfloat16": 200}
 
 
+def test_the_flops_budget_binds_on_the_cpu_only():
+    kfit = importlib.import_module("kcore.fit")
+    cfg = make_config("fast")
+    big = kfit.step_flops(1024, 1024, 14, 14, cfg)  # resnet50 layer3: the CPU plans the floor
+    assert train_plan(cfg, 800, big, torch.float32, "cpu").total_steps == kfit.MIN_PLANNED_STEPS
+    assert train_plan(cfg, 800, big, torch.float32, torch.device("cuda", 0)).total_steps == cfg.max_steps == 800
+    assert train_plan(cfg, 800, big, torch.float32, "mps").total_steps == 800
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_fit_on_cuda_plans_max_steps_whatever_the_flops_budget():
+    x, y = _pair(n=40, c=8, h=8)
+    flops = importlib.import_module("kcore.fit").step_flops(8, 8, 8, 8, make_config("fast", batch_size=8))
+    planned: list[int] = []
+    with pytest.raises(importlib.import_module("kcore.fit").FitCancelled):
+        fit(x, y, orders=2, batch_size=8, flops_budget=100 * flops, max_steps=1000, cancel=lambda: True,
+            device="cuda", progress=lambda p: planned.append(p.steps))
+    assert planned[0] == 1000
+
+
 @pytest.mark.skipif(not importlib.import_module("kcore.fit").cpu_has_native_bf16(),
                     reason="this CPU has no native bfloat16")
 def test_bfloat16_steps_train_as_well_as_float32():
