@@ -353,11 +353,11 @@ def run_real_size(table: Table, results: dict, rows: list[int] | None, longer: b
         table.add("real size, whole default run" + (" (GPU)" if gpu else ""),
                   f"{arch} {layer} ({shape}), {n} kshapes images at 224 px, random weights (seeds 0 and 1){where}",
                   f"**{r['total_seconds']:.0f} s** (extract {r['extract_seconds']:.0f} + fit {r['fit_seconds']:.0f} "
-                  f"({r['steps_run']} steps, {r['train_precision']}, stopped by {r['stopped_by']}) + decompose {r['decompose_seconds']:.1f}); "
+                  f"({r['steps_run']} steps of {r['batch_size']} images, {r['train_precision']}, stopped by {r['stopped_by']}) + decompose {r['decompose_seconds']:.1f}); "
                   f"held-out error {r['heldout_error']:.4f} vs least squares {r['lstsq_error']:.4f}{ref}; "
                   f"peak RSS {common.fmt_bytes(r['peak_rss'])}{memory}", target, met)
         t = r["throughput"]
-        table.add("  training step vs bare conv", f"{shape}, batch 64, K=2",
+        table.add("  training step vs bare conv", f"{shape}, batch {t['batch_size']}, K=2",
                   f"{t['ratio']:.2f} ({t['step_gflops']:.0f} vs {t['conv_gflops']:.0f} GFLOP/s; "
                   f"{t['step_seconds']:.2f} s/step)")
 

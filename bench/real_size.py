@@ -33,9 +33,10 @@ ROWS: tuple[tuple[str, str, int], ...] = (
 
 
 def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 3,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", batch_size: int | None = None) -> dict[str, Any]:
     """FLOP/s of the default fit's training step against one bare 3×3 convolution forward of the same shape
-    (both in float32; on CUDA each call is timed to its end with a synchronisation)."""
+    (both in float32, ``batch_size`` images, default the preset's; on CUDA each call is timed to its end with a
+    synchronisation)."""
     cfg = make_config("fast")
     torch.manual_seed(0)
     spec = GThetaSpec(channels_in, channels_out, cfg.orders, cfg.kernel_size, cfg.convention, cfg.gate, cfg.p_init)
@@ -43,7 +44,7 @@ def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 
     dev = torch.device(device)
     model = GTheta(spec).to(dev, memory_format=fmt).train()
     opt = make_optimizer(model, cfg)
-    b = cfg.batch_size
+    b = batch_size or cfg.batch_size
     xb = torch.randn(b, channels_in, size, size, device=dev).contiguous(memory_format=fmt)
     tb = torch.randn(b, channels_out, size, size, device=dev).contiguous(memory_format=fmt)
     w = torch.randn(channels_out, channels_in, 3, 3, device=dev).contiguous(memory_format=fmt)
@@ -65,17 +66,19 @@ def step_vs_conv(channels_in: int, channels_out: int, size: int, repeats: int = 
     step_rate = 3.0 * forward_flops(spec, size, size) * b / t["step"]
     conv_rate = 2.0 * 9 * channels_in * channels_out * size * size * b / t["conv"]
     return {"step_gflops": step_rate / 1e9, "conv_gflops": conv_rate / 1e9, "ratio": step_rate / conv_rate,
-            "step_seconds": t["step"]}
+            "step_seconds": t["step"], "batch_size": b}
 
 
 def longer_overrides(cfg: FitConfig, planned: int, factor: int = 10) -> dict[str, Any]:
-    """``fit`` overrides for the quality reference: the same preset for ``factor``× the ``planned`` steps.
+    """``fit`` overrides for the quality reference: the config that ran (``FitResult.config``) for ``factor``× its
+    ``planned`` steps, with the same batch and monitor interval.
 
     An explicit ``max_steps`` is taken literally (:func:`kcore.fit.make_config` lifts the preset's
-    ``flops_budget``, which would otherwise cap the plan at the default's length); the patience grows by the same
-    factor.
+    ``flops_budget``, which would otherwise cap the plan at the default's length, and an explicit batch clears
+    ``small_batch``); the patience grows by the same factor.
     """
-    return {"max_steps": planned * factor, "patience_steps": (cfg.patience_steps or 0) * factor or None}
+    return {"max_steps": planned * factor, "patience_steps": (cfg.patience_steps or 0) * factor or None,
+            "batch_size": cfg.batch_size, "eval_every": cfg.eval_every}
 
 
 def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_size: int = 32,
@@ -132,6 +135,7 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
               f"decompose {out['decompose_seconds']:.1f} s; held-out {out['heldout_error']:.4f} vs least squares "
               f"{out['lstsq_error']:.4f}", file=sys.stderr, flush=True)
         out["train_precision"] = res.extra.get("train_precision")
+        out["batch_size"] = res.config.batch_size
         if float32:
             t = time.perf_counter()
             ref32 = fit(xa, xb, device=device, train_precision="float32")
@@ -151,7 +155,7 @@ def real_size_row(arch: str, layer: str, n: int, longer: bool = False, batch_siz
     if cuda:
         out["peak_cuda"] = torch.cuda.max_memory_allocated()
     c, h = out["shape"][0], out["shape"][1]
-    out["throughput"] = step_vs_conv(c, c, h, device=device)
+    out["throughput"] = step_vs_conv(c, c, h, device=device, batch_size=out["batch_size"])
     out["total_seconds"] = out["extract_seconds"] + out["fit_seconds"] + out["decompose_seconds"]
     return out
 

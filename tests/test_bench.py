@@ -11,7 +11,7 @@ from bench.data import synthetic_pair
 from bench.quality import Curve, time_to_quality
 from bench.real_size import longer_overrides
 from bench.throughput import forward_flops
-from kcore.fit import make_config, step_flops, train_plan
+from kcore.fit import make_config, small_batch_config, step_flops, train_plan
 from kcore.gtheta import GThetaSpec
 
 
@@ -59,13 +59,15 @@ def test_smoke_profile_writes_the_table_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(256, 14), (1024, 14), (512, 28)])
-def test_the_quality_reference_plans_ten_times_the_default_even_where_the_flops_budget_binds(shape):
+def test_the_quality_reference_runs_ten_times_the_default_plan_even_where_the_flops_budget_binds(shape):
     c, size = shape
-    cfg = make_config("fast")
-    flops = step_flops(c, c, size, size, cfg)
-    default = train_plan(cfg, 900, flops)
-    assert default.total_steps < cfg.max_steps  # the budget, not max_steps, decides the default's length
-    longer = train_plan(make_config("fast", **longer_overrides(cfg, default.total_steps)), 900, flops)
+    preset = make_config("fast")
+    ran = small_batch_config(preset, 720, step_flops(c, c, size, size, preset))  # FitResult.config
+    default = train_plan(ran, 720, step_flops(c, c, size, size, ran))
+    assert ran.batch_size == 16 and default.total_steps < 4 * preset.max_steps  # the budget decides the length
+    ref = make_config("fast", **longer_overrides(ran, default.total_steps))
+    longer = train_plan(ref, 720, step_flops(c, c, size, size, ref))
+    assert (ref.batch_size, ref.eval_every) == (ran.batch_size, ran.eval_every)
     assert longer.total_steps == 10 * default.total_steps
     assert longer.patience_steps == 10 * default.patience_steps
 

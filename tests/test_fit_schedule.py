@@ -153,6 +153,49 @@ def test_the_flops_budget_binds_on_the_cpu_only():
     assert train_plan(cfg, 800, big, torch.float32, "mps").total_steps == 800
 
 
+@pytest.mark.parametrize("channels, size", [(256, 14), (1024, 14), (512, 28)])
+def test_where_the_budget_binds_the_same_flops_run_as_four_times_the_steps_of_16_images(channels, size):
+    kfit = importlib.import_module("kcore.fit")
+    cfg = make_config("fast")
+    big = kfit.step_flops(channels, channels, size, size, cfg)
+    for precision in (torch.float32, torch.bfloat16):
+        before = train_plan(cfg, 720, big, precision)
+        small = kfit.small_batch_config(cfg, 720, big, precision)
+        after = train_plan(small, 720, kfit.step_flops(channels, channels, size, size, small), precision)
+        assert (small.batch_size, small.small_batch, small.flops_budget) == (16, None, None)
+        assert after.total_steps == small.max_steps == 4 * before.total_steps
+        assert after.total_steps * after.flops_per_step == pytest.approx(before.total_steps * before.flops_per_step)
+        assert (small.patience_steps, small.eval_every) == (4 * cfg.patience_steps, 4 * cfg.eval_every)
+        assert (small.lr, small.warmup_steps, small.lam) == (cfg.lr, cfg.warmup_steps, cfg.lam)  # nothing else
+
+
+def test_the_batch_stays_where_the_budget_does_not_bind_or_does_not_apply():
+    kfit = importlib.import_module("kcore.fit")
+    cfg = make_config("fast")
+    sample = kfit.step_flops(64, 128, 16, 16, cfg)  # the sample models: 800 steps fit the budget
+    assert kfit.small_batch_config(cfg, 288, sample) is cfg
+    big = kfit.step_flops(1024, 1024, 14, 14, cfg)
+    assert kfit.small_batch_config(cfg, 720, big, torch.float32, "cuda") is cfg  # no budget on a GPU
+    assert make_config("fast", batch_size=32).small_batch is None  # an explicit batch is what every step uses
+    assert kfit.small_batch_config(make_config("fast", batch_size=32), 720, big).batch_size == 32
+    assert make_config("fast", batch_size=32, small_batch=8).small_batch == 8
+    with pytest.raises(ValueError, match="small_batch must be a positive integer"):
+        make_config("fast", small_batch=0)
+
+
+def test_a_fit_whose_budget_binds_runs_and_records_the_small_batch_plan():
+    x, y = _pair(n=60, c=8, h=8)
+    kfit = importlib.import_module("kcore.fit")
+    budget = 10 * kfit.step_flops(8, 8, 8, 8, make_config("fast"))  # binds: the floor of 60 steps at batch 64
+    res = fit(x, y, orders=2, device="cpu", flops_budget=budget, max_steps=1000, train_precision="float32")
+    assert res.config.batch_size == 16 and res.extra["steps_planned"] == 4 * kfit.MIN_PLANNED_STEPS
+    assert res.extra["steps_run"] <= 4 * kfit.MIN_PLANNED_STEPS
+    planned: list[int] = []
+    with pytest.raises(kfit.FitCancelled):  # the recorded config re-runs the same plan
+        fit(x, y, config=res.config, device="cpu", cancel=lambda: True, progress=lambda p: planned.append(p.steps))
+    assert planned[0] == res.extra["steps_planned"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_fit_on_cuda_plans_max_steps_whatever_the_flops_budget():
     x, y = _pair(n=40, c=8, h=8)
