@@ -804,7 +804,8 @@ def train_plan(
 
     With ``max_steps`` the schedule spans that many steps whatever the number of images, fewer where
     ``flops_budget`` runs out first on the CPU (a bfloat16 step's FLOPs count :data:`BF16_STEP_COST` each; on
-    a GPU, where such steps take a fraction of a second, the budget does not bind). Otherwise it
+    a GPU, whose steps are one to two orders of magnitude faster by its FLOP rate, the budget does not bind).
+    Otherwise it
     spans ``epochs`` epochs, and ``epochs`` and ``patience`` are scaled up by the same factor when they would
     give fewer than ``min_steps`` optimiser steps.
     """
