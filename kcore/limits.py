@@ -46,9 +46,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-def _cap(env: str, what: str) -> dict[str, str]:
-    """The metadata of one cap: its environment variable and what it bounds (in words, for messages)."""
-    return {"env": env, "what": what}
+def _cap(env: str, what: str, unit: str = "") -> dict[str, str]:
+    """The metadata of one cap: its environment variable, what it bounds (the words after "at most N" in
+    messages) and its unit (``"bytes"`` is shown in GiB)."""
+    return {"env": env, "what": what, "unit": unit}
 
 
 class LimitExceeded(ValueError):
@@ -86,17 +87,17 @@ class Limits:
     """
 
     max_input_side: int = field(default=2048, metadata=_cap(
-        "KCORE_MAX_INPUT_SIDE", "the longest side (pixels) of a model input"))
+        "KCORE_MAX_INPUT_SIDE", "pixels on the longest side of a model input"))
     max_image_pixels: int = field(default=40_000_000, metadata=_cap(
-        "KCORE_MAX_IMAGE_PIXELS", "decoded pixels (width × height) of one image"))
+        "KCORE_MAX_IMAGE_PIXELS", "decoded pixels (width × height) in one image"))
     max_images: int = field(default=20_000, metadata=_cap(
         "KCORE_MAX_IMAGES", "images in one image set"))
     max_request_pixels: int = field(default=60_000_000_000, metadata=_cap(
-        "KCORE_MAX_REQUEST_PIXELS", "decoded pixels summed over one image set"))
+        "KCORE_MAX_REQUEST_PIXELS", "decoded pixels summed over the images of one image set"))
     max_input_bytes: int = field(default=8 * 2**30, metadata=_cap(
-        "KCORE_MAX_INPUT_BYTES", "bytes of one image set's float32 model input (images × 3 × H × W × 4)"))
+        "KCORE_MAX_INPUT_BYTES", "of float32 model input per image set (images × 3 × H × W × 4 bytes)", "bytes"))
     max_classes: int = field(default=100_000, metadata=_cap(
-        "KCORE_MAX_CLASSES", "classifier outputs (num_classes) of a model"))
+        "KCORE_MAX_CLASSES", "classifier outputs (num_classes) per model"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -105,7 +106,7 @@ class Limits:
                 raise ValueError(f"Limits.{f.name} must be a positive integer; got {value!r}. "
                                  f"Fix: set {f.metadata['env']} to a whole number >= 1 (e.g. {f.default}).")
 
-    def check(self, cap_name: str, asked: float, *, what: str, fix: str) -> None:
+    def check(self, cap_name: str, asked: float, *, what: str, fix: str, shown: str | None = None) -> None:
         """Raise :class:`LimitExceeded` when ``asked`` is more than the cap ``cap_name``.
 
         Args:
@@ -114,6 +115,7 @@ class Limits:
             what: what was asked, in words, with where it came from (e.g. ``"model card 'm.card.json':
                 'num_classes'"``); the message starts with it.
             fix: what the user can do instead (a sentence without the final full stop).
+            shown: how to show ``asked`` (default: the number, or GiB for bytes), e.g. ``"at least 20,001"``.
 
         Raises:
             LimitExceeded: ``asked`` is over the cap. The message names what was asked, the cap, the environment
@@ -125,9 +127,9 @@ class Limits:
             return
         env = ENV_VARS[cap_name]
         raise LimitExceeded(
-            f"{what} is {_number(asked)}, more than this server's cap of {_number(cap)} on {_WHAT[cap_name]} "
-            f"({env}). Fix: {fix}; or, for the server's operator, raise the cap with {env}=<n> in the server's "
-            "environment.",
+            f"{what} is {shown or _show(cap_name, asked)}; this server allows at most {_show(cap_name, cap)} "
+            f"{_WHAT[cap_name]} ({env}). Fix: {fix}; or, for the server's operator, raise the cap with {env}=<n> in "
+            "the server's environment.",
             cap_name=cap_name, env=env, asked=asked, cap=cap)
 
 
@@ -135,6 +137,7 @@ ENV_VARS: Mapping[str, str] = {f.name: f.metadata["env"] for f in fields(Limits)
 """The environment variable of each cap, by :class:`Limits` field name."""
 
 _WHAT: Mapping[str, str] = {f.name: f.metadata["what"] for f in fields(Limits)}
+_UNIT: Mapping[str, str] = {f.name: f.metadata.get("unit", "") for f in fields(Limits)}
 
 
 def limits(environ: Mapping[str, str] | None = None) -> Limits:
@@ -183,6 +186,13 @@ def _parse_int(name: str, raw: str, example: object) -> int:
         raise ValueError(f"environment variable {name} must be a whole number >= 1 (e.g. {example}); got {raw!r}. "
                          "Fix: set it to a positive number, or unset it for the default.")
     return value
+
+
+def _show(cap_name: str, v: float) -> str:
+    """A value of cap ``cap_name`` for people: bytes in GiB (and exactly), other values with thousands commas."""
+    if _UNIT.get(cap_name) == "bytes":
+        return f"{v / 2**30:.2f} GiB ({_number(v)} bytes)"
+    return _number(v)
 
 
 def _number(v: float) -> str:
