@@ -24,7 +24,34 @@ max_input_bytes        KCORE_MAX_INPUT_BYTES        8 GiB           the model-in
 max_classes            KCORE_MAX_CLASSES            100 000         classifier outputs (``num_classes``) of a model
                                                                     built from a card, the API, the CLI or the
                                                                     dashboard's Classes field
+max_jobs               KCORE_MAX_JOBS               2               dashboard jobs (fits and studies) running at
+                                                                    once on the server; more wait in one FIFO queue
+max_session_jobs       KCORE_MAX_SESSION_JOBS       1               jobs one browser session may have waiting or
+                                                                    running
+job_orphan_seconds     KCORE_JOB_ORPHAN_SECONDS     120             a job is cancelled when its browser session has
+                                                                    been gone (tab closed) this long
+max_fit_epochs         KCORE_MAX_FIT_EPOCHS         1000            epochs of one fit of g_θ (the authors' preset
+                                                                    runs 1000); also a study's ``--fit-epochs``
+max_fit_work           KCORE_MAX_FIT_WORK           20 000 000      a dashboard fit's image-epochs: epochs × images
+                                                                    × directions × (1 + chance baselines): 5000
+                                                                    images, 1000 epochs, one direction, baselines
+max_orders             KCORE_MAX_ORDERS             6               K, the highest order of g_θ
+max_seed               KCORE_MAX_SEED               2 147 483 647   a seed (torch and numpy take 32-bit seeds)
+max_coefficient        KCORE_MAX_COEFFICIENT        100             λ, and a study's ``--lam``, ``--lambd``,
+                                                                    ``--tau``, ``--weight-decay``
+max_study_lr           KCORE_MAX_STUDY_LR           10              a study's learning rates
+max_study_images       KCORE_MAX_STUDY_IMAGES       10 000          a study's ``--n-train``, ``--n-test``,
+                                                                    ``--n-images``
+max_study_image_size   KCORE_MAX_STUDY_IMAGE_SIZE   224             a study's ``--image-size`` (px)
+max_study_epochs       KCORE_MAX_STUDY_EPOCHS       200             a study's training epochs (``--epochs``,
+                                                                    ``--teacher-epochs``, ``--finetune-epochs``)
+max_study_repeats      KCORE_MAX_STUDY_REPEATS      20              a study's ``--repeats``, ``--generations``,
+                                                                    ``--n-maps``
+max_study_batch        KCORE_MAX_STUDY_BATCH        1024            a study's ``--batch-size``
 =====================  ===========================  ==============  ================================================
+
+The Studies page's typed options are capped through :data:`kcore.study_options.STUDY_CAPS` (option name → field
+above), the Fit page's K, λ, epochs, seed and cost by ``dashboard.jobs.check_fit_request``.
 
 Why these defaults. Images are decoded one at a time and shrunk to the load size at once, so memory is bounded by
 one image (``max_image_pixels``: about 120 MB of RGB at 40 MP) plus the image set itself (``max_input_bytes``
@@ -84,6 +111,10 @@ class Limits:
         max_request_pixels: decoded pixels summed over one image set.
         max_input_bytes: bytes of one image set's float32 model-input tensor (images × 3 × H × W × 4).
         max_classes: classifier outputs of a model kcore builds.
+        max_jobs, max_session_jobs, job_orphan_seconds: the dashboard's job queue (``dashboard.jobs.JobRegistry``).
+        max_fit_epochs, max_fit_work, max_orders, max_seed, max_coefficient: a fit's options and its cost.
+        max_study_lr, max_study_images, max_study_image_size, max_study_epochs, max_study_repeats,
+            max_study_batch: a study's typed options (:data:`kcore.study_options.STUDY_CAPS`).
     """
 
     max_input_side: int = field(default=2048, metadata=_cap(
@@ -98,6 +129,35 @@ class Limits:
         "KCORE_MAX_INPUT_BYTES", "of float32 model input per image set (images × 3 × H × W × 4 bytes)", "bytes"))
     max_classes: int = field(default=100_000, metadata=_cap(
         "KCORE_MAX_CLASSES", "classifier outputs (num_classes) per model"))
+    # the dashboard's jobs (dashboard/jobs.py) and the typed options of the Fit and Studies pages
+    max_jobs: int = field(default=2, metadata=_cap(
+        "KCORE_MAX_JOBS", "jobs (fits and studies) running at once"))
+    max_session_jobs: int = field(default=1, metadata=_cap(
+        "KCORE_MAX_SESSION_JOBS", "jobs waiting or running per browser session"))
+    job_orphan_seconds: int = field(default=120, metadata=_cap(
+        "KCORE_JOB_ORPHAN_SECONDS", "seconds a job outlives its closed browser session"))
+    max_fit_epochs: int = field(default=1000, metadata=_cap(
+        "KCORE_MAX_FIT_EPOCHS", "epochs per fit of g_θ"))
+    max_fit_work: int = field(default=20_000_000, metadata=_cap(
+        "KCORE_MAX_FIT_WORK", "image-epochs per fit request (epochs × images × directions × (1 + baselines))"))
+    max_orders: int = field(default=6, metadata=_cap(
+        "KCORE_MAX_ORDERS", "for K, the highest order of g_θ"))
+    max_seed: int = field(default=2**31 - 1, metadata=_cap(
+        "KCORE_MAX_SEED", "for a seed"))
+    max_coefficient: int = field(default=100, metadata=_cap(
+        "KCORE_MAX_COEFFICIENT", "for a penalty, weight or temperature (λ, weight decay, τ)"))
+    max_study_lr: int = field(default=10, metadata=_cap(
+        "KCORE_MAX_STUDY_LR", "for a study's learning rate"))
+    max_study_images: int = field(default=10_000, metadata=_cap(
+        "KCORE_MAX_STUDY_IMAGES", "images per study split"))
+    max_study_image_size: int = field(default=224, metadata=_cap(
+        "KCORE_MAX_STUDY_IMAGE_SIZE", "pixels for a study's image size"))
+    max_study_epochs: int = field(default=200, metadata=_cap(
+        "KCORE_MAX_STUDY_EPOCHS", "training epochs per study network"))
+    max_study_repeats: int = field(default=20, metadata=_cap(
+        "KCORE_MAX_STUDY_REPEATS", "repeats, generations or maps per study"))
+    max_study_batch: int = field(default=1024, metadata=_cap(
+        "KCORE_MAX_STUDY_BATCH", "images per study batch"))
 
     def __post_init__(self) -> None:
         for f in fields(self):
