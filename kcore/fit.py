@@ -1142,6 +1142,31 @@ def _check_inputs(x_src: Any, x_tgt: Any) -> tuple[Any, Any]:
     return x_src, x_tgt
 
 
+def check_kernel_size(kernel_size: int, map_size: tuple[int, int]) -> None:
+    """Refuse a kernel that reaches past a feature map and its zero border (``kernel_size > 2·min(H, W) + 1``).
+
+    g_θ's convolutions and its least-squares start pad by ``kernel_size // 2`` on each side; a kernel wider than
+    the map on both sides of every position has taps that never meet a value, and the least-squares start has
+    no overlap to sum over for them.
+
+    Args:
+        kernel_size: the fit's ``kernel_size`` (odd).
+        map_size: ``(H, W)`` of the target maps (the source maps are resampled to it).
+
+    Raises:
+        ValueError: ``kernel_size`` is larger than ``2·min(H, W) + 1``; the message names both and the fix.
+    """
+    h, w = (int(v) for v in map_size)
+    largest = 2 * min(h, w) + 1
+    if kernel_size > largest:
+        raise ValueError(
+            f"kernel_size must be at most 2·min(H, W)+1 = {largest} for feature maps of H×W = {h}×{w} (x_tgt's "
+            f"size, which x_src is resampled to); got kernel_size={kernel_size}, a kernel larger than the map. "
+            f"Fix: pass kernel_size={largest if largest % 2 else largest - 1} or smaller (odd), or compare layers "
+            "with larger maps."
+        )
+
+
 STREAMED_CKA_IMAGES = 1024
 """A streamed fit's linear CKA baseline uses at most this many held-out images (two 1024² float64 Gram
 matrices, 16 MiB); its R² baseline and every variance use all of them."""
@@ -1217,6 +1242,7 @@ def fit(
     if orders is not None:
         overrides["orders"] = check_orders(orders)
     cfg = config if config is not None else make_config(preset, **overrides)
+    check_kernel_size(cfg.kernel_size, tuple(x_tgt.shape[2:]))
     ctx = ctx or kd.Context()
     if not ctx.distributed:  # (a distributed fit's ranks are checked by the pipeline that started them)
         check_informative(x_src, x_tgt)
