@@ -7,6 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from kcore.limits import limits
+
 
 def sample_architectures() -> Mapping[str, Any]:
     """The project's sample architectures (name → constructor taking ``num_classes``)."""
@@ -39,12 +41,16 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 
     Raises:
         ValueError: unknown ``arch`` (with the closest names), or ``num_classes`` not a positive int.
+        LimitExceeded: ``num_classes`` is over the server's cap (``KCORE_MAX_CLASSES``; a ``ValueError``).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(
-            f"num_classes must be a positive integer; got {num_classes!r}. "
+            f"num_classes must be a positive integer; got {num_classes!r} ({type(num_classes).__name__}). "
             "Fix: pass the number of outputs of the model's classifier (e.g. 10 for CIFAR-10)."
         )
+    # checked before anything is allocated: 30 M classes would take GBs in the classifier alone
+    limits().check("max_classes", num_classes, what="num_classes",
+                   fix="pass the number of outputs of the model's classifier (e.g. 10 for CIFAR-10, 1000 for ImageNet)")
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a non-empty architecture name such as 'resnet18'; got {arch!r}.")
     samples = sample_architectures()

@@ -104,11 +104,18 @@ class ModelCard:
                 raise ValueError(f"{source}: {key!r} must be a list of numbers, e.g. [0.5, 0.5, 0.5]; got {value!r}.")
             return tuple(float(v) for v in value)
 
+        from kcore.limits import limits
+
+        caps = limits()
         num_classes = data.get("num_classes")
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
-            raise ValueError(f"{source}: 'num_classes' must be a positive integer; got {num_classes!r}.")
+            raise ValueError(f"{source}: 'num_classes' must be a positive integer; got {num_classes!r}. "
+                             "Fix: give the number of outputs of the model's classifier, e.g. 10.")
+        if num_classes is not None:
+            caps.check("max_classes", num_classes, what=f"{source}: 'num_classes'",
+                       fix="give the number of outputs of the model's classifier (e.g. 10 or 1000)")
         input_size = data.get("input_size")
         if input_size is not None:
             if (
@@ -118,14 +125,20 @@ class ModelCard:
             ):
                 raise ValueError(f"{source}: 'input_size' must be [H, W] (two positive integers); got {input_size!r}.")
             input_size = (int(input_size[0]), int(input_size[1]))
-            from kcore.data import MAX_INPUT_SIDE
-
-            if max(input_size) > MAX_INPUT_SIDE:
-                raise ValueError(
-                    f"{source}: 'input_size' must be at most [{MAX_INPUT_SIDE}, {MAX_INPUT_SIDE}]; got "
-                    f"{list(input_size)} (one float32 RGB image alone would take "
-                    f"{12 * input_size[0] * input_size[1] / 2**30:.1f} GiB). Fix: set the size the model was "
-                    "trained at, e.g. [224, 224].")
+            caps.check("max_input_side", max(input_size), shown=str(list(input_size)),
+                       what=f"{source}: 'input_size' (one float32 RGB image alone would take "
+                            f"{12 * input_size[0] * input_size[1] / 2**30:.1f} GiB)",
+                       fix="set the size the model was trained at, e.g. [224, 224]")
+        resize_size = extra.get("resize_size")
+        if resize_size is not None:
+            if isinstance(resize_size, bool) or not isinstance(resize_size, int) or resize_size < 1:
+                raise ValueError(f"{source}: 'extra.resize_size' (the shorter side before the centre crop) must be a "
+                                 f"positive integer or absent; got {resize_size!r}. Fix: give e.g. 256 for a "
+                                 "224 × 224 input, or remove the key.")
+            caps.check("max_input_side", resize_size,
+                       what=f"{source}: 'extra.resize_size' (the shorter side images are resized to before the "
+                            "centre crop)",
+                       fix="give the resize the model was evaluated with, e.g. 256 for a 224 × 224 input")
         std = opt_floats("std")
         if std is not None and any(v <= 0 for v in std):
             raise ValueError(f"{source}: 'std' must hold positive numbers; got {list(std)}.")

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import stat
 import struct
 import warnings
@@ -29,6 +30,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from kcore import synthetic
+from kcore.limits import LimitExceeded, Limits, input_tensor_bytes
+from kcore.limits import limits as current_limits
 from kcore.synthetic import KShapesSpec, LabelKind, Split
 
 ResizeMode = Literal["stretch", "center_crop"]
@@ -47,9 +50,6 @@ MAX_FILE_BYTES = 256 * 2**20
 
 MAX_ZIP_BYTES = 4 * 2**30
 """A zip archive read from disk may be at most this large."""
-
-MAX_INPUT_SIDE = 2048
-"""Largest model input side (pixels) accepted: 2048×2048 float32 RGB is 48 MiB per image."""
 
 # What PIL raises on bad input: unidentified (OSError), truncated (OSError), broken PNG
 # chunks (SyntaxError), bad headers (ValueError, struct.error, EOFError, zlib.error) and
@@ -78,11 +78,10 @@ class Preprocess:
         size = tuple(int(v) for v in self.input_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"input_size must be (H, W) with positive ints, got {self.input_size!r}")
-        if max(size) > MAX_INPUT_SIDE:
-            raise ValueError(
-                f"input_size must be at most {MAX_INPUT_SIDE}×{MAX_INPUT_SIDE} pixels; got {size[0]}×{size[1]} "
-                f"(one float32 RGB image alone would take {3 * 4 * size[0] * size[1] / 2**30:.1f} GiB). Fix: use "
-                "the size the model was trained at (e.g. 224×224) in the model card or --input-size.")
+        current_limits().check(
+            "max_input_side", max(size), shown=f"{size[0]}×{size[1]}",
+            what=f"input_size (one float32 RGB image alone would take {3 * 4 * size[0] * size[1] / 2**30:.1f} GiB)",
+            fix="use the size the model was trained at (e.g. 224×224) in the model card or --input-size")
         object.__setattr__(self, "input_size", size)
         for name in ("mean", "std"):
             value = tuple(float(v) for v in getattr(self, name))
@@ -141,14 +140,43 @@ def resize_image(image: np.ndarray, size: tuple[int, int],
     return np.array(pil, dtype=np.uint8)
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, *, limits: Limits | None = None) -> np.ndarray:
     """Decode image bytes to uint8 ``(H, W, 3)`` RGB (EXIF orientation applied, alpha dropped).
 
+    The size is read from the header first: an image of more than ``max_image_pixels`` pixels is refused before
+    any pixel is decoded (a 21 kB 1-bit PNG can hold 13 300² pixels).
+
+    Args:
+        data: the file's bytes.
+        limits: the caps (default: :func:`kcore.limits.limits`, i.e. the server's environment).
+
     Raises:
+        LimitExceeded: the image has more pixels than ``limits.max_image_pixels`` (a ``ValueError``).
         OSError, ValueError, SyntaxError, ...: the bytes are not a readable image (see
-        ``_DECODE_ERRORS``).
+            ``_DECODE_ERRORS``).
     """
-    with Image.open(io.BytesIO(data)) as img:
+    return _decode(data, limits if limits is not None else current_limits(), None)
+
+
+def _decode(data: bytes, lim: Limits, before_decoding: Callable[[int], None] | None) -> np.ndarray:
+    """:func:`decode_image`, calling ``before_decoding(pixels)`` once the header is read (a per-request budget)."""
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own limit (2 × its MAX_IMAGE_PIXELS) hit in the header
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        asked = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+        lim.check("max_image_pixels", asked, what="the image's size (from its header: PIL's DecompressionBombError)",
+                  shown=f"{asked:,} pixels", fix="downscale the image before using it (the model sees it at its "
+                  "input size, e.g. 224×224, anyway)")
+        raise  # the operator raised our cap above PIL's: PIL's bomb limit stays on
+    with opened as img:
+        w, h = img.size
+        lim.check("max_image_pixels", w * h, shown=f"{w}×{h} = {w * h:,} pixels (mode {img.mode})",
+                  what="the image's size (from its header, before decoding)",
+                  fix="downscale the image before using it (the model sees it at its input size, e.g. 224×224, "
+                      "anyway)")
+        if before_decoding is not None:
+            before_decoding(w * h)
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I;16") or img.mode == "I":
@@ -255,6 +283,7 @@ class ImageSet(Dataset):
             raise ValueError(f"got {n} images, {len(ids)} ids and {len(labels)} labels")
         if len(set(ids)) != n:
             raise ValueError("ids must be unique")
+        _check_set_size(n, preprocess.input_size, source or "the image set")
         self.images = images
         self.ids = tuple(ids)
         self.labels = tuple(int(v) for v in labels)
@@ -408,6 +437,7 @@ class ImageSet(Dataset):
         """
         ds = synthetic.KShapesDataset(spec, split, labels, n)
         pre = preprocess if preprocess is not None else Preprocess((ds.spec.image_size,) * 2)
+        _check_set_size(len(ds), pre.input_size, f"{ds.spec.name} {split}")  # before rendering any image
         raw = [ds.raw(i) for i in range(len(ds))]
         digests = [hashlib.sha256(img.tobytes()).digest() for img in raw]
         size = pre.input_size
@@ -434,6 +464,17 @@ def sample_images(n: int = 100, split: Split = "test", seed: int = 0,
 
 
 # ----------------------------------------------------------------------- internals
+def _check_set_size(n: int, size: tuple[int, int], source: str) -> None:
+    """Refuse an image set of ``n`` images at ``size`` over the image-count or model-input caps."""
+    lim = current_limits()
+    fewer = "use fewer images (a subset, or --n-images on the command line)"
+    lim.check("max_images", n, what=f"{source}: the number of images", fix=fewer)
+    lim.check("max_input_bytes", input_tensor_bytes(n, size),
+              what=f"{source}: the model input of {n:,} images at {size[0]}×{size[1]}",
+              fix=f"{fewer} (at most {lim.max_input_bytes // input_tensor_bytes(1, size):,} at {size[0]}×{size[1]}), "
+                  "or a smaller input size")
+
+
 def _constant(data: bytes) -> Callable[[], bytes]:
     return lambda: data
 
@@ -485,26 +526,59 @@ def _hidden(name: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _decode_all(entries: Iterable[_Entry], pre: Preprocess, limit: int | None
-                ) -> Iterator[tuple[_Entry, np.ndarray | None, bytes, str]]:
-    """Yield ``(entry, image or None, digest, reason)``; stop after ``limit`` good images."""
-    good = 0
+def _decode_all(entries: Iterable[_Entry], pre: Preprocess, limit: int | None, source: str = "images",
+                lim: Limits | None = None) -> Iterator[tuple[_Entry, np.ndarray | None, bytes, str]]:
+    """Yield ``(entry, image or None, digest, reason)``; stop after ``limit`` good images.
+
+    One image set is one request: its image count, its decoded pixels (from each header, before decoding) and
+    its model input (images × 3 × H × W float32 at ``pre.input_size``) are checked against ``lim`` as the images
+    are decoded, so the work stops at the cap. An image over the per-image cap is skipped (with the reason).
+
+    Raises:
+        LimitExceeded: the image set goes over ``max_images``, ``max_request_pixels`` or ``max_input_bytes``;
+            the message says how many images were read.
+    """
+    lim = lim if lim is not None else current_limits()
+    h, w = pre.input_size
+    good, pixels = 0, 0
+    fewer = "use fewer images (a subset of the folder or zip, or --n-images on the command line)"
     for e in entries:
         if limit is not None and good >= limit:
             return
+
+        def budget(n: int, e: _Entry = e) -> None:
+            lim.check("max_request_pixels", pixels + n, shown=f"{pixels + n:,} pixels",
+                      what=f"{source}: the decoded size of the images ({good} read, {pixels:,} pixels, then "
+                           f"{e.name!r} with {n:,})",
+                      fix=f"{fewer}, or smaller ones (downscale photos towards the model's input size first)")
+
         try:
             data = e.read()
         except (OSError, zipfile.BadZipFile, RuntimeError) as exc:  # RuntimeError: encrypted zip
             yield e, None, b"", f"cannot read: {exc}"
             continue
         try:
-            image = decode_image(data)
+            image = _decode(data, lim, budget)
+        except LimitExceeded as exc:
+            if exc.cap_name != "max_image_pixels":
+                raise
+            yield e, None, b"", f"too large: {exc}"
+            continue
         except _DECODE_ERRORS as exc:
             ext = PurePosixPath(e.name).suffix.lower()
             what = "not an image file" if ext not in IMAGE_EXTENSIONS else "corrupt image"
             yield e, None, b"", f"{what}: {type(exc).__name__}: {exc}"
             continue
         good += 1
+        pixels += image.shape[0] * image.shape[1]
+        lim.check("max_images", good, shown=f"at least {good:,}",
+                  what=f"{source}: the number of images (reading stopped at {e.name!r}, after {good - 1:,})",
+                  fix=fewer)
+        lim.check("max_input_bytes", input_tensor_bytes(good, (h, w)),
+                  what=f"{source}: the model input of {good:,} images at {h}×{w} (reading stopped at {e.name!r}, "
+                       f"after {good - 1:,})",
+                  fix=f"{fewer} (at most {lim.max_input_bytes // input_tensor_bytes(1, (h, w)):,} at {h}×{w}), "
+                      "or a smaller input size (a model card's input_size and extra.resize_size)")
         yield e, resize_image(image, pre.input_size, pre.resize), hashlib.sha256(data).digest(), ""
 
 
@@ -513,7 +587,7 @@ def _build(entries: Iterable[_Entry], preprocess: Preprocess | None, source: str
     pre = preprocess if preprocess is not None else Preprocess()
     images, ids, label_names, digests, skipped = [], [], [], [], []
     seen = 0
-    for entry, image, digest, reason in _decode_all(entries, pre, limit):
+    for entry, image, digest, reason in _decode_all(entries, pre, limit, source):
         seen += 1
         if image is None:
             skipped.append((entry.name, reason))

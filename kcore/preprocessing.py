@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kcore.limits import limits
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -53,6 +55,10 @@ class Preprocessing:
                     "Fix: give the height and width the model was trained on."
                 )
             object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
+            h, w = self.input_size
+            limits().check("max_input_side", max(h, w), shown=f"{h}×{w}",
+                           what=f"input_size (one float32 RGB image alone would take {12 * h * w / 2**30:.1f} GiB)",
+                           fix="give the size the model was trained at, e.g. (224, 224)")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is None:
@@ -72,7 +78,13 @@ class Preprocessing:
                 "Fix: give both (e.g. ImageNet's) or neither."
             )
         if self.resize_size is not None and not _positive_int(self.resize_size):
-            raise ValueError(f"resize_size must be a positive integer or None; got {self.resize_size!r}.")
+            raise ValueError(f"resize_size must be a positive integer or None; got {self.resize_size!r}. "
+                             "Fix: give the shorter side before the centre crop, e.g. 256 for a 224 × 224 input.")
+        if self.resize_size is not None:
+            # images are loaded at resize_size × resize_size (load_size): the same cap as the input size
+            limits().check("max_input_side", self.resize_size,
+                           what="resize_size (the shorter side images are resized to before the centre crop)",
+                           fix="give the resize the model was evaluated with, e.g. 256 for a 224 × 224 input")
 
     @property
     def load_size(self) -> tuple[int, int] | None:

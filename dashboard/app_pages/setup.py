@@ -10,6 +10,7 @@ from dashboard import state, ui
 from kcore.architectures import available_architectures
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
+from kcore.limits import limits
 from kcore.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing_of, resolve_preprocessing
 from kcore.server_paths import ROOTS_ENV, server_paths_enabled
 
@@ -42,7 +43,8 @@ def _arch_inputs(role: str) -> tuple[str | None, int | None]:
     arch = c1.selectbox("Architecture", [AUTO_ARCH] + _architectures(), key=f"kc_arch_{role}",
                         help="Needed for weights-only files (safetensors, state dicts) without a model card. "
                              "TorchScript and torch.export files carry their own.", persist_state="session")
-    ncls = c2.number_input("Classes", min_value=0, value=0, step=1, key=f"kc_ncls_{role}",
+    ncls = c2.number_input("Classes", min_value=0, max_value=limits().max_classes, value=0, step=1,
+                           key=f"kc_ncls_{role}",
                            help="Number of classifier outputs; 0 = from the card or inferred from the weights "
                                 "(the number used is shown with the loaded model below).",
                            persist_state="session")
