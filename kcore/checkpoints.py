@@ -21,6 +21,13 @@ The loading contract (what :func:`load_model` accepts, in order of preference):
    file would import.
 
 The format is detected from the bytes (zip member names, the safetensors header), never by unpickling.
+
+A checkpoint given as a path is read once, from one open file (:mod:`kcore.safe_files`: ``O_NOFOLLOW``, checked
+with ``fstat`` after opening, at most :data:`kcore.server_paths.MAX_CHECKPOINT_BYTES`), and everything after that
+works on those bytes: the SHA-256 in :attr:`LoadedModel.sha256` is computed from the very bytes the weights are
+loaded from, so a file replaced while it loads can never give one file's hash to another file's weights. With
+``root=`` (a server root) the path is opened below the root without following any symlink, so a component swapped
+for a symlink after a path check cannot lead outside. The bytes are dropped when :func:`load_model` returns.
 """
 from __future__ import annotations
 
@@ -44,6 +51,8 @@ from torch import Tensor, nn
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, read_card
 from kcore.preprocessing import Preprocessing, resolve_preprocessing
+from kcore.safe_files import read_nofollow, read_under
+from kcore.server_paths import MAX_CHECKPOINT_BYTES
 
 CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "pickle"]
 CHECKPOINT_KINDS: dict[str, str] = {
@@ -64,6 +73,7 @@ STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
 _CHUNK_BYTES = 1 << 20
 _MAX_LISTED = 5
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+_MAX_CARD_BYTES = 1 << 20
 
 
 class UnsafeCheckpointError(ValueError):
@@ -84,7 +94,11 @@ class UnsafeCheckpointError(ValueError):
 
 
 def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview) -> str:
-    """Return the SHA-256 hex digest of a file (read in 1 MiB chunks) or of raw bytes."""
+    """Return the SHA-256 hex digest of a file (read in 1 MiB chunks) or of raw bytes.
+
+    For a checkpoint that is loaded, use :attr:`LoadedModel.sha256` instead: it is the hash of the bytes the
+    weights were loaded from, while hashing the path again may read a file replaced in between.
+    """
     digest = hashlib.sha256()
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         digest.update(path_or_bytes)
@@ -97,10 +111,14 @@ def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memo
 
 @dataclass(frozen=True)
 class _Source:
-    """A checkpoint as given: a path on disk or uploaded bytes."""
+    """A checkpoint's bytes, read once (from one open file, or uploaded), and where they came from.
+
+    Everything (format detection, hashing, loading) reads :attr:`data`, never the path again, so all of it sees
+    the same bytes.
+    """
 
     path: Path | None
-    data: bytes | None
+    data: bytes
     display: str
 
     @property
@@ -110,40 +128,74 @@ class _Source:
 
     @property
     def size(self) -> int:
-        return len(self.data) if self.data is not None else self.path.stat().st_size  # type: ignore[union-attr]
+        return len(self.data)
 
     @property
     def suffix(self) -> str:
         return Path(self.display).suffix.lower()
 
-    def arg(self) -> str | IO[bytes]:
-        """What to hand to ``torch.load`` and friends: the path, or a fresh in-memory stream."""
-        return str(self.path) if self.data is None else io.BytesIO(self.data)
+    def arg(self) -> IO[bytes]:
+        """What to hand to ``torch.load`` and friends: a fresh in-memory stream over the bytes."""
+        return io.BytesIO(self.data)
 
     @contextmanager
     def open(self) -> Iterator[IO[bytes]]:
-        if self.data is not None:
-            yield io.BytesIO(self.data)
-        else:
-            with open(self.path, "rb") as fh:  # type: ignore[arg-type]
-                yield fh
+        yield io.BytesIO(self.data)
 
 
-def _as_source(source: object, name: str | None) -> _Source:
+def _as_source(source: object, name: str | None, root: str | os.PathLike[str] | None = None) -> _Source:
+    """Read a checkpoint path once (below ``root`` when given, see :mod:`kcore.safe_files`), or wrap uploaded bytes.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        kcore.safe_files.UnsafePathError: a symlink below ``root`` (or swapped in after the path was resolved),
+            ``..``, outside ``root``, not a regular file, or larger than :data:`MAX_CHECKPOINT_BYTES`.
+        TypeError: ``source`` is neither a path nor bytes.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _Source(path=None, data=bytes(source), display=name or "uploaded checkpoint")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
+        try:
+            if root is not None:
+                data = read_under(root, path, max_bytes=MAX_CHECKPOINT_BYTES, what="checkpoint")
+            else:
+                data = read_nofollow(path, max_bytes=MAX_CHECKPOINT_BYTES, what="checkpoint")
+        except FileNotFoundError:
             raise FileNotFoundError(
                 f"source={str(path)!r}: no such checkpoint file. Fix: check the path "
-                "(relative paths are resolved from the current working directory)."
-            )
-        return _Source(path=path, data=None, display=name or path.name)
+                "(relative paths are resolved from " + (f"{str(root)!r}" if root is not None else
+                                                         "the current working directory") + ")."
+            ) from None
+        return _Source(path=path, data=data, display=name or path.name)
     raise TypeError(
         f"source must be a path (str or pathlib.Path) or the file's bytes; got {type(source).__name__}. "
         "Fix: for an upload pass uploaded_file.getvalue() and name=uploaded_file.name."
     )
+
+
+def _card_under(root: str | os.PathLike[str], checkpoint: Path) -> ModelCard | None:
+    """The model card beside ``checkpoint``, read below ``root`` without following symlinks; None if there is none.
+
+    Raises:
+        kcore.safe_files.UnsafePathError: the card is a symlink, a FIFO or device, or larger than 1 MiB.
+        ValueError: the card is not valid JSON or not a valid card.
+    """
+    path = card_path_for(checkpoint)
+    try:
+        raw = read_under(root, path, max_bytes=_MAX_CARD_BYTES, what="model card")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"model card {str(path)!r} is not valid UTF-8 JSON ({exc}). "
+            "Fix: correct the file or rewrite it with kcore.cards.write_card."
+        ) from exc
+    return ModelCard.from_dict(data, source=f"model card {str(path)!r}")
 
 
 def _corrupt(src: _Source, expected: str, detail: object) -> ValueError:
@@ -533,8 +585,11 @@ def load_model(
     strict: bool = True,
     name: str | None = None,
     card: ModelCard | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load a trained model from a checkpoint file or its bytes (see the module docstring for formats).
+
+    A path is read once into memory, from one open file; the hash and the weights both come from those bytes.
 
     Args:
         source: a path, or the file's bytes (an upload); then ``name`` is its file name.
@@ -547,12 +602,19 @@ def load_model(
             ``False`` the matching tensors are loaded and the differences reported on the result.
         name: display name; for bytes it is also used to recognise the format by its extension.
         card: a model card to use instead of the one beside the file (e.g. uploaded with it).
+        root: a folder ``source`` must lie in (a server root): the file and the model card beside it are opened
+            below ``root`` without following any symlink (:func:`kcore.safe_files.read_under`); a relative
+            ``source`` starts at ``root``. Without it, symlinks in the path are resolved first and the file itself
+            is opened with ``O_NOFOLLOW``.
 
     Returns:
-        The model (eval mode, CPU) with its hash, kind, card and key report.
+        The model (eval mode, CPU) with its hash (of the bytes loaded), kind, card and key report.
 
     Raises:
         FileNotFoundError: ``source`` is a path with no file.
+        kcore.safe_files.UnsafePathError: (a ``ValueError``) a symlink below ``root`` or one swapped in while the
+            file was opened, ``..``, a path outside ``root``, not a regular file, or more than
+            :data:`kcore.server_paths.MAX_CHECKPOINT_BYTES` bytes.
         UnsafeCheckpointError: the file would run code when loaded and ``trust_pickle`` is False.
         ValueError: unknown, truncated or corrupt file; missing arch; keys or shapes that do not fit.
 
@@ -561,10 +623,13 @@ def load_model(
         m = kcore.load_model("sample_models/kshapes_resnet_s0.safetensors")   # card read from beside it
         m.model, m.card.default_layer, m.sha256[:12]
     """
-    src = _as_source(source, name)
-    if card is None and src.path is not None and card_path_for(src.path).is_file():
-        card = read_card(card_path_for(src.path))
-    sha256 = file_sha256(src.data if src.data is not None else src.path)  # type: ignore[arg-type]
+    src = _as_source(source, name, root)
+    if card is None and src.path is not None:
+        if root is not None:
+            card = _card_under(root, src.path)
+        elif card_path_for(src.path).is_file():
+            card = read_card(card_path_for(src.path))
+    sha256 = file_sha256(src.data)  # the bytes everything below loads from
     fmt = _sniff(src)
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
@@ -573,10 +638,10 @@ def load_model(
     kind: CheckpointKind
     if fmt == "safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load as st_load, load_file as st_load_file
+        from safetensors.torch import load as st_load
 
         try:
-            state = st_load(src.data) if src.data is not None else st_load_file(str(src.path))
+            state = st_load(src.data)
         except (SafetensorError, OSError) as exc:
             raise _corrupt(src, "safetensors", exc) from exc
         model, missing, unexpected, built_arch, built_classes = _model_from_state_dict(

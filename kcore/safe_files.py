@@ -59,8 +59,12 @@ class UnsafePathError(ValueError, OSError):
     """
 
 
+_SUPPORTED = bool(_NOFOLLOW) and os.open in os.supports_dir_fd and os.scandir in os.supports_fd
+
+
 def _supported() -> bool:
-    return bool(_NOFOLLOW) and os.open in os.supports_dir_fd and os.scandir in os.supports_fd
+    """Whether this platform can open files below a folder without following symlinks (``dir_fd``, O_NOFOLLOW)."""
+    return _SUPPORTED
 
 
 def _fix(root: str) -> str:
