@@ -14,7 +14,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 import struct
 import warnings
 import zipfile
@@ -30,6 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from kcore import synthetic
+from kcore.safe_files import read_nofollow, read_under, scan_under
 from kcore.limits import LimitExceeded, Limits, input_tensor_bytes
 from kcore.limits import limits as current_limits
 from kcore.synthetic import KShapesSpec, LabelKind, Split
@@ -188,43 +188,37 @@ def _decode(data: bytes, lim: Limits, before_decoding: Callable[[int], None] | N
 
 
 def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES, *, what: str = "file") -> bytes:
-    """Read a regular file of at most ``max_bytes`` bytes; never blocks on a FIFO or reads a device.
+    """Read a regular file of at most ``max_bytes`` bytes from one open file; never blocks on a FIFO or reads a device.
+
+    Symlinks in ``path`` are resolved first; the resolved file is then opened without following a symlink
+    (:func:`kcore.safe_files.read_nofollow`), so one swapped in after the resolve is refused.
 
     Raises:
-        OSError: not a regular file (FIFO, device, socket, folder), larger than ``max_bytes``, or unreadable.
+        OSError: not a regular file (FIFO, device, socket, folder), larger than ``max_bytes``, a symlink swapped in
+            while it was opened (:class:`kcore.safe_files.UnsafePathError`, also a ``ValueError``), or unreadable.
             The message names the path and never includes the file's contents.
     """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    fd = os.open(os.fspath(path), flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{what} {str(path)!r} is not a regular file (a FIFO, device, socket or folder); "
-                          "kcore reads only regular files. Fix: copy the data into a regular file.")
-        if st.st_size > max_bytes:
-            raise OSError(f"{what} {str(path)!r} has {st.st_size} bytes, more than the limit of {max_bytes}. "
-                          "Fix: use a smaller file.")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        chunks, left = [], st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return read_nofollow(path, max_bytes=max_bytes, what=what)
 
 
-def _folder_reader(path: Path, root: Path) -> Callable[[], bytes]:
-    """Read ``path`` only if it resolves (symlinks followed) to a regular file inside ``root``."""
+MAX_FOLDER_ENTRIES = 1_000_000
+"""An image folder with more entries (files, symlinks, FIFOs, in all its subfolders) is refused before any is read."""
+
+
+def _folder_reader(path: Path, root: Path, open_root: Path | None = None) -> Callable[[], bytes]:
+    """Read ``path`` (an entry of the folder ``root``) from one open file, if it resolves inside ``root``.
+
+    A symlink inside the folder is followed only to a file inside ``root``; the resolved file is then opened below
+    ``open_root`` (default: ``root``; a server root for typed folders) without following any symlink
+    (:func:`kcore.safe_files.read_under`), so a file or folder swapped for a symlink after this check is refused.
+    """
+    base = root if open_root is None else open_root
+
     def read() -> bytes:
         real = path.resolve()
         if not real.is_relative_to(root):
             raise OSError("a symlink that leads out of the folder (not followed)")
-        return read_regular_file(real, what="image file")
+        return read_under(base, real, max_bytes=MAX_FILE_BYTES, what="image file")
 
     return read
 
@@ -334,36 +328,49 @@ class ImageSet(Dataset):
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, preprocess: Preprocess | None = None, *,
-                    limit: int | None = None) -> ImageSet:
+                    limit: int | None = None, root: str | os.PathLike | None = None) -> ImageSet:
         """Images of a folder: class subfolders (ImageFolder layout) or a flat folder.
 
         Files directly in ``folder`` get label -1 when there are class subfolders too. Hidden
         files and folders (name starting with ".") are ignored; other files that are not
-        readable images are skipped with a warning.
+        readable images are skipped with a warning, as are FIFOs, devices and symlinks that lead out
+        of the folder. The folder is listed without following symlinks (a symlinked subfolder is
+        skipped, not entered) and each image is read from one open file whose bytes are both decoded
+        and hashed (:meth:`content_hash`).
 
         Args:
             folder: the folder.
             preprocess: default ``Preprocess()`` (kshapes size and normalisation).
             limit: keep at most this many images (in sorted id order).
+            root: a folder that ``folder`` lies in (a server root, :func:`kcore.server_paths.server_root_of`):
+                ``folder`` and every image are then opened below ``root`` without following any symlink,
+                so a folder swapped for a symlink after it was checked is refused, and an image swapped
+                for one is skipped. Default: ``folder`` itself, with the symlinks in its own path resolved.
 
         Raises:
             FileNotFoundError: ``folder`` does not exist or is not a folder.
+            kcore.safe_files.UnsafePathError: (a ``ValueError``) ``folder`` is or passes through a symlink
+                below ``root``, lies outside it, is not a folder, or holds more than
+                :data:`MAX_FOLDER_ENTRIES` entries.
             ValueError: no readable image was found.
         """
-        root = Path(folder)
-        if not root.is_dir():
-            raise FileNotFoundError(f"folder {str(root)!r} does not exist or is not a folder")
-        real_root = root.resolve()
+        given = Path(folder)
+        if root is None:
+            if not given.is_dir():
+                raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder")
+            open_root = real_folder = given.resolve()
+        else:
+            open_root = Path(root)
+            real_folder = given if given.is_absolute() else open_root / given
+        try:
+            found = scan_under(open_root, real_folder, max_files=MAX_FOLDER_ENTRIES, skip_hidden=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder") from None
         entries = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fname in sorted(filenames):
-                if fname.startswith("."):
-                    continue
-                path = Path(dirpath) / fname
-                rel = path.relative_to(root).as_posix()
-                entries.append(_Entry(rel, _folder_reader(path, real_root), _label_of(rel)))
-        return _build(entries, preprocess, f"folder {str(root)!r}", limit)
+        for path, _kind in found:  # FIFOs, devices and symlinks too: reading them says why they are skipped
+            rel = path.relative_to(real_folder).as_posix()
+            entries.append(_Entry(rel, _folder_reader(path, real_folder, open_root), _label_of(rel)))
+        return _build(entries, preprocess, f"folder {str(given)!r}", limit)
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | os.PathLike],

@@ -41,6 +41,10 @@ from pathlib import Path, PurePath
 from typing import BinaryIO, Literal
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+# Folders on the way are only passed through: O_PATH (Linux) needs the search (x) permission alone, as a path
+# lookup does, and an O_PATH descriptor still serves as dir_fd. Elsewhere they are opened for reading.
+_WALK_FLAGS = (getattr(os, "O_PATH", 0) | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+               if hasattr(os, "O_PATH") else _DIR_FLAGS)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _FILE_FLAGS = (os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
                | getattr(os, "O_NOCTTY", 0))
@@ -99,7 +103,7 @@ def _open_root(root: str, what: str) -> int:
                               f"or dir_fd support), so kcore does not read files below {root!r} here. Fix: run kcore "
                               "on Linux or macOS.")
     try:
-        return os.open(root, _DIR_FLAGS)
+        return os.open(root, _WALK_FLAGS)
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, f"{what}: the folder {root!r} does not exist. Fix: check the "
                                 "folder's path.") from None
@@ -126,12 +130,13 @@ def _explain(dir_fd: int, name: str, shown: str, root: str, what: str, exc: OSEr
 
 
 def _open_dir_under(root: str, parts: tuple[str, ...], shown: str, what: str) -> int:
-    """An fd of the folder ``root/parts...``, reached without following a symlink below ``root``."""
+    """An fd of the folder ``root/parts...`` (``O_PATH`` where there is one: pass it as ``dir_fd``), reached
+    without following a symlink below ``root``."""
     fd = _open_root(root, what)
     try:
         for part in parts:
             try:
-                nxt = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+                nxt = os.open(part, _WALK_FLAGS | _NOFOLLOW, dir_fd=fd)
             except OSError as exc:
                 raise _explain(fd, part, shown, root, what, exc, want_dir=True) from None
             os.close(fd)
@@ -237,19 +242,39 @@ def read_under(root: str | os.PathLike, path: str | os.PathLike, *, max_bytes: i
 
 
 def read_nofollow(path: str | os.PathLike, *, max_bytes: int, what: str = "file") -> bytes:
-    """The bytes of a regular file, opened once with ``O_NOFOLLOW`` on its real path (no root to stay under).
+    """The bytes of a regular file read from one open file, reached from ``/`` without following a symlink.
 
-    For paths a local user gives (the CLI, the API): symlinks in ``path`` are resolved first, as the user asked for
-    them; the resolved file is then opened below its parent folder without following anything, so a symlink
-    swapped in after the resolve is refused, and the bytes returned are those of one open file.
+    For paths a local user gives (the CLI, the API), where there is no root to stay under: symlinks in ``path`` are
+    resolved first, as the user asked for them; the resolved path is then opened component by component from the
+    file-system root with ``O_NOFOLLOW`` (see :func:`read_under`), so a symlink swapped in after the resolve is
+    refused. Where the platform cannot do that (no ``dir_fd``), the resolved file is opened once and checked with
+    ``fstat``, without the symlink guarantee.
+
+    Args:
+        path: the file.
+        max_bytes: largest accepted size.
+        what: how messages name the file.
+
+    Returns:
+        The bytes of one open file.
 
     Raises:
-        UnsafePathError: as :func:`read_under`.
+        UnsafePathError: a symlink swapped in after the resolve, not a regular file, or more than ``max_bytes``.
         FileNotFoundError: no such file.
     """
     real = os.path.realpath(os.fspath(path))
-    parent, name = os.path.split(real)
-    return read_under(parent or os.sep, name, max_bytes=max_bytes, what=what)
+    if _SUPPORTED:
+        anchor = os.path.splitdrive(real)[0] + os.sep
+        return read_under(anchor, real, max_bytes=max_bytes, what=what)
+    fd = os.open(real, _FILE_FLAGS | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise UnsafePathError(f"{what} {os.fspath(path)!r} is not a regular file of at most {max_bytes} bytes. "
+                                  "Fix: give a regular file below the limit.")
+        return read_fd_capped(fd, max_bytes, os.fspath(path), what)
+    finally:
+        os.close(fd)
 
 
 def scan_under(root: str | os.PathLike, folder: str | os.PathLike = ".", *, max_files: int,
@@ -282,7 +307,14 @@ def scan_under(root: str | os.PathLike, folder: str | os.PathLike = ".", *, max_
     parts = _relative_parts(root_s, folder, "folder")
     base = Path(folder) if Path(folder).is_absolute() else Path(root_s, *parts)
     out: list[tuple[Path, EntryKind]] = []
-    top = _open_dir_under(root_s, parts, shown, "folder")
+    walked = _open_dir_under(root_s, parts, shown, "folder")
+    try:
+        top = os.open(".", _DIR_FLAGS, dir_fd=walked)  # a descriptor that can be listed
+    except OSError as exc:
+        raise UnsafePathError(f"folder {shown!r} below {root_s!r} cannot be listed ({exc.strerror or exc}). "
+                              "Fix: check the folder's permissions.") from None
+    finally:
+        os.close(walked)
 
     def walk(fd: int, rel: tuple[str, ...]) -> None:
         with os.scandir(fd) as it:

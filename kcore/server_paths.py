@@ -10,6 +10,11 @@ therefore go through :func:`resolve_server_path`:
 * a file must be a regular file (not a FIFO or a device) below a size cap; a folder must be a folder;
 * messages name the path and the roots, never a file's contents or the names inside a folder.
 
+The check alone cannot stop a path swapped after it (a component replaced by a symlink between the check and the
+open). Whoever reads the file or lists the folder therefore does it below the root that holds it
+(:func:`server_root_of`) with :mod:`kcore.safe_files`, which opens every component without following a symlink:
+``read_under(server_root_of(real), real, ...)``. The dashboard's checkpoint and image-folder loads do.
+
 Names that become files or folders (exports, runs) go through :func:`safe_name`, and :func:`child_path` keeps
 them inside their own parent folder.
 """
@@ -119,6 +124,29 @@ def resolve_server_path(
         raise ServerPathError(f"{what} {raw!r} has {st.st_size} bytes, more than this server's limit of "
                               f"{max_bytes}. Fix: use a smaller file.")
     return real
+
+
+def server_root_of(path: str | os.PathLike, roots: tuple[Path, ...] | None = None) -> Path:
+    """The allowed root that holds ``path`` (a path returned by :func:`resolve_server_path`): the deepest one.
+
+    Args:
+        path: a resolved path under one of the roots.
+        roots: allowed roots (default: :func:`server_roots`).
+
+    Returns:
+        The root to read ``path`` below with :func:`kcore.safe_files.read_under` / ``open_under`` / ``scan_under``.
+
+    Raises:
+        ServerPathError: ``path`` lies under none of the roots (or server paths are off).
+    """
+    roots = server_roots() if roots is None else roots
+    p = Path(path)
+    holding = [r for r in roots if p == r or p.is_relative_to(r)]
+    if not holding:
+        raise ServerPathError(f"{str(p)!r} is outside the folders this server allows "
+                              f"({_roots_text(roots) or 'none: server paths are off'}). "
+                              "Fix: pass a path returned by resolve_server_path.")
+    return max(holding, key=lambda r: len(r.parts))
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
