@@ -146,6 +146,8 @@ class ModelCard:
         if class_names is not None:
             if not isinstance(class_names, (list, tuple)) or not all(isinstance(v, str) for v in class_names):
                 raise ValueError(f"{source}: 'class_names' must be a list of strings; got {class_names!r}.")
+            caps.check("max_classes", len(class_names), what=f"{source}: the number of 'class_names'",
+                       fix="give one name per classifier output")
             class_names = tuple(class_names)
             if num_classes is not None and len(class_names) != num_classes:
                 raise ValueError(

@@ -181,9 +181,13 @@ def _decode(data: bytes, lim: Limits, before_decoding: Callable[[int], None] | N
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I;16") or img.mode == "I":
             # 16-bit grey (PNG, TIFF): PIL's convert("RGB") clips at 255 (a white image); scale to 8 bits instead
-            wide = np.asarray(img).astype(np.int64).clip(0, 65535)
-            grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-            return np.repeat(grey[:, :, None], 3, axis=2)
+            # in place, in 32 bits (65535 * 255 + 32767 fits): one temporary of 4 bytes a pixel, not 16
+            wide = np.asarray(img).astype(np.int32)
+            np.clip(wide, 0, 65535, out=wide)
+            wide *= 255
+            wide += 32767
+            wide //= 65535
+            return np.repeat(wide.astype(np.uint8)[:, :, None], 3, axis=2)
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 

@@ -330,6 +330,12 @@ def test_num_classes_30m_and_1e10_in_a_card_are_refused(monkeypatch):
         ModelCard.from_dict(card, source="uploaded model card")
     monkeypatch.setenv("KCORE_MAX_CLASSES", "40000000")
     assert ModelCard.from_dict({**base, "num_classes": 30_000_000}).num_classes == 30_000_000
+    # a card without num_classes cannot list more class names than the cap either
+    monkeypatch.setenv("KCORE_MAX_CLASSES", "10")
+    names = [f"c{i}" for i in range(11)]
+    with pytest.raises(LimitExceeded, match=r"^card: the number of 'class_names' is 11; .* at most 10"):
+        ModelCard.from_dict({**base, "class_names": names}, source="card")
+    assert len(ModelCard.from_dict({**base, "class_names": names[:10]}).class_names) == 10
 
 
 def test_build_model_caps_num_classes_before_allocating(monkeypatch):
