@@ -4,9 +4,11 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import state, ui
+from dashboard.jobs import check_fit_request
 from kcore.baselines import baselines_are_cheap
 from kcore.devices import DEVICE_CHOICES
 from kcore.fit import PRESETS
+from kcore.limits import ENV_VARS, limits
 
 DIRECTION_CHOICES = {"one": "A → B (blind spots of A)", "both": "Both: A → B and B → A (unreliable features of A)"}
 
@@ -33,18 +35,22 @@ with st.container(border=True, key="kc_fit_summary"):
         st.caption("Spatial sizes differ: the source map is resampled bilinearly to the target's H×W.")
 
 st.subheader("Settings")
+caps = limits()  # the server's caps (kcore.limits): the widgets stop there, and start_fit checks them again
 c1, c2, c3 = st.columns(3)
-orders = c1.number_input("K (highest order)", 0, 6, 2, key="kc_fit_K", persist_state="session",
+orders = c1.number_input("K (highest order)", 0, caps.max_orders, min(2, caps.max_orders), key="kc_fit_K",
+                         persist_state="session",
                          help="g_θ has K+1 branches: x⁽⁰⁾ is linear (the strictest consistency), x⁽ᵏ⁾ passes k ReLUs.")
-lam = c2.number_input("λ (penalty on the gates p⁽ᵏ⁾)", 0.0, 100.0, 0.1, step=0.05, format="%.3f", key="kc_fit_lam",
-                      persist_state="session",
+lam = c2.number_input("λ (penalty on the gates p⁽ᵏ⁾)", 0.0, float(caps.max_coefficient), 0.1, step=0.05, format="%.3f",
+                      key="kc_fit_lam", persist_state="session",
                       help="Eq. 2: pushes consistent knowledge into the lowest order that can represent it. "
                            "The paper uses 0.1.")
-epochs = c3.number_input("Epochs (0 = preset schedule)", 0, 5000, 0, key="kc_fit_epochs", persist_state="session",
+epochs = c3.number_input("Epochs (0 = preset schedule)", 0, caps.max_fit_epochs, 0, key="kc_fit_epochs",
+                         persist_state="session",
                          help="0 keeps the preset's schedule (fast: at most 40 epochs, at least 800 steps, early "
-                              "stopping on a monitor split). A number is taken literally.")
+                              "stopping on a monitor split; authors: 1000 epochs). A number is taken literally. "
+                              f"This server allows at most {caps.max_fit_epochs} ({ENV_VARS['max_fit_epochs']}).")
 c4, c5, c6 = st.columns(3)
-seed = c4.number_input("Seed", 0, 2**31 - 1, 0, key="kc_fit_seed", persist_state="session",
+seed = c4.number_input("Seed", 0, caps.max_seed, 0, key="kc_fit_seed", persist_state="session",
                        help="Seeds the held-out split, the initialisation and the batch order.")
 device = c5.selectbox("Device", list(DEVICE_CHOICES), key="kc_fit_device", persist_state="session",
                       help="auto = CUDA when present, else the CPU.")
@@ -63,13 +69,26 @@ with_baselines = st.checkbox(
          "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. About three "
          "times the fit's time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
 
+params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
+              preset=preset, both_directions=both, baselines=bool(with_baselines))
+try:
+    cost, over = check_fit_request(params, imgs.n, caps), None
+except (ValueError, TypeError) as exc:
+    cost, over = None, str(exc)
+st.caption(
+    (f"This request: {cost:,} image-epochs" if cost is not None else "This request is over the server's budget")
+    + f" (at most {caps.max_fit_work:,}, {ENV_VARS['max_fit_work']}). The server runs {caps.max_jobs} job(s) at "
+    f"once for all its users ({ENV_VARS['max_jobs']}); more wait in line.")
+if over:
+    st.warning(over)
+
 running = state.job_running()
-if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running, icon=":material/play_arrow:",
-             help="Disabled while a fit of this session runs (cancel it below, or wait)." if running else None):
-    params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
-                  preset=preset, both_directions=both, baselines=bool(with_baselines))
-    state.start_fit(a, layer_a, b, layer_b, imgs, params)
-    st.rerun()  # redraw at once with Start fit disabled while the job runs
+if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running or over is not None,
+             icon=":material/play_arrow:",
+             help="Disabled while a fit of this session runs or waits (cancel it below, or wait)." if running
+             else "Disabled: the settings above are over this server's budget." if over else None):
+    if ui.guarded(lambda: state.start_fit(a, layer_a, b, layer_b, imgs, params), "Could not start the fit") is not None:
+        st.rerun()  # redraw at once with Start fit disabled while the job waits or runs
 
 
 def _progress() -> None:
@@ -77,9 +96,15 @@ def _progress() -> None:
     if job is None:
         return
     if job.running:
-        st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
+        if job.queued:
+            st.info(f"{job.message.capitalize()}: the fit starts when a slot is free · waiting {job.elapsed:.0f} s",
+                    icon=":material/hourglass_top:")
+        else:
+            st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
         if st.button("Cancel", key="kc_fit_cancel", icon=":material/stop:"):
-            job.cancel.set()
+            state.cancel_job(job)
+            if not job.running:  # it was still in the queue: it has ended, redraw with Start fit enabled
+                st.rerun()
             st.toast("Cancelling after the current batch…")
         return
     if not state.is_adopted(job):

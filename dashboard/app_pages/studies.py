@@ -7,9 +7,11 @@ import zipfile
 import streamlit as st
 
 from dashboard import state
+from dashboard.jobs import ordinal
 from kcore.experiments import STUDIES
 from kcore.experiments._common import read_study
-from kcore.study_options import MAX_FLOAT, MAX_INT, study_options
+from kcore.limits import ENV_VARS, limits
+from kcore.study_options import study_options
 
 
 def _default(study: str, name: str) -> object:
@@ -50,7 +52,9 @@ with st.container(border=True):
     values: dict = {}
     with st.expander("Options", expanded=False):
         st.caption(f"The numbers and choices of `kcore {study.replace('_', '-')}` (see `--help`); paths, "
-                   "checkpoints and the output folder are not set from the browser.")
+                   "checkpoints and the output folder are not set from the browser. Each number stops at this "
+                   "server's cap (shown in its help; the operator sets it with the `KCORE_MAX_*` variable named "
+                   "there).")
         cols = st.columns(3)
         for i, opt in enumerate(study_options(study)):
             key, col = f"kc_st_opt_{study}_{scale}_{opt.name}", cols[i % 3]
@@ -62,16 +66,23 @@ with st.container(border=True):
                                                  index=opt.choices.index(str(opt.default))
                                                  if str(opt.default) in opt.choices else 0)
             elif opt.kind == "int":
-                values[opt.name] = col.number_input(label, min_value=0, max_value=MAX_INT, step=1, key=key,
-                                                    value=start_value(opt) if isinstance(start_value(opt), int) else None,
-                                                    help=opt.help or None)
+                start = start_value(opt)
+                values[opt.name] = col.number_input(label, min_value=0, max_value=opt.maximum, step=1, key=key,
+                                                    value=min(start, opt.maximum) if isinstance(start, int) else None,
+                                                    help=f"{opt.help} (at most {opt.maximum:,} here: {opt.env})")
             else:
-                values[opt.name] = col.number_input(label, min_value=0.0, max_value=MAX_FLOAT, key=key,
-                                                    format="%g", help=opt.help or None,
-                                                    value=float(start_value(opt)) if start_value(opt) is not None else None)
+                start = start_value(opt)
+                values[opt.name] = col.number_input(label, min_value=0.0, max_value=float(opt.maximum), key=key,
+                                                    format="%g", help=f"{opt.help} (at most {opt.maximum:g} here: "
+                                                                      f"{opt.env})",
+                                                    value=min(float(start), opt.maximum) if start is not None else None)
     busy = state.study_running()
+    st.caption(f"The server runs {limits().max_jobs} job(s) (fits and studies) at once for all its users "
+               f"({ENV_VARS['max_jobs']}); a study started beyond that waits in line, and is stopped when you "
+               "close this tab.")
     if st.button("Run", key="kc_st_run", icon=":material/play_arrow:", type="primary", disabled=busy,
-                 help="Disabled while a study of this session runs (cancel it below, or wait)." if busy else None):
+                 help="Disabled while a study of this session waits or runs (cancel it below, or wait)." if busy
+                 else None):
         try:
             state.start_study(study, {k: v for k, v in values.items() if v != _default(study, k)})
         except ValueError as exc:
@@ -90,7 +101,15 @@ def job_status() -> None:
         status, p = job.state, state.study_progress(job)
         with st.container(border=True, key=f"kc_st_job_{name}"):
             head = f"**{name}** · `{' '.join(job.args) or 'defaults'}`"
-            if status == "running":
+            if status == "queued":
+                where = job.position
+                st.markdown(f":material/hourglass_empty: {head} · queued: "
+                            f"{ordinal(where) + ' in line' if where else 'starting'}; it starts when one of the "
+                            "server's jobs ends")
+                if st.button("Cancel", key=f"kc_st_cancel_{name}", icon=":material/stop:"):
+                    state.cancel_study(job)
+                    st.rerun()
+            elif status == "running":
                 st.markdown(f":material/hourglass_top: {head} · running")
                 steps = f"step {p.steps}" + (f" of about {p.expected}" if p.expected else "")
                 eta = (f" · about {_duration(p.eta)} left (the last run of these settings took "
@@ -108,8 +127,11 @@ def job_status() -> None:
                 st.markdown(f":material/check_circle: {head} · finished in {_duration(p.elapsed)} "
                             f"({p.steps} steps); open it below.")
             elif status == "cancelled":
-                st.markdown(f":material/cancel: {head} · cancelled after {_duration(p.elapsed)}; nothing was "
+                why = f" ({job.job.error})" if job.job is not None and job.job.error else ""
+                st.markdown(f":material/cancel: {head} · cancelled{why} after {_duration(p.elapsed)}; nothing was "
                             "written.")
+            elif job.proc is None:  # the process could not be started
+                st.markdown(f":material/error: {head} · failed: {job.job.error if job.job else 'not started'}")
             else:
                 st.markdown(f":material/error: {head} · failed (exit code {job.exit_code}) after "
                             f"{_duration(p.elapsed)}: the log's last lines say why.")

@@ -22,6 +22,7 @@ from dashboard.state._images import (DEFAULT_N_IMAGES, ImageChoice, bundled_imag
                                      images, set_images, upload_token, uploaded_images, working_image_size)
 from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
                                    start_fit)
+from dashboard.state._jobs import cancel_job, session_key
 from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, card_text, chosen_layer, clear_slot, forget_layer,
                                      layer_key, load_bytes, load_path, load_server_path, make_slot,
                                      preprocessing_override, sample_models, save_card_beside,
@@ -48,5 +49,5 @@ __all__ = [
     "runs_dir", "sample_models", "session_jobs", "set_explorer_choice", "set_figure1_choice", "set_images",
     "set_slot", "show_in_explorer", "slot", "start_fit", "studies_dir", "uploaded_images", "working_image_size",
     "working_positions", "card_text", "preprocessing_override", "save_card_beside", "set_preprocessing_override",
-    "with_override",
+    "with_override", "cancel_job", "session_key",
 ]

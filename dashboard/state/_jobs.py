@@ -1,4 +1,10 @@
-"""This session's background fits: starting one, the latest job, and adopting finished results as runs."""
+"""This session's background fits: starting one, the latest job, and adopting finished results as runs.
+
+The process-wide :class:`~dashboard.jobs.JobRegistry` (fits and studies share its queue) knows each browser
+session by :func:`session_key`: Streamlit's session id plus a random part. Every page run touches it (the router
+calls :func:`adopt_finished_jobs`, the sidebar's fragment :func:`current_job`), and the registry's reaper also
+asks Streamlit's runtime whether the session's browser is still connected (:func:`_session_connected`), so a
+job is cancelled ``KCORE_JOB_ORPHAN_SECONDS`` after its tab is closed, not while its page merely sits idle."""
 from __future__ import annotations
 
 import logging
@@ -7,17 +13,45 @@ import uuid
 
 import streamlit as st
 
-from dashboard.jobs import Job, JobRegistry
+from dashboard.jobs import Job, JobRegistry, check_fit_request
 from dashboard.state._images import ImageChoice
 from dashboard.state._models import ModelSlot
 from dashboard.state._paths import runs_dir
 from dashboard.state._runs import RunEntry, add_run, counters
 
 
+REAPER_SECONDS = 5.0
+"""How often the registry looks for jobs whose session has ended."""
+
+
+def _session_connected(key: str) -> bool:
+    """Whether the browser of the session ``key`` (see :func:`session_key`) is connected to this server now."""
+    from streamlit.runtime import Runtime
+
+    if not Runtime.exists():
+        return False
+    return Runtime.instance().get_client(key.split("/", 1)[0]) is not None  # thread-safe, per Streamlit
+
+
 @st.cache_resource(show_spinner=False)
 def registry() -> JobRegistry:
-    """The process-wide job registry (one per server)."""
-    return JobRegistry()
+    """The process-wide job registry (one per server), bounded by :func:`kcore.limits.limits` at its creation."""
+    reg = JobRegistry.from_limits(session_alive=_session_connected)
+    reg.start_reaper(REAPER_SECONDS)
+    return reg
+
+
+def session_key() -> str:
+    """This browser session's key in the registry (Streamlit's session id / a random part), marked as seen now."""
+    key = st.session_state.get("kc_session")
+    if key is None:
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+        ctx = get_script_run_ctx()
+        # the random part keeps sessions apart where Streamlit gives them one id (AppTest)
+        key = st.session_state.setdefault("kc_session", f"{ctx.session_id if ctx else 'none'}/{uuid.uuid4().hex[:8]}")
+    registry().touch(key)
+    return key
 
 
 def session_jobs() -> list[str]:
@@ -27,14 +61,20 @@ def session_jobs() -> list[str]:
 
 def current_job() -> Job | None:
     """This session's latest job, if any."""
+    session_key()
     ids = session_jobs()
     return registry().get(ids[-1]) if ids else None
 
 
 def job_running() -> bool:
-    """Whether this session's latest fit is still running (Start fit stays disabled meanwhile)."""
+    """Whether this session's latest fit is queued or running (Start fit stays disabled meanwhile)."""
     job = current_job()
     return job is not None and job.running
+
+
+def cancel_job(job: Job) -> None:
+    """Cancel a fit: a queued one never starts; a running one stops after its current batch."""
+    registry().cancel(job.id)
 
 
 def _adopted() -> set[str]:
@@ -48,6 +88,7 @@ def is_adopted(job: Job) -> bool:
 
 def adopt_finished_jobs() -> list[RunEntry]:
     """Move the results of this session's finished jobs into its runs (once each)."""
+    session_key()
     adopted = _adopted()
     new = []
     for jid in session_jobs():
@@ -66,9 +107,18 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
 
     The worker only touches the job (progress, cancel, result), never ``st.*``. The finished comparison is
     written as a run folder under :func:`runs_dir` (with the held-out input images, for overlays); if that
-    fails the result is still kept for the session.
+    fails the result is still kept for the session. The job waits in the server's queue when
+    ``KCORE_MAX_JOBS`` jobs already run.
+
+    Raises:
+        kcore.limits.LimitExceeded: a setting or the request's cost over the server's caps
+            (:func:`dashboard.jobs.check_fit_request`), or this session already has its jobs
+            (``KCORE_MAX_SESSION_JOBS``).
+        TypeError, ValueError: a setting of the wrong type or sign.
     """
     from kcore.pipeline import compare, heldout_images, write_run
+
+    check_fit_request(params, choice.n)  # the browser can send anything: checked here, on the server
 
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     label = f"{a.loaded.name}:{layer_a} vs {b.loaded.name}:{layer_b}"
@@ -89,7 +139,7 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
             logging.getLogger("kcore.dashboard").warning("could not write the run folder: %s", exc)
         return RunEntry(run_id, comp, run_dir, raw, "fit")
 
-    job = registry().start(label, task, job_id=run_id)
+    job = registry().submit(label, task, session=session_key(), job_id=run_id)
     session_jobs().append(job.id)
     counters()["fits_started"] += 1
     return job

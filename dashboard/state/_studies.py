@@ -1,6 +1,10 @@
 """Studies run from the Studies page: a ``kcore <study>`` process per run, its progress read from its log
 (steps, elapsed time, an estimate of the time left from the last finished run of the same settings), Cancel,
-and the quick settings the page offers by default."""
+and the quick settings the page offers by default.
+
+A study is a job of the server's one queue (:func:`dashboard.state._jobs.registry`, shared with the fits): its
+process starts only when its turn comes, a thread waits for it, and it is stopped (SIGTERM, then SIGKILL) when
+cancelled or when its browser session has ended."""
 from __future__ import annotations
 
 import json
@@ -14,6 +18,8 @@ from typing import Mapping
 
 import streamlit as st
 
+from dashboard.jobs import Job, wait_for_process
+from dashboard.state._jobs import registry, session_key
 from dashboard.state._paths import ROOT, studies_dir
 
 QUICK: dict[str, dict[str, object]] = {
@@ -33,7 +39,8 @@ SCALES = {"quick": "Quick (a few minutes on 2 CPU cores)",
           "full": "Full (the command's own defaults, nearer the paper's scale: often much longer)"}
 TIMINGS_FILE = ".timings.json"
 """Beside the study folders: per study and settings, how many log lines and seconds the last finished run took."""
-JOB_STATES = {"running": "running", "done": "finished", "cancelled": "cancelled", "failed": "failed"}
+JOB_STATES = {"queued": "queued", "running": "running", "done": "finished", "cancelled": "cancelled",
+              "failed": "failed"}
 
 
 @dataclass(eq=False)
@@ -43,29 +50,38 @@ class StudyJob:
     Attributes:
         study: the study's name.
         out: its study folder (written when it finishes).
-        proc: the process.
+        proc: the process (None while the study waits in the server's queue).
         log: its stdout and stderr.
         args: the command-line arguments after ``kcore <study>`` (for the page and the timings' key).
-        started: UNIX time.
+        started: UNIX time (of the submission, then of the process's start).
         cancelled: set by :func:`cancel_study` (its exit is then reported as cancelled, not as a failure).
+        job: its job in the server's queue (None for a process started by hand).
     """
 
     study: str
     out: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None
     log: Path
     args: tuple[str, ...]
     started: float = field(default_factory=time.time)
     cancelled: bool = False
     finished: float | None = None
+    job: Job | None = None
 
     @property
     def name(self) -> str:
         return self.out.name
 
     @property
+    def position(self) -> int | None:
+        """Its place in the server's queue (1 = next), or None when it is not waiting."""
+        return registry().position(self.job.id) if self.job is not None and self.proc is None else None
+
+    @property
     def state(self) -> str:
         """One of :data:`JOB_STATES`."""
+        if self.proc is None:  # never started: waiting, cancelled in the queue, or the process failed to start
+            return self.job.state if self.job is not None and self.job.state != "done" else "failed"
         code = self.proc.poll()
         if code is None:
             return "running"
@@ -79,7 +95,7 @@ class StudyJob:
 
     @property
     def exit_code(self) -> int | None:
-        return self.proc.poll()
+        return None if self.proc is None else self.proc.poll()
 
     @property
     def elapsed(self) -> float:
@@ -141,38 +157,66 @@ def progress(job: StudyJob) -> StudyProgress:
 
 def study_jobs() -> dict[str, StudyJob]:
     """This session's study runs, by folder name (oldest first)."""
+    session_key()  # the page polls this while a study runs: the session is alive
     return st.session_state.setdefault("kc_study_jobs", {})
 
 
 def study_running() -> bool:
-    """Whether a study of this session is still running (the page's Run stays disabled meanwhile)."""
-    return any(j.state == "running" for j in study_jobs().values())
+    """Whether a study of this session is queued or running (the page's Run stays disabled meanwhile)."""
+    return any(j.state in ("queued", "running") for j in study_jobs().values())
 
 
 def start_study(study: str, values: Mapping[str, object]) -> StudyJob:
-    """Run ``kcore <study>`` with the checked ``values`` in the background, into a new folder under
-    :func:`studies_dir`.
+    """Queue ``kcore <study>`` with the checked ``values``, into a new folder under :func:`studies_dir`; its
+    process starts when the server's queue lets it (at once when fewer than ``KCORE_MAX_JOBS`` jobs run).
 
     Raises:
         ValueError: a value the study does not accept (see :func:`kcore.study_options.study_command`).
+        kcore.limits.LimitExceeded: a value over its cap (the message names the option, the cap and its
+            environment variable), or this session already has its jobs (``KCORE_MAX_SESSION_JOBS``).
     """
     from kcore.study_options import new_study_folder, study_command
 
     out = new_study_folder(studies_dir(), study)
-    cmd = study_command(study, values, out)  # checked on the server: typed values, never a path or --out
+    cmd = study_command(study, values, out)  # checked on the server: typed values under their caps, no path
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     args = tuple(cmd[4:-2])  # between `python -m kcore.cli <study>` and `--out DIR`
-    job = StudyJob(study, out, proc, log, args)
-    study_jobs()[job.name] = job
-    return job
+    sj = StudyJob(study, out, None, log, args)
+    return _submit(sj, cmd)
+
+
+def _submit(sj: StudyJob, cmd: list[str]) -> StudyJob:
+    """Queue ``cmd`` as the process of ``sj`` in the server's registry (the seam the tests use)."""
+
+    def launch(job: Job) -> subprocess.Popen:
+        with open(sj.log, "wb") as fh:
+            sj.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        sj.started = time.time()
+        return sj.proc
+
+    def wait(job: Job) -> int:
+        try:
+            code = wait_for_process(job, sj.proc)
+        except Exception:
+            sj.cancelled = sj.cancelled or job.cancel.is_set()
+            raise
+        if code != 0:
+            raise ValueError(f"kcore {sj.study.replace('_', '-')} ended with exit code {code}; see its log.")
+        return code
+
+    sj.job = registry().submit(f"study {sj.name}", wait, session=session_key(), prepare=launch)
+    study_jobs()[sj.name] = sj
+    return sj
 
 
 def cancel_study(job: StudyJob) -> None:
-    """Stop a running study (SIGTERM); it is then reported as cancelled."""
-    if job.proc.poll() is None:
+    """Stop a study: a queued one never starts; a running one gets SIGTERM now (SIGKILL if it lingers).
+    It is then reported as cancelled."""
+    if job.job is not None and job.job.running:
+        job.cancelled = True
+        registry().cancel(job.job.id)
+    if job.proc is not None and job.proc.poll() is None:
         job.cancelled = True
         job.proc.terminate()
