@@ -67,12 +67,14 @@ def folder_images(folder: str, size: tuple[int, int]) -> Any:
     """The images in a folder on the server (flat, or one subfolder per class), at ``size``.
 
     Only a folder under the server's roots (``KCORE_SERVER_ROOTS``; off when unset); symlinks leading out of it,
-    FIFOs and devices inside it are skipped (:meth:`kcore.data.ImageSet.from_folder`)."""
+    FIFOs and devices inside it are skipped (:meth:`kcore.data.ImageSet.from_folder`). The folder is listed and
+    each image read below its server root without following any symlink, so a folder or file swapped for a symlink
+    after the path check is refused or skipped, never read."""
     from kcore import data as kdata
-    from kcore.server_paths import resolve_server_path
+    from kcore.server_paths import resolve_server_path, server_root_of
 
     real = resolve_server_path(folder, kind="folder", what="image folder")
-    return kdata.ImageSet.from_folder(real, _unit_preprocess(size))
+    return kdata.ImageSet.from_folder(real, _unit_preprocess(size), root=server_root_of(real))
 
 
 def working_image_size() -> tuple[int, int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,45 @@ def sample_models() -> dict[str, Path]:
     return {p.stem: p for p in sorted((ROOT / "sample_models").glob("*.safetensors"))}
 
 
+Identity = tuple[int, int, int, int, int]
+
+
+def _identity(st_: os.stat_result) -> Identity:
+    """What tells one version of a file from another: device, inode, size, mtime and ctime in nanoseconds.
+
+    The mtime alone can be set back by anyone who can write the file (``os.utime``); the ctime cannot: the kernel
+    sets it on every write, rename and ``utime``, and a replaced file (``os.replace``) has a new inode too.
+    """
+    return (st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns, st_.st_ctime_ns)
+
+
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _load_path(path: str, mtime: float, arch: str | None, num_classes: int | None) -> LoadedModel:
-    return load_model(path, arch=arch, num_classes=num_classes)
+def _load_path(path: str, identity: Identity, card_identity: Identity | None, arch: str | None,
+               num_classes: int | None, root: str | None) -> LoadedModel:
+    # keyed by the identity of the checkpoint and of its card (never by path and mtime alone), so a replaced or
+    # rewritten file is loaded again; load_model reads the file once, so the result's sha256 always names the
+    # weights in it, even if the file changed between taking the identity and loading
+    return load_model(path, arch=arch, num_classes=num_classes, root=root)
+
+
+def _card_identity(real: Path, root: Path | None) -> Identity | None:
+    """The identity of the model card beside ``real`` (read below ``root`` when given), None when there is none."""
+    from kcore.cards import card_path_for
+    from kcore.safe_files import UnsafePathError, open_under
+
+    card = card_path_for(real)
+    if root is None:
+        try:
+            return _identity(card.stat())
+        except OSError:
+            return None
+    try:
+        with open_under(root, card, max_bytes=1 << 20, what="model card") as fh:
+            return _identity(os.fstat(fh.fileno()))
+    except FileNotFoundError:
+        return None
+    except UnsafePathError:
+        return (-1, -1, -1, -1, -1)  # load_model refuses it with its own message
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -73,20 +110,30 @@ def _load_bytes(sha256: str, name: str, arch: str | None, num_classes: int | Non
 
 
 def load_path(path: str, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
-    """Load a checkpoint from the server's disk (cached by path and modification time)."""
+    """Load a checkpoint from the server's disk, e.g. a bundled sample (cached by the file's :func:`_identity`)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint file at {str(p)!r} on the server. Fix: give the full path of an existing file.")
-    return _load_path(str(p.resolve()), p.stat().st_mtime, arch, num_classes)
+    real = p.resolve()
+    return _load_path(str(real), _identity(real.stat()), _card_identity(real, None), arch, num_classes, None)
 
 
 def load_server_path(path: str, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
     """Load a checkpoint typed into the browser: only a regular file under the server's roots (``KCORE_SERVER_ROOTS``;
-    off when unset), never with ``trust_pickle``."""
-    from kcore.server_paths import resolve_server_path
+    off when unset), never with ``trust_pickle``.
+
+    The file (and its card) are opened below their root without following any symlink, so a path swapped for a
+    symlink after the check is refused; the cache is keyed by the identity of the open file (:func:`_identity`), so a
+    file replaced under the same name and mtime is loaded again, and the result's hash is that of the bytes loaded.
+    """
+    from kcore.safe_files import open_under
+    from kcore.server_paths import MAX_CHECKPOINT_BYTES, resolve_server_path, server_root_of
 
     real = resolve_server_path(path, kind="file", what="checkpoint path")
-    return _load_path(str(real), real.stat().st_mtime, arch, num_classes)
+    root = server_root_of(real)
+    with open_under(root, real, max_bytes=MAX_CHECKPOINT_BYTES, what="checkpoint path") as fh:
+        identity = _identity(os.fstat(fh.fileno()))
+    return _load_path(str(real), identity, _card_identity(real, root), arch, num_classes, str(root))
 
 
 def load_bytes(data: bytes, name: str, arch: str | None = None, num_classes: int | None = None,
