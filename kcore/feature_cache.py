@@ -39,8 +39,9 @@ class CacheKey:
     """What identifies a cache entry besides the two layer names (which :func:`kcore.features.extract_features` adds).
 
     Attributes:
-        checkpoint_a: SHA-256 of network A's checkpoint file (``LoadedModel.sha256``).
-        checkpoint_b: SHA-256 of network B's checkpoint file.
+        checkpoint_a: SHA-256 of network A's checkpoint: ``LoadedModel.sha256``, the hash of the very bytes its
+            weights were loaded from (never a second read of the path, which may find a file replaced since).
+        checkpoint_b: SHA-256 of network B's checkpoint (``LoadedModel.sha256``).
         image_set: a hash of the images and their order (e.g. :func:`image_set_hash` of their ids
             together with the data set's version).
         transform: a description of the preprocessing (resize, crop, normalisation).
@@ -63,8 +64,10 @@ def image_set_hash(image_ids: Iterable[str]) -> str:
 def image_content_hash(images: object, ids: Iterable[str] | None = None) -> str:
     """SHA-256 of what a set of images holds, in order (for :attr:`CacheKey.image_set`).
 
-    An :class:`kcore.data.ImageSet` hashes its ids, the bytes of each source file and its decoding
-    (size, mean, std, resize), so replacing a file under the same name gives a new key. A tensor is hashed
+    An :class:`kcore.data.ImageSet` hashes its ids, the bytes each image was decoded from (read once, from one
+    open file: the digest is taken from the same bytes the pixels come from, never from a second read) and its
+    decoding (size, mean, std, resize), so replacing a file under the same name gives a new key, even while the
+    image set is being read. A tensor is hashed
     by its bytes; any other dataset by the bytes of each item's tensor (one pass over it).
     """
     import torch

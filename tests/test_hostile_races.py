@@ -327,3 +327,37 @@ def test_checkpoint_replaced_with_the_same_mtime_is_not_served_from_the_model_ca
     assert os.stat(path).st_ino == second.st_ino and os.stat(path).st_mtime_ns == second.st_mtime_ns
     c = _models.load_server_path(str(path), ARCH, CLASSES)
     assert c.sha256 == hash_1 and _same(_weights(c.model), weights_1)
+
+
+# ------------------------------------------------------------------------------------------------ feature cache key
+def test_feature_cache_key_is_the_hash_of_the_loaded_bytes(tmp_path, monkeypatch, candidates):
+    """compare() keys the feature cache by each LoadedModel.sha256 (the bytes loaded) and the images' content, not
+    by a re-hash of the path: a file replaced after loading does not change the key, a different load does."""
+    import kcore.pipeline as pipeline
+    from kcore.data import ImageSet
+    from kcore.feature_cache import image_content_hash
+
+    (hash_1, (bytes_1, _)), (hash_2, (bytes_2, _)) = candidates.items()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(bytes_1)
+    a = load_model(path, arch=ARCH, num_classes=CLASSES)
+    path.write_bytes(bytes_2)  # replaced after loading: the key must still name the weights in `a`
+    b = load_model(path, arch=ARCH, num_classes=CLASSES)
+    images = ImageSet.from_uploads([("x.png", _png_bytes(5, 32)), ("y.png", _png_bytes(6, 32))], _unit(32))
+    keys = []
+
+    class _Captured(Exception):
+        pass
+
+    def capture(*args, cache_key=None, **kwargs):
+        keys.append(cache_key)
+        raise _Captured
+
+    monkeypatch.setattr(pipeline, "extract_features", capture)
+    layer = "features.0" if "features.0" in dict(a.model.named_modules()) else next(
+        n for n, m in a.model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    with pytest.raises(_Captured):
+        pipeline.compare(a, layer, b, layer, images, cache_dir=tmp_path / "cache", device="cpu")
+    (key,) = keys
+    assert (key.checkpoint_a, key.checkpoint_b) == (hash_1, hash_2)
+    assert key.image_set == image_content_hash(images)
