@@ -1,4 +1,15 @@
-"""Atomic output folders: written under a temporary sibling name, then swapped into place.
+"""Atomic, symlink-safe writes: files and folders are written under a temporary sibling name, then renamed into place.
+
+Files (:func:`write_file_atomic`, :func:`atomic_file`): the temporary file is created inside the destination's own
+folder with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (mode 0600) under a name with a random part
+(``.NAME.tmp-PID-<16 hex>``), so a symlink planted at any name the writer could use makes that create fail
+instead of writing through it; it is written, fsynced, and renamed over NAME relative to the folder's open
+descriptor. A destination that is itself a symlink (or a folder, FIFO, device) is refused.
+
+Folders (:func:`atomic_folder`, :func:`write_new_folder`): written into a fresh private temporary folder
+(``mkdtemp``, mode 0700) beside the destination, then renamed into place. :func:`write_new_folder` never replaces
+or merges: a name already taken gets a new one (``NAME-2``, ``NAME-3``, ...), and on Linux the rename itself
+refuses to land on an existing name (``renameat2(RENAME_NOREPLACE)``).
 
 Safety rules (what ``overwrite=True`` may replace):
 
@@ -7,9 +18,10 @@ Safety rules (what ``overwrite=True`` may replace):
 * the new folder is complete before it is swapped in: with Linux's atomic exchange (``renameat2``) the path
   always holds either the whole old or the whole new folder; elsewhere the old folder is renamed aside, the new
   one renamed in, and only then the old one is deleted (a kill in between is repaired on the next write);
-* temporary folders left by killed writers (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``) are removed on the next
-  write into the same parent when they carry kcore's marker and their process is gone; others are named in a
-  warning and left alone.
+* temporary folders left by killed writers (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``, of any NAME) are removed on
+  the next write into the same parent when they carry kcore's marker and their process is gone; those of the
+  name being written that lack the marker are named in a warning, and every folder without the marker is left
+  alone.
 """
 from __future__ import annotations
 
@@ -18,22 +30,38 @@ import ctypes.util
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 #: Marker file of a finished kcore run/study folder (JSON: ``{"kcore": KIND, "format": 1}``).
 MARKER = ".kcore-folder.json"
 #: Marker file of a folder kcore is still writing (its temporary sibling).
 TMP_MARKER = ".kcore-tmp"
-FOLDER_KINDS = ("run", "study")
+FOLDER_KINDS = ("run", "study", "export")
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
+#: A temporary (``tmp``) or set-aside (``old``) sibling of the folder NAME, written by process PID.
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
+#: The temporary file of :func:`atomic_file`: ``.NAME.tmp-PID-<16 hex>``.
+_FILE_TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{16}$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_TMP_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+_NAME_TRIES = 32
+MAX_UNIQUE = 1000
+"""How many names :func:`write_new_folder` tries (``NAME``, ``NAME-2`` ... ``NAME-1000``) before it refuses."""
 _libc = None
 
 
@@ -44,8 +72,8 @@ def _pause(step: str) -> None:
         time.sleep(600)
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)``: True when done, False where unsupported; other failures raise OSError."""
     global _libc
     if sys.platform != "linux" or os.environ.get("KCORE_TEST_IO_NO_EXCHANGE"):
         return False
@@ -58,13 +86,18 @@ def _exchange(a: Path, b: Path) -> bool:
     if not _libc:
         return False
     at_fdcwd = -100
-    rc = _libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    rc = _libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags)
     if rc == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
-    raise OSError(err, f"could not swap {str(a)!r} and {str(b)!r}: {os.strerror(err)}")
+    raise OSError(err, f"could not rename {str(a)!r} to {str(b)!r}: {os.strerror(err)}", str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def is_kcore_folder(path: str | os.PathLike) -> bool:
@@ -137,12 +170,30 @@ def _pid_of(name: str, prefix: str) -> int | None:
     return int(head) if head.isdigit() else None
 
 
-def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
-    """Repair and remove what killed writers of ``out_dir`` left behind; return the folders removed.
+def _ours(p: Path) -> bool:
+    """A real folder kcore made: it carries a marker, or it is empty (its writer was killed at birth)."""
+    try:
+        return p.is_dir() and not p.is_symlink() and (
+            (p / MARKER).is_file() or (p / TMP_MARKER).is_file() or not any(p.iterdir()))
+    except OSError:
+        return False
 
-    A ``.NAME.old-PID-*`` folder whose process is gone while NAME is missing is renamed back to NAME (the kill
-    came between the two renames of the fallback path). ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` folders of
-    dead processes that carry a kcore marker are deleted; anything else matching is named in a warning.
+
+def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
+    """Repair and remove what killed writers left in the parent of ``out_dir``; return the folders removed.
+
+    Every ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` folder of the parent is looked at, whatever its NAME (a
+    killed run leaves its temporary folder behind even when the next write has another name). Only those whose
+    process is gone and that kcore made (they carry :data:`MARKER` or :data:`TMP_MARKER`, or are empty) are
+    touched: a ``.NAME.old-PID-*`` folder with the marker while NAME is missing is renamed back to NAME (the kill
+    came between the two renames of the fallback path); the others are deleted. Anything else is left alone, and
+    what looks like a temporary of ``out_dir`` itself is named in a warning.
+
+    Args:
+        out_dir: the folder about to be written; its parent is cleaned.
+
+    Returns:
+        The folders deleted.
     """
     out = Path(out_dir)
     parent = out.parent
@@ -157,21 +208,26 @@ def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
     left = []
     for p in entries:
         name = p.name
-        if not (name.startswith(tmp_prefix) or name.startswith(old_prefix)):
+        same = name.startswith(tmp_prefix) or name.startswith(old_prefix)
+        match = _SIBLING.match(name)
+        if same:
+            prefix = tmp_prefix if name.startswith(tmp_prefix) else old_prefix
+            pid, target = _pid_of(name, prefix), out
+        elif match is not None:
+            prefix = f".{match['name']}.{match['kind']}-"
+            pid, target = int(match["pid"]), parent / match["name"]
+        else:
             continue
-        prefix = tmp_prefix if name.startswith(tmp_prefix) else old_prefix
-        pid = _pid_of(name, prefix)
         if pid is not None and _pid_alive(pid):
             continue  # another writer is at work
-        ours = p.is_dir() and not p.is_symlink() and (
-            (p / MARKER).is_file() or (p / TMP_MARKER).is_file() or not any(p.iterdir())  # empty: killed at birth
-        )
-        if not ours or pid is None:
-            left.append(p)
+        if pid is None or not _ours(p):
+            if same:
+                left.append(p)
             continue
-        if prefix == old_prefix and not (out.exists() or out.is_symlink()) and (p / MARKER).is_file():
-            os.rename(p, out)
-            warnings.warn(f"restored {str(out)!r} from {name} (a writer was killed while replacing it)", stacklevel=3)
+        if prefix.endswith(".old-") and not (target.exists() or target.is_symlink()) and (p / MARKER).is_file():
+            os.rename(p, target)
+            warnings.warn(f"restored {str(target)!r} from {name} (a writer was killed while replacing it)",
+                          stacklevel=3)
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -180,6 +236,25 @@ def clean_stale(out_dir: str | os.PathLike) -> list[Path]:
                       "interrupted kcore write but do not carry kcore's marker. Fix: delete them yourself if "
                       "they are not needed.", stacklevel=3)
     return removed
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in FOLDER_KINDS:
+        raise ValueError(f"kind must be one of {FOLDER_KINDS}; got {kind!r}.")
+
+
+def _new_tmp(out: Path) -> Path:
+    """A fresh private (0700) temporary folder beside ``out``, carrying :data:`TMP_MARKER`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    (tmp / TMP_MARKER).write_text("")
+    return tmp
+
+
+def _seal(tmp: Path, kind: str) -> None:
+    """Mark ``tmp`` finished: kcore's marker in, the temporary marker out."""
+    (tmp / MARKER).write_text(json.dumps({"kcore": kind, "format": 1}))
+    (tmp / TMP_MARKER).unlink()
 
 
 @contextmanager
@@ -191,18 +266,14 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, kind: 
     Raises:
         ValueError: see :func:`check_out_dir` (checked before anything is written).
     """
-    if kind not in FOLDER_KINDS:
-        raise ValueError(f"kind must be one of {FOLDER_KINDS}; got {kind!r}.")
+    _check_kind(kind)
     out = Path(out_dir)
     clean_stale(out)
     check_out_dir(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    (tmp / TMP_MARKER).write_text("")
+    tmp = _new_tmp(out)
     try:
         yield tmp
-        (tmp / MARKER).write_text(json.dumps({"kcore": kind, "format": 1}))
-        (tmp / TMP_MARKER).unlink()
+        _seal(tmp, kind)
         _pause("written")
         if out.exists() or out.is_symlink():
             check_out_dir(out, overwrite=overwrite)  # re-checked: it may have changed while we worked
@@ -223,3 +294,198 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, kind: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_new(tmp: Path, dest: Path) -> bool:
+    """Rename the folder ``tmp`` to ``dest`` only if nothing is there; False (nothing renamed) if ``dest`` is taken."""
+    if dest.exists() or dest.is_symlink():
+        return False
+    try:
+        if _renameat2(tmp, dest, _RENAME_NOREPLACE):  # atomic: never lands on an existing name
+            return True
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    # elsewhere: reserve the name with an empty folder (mkdir fails if taken), then rename onto that empty folder
+    try:
+        os.mkdir(dest, 0o700)
+    except FileExistsError:
+        return False
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rmdir(dest)
+        raise
+    return True
+
+
+def write_new_folder(out_dir: str | os.PathLike, fill: Callable[[Path], T], *, kind: str = "export",
+                     max_names: int = MAX_UNIQUE) -> tuple[Path, T]:
+    """Write a new folder at ``out_dir``, or at ``out_dir-2``, ``-3``, ... when the name is taken; never replace.
+
+    ``fill(tmp)`` writes the content into a fresh private temporary folder beside ``out_dir``; the finished folder
+    gets kcore's marker and is renamed into place in one step, so no reader ever sees it half written, and two
+    writers of the same name end as two folders (never one folder mixing both). An error in ``fill`` (or a kill)
+    leaves no visible folder: the temporary is removed at once (or by the next write into the parent).
+
+    Args:
+        out_dir: the folder wanted.
+        fill: writes the content into the folder it is given; its return value is passed back.
+        kind: what the folder holds, one of :data:`FOLDER_KINDS` (recorded in the marker).
+        max_names: how many names to try before refusing.
+
+    Returns:
+        ``(folder, value)``: where the folder landed and what ``fill`` returned.
+
+    Raises:
+        ValueError: ``out_dir`` is ``.``, a parent of the working directory, ``~`` or ``/``; or ``kind`` is
+            unknown; or all ``max_names`` names are taken.
+    """
+    _check_kind(kind)
+    out = Path(out_dir)
+    why = _protected(out)
+    if why is not None:
+        raise ValueError(f"out_dir {str(out_dir)!r} cannot be written: {why}. Fix: choose a new folder name, "
+                         "e.g. exports/my_export.")
+    clean_stale(out)
+    tmp = _new_tmp(out)
+    try:
+        value = fill(tmp)
+        _seal(tmp, kind)
+        _pause("written")
+        for i in range(1, max_names + 1):
+            dest = out if i == 1 else out.with_name(f"{out.name}-{i}")
+            if _rename_new(tmp, dest):
+                return dest, value
+        raise ValueError(f"out_dir {str(out_dir)!r}: the names {out.name!r} and {out.name}-2 ... {out.name}-{max_names} "
+                         "are all taken. Fix: choose another name, or remove old folders.")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _temp_token() -> str:
+    """The random part of a temporary file's name (16 hex digits; a test may replace it to force collisions)."""
+    return secrets.token_hex(8)
+
+
+def _refuse_unsafe(dir_fd: int, name: str, shown: Path) -> None:
+    """Raise ValueError when ``name`` in the folder ``dir_fd`` is a symlink or anything but a regular file."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"path {str(shown)!r} is a symlink; kcore never writes through a symlink (it may lead "
+                         "outside the folder). Fix: remove the link, or write to another file name.")
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+        raise ValueError(f"path {str(shown)!r} is {what}, not a regular file; kcore replaces only regular files. "
+                         "Fix: choose another file name.")
+
+
+def _remove_dead_temps(dir_fd: int, name: str) -> None:
+    """Unlink temporary files of ``name`` (``.NAME.tmp-PID-<hex>``) whose writer is gone (regular files we own)."""
+    try:
+        entries = os.listdir(dir_fd)
+    except OSError:
+        return
+    for entry in entries:
+        m = _FILE_TMP.match(entry)
+        if m is None or m["name"] != name or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(entry, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a binary file to write; on success it replaces ``path`` in one rename, on any error it is removed.
+
+    The temporary file is created in ``path``'s own folder with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (mode 0600) under a
+    name with 16 random hex digits: a symlink planted at any name it could use makes the create fail (another
+    name is tried), never write through. It is fsynced, given ``mode``, and renamed over ``path`` relative to the
+    folder's open descriptor (the folder cannot be swapped in between).
+
+    Args:
+        path: the file to write; its folder must exist.
+        mode: permission bits of the finished file.
+
+    Raises:
+        ValueError: ``path`` is a symlink, a folder or a special file, or has no file name.
+        FileNotFoundError: ``path``'s folder does not exist.
+        FileExistsError: no free temporary name after 32 random tries (something plants names in the folder).
+    """
+    dest = Path(path)
+    name = dest.name
+    if name in ("", ".", ".."):
+        raise ValueError(f"path {str(path)!r} does not name a file. Fix: give a file path, e.g. out/card.json.")
+    if not _NOFOLLOW or os.open not in os.supports_dir_fd:  # pragma: no cover - POSIX has both
+        raise ValueError("symlink-safe writes need O_NOFOLLOW and dir_fd (POSIX); this platform has neither.")
+    dir_fd = os.open(dest.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC)
+    try:
+        _refuse_unsafe(dir_fd, name, dest)
+        _remove_dead_temps(dir_fd, name)
+        head = f".{name[:120]}.tmp-{os.getpid()}-"
+        for _ in range(_NAME_TRIES):
+            tmp = head + _temp_token()
+            try:
+                fd = os.open(tmp, _TMP_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+                break
+            except FileExistsError:
+                continue  # taken (maybe a planted symlink): O_EXCL refused it; draw another name
+        else:
+            raise FileExistsError(errno.EEXIST, f"no free temporary name for {str(dest)!r} after {_NAME_TRIES} "
+                                  "tries; something keeps creating names in that folder. Fix: check the folder.",
+                                  str(dest))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+                os.fchmod(fh.fileno(), mode)
+            _refuse_unsafe(dir_fd, name, dest)  # re-checked: a symlink planted meanwhile is refused, not replaced
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+    finally:
+        os.close(dir_fd)
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically and symlink-safely (see :func:`atomic_file`); str is written as UTF-8.
+
+    Args:
+        path: the file to write (replaced if it is a regular file); its folder must exist.
+        data: the content.
+        mode: permission bits of the finished file.
+
+    Returns:
+        ``path`` as a Path.
+
+    Raises:
+        TypeError: ``data`` is neither bytes nor str.
+        ValueError: ``path`` is a symlink, a folder or a special file.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes or str; got {type(data).__name__}. Fix: encode it first, e.g. "
+                        "json.dumps(obj).")
+    with atomic_file(path, mode=mode) as fh:
+        fh.write(data)
+    return Path(path)
