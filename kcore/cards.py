@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from kcore._io import write_file_atomic
+
 CARD_FORMAT = "kcore-model-card/1"
 """Value of the ``"format"`` key of a model card JSON file."""
 
@@ -201,16 +203,16 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
 def write_card(card: ModelCard, path: str | os.PathLike[str]) -> Path:
     """Write ``card`` as JSON to ``path`` (use :func:`card_path_for` to place it beside a checkpoint).
 
+    The file is written atomically and never through a symlink (:func:`kcore._io.write_file_atomic`: a fresh
+    temporary file created with ``O_EXCL|O_NOFOLLOW`` in the same folder, then renamed over ``path``).
+
     Returns:
         The path written.
 
     Raises:
         TypeError: ``card.extra`` holds something JSON cannot store.
+        ValueError: ``path`` is a symlink, a folder or a special file (kcore never writes through it).
     """
-    path = Path(path)
     text = json.dumps(card.to_dict(), indent=2)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, text + "\n")
 
