@@ -4,7 +4,13 @@ Figures come from :mod:`kcore.viz` (matplotlib, no browser) and are saved as PNG
 with fixed metadata, so the same figure gives the same bytes. Every export folder holds a
 ``provenance.json`` (checkpoint names and hashes, layers, K, λ, seed, versions, device) and every figure a
 ``<stem>.json`` sidecar with that provenance plus what the figure shows (image, channel, orders, scaling,
-colour limits). ``manifest.json`` lists every file with its SHA-256.
+colour limits). ``manifest.json`` lists every other file of the folder with its SHA-256 (all but itself and kcore's
+marker ``.kcore-folder.json``; :func:`verify_export` checks it).
+
+Exports are atomic and private: :func:`export_comparison` writes into a fresh temporary folder that is renamed into
+place when complete (:func:`kcore._io.write_new_folder`); a name already taken gets a new folder ``NAME-2``, ... —
+never a merge with another export. Every file is written with :func:`kcore._io.write_file_atomic` (no symlink
+followed).
 
 Names are deterministic: :func:`figure_stem` builds them from what a figure shows, e.g.
 ``overlay_A_to_B_img-kshapes-test-00012_ch007_x1_scale-image``.
@@ -15,6 +21,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +33,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
+from kcore._io import MARKER, TMP_MARKER, atomic_file, write_file_atomic, write_new_folder
 from kcore.decompose import Decomposition
 from kcore.metrics import VarianceReport
 from kcore.provenance import dumps, versions
@@ -137,8 +145,13 @@ def save_figure(
 ) -> list[Path]:
     """Write ``fig`` as ``<folder>/<stem>.<fmt>`` for each format, plus ``<stem>.json`` if ``sidecar`` is given.
 
+    Each file is written atomically, never through a symlink (:func:`kcore._io.write_file_atomic`).
+
     Returns:
         The paths written, in the order of ``formats`` (the sidecar last).
+
+    Raises:
+        ValueError: ``stem`` is not file-name safe, or a format is unknown, or a destination is a symlink.
     """
     formats = _check_formats(formats)
     out = Path(folder)
@@ -148,12 +161,10 @@ def save_figure(
     paths = []
     for fmt in formats:
         p = out / f"{stem}.{fmt}"
-        p.write_bytes(figure_bytes(fig, fmt, dpi))
-        paths.append(p)
+        paths.append(write_file_atomic(p, figure_bytes(fig, fmt, dpi)))
     if sidecar is not None:
         p = out / f"{stem}.json"
-        p.write_text(_dumps({"figure": stem, "formats": list(formats), "dpi": dpi, **sidecar}))
-        paths.append(p)
+        paths.append(write_file_atomic(p, _dumps({"figure": stem, "formats": list(formats), "dpi": dpi, **sidecar})))
     return paths
 
 
@@ -300,13 +311,11 @@ def write_metrics(comparison: Any, folder: str | Path) -> list[Path]:
     ``channels_<direction>.csv`` (:func:`channel_table`) into ``folder``; returns the paths."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "metrics.csv", out / "metrics.json"]
-    metrics_table(comparison).to_csv(paths[0], index=False, float_format="%.6g")
-    paths[1].write_text(_dumps(comparison.metrics()))
+    paths = [write_file_atomic(out / "metrics.csv", metrics_table(comparison).to_csv(index=False, float_format="%.6g")),
+             write_file_atomic(out / "metrics.json", _dumps(comparison.metrics()))]
     for key, d in comparison.directions.items():
-        p = out / f"channels_{slug(key)}.csv"
-        channel_table(d.fit.heldout_report).to_csv(p, index=False, float_format="%.6g")
-        paths.append(p)
+        table = channel_table(d.fit.heldout_report).to_csv(index=False, float_format="%.6g")
+        paths.append(write_file_atomic(out / f"channels_{slug(key)}.csv", table))
     return paths
 
 
@@ -332,7 +341,7 @@ def write_components(
     comps = np.stack([c.detach().cpu().float().numpy() for c in dec.components])
     layout = {"components": "(K+1, N, C, H, W): components[k] = x^(k)", "residual": "(N, C, H, W) x^Δ = x* − g(x)",
               "target": "(N, C, H, W) x*", "output": "(N, C, H, W) g(x) = Σ_k x^(k)", "units": dec.convention}
-    with open(path, "wb") as fh:
+    with atomic_file(path) as fh:
         np.savez(
             fh, components=comps, residual=dec.residual.detach().cpu().float().numpy(),
             target=dec.target.detach().cpu().float().numpy(), output=comps.sum(0),
@@ -385,45 +394,127 @@ def export_comparison(
 ) -> ExportResult:
     """Write figures, metrics, arrays and provenance of ``comparison`` into ``folder``.
 
+    The export is a new folder, written whole into a private temporary folder and renamed into place
+    (:func:`kcore._io.write_new_folder`): if ``folder`` is taken, ``<folder>-2``, ``-3``, ... is used instead (the
+    result names the folder written); an existing folder is never written into, so two exports of the same name
+    never mix. A failure or a kill leaves no visible folder.
+
     Args:
         comparison: a :class:`kcore.pipeline.Comparison`.
-        folder: where to write (created; files of the same name are replaced).
+        folder: the folder wanted (its parent is created).
         figures: the figures, each saved in every format with a ``<stem>.json`` sidecar.
         arrays: stem → (decomposition, its image ids), saved by :func:`write_components`.
         formats: figure formats (:data:`FIGURE_FORMATS`).
         dpi: PNG resolution.
 
     Returns:
-        An :class:`ExportResult`; ``manifest.json`` in the folder lists every file with its SHA-256.
+        An :class:`ExportResult`; ``manifest.json`` in the folder lists every other file with its SHA-256 (kcore's
+        marker aside), exactly what the folder holds (:func:`verify_export`).
+
+    Raises:
+        ValueError: bad ``formats``, ``dpi`` or repeated figure stems (checked before anything is written); or
+            ``folder`` is ``.``, a parent of the working directory, ``~`` or ``/``.
     """
     formats = _check_formats(formats)
     dpi = _check_dpi(dpi)
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(comparison)
-    written: list[Path] = [out / "provenance.json"]
-    written[0].write_text(_dumps(prov))
-    written += write_metrics(comparison, out)
     stems = [f.stem for f in figures]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
-        raise ValueError(f"figure stems must be unique; repeated: {dupes}.")
-    for item in figures:
-        written += save_figure(item.figure, out / "figures", item.stem, formats, dpi,
-                               sidecar={**dict(item.meta), "provenance": prov})
-    for stem, (dec, ids) in (arrays or {}).items():
-        written.append(write_components(dec, out / "arrays", stem, ids, meta={"provenance": prov}))
-    rel = sorted(str(p.relative_to(out)) for p in written)
-    manifest = {"files": {r: hashlib.sha256((out / r).read_bytes()).hexdigest() for r in rel}}
-    (out / "manifest.json").write_text(_dumps(manifest))
-    return ExportResult(out, tuple(sorted(rel + ["manifest.json"])))
+        raise ValueError(f"figure stems must be unique; repeated: {dupes}. Fix: give each figure its own stem "
+                         "(figure_stem() of what it shows).")
+    prov = provenance(comparison)
+
+    def fill(out: Path) -> tuple[str, ...]:
+        write_file_atomic(out / "provenance.json", _dumps(prov))
+        write_metrics(comparison, out)
+        for item in figures:
+            save_figure(item.figure, out / "figures", item.stem, formats, dpi,
+                        sidecar={**dict(item.meta), "provenance": prov})
+        for stem, (dec, ids) in (arrays or {}).items():
+            write_components(dec, out / "arrays", stem, ids, meta={"provenance": prov})
+        # the manifest lists what the folder holds, not what we meant to write
+        rel = [r for r in _listing(out) if r not in (TMP_MARKER, MANIFEST)]
+        write_file_atomic(out / MANIFEST, _dumps({"files": {r: _sha256(out / r) for r in rel}}))
+        return tuple(sorted(rel + [MANIFEST]))
+
+    final, files = write_new_folder(folder, fill, kind="export")
+    return ExportResult(final, files)
+
+
+MANIFEST = "manifest.json"
+"""The file of an export folder that lists every other file with its SHA-256."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every entry below ``folder`` that is not a folder, as sorted POSIX relative paths (symlinks listed, never
+    followed), kcore's marker aside."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        base = Path(dirpath)
+        # a symlink to a folder shows up in dirnames: list it as an entry so that it is never silently skipped
+        names = filenames + [d for d in dirnames if (base / d).is_symlink()]
+        out += [(base / n).relative_to(folder).as_posix() for n in names]
+    return sorted(r for r in out if r != MARKER)
+
+
+def verify_export(folder: str | Path) -> tuple[str, ...]:
+    """Check that ``manifest.json`` lists exactly the files of an export folder, with their SHA-256.
+
+    Args:
+        folder: an export folder written by :func:`export_comparison`.
+
+    Returns:
+        The files listed, sorted (``manifest.json`` itself and kcore's marker not included).
+
+    Raises:
+        ValueError: no readable manifest; a file missing, added, not a regular file, or changed.
+    """
+    root = Path(folder)
+    try:
+        listed = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"folder {str(folder)!r} has no readable {MANIFEST} ({exc}). Fix: export again with "
+                         "kcore.export.export_comparison.") from exc
+    if not isinstance(listed, dict):
+        raise ValueError(f"folder {str(folder)!r}: {MANIFEST}'s 'files' must map names to SHA-256 hex digests; got "
+                         f"{type(listed).__name__}. Fix: export again.")
+    present = set(_listing(root)) - {MANIFEST}
+    extra, missing = sorted(present - set(listed)), sorted(set(listed) - present)
+    if extra or missing:
+        raise ValueError(f"folder {str(folder)!r} does not hold exactly what {MANIFEST} lists: not listed "
+                         f"{extra[:10]}, missing {missing[:10]}. Fix: export again into a new folder.")
+    for name in sorted(listed):
+        p = root / name
+        if p.is_symlink() or not p.is_file():
+            raise ValueError(f"folder {str(folder)!r}: {name!r} is not a regular file. Fix: export again.")
+        if _sha256(p) != listed[name]:
+            raise ValueError(f"folder {str(folder)!r}: {name!r} does not match its SHA-256 in {MANIFEST} (changed "
+                             "after the export). Fix: export again.")
+    return tuple(sorted(listed))
 
 
 def zip_folder(folder: str | Path, files: Sequence[str] | None = None) -> bytes:
-    """Zip ``files`` (relative paths; default every file under ``folder``) with fixed dates, sorted: same
-    content, same bytes."""
+    """Zip ``files`` (relative paths; default every regular file under ``folder``, kcore's marker aside) with fixed
+    dates, sorted: same content, same bytes.
+
+    Raises:
+        ValueError: a file named in ``files`` is a symlink (never followed) or not a regular file.
+    """
     root = Path(folder)
-    names = sorted(files) if files is not None else sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    names = sorted(files) if files is not None else [r for r in _listing(root) if not (root / r).is_symlink()]
+    for name in names:
+        p = root / name
+        if p.is_symlink() or not p.is_file():
+            raise ValueError(f"files: {name!r} in {str(folder)!r} is a symlink or not a regular file; zip_folder "
+                             "never follows links. Fix: leave it out of files.")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name in names:

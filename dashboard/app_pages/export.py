@@ -8,6 +8,7 @@ import streamlit as st
 
 from dashboard import figures, state, ui
 from kcore import export, viz
+from kcore.server_paths import safe_name
 
 st.title("Export")
 run = ui.require_run()
@@ -34,9 +35,9 @@ footer = st.toggle("Provenance footer under each figure", key=state.FOOTER_KEY, 
                    help="A small grey line naming the checkpoints, layers and fit. Off: the figures are clean for a "
                         "paper; the JSON sidecar of every figure and provenance.json always hold the provenance.")
 export_name = c3.text_input("Export name", value=run.id, key=f"kc_exp_folder_{run.id}", max_chars=80,
-                            help=f"A folder of this name under {state.exports_dir()} (letters, digits, '.', '_' and "
-                                 "'-' only; other characters become '_'). Created if missing; files with the same "
-                                 "names are replaced.")
+                            help=f"A new folder of this name under {state.exports_dir()} (letters, digits, '.', '_' "
+                                 "and '-' only; other characters become '_'). If the name is taken, the export gets "
+                                 "a new folder (name-2, name-3, …): an export never mixes with another.")
 
 
 def figure_items() -> list[export.FigureItem]:
@@ -106,7 +107,10 @@ if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/sa
 
 run_id, result = st.session_state.get("kc_exp_result", (None, None))
 if result is not None and run_id == run.id:
-    st.success(f"Wrote {len(result.files)} files to `{result.folder}`.")
+    asked = safe_name(export_name)
+    taken = (f" (a folder named `{asked}` already exists, so this export got its own folder; exports never mix)"
+             if result.folder.name != asked else "")
+    st.success(f"Wrote {len(result.files)} files to `{result.folder}`{taken}.")
 
     @st.fragment
     def download() -> None:

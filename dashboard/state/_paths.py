@@ -32,7 +32,15 @@ def allowed_folder(text: str | Path, what: str = "run folder") -> Path:
 
 
 def export_folder(name: str) -> Path:
-    """The export folder for ``name`` (sanitised to ``[A-Za-z0-9._-]``), always directly inside :func:`exports_dir`."""
+    """The export folder wanted for ``name`` (sanitised to ``[A-Za-z0-9._-]``), always directly inside
+    :func:`exports_dir`.
+
+    :func:`kcore.export.export_comparison` writes a new folder there, or ``<name>-2``, ``-3``, ... beside it when the
+    name is taken: an export never writes into an existing folder.
+
+    Raises:
+        ServerPathError: the name leads out of :func:`exports_dir` (e.g. a symlink already there).
+    """
     from kcore.server_paths import child_path
 
     base = exports_dir()
