@@ -204,16 +204,13 @@ def preprocessing_editor(role: str, s: state.ModelSlot, prep) -> None:
             st.rerun()
         if s.source == "sample":
             return
+        # a download only: the dashboard never writes beside a checkpoint on the server (outside its own folders)
         st.caption("A model card records the architecture, the number of classes and this preprocessing; kcore "
-                   "reads it when it finds it beside the checkpoint as <name>.card.json.")
+                   "reads it when it finds it beside the checkpoint as <name>.card.json. Download it and keep it "
+                   "there (or upload it with the checkpoint).")
         stem = m.name.rsplit(".", 1)[0]
         st.download_button("Download the model card", state.card_text(s), file_name=f"{stem}.card.json",
-                           mime="application/json", key=f"{key}_download")
-        if s.source == "path" and st.button("Save the model card beside the checkpoint", key=f"{key}_save"):
-            try:
-                st.success(f"Wrote {state.save_card_beside(s)}.")
-            except (ValueError, OSError) as exc:
-                st.error(f"Could not save the model card: {exc}")
+                           mime="application/json", key=f"{key}_download", on_click="ignore")
 
 
 def _layer_label(s: state.ModelSlot, name: str) -> str:

@@ -25,7 +25,7 @@ from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted,
 from dashboard.state._jobs import cancel_job, session_key
 from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, card_text, chosen_layer, clear_slot, forget_layer,
                                      layer_key, load_bytes, load_path, load_server_path, make_slot,
-                                     preprocessing_override, sample_models, save_card_beside,
+                                     preprocessing_override, sample_models,
                                      set_preprocessing_override, set_slot, slot, with_override)
 from dashboard.state._paths import ROOT, allowed_folder, export_folder, exports_dir, runs_dir, studies_dir
 from dashboard.state._runs import (ACTIVE_RUN_KEY, DIRECTION_HELP, DIRECTION_TITLES, RunEntry, active_run, add_run,
@@ -48,6 +48,6 @@ __all__ = [
     "layer_key", "load_bytes", "load_path", "load_server_path", "make_slot", "allowed_folder", "export_folder", "open_run_folder", "registry", "run_folders", "runs",
     "runs_dir", "sample_models", "session_jobs", "set_explorer_choice", "set_figure1_choice", "set_images",
     "set_slot", "show_in_explorer", "slot", "start_fit", "studies_dir", "uploaded_images", "working_image_size",
-    "working_positions", "card_text", "preprocessing_override", "save_card_beside", "set_preprocessing_override",
+    "working_positions", "card_text", "preprocessing_override", "set_preprocessing_override",
     "with_override", "cancel_job", "session_key",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard.state._paths import ROOT
-from kcore.cards import ModelCard, card_path_for, read_card, write_card
+from kcore.cards import ModelCard
 from kcore.checkpoints import LoadedModel, file_sha256, load_model
 from kcore.features import LayerInfo, list_layers
 from kcore.preprocessing import Preprocessing, card_for, preprocessing_of
@@ -179,30 +179,6 @@ def with_override(role: str, loaded: LoadedModel) -> LoadedModel:
 def card_text(s: ModelSlot) -> str:
     """The model card (JSON) recording the model's architecture, class count and preprocessing in use."""
     return json.dumps(card_for(s.loaded).to_dict(), indent=2) + "\n"
-
-
-def save_card_beside(s: ModelSlot) -> Path:
-    """Write the model card beside a checkpoint on the server (``<stem>.card.json``), where it is read back on
-    the next load. Only for files under the server's roots; an existing file there is replaced only when it is
-    itself a model card.
-
-    Raises:
-        ValueError: not a server file, or something other than a model card is in the way.
-    """
-    from kcore.server_paths import resolve_server_path
-
-    if s.source != "path" or not s.path:
-        raise ValueError("only a checkpoint loaded from a path on the server can get a card beside it. "
-                         "Fix: download the card and keep it beside your file.")
-    real = resolve_server_path(s.path, kind="file", what="checkpoint path")
-    target = card_path_for(real)
-    if target.exists():
-        try:
-            read_card(target)
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"{target.name} beside the checkpoint is not a model card ({exc}); kcore does not "
-                             "replace it. Fix: move that file away, or download the card instead.") from exc
-    return write_card(card_for(s.loaded), target)
 
 
 def slot(role: str) -> ModelSlot | None:
