@@ -4,7 +4,8 @@ Files (:func:`write_file_atomic`, :func:`atomic_file`): the temporary file is cr
 folder with ``O_CREAT|O_EXCL|O_NOFOLLOW`` (mode 0600) under a name with a random part
 (``.NAME.tmp-PID-<16 hex>``), so a symlink planted at any name the writer could use makes that create fail
 instead of writing through it; it is written, fsynced, and renamed over NAME relative to the folder's open
-descriptor. A destination that is itself a symlink (or a folder, FIFO, device) is refused.
+descriptor. A destination that is itself a symlink (or a folder, FIFO, device) is refused. A file that is
+streamed while another process reads it (a log) is created with :func:`open_new_file` (``O_EXCL|O_NOFOLLOW``).
 
 Folders (:func:`atomic_folder`, :func:`write_new_folder`): written into a fresh private temporary folder
 (``mkdtemp``, mode 0700) beside the destination, then renamed into place. :func:`write_new_folder` never replaces
@@ -60,6 +61,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _TMP_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
 _NAME_TRIES = 32
+_TMP_NAME_LEN = 200  # the destination's name in its temporary's (255 bytes at most with the suffix)
 MAX_UNIQUE = 1000
 """How many names :func:`write_new_folder` tries (``NAME``, ``NAME-2`` ... ``NAME-1000``) before it refuses."""
 _libc = None
@@ -394,7 +396,7 @@ def _remove_dead_temps(dir_fd: int, name: str) -> None:
         return
     for entry in entries:
         m = _FILE_TMP.match(entry)
-        if m is None or m["name"] != name or _pid_alive(int(m["pid"])):
+        if m is None or m["name"] != name[:_TMP_NAME_LEN] or _pid_alive(int(m["pid"])):
             continue
         try:
             st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
@@ -432,7 +434,7 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Binar
     try:
         _refuse_unsafe(dir_fd, name, dest)
         _remove_dead_temps(dir_fd, name)
-        head = f".{name[:120]}.tmp-{os.getpid()}-"
+        head = f".{name[:_TMP_NAME_LEN]}.tmp-{os.getpid()}-"
         for _ in range(_NAME_TRIES):
             tmp = head + _temp_token()
             try:
@@ -489,3 +491,29 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int =
     with atomic_file(path, mode=mode) as fh:
         fh.write(data)
     return Path(path)
+
+
+def open_new_file(path: str | os.PathLike, *, mode: int = 0o644) -> BinaryIO:
+    """Open a new file for writing (e.g. a log another process streams into); never through a symlink.
+
+    Created with ``O_CREAT|O_EXCL|O_NOFOLLOW``: whatever is already at ``path`` (a file, a symlink, even a dangling
+    one) makes it fail, so a link planted there is never followed. Use :func:`write_file_atomic` for a file written
+    in one go.
+
+    Args:
+        path: the file to create; its folder must exist.
+        mode: permission bits of the new file.
+
+    Returns:
+        The file, open for binary writing (close it, e.g. with ``with``).
+
+    Raises:
+        FileExistsError: something is already at ``path`` (the message names it and the fix).
+    """
+    try:
+        fd = os.open(path, _TMP_FILE_FLAGS, mode)
+    except FileExistsError as exc:
+        raise FileExistsError(errno.EEXIST, f"{str(path)!r} already exists (a file or a symlink); kcore creates it "
+                              "only where nothing is. Fix: choose a new name, or remove what is there.",
+                              str(path)) from exc
+    return os.fdopen(fd, "wb")

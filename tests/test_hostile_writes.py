@@ -402,3 +402,18 @@ def test_no_replace_rename_fallback_without_renameat2(tmp_path, monkeypatch):
     b, _ = write_new_folder(tmp_path / "x", lambda t: (t / "f").write_text("2"))
     assert (a.name, b.name) == ("x", "x-2") and (a / "f").read_text() == "1" and (b / "f").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x-2"]
+
+
+def test_open_new_file_never_follows_or_reuses_what_is_there(tmp_path, outside):
+    link = tmp_path / ".study.log"
+    link.symlink_to(outside)
+    with pytest.raises(FileExistsError, match=r"'.*\.study\.log' already exists \(a file or a symlink\).*Fix:"):
+        _io.open_new_file(link)
+    dangling = tmp_path / ".other.log"
+    dangling.symlink_to(tmp_path / "outside" / "made.txt")
+    with pytest.raises(FileExistsError, match="already exists"):
+        _io.open_new_file(dangling)
+    assert outside.read_text() == "precious, not kcore's" and not (tmp_path / "outside" / "made.txt").exists()
+    with _io.open_new_file(tmp_path / "new.log", mode=0o600) as fh:
+        fh.write(b"line\n")
+    assert (tmp_path / "new.log").read_bytes() == b"line\n" and (tmp_path / "new.log").stat().st_mode & 0o777 == 0o600
