@@ -459,49 +459,48 @@ class FitResult:
         return out
 
     @staticmethod
-    def load(directory: str | Path) -> "FitResult":
-        """Read a result written by :meth:`save` (weights-only: safetensors + JSON).
+    def load(directory: str | Path, *, root: str | Path | None = None) -> "FitResult":
+        """Read a result written by :meth:`save` (weights-only: safetensors + JSON), checked field by field.
+
+        Both files are read like uploads (:mod:`kcore._readback`): regular files inside the folder, no symlink
+        followed, under a size cap; every field of ``fit.json`` has the type it was written with, its lengths
+        agree with K and the channels, the headline numbers and every tensor are finite.
+
+        Args:
+            directory: the folder written by :meth:`save`; relative to ``root`` when ``root`` is given.
+            root: the folder the result lies in (e.g. a run folder): then no symlink below ``root`` is followed,
+                ``directory`` included. Default: ``directory`` itself.
+
+        Returns:
+            The :class:`FitResult`.
 
         Raises:
-            ValueError: a file is missing, truncated, edited or inconsistent with the other; the message names it.
+            ValueError: a file is missing, unsafe (symlink, FIFO, device), too large, truncated, edited or
+                inconsistent with the other; the message names the file and the field.
 
         Examples::
 
             res = kcore.load_result("runs/g")               # the folder written by res.save("runs/g")
             dec = res.decompose(x_src, x_tgt)
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from kcore import _readback as rb
 
-        d = Path(directory)
-        for name in ("g.safetensors", "fit.json"):
-            if not (d / name).is_file():
-                raise ValueError(f"directory {str(d)!r} holds no {name}: expected a folder written by FitResult.save().")
-
-        def bad(name: str, exc: object) -> ValueError:
-            return ValueError(f"{str(d / name)!r} is truncated, corrupt or was edited ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}). Nothing else was changed. Fix: fit again (kcore fit --out NEW_DIR) "
-                              "or restore the run folder from a copy.")
-
+        top = Path(root) if root is not None else Path(directory)
+        sub = Path(directory) if root is not None else Path()
+        names = {n: str(sub / n) for n in ("fit.json", "g.safetensors")}
         try:
-            meta = json.loads((d / "fit.json").read_text())
-            spec = GThetaSpec(**meta["spec"])
-            with torch.device("meta"):  # shapes only: an edited spec must not allocate anything
-                expected = {k: tuple(v.shape) for k, v in GTheta(spec).state_dict().items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise bad("fit.json", exc) from None
+            meta = rb.read_json(top, names["fit.json"])
+            tensors = rb.read_safetensors(top, names["g.safetensors"])
+        except FileNotFoundError:
+            missing = [n for n in names.values() if not (top / n).is_file()] or list(names.values())
+            raise ValueError(f"directory {str(top / sub)!r} holds no {missing[0]}: expected a folder written by "
+                             "FitResult.save().") from None
+        spec, meta = _checked_fit_json(meta, tensors, top, names)
         try:
-            tensors = load_file(str(d / "g.safetensors"))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise bad("g.safetensors", exc) from None
-        got = {k[2:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("g.")}
-        if got != expected:
-            diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
-            raise bad("fit.json", ValueError(f"its spec does not match the weights in g.safetensors: {diff}"))
-        try:
-            return FitResult._from_parts(d, meta, spec, tensors)
+            return FitResult._from_parts(top / sub, meta, spec, tensors)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-            raise bad("fit.json", exc) from None
+            raise rb.folder_error(top, names["fit.json"], f"is inconsistent ({type(exc).__name__}: "
+                                                          f"{str(exc)[:200]})") from None
 
     @staticmethod
     def _from_parts(d: Path, meta: dict, spec: GThetaSpec, tensors: dict) -> "FitResult":
@@ -527,6 +526,97 @@ class FitResult:
             extra=meta.get("extra", {}),
         )
 
+
+
+FIT_JSON_FIELDS: dict[str, Any] = {
+    "format": Literal["kcore-fit/1"], "spec": GThetaSpec, "config": FitConfig, "target_size": tuple[int, int],
+    "history": tuple[EpochRecord, ...], "best_epoch": int, "heldout_error": float, "heldout_report": VarianceReport,
+    "baseline": Baseline, "train_indices": tuple[int, ...], "heldout_indices": tuple[int, ...], "device": str,
+    "seconds": float, "extra": dict | None,
+}
+"""The fields of ``fit.json`` and the types :meth:`FitResult.save` writes them with."""
+
+
+def check_report_lengths(rep: dict, orders: int, channels: int, folder: Path, name: str, where: str) -> None:
+    """Check that a variance report read from JSON has K+1 orders and ``channels`` channels everywhere.
+
+    Raises:
+        ValueError: a list of another length; the message names the file and the field.
+    """
+    from kcore import _readback as rb
+
+    k1 = orders + 1
+    why_k, why_c = f"K+1 = {k1} orders", f"{channels} channels of the target"
+    if rep.get("orders") != orders:
+        raise rb.folder_error(folder, name, f"has field '{where}.orders' = {rep.get('orders')!r}; expected "
+                                            f"{orders} (the spec's K)")
+    for key in ("var_orders", "var_orders_channel_centred", "share_orders"):
+        rb.check_length(rep.get(key), k1, folder, name, f"{where}.{key}", why_k)
+    pc = rep["per_channel"]
+    for key in ("var_orders", "share_orders"):
+        rb.check_length(pc.get(key), k1, folder, name, f"{where}.per_channel.{key}", why_k)
+        for i, row in enumerate(pc.get(key) or ()):
+            rb.check_length(row, channels, folder, name, f"{where}.per_channel.{key}[{i}]", why_c)
+    for key in ("var_residual", "var_target", "share_residual"):
+        rb.check_length(pc.get(key), channels, folder, name, f"{where}.per_channel.{key}", why_c)
+    ci = rep.get("ci")
+    if ci:
+        rb.check_length(ci["share_orders"], k1, folder, name, f"{where}.ci.share_orders", why_k)
+        cso = ci.get("channel_share_orders")
+        rb.check_length(cso, k1, folder, name, f"{where}.ci.channel_share_orders", why_k)
+        for i, row in enumerate(cso or ()):
+            rb.check_length(row, channels, folder, name, f"{where}.ci.channel_share_orders[{i}]", why_c)
+        for key in ("channel_share_residual", "channel_instability"):
+            rb.check_length(ci.get(key), channels, folder, name, f"{where}.ci.{key}", why_c)
+    rb.check_finite({f"{where}.{k}": rep.get(k) for k in (
+        "instability", "var_orders", "var_output", "var_residual", "var_target", "mse", "share_orders",
+        "share_residual")}, folder, name)
+
+
+def _checked_fit_json(meta: Any, tensors: dict, folder: Path, names: dict[str, str]) -> tuple[GThetaSpec, dict]:
+    """``fit.json`` checked field by field and against ``g.safetensors``: the spec and the JSON, or a ValueError."""
+    from kcore import _readback as rb
+
+    name = names["fit.json"]
+    rb.check_fields(meta, FIT_JSON_FIELDS, folder, name)
+    try:
+        spec = GThetaSpec(**meta["spec"])
+    except (TypeError, ValueError) as exc:
+        raise rb.folder_error(folder, name, f"has an invalid field 'spec' ({str(exc)[:200]})") from None
+    sizes = {k: meta["spec"][k] for k in ("in_channels", "out_channels", "kernel_size")}
+    if max(sizes.values()) > 1 << 16 or spec.orders > 64:  # the spec must not build a model of terabytes
+        raise rb.folder_error(folder, name, f"has field 'spec' with sizes {sizes} and K={spec.orders}, far beyond "
+                                            "any network's (at most 65536 channels, K ≤ 64)")
+    with torch.device("meta"):  # shapes only: an edited spec must not allocate anything
+        expected = {k: tuple(v.shape) for k, v in GTheta(spec).state_dict().items()}
+    got = {k[2:]: tuple(v.shape) for k, v in tensors.items() if k.startswith("g.")}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise rb.folder_error(folder, name, f"has a spec that does not match the weights in g.safetensors: {diff}")
+    norm = {"src_mean": spec.in_channels, "src_std": spec.in_channels, "tgt_mean": spec.out_channels,
+            "tgt_std": spec.out_channels}
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise rb.folder_error(folder, names["g.safetensors"], f"holds {key!r} of dtype {t.dtype}; expected "
+                                                                  "floating point")
+        if key.startswith("norm.") and tuple(t.shape) != (norm.get(key[5:], -1),):
+            raise rb.folder_error(folder, names["g.safetensors"], f"holds {key!r} of shape {tuple(t.shape)}; "
+                                                                  f"expected ({norm.get(key[5:], 'no such key')},)")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise rb.folder_error(folder, names["g.safetensors"], f"holds {bad} NaN/Inf value(s) in {key!r}; "
+                                                                  "expected finite weights and statistics")
+    if min(meta["target_size"]) < 1:
+        raise rb.folder_error(folder, name, f"has field 'target_size' = {meta['target_size']}; expected two "
+                                            "positive integers")
+    for i, rec in enumerate(meta["history"]):
+        rb.check_length(rec["gates"], spec.orders, folder, name, f"history[{i}].gates", f"K = {spec.orders} gates")
+    check_report_lengths(meta["heldout_report"], spec.orders, spec.out_channels, folder, name, "heldout_report")
+    rb.check_finite({"heldout_error": meta["heldout_error"]}, folder, name)
+    for key in ("train_indices", "heldout_indices"):
+        if any(i < 0 for i in meta[key]):
+            raise rb.folder_error(folder, name, f"has a negative image index in field {key!r}")
+    return spec, meta
 
 
 def _model_device(m: torch.nn.Module) -> torch.device:

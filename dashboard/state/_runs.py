@@ -87,15 +87,32 @@ def active_run() -> RunEntry | None:
 
 
 def open_run_folder(path: str | Path) -> RunEntry:
-    """Re-open a run folder written by the dashboard or ``kcore fit --out`` (no checkpoints needed)."""
+    """Re-open a run folder written by the dashboard or ``kcore fit --out`` (no checkpoints needed).
+
+    The folder must lie under the allowed roots; its files are read like uploads (:func:`kcore.read_run`: regular
+    files inside it, size caps, every field type-checked, finite features and weights).
+
+    Raises:
+        ValueError: outside the roots, not a run folder, or a file unsafe, too large, edited or corrupt (the message
+            names the file and the field); an unreadable file (e.g. permissions) too.
+    """
+    import os
+
     from kcore.pipeline import read_heldout_images, read_run
 
     from dashboard.state._paths import allowed_folder
 
     d = allowed_folder(path, "run folder")
-    comparison = read_run(d)
-    created = (d / "provenance.json").stat().st_mtime
-    return RunEntry(f"{d.name}-opened", comparison, d, read_heldout_images(d), "folder", created)
+    try:
+        comparison = read_run(d)
+        images = read_heldout_images(d)
+        created = os.stat(d / "provenance.json", follow_symlinks=False).st_mtime
+    except ValueError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"run folder {str(d)!r} could not be read: {exc.strerror or exc} ({type(exc).__name__}). "
+                         "Fix: check that the folder and its files are readable by the server.") from None
+    return RunEntry(f"{d.name}-opened", comparison, d, images, "folder", created)
 
 
 def run_folders() -> list[Path]:
