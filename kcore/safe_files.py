@@ -49,6 +49,8 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _FILE_FLAGS = (os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
                | getattr(os, "O_NOCTTY", 0))
 _READ_CHUNK = 1 << 30  # one os.read asks for at most this much (Linux returns at most ~2 GiB per call)
+MAX_DEPTH = 64
+"""Deepest folder nesting :func:`scan_under` walks (each level holds one open descriptor while it is walked)."""
 
 EntryKind = Literal["file", "symlink", "other"]
 """What :func:`scan_under` found: a regular ``"file"``, a ``"symlink"`` (never followed), or ``"other"`` (a FIFO,
@@ -298,8 +300,8 @@ def scan_under(root: str | os.PathLike, folder: str | os.PathLike = ".", *, max_
         of its parent (the order of ``os.walk`` with sorted names).
 
     Raises:
-        UnsafePathError: ``folder`` is or passes through a symlink, is outside ``root``, is not a folder, or holds
-            more than ``max_files`` entries.
+        UnsafePathError: ``folder`` is or passes through a symlink, is outside ``root``, is not a folder, holds
+            more than ``max_files`` entries, or nests folders deeper than :data:`MAX_DEPTH`.
         FileNotFoundError: no such folder.
     """
     root_s = os.fspath(root)
@@ -317,6 +319,9 @@ def scan_under(root: str | os.PathLike, folder: str | os.PathLike = ".", *, max_
         os.close(walked)
 
     def walk(fd: int, rel: tuple[str, ...]) -> None:
+        if len(rel) > MAX_DEPTH:
+            raise UnsafePathError(f"folder {shown!r} below {root_s!r} nests folders more than {MAX_DEPTH} deep "
+                                  f"({'/'.join(rel[:3])}/...). Fix: use a flatter folder.")
         with os.scandir(fd) as it:
             entries = sorted(it, key=lambda e: e.name)
         subdirs = []

@@ -183,6 +183,27 @@ def test_image_replaced_while_the_folder_loads_is_hashed_from_the_bytes_decoded(
     assert writer.swaps > 0
 
 
+def test_folder_listing_follows_no_symlinked_folder_and_keeps_inside_file_links(tmp_path):
+    """from_folder lists without following symlinks: a symlinked class folder (in or out) is skipped with a reason,
+    never entered; a file symlink that stays inside the folder is still read (from the file it names)."""
+    from kcore.data import ImageSet
+
+    folder, outside = tmp_path / "data", tmp_path / "outside"
+    (folder / "cat").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "cat" / "1.png").write_bytes(_png_bytes(1))
+    (outside / "2.png").write_bytes(_png_bytes(2))
+    (folder / "dog").symlink_to(outside, target_is_directory=True)
+    (folder / "cat2").symlink_to(folder / "cat", target_is_directory=True)
+    (folder / "cat" / "again.png").symlink_to(folder / "cat" / "1.png")
+    with pytest.warns(UserWarning) as caught:
+        got = ImageSet.from_folder(folder, _unit())
+    assert got.ids == ("cat/1.png", "cat/again.png") and (got.raw(0) == got.raw(1)).all()
+    text = " ".join(str(w.message) for w in caught)
+    assert "cat2 (cannot read:" in text and "not a regular file" in text
+    assert "dog (cannot read: a symlink that leads out of the folder" in text and "2.png" not in text
+
+
 @pytest.fixture()
 def server(tmp_path, monkeypatch):
     """A server root ``root/`` (KCORE_SERVER_ROOTS) and an ``outside/`` folder beside it."""

@@ -214,3 +214,16 @@ def test_listing_cap(tree):
     with pytest.raises(UnsafePathError) as info:
         regular_files_under(tree["root"], ".", max_files=2)
     assert "more than 2 files" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_listing_depth_cap(tmp_path):
+    deep = tmp_path.joinpath(*["d"] * (safe_files.MAX_DEPTH + 1))
+    deep.mkdir(parents=True)
+    (deep / "x.bin").write_bytes(b"x")
+    with pytest.raises(UnsafePathError, match=f"more than {safe_files.MAX_DEPTH} deep.*Fix:"):
+        regular_files_under(tmp_path, ".", max_files=100)
+    assert regular_files_under(tmp_path, ".", max_files=100, recursive=False) == []  # one level is fine
+    ok = tmp_path / "ok"
+    ok.joinpath(*["d"] * safe_files.MAX_DEPTH).mkdir(parents=True)
+    (ok.joinpath(*["d"] * safe_files.MAX_DEPTH) / "y.bin").write_bytes(b"y")
+    assert [p.name for p in regular_files_under(tmp_path, "ok", max_files=100)] == ["y.bin"]
