@@ -55,6 +55,7 @@ TERM_GRACE_SECONDS = 10.0
 """How long a study process has after SIGTERM (to remove its half-written folder) before it is killed."""
 
 ORPHAN_MESSAGE = "cancelled: its browser session ended"
+SHUTDOWN_MESSAGE = "cancelled: the server is stopping"
 
 
 class JobCancelled(Exception):
@@ -339,6 +340,23 @@ class JobRegistry:
     def close(self) -> None:
         """Stop the reaper thread (jobs keep their state)."""
         self._stop.set()
+
+    def shutdown(self, timeout: float = TERM_GRACE_SECONDS + 5.0) -> list[Job]:
+        """Cancel every job that has not ended (the server is stopping) and wait up to ``timeout`` seconds in
+        all for them to end, so that no study process outlives the server.
+
+        Returns:
+            The jobs that were cancelled.
+        """
+        self.close()
+        with self._lock:
+            jobs = [j for j in self._jobs.values() if j.running]
+            for job in jobs:
+                self.cancel(job.id, SHUTDOWN_MESSAGE)
+        deadline = time.monotonic() + timeout
+        for job in jobs:
+            job.done.wait(max(0.0, deadline - time.monotonic()))
+        return jobs
 
     # -- the queue (called with the lock held, except _launch and _run) -----------------------------------
 

@@ -7,6 +7,7 @@ asks Streamlit's runtime whether the session's browser is still connected (:func
 job is cancelled ``KCORE_JOB_ORPHAN_SECONDS`` after its tab is closed, not while its page merely sits idle."""
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 import uuid
@@ -38,6 +39,7 @@ def registry() -> JobRegistry:
     """The process-wide job registry (one per server), bounded by :func:`kcore.limits.limits` at its creation."""
     reg = JobRegistry.from_limits(session_alive=_session_connected)
     reg.start_reaper(REAPER_SECONDS)
+    atexit.register(reg.shutdown)  # a stopping server stops its study processes too
     return reg
 
 
