@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ DIRECTION_TITLES: dict[str, str] = {"A_to_B": "A → B", "B_to_A": "B → A"}
 """Display names of the directions of :mod:`kcore.pipeline`."""
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+# matplotlib's rc_context sets and restores process-wide rcParams: two threads (two dashboard sessions exporting at
+# once) interleaving it would render with each other's settings and leave them behind
+_RENDER_LOCK = threading.RLock()
 
 
 def _check_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -94,7 +98,7 @@ def figure_bytes(fig: Figure, fmt: FigureFormat = "png", dpi: int = 300, *, png_
         "pdf": {"CreationDate": None, "ModDate": None, "Creator": "kcore (matplotlib)", "Producer": "kcore"},
     }[fmt]
     buf = io.BytesIO()
-    with rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "none", "pdf.fonttype": 42}):
+    with _RENDER_LOCK, rc_context({"svg.hashsalt": "kcore", "svg.fonttype": "none", "pdf.fonttype": 42}):
         extra = {"pil_kwargs": {"compress_level": png_compression}} if fmt == "png" else {}
         fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata, facecolor="white", **extra)
     return buf.getvalue()

@@ -43,6 +43,16 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def _wait_for_pause(p: subprocess.Popen, step: str = "written") -> None:
+    """Read the writer's stderr until it announces the pause at ``step`` (warnings may come first)."""
+    seen = []
+    for line in p.stderr:
+        if line.startswith(f"kcore-io-pause {step}"):
+            return
+        seen.append(line)
+    raise AssertionError(f"the writer ended (rc {p.wait(30)}) without pausing at {step!r}:\n{''.join(seen)[-3000:]}")
+
+
 def _dead_pid() -> int:
     """The PID of a process that has just ended (so kcore's writers treat its temporaries as abandoned)."""
     p = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -309,8 +319,7 @@ def test_a_kill_in_the_middle_of_an_export_leaves_no_visible_half_folder(tmp_pat
     p = subprocess.Popen([sys.executable, "-c", _EXPORTER, str(run), str(exports / "same")], env=env,
                          stderr=subprocess.PIPE, text=True)
     try:
-        line = p.stderr.readline()
-        assert line.startswith("kcore-io-pause written"), line + p.stderr.read()
+        _wait_for_pause(p)
         # everything is written, only the rename is missing: nothing visible yet, one hidden temporary
         hidden = [q for q in exports.iterdir()]
         assert len(hidden) == 1 and hidden[0].name.startswith(f".same.tmp-{p.pid}-"), hidden
@@ -340,8 +349,7 @@ def test_dead_writers_temporary_folder_of_another_name_is_cleaned_by_the_next_wr
     env = dict(os.environ, KCORE_TEST_IO_PAUSE="written")
     p = subprocess.Popen([sys.executable, "-c", _WRITER, str(parent / "killed"), str(ROOT / "kcore" / "_io.py")],
                          env=env, stderr=subprocess.PIPE, text=True)
-    line = p.stderr.readline()
-    assert line.startswith("kcore-io-pause written"), line
+    _wait_for_pause(p)
     p.send_signal(signal.SIGKILL)
     p.wait(30)
     left = [q.name for q in parent.iterdir()]
