@@ -287,3 +287,103 @@ def test_an_honest_npz_above_the_cap_is_refused_and_the_writer_stays_below_it(ru
     pipeline._write_heldout_images(d, raw)
     back = pipeline.read_heldout_images(d)
     assert list(back) == ["img0"] and (back["img0"] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ study folders
+SECRET = "SECRET-d41d8cd9"
+
+
+@pytest.fixture
+def planted_study(tmp_path):
+    """A real study folder beside an outside folder with secrets; inside it, symlinks out, /dev/zero and a FIFO."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from kcore.experiments._common import write_study
+
+    inside, outside = tmp_path / "inside", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text(f"key,value\n{SECRET},1\n")
+    (outside / "secret.json").write_text(json.dumps({"token": SECRET}))
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    out = write_study(inside / "st", "stability", {"instability_mean": 0.25},
+                      {"pairs": pd.DataFrame({"pair": ["0-1"], "instability": [0.25]})}, {"curve": fig}, {"seed": 0},
+                      formats=("png",))
+    (out / "leak.csv").symlink_to(outside / "secret.csv")
+    (out / "leak.json").symlink_to(outside / "secret.json")
+    (out / "x.csv").symlink_to("/dev/zero")
+    os.mkfifo(out / "table.csv")
+    return out, outside
+
+
+def test_a_study_folder_is_read_without_symlinks_devices_or_fifos(planted_study):
+    import resource
+    import tracemalloc
+    import zipfile
+
+    from kcore.experiments._common import read_study, zip_study
+
+    out, _ = planted_study
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tracemalloc.start()
+    try:
+        folder = _finishes(lambda: read_study(out))  # the FIFO must not hang it (the guard fails the test if so)
+        archive = _finishes(lambda: zip_study(folder))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    assert peak < 200 << 20 and grew < 200 << 20, (peak, grew)  # /dev/zero was never read
+    assert set(folder.tables) == {"pairs"} and set(folder.figures) == {"curve"}
+    assert set(folder.skipped) == {"leak.csv", "leak.json", "x.csv", "table.csv"}
+    assert "symlink" in folder.skipped["leak.csv"] and "symlink" in folder.skipped["x.csv"]
+    assert "not a regular file" in folder.skipped["table.csv"]
+    assert folder.read_file("curve.png").startswith(b"\x89PNG")
+    with zipfile.ZipFile(__import__("io").BytesIO(archive)) as zf:
+        names = set(zf.namelist())
+        assert names == {p.name for p in out.iterdir() if p.is_file() and not p.is_symlink()}
+        assert "pairs.csv" in names and not names & set(folder.skipped)
+        assert not any(SECRET.encode() in zf.read(n) for n in names)
+    with pytest.raises(ValueError, match="leak.csv.*symlink"):
+        folder.read_file("leak.csv")
+
+
+def test_a_study_folder_whose_own_files_lead_out_is_refused_by_name(planted_study, tmp_path):
+    from kcore.experiments._common import read_study, zip_study
+
+    out, outside = planted_study
+    (out / "provenance.json").unlink()
+    (out / "provenance.json").symlink_to(outside / "secret.json")
+    with pytest.raises(ValueError, match=r"provenance.json.*symlink") as e:
+        read_study(out)
+    assert SECRET not in str(e.value) and "Fix:" in str(e.value)
+    (out / "provenance.json").unlink()
+    os.mkfifo(out / "provenance.json")
+    with pytest.raises(ValueError, match=r"provenance.json.*not a regular file"):
+        _finishes(lambda: read_study(out))
+    (out / "provenance.json").unlink()
+    (out / "result.json").write_text(json.dumps({"study": 7}))
+    with pytest.raises(ValueError, match=r"result.json.*field 'study'.*expected a string or null; got 7 \(int\)"):
+        read_study(out)
+    (out / "result.json").write_text(json.dumps({"study": "stability"}))
+    folder = read_study(out)
+    with pytest.raises(ValueError, match=r"add up to \d+ bytes, more than the limit of 100 bytes"):
+        zip_study(folder, max_bytes=100)
+
+
+def test_the_studies_page_shows_only_the_folders_own_files(planted_study, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    out, _ = planted_study
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(out.parent))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    at.switch_page("app_pages/studies.py").run()
+    at.text_input(key="kc_st_path").set_value(str(out)).run()  # returns: the FIFO did not hang the page
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    shown = " ".join(df.value.to_string() for df in at.dataframe) + " ".join(str(j.proto) for j in at.json)
+    assert "0-1" in shown and SECRET not in shown
+    (warning,) = [w.value for w in at.warning if "Left out" in w.value]
+    assert all(name in warning for name in ("leak.csv", "leak.json", "x.csv", "table.csv")), warning
+    assert len(at.get("download_button")) == 1 and len(at.image) == 1

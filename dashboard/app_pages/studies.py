@@ -1,15 +1,12 @@
 """Studies: run the paper's studies (Sec. 4) with small defaults, and open their result folders."""
 from __future__ import annotations
 
-import io
-import zipfile
-
 import streamlit as st
 
 from dashboard import state
 from dashboard.jobs import ordinal
 from kcore.experiments import STUDIES
-from kcore.experiments._common import read_study
+from kcore.experiments._common import read_study, zip_study
 from kcore.limits import ENV_VARS, limits
 from kcore.study_options import study_options
 
@@ -164,14 +161,21 @@ for name, df in folder.tables.items():
     st.markdown(f"**{name}**")
     st.dataframe(df, key=f"kc_st_tab_{name}", hide_index=True)
 for name, png in folder.figures.items():
-    st.image(str(png), caption=name)
+    try:  # read like an upload: the file must still be a regular file inside the folder
+        st.image(folder.read_file(png.name), caption=name)
+    except (ValueError, OSError) as exc:
+        st.warning(f"Figure {name!r} is not shown: {exc}", icon=":material/warning:")
+if folder.skipped:
+    left = list(folder.skipped.items())
+    st.warning("Left out (never opened, not in the zip): " + "; ".join(f"`{n}`: {why}" for n, why in left[:20])
+               + (f"; and {len(left) - 20} more" if len(left) > 20 else "") + ".", icon=":material/warning:")
 with st.expander("result.json and provenance.json"):
     st.json(folder.result, expanded=False)
     st.json(prov, expanded=False)
-buf = io.BytesIO()
-with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-    for f in sorted(folder.path.iterdir()):
-        if f.is_file():
-            zf.write(f, f.name)
-st.download_button("Download the folder (zip)", buf.getvalue(), file_name=f"{folder.path.name}.zip",
-                   mime="application/zip", key="kc_st_zip", on_click="ignore")
+try:
+    archive = zip_study(folder)  # the regular files of the folder only, each re-read like an upload
+except (ValueError, OSError) as exc:
+    st.warning(f"No zip to download: {exc}", icon=":material/warning:")
+else:
+    st.download_button("Download the folder (zip)", archive, file_name=f"{folder.path.name}.zip",
+                       mime="application/zip", key="kc_st_zip", on_click="ignore")
