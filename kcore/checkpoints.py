@@ -14,8 +14,9 @@ The loading contract (what :func:`load_model` accepts, in order of preference):
 3. A ``torch.export`` archive (``.pt2``, ``torch.export.save``): needs no architecture. It is unflattened
    (:func:`torch.export.unflatten`) so that its layers keep their names and can be hooked.
    ``torch.export.load`` may unpickle parts of an archive with ``weights_only=False``; kcore therefore
-   inspects the archive first and refuses one with pickled payloads, compiled code or unsafe pickle
-   globals unless ``trust_pickle=True``.
+   inspects the archive first and refuses one with pickled payloads, compiled code, unsafe pickle
+   globals or Python in its shape expressions unless ``trust_pickle=True``. The loaded graph is then checked
+   node by node before anything runs it (:mod:`kcore.graph_check`): only pure tensor operations are accepted.
 4. A whole pickled ``nn.Module`` (``torch.save(model)``): only with ``trust_pickle=True``, because
    unpickling can run any code. Without the flag, :class:`UnsafeCheckpointError` lists the globals the
    file would import.
@@ -50,6 +51,7 @@ from torch import Tensor, nn
 
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, read_card
+from kcore.graph_check import describe_findings, unsafe_operations, unsafe_serialized_values
 from kcore.preprocessing import Preprocessing, resolve_preprocessing
 from kcore.safe_files import read_nofollow, read_under
 from kcore.server_paths import MAX_CHECKPOINT_BYTES
@@ -73,6 +75,11 @@ STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
 _CHUNK_BYTES = 1 << 20
 _MAX_LISTED = 5
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+_PT2_MAX_PROGRAM_JSON = 256 * 1024 * 1024
+
+SAFETENSORS_MAX_TENSORS = 100_000
+"""Most tensors a safetensors header may list; checked on the raw header before safetensors builds any tensor
+(a header of a million empty entries otherwise costs minutes and gigabytes before it is refused)."""
 _MAX_CARD_BYTES = 1 << 20
 
 
@@ -259,6 +266,26 @@ def _sniff(src: _Source) -> _Format:
     )
 
 
+def _check_safetensors_header(src: _Source) -> None:
+    """Refuse a safetensors header that lists more than :data:`SAFETENSORS_MAX_TENSORS` tensors, cheaply.
+
+    Counts the ``"data_offsets"`` keys of the raw header (one per tensor; a tensor name cannot hold the quoted
+    key, JSON escapes its quotes) before safetensors parses the header and builds the tensors.
+
+    Raises:
+        ValueError: too many tensors.
+    """
+    (header_len,) = struct.unpack("<Q", src.data[:8])
+    count = src.data[8 : 8 + min(header_len, _SAFETENSORS_MAX_HEADER)].count(b'"data_offsets"')
+    if count > SAFETENSORS_MAX_TENSORS:
+        raise ValueError(
+            f"checkpoint {src.where!r} lists {count} tensors in its safetensors header; kcore reads at most "
+            f"{SAFETENSORS_MAX_TENSORS} (kcore.checkpoints.SAFETENSORS_MAX_TENSORS), since building that many "
+            "tensors costs minutes and gigabytes. Fix: save only the model's state dict "
+            "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors'))."
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Finding unsafe globals without unpickling
 # --------------------------------------------------------------------------------------------------
@@ -340,6 +367,11 @@ def _pt2_risks(src: _Source) -> tuple[str, ...]:
         members = {n[len(root):]: n for n in names if n.startswith(root)}
         if members.get("archive_format") is None or zf.read(members["archive_format"]).strip() != b"pt2":
             risks.append("legacy torch.export archive (before PyTorch 2.8): loaded with a pickle fallback")
+        # torch.export.load falls back to the legacy reader (pickles, read weights_only=False on failure) for
+        # entries at the top level of the zip, which the checks below would not see
+        stray = sorted(n for n in names if not root or not n.startswith(root))
+        if stray:
+            risks.append(f"entries outside the archive's one folder (read by the legacy loader): {stray[:3]}")
         for rel, full in sorted(members.items()):
             if rel.startswith(("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")) or rel.endswith(
                 (".so", ".dll", ".dylib")
@@ -366,6 +398,19 @@ def _pt2_risks(src: _Source) -> tuple[str, ...]:
                     risks.append(f"unreadable pickle {rel} ({exc})")
                     continue
                 risks.extend(f"{g} (in {rel})" for g in sorted(unsafe))
+            elif rel.startswith("models/") and rel.endswith(".json"):
+                # every program in models/ is parsed by torch.export.load, whose sympy parser evaluates Python
+                with zf.open(full) as member:
+                    raw = member.read(_PT2_MAX_PROGRAM_JSON + 1)
+                if len(raw) > _PT2_MAX_PROGRAM_JSON:
+                    risks.append(f"program {rel} larger than {_PT2_MAX_PROGRAM_JSON >> 20} MiB")
+                    continue
+                try:
+                    program = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                    risks.append(f"unreadable program {rel} ({str(exc)[:80]})")
+                    continue
+                risks.extend(unsafe_serialized_values(program, member=rel))
     return tuple(risks)
 
 
@@ -532,6 +577,11 @@ class LoadedModel:
         return self.sha256[:12]
 
 
+try:  # torch's verifier of a loaded exported program (private module, so guarded)
+    from torch._export.verifier import SpecViolationError as _SpecViolationError
+except ImportError:  # pragma: no cover - older or newer torch
+    _SpecViolationError = RuntimeError  # type: ignore[misc,assignment]
+
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, struct.error)
 
 
@@ -640,6 +690,7 @@ def load_model(
         from safetensors import SafetensorError
         from safetensors.torch import load as st_load
 
+        _check_safetensors_header(src)
         try:
             state = st_load(src.data)
         except (SafetensorError, OSError) as exc:
@@ -686,11 +737,29 @@ def load_model(
             raise _corrupt(src, "a torch.export archive", exc) from exc
         if risks and not trust_pickle:
             raise UnsafeCheckpointError(
-                _unsafe_message(src, "a torch.export archive with pickled or compiled parts", risks),
+                _unsafe_message(src, "a torch.export archive with pickled or compiled parts or Python code", risks),
                 unsafe_globals=risks,
             )
         try:
-            program = torch.export.load(src.arg())
+            program = torch.export.load(src.arg())  # parses the graph; runs none of its operators
+        except _LOAD_ERRORS + (ValueError, AssertionError, TypeError, AttributeError, _SpecViolationError) as exc:
+            raise _corrupt(src, "a torch.export archive", exc) from exc
+        if not trust_pickle:
+            # before unflatten and before the layer-listing dry run run anything
+            findings = unsafe_operations(program)
+            if findings:
+                raise UnsafeCheckpointError(
+                    f"checkpoint {src.where!r} is a torch.export graph that does more than compute on tensors: "
+                    f"{describe_findings(findings)}. kcore runs only an allow-list of pure tensor operations from "
+                    "an untrusted file (kcore.graph_check; an operator like aten.from_file writes files, random "
+                    "operators change the process's random state), so it refused to load it (trust_pickle=False). "
+                    "Fix: export the model in eval mode with plain tensor code, or better, save its weights with "
+                    "safetensors.torch.save_file(model.state_dict(), 'model.safetensors') and load that with "
+                    "arch=... and num_classes=... (CLI: --arch, or a model card); pass trust_pickle=True "
+                    "(CLI: --trust-pickle) only for a file you trust.",
+                    unsafe_globals=tuple(dict.fromkeys(f.operation for f in findings)),
+                )
+        try:
             model = torch.export.unflatten(program)
         except _LOAD_ERRORS + (ValueError, AssertionError) as exc:
             raise _corrupt(src, "a torch.export archive", exc) from exc
