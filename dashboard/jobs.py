@@ -309,10 +309,10 @@ class JobRegistry:
                 if now - self._seen.get(s, now) <= self.orphan_seconds:
                     continue
                 for job in [j for j in self._jobs.values() if j.session == s]:
-                    if job.running:
+                    if job.running and not job.cancel.is_set():
                         self.cancel(job.id, ORPHAN_MESSAGE)
                         cancelled.append(job)
-                    else:  # its session is gone: nobody will adopt the result
+                    elif not job.running:  # its session is gone: nobody will adopt the result
                         del self._jobs[job.id]
                 if not any(j.session == s for j in self._jobs.values()):
                     self._seen.pop(s, None)
