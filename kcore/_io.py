@@ -373,6 +373,18 @@ def _temp_token() -> str:
     return secrets.token_hex(8)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it process-wide: not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def _refuse_unsafe(dir_fd: int, name: str, shown: Path) -> None:
     """Raise ValueError when ``name`` in the folder ``dir_fd`` is a symlink or anything but a regular file."""
     try:
@@ -417,7 +429,7 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Binar
 
     Args:
         path: the file to write; its folder must exist.
-        mode: permission bits of the finished file.
+        mode: permission bits of the finished file, less the umask (as ``open`` would give).
 
     Raises:
         ValueError: ``path`` is a symlink, a folder or a special file, or has no file name.
@@ -451,7 +463,7 @@ def atomic_file(path: str | os.PathLike, *, mode: int = 0o644) -> Iterator[Binar
                 yield fh
                 fh.flush()
                 os.fsync(fh.fileno())
-                os.fchmod(fh.fileno(), mode)
+                os.fchmod(fh.fileno(), mode & ~_umask())
             _refuse_unsafe(dir_fd, name, dest)  # re-checked: a symlink planted meanwhile is refused, not replaced
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
@@ -474,7 +486,7 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int =
     Args:
         path: the file to write (replaced if it is a regular file); its folder must exist.
         data: the content.
-        mode: permission bits of the finished file.
+        mode: permission bits of the finished file, less the umask.
 
     Returns:
         ``path`` as a Path.

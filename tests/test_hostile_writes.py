@@ -145,8 +145,12 @@ def test_file_write_is_atomic_private_while_written_and_leaves_no_temporary(tmp_
             raise RuntimeError("boom")
     assert seen["mode"] == 0o600  # private while it is written
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["data.bin"]
-    write_file_atomic(target, "new ✓", mode=0o640)
-    assert target.read_text(encoding="utf-8") == "new ✓" and target.stat().st_mode & 0o777 == 0o640
+    old_umask = os.umask(0o027)
+    try:
+        write_file_atomic(target, "new ✓", mode=0o666)
+    finally:
+        os.umask(old_umask)
+    assert target.read_text(encoding="utf-8") == "new ✓" and target.stat().st_mode & 0o777 == 0o640  # umask applied
     assert [p.name for p in tmp_path.iterdir()] == ["data.bin"]
 
 
