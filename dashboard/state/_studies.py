@@ -187,7 +187,8 @@ def start_study(study: str, values: Mapping[str, object]) -> StudyJob:
 
 
 def _submit(sj: StudyJob, cmd: list[str]) -> StudyJob:
-    """Queue ``cmd`` as the process of ``sj`` in the server's registry (the seam the tests use)."""
+    """Queue ``cmd`` as the process of ``sj`` in the server's registry: started by ``prepare`` when its turn comes,
+    then waited for (and stopped when cancelled) by the job's thread."""
 
     def launch(job: Job) -> subprocess.Popen:
         with open(sj.log, "wb") as fh:
