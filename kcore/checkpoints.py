@@ -647,7 +647,9 @@ def load_model(
             Not used for TorchScript, torch.export and whole-module pickles, which carry their graph.
         num_classes: classifier outputs for weights-only files; default: the card's, else inferred.
         trust_pickle: allow full pickles (``torch.save(model)``), TorchScript archives and ``.pt2`` archives
-            with pickled parts. Loading these can run any code: only for files from a source you trust.
+            with pickled parts or with graph operations beyond pure tensor computations (file, storage, random or
+            custom operators: :mod:`kcore.graph_check`). Loading these can run any code: only for files from a
+            source you trust.
         strict: refuse a state dict whose keys differ from the model's (before anything runs). With
             ``False`` the matching tensors are loaded and the differences reported on the result.
         name: display name; for bytes it is also used to recognise the format by its extension.
@@ -665,7 +667,8 @@ def load_model(
         kcore.safe_files.UnsafePathError: (a ``ValueError``) a symlink below ``root`` or one swapped in while the
             file was opened, ``..``, a path outside ``root``, not a regular file, or more than
             :data:`kcore.server_paths.MAX_CHECKPOINT_BYTES` bytes.
-        UnsafeCheckpointError: the file would run code when loaded and ``trust_pickle`` is False.
+        UnsafeCheckpointError: the file would run code when loaded (or its graph would do more than compute on
+            tensors) and ``trust_pickle`` is False.
         ValueError: unknown, truncated or corrupt file; missing arch; keys or shapes that do not fit.
 
     Examples::

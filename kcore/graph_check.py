@@ -18,8 +18,9 @@ when every node, in the top graph and in every subgraph that a control-flow oper
   whose condition never turns false would hold the server forever.
 
 Everything else is refused: file and storage operators (``from_file``, ``set_``, ``resize_``, ``as_strided``,
-pinned or shared memory), random operators (``rand*``, ``bernoulli``, ``normal``, ``uniform_``, ``multinomial``,
-...), operators of any other namespace (``prims``, ``quantized``, custom operators registered with
+pinned or shared memory), uninitialised allocations (``empty*``: their values are whatever the allocator's memory
+held, possibly another session's data), random operators (``rand*``, ``bernoulli``, ``normal``, ``uniform_``,
+``multinomial``, ...), operators of any other namespace (``prims``, ``quantized``, custom operators registered with
 ``torch.library``), ``call_module``/``call_method`` nodes and any other Python callable (the archive format
 resolves a target such as ``torch.os.system`` by attribute lookup).
 
@@ -78,10 +79,10 @@ ALLOWED_ATEN_OPS: frozenset[str] = frozenset(
         "pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
         "replication_pad1d", "replication_pad2d", "replication_pad3d", "index_select", "gather", "index",
         "where", "masked_fill", "tril", "triu", "embedding", "one_hot", "slice_scatter", "select_scatter",
-        # dtype conversion, copies and tensors that are only allocated
+        # dtype conversion, copies and filled new tensors (not ``empty*``: uninitialised memory could show what
+        # another session left there)
         "_to_copy", "to", "type_as", "copy", "fill", "zeros", "zeros_like", "ones", "ones_like", "full",
-        "full_like", "empty", "empty_like", "empty_strided", "new_zeros", "new_ones", "new_full", "new_empty",
-        "arange", "linspace", "eye", "scalar_tensor",
+        "full_like", "new_zeros", "new_ones", "new_full", "arange", "linspace", "eye", "scalar_tensor",
         # element-wise arithmetic and comparisons
         "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "neg", "abs",
         "pow", "sqrt", "rsqrt", "exp", "exp2", "log", "log2", "log10", "log1p", "expm1", "reciprocal", "sin",
@@ -133,13 +134,16 @@ ALLOWED_HIGHER_ORDER_OPS: frozenset[str] = frozenset(
 """Higher-order operators (``torch.ops.higher_order.<name>``) whose subgraphs kcore checks and then accepts."""
 
 _FILE_OPS = frozenset({"from_file", "save", "load", "_pin_memory", "pin_memory", "share_memory_"})
-_STORAGE_OPS = frozenset({"set_", "resize_", "resize_as_", "as_strided", "as_strided_", "_reshape_alias", "source_Storage"})
+_STORAGE_OPS = frozenset({"set_", "resize_", "resize_as_", "as_strided", "as_strided_", "_reshape_alias"})
 _RANDOM_OPS = frozenset(
     {
         "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "bernoulli_",
         "normal", "normal_", "uniform", "uniform_", "multinomial", "poisson", "exponential_", "geometric_",
         "cauchy_", "log_normal_", "random_", "rrelu", "rrelu_with_noise", "_fused_dropout", "seed", "manual_seed",
     }
+)
+_UNINITIALISED_OPS = frozenset(
+    {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
 )
 _INPUT_KINDS = frozenset({"USER_INPUT", "PARAMETER", "BUFFER", "CONSTANT_TENSOR"})
 _OUTPUT_KINDS = frozenset({"USER_OUTPUT"})
@@ -244,6 +248,8 @@ def _check_op(node: torch.fx.Node, graph: str) -> Iterator[GraphFinding]:
             reason = "reads or writes a file or shared memory"
         elif packet in _STORAGE_OPS:
             reason = "points a tensor at other memory"
+        elif packet in _UNINITIALISED_OPS:
+            reason = "returns uninitialised memory (what another session left there)"
         elif packet in _RANDOM_OPS:
             reason = "draws from the process's random generator"
         else:
@@ -314,7 +320,9 @@ def unsafe_operations(program: torch.export.ExportedProgram) -> tuple[GraphFindi
     signature = program.graph_signature
     for spec in signature.input_specs:
         if spec.kind.name not in _INPUT_KINDS:
-            findings.append(GraphFinding(f"signature input {spec.kind.name}", "", "", f"input {spec.arg} is not a tensor"))
+            findings.append(
+                GraphFinding(f"signature input {spec.kind.name}", "", "", f"input {spec.arg} is not a tensor")
+            )
     for spec in signature.output_specs:
         if spec.kind.name not in _OUTPUT_KINDS:
             findings.append(

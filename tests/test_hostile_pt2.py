@@ -134,7 +134,7 @@ def _with_node(make) -> torch.export.ExportedProgram:
 
 
 def _empty(graph: torch.fx.Graph) -> torch.fx.Node:
-    return graph.call_function(torch.ops.aten.empty.memory_format, ([4],))
+    return graph.call_function(torch.ops.aten.zeros.default, ([4],))
 
 
 HAND_MADE = {
@@ -147,6 +147,8 @@ HAND_MADE = {
     "aten.normal_.default": (lambda g, x: g.call_function(torch.ops.aten.normal_.default, (_empty(g),)),
                              "random generator"),
     "aten.rand.default": (lambda g, x: g.call_function(torch.ops.aten.rand.default, ([4],)), "random generator"),
+    "aten.empty.memory_format": (lambda g, x: g.call_function(torch.ops.aten.empty.memory_format, ([4],)),
+                                 "uninitialised memory"),
     "aten._pin_memory.default": (lambda g, x: g.call_function(torch.ops.aten._pin_memory.default, (x,)),
                                  "file or shared memory"),
     "posix.system": (lambda g, x: g.call_function(os.system, ("touch /nonexistent/kcore",)), "a Python function"),
@@ -246,7 +248,8 @@ def test_writes_into_inputs_and_buffers_are_refused():
     findings = unsafe_operations(torch.export.export(_MutatesInput(), (X,)))
     assert [(f.operation, f.reason) for f in findings] == [
         ("aten.mul_.Tensor", "writes into the graph input or constant 'x'")]
-    operations = {f.operation: f.reason for f in unsafe_operations(torch.export.export(_TrainBatchNorm().train(), (X,)))}
+    program = torch.export.export(_TrainBatchNorm().train(), (X,))
+    operations = {f.operation: f.reason for f in unsafe_operations(program)}
     assert operations["aten.batch_norm.default"].startswith("training=True")
     assert "b_bn_num_batches_tracked" in operations["aten.add_.Tensor"]
 
