@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
 
+from kcore._io import write_file_atomic
 from kcore.cards import CARD_FORMAT, card_path_for
 from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
 from kcore.training import (  # noqa: F401  (the generic trainer, re-exported for older imports)
@@ -231,18 +232,17 @@ def train_sample_models(out_dir: str | Path, *, quick: bool = False,
             state = {k: v.detach().contiguous() for k, v in result.model.state_dict().items()}
             # One metadata key only: safetensors writes a map in arbitrary order, and a
             # single key keeps the file byte-identical from run to run.
-            save_file(state, str(weights), metadata={"kcore_sample_model": recipe.name})
+            write_file_atomic(weights, st_save(state, metadata={"kcore_sample_model": recipe.name}))
             card = make_card(recipe, result, spec, command=command, num_threads=threads)
             card_path = card_path_for(weights)
-            card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+            write_file_atomic(card_path, json.dumps(card, indent=2) + "\n")
             written.append(SampleModel(recipe.name, weights, card_path, card))
             _say(progress, f"{recipe.name}: test accuracy {result.test_accuracy:.4f}, "
                            f"{result.train_seconds:.0f} s")
     finally:
         torch.set_num_threads(previous_threads)
     if not only:
-        (out / "README.md").write_text(
-            _readme(written, command, time.perf_counter() - start, quick), encoding="utf-8")
+        write_file_atomic(out / "README.md", _readme(written, command, time.perf_counter() - start, quick))
     return tuple(written)
 
 

@@ -21,6 +21,7 @@ import streamlit as st
 from dashboard.jobs import Job, wait_for_process
 from dashboard.state._jobs import registry, session_key
 from dashboard.state._paths import ROOT, studies_dir
+from kcore._io import open_new_file, write_file_atomic
 
 QUICK: dict[str, dict[str, object]] = {
     "diagnosis": {"repeats": 1, "n_train": 600, "n_test": 200, "fit_epochs": 5, "epochs": 12},
@@ -140,8 +141,8 @@ def _record_timing(job: StudyJob) -> None:
     table = _timings()
     table[_key(job.study, job.args)] = {"lines": len(job.lines()), "seconds": round(job.elapsed, 1)}
     try:
-        (studies_dir() / TIMINGS_FILE).write_text(json.dumps(table, indent=1))
-    except OSError:
+        write_file_atomic(studies_dir() / TIMINGS_FILE, json.dumps(table, indent=1))
+    except (OSError, ValueError):
         pass  # no estimate next time; nothing else depends on it
 
 
@@ -191,7 +192,7 @@ def _submit(sj: StudyJob, cmd: list[str]) -> StudyJob:
     then waited for (and stopped when cancelled) by the job's thread."""
 
     def launch(job: Job) -> subprocess.Popen:
-        with open(sj.log, "wb") as fh:
+        with open_new_file(sj.log, mode=0o600) as fh:  # never through a link planted at the log's name
             sj.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
         sj.started = time.time()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from kcore._io import MARKER, check_out_dir
+from kcore._io import MARKER, check_out_dir, write_file_atomic
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.checkpoints import LoadedModel, load_model
@@ -139,11 +139,11 @@ class Family:
         out.mkdir(parents=True, exist_ok=True)
         for m in self.members:
             path = out / f"{m.name}.safetensors"
-            path.write_bytes(m._bytes)
+            write_file_atomic(path, m._bytes)
             write_card(m.card, card_path_for(path))
-        (out / "family.json").write_text(json.dumps(self.manifest(), indent=1) + "\n")
+        write_file_atomic(out / "family.json", json.dumps(self.manifest(), indent=1) + "\n")
         # kcore's marker: `train-family --overwrite` may write into this folder again (kcore._io.check_out_dir)
-        (out / MARKER).write_text(json.dumps({"kcore": "family", "format": 1}))
+        write_file_atomic(out / MARKER, json.dumps({"kcore": "family", "format": 1}))
         return out
 
 
