@@ -28,6 +28,8 @@ SAMPLES = ROOT / "sample_models"
 HANG_GUARD_S = 300  # a subprocess that runs longer has hung; not a speed assertion
 X = torch.zeros(2, 3, 8, 8)
 BATCH = ({0: torch.export.Dim("batch", min=1, max=64)},)
+ANY_SIZE = ({0: BATCH[0][0], 2: torch.export.Dim("height", min=4, max=512),
+             3: torch.export.Dim("width", min=4, max=512)},)
 
 
 def _env() -> dict:
@@ -77,7 +79,7 @@ def _from_file_archive(folder: Path, target: Path) -> Path:
     try:
         lib.impl("from_file", lambda filename, shared=None, size=0, **kw: torch.empty(size, dtype=kw.get("dtype"),
                                                                                      device="meta"), "Meta")
-        program = torch.export.export(_FileWriter(target), (X,), dynamic_shapes=BATCH)
+        program = torch.export.export(_FileWriter(target), (X,), dynamic_shapes=ANY_SIZE)
     finally:
         lib._destroy()
     assert (target.read_bytes() if target.exists() else None) == before  # tracing ran on meta tensors only
@@ -494,3 +496,22 @@ def test_safetensors_header_under_the_cap_reaches_safetensors():
     with pytest.raises(ValueError, match=r"does not match arch='kc_tinynet'") as info:
         load_model(_header_file(1000), name="few.safetensors", arch="kc_tinynet", num_classes=10)
     assert "tensors in its safetensors header" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------- the dashboard
+
+
+def test_dashboard_upload_of_the_from_file_graph_is_refused(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    target = tmp_path / "outside" / "planted.pth"
+    target.parent.mkdir()
+    data = _from_file_archive(tmp_path, target).read_bytes()
+    for name in ("KCORE_RUNS_DIR", "KCORE_STUDIES_DIR", "KCORE_EXPORTS_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    at.segmented_control(key="kc_src_B").set_value("upload").run()
+    at.file_uploader(key="kc_upload_B").upload("writer.pt2", data).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("from_file" in e.value and "Fix:" in e.value for e in at.error), [e.value for e in at.error]
+    assert not target.exists() and list(target.parent.iterdir()) == []
