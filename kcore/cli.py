@@ -176,7 +176,14 @@ def _input_size(m, given=None) -> tuple[int, int]:
     from kcore.preprocessing import preprocessing_of
 
     if given:
-        return tuple(given)
+        from kcore.limits import limits
+
+        h, w = given
+        if h < 1 or w < 1:
+            raise ValueError(f"--input-size must be two positive integers H W; got {h} {w}. Fix: e.g. --input-size 224 224.")
+        limits().check("max_input_side", max(h, w), what=f"--input-size {h} {w}",
+                       fix="give a smaller --input-size (the model's own input size is usually 224 224)")
+        return (h, w)
     return preprocessing_of(m).input_size or (224, 224)
 
 

@@ -390,3 +390,17 @@ def test_dashboard_classes_field_is_capped(monkeypatch):
     assert not at.exception, [e.value for e in at.exception]
     box = at.number_input(key="kc_ncls_A")
     assert box.label == "Classes" and box.max == 77 and box.min == 0
+
+
+@needs_sample
+def test_cli_layers_input_size_is_capped_before_the_dry_run(capsys, monkeypatch):
+    """`kcore layers --input-size` runs the model at that size: the same side cap as a card's input_size."""
+    from kcore.cli import main
+
+    assert main(["layers", str(SAMPLE), "--input-size", "3000", "3000"]) == 2
+    err = capsys.readouterr().err
+    assert "--input-size 3000 3000" in err and "KCORE_MAX_INPUT_SIDE" in err and "Traceback" not in err
+    assert main(["layers", str(SAMPLE), "--input-size", "0", "64"]) == 2
+    assert "two positive integers" in capsys.readouterr().err
+    monkeypatch.setenv("KCORE_MAX_INPUT_SIDE", "4000")  # the operator's cap moves the CLI's too
+    assert main(["layers", str(SAMPLE), "--input-size", "48", "3000"]) == 0
