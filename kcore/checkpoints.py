@@ -75,7 +75,7 @@ STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
 _CHUNK_BYTES = 1 << 20
 _MAX_LISTED = 5
 _SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
-_PT2_MAX_PROGRAM_JSON = 256 * 1024 * 1024
+_PT2_MAX_PROGRAM_JSON = 64 * 1024 * 1024  # densenet121 and vit_b_16 write 1-2 MB
 
 SAFETENSORS_MAX_TENSORS = 100_000
 """Most tensors a safetensors header may list; checked on the raw header before safetensors builds any tensor

@@ -393,6 +393,19 @@ def test_guards_that_compare_sizes_pass():
     assert unsafe_serialized_values({"guards_code": guards}) == ()
 
 
+def test_a_program_json_that_inflates_beyond_the_cap_is_refused_unread():
+    from kcore.checkpoints import _PT2_MAX_PROGRAM_JSON
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        dst.writestr("m/archive_format", b"pt2")
+        dst.writestr("m/models/model.json", b" " * (_PT2_MAX_PROGRAM_JSON + 1))
+    assert len(out.getvalue()) < _PT2_MAX_PROGRAM_JSON // 100  # a zip bomb: small upload, big member
+    with pytest.raises(UnsafeCheckpointError, match=rf"program models/model\.json larger than "
+                                                    rf"{_PT2_MAX_PROGRAM_JSON >> 20} MiB"):
+        load_model(out.getvalue(), name="bomb.pt2")
+
+
 class _Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
