@@ -369,6 +369,10 @@ def _pt2_risks(src: _Source) -> tuple[str, ...]:
             risks.append("legacy torch.export archive (before PyTorch 2.8): loaded with a pickle fallback")
         # torch.export.load falls back to the legacy reader (pickles, read weights_only=False on failure) for
         # entries at the top level of the zip, which the checks below would not see
+        # torch.save writes members stored, not deflated: a member that inflates far beyond the file is a bomb
+        inflated = sum(info.file_size for info in zf.infolist())
+        if inflated > max(2 * src.size, _PT2_MAX_PROGRAM_JSON):
+            risks.append(f"members inflating to {inflated} bytes from a {src.size}-byte file (a zip bomb)")
         stray = sorted(n for n in names if not root or not n.startswith(root))
         if stray:
             risks.append(f"entries outside the archive's one folder (read by the legacy loader): {stray[:3]}")

@@ -400,10 +400,12 @@ def test_a_program_json_that_inflates_beyond_the_cap_is_refused_unread():
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
         dst.writestr("m/archive_format", b"pt2")
         dst.writestr("m/models/model.json", b" " * (_PT2_MAX_PROGRAM_JSON + 1))
-    assert len(out.getvalue()) < _PT2_MAX_PROGRAM_JSON // 100  # a zip bomb: small upload, big member
-    with pytest.raises(UnsafeCheckpointError, match=rf"program models/model\.json larger than "
-                                                    rf"{_PT2_MAX_PROGRAM_JSON >> 20} MiB"):
+        dst.writestr("m/data/weights/weight_0", bytes(3 * _PT2_MAX_PROGRAM_JSON))
+    assert len(out.getvalue()) < _PT2_MAX_PROGRAM_JSON // 100  # a zip bomb: small upload, big members
+    with pytest.raises(UnsafeCheckpointError) as info:
         load_model(out.getvalue(), name="bomb.pt2")
+    assert f"program models/model.json larger than {_PT2_MAX_PROGRAM_JSON >> 20} MiB" in str(info.value)
+    assert f"inflating to {4 * _PT2_MAX_PROGRAM_JSON + 4} bytes from a {len(out.getvalue())}-byte" in str(info.value)
 
 
 class _Evil:
