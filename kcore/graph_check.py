@@ -203,10 +203,11 @@ def _written_arguments(node: torch.fx.Node, schema: torch._C.FunctionSchema) -> 
 
 
 def _base(value: object) -> object:
-    """Follow views (operators whose first argument is aliased by their result) back to the tensor they view."""
-    seen = 0
-    while isinstance(value, torch.fx.Node) and value.op == "call_function" and seen < 10_000:
-        seen += 1
+    """Follow views (operators whose first argument is aliased by their result) back to the tensor they view.
+
+    Terminates: a node's arguments are earlier nodes of the same graph.
+    """
+    while isinstance(value, torch.fx.Node) and value.op == "call_function":
         target = value.target
         if target is operator.getitem or (
             isinstance(target, torch._ops.OpOverload)
@@ -263,8 +264,10 @@ def _check_op(node: torch.fx.Node, graph: str) -> Iterator[GraphFinding]:
         )
     for written in _written_arguments(node, target._schema):
         base = _base(written)
-        if isinstance(base, torch.fx.Node) and base.op in ("placeholder", "get_attr"):
-            yield GraphFinding(name, node.name, graph, f"writes into the graph input or constant {base.name!r}")
+        if not (isinstance(base, torch.fx.Node) and base.op == "call_function"):
+            # a graph input, a constant, or a Python list the writer reached through getitem
+            what = repr(base.name) if isinstance(base, torch.fx.Node) else f"a Python {type(base).__name__}"
+            yield GraphFinding(name, node.name, graph, f"writes into the graph input or constant {what}")
 
 
 def _graphs(root: torch.fx.GraphModule) -> Iterator[tuple[str, torch.fx.GraphModule]]:

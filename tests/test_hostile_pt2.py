@@ -530,3 +530,13 @@ def test_dashboard_upload_of_the_from_file_graph_is_refused(tmp_path, monkeypatc
     assert not at.exception, [e.value for e in at.exception]
     assert any("from_file" in e.value and "Fix:" in e.value for e in at.error), [e.value for e in at.error]
     assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_a_write_through_getitem_of_a_python_list_is_refused():
+    def write(graph, x):
+        item = graph.call_function(__import__("operator").getitem, ([x], 0))
+        graph.call_function(torch.ops.aten.mul_.Tensor, (item, 3))
+
+    findings = unsafe_operations(_with_node(write))
+    assert [f.operation for f in findings] == ["aten.mul_.Tensor"]
+    assert findings[0].reason.startswith("writes into the graph input or constant a Python ")  # fx's immutable_list
