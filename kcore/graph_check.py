@@ -133,7 +133,7 @@ ALLOWED_HIGHER_ORDER_OPS: frozenset[str] = frozenset(
 )
 """Higher-order operators (``torch.ops.higher_order.<name>``) whose subgraphs kcore checks and then accepts."""
 
-_FILE_OPS = frozenset({"from_file", "save", "load", "_pin_memory", "pin_memory", "share_memory_"})
+_FILE_OPS = frozenset({"from_file", "save", "_pin_memory", "pin_memory"})  # aten::save(t item, str filename)
 _STORAGE_OPS = frozenset({"set_", "resize_", "resize_as_", "as_strided", "as_strided_", "_reshape_alias"})
 _RANDOM_OPS = frozenset(
     {

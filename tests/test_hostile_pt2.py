@@ -151,6 +151,8 @@ HAND_MADE = {
     "aten.rand.default": (lambda g, x: g.call_function(torch.ops.aten.rand.default, ([4],)), "random generator"),
     "aten.empty.memory_format": (lambda g, x: g.call_function(torch.ops.aten.empty.memory_format, ([4],)),
                                  "uninitialised memory"),
+    "aten.save.default": (lambda g, x: g.call_function(torch.ops.aten.save.default, (x, "/nonexistent/kcore.pt")),
+                          "reads or writes a file"),
     "aten._pin_memory.default": (lambda g, x: g.call_function(torch.ops.aten._pin_memory.default, (x,)),
                                  "file or shared memory"),
     "posix.system": (lambda g, x: g.call_function(os.system, ("touch /nonexistent/kcore",)), "a Python function"),
