@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kcore.safe_files import read_under
+from kcore.safe_files import UnsafePathError, read_under
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -56,8 +56,6 @@ def read_bytes(folder: str | os.PathLike, name: str, max_bytes: int) -> bytes:
         FolderFileError: a symlink, FIFO, device or folder, or a file above ``max_bytes``.
         FileNotFoundError: no such file.
     """
-    from kcore.safe_files import UnsafePathError
-
     try:
         return read_under(folder, name, max_bytes=max_bytes, what=f"file {name!r} of the folder")
     except UnsafePathError as exc:
@@ -147,10 +145,6 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def check_fields(value: Any, schema: Any, folder: str | os.PathLike, name: str, where: str = "") -> None:
     """Check a JSON value against the type it was written with; raise naming the file and the field.
 
@@ -236,7 +230,7 @@ def check_fields(value: Any, schema: Any, folder: str | os.PathLike, name: str, 
         if isinstance(schema, Mapping):
             fields = {k: (tp, _allows_none(tp)) for k, tp in schema.items()}
         else:
-            hints = _hints(schema)
+            hints = typing.get_type_hints(schema)
             fields = {f.name: (hints[f.name], f.default is not dataclasses.MISSING
                                or f.default_factory is not dataclasses.MISSING)
                       for f in dataclasses.fields(schema) if f.init}

@@ -607,6 +607,8 @@ def read_run(run_dir: str | os.PathLike) -> Comparison:
     if n == 0:
         raise rb.folder_error(d, "images.json", "has field 'ids' empty; expected the held-out images' ids")
     rb.check_length(imgs.get("labels"), n, d, "images.json", "labels", f"one per id, {n} ids")
+    if any(not -2**63 <= v < 2**63 for v in imgs.get("labels") or ()):
+        raise rb.folder_error(d, "images.json", "has field 'labels' with a value outside the 64-bit integers")
     t = rb.read_safetensors(d, "features_heldout.safetensors")
     feats_name = "features_heldout.safetensors"
     for key in ("x_a", "x_b"):

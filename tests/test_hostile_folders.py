@@ -387,3 +387,42 @@ def test_the_studies_page_shows_only_the_folders_own_files(planted_study, monkey
     (warning,) = [w.value for w in at.warning if "Left out" in w.value]
     assert all(name in warning for name in ("leak.csv", "leak.json", "x.csv", "table.csv")), warning
     assert len(at.get("download_button")) == 1 and len(at.image) == 1
+
+
+def test_the_dashboard_shows_edited_run_folders_as_messages_and_a_sound_one_on_every_page(run_folder, tmp_path,
+                                                                                         monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))
+    folders = {}
+    for case in ("string_instability", "nan_features"):
+        folders[case] = tmp_path / case
+        shutil.copytree(run_folder, folders[case])
+        EDITS[case][0](folders[case])
+    folders["npz_bomb"] = tmp_path / "npz_bomb"
+    shutil.copytree(run_folder, folders["npz_bomb"])
+    _bomb(folders["npz_bomb"] / "heldout_images.npz", 2, (600_000, 64, 64, 3), 1 << 20)
+    expect = {"string_instability": ("g_A_to_B/fit.json", "heldout_report.instability"),
+              "nan_features": ("features_heldout.safetensors", "NaN/Inf"),
+              "npz_bomb": ("heldout_images.npz", "would inflate to")}
+    good = tmp_path / "good"
+    shutil.copytree(run_folder, good)
+
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    at.switch_page("app_pages/fit.py").run()
+    for case, d in folders.items():
+        at.text_input(key="kc_open_path").input(str(d)).run()
+        at.button(key="kc_open_go").click().run()
+        assert not at.exception, (case, [e.value for e in at.exception])
+        errors = [e.value for e in at.error]
+        assert any(all(w in e for w in expect[case]) and "Fix:" in e for e in errors), (case, errors)
+    assert not at.session_state["kc_runs"]  # none of them was adopted
+    at.text_input(key="kc_open_path").input(str(good)).run()
+    at.button(key="kc_open_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    (entry,) = at.session_state["kc_runs"].values()
+    assert entry.origin == "folder" and len(entry.raw_images) == len(entry.comparison.heldout_positions)
+    for page in ("overview", "explorer", "filters", "figure1"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
