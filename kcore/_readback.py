@@ -16,7 +16,6 @@ import struct
 import types
 import typing
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from kcore.safe_files import UnsafePathError, read_under

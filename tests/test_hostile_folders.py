@@ -7,12 +7,12 @@ stays bounded (measured) and nothing hangs.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -210,7 +210,7 @@ def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
     """A .npy version 1.0 header declaring ``shape`` and ``dtype`` (whatever data follows)."""
     from numpy.lib import format as npy
 
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     npy.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
     return buf.getvalue()  # (the magic string included)
 
@@ -221,7 +221,7 @@ def _bomb(path: Path, n_ids: int, images_shape: tuple[int, ...], data_bytes: int
     import zipfile
 
     ids = np.asarray([f"img{i}" for i in range(n_ids)])
-    ids_npy = __import__("io").BytesIO()
+    ids_npy = io.BytesIO()
     np.save(ids_npy, ids)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("ids.npy", ids_npy.getvalue())
@@ -340,7 +340,7 @@ def test_a_study_folder_is_read_without_symlinks_devices_or_fifos(planted_study)
     assert "symlink" in folder.skipped["leak.csv"] and "symlink" in folder.skipped["x.csv"]
     assert "not a regular file" in folder.skipped["table.csv"]
     assert folder.read_file("curve.png").startswith(b"\x89PNG")
-    with zipfile.ZipFile(__import__("io").BytesIO(archive)) as zf:
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         names = set(zf.namelist())
         assert names == {p.name for p in out.iterdir() if p.is_file() and not p.is_symlink()}
         assert "pairs.csv" in names and not names & set(folder.skipped)
