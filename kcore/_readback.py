@@ -31,7 +31,8 @@ SAFETENSORS_HEADER_MAX_BYTES = 1 * MiB
 """Largest safetensors header of a run folder: its files hold a handful of named tensors, so a header listing
 millions of them is refused before it is parsed."""
 
-_FIX = "Fix: re-run `kcore fit --out NEW_DIR` (or the study), or restore the folder from a copy"
+_FIX = ("Fix: write the folder again (`kcore fit --out NEW_DIR` for a run folder, the study's command for a study "
+        "folder), or restore it from a copy")
 
 
 class FolderFileError(ValueError):
@@ -135,7 +136,10 @@ def _describe(tp: Any) -> str:
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+            item = args[0]
+            if dataclasses.is_dataclass(item):
+                return f"a list of {item.__name__} objects"
+            return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s"
         return f"a list of {len(args)} values"
     if origin in (dict, Mapping) or tp is dict:
         return "an object"
