@@ -606,6 +606,11 @@ def _checked_fit_json(meta: Any, tensors: dict, folder: Path, names: dict[str, s
         if bad:
             raise rb.folder_error(folder, names["g.safetensors"], f"holds {bad} NaN/Inf value(s) in {key!r}; "
                                                                   "expected finite weights and statistics")
+        # the maps are divided by these: a std of 0 or a negative variance would give NaN/Inf components
+        rule = {"norm.src_std": "> 0", "norm.tgt_std": "> 0", "g.running_var": ">= 0"}.get(key)
+        if rule is not None and bool((t <= 0).any() if rule == "> 0" else (t < 0).any()):
+            raise rb.folder_error(folder, names["g.safetensors"], f"holds {key!r} with values that are not {rule}; "
+                                                                  "expected standard deviations and variances")
     if min(meta["target_size"]) < 1:
         raise rb.folder_error(folder, name, f"has field 'target_size' = {meta['target_size']}; expected two "
                                             "positive integers")

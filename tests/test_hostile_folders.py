@@ -113,6 +113,14 @@ def _set(*path_and_value):
     return edit
 
 
+def _zero_std(d: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(d / "g_A_to_B" / "g.safetensors"))
+    t["norm.tgt_std"][1] = 0.0
+    save_file(t, str(d / "g_A_to_B" / "g.safetensors"))
+
+
 # case → (edit of a copy, file named, field named, words of the expectation)
 EDITS = {
     "string_parameter_count": (lambda d: _edit_json(d / "provenance.json", _set("checkpoint_a", "num_parameters", "1,234")),
@@ -135,6 +143,7 @@ EDITS = {
                           "metrics.json", "baselines", "expected an object"),
     "nan_features": (_nan_features, "features_heldout.safetensors", "'x_b'", "1 NaN/Inf value(s)"),
     "inf_weight": (_nan_weight, "g_B_to_A/g.safetensors", "g.convs", "NaN/Inf"),
+    "zero_std": (_zero_std, "g_A_to_B/g.safetensors", "'norm.tgt_std'", "not > 0"),
 }
 
 
