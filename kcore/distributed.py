@@ -164,6 +164,7 @@ def init(device: str | torch.device | None = "auto") -> Context:
         return Context(0, 1, 0, dev, None)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        _import_group_default_holders()
         signal.signal(signal.SIGTERM, _on_sigterm)
         try:
             dist.init_process_group(backend, timeout=_timeout(), device_id=dev if dev.type == "cuda" else None)
@@ -173,6 +174,27 @@ def init(device: str | torch.device | None = "auto") -> Context:
                 "the same torchrun --rdzv-endpoint (MASTER_ADDR/MASTER_PORT) and can reach it."
             ) from exc
     return Context(rank, world, local, dev, dist.get_backend())
+
+
+def _import_group_default_holders() -> None:
+    """Import, before the process group exists, the torch module that would otherwise keep the group alive.
+
+    ``torch.distributed.nn.functional`` declares ``group=group.WORLD`` in its signatures, so its functions keep,
+    as default arguments, whatever default group exists when the module is first imported, and a job imports it
+    lazily: its first ``torch.optim`` optimizer imports ``torch._dynamo``, which imports it. Those defaults then
+    held the job's group after ``destroy_process_group`` (which drops only torch's own references): the group was
+    never destroyed while Python ran, and its gloo threads (the TCP loop and two workers) lived on through the
+    interpreter's finalisation and the C++ static destructors, still reacting to the other rank's exit (a loop
+    thread closing its socket a few ms before its own process exits, seen with strace). That race at exit is
+    where a rank aborted now and then after its work was done ("terminate called without an active
+    exception", SIGABRT), which :func:`shutdown`'s barriers cannot order. Imported here first, the defaults
+    are None (the default group at call time, the same meaning), so :func:`shutdown` really destroys the group
+    and joins its threads while the interpreter is whole and the ranks are in step.
+    """
+    try:
+        import torch.distributed.nn.functional  # noqa: F401
+    except ImportError:  # a build without it has nothing that could capture the group either
+        pass
 
 
 def current() -> Context:
@@ -190,7 +212,8 @@ def shutdown(wait: bool = False) -> None:
 
     ``wait``: first wait for every rank to arrive here (a barrier), so that no rank tears its connections down
     while another still uses them (gloo then aborts the other rank with SIGABRT). Only on a normal exit: after
-    a failure the other ranks may never arrive.
+    a failure the other ranks may never arrive. Destroying the group closes its connections and joins its
+    threads here, before the interpreter exits (:func:`_import_group_default_holders` says why that needs care).
     """
     if dist.is_available() and dist.is_initialized():
         if wait:

@@ -447,3 +447,64 @@ def test_ranks_leave_the_job_together_after_a_second_barrier_on_the_store(tmp_pa
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"seen.{rank}").read_text())
         assert seen == {"initialized_after": False, "arrived": 2, "all": True}, (rank, seen)
+
+
+_EXIT_JOB = """
+import json, os, sys
+import torch
+from kcore import distributed as kd
+torch.set_num_threads(1)
+with kd.job("cpu") as ctx:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # as every fit and training does (imports torch._dynamo)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    total = kd.all_reduce_floats(float(ctx.rank + 1), ctx=ctx)
+    squares = kd.map_over_ranks(lambda i: i * i, list(range(5)), ctx)
+    kd.main_first(lambda: open(sys.argv[1], "w").write(json.dumps({"total": total, "squares": squares})), ctx)
+names = []
+if len(sys.argv) > 2:  # the threads this rank still runs once it has left the job
+    for task in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    open(f"{sys.argv[2]}.{ctx.rank}", "w").write(json.dumps(names))
+"""
+
+
+def _exit_job(tmp_path: Path, i: int, threads: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+    """One run of the tiny 2-rank job above (a fresh torchrun), without asserting its exit status."""
+    script = tmp_path / "exit_job.py"
+    if not script.exists():
+        script.write_text(_EXIT_JOB)
+    out = tmp_path / f"result{i}.json"
+    args = [*TORCHRUN, str(script), str(out)] + ([str(tmp_path / f"threads{i}")] if threads else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT), out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the thread names from /proc")
+def test_a_rank_that_built_an_optimizer_joins_the_group_threads_before_leaving(tmp_path: Path) -> None:
+    """Leaving the job destroys the process group for real, so no gloo thread outlives it into interpreter exit.
+
+    An optimizer imports torch._dynamo, which imports torch.distributed.nn.functional, whose defaults
+    (``group=group.WORLD``) would hold the job's group for ever; its gloo threads then lived into the exit
+    of every rank (where a rank aborted now and then). ``kd.init`` imports that module before the group exists.
+    """
+    proc, out = _exit_job(tmp_path, 0, threads=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(out.read_text()) == {"total": [3.0], "squares": [0, 1, 4, 9, 16]}
+    for rank in (0, 1):
+        names = json.loads((tmp_path / f"threads0.{rank}").read_text())
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
+
+
+@pytest.mark.slow
+def test_thirty_two_rank_jobs_in_a_row_all_exit_cleanly(tmp_path: Path) -> None:
+    """30 fresh torchrun jobs of 2 gloo ranks: every one exits with 0, no rank aborts on the way out."""
+    failed = []
+    for i in range(30):
+        proc, out = _exit_job(tmp_path, i)
+        if proc.returncode != 0 or "terminate called" in proc.stderr or "SIGABRT" in proc.stderr or not out.exists():
+            failed.append((i, proc.returncode, proc.stderr[-1500:]))
+    assert failed == [], f"{len(failed)} of 30 runs did not exit cleanly: {failed}"
