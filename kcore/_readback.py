@@ -79,6 +79,10 @@ def read_json(folder: str | os.PathLike, name: str, max_bytes: int = JSON_MAX_BY
 def read_safetensors(folder: str | os.PathLike, name: str, max_bytes: int = TENSORS_MAX_BYTES) -> dict:
     """The tensors of a safetensors file of a folder (name → CPU tensor), its header size checked first.
 
+    The bytes are read into memory and the tensors built from them, never memory-mapped
+    (``safetensors.torch.load_file``/``safe_open`` map the file, and a file truncated by someone else afterwards
+    would then kill the whole server with SIGBUS when a tensor is touched).
+
     Raises:
         FolderFileError: unsafe, above ``max_bytes``, a header above :data:`SAFETENSORS_HEADER_MAX_BYTES`, or not a
             readable safetensors file.

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -163,6 +164,27 @@ def test_an_edited_run_folder_is_a_clear_error_naming_the_file_and_the_field(run
     assert name in msg and field in msg and words in msg, msg
     assert str(d) in msg and "Fix:" in msg and "Traceback" not in msg
     assert _snapshot(d) == before  # nothing changed
+
+
+def test_a_run_folder_truncated_after_it_was_opened_does_not_crash_the_reader(run_folder, tmp_path):
+    """Memory-mapped tensors would die of SIGBUS here; read_run's tensors are its own."""
+    import subprocess
+
+    d = tmp_path / "run"
+    shutil.copytree(run_folder, d)
+    script = (
+        "import os, pathlib, sys, kcore\n"
+        "c = kcore.read_run(sys.argv[1])\n"
+        "for p in pathlib.Path(sys.argv[1]).rglob('*.safetensors'):\n"
+        "    os.truncate(p, 0)\n"
+        "d = c.decompose('A_to_B')\n"
+        "print(float(c.features.x_a.sum()) == float(c.features.x_a.sum()), float(d.residual.abs().sum()) >= 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(d)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split() == ["True", "True"]
+    assert (d / "features_heldout.safetensors").stat().st_size == 0  # the files really were truncated
 
 
 def test_run_folder_files_are_read_only_as_regular_files_inside_it(run_folder, tmp_path):
