@@ -32,12 +32,15 @@ mutations: export the model in eval mode).
 
 The archive's JSON is also checked before ``torch.export.load`` reads it (:func:`unsafe_serialized_values`):
 ``torch.export.load`` parses each symbolic-shape expression with ``sympy.sympify``, which evaluates Python, so
-an expression must be a plain arithmetic of sympy constructors and symbol names; and guard expressions, which
-``ExportedProgram.module()`` would ``exec``, must be plain comparisons of input sizes.
+an expression must be a plain arithmetic of sympy constructors and symbol names; the input and output tree specs,
+which it reads with a decoder that imports the modules they name, must hold plain containers (tuple, list, dict)
+of plain keys; and guard expressions, which ``ExportedProgram.module()`` would ``exec``, must be plain comparisons
+of input sizes.
 """
 from __future__ import annotations
 
 import ast
+import json
 import math
 import operator
 import re
@@ -453,13 +456,67 @@ def _guard_problem(text: str) -> str | None:
     return None
 
 
+_SPEC_TYPES = frozenset(
+    {
+        None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict",
+        "torch.fx.immutable_collections.immutable_list", "torch.fx.immutable_collections.immutable_dict",
+    }
+)
+
+
+def _plain_context(value: object) -> bool:
+    """A pytree context made of lists and scalars only (a JSON object would reach torch's enum hook)."""
+    if isinstance(value, list):
+        return all(_plain_context(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _spec_problem(text: str) -> str | None:
+    """Why a serialized input/output tree spec could import or call something, or ``None`` when it is plain.
+
+    ``torch.export.load`` reads these with ``torch.utils._pytree.treespec_loads``, which imports the module a
+    ``defaultdict`` context names and, for a context holding ``{"__enum__": ..., "fqn": "module:attr"}``, imports
+    that module and indexes the attribute (``ctypes:cdll`` would load a shared library).
+    """
+    if len(text) > MAX_EXPRESSION_CHARS * 10:
+        return f"{len(text)} characters (at most {MAX_EXPRESSION_CHARS * 10})"
+    try:
+        parsed = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return f"not JSON ({str(exc)[:40]})"
+    if not (isinstance(parsed, list) and len(parsed) == 2 and isinstance(parsed[1], dict)):
+        return "not a [protocol, tree] pair"
+    stack: list[object] = [parsed[1]]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            return f"a {type(node).__name__} where a tree node belongs"
+        if node.get("type") not in _SPEC_TYPES:
+            return f"container type {str(node.get('type'))[:60]!r}"
+        context = node.get("context")
+        if context is not None:
+            try:
+                loaded = json.loads(context) if isinstance(context, str) else context
+            except (json.JSONDecodeError, RecursionError):
+                return "a context that is not JSON"
+            if not _plain_context(loaded):
+                return "a context holding an object (torch would import what it names)"
+        children = node.get("children_spec", [])
+        if not isinstance(children, list):
+            return "children that are not a list"
+        stack.extend(children)
+    return None
+
+
 def unsafe_serialized_values(model_json: object, *, member: str = "model.json") -> tuple[str, ...]:
     """Find the strings in an archive's program JSON that ``torch.export.load`` would evaluate as Python.
 
     ``torch.export.load`` turns every ``expr_str`` (symbolic sizes) into a sympy expression with
-    ``sympy.sympify``, which runs Python code; ``ExportedProgram.module()`` would ``exec`` each of
-    ``guards_code``. This accepts only plain sympy arithmetic (constructors such as ``Symbol('s0',
-    integer=True)``, ``Mul``, ``FloorDiv``; symbol names; small literals) and plain size comparisons.
+    ``sympy.sympify``, which runs Python code, and reads ``in_spec``/``out_spec`` with a decoder that imports
+    the modules they name; ``ExportedProgram.module()`` would ``exec`` each of ``guards_code``. This accepts
+    only plain sympy arithmetic (constructors such as ``Symbol('s0', integer=True)``, ``Mul``, ``FloorDiv``;
+    symbol names; small literals), tree specs of tuples, lists and dicts with plain keys, and plain size
+    comparisons.
 
     Args:
         model_json: the parsed ``models/<name>.json`` of a ``.pt2`` archive.
@@ -478,6 +535,10 @@ def unsafe_serialized_values(model_json: object, *, member: str = "model.json") 
                     problem = _expression_problem(item) if isinstance(item, str) else f"a {type(item).__name__}"
                     if problem:
                         problems.append(f"shape expression {str(item)[:60]!r} in {member}: {problem}")
+                elif key in ("in_spec", "out_spec") and item is not None:
+                    problem = _spec_problem(item) if isinstance(item, str) else f"a {type(item).__name__}"
+                    if problem:
+                        problems.append(f"{key} {str(item)[:60]!r} in {member}: {problem}")
                 elif key == "guards_code":
                     guards = item if isinstance(item, list) else [item]
                     for guard in guards:

@@ -4,6 +4,7 @@ export (the sample models, torchvision CNNs and a ViT) still load and list their
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -542,3 +543,39 @@ def test_a_write_through_getitem_of_a_python_list_is_refused():
     findings = unsafe_operations(_with_node(write))
     assert [f.operation for f in findings] == ["aten.mul_.Tensor"]
     assert findings[0].reason.startswith("writes into the graph input or constant a Python ")  # fx's immutable_list
+
+
+def _with_input_context(data: bytes, context: str) -> bytes:
+    """The archive with the context of its input spec's kwargs node replaced."""
+    def edit(program: dict) -> None:
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        spec = json.loads(signature["in_spec"])
+        spec[1]["children_spec"][1]["context"] = context
+        signature["in_spec"] = json.dumps(spec)
+
+    return _rewrite_program(data, edit)
+
+
+def test_an_input_spec_that_imports_a_module_is_refused(tmp_path, capfd):
+    """torch's tree-spec decoder imports the module an "__enum__" object names ('this' prints a poem)."""
+    clean = _dynamic_archive()
+    evil = _with_input_context(clean, json.dumps([{"__enum__": True, "fqn": "this:d", "name": "a"}]))
+    sys.modules.pop("this", None)
+    with pytest.raises(UnsafeCheckpointError, match=r"in_spec .*a context holding an object"):
+        load_model(evil, name="spec.pt2")
+    assert "this" not in sys.modules and "Zen of Python" not in capfd.readouterr().out
+    with contextlib.suppress(Exception):  # the payload is real: torch imports the module while loading
+        torch.export.load(io.BytesIO(evil))
+    assert "this" in sys.modules and "Zen of Python" in capfd.readouterr().out
+    defaultdict = _rewrite_program(clean, lambda p: p["graph_module"]["module_call_graph"][0]["signature"].update(
+        in_spec=json.dumps([1, {"type": "collections.defaultdict", "context": "{}", "children_spec": []}])))
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_model(defaultdict, name="defaultdict.pt2")
+    assert any("container type 'collections.defaultdict'" in risk for risk in info.value.unsafe_globals)
+
+
+def test_plain_specs_pass():
+    leaf = {"type": None, "context": None, "children_spec": []}
+    spec = [1, {"type": "builtins.tuple", "context": "null", "children_spec": [
+        {"type": "builtins.dict", "context": '["logits", "aux"]', "children_spec": [leaf, leaf]}]}]
+    assert unsafe_serialized_values({"in_spec": json.dumps(spec), "out_spec": None}) == ()
