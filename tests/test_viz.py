@@ -194,7 +194,7 @@ def test_colour_map_choice_reaches_both_renderers(dec, image):
     spec = viz.MapSpec("component", (0,))
     fig = viz.component_overlay(dec, spec, 0, 1, image, alpha=0.5, cmap="PuOr_r")
     lim = viz.map_limits(dec, spec, 0, 1, "map")
-    expected = viz.blend_overlay(image, dec.components[0][0, 1], viz._norm(lim), "PuOr_r", 0.5)
+    expected = viz.blend_overlay(image, dec.components[0][0, 1], viz.style._norm(lim), "PuOr_r", 0.5)
     np.testing.assert_allclose(_drawn(fig), expected)
     heat = viz.component_overlay_interactive(dec, spec, 0, 1, image, cmap="PuOr_r").data[-1]
     assert heat.colorscale == tuple(tuple(s) for s in viz.plotly_colorscale("PuOr_r")) or \
