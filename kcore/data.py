@@ -1,9 +1,11 @@
-"""Image sets for feature extraction: folders, file lists, uploads, zips and bundled kshapes.
+"""Images as [0, 1] tensors: folders, file lists, uploads, zips and the bundled kshapes images.
 
-An ``ImageSet`` decodes every image once, at construction, into uint8 RGB at the model's input
-size, so that corrupt files are found (and skipped with a warning) before any feature is
-extracted, and ``raw(i)`` gives the exact pixels the model saw, for overlays. Items are
-``(tensor (3, H, W) float32 normalised, label)``; the label is -1 when unknown.
+This module only loads. An ``ImageSet`` decodes every image once, at construction, into uint8 RGB at one size
+(the shorter side scaled to fit, the centre cropped: never stretched), so that corrupt files are found (and
+skipped with a warning) before any feature is extracted, and ``raw(i)`` gives the exact pixels, for overlays.
+Items are ``(tensor (3, H, W) float32 in [0, 1], label)``; the label is -1 when unknown. Every model's resize,
+crop and normalisation is :class:`kcore.preprocessing.Preprocessing`; the labelled training and test splits of
+the studies are :mod:`kcore.imagesets`.
 
 Memory: ``N * H * W * 3`` bytes (about 150 kB per 224x224 image, 12 kB per 64x64 image).
 """
@@ -32,6 +34,7 @@ from kcore import synthetic
 from kcore.safe_files import read_nofollow, read_under, scan_under
 from kcore.limits import LimitExceeded, Limits, input_tensor_bytes
 from kcore.limits import limits as current_limits
+from kcore.preprocessing import Preprocessing
 from kcore.synthetic import KShapesSpec, LabelKind, Split
 
 ResizeMode = Literal["stretch", "center_crop"]
@@ -60,41 +63,54 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How images become model inputs: resize to ``input_size``, scale to [0, 1], normalise.
+    """How older callers described an image set's loading: size, resize mode and an optional normalisation.
+
+    New code passes only the size (``ImageSet.from_folder(folder, (224, 224))``): an image set holds the images
+    in [0, 1] and each model's :class:`kcore.preprocessing.Preprocessing` resizes, crops and normalises them.
+    A ``mean``/``std`` given here is applied through that same class (:attr:`normalization`).
 
     Attributes:
-        input_size: ``(H, W)`` in pixels.
-        mean: per-channel RGB mean in [0, 1].
-        std: per-channel RGB std in [0, 1].
-        resize: one of ``RESIZE_MODES``.
+        input_size: ``(H, W)`` in pixels the images are loaded at.
+        mean: per-channel RGB mean in [0, 1]; ``None`` (default) = no normalisation, items in [0, 1].
+        std: per-channel RGB std in [0, 1]; ``None`` together with ``mean``.
+        resize: one of ``RESIZE_MODES`` (default ``"center_crop"``: the aspect ratio is kept).
     """
 
     input_size: tuple[int, int] = (64, 64)
-    mean: tuple[float, float, float] = synthetic.MEAN
-    std: tuple[float, float, float] = synthetic.STD
-    resize: ResizeMode = "stretch"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: ResizeMode = "center_crop"
 
     def __post_init__(self) -> None:
         size = tuple(int(v) for v in self.input_size)
         if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"input_size must be (H, W) with positive ints, got {self.input_size!r}")
+            raise ValueError(f"input_size must be (H, W) with positive ints, got {self.input_size!r}. "
+                             "Fix: give two positive integers such as (224, 224).")
         current_limits().check(
             "max_input_side", max(size), shown=f"{size[0]}×{size[1]}",
             what=f"input_size (one float32 RGB image alone would take {3 * 4 * size[0] * size[1] / 2**30:.1f} GiB)",
             fix="use the size the model was trained at (e.g. 224×224) in the model card or --input-size")
         object.__setattr__(self, "input_size", size)
-        for name in ("mean", "std"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 3:
-                raise ValueError(f"{name} must have 3 values (R, G, B), got {getattr(self, name)!r}")
-            object.__setattr__(self, name, value)
-        if min(self.std) <= 0:
-            raise ValueError(f"std must be > 0 for every channel, got {self.std}")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {self.resize!r}")
+            raise ValueError(f"resize must be one of {sorted(RESIZE_MODES)}, got {self.resize!r}. "
+                             "Fix: use 'center_crop' (keeps the aspect ratio).")
+        norm = self.normalization  # validates mean and std (kcore.preprocessing's checks and messages)
+        object.__setattr__(self, "mean", None if norm is None else norm.mean)
+        object.__setattr__(self, "std", None if norm is None else norm.std)
+
+    @property
+    def normalization(self) -> Preprocessing | None:
+        """The mean/std as a :class:`kcore.preprocessing.Preprocessing` (no resize), or ``None`` when none is given
+        or it is the identity (mean 0, std 1)."""
+        if self.mean is None and self.std is None:
+            return None
+        norm = Preprocessing(mean=self.mean, std=self.std, source="image set")
+        if set(norm.mean or ()) == {0.0} and set(norm.std or ()) == {1.0}:
+            return None
+        return norm
 
     @classmethod
-    def from_card(cls, card: dict, resize: ResizeMode = "stretch") -> Preprocess:
+    def from_card(cls, card: dict, resize: ResizeMode = "center_crop") -> Preprocess:
         """Preprocessing of a model card (its ``input_size``, ``mean`` and ``std`` keys).
 
         Raises:
@@ -102,13 +118,37 @@ class Preprocess:
         """
         missing = [k for k in ("input_size", "mean", "std") if k not in card]
         if missing:
-            raise ValueError(f"model card lacks {missing}; it has {sorted(card)}")
+            raise ValueError(f"model card lacks {missing}; it has {sorted(card)}. "
+                             "Fix: give input_size, mean and std, or use kcore.preprocessing.Preprocessing.from_card.")
         return cls(tuple(card["input_size"]), tuple(card["mean"]), tuple(card["std"]), resize)
+
+
+def as_loading(size: tuple[int, int] | int | Preprocess | None, default: tuple[int, int] = (64, 64)) -> Preprocess:
+    """How to load an image set: ``(H, W)``, a side ``S`` (square), a :class:`Preprocess`, or ``None`` (``default``).
+
+    Raises:
+        TypeError: ``size`` is none of these.
+    """
+    if size is None:
+        return Preprocess(tuple(default))
+    if isinstance(size, Preprocess):
+        return size
+    if isinstance(size, int) and not isinstance(size, bool):
+        return Preprocess((size, size))
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return Preprocess(tuple(size))
+    raise TypeError(f"size must be (H, W), one int side or None; got {size!r} ({type(size).__name__}). "
+                    "Fix: pass e.g. (224, 224), the size returned by kcore.preprocessing.load_size.")
+
+
+def to_unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``(H, W, 3)`` or ``(N, H, W, 3)`` → float32 ``(3, H, W)`` / ``(N, 3, H, W)`` in [0, 1]."""
+    return synthetic.normalize(images, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def make_transform(input_size: tuple[int, int], mean: Sequence[float],
                    std: Sequence[float]) -> Callable[[np.ndarray], torch.Tensor]:
-    """A function ``uint8 (H, W, 3) RGB -> float32 (3, h, w)``: resize, scale, normalise.
+    """A function ``uint8 (H, W, 3) RGB -> float32 (3, h, w)``: resize (centre crop), scale to [0, 1], normalise.
 
     Args:
         input_size: ``(h, w)`` of the output.
@@ -116,19 +156,26 @@ def make_transform(input_size: tuple[int, int], mean: Sequence[float],
         std: per-channel std in [0, 1], divided by afterwards.
 
     Returns:
-        The transform. Images already at ``input_size`` are not resampled.
+        The transform. Images already at ``input_size`` are not resampled. The normalisation is
+        :class:`kcore.preprocessing.Preprocessing`'s.
     """
     pre = Preprocess(tuple(input_size), tuple(mean), tuple(std))
+    norm = pre.normalization
 
     def transform(image: np.ndarray) -> torch.Tensor:
-        return synthetic.normalize(resize_image(image, pre.input_size), pre.mean, pre.std)
+        x = to_unit(resize_image(image, pre.input_size, pre.resize))
+        return x if norm is None else norm.transform()(x[None])[0]
 
     return transform
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int],
-                 mode: ResizeMode = "stretch") -> np.ndarray:
-    """Resize a uint8 ``(H, W, 3)`` image to ``size = (h, w)`` (bilinear, PIL)."""
+                 mode: ResizeMode = "center_crop") -> np.ndarray:
+    """Resize a uint8 ``(H, W, 3)`` image to ``size = (h, w)`` (bilinear, PIL).
+
+    ``"center_crop"`` (the default) scales the shorter side to fit and crops the centre, so a non-square photo is
+    never stretched; for an image of the target's aspect ratio it gives the same pixels as ``"stretch"``.
+    """
     h, w = size
     if image.shape[:2] == (h, w):
         return image
@@ -236,8 +283,68 @@ class _Entry:
     label_name: str | None = None
 
 
+def folder_entries(folder: str | os.PathLike, root: str | os.PathLike | None = None) -> list[_Entry]:
+    """Every file of ``folder`` (subfolders too) as a candidate image, listed and read safely; nothing is read yet.
+
+    The one listing of image folders, for :meth:`ImageSet.from_folder` and :class:`kcore.imagesets.FolderSplit`.
+    Each entry's ``name`` is its path relative to ``folder``, its ``label_name`` its first subfolder (``None`` for
+    files directly in ``folder``), and ``read()`` returns its bytes or raises ``OSError`` (a symlink out of the
+    folder, a FIFO or device, a file over :data:`MAX_FILE_BYTES`).
+
+    Args:
+        folder: the folder.
+        root: a folder that ``folder`` lies in, below which everything is opened without following symlinks
+            (see :meth:`ImageSet.from_folder`); default ``folder`` with the symlinks in its own path resolved.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist or is not a folder.
+        kcore.safe_files.UnsafePathError: (a ``ValueError``) see :meth:`ImageSet.from_folder`.
+    """
+    given = Path(folder)
+    if root is None:
+        if not given.is_dir():
+            raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder")
+        open_root = real_folder = given.resolve()
+    else:
+        open_root = Path(root)
+        real_folder = given if given.is_absolute() else open_root / given
+    try:
+        found = scan_under(open_root, real_folder, max_files=MAX_FOLDER_ENTRIES, skip_hidden=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder") from None
+    entries = []
+    for path, _kind in found:  # FIFOs, devices and symlinks too: reading them says why they are skipped
+        rel = path.relative_to(real_folder).as_posix()
+        entries.append(_Entry(rel, _folder_reader(path, real_folder, open_root), _label_of(rel)))
+    return entries
+
+
+def load_image(entry: _Entry, size: tuple[int, int], resize: ResizeMode = "center_crop") -> np.ndarray:
+    """One entry of :func:`folder_entries` read, decoded (:func:`decode_image`, under the caps) and resized.
+
+    Returns:
+        uint8 ``(H, W, 3)`` RGB at ``size``.
+
+    Raises:
+        OSError: the file cannot be read (see :func:`folder_entries`); the message names it.
+        ValueError: not a readable image, or over ``max_image_pixels``; the message names it.
+    """
+    try:
+        data = entry.read()
+    except OSError as exc:
+        raise OSError(f"image {entry.name!r}: cannot read: {exc}") from exc
+    try:
+        image = decode_image(data)
+    except LimitExceeded:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ValueError(f"image {entry.name!r} is not a readable image ({type(exc).__name__}: {exc}). "
+                         "Fix: remove or replace the file.") from exc
+    return resize_image(image, size, resize)
+
+
 class ImageSet(Dataset):
-    """Decoded images at a model's input size, as a torch Dataset of ``(x, label)``.
+    """Decoded images at one size, as a torch Dataset of ``(x (3, H, W) in [0, 1], label)``.
 
     Build one with ``from_folder``, ``from_paths``, ``from_uploads``, ``from_zip``,
     ``from_kshapes`` or ``sample_images``; the constructor takes already decoded images.
@@ -248,20 +355,22 @@ class ImageSet(Dataset):
         class_names: names of the labels (empty when there are none).
         skipped: ``(name, reason)`` of each file that was not loaded.
         source: description of where the images came from.
-        preprocess: the ``Preprocess`` applied.
+        size: ``(H, W)`` of every image.
+        preprocess: how the images were loaded (size, resize mode; a normalisation only if an older caller gave
+            one through :class:`Preprocess`).
     """
 
     def __init__(self, images: np.ndarray, ids: Sequence[str], labels: Sequence[int],
-                 preprocess: Preprocess, *, class_names: Sequence[str] = (),
+                 size: tuple[int, int] | int | Preprocess | None, *, class_names: Sequence[str] = (),
                  skipped: Sequence[tuple[str, str]] = (), source: str = "",
                  digests: Sequence[bytes] | None = None) -> None:
         """Wrap decoded images.
 
         Args:
-            images: ``(N, H, W, 3)`` uint8 RGB at ``preprocess.input_size``.
+            images: ``(N, H, W, 3)`` uint8 RGB at ``size``.
             ids: N unique strings.
             labels: N ints (-1 = unknown).
-            preprocess: normalisation (and the size the images have).
+            size: ``(H, W)`` the images have (or a :class:`Preprocess`, see :func:`as_loading`).
             class_names: label names.
             skipped: files that were not loaded, as ``(name, reason)``.
             source: where the images came from (for messages).
@@ -270,13 +379,14 @@ class ImageSet(Dataset):
         Raises:
             ValueError: inconsistent lengths, shapes or duplicate ids.
         """
+        preprocess = as_loading(size)
         images = np.asarray(images)
         n = len(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         if tuple(images.shape[1:3]) != preprocess.input_size:
-            raise ValueError(f"images are {images.shape[1:3]} but preprocess.input_size is "
-                             f"{preprocess.input_size}")
+            raise ValueError(f"images are {images.shape[1:3]} but size is {preprocess.input_size}. "
+                             "Fix: pass the (H, W) the images have.")
         if len(ids) != n or len(labels) != n:
             raise ValueError(f"got {n} images, {len(ids)} ids and {len(labels)} labels")
         if len(set(ids)) != n:
@@ -286,6 +396,8 @@ class ImageSet(Dataset):
         self.ids = tuple(ids)
         self.labels = tuple(int(v) for v in labels)
         self.preprocess = preprocess
+        self.size = preprocess.input_size
+        self._norm = preprocess.normalization
         self.class_names = tuple(class_names)
         self.skipped = tuple(skipped)
         self.source = source
@@ -297,8 +409,8 @@ class ImageSet(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return synthetic.normalize(self.images[i], self.preprocess.mean, self.preprocess.std), \
-            self.labels[i]
+        x = to_unit(self.images[i])
+        return (x if self._norm is None else self._norm.transform()(x[None])[0]), self.labels[i]
 
     def raw(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 ``(H, W, 3)`` RGB at the model input size (a read-only view)."""
@@ -307,15 +419,16 @@ class ImageSet(Dataset):
         return view
 
     def tensors(self) -> torch.Tensor:
-        """All images as one normalised ``(N, 3, H, W)`` float32 tensor."""
-        return synthetic.normalize(self.images, self.preprocess.mean, self.preprocess.std)
+        """All images as one ``(N, 3, H, W)`` float32 tensor in [0, 1] (normalised only by an older ``Preprocess``)."""
+        x = to_unit(self.images)
+        return x if self._norm is None else self._norm.transform()(x)
 
     def content_hash(self, *, include_preprocess: bool = False) -> str:
         """sha256 (hex) over the ids and the source bytes of every image, in order.
 
         Args:
-            include_preprocess: also hash the input size, mean, std and resize mode, i.e.
-                identify the exact tensors a model sees rather than the source images.
+            include_preprocess: also hash the size, resize mode and any normalisation, i.e.
+                identify the exact tensors the set yields rather than the source images.
         """
         h = hashlib.sha256(b"kcore-imageset/1\0")
         for name, digest in zip(self.ids, self._digests):
@@ -326,12 +439,12 @@ class ImageSet(Dataset):
         return h.hexdigest()
 
     def __repr__(self) -> str:
-        return (f"ImageSet({len(self)} images from {self.source!r}, size {self.preprocess.input_size}, "
+        return (f"ImageSet({len(self)} images from {self.source!r}, size {self.size}, "
                 f"{len(self.class_names)} classes, {len(self.skipped)} skipped)")
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, preprocess: Preprocess | None = None, *,
+    def from_folder(cls, folder: str | os.PathLike, size: tuple[int, int] | int | Preprocess | None = None, *,
                     limit: int | None = None, root: str | os.PathLike | None = None) -> ImageSet:
         """Images of a folder: class subfolders (ImageFolder layout) or a flat folder.
 
@@ -344,7 +457,7 @@ class ImageSet(Dataset):
 
         Args:
             folder: the folder.
-            preprocess: default ``Preprocess()`` (kshapes size and normalisation).
+            size: ``(H, W)`` to load at (shorter side scaled, centre cropped; :func:`as_loading`); default 64 × 64.
             limit: keep at most this many images (in sorted id order).
             root: a folder that ``folder`` lies in (a server root, :func:`kcore.server_paths.server_root_of`):
                 ``folder`` and every image are then opened below ``root`` without following any symlink,
@@ -358,28 +471,12 @@ class ImageSet(Dataset):
                 :data:`MAX_FOLDER_ENTRIES` entries.
             ValueError: no readable image was found.
         """
-        given = Path(folder)
-        if root is None:
-            if not given.is_dir():
-                raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder")
-            open_root = real_folder = given.resolve()
-        else:
-            open_root = Path(root)
-            real_folder = given if given.is_absolute() else open_root / given
-        try:
-            found = scan_under(open_root, real_folder, max_files=MAX_FOLDER_ENTRIES, skip_hidden=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"folder {str(given)!r} does not exist or is not a folder") from None
-        entries = []
-        for path, _kind in found:  # FIFOs, devices and symlinks too: reading them says why they are skipped
-            rel = path.relative_to(real_folder).as_posix()
-            entries.append(_Entry(rel, _folder_reader(path, real_folder, open_root), _label_of(rel)))
-        return _build(entries, preprocess, f"folder {str(given)!r}", limit)
+        return _build(folder_entries(folder, root), size, f"folder {str(folder)!r}", limit)
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | os.PathLike],
-                   preprocess: Preprocess | None = None) -> ImageSet:
-        """Images of a list of files, in the given order, with label -1.
+                   size: tuple[int, int] | int | Preprocess | None = None) -> ImageSet:
+        """Images of a list of files, in the given order, with label -1, at ``size`` (as :meth:`from_folder`).
 
         Ids are the paths relative to their common parent folder. Missing and unreadable
         files are skipped with a warning.
@@ -396,12 +493,12 @@ class ImageSet(Dataset):
             except ValueError:  # different drives on Windows
                 name = p.as_posix()
             entries.append(_Entry(name, functools.partial(read_regular_file, p, what="image file")))
-        return _build(entries, preprocess, f"{len(paths)} file paths", None)
+        return _build(entries, size, f"{len(paths)} file paths", None)
 
     @classmethod
     def from_uploads(cls, uploads: Iterable[tuple[str, bytes]],
-                     preprocess: Preprocess | None = None) -> ImageSet:
-        """Images given as ``(file name, bytes)`` pairs, e.g. from a browser upload.
+                     size: tuple[int, int] | int | Preprocess | None = None) -> ImageSet:
+        """Images given as ``(file name, bytes)`` pairs, e.g. from a browser upload, at ``size`` (as :meth:`from_folder`).
 
         A ``.zip`` upload is expanded (see ``from_zip``). Repeated names get ``#2``, ``#3`` ...
 
@@ -414,12 +511,12 @@ class ImageSet(Dataset):
                 entries.extend(_zip_entries(data, prefix=name + "/"))
             else:
                 entries.append(_Entry(name, _constant(data)))
-        return _build(_unique(entries), preprocess, "uploads", None)
+        return _build(_unique(entries), size, "uploads", None)
 
     @classmethod
     def from_zip(cls, archive: bytes | str | os.PathLike,
-                 preprocess: Preprocess | None = None) -> ImageSet:
-        """Images of a zip archive (bytes or path). Class subfolders give labels, as for folders.
+                 size: tuple[int, int] | int | Preprocess | None = None) -> ImageSet:
+        """Images of a zip archive (bytes or path) at ``size``. Class subfolders give labels, as for folders.
 
         A single top folder wrapping everything (``photos/cat/1.png``) is ignored for labels.
 
@@ -431,7 +528,7 @@ class ImageSet(Dataset):
         else:
             data = read_regular_file(archive, MAX_ZIP_BYTES, what="zip archive")
             source = f"zip archive {str(archive)!r}"
-        return _build(_zip_entries(data), preprocess, source, None)
+        return _build(_zip_entries(data), size, source, None)
 
     @classmethod
     def from_kshapes(cls, spec: KShapesSpec | None = None, split: Split = "test",
@@ -443,11 +540,11 @@ class ImageSet(Dataset):
             spec: which dataset; default ``KShapesSpec()``.
             split: "train", "test" or "val".
             n: the first ``n`` images of the split (default: all).
-            preprocess: default: kshapes size and normalisation.
+            preprocess: the size to load at (:func:`as_loading`); default: the spec's image size.
             labels: "fine" (shape classes) or "coarse" (round vs angular).
         """
         ds = synthetic.KShapesDataset(spec, split, labels, n)
-        pre = preprocess if preprocess is not None else Preprocess((ds.spec.image_size,) * 2)
+        pre = as_loading(preprocess, (ds.spec.image_size,) * 2)
         _check_set_size(len(ds), pre.input_size, f"{ds.spec.name} {split}")  # before rendering any image
         raw = [ds.raw(i) for i in range(len(ds))]
         digests = [hashlib.sha256(img.tobytes()).digest() for img in raw]
@@ -461,8 +558,10 @@ class ImageSet(Dataset):
 
 
 def sample_images(n: int = 100, split: Split = "test", seed: int = 0,
-                  preprocess: Preprocess | None = None) -> ImageSet:
-    """The first ``n`` kshapes images of ``split`` for dataset ``seed``: a ready-made image set.
+                  preprocess: tuple[int, int] | int | Preprocess | None = None) -> ImageSet:
+    """The first ``n`` kshapes images of ``split`` for dataset ``seed``, in [0, 1]: a ready-made image set.
+
+    ``preprocess`` is the size to load at (:func:`as_loading`; default 64 × 64, the images' own).
 
     Raises:
         ValueError: ``n`` is not in ``[1, size of the split]``.
@@ -593,9 +692,9 @@ def _decode_all(entries: Iterable[_Entry], pre: Preprocess, limit: int | None, s
         yield e, resize_image(image, pre.input_size, pre.resize), hashlib.sha256(data).digest(), ""
 
 
-def _build(entries: Iterable[_Entry], preprocess: Preprocess | None, source: str,
+def _build(entries: Iterable[_Entry], size: tuple[int, int] | int | Preprocess | None, source: str,
            limit: int | None) -> ImageSet:
-    pre = preprocess if preprocess is not None else Preprocess()
+    pre = as_loading(size)
     images, ids, label_names, digests, skipped = [], [], [], [], []
     seen = 0
     for entry, image, digest, reason in _decode_all(entries, pre, limit, source):
@@ -644,107 +743,10 @@ def is_bundled(data: str | os.PathLike) -> bool:
     return data == BUNDLED_DATA
 
 
-class FolderSplit(Dataset):
-    """``ROOT/<split>/<class>/<image>`` read lazily (torchvision ImageFolder) as ``(image (3, H, W), label)``.
+def __getattr__(name: str):
+    """The labelled splits moved to :mod:`kcore.imagesets`; their old names here still work."""
+    if name in ("FolderSplit", "labelled_images"):
+        from kcore import imagesets
 
-    For large labelled training and test splits, where :class:`ImageSet`'s decode-everything-first would
-    hold every image in memory. Files are read and decoded as :class:`ImageSet` does (regular files under
-    the size cap, no symlink out of the folder, :func:`decode_image`), resized to ``size`` and scaled to
-    [0, 1], then normalised with ``mean``/``std`` when given.
-
-    Attributes:
-        ids: path of each image relative to ``root`` (e.g. ``"train/cat/001.jpg"``).
-        class_names: the class folder names, or the coarse names with ``relabel``.
-        mean, std: the normalisation applied ((0, 0, 0) and (1, 1, 1) when none).
-
-    Args:
-        root: the folder holding one subfolder per split.
-        split: ``"train"``, ``"test"``, ``"val"`` (any subfolder name).
-        size: (H, W) every image is resized to.
-        n: use ``n`` images (a seeded random subset, in folder order); default all.
-        seed: seed of the subset.
-        mean, std: per-channel normalisation (default: none, images in [0, 1]).
-        relabel: class folder name → coarse class name (labels become indices into ``class_names``).
-        coarse_names: the coarse class names in label order (default: the sorted values of ``relabel``).
-
-    Raises:
-        ValueError: the split folder is missing, or ``relabel`` misses a class.
-    """
-
-    def __init__(self, root: str | os.PathLike, split: str, size: tuple[int, int], n: int | None = None,
-                 seed: int = 0, *, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 relabel: dict[str, str] | None = None, coarse_names: Sequence[str] | None = None) -> None:
-        from torchvision import datasets, transforms
-
-        root = Path(root)
-        folder = root / split
-        if not folder.is_dir():
-            raise ValueError(f"data folder {str(folder)!r} does not exist. Fix: pass a folder DIR with "
-                             f"DIR/{split}/<class>/* images, or {BUNDLED_DATA!r} for the bundled images.")
-        steps = [transforms.Resize(tuple(size)), transforms.ToTensor()]
-        self.mean = tuple(mean) if mean is not None else (0.0, 0.0, 0.0)
-        self.std = tuple(std) if std is not None else (1.0, 1.0, 1.0)
-        if mean is not None or std is not None:
-            steps.append(transforms.Normalize(list(self.mean), list(self.std)))
-        self._set = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps),
-                                         loader=_SafeImageLoader(folder.resolve()))
-        total = len(self._set)
-        if n is not None and n < total:  # a seeded subset that covers every class, in a fixed order
-            perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-            self._idx = sorted(int(i) for i in perm)
-        else:
-            self._idx = list(range(total))
-        self.ids = tuple(Path(self._set.samples[i][0]).relative_to(root).as_posix() for i in self._idx)
-        self.class_names = tuple(self._set.classes)
-        self._map: list[int] | None = None
-        if relabel is not None:
-            missing = sorted(set(self.class_names) - set(relabel))
-            if missing:
-                raise ValueError(f"the coarse label map has no entry for class(es) {missing} of {str(folder)!r}. "
-                                 "Fix: map every class folder name to a coarse class name.")
-            fine = self.class_names
-            self.class_names = tuple(coarse_names) if coarse_names else tuple(sorted(set(relabel.values())))
-            self._map = [self.class_names.index(relabel[c]) for c in fine]
-
-    def __len__(self) -> int:
-        return len(self._idx)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self._set[self._idx[i]]
-        return x, int(y if self._map is None else self._map[y])
-
-
-class _SafeImageLoader:
-    """ImageFolder's ``loader``: a file read as :class:`ImageSet` reads one, as a PIL image (picklable)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __call__(self, path: str) -> Image.Image:
-        return Image.fromarray(decode_image(_folder_reader(Path(path), self.root)()))
-
-
-def labelled_images(data: str, split: str, n: int | None, image_size: int, *, seed: int = 0) -> Dataset:
-    """A labelled split as images in [0, 1]: the bundled kshapes images or a folder.
-
-    Args:
-        data: ``"kshapes"`` (or its deprecated alias ``"sample"``) or a folder ``DIR`` with
-            ``DIR/<split>/<class>/*``.
-        split: ``"train"`` or ``"test"``.
-        n: number of images (kshapes: the first ``n`` of the split; a folder: a seeded subset).
-        image_size: side of the square images (kshapes renders at it; a folder is resized to it).
-        seed: kshapes' dataset seed, or the folder subset's seed.
-
-    Returns:
-        A Dataset of ``(image (3, S, S) float in [0, 1], label)`` with ``ids`` and ``class_names``.
-    """
-    if n is not None and n < 1:
-        raise ValueError(f"the number of {split} images must be >= 1; got {n}.")
-    if is_bundled(data):
-        from kcore.synthetic import KShapesDataset
-
-        count = n if n is not None else (2000 if split == "train" else 500)
-        spec = KShapesSpec(seed=seed, image_size=image_size, n_train=count if split == "train" else 0,
-                           n_test=count if split != "train" else 0)
-        return KShapesDataset(spec, split, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    return FolderSplit(data, split, (image_size, image_size), n, seed)
+        return getattr(imagesets, name)
+    raise AttributeError(f"module 'kcore.data' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from kcore.data import ImageSet, Preprocess, make_transform, resize_image, sample_images
+from kcore.preprocessing import Preprocessing
 from kcore.synthetic import CLASS_NAMES, MEAN, STD, KShapesSpec, render_sample
 
 
@@ -185,8 +186,11 @@ def test_kshapes_images_match_the_renderer() -> None:
     assert len(ds) == 8 and ds.ids[3] == "kshapes/test/00003" and ds.class_names == CLASS_NAMES
     s = render_sample(KShapesSpec(), "test", 3)
     assert np.array_equal(ds.raw(3), s.image) and ds.labels[3] == s.label
+    unit = (torch.from_numpy(s.image).float() / 255).permute(2, 0, 1)
+    assert torch.equal(ds[3][0], unit)  # images only load, in [0, 1]: each model's Preprocessing normalises
     expected = (torch.from_numpy(s.image).float() / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
-    assert torch.allclose(ds[3][0], expected.permute(2, 0, 1), atol=1e-6)
+    normalised = Preprocessing(mean=MEAN, std=STD).transform()(ds[3][0][None])[0]
+    assert torch.allclose(normalised, expected.permute(2, 0, 1), atol=1e-6)
     assert ds.content_hash() == sample_images(n=8).content_hash()
     assert ds.content_hash() != sample_images(n=8, seed=1).content_hash()
     small = ImageSet.from_kshapes(n=2, preprocess=Preprocess(input_size=(32, 32)))

@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 from kcore._io import atomic_folder, check_out_dir
 from kcore.checkpoints import LoadedModel
-from kcore.data import BUNDLED_DATA, FolderSplit, is_bundled, labelled_images
+from kcore.data import BUNDLED_DATA
+from kcore.imagesets import Normalized, StudyData, Subset, labelled_images, study_data  # moved to the data layer
 from kcore.conventions import CONVENTIONS
 from kcore.devices import DEVICE_CHOICES
 from kcore.provenance import json_default, versions
@@ -171,114 +172,6 @@ def layer_of(model: LoadedModel, layer: str | None, argument: str = "layer") -> 
 
 
 # ------------------------------------------------------------------------------------------------ images
-class Normalized(Dataset):
-    """A [0, 1] image dataset normalised with a per-channel mean and std (for training)."""
-
-    def __init__(self, base: Dataset, mean: Sequence[float], std: Sequence[float]):
-        self.base = base
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.class_names = getattr(base, "class_names", None)
-        self.ids = getattr(base, "ids", None)
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        x, y = self.base[i]
-        return (x - self.mean) / self.std, y
-
-
-class Subset(Dataset):
-    """Items ``indices`` of a dataset, keeping ``ids`` and ``class_names``."""
-
-    def __init__(self, base: Dataset, indices: Sequence[int]):
-        self.base, self.indices = base, [int(i) for i in indices]
-        ids = getattr(base, "ids", None)
-        self.ids = tuple(ids[i] for i in self.indices) if ids is not None else None
-        self.class_names = getattr(base, "class_names", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.base[self.indices[i]]
-
-
-@dataclass(frozen=True, eq=False)
-class StudyData:
-    """The images of a study.
-
-    Attributes:
-        train: labelled training images (fine-tuning, training students).
-        test: labelled test images (accuracy).
-        images: the images whose features g_θ is fitted on and evaluated with (its own held-out split).
-        source: a description for provenance.
-        class_names: names of the labels.
-    """
-
-    train: Dataset
-    test: Dataset
-    images: Dataset
-    source: str
-    class_names: tuple[str, ...]
-
-
-def study_data(data: str = BUNDLED_DATA, *, labels: str = "fine", image_size: int = 64, n_train: int = 800,
-               n_test: int = 500, n_images: int = 300, mean: Sequence[float] | None = None,
-               std: Sequence[float] | None = None, coarse_map: dict[str, str] | None = None) -> StudyData:
-    """Training, test and consistency images, normalised, from the bundled kshapes data or from a folder.
-
-    Args:
-        data: ``"kshapes"`` (dataset seed 0: the first ``n_train`` images of its train split, the first
-            ``n_test`` of its test split, and the first ``n_images`` of its val split for the fits; the
-            deprecated ``"sample"`` means the same) or a folder holding ``train/<class>/*`` and
-            ``test/<class>/*`` (and optionally ``val/<class>/*``, else the fits use test images) in
-            torchvision ImageFolder layout (:class:`kcore.data.FolderSplit`).
-        labels: ``"fine"`` or ``"coarse"`` (kshapes: round vs angular; folders: through ``coarse_map``).
-        image_size: side of the images (kshapes), or of the resized folder images.
-        n_train, n_test, n_images: how many images of each part (a seeded subset of a folder's split).
-        mean, std: normalisation of the images (default: kshapes'; pass the model card's).
-        coarse_map: for folders with ``labels="coarse"``: fine class folder name → coarse class name.
-
-    Raises:
-        ValueError: bad sizes, a missing folder, or an incomplete coarse map.
-    """
-    from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
-
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("n_images", n_images)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer; got {v!r}.")
-    if labels not in ("fine", "coarse"):
-        raise ValueError(f"labels must be 'fine' or 'coarse'; got {labels!r}.")
-    norm = {"mean": tuple(mean or MEAN), "std": tuple(std or STD)}
-    if is_bundled(data):
-        spec = KShapesSpec(seed=0, image_size=image_size, n_train=n_train, n_test=max(n_test, n_images))
-        return StudyData(
-            KShapesDataset(spec, "train", labels, n=n_train, **norm),
-            KShapesDataset(spec, "test", labels, n=n_test, **norm),
-            KShapesDataset(spec, "val", labels, n=n_images, **norm),
-            f"kshapes ({spec.name}, {labels} labels): train[:{n_train}], test[:{n_test}], val[:{n_images}] for the fits",
-            KShapesDataset(spec, "test", labels, n=0).class_names)
-    root = Path(data)
-    for part in ("train", "test"):
-        if not (root / part).is_dir():
-            raise ValueError(f"data folder {str(root)!r} has no {part}/ subfolder. Fix: pass {BUNDLED_DATA!r}, or "
-                             "a folder with train/<class>/* and test/<class>/* images.")
-    relabel = None
-    if labels == "coarse":
-        if coarse_map is None:
-            raise ValueError("labels='coarse' on a folder needs coarse_map (fine class name -> coarse class name). "
-                             "Fix: pass --coarse-map FILE.json.")
-        relabel = dict(coarse_map)
-    size = (image_size, image_size)
-    coarse_names = tuple(sorted(set(relabel.values()))) if relabel else None
-    img_part = "val" if (root / "val").is_dir() else "test"
-    train, test, images = (FolderSplit(root, p, size, n, 0, relabel=relabel, coarse_names=coarse_names, **norm)
-                           for p, n in (("train", n_train), ("test", n_test), (img_part, n_images)))
-    return StudyData(train, test, images, f"folder {root} ({labels} labels; fits on {img_part}/)", train.class_names)
-
-
 def display_image(dataset: Dataset, i: int) -> np.ndarray:
     """Item ``i`` of a study dataset as an (H, W, 3) uint8 image (for figures)."""
     if hasattr(dataset, "raw"):
