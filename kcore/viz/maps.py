@@ -14,7 +14,7 @@ import torch
 
 from kcore.conventions import resample
 from kcore.decompose import Decomposition
-from kcore.viz.style import SCALES, RESIDUAL_TEX, TARGET_TEX, Scale, _np, limits_of, order_label, order_tex
+from kcore.viz.style import RESIDUAL_TEX, SCALES, TARGET_TEX, Scale, _np, limits_of, order_label, order_tex
 
 MapKind = Literal["component", "target", "output", "residual", "blind_spot"]
 MAP_KINDS: dict[str, str] = {
