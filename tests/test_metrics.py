@@ -67,7 +67,7 @@ def test_least_squares_map_recovers_a_planted_convolution():
 def test_normal_equations_without_unfolding_equal_the_unfolded_patch_products(shape, k):
     # two ways of computing the same sums: the explicit patch matrix (F.unfold) and the shift-and-strip form,
     # including maps smaller than the kernel (1×5, 2×2 at 3×3; 3×3 at 5×5), where most blocks are strips
-    from kcore.metrics import _normal_equations
+    from kcore.metrics.linear import _normal_equations
 
     g = torch.Generator().manual_seed(sum(shape) + k)
     x = torch.randn(*shape, generator=g, dtype=torch.float64)
