@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 class ChannelMoments:
     """Streaming per-channel count, mean and sum of squared deviations of (N, C, H, W) tensors (float64)."""
 

@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from kcore.metrics import VarianceReport
 from kcore.viz.style import RESIDUAL_TEX, SHARE_CMAP, TARGET_TEX, _caption, _order_colours, order_tex
 
+
 @dataclass(frozen=True)
 class _VarRow:
     """The four numbers :func:`variance_figure` draws, from a flat study row (``var_x0…``) or a report dict."""

@@ -22,6 +22,7 @@ from kcore.viz.style import (
     limits_of,
 )
 
+
 def figure1_grid(
     dec: Decomposition,
     image_indices: Sequence[int],

@@ -32,6 +32,7 @@ from kcore.viz.style import (
     plotly_colorscale,
 )
 
+
 def _as_rgb(image: np.ndarray) -> np.ndarray:
     img = np.asarray(image)
     if img.ndim == 2:
