@@ -50,7 +50,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # the numbers in bench/RESULTS.md
+    # the numbers in docs/performance.md (and bench/RESULTS.json)
     "full": Profile(
         quality=(("synthetic 64×14×14", 200, 64, 14, 1000), ("synthetic 256×14×14", 200, 256, 14, 1000)),
         sample_quality=(400, 1000),
