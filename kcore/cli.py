@@ -216,15 +216,14 @@ def _cmd_layers(args) -> int:
     return 0
 
 
-def _images(data: str, n: int | None, size: tuple[int, int], resize: str = "stretch"):
-    """The images as [0, 1] RGB at ``size``; each model's preprocessing resizes, crops and normalises them
-    (kcore.preprocessing)."""
+def _images(data: str, n: int | None, size: tuple[int, int]):
+    """The images as [0, 1] RGB at ``size`` (shorter side scaled, centre cropped: the dashboard loads them the same
+    way); each model's preprocessing resizes, crops and normalises them (kcore.preprocessing)."""
     from kcore import data as kdata
 
-    pre = kdata.Preprocess(tuple(size), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize)
     if kdata.is_bundled(data):
-        return kdata.sample_images(n=n or 400, preprocess=pre), "kshapes test split (bundled)"
-    images = kdata.ImageSet.from_folder(data, pre, limit=n)
+        return kdata.sample_images(n=n or 400, preprocess=tuple(size)), "kshapes test split (bundled)"
+    images = kdata.ImageSet.from_folder(data, tuple(size), limit=n)
     if images.skipped:
         print(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0][0]}: {images.skipped[0][1]}",
               file=sys.stderr)
@@ -276,10 +275,7 @@ def _fit_job(args, ctx) -> int:
     a, b = _with_preprocessing(a, "A", args, say), _with_preprocessing(b, "B", args, say)
     from kcore.preprocessing import load_size
 
-    preps = (a.preprocessing, b.preprocessing)
-    # torchvision's evaluation transforms keep the aspect ratio (shorter side, centre crop): load images that way
-    resize = "center_crop" if any(p.resize_size is not None for p in preps) else "stretch"
-    images, source = _images(args.data, args.n_images, load_size(*preps), resize)
+    images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing))
     from kcore.features import estimate_feature_bytes, format_bytes
 
     shape_a = _layer_shape(a, layer_a)

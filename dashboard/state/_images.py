@@ -34,11 +34,10 @@ class ImageChoice:
         return len(self.images)
 
 
-def _unit_preprocess(size: tuple[int, int]) -> Any:
-    """Images as floats in [0, 1] at ``size``: each model's card resizes and normalises them in the pipeline."""
-    from kcore.data import Preprocess
-
-    return Preprocess((int(size[0]), int(size[1])), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+def _load_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Images as floats in [0, 1] at ``size`` (shorter side scaled, centre cropped, as the CLI loads them): each
+    model's preprocessing resizes, crops and normalises them in the pipeline."""
+    return (int(size[0]), int(size[1]))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -46,14 +45,14 @@ def bundled_images(n: int, size: int = 64) -> Any:
     """The bundled kshapes test images (rendered from code, nothing downloaded)."""
     from kcore import data as kdata
 
-    return kdata.sample_images(n, preprocess=_unit_preprocess((size, size)))
+    return kdata.sample_images(n, preprocess=_load_size((size, size)))
 
 
 def uploaded_images(files: Sequence[tuple[str, bytes]], size: tuple[int, int]) -> Any:
     """Uploaded image files and/or zips of images as one image set (at ``size``, for the overlays)."""
     from kcore import data as kdata
 
-    return kdata.ImageSet.from_uploads(files, _unit_preprocess(size))
+    return kdata.ImageSet.from_uploads(files, _load_size(size))
 
 
 def upload_token(files: Sequence[tuple[str, int]]) -> str:
@@ -74,7 +73,7 @@ def folder_images(folder: str, size: tuple[int, int]) -> Any:
     from kcore.server_paths import resolve_server_path, server_root_of
 
     real = resolve_server_path(folder, kind="folder", what="image folder")
-    return kdata.ImageSet.from_folder(real, _unit_preprocess(size), root=server_root_of(real))
+    return kdata.ImageSet.from_folder(real, _load_size(size), root=server_root_of(real))
 
 
 def working_image_size() -> tuple[int, int]:
