@@ -1,4 +1,4 @@
-"""kcore's benchmark suite: ``python -m bench --quick`` (minutes) or ``--full`` (the README's table, hours).
+"""kcore's benchmark suite: ``python -m bench --quick`` (minutes) or ``--full`` (docs/performance.md's table, hours).
 
 Sections (each a module): time to quality against the authors' recipe (:mod:`bench.quality`), training
 FLOP/s against a matrix multiply (:mod:`bench.throughput`), decomposition against a forward pass

@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="a few minutes")
-    mode.add_argument("--full", action="store_const", const="full", dest="profile", help="the README's table (hours)")
+    mode.add_argument("--full", action="store_const", const="full", dest="profile",
+                      help="the table in docs/performance.md (hours)")
     mode.add_argument("--profile", choices=sorted(PROFILES), dest="profile")
     p.add_argument("--only", nargs="+", choices=SECTIONS + OPT_IN,
                    help=f"run only these sections ({', '.join(OPT_IN)} runs only when named here)")

@@ -15,8 +15,9 @@ LAYOUT_PX = 1000
 """About the width of the main area on a large screen: fixed figure widths are shares of it."""
 SHARE_HELP = ("Additive share s⁽ᵏ⁾ = Cov(x⁽ᵏ⁾, x*)/Var(x*) (one global mean, as the paper's Var). Because "
               "x⁽⁰⁾ + … + x⁽ᴷ⁾ + x^Δ = x*, the shares of the orders and of x^Δ add up to exactly 100 %.")
-PRESET_HELP = ("The split into orders is not unique: the training recipe decides it (the README's 'How much the "
-               "order split depends on the recipe' measures it), so a share is named with the preset that made it.")
+PRESET_HELP = ("The split into orders is not unique: the training recipe decides it (docs/conventions.md, 'How "
+               "much the order split depends on the recipe', measures it), so a share is named with the preset that "
+               "made it.")
 VAR_RATIO_HELP = ("The paper's metric Var(x⁽ᵏ⁾)/Var(x*) (Sec. 4.2). It is not a share: the components are "
                   "correlated, so these ratios need not add up to 1 and one of them can exceed 1.")
 
