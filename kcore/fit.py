@@ -26,7 +26,7 @@ from kcore.decompose import Decomposition, Method, components
 from kcore.devices import resolve_device
 from kcore.gtheta import Gate, GTheta, GThetaSpec, gtheta_loss
 from kcore.provenance import json_default
-from kcore.streaming import Rows, batch_slices, gram_cka, merge_accumulator
+from kcore.streaming import Rows, batch_slices, gram_cka, merge_accumulator, merge_moments
 from kcore.metrics import (
     Baseline,
     ChannelMoments,
@@ -668,7 +668,7 @@ def _relative_error(
             sse += float(((model(xb) - tb).double() ** 2).sum())
             mom.update(tb)
     (sse,) = kd.all_reduce_floats(sse, ctx=ctx)
-    sst = float(kd.merge_moments(mom, ctx).m2.sum())
+    sst = float(merge_moments(mom, ctx).m2.sum())
     return sse / sst if sst > 0 else float("nan")
 
 
@@ -686,7 +686,7 @@ def calibrate(model: GTheta, xs: Tensor, batch_size: int, device: torch.device, 
         mom = ChannelMoments(model.spec.in_channels)
         for sl in batch_slices(xs.shape[0], batch_size, ctx):
             mom.update(model.hidden(xs[sl].to(device), down_to=k)[-1])
-        model.running_var[k - 1] = kd.merge_moments(mom, ctx).channel_var().to(model.running_var)
+        model.running_var[k - 1] = merge_moments(mom, ctx).channel_var().to(model.running_var)
 
 
 @dataclass(frozen=True)
@@ -796,7 +796,7 @@ def _streamed_data(
         mom = ChannelMoments(xt.shape[1])
         for sl in batch_slices(len(xt_tr), eval_batch_size(xt.shape), ctx):
             mom.update(xt_tr[sl])
-        train_sst = float(kd.merge_moments(mom, ctx).m2.sum())
+        train_sst = float(merge_moments(mom, ctx).m2.sum())
     return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt, ctx)
 
 

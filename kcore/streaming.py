@@ -8,13 +8,20 @@ images. :func:`batch_slices` gives this rank's batches of a split (whole batches
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from kcore import distributed as kd
+
+if TYPE_CHECKING:
+    from kcore.metrics.moments import ChannelMoments, CrossMoments
+    from kcore.metrics.variance import VarianceAccumulator
+
+    Moments = TypeVar("Moments", ChannelMoments, CrossMoments)
 
 
 class Rows:
@@ -68,19 +75,48 @@ def batch_slices(n: int, batch_size: int, ctx: kd.Context | None = None) -> list
     return [slice(s, min(s + batch_size, n)) for s in starts]
 
 
-def merge_accumulator(acc: Any, ctx: kd.Context | None = None) -> Any:
-    """A :class:`kcore.metrics.VarianceAccumulator` holding every rank's images (the same on every rank)."""
+def merge_moments(moments: "Moments", ctx: kd.Context | None = None) -> "Moments":
+    """Moments holding every rank's elements, the same on every rank; ``moments`` itself for one process.
+
+    Args:
+        moments: this rank's :class:`~kcore.metrics.ChannelMoments` or :class:`~kcore.metrics.CrossMoments`.
+        ctx: the job's context (default: one process).
+
+    Returns:
+        New moments of the same kind: every rank's :meth:`pack` gathered and merged in rank order (Chan et al.'s
+        parallel update), so every rank gets the same numbers; ``moments`` is not changed.
+    """
+    ctx = ctx or kd.Context()
+    if not ctx.distributed:
+        return moments
+    merged = type(moments)(moments.channels)
+    merged.merge(torch.stack(kd.all_gather_tensors(moments.pack(), ctx)))
+    return merged
+
+
+def merge_accumulator(acc: "VarianceAccumulator", ctx: kd.Context | None = None) -> "VarianceAccumulator":
+    """A :class:`kcore.metrics.VarianceAccumulator` holding every rank's images (the same on every rank).
+
+    Args:
+        acc: this rank's accumulator; it is not changed.
+        ctx: the job's context (default: one process, which gets ``acc`` back).
+
+    Returns:
+        A new accumulator whose moments, squared error and image count are the job's (:func:`merge_moments`);
+        its per-image sums for the bootstrap (``image_moments``) stay this rank's own.
+    """
     ctx = ctx or kd.Context()
     if not ctx.distributed:
         return acc
-    acc.comp = [kd.merge_moments(m, ctx) for m in acc.comp]
-    acc.output = kd.merge_moments(acc.output, ctx)
-    acc.residual = kd.merge_moments(acc.residual, ctx)
-    acc.target = kd.merge_moments(acc.target, ctx)
-    acc.cross = [kd.merge_cross_moments(m, ctx) for m in acc.cross]
-    acc.sq_err, images = kd.all_reduce_floats(acc.sq_err, float(acc.images), ctx=ctx)
-    acc.images = int(images)
-    return acc
+    out = copy.copy(acc)
+    out.comp = [merge_moments(m, ctx) for m in acc.comp]
+    out.output = merge_moments(acc.output, ctx)
+    out.residual = merge_moments(acc.residual, ctx)
+    out.target = merge_moments(acc.target, ctx)
+    out.cross = [merge_moments(m, ctx) for m in acc.cross]
+    out.sq_err, images = kd.all_reduce_floats(acc.sq_err, float(acc.images), ctx=ctx)
+    out.images = int(images)
+    return out
 
 
 def gram_cka(x: Any, y: Any, batch_size: int = 256) -> float:
