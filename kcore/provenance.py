@@ -1,18 +1,26 @@
 """What every saved result records about how it was made, and how kcore writes JSON.
 
-One owner for the versions written into run folders, study folders and exports (:func:`versions`) and for
-the JSON encoding of the values kcore stores (:func:`json_default`, :func:`dumps`): tensors and arrays as
-lists, numpy scalars as numbers, tuples and sets as lists, paths as strings, typed results through their
-``as_dict()``.
+One owner for the versions written into run folders, study folders and exports (:func:`versions`), for the
+command and the source revision that made a result (:func:`command_line`, :func:`source_revision`), for what
+identifies a model (:func:`checkpoint_provenance`, :func:`model_summary`) and for the JSON encoding of the
+values kcore stores (:func:`json_default`, :func:`dumps`, :func:`as_jsonable`): tensors and arrays as lists,
+numpy scalars as numbers, tuples and sets as lists, paths as strings, typed results through their ``as_dict()``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from kcore.checkpoints import LoadedModel
 
 #: packages whose version can change a result or a figure (reported when installed)
 VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "torchvision", "numpy", "matplotlib", "streamlit")
@@ -65,3 +73,51 @@ def dumps(obj: Any, *, indent: int | None = 1, lenient: bool = False) -> str:
             raise
 
     return json.dumps(obj, indent=indent, default=default, allow_nan=True)
+
+
+def command_line() -> str:
+    """The command that is running, as ``kcore <arguments>``."""
+    return " ".join(["kcore", *sys.argv[1:]])
+
+
+def source_revision() -> dict:
+    """The git commit of the kcore checkout and whether its kcore/ files differ from it (empty outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kcore"], cwd=root, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": commit, "kcore_modified": bool(dirty)}
+
+
+def as_jsonable(obj: Any) -> Any:
+    """Dataclasses and tuples as plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: as_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): as_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [as_jsonable(v) for v in obj]
+    return obj
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
+    """Parameter count and a hash of the weights (for provenance of models trained in memory)."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return {"num_parameters": sum(p.numel() for p in model.parameters()), "weights_sha256": h.hexdigest()}
+
+
+def checkpoint_provenance(m: LoadedModel, path: str, layer: str) -> dict[str, Any]:
+    """Name, path, hash, layer, architecture and accuracy of a loaded checkpoint."""
+    card = m.card
+    return {"name": m.name, "path": str(Path(path).resolve()), "sha256": m.sha256, "layer": layer,
+            "architecture": card.architecture if card else None, "num_parameters": m.num_parameters,
+            "card_test_accuracy": card.test_accuracy if card else None}

@@ -5,8 +5,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.jobs import ordinal
-from kcore.experiments import STUDIES
-from kcore.experiments._common import read_study, zip_study
+from kcore.experiments import STUDIES, read_study, zip_study
 from kcore.limits import ENV_VARS, limits
 from kcore.study_options import study_options
 

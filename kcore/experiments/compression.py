@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kcore.experiments._common import (
-    FitSettings, Progress, StudyData, StudyRun, add_fit_args, checkpoint_provenance,
-    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection, say,
-    study_command, study_data,
-)
 from kcore.distributed import map_over_ranks
+from kcore.experiments._arguments import add_fit_args
+from kcore.experiments._features import display_image, load_checkpoint
+from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.experiments.pruning import PRUNE_SCOPES, PruneScope, kept_pruned, prune_magnitude
+from kcore.imagesets import StudyData, study_data
+from kcore.provenance import checkpoint_provenance
 from kcore.samples import SAMPLE_CHECKPOINTS
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.9, 0.95)
@@ -289,7 +290,7 @@ def add_cli(sub: Any) -> None:
     study_command(p, "compression", _compute, _report)
 
 
-def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, progress: Progress) -> StudyRun:
     m = load_checkpoint(args.model, "--model")
     layer = args.layer or (m.card.default_layer if m.card else None)
     if not layer:
@@ -301,8 +302,8 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     progress(f"{m.name} [{m.short_hash}] layer {layer}; {data.source}")
     res = compression_study(m.model, layer, data, ratios=_parse_ratios(args.ratios), scope=args.scope,
                             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                            fit=fit_settings_from(args), seed=args.seed, device=args.device, progress=progress,
-                            ctx=getattr(args, "job", None))
+                            fit=fit_settings_from(args), seed=args.seed, device=run.device, progress=progress,
+                            ctx=run.job)
     prov = {"checkpoint": checkpoint_provenance(m, args.model, layer), "layers": {"pruned": layer, "original": layer},
             "seeds": {"finetune": args.seed, "fit": args.seed}, "data": data.source}
     return StudyRun(res, prov)

@@ -29,11 +29,12 @@ from torch.utils.data import Dataset
 
 from kcore.data import is_bundled
 from kcore.distributed import map_over_ranks
-from kcore.experiments._common import (
-    FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
-    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
-    model_summary, say, study_command, study_data,
-)
+from kcore.experiments._arguments import add_fit_args, add_recipe_args
+from kcore.experiments._features import display_image, load_checkpoint
+from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
+from kcore.imagesets import StudyData, study_data
+from kcore.provenance import checkpoint_provenance, model_summary
 
 DIRECTIONS: dict[str, str] = {
     "fine_to_coarse": "x = fine net, x* = coarse net: x^Delta = what the coarse net encodes that the fine net lacks",
@@ -240,7 +241,7 @@ def add_cli(sub: Any) -> None:
     study_command(p, "cross_task", _compute, _report)
 
 
-def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, progress: Progress) -> StudyRun:
     from kcore.synthetic import COARSE_OF_CLASS
 
     if (args.fine is None) != (args.coarse is None):
@@ -271,7 +272,7 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     if loaded is None:
         res_f, res_c = train_task_pair(args.arch, fine_data, coarse_data, epochs=args.epochs, seed=args.seed,
                                        lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay,
-                                       device=args.device, progress=progress)
+                                       device=run.device, progress=progress)
         fine, coarse = res_f.model, res_c.model
         layer = args.layer or "layer2"
         prov_nets: dict[str, Any] = {"trained": "here", "architecture": args.arch, "epochs": args.epochs,
@@ -287,7 +288,7 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
     progress(f"comparing layer {layer} on {len(fine_data.images)} images ({fine_data.source})")
     res = cross_task_study(fine, coarse, layer, fine_data.images, fine_test=fine_data.test,
                            coarse_test=coarse_data.test, fine_to_coarse=mapping, fit=fit_settings_from(args),
-                           device=args.device, progress=progress, ctx=getattr(args, "job", None))
+                           device=run.device, progress=progress, ctx=run.job)
     prov = {"networks": prov_nets, "layers": {"fine": layer, "coarse": layer},
             "seeds": {"train": args.seed, "fit": args.seed}, "data": fine_data.source}
     return StudyRun(res, prov)

@@ -37,11 +37,13 @@ from torch import Tensor, nn
 
 from kcore.checkpoints import LoadedModel
 from kcore.distributed import map_over_ranks
-from kcore.experiments._common import (
-    ArmResult, Progress, StudyRun, TrainConfig, accuracy_figure, add_pair_arguments, add_training_arguments,
-    arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say, study_command,
-    train_config_from, train_test_features, train_test_images, train_upper,
-)
+from kcore.experiments._arguments import add_pair_arguments, add_training_arguments
+from kcore.experiments._arms import ArmResult, TrainConfig, accuracy_figure, arms_table, train_config_from, train_upper
+from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
+from kcore.experiments._fits import fit_summary
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
+from kcore.pipeline import ModelInfo
+from kcore.provenance import as_jsonable
 from kcore.samples import SAMPLE_CHECKPOINTS
 
 ClassifierInit = Literal["fresh", "trained"]
@@ -151,8 +153,8 @@ class DiagnosisResult:
         class_names: names of the labels (for the maps figure), if the images have them.
     """
 
-    weak: dict
-    strong: dict
+    weak: ModelInfo
+    strong: ModelInfo
     layer_weak: str
     layer_strong: str
     orders: int
@@ -253,7 +255,7 @@ class DiagnosisResult:
             cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SEQUENTIAL_CMAP), ax=axes[:, j], shrink=0.6)
             cb.set_label(self.energy_units, fontsize=7)
             cb.ax.tick_params(labelsize=6)
-        fig.suptitle(f"weak {self.weak['name']}:{self.layer_weak} vs strong {self.strong['name']}:"
+        fig.suptitle(f"weak {self.weak.name}:{self.layer_weak} vs strong {self.strong.name}:"
                      f"{self.layer_strong} (test images; shared colour scale per column)", fontsize=8)
         return fig
 
@@ -432,7 +434,7 @@ def diagnose(
     ids = tuple(te.image_ids[:n_maps])
     imgs = np.stack([_image_rgb(test_images, i) for i in range(n_maps)]) if n_maps else np.zeros((0, 1, 1, 3))
     return DiagnosisResult(
-        weak=model_info(weak, la), strong=model_info(strong, lb), layer_weak=la, layer_strong=lb,
+        weak=ModelInfo.from_loaded(weak, la), strong=ModelInfo.from_loaded(strong, lb), layer_weak=la, layer_strong=lb,
         orders=g_ab.model.orders, blind_spots=blind, unreliable=unrel, arms=tuple(arms), experiments=experiments,
         classifier_init=classifier_init, adapted_layers=tuple(adapted), train=train, map_ids=ids,
         map_labels=tuple(int(v) for v in y_te[:n_maps]), blind_energy=e_blind[:n_maps].numpy(),
@@ -462,7 +464,7 @@ def add_cli(sub: Any) -> None:
     study_command(p, "diagnosis", _compute, _report, device="cpu")
 
 
-def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> StudyRun:
     weak, strong = load_checkpoint(args.weak, "--weak"), load_checkpoint(args.strong, "--strong")
     train_images, test_images = train_test_images(args, max(input_shape(weak)[1], input_shape(strong)[1]))
     res = diagnose(weak, strong, train_images, test_images, layer_weak=args.layer_weak,
@@ -470,7 +472,7 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
                    convention=args.convention,
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
-                   seed=args.seed, device=args.device, data=args.data, progress=log, ctx=getattr(args, "job", None))
+                   seed=args.seed, device=run.device, data=args.data, progress=log, ctx=run.job)
     prov = {"checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test}

@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from kcore.distributed import map_over_ranks
-from kcore.experiments._common import (
-    FitSettings, Progress, StudyData, StudyRun, add_fit_args, add_recipe_args, checkpoint_provenance,
-    consistency_row, display_image, fit_consistency, fit_settings_from, load_checkpoint, map_selection,
-    model_summary, say, study_command, study_data,
-)
+from kcore.experiments._arguments import add_fit_args, add_recipe_args
+from kcore.experiments._features import display_image, load_checkpoint
+from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
+from kcore.imagesets import StudyData, study_data
+from kcore.provenance import checkpoint_provenance, model_summary
 from kcore.samples import SAMPLE_CHECKPOINTS
 
 SAMPLE_TEACHER = SAMPLE_CHECKPOINTS["kshapes_resnet_s0"]
@@ -406,7 +407,7 @@ def add_cli(sub: Any) -> None:
     study_command(p, "distillation", _compute, _report)
 
 
-def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, progress: Progress) -> StudyRun:
     from kcore.architectures import build_model
     from kcore.training import train_classifier
 
@@ -443,9 +444,9 @@ def _compute(args: argparse.Namespace, progress: Progress) -> StudyRun:
             raise ValueError("--layer is required: the teacher's card has no default_layer.")
     progress(f"teacher: {arch}, layer {layer}; {data.source}")
     res = distillation_study(teacher, layer, data, lambda: build_model(arch, num_classes), generations=args.generations,
-                             student=student, fit=fit_settings_from(args), seed=args.seed, device=args.device,
+                             student=student, fit=fit_settings_from(args), seed=args.seed, device=run.device,
                              teacher_seed=args.seed if args.teacher == "scratch" else None, progress=progress,
-                             ctx=getattr(args, "job", None))
+                             ctx=run.job)
     prov = {"teacher": prov_teacher, "architecture": arch, "layers": {"all generations": layer},
             "seeds": {"generations": res.settings["seeds"], "fit": args.seed}, "data": data.source}
     return StudyRun(res, prov)

@@ -1,6 +1,6 @@
 """Families of networks for the studies: train N networks that differ only in seed (or training half).
 
-A tool of the stability study (not a study itself): it imports only :mod:`kcore.experiments._common` and
+A tool of the stability study (not a study itself): it imports only the shared modules of the studies and
 the core. The labelled images are RGB in [0, 1] (:func:`kcore.data.labelled_images`); they are normalised
 for training with the family's mean and std, which every member's model card records.
 
@@ -31,9 +31,9 @@ from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.checkpoints import LoadedModel, load_model
 from kcore.data import BUNDLED_DATA, is_bundled, labelled_images
 from kcore.distributed import map_over_ranks
-from kcore.experiments._common import (
-    Normalized, Progress, Subset, add_output_arguments, say, stderr_progress, torch_threads,
-)
+from kcore.experiments._arguments import add_output_arguments
+from kcore.experiments._study import Progress, say, stderr_progress, torch_threads
+from kcore.imagesets import Normalized, Subset
 from kcore.training import Optimizer
 
 FAMILY_FORMAT = "kcore-family/1"

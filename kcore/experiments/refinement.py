@@ -12,7 +12,7 @@ Units: g_θ is fitted in the paper's convention (standardised x and x*); the com
 layers are mapped back to B's raw feature units, σ_c·(x⁽⁰⁾+…+x⁽ᵏ⁾) + μ_c (the channel mean μ_c of x_B, which
 no component carries in this convention, is added once to every partial sum).
 
-The trainer of the arms (:func:`kcore.experiments._common.train_upper`) serves the diagnosis study (Sec. 4.1) too.
+The trainer of the arms (:func:`kcore.experiments._arms.train_upper`) serves the diagnosis study (Sec. 4.1) too.
 
 Paper: Sec. 4.3 "Exp. 1, removing unreliable features", "Fairness of comparisons", App. A; the authors'
 ``transClassifier.py`` (Adam, lr 1e-5 decayed log-linearly over two decades, weight decay 1e-4, batch 64,
@@ -32,12 +32,15 @@ from torch import Tensor
 
 from kcore.checkpoints import LoadedModel
 from kcore.distributed import map_over_ranks
-from kcore.experiments._common import (
-    ArmResult, Progress, StudyRun, TrainConfig, accuracy_figure, add_pair_arguments, add_training_arguments,
-    arms_table, as_jsonable, fit_summary, input_shape, layer_of, load_checkpoint, model_info, say,
-    state_fingerprint, study_command, train_config_from, train_test_features, train_test_images, train_upper,
-    unchanged,
+from kcore.experiments._arguments import add_pair_arguments, add_training_arguments
+from kcore.experiments._arms import (
+    ArmResult, TrainConfig, accuracy_figure, arms_table, state_fingerprint, train_config_from, train_upper, unchanged,
 )
+from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
+from kcore.experiments._fits import fit_summary
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
+from kcore.pipeline import ModelInfo
+from kcore.provenance import as_jsonable
 from kcore.samples import SAMPLE_CHECKPOINTS
 
 
@@ -60,8 +63,8 @@ class RefinementResult:
         seconds: wall time.
     """
 
-    a: dict
-    b: dict
+    a: ModelInfo
+    b: ModelInfo
     layer_a: str
     layer_b: str
     orders: int
@@ -205,7 +208,7 @@ def refine(
         "classifier copies below the layer": all(arm.lower_unchanged for arm in arms),
     }
     return RefinementResult(
-        a=model_info(a, la), b=model_info(b, lb), layer_a=la, layer_b=lb, orders=g.model.orders, fit=fit_info,
+        a=ModelInfo.from_loaded(a, la), b=ModelInfo.from_loaded(b, lb), layer_a=la, layer_b=lb, orders=g.model.orders, fit=fit_info,
         arms=tuple(arms), frozen=frozen, train=train, n_train=len(xa_tr), n_test=len(xa_te), data=data, seed=seed,
         seconds=time.perf_counter() - t0,
     )
@@ -229,13 +232,13 @@ def add_cli(sub: Any) -> None:
     study_command(p, "refinement", _compute, _report, device="cpu")
 
 
-def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> StudyRun:
     a, b = load_checkpoint(args.a, "--a"), load_checkpoint(args.b, "--b")
     train_images, test_images = train_test_images(args, input_shape(b)[1])
     res = refine(a, b, train_images, test_images, layer_a=args.layer_a, layer_b=args.layer_b, orders=args.orders,
                  lam=args.lam, fit_epochs=args.fit_epochs, convention=args.convention,
                  train=train_config_from(args), seed=args.seed,
-                 device=args.device, data=args.data, progress=log, ctx=getattr(args, "job", None))
+                 device=run.device, data=args.data, progress=log, ctx=run.job)
     prov = {"checkpoint_a": res.a, "checkpoint_b": res.b, "layers": {"A": res.layer_a, "B": res.layer_b},
             "seed": args.seed, "data": args.data, "n_train": res.n_train, "n_test": res.n_test}
     return StudyRun(res, prov)

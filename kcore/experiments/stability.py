@@ -30,12 +30,13 @@ from torch import Tensor
 
 from kcore.checkpoints import LoadedModel
 from kcore.conventions import CONVENTIONS
-from kcore.experiments import families
-from kcore.experiments._common import (
-    Progress, StudyRun, as_jsonable, labelled_images, layer_of, load_checkpoint, say, single_features, study_command,
-)
 from kcore.distributed import map_over_ranks
+from kcore.experiments import families
+from kcore.experiments._features import layer_of, load_checkpoint, single_features
+from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
+from kcore.imagesets import labelled_images
 from kcore.metrics import VarianceAccumulator, VarianceReport
+from kcore.provenance import as_jsonable
 
 Case = Literal["seeds", "halves"]
 CASES: dict[str, str] = {
@@ -398,7 +399,7 @@ def add_cli(sub: Any) -> None:
     study_command(p, "stability", _compute, _report, device="cpu")
 
 
-def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
+def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> StudyRun:
     trained = None
     if args.family:
         models, manifest = families.load_family(args.family)
@@ -407,14 +408,14 @@ def _compute(args: argparse.Namespace, log: Progress) -> StudyRun:
         models, manifest = [load_checkpoint(c, "--ckpts") for c in args.ckpts], None
         case = "halves" if args.halves else "seeds"
     else:
-        trained = families.family_from_args(args, log, getattr(args, "job", None))
+        trained = families.family_from_args(args, log, run.job)
         models, manifest, case = trained.loaded(), trained.manifest(), trained.case
     card = models[0].card
     size = int(card.input_size[0]) if card is not None and card.input_size else args.image_size
     images = labelled_images(args.data, "test", args.n_images, size, seed=args.data_seed)
     res = stability(models, images, layers=args.layers, case=case, orders=args.orders, lam=args.lam,
                     fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
-                    seed=args.seed, device=args.device, family=manifest, progress=log, ctx=getattr(args, "job", None))
+                    seed=args.seed, device=run.device, family=manifest, progress=log, ctx=run.job)
     prov = {"checkpoints": list(res.members), "layers": list(res.layers), "seed": args.seed, "data": args.data,
             "n_images": res.n_images, "family_dir": args.family, "family_trained_here": trained is not None}
     return StudyRun(res, prov, extra=(lambda folder: trained.save(folder / "family")) if trained is not None else None)

@@ -1,0 +1,87 @@
+"""The g_θ fits of a study: how each is fitted, and the numbers of one kept in a study's tables.
+
+A study fits g_θ (Eq. 1–2) between two networks' features with the same :class:`FitSettings` throughout,
+and keeps the held-out numbers of each fit (:func:`consistency_row`, :func:`fit_summary`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How each g_θ of a study is fitted (passed to :func:`kcore.fit` with the ``"fast"`` preset).
+
+    Attributes:
+        orders: K.
+        lam: λ of Eq. 2.
+        epochs: epochs of g_θ (taken literally).
+        seed: seed of the split, the initialisation and the batch order.
+    """
+
+    orders: int = 2
+    lam: float = 0.1
+    epochs: int = 10
+    seed: int = 0
+
+
+def fit_consistency(src: nn.Module, src_layer: str, tgt: nn.Module, tgt_layer: str, images: Dataset,
+                    settings: FitSettings, *, device: str | torch.device = "cpu", batch_size: int = 64):
+    """Fit g_θ from ``src``'s features at ``src_layer`` to ``tgt``'s at ``tgt_layer`` on ``images``.
+
+    Returns:
+        ``(FitResult, FeaturePair)``; the pair's ``x_a`` is the source (x), ``x_b`` the target (x*).
+    """
+    import kcore
+    from kcore.features import extract_features
+
+    feats = extract_features(src, src_layer, tgt, tgt_layer, images, batch_size=batch_size, device=device)
+    res = kcore.fit(feats.x_a, feats.x_b, orders=settings.orders, lam=settings.lam, epochs=settings.epochs,
+                    seed=settings.seed, device=device)
+    return res, feats
+
+
+def consistency_row(res: Any) -> dict[str, Any]:
+    """The held-out numbers of a fit as a flat row: Var per order, Var(x^Δ), Var(x*), instability, baselines."""
+    rep = res.heldout_report
+    row = {f"var_x{k}": float(v) for k, v in enumerate(rep.var_orders)}
+    row.update({
+        "var_residual": float(rep.var_residual), "var_target": float(rep.var_target),
+        "instability": float(rep.instability), "heldout_error": float(res.heldout_error),
+        "linear_r2": float(res.baseline.linear_r2), "cka": float(res.baseline.cka),
+    })
+    row.update({f"p{k + 1}": float(p) for k, p in enumerate(res.gates)})
+    return row
+
+
+def fit_summary(res: Any, report: Any = None) -> dict:
+    """The numbers of one fitted g_θ worth keeping in a study result (``report``: a VarianceReport)."""
+    rep = report if report is not None else res.heldout_report
+    return {
+        "heldout_error": res.heldout_error, "instability": rep.instability, "var_orders": list(rep.var_orders),
+        "var_residual": rep.var_residual, "var_target": rep.var_target, "n_images": rep.n_images,
+        "share_orders": None if rep.share_orders is None else list(rep.share_orders),
+        "share_residual": rep.share_residual,
+        "gates": list(res.gates), "linear_r2": res.baseline.linear_r2, "best_epoch": res.best_epoch,
+        "epochs_run": len(res.history), "config": dataclasses.asdict(res.config),
+    }
+
+
+def map_selection(res: Any, n_images: int) -> tuple[list[int], int]:
+    """Held-out image positions (the first ``n_images``) and the x* channel with the largest Var(x^Δ)."""
+    held = list(res.heldout_indices)[:n_images]
+    per = res.heldout_report.per_channel.var_residual
+    return held, int(np.argmax(per))
+
+
+def fit_settings_from(args: argparse.Namespace) -> FitSettings:
+    """The :class:`FitSettings` that the options of :func:`add_fit_args` describe."""
+    return FitSettings(orders=args.orders, lam=args.lam, epochs=args.fit_epochs, seed=args.seed)
