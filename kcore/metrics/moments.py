@@ -7,8 +7,66 @@ import torch
 from torch import Tensor
 
 
-class ChannelMoments:
+class _Moments:
+    """What both kinds of streaming moments share: packing to one flat tensor and merging packed moments back.
+
+    A subclass holds a count ``n`` and per-channel float64 tensors named in ``_FIELDS``, and ``_add`` merges the
+    moments of ``nb`` more elements into them (Chan et al.'s update).
+    """
+
+    _FIELDS: tuple[str, ...] = ()
+    n: int
+
+    def _add(self, nb: int, *moments: Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def channels(self) -> int:
+        """C, the number of channels these moments describe."""
+        return getattr(self, self._FIELDS[0]).numel()
+
+    def pack(self) -> Tensor:
+        """These moments as one flat float64 tensor, what :meth:`merge` reads back.
+
+        Returns:
+            (1 + F·C,): the count, then each of the F per-channel fields in order (``mean``, ``m2`` for
+            :class:`ChannelMoments`; ``mean_a``, ``mean_b``, ``c2`` for :class:`CrossMoments`). A collective
+            (:func:`kcore.distributed.all_gather_tensors`) carries it between ranks.
+        """
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        return torch.cat([n, *(getattr(self, f) for f in self._FIELDS)])
+
+    def merge(self, packed: Tensor) -> None:
+        """Merge moments that :meth:`pack` produced into these, in order (Chan et al.'s parallel update).
+
+        Args:
+            packed: (1 + F·C,) one set of packed moments, or (R, 1 + F·C) several (e.g. every rank's, in rank
+                order); sets with a count of 0 are skipped.
+
+        Raises:
+            TypeError: ``packed`` is not a tensor.
+            ValueError: ``packed`` is not packed moments of this kind and these C channels.
+        """
+        kind, c, f = type(self).__name__, self.channels, len(self._FIELDS)
+        if not isinstance(packed, Tensor):
+            raise TypeError(f"packed must be a tensor from {kind}.pack(); got {type(packed).__name__}. "
+                            f"Fix: pass moments.pack() (or a stack of them), not the moments object.")
+        rows = packed.detach().to("cpu", torch.float64)
+        rows = rows.unsqueeze(0) if rows.dim() == 1 else rows
+        if rows.dim() != 2 or rows.shape[1] != 1 + f * c:
+            raise ValueError(f"packed must be ({1 + f * c},) or (R, {1 + f * c}) for {kind} of {c} channels; got "
+                             f"shape {tuple(packed.shape)}. Fix: merge moments of the same channels, packed by "
+                             f"{kind}.pack().")
+        for part in rows:
+            n_b = int(part[0])
+            if n_b:
+                self._add(n_b, *part[1:].reshape(f, c))
+
+
+class ChannelMoments(_Moments):
     """Streaming per-channel count, mean and sum of squared deviations of (N, C, H, W) tensors (float64)."""
+
+    _FIELDS = ("mean", "m2")
 
     def __init__(self, channels: int):
         self.n = 0
@@ -32,37 +90,6 @@ class ChannelMoments:
         self.mean = self.mean + delta * (nb / n)
         self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
         self.n = n
-
-    @property
-    def channels(self) -> int:
-        """C, the number of channels these moments describe."""
-        return self.mean.numel()
-
-    def pack(self) -> Tensor:
-        """These moments as one flat float64 tensor, what :meth:`merge` reads back.
-
-        Returns:
-            (1 + 2C,): the count, the C means, the C sums of squared deviations (a collective such as
-            :func:`kcore.distributed.all_gather_tensors` carries it between ranks).
-        """
-        return torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean, self.m2])
-
-    def merge(self, packed: Tensor) -> None:
-        """Merge moments that :meth:`pack` produced into these, in order (Chan et al.'s parallel update).
-
-        Args:
-            packed: (1 + 2C,) one set of packed moments, or (R, 1 + 2C) several (e.g. every rank's, in rank
-                order); sets with a count of 0 are skipped.
-
-        Raises:
-            TypeError: ``packed`` is not a tensor.
-            ValueError: ``packed`` is not packed moments of these C channels.
-        """
-        c = self.channels
-        for part in _packed_rows(packed, 1 + 2 * c, "ChannelMoments", c):
-            n_b = int(part[0])
-            if n_b:
-                self._add(n_b, part[1 : 1 + c], part[1 + c :])
 
     def channel_var(self) -> Tensor:
         """(C,) variance of each channel around its own mean."""
@@ -90,8 +117,10 @@ def paper_cov(x: Tensor, y: Tensor) -> float:
     return float(((x - x.mean()) * (y - y.mean())).mean())
 
 
-class CrossMoments:
+class CrossMoments(_Moments):
     """Streaming per-channel co-moment Σ(a − mean_a)(b − mean_b) of two (N, C, H, W) tensors (float64)."""
+
+    _FIELDS = ("mean_a", "mean_b", "c2")
 
     def __init__(self, channels: int):
         self.n = 0
@@ -117,36 +146,6 @@ class CrossMoments:
         self.c2 = self.c2 + c2b + da * db * (self.n * nb / n)
         self.n = n
 
-    @property
-    def channels(self) -> int:
-        """C, the number of channels these co-moments describe."""
-        return self.c2.numel()
-
-    def pack(self) -> Tensor:
-        """These co-moments as one flat float64 tensor, what :meth:`merge` reads back.
-
-        Returns:
-            (1 + 3C,): the count, the C means of a, the C means of b, the C co-moments.
-        """
-        return torch.cat([torch.tensor([float(self.n)], dtype=torch.float64), self.mean_a, self.mean_b, self.c2])
-
-    def merge(self, packed: Tensor) -> None:
-        """Merge co-moments that :meth:`pack` produced into these, in order (the co-moment form of Chan's update).
-
-        Args:
-            packed: (1 + 3C,) one set of packed co-moments, or (R, 1 + 3C) several (e.g. every rank's, in rank
-                order); sets with a count of 0 are skipped.
-
-        Raises:
-            TypeError: ``packed`` is not a tensor.
-            ValueError: ``packed`` is not packed co-moments of these C channels.
-        """
-        c = self.channels
-        for part in _packed_rows(packed, 1 + 3 * c, "CrossMoments", c):
-            n_b = int(part[0])
-            if n_b:
-                self._add(n_b, part[1 : 1 + c], part[1 + c : 1 + 2 * c], part[1 + 2 * c :])
-
     def channel_cov(self) -> Tensor:
         """(C,) covariance of each channel around its own means."""
         return self.c2 / max(self.n, 1)
@@ -156,16 +155,3 @@ class CrossMoments:
         ga, gb = self.mean_a.mean(), self.mean_b.mean()
         num = self.c2.sum() + self.n * ((self.mean_a - ga) * (self.mean_b - gb)).sum()
         return float(num / (self.n * self.mean_a.numel()))
-
-
-def _packed_rows(packed: Tensor, width: int, kind: str, channels: int) -> Tensor:
-    """``packed`` as (R, width) float64 rows, or a ValueError that says what was expected."""
-    if not isinstance(packed, Tensor):
-        raise TypeError(f"packed must be a tensor from {kind}.pack(); got {type(packed).__name__}. "
-                        f"Fix: pass moments.pack() (or a stack of them), not the moments object.")
-    rows = packed.detach().to("cpu", torch.float64)
-    rows = rows.unsqueeze(0) if rows.dim() == 1 else rows
-    if rows.dim() != 2 or rows.shape[1] != width:
-        raise ValueError(f"packed must be ({width},) or (R, {width}) for {kind} of {channels} channels; got shape "
-                         f"{tuple(packed.shape)}. Fix: merge moments of the same channels, packed by {kind}.pack().")
-    return rows
