@@ -1,10 +1,23 @@
-"""Shared test fixtures: threads, and the tiny kshapes data and models the study tests share."""
+"""Shared test fixtures: threads, the ``needs_cuda`` skip, and the tiny kshapes data and models the study tests share.
+
+Plain helper functions and classes (tiny networks, :class:`LoadedModel` wrappers) live in ``tests/helpers.py``.
+"""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every test marked ``needs_cuda`` where torch sees no CUDA device (the marker alone is enough)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("needs_cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import torch
 from kcore.baselines import derangement, random_init_like, shuffled_baseline
 from kcore.checkpoints import load_model
 
+from helpers import loaded, tiny_net
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 STRONG = SAMPLES / "kshapes_resnet_s0.safetensors"
 WEAK = SAMPLES / "kshapes_tinynet_s0.safetensors"
@@ -56,11 +58,9 @@ def test_shuffled_pairing_gives_instability_near_one_on_the_sample_models():
 
 
 def test_baselines_travel_with_the_run_folder(tmp_path, random_images):
-    from test_pipeline import _loaded, _net
-
     from kcore.pipeline import compare, read_run, write_run
 
-    a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
+    a, b = loaded(tiny_net(0), "a.pt"), loaded(tiny_net(1, width=5), "b.pt")
     comp = compare(a, "2", b, "2", random_images(), orders=1, epochs=2, baselines=True)
     # the test nets name no architecture: the random B is a re-initialised copy
     assert set(comp.baselines) == {"random_b", "shuffled"}
@@ -79,11 +79,9 @@ def test_baselines_travel_with_the_run_folder(tmp_path, random_images):
 def test_fit_seeds_reports_the_spread_of_instability_and_order_split(tmp_path, random_images):
     import statistics
 
-    from test_pipeline import _loaded, _net
-
     from kcore.pipeline import compare, read_run, write_run
 
-    a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
+    a, b = loaded(tiny_net(0), "a.pt"), loaded(tiny_net(1, width=5), "b.pt")
     comp = compare(a, "2", b, "2", random_images(), orders=1, epochs=2, seed=4, fit_seeds=3)
     sp = comp.seed_spread["A_to_B"]
     assert sp["seeds"] == [4, 5, 6]

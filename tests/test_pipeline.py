@@ -6,26 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from kcore.checkpoints import LoadedModel
 from kcore.pipeline import HELDOUT_IMAGES_FILE, compare, heldout_images, read_heldout_images, read_run, write_run
 
-
-def _net(seed, width=6):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, padding=1),
-                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
-
-
-def _loaded(model, name):
-    return LoadedModel(model, name, f"{abs(hash(name)):064x}"[:64], "state_dict", None,
-                       sum(p.numel() for p in model.parameters()))
+from helpers import loaded, tiny_net
 
 
 @pytest.fixture(scope="module")
 def comparison(random_images):
-    a, b = _loaded(_net(0), "a.pt"), _loaded(_net(1, width=5), "b.pt")
+    a, b = loaded(tiny_net(0), "a.pt"), loaded(tiny_net(1, width=5), "b.pt")
     return compare(a, "2", b, "2", random_images(), orders=1, epochs=2, both_directions=True, image_source="test")
 
 
@@ -43,7 +32,7 @@ def test_both_directions_and_provenance(comparison):
 def test_captured_features_are_the_conv_outputs_before_inplace_relu(comparison, random_images):
     data = random_images()
     with torch.no_grad():
-        expected = _net(0)[:3](data.x)
+        expected = tiny_net(0)[:3](data.x)
     torch.testing.assert_close(comparison.features.x_a, expected)
     assert float(comparison.features.x_a.min()) < 0  # not overwritten by the in-place ReLU after it
 
