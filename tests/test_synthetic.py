@@ -1,8 +1,7 @@
-"""kshapes: determinism, random access, labels, ground truth and speed."""
+"""kshapes: determinism, random access, labels and ground truth (rendering speed is measured in bench/)."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -159,10 +158,13 @@ def test_normalize_known_answer_on_a_constant_image() -> None:
     assert torch.allclose(x[2], torch.ones(4, 5))
 
 
-def test_rendering_is_fast() -> None:
-    render_sample(SPEC, "train", 0)
-    start = time.perf_counter()
-    for i in range(200):
-        render_sample(SPEC, "train", i)
-    per_image = (time.perf_counter() - start) / 200
-    assert per_image < 0.005  # about 0.6 ms on an idle 2-core CPU; generous for loaded machines
+def test_rendering_keeps_no_state_between_calls() -> None:
+    # a DataLoader renders on the fly in any order and from other specs in between: each sample must stay a pure
+    # function of (spec, split, index). (How fast it renders is a timing: bench/, not a test.)
+    first = render_sample(SPEC, "train", 7)
+    for i in range(40):
+        render_sample(SPEC, "test", i)
+        render_sample(KShapesSpec(seed=3, image_size=32), "train", i)
+    again = render_sample(SPEC, "train", 7)
+    assert np.array_equal(first.image, again.image) and np.array_equal(first.mask, again.mask)
+    assert (first.label, first.bbox) == (again.label, again.bbox)
