@@ -166,8 +166,8 @@ def test_unpruned_point_without_finetuning_is_the_original(tiny_fit, tiny_kshape
     p = res.points[0]
     assert p.accuracy == p.accuracy_pruned == res.original_accuracy
     # identical features: the closed-form 0-order map reconstructs them (g_θ after one epoch nearly so)
-    assert p.row["linear_r2"] > 0.9999 and p.row["cka"] == pytest.approx(1.0)
-    assert p.row["instability"] < 0.1
+    assert p.row.linear_r2 > 0.9999 and p.row.cka == pytest.approx(1.0)
+    assert p.row.instability < 0.1
 
 
 def test_bad_study_input_is_explained(tiny_kshapes):

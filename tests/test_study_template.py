@@ -170,3 +170,25 @@ def test_old_import_path_gives_the_same_objects():
 
     assert _common.read_study is _folder.read_study is experiments.read_study
     assert _common.FromLayer is _arms.FromLayer and _common.study_data is study_data
+
+
+def test_consistency_row_holds_the_fits_held_out_numbers_and_flattens_in_table_order():
+    from kcore.experiments._fits import ConsistencyRow, consistency_row
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, 4, 4, generator=g)
+    target = x.flip(1) + 0.3 * torch.randn(24, 3, 4, 4, generator=g)  # channels swapped, plus what x cannot give
+    res = kcore.fit(x, target, orders=2, lam=0.1, epochs=1, seed=0)
+    row = consistency_row(res)
+    assert isinstance(row, ConsistencyRow)
+    rep = res.heldout_report
+    assert row.var_orders == tuple(float(v) for v in rep.var_orders) and len(row.var_orders) == 3
+    assert row.var_residual == float(rep.var_residual) and row.instability == float(rep.instability)
+    assert row.gates == tuple(float(p) for p in res.gates) and len(row.gates) == 2
+    flat = row.as_row()
+    assert list(flat) == ["var_x0", "var_x1", "var_x2", "var_residual", "var_target", "instability", "heldout_error",
+                          "linear_r2", "cka", "p1", "p2"]
+    assert flat["var_x1"] == row.var_orders[1] and flat["p2"] == row.gates[1] and flat["cka"] == row.cka
+    assert all(isinstance(v, float) for v in flat.values())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.instability = 0.0  # type: ignore[misc]

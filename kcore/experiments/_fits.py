@@ -49,17 +49,48 @@ def fit_consistency(src: nn.Module, src_layer: str, tgt: nn.Module, tgt_layer: s
     return res, feats
 
 
-def consistency_row(res: Any) -> dict[str, Any]:
-    """The held-out numbers of a fit as a flat row: Var per order, Var(x^Δ), Var(x*), instability, baselines."""
+@dataclass(frozen=True)
+class ConsistencyRow:
+    """The held-out numbers of one g_θ fit that a study keeps (one row of its table).
+
+    Attributes:
+        var_orders: Var(x^(k)) of each order k = 0 … K.
+        var_residual: Var(x^Δ).
+        var_target: Var(x*).
+        instability: the held-out instability.
+        heldout_error: the fit's held-out error.
+        linear_r2: R² of the linear baseline.
+        cka: linear CKA of the two features.
+        gates: the gate p_k of each order k = 1 … K.
+    """
+
+    var_orders: tuple[float, ...]
+    var_residual: float
+    var_target: float
+    instability: float
+    heldout_error: float
+    linear_r2: float
+    cka: float
+    gates: tuple[float, ...]
+
+    def as_row(self) -> dict[str, float]:
+        """The numbers as a flat table row: ``var_x0 … var_xK``, ``var_residual`` … ``cka``, ``p1 … pK``."""
+        row = {f"var_x{k}": v for k, v in enumerate(self.var_orders)}
+        row.update({"var_residual": self.var_residual, "var_target": self.var_target, "instability": self.instability,
+                    "heldout_error": self.heldout_error, "linear_r2": self.linear_r2, "cka": self.cka})
+        row.update({f"p{k + 1}": p for k, p in enumerate(self.gates)})
+        return row
+
+
+def consistency_row(res: Any) -> ConsistencyRow:
+    """The held-out numbers of a fit: Var per order, Var(x^Δ), Var(x*), instability, baselines, gates."""
     rep = res.heldout_report
-    row = {f"var_x{k}": float(v) for k, v in enumerate(rep.var_orders)}
-    row.update({
-        "var_residual": float(rep.var_residual), "var_target": float(rep.var_target),
-        "instability": float(rep.instability), "heldout_error": float(res.heldout_error),
-        "linear_r2": float(res.baseline.linear_r2), "cka": float(res.baseline.cka),
-    })
-    row.update({f"p{k + 1}": float(p) for k, p in enumerate(res.gates)})
-    return row
+    return ConsistencyRow(
+        var_orders=tuple(float(v) for v in rep.var_orders), var_residual=float(rep.var_residual),
+        var_target=float(rep.var_target), instability=float(rep.instability),
+        heldout_error=float(res.heldout_error), linear_r2=float(res.baseline.linear_r2), cka=float(res.baseline.cka),
+        gates=tuple(float(p) for p in res.gates),
+    )
 
 
 def fit_summary(res: Any, report: Any = None) -> dict:

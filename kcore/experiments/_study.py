@@ -33,11 +33,10 @@ from kcore.devices import DEVICE_CHOICES
 from kcore.experiments._arguments import add_output_arguments
 from kcore.experiments._folder import write_study
 from kcore.provenance import command_line, source_revision
+from kcore.training import Progress
 
 if TYPE_CHECKING:
     from kcore.distributed import Context
-
-Progress = Callable[[str], None]
 
 
 def say(progress: Progress | None, message: str) -> None:

@@ -24,7 +24,9 @@ from torch import nn
 from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_fit_args
 from kcore.experiments._features import display_image, load_checkpoint
-from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._fits import (
+    ConsistencyRow, FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection,
+)
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.experiments.pruning import PRUNE_SCOPES, PruneScope, kept_pruned, prune_magnitude
 from kcore.imagesets import StudyData, study_data
@@ -47,7 +49,7 @@ class CompressionPoint:
         masked_nonzero: masked weights that are not exactly 0 at the end (0 unless something is broken).
         accuracy_pruned: test accuracy right after pruning.
         accuracy: test accuracy after the optional fine-tuning (= ``accuracy_pruned`` without it).
-        row: :func:`consistency_row` of the fit pruned → original (Var(x^Δ) = ``row["var_residual"]``).
+        row: :func:`consistency_row` of the fit pruned → original (Var(x^Δ) = ``row.var_residual``).
     """
 
     ratio: float
@@ -56,12 +58,12 @@ class CompressionPoint:
     masked_nonzero: int
     accuracy_pruned: float
     accuracy: float
-    row: dict = field(hash=False)
+    row: ConsistencyRow = field(hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "n_weights": self.n_weights, "n_pruned": self.n_pruned,
                 "sparsity": self.n_pruned / self.n_weights, "masked_nonzero": self.masked_nonzero,
-                "accuracy_pruned": self.accuracy_pruned, "accuracy": self.accuracy, **self.row}
+                "accuracy_pruned": self.accuracy_pruned, "accuracy": self.accuracy, **self.row.as_row()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,7 +127,7 @@ def compression_figure(result: CompressionResult):
     from matplotlib.figure import Figure
 
     r = [p.ratio for p in result.points]
-    v = [p.row["var_residual"] for p in result.points]
+    v = [p.row.var_residual for p in result.points]
     acc = [p.accuracy for p in result.points]
     fig = Figure(figsize=(9.0, 3.4), layout="constrained")
     ax1, ax3 = fig.subplots(1, 2)
@@ -235,7 +237,7 @@ def compression_study(
         row = consistency_row(res)
         say(progress, f"r = {r:g}: {pruned.n_pruned}/{pruned.n_weights} weights zeroed, accuracy {acc_pruned:.4f}"
                        + (f" -> {acc:.4f} after fine-tuning" if finetune_epochs else "")
-                       + f"; Var(x^D) {row['var_residual']:.4g}, instability {row['instability']:.4f}")
+                       + f"; Var(x^D) {row.var_residual:.4g}, instability {row.instability:.4f}")
         maps = None
         if r == max(ratios) and n_maps > 0:
             held, channel = map_selection(res, n_maps)

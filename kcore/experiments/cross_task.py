@@ -31,7 +31,9 @@ from kcore.data import is_bundled
 from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_fit_args, add_recipe_args
 from kcore.experiments._features import display_image, load_checkpoint
-from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._fits import (
+    ConsistencyRow, FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection,
+)
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.imagesets import StudyData, study_data
 from kcore.provenance import checkpoint_provenance, model_summary
@@ -95,7 +97,7 @@ class CrossTaskResult:
     accuracy_fine: float
     accuracy_coarse: float
     accuracy_fine_as_coarse: float
-    rows: dict
+    rows: dict[str, ConsistencyRow]
     maps: dict
     map_channels: dict
     map_images: tuple[np.ndarray, ...]
@@ -105,13 +107,13 @@ class CrossTaskResult:
     @property
     def fine_reconstructs_more(self) -> bool:
         """The paper's finding: lower instability when the fine net's features reconstruct the coarse net's."""
-        return self.rows["fine_to_coarse"]["instability"] < self.rows["coarse_to_fine"]["instability"]
+        return self.rows["fine_to_coarse"].instability < self.rows["coarse_to_fine"].instability
 
     def tables(self) -> dict[str, Any]:
         """``directions`` (one row per direction) and ``accuracy``."""
         import pandas as pd
 
-        dirs = pd.DataFrame([{"direction": k, "meaning": DIRECTIONS[k], **r} for k, r in self.rows.items()])
+        dirs = pd.DataFrame([{"direction": k, "meaning": DIRECTIONS[k], **r.as_row()} for k, r in self.rows.items()])
         acc = pd.DataFrame([
             {"net": "fine", "labels": "fine", "accuracy": self.accuracy_fine},
             {"net": "coarse", "labels": "coarse", "accuracy": self.accuracy_coarse},
@@ -122,7 +124,7 @@ class CrossTaskResult:
     def as_dict(self) -> dict[str, Any]:
         return {"layer": self.layer, "accuracy_fine": self.accuracy_fine, "accuracy_coarse": self.accuracy_coarse,
                 "accuracy_fine_as_coarse": self.accuracy_fine_as_coarse,
-                "directions": {k: {"meaning": DIRECTIONS[k], **r} for k, r in self.rows.items()},
+                "directions": {k: {"meaning": DIRECTIONS[k], **r.as_row()} for k, r in self.rows.items()},
                 "fine_reconstructs_more": self.fine_reconstructs_more, "map_ids": list(self.map_ids),
                 "map_channels": dict(self.map_channels), "settings": self.settings}
 
@@ -130,9 +132,8 @@ class CrossTaskResult:
         """``variances`` (bars per direction) and ``maps_<direction>`` (x*, x⁽ᵏ⁾, x^Δ; the paper's Fig. 5)."""
         from kcore.viz import figure1_grid, variance_figure
 
-        reports = {k: {"var_orders": [r[f"var_x{i}"] for i in range(self.settings["fit"]["orders"] + 1)],
-                       "var_residual": r["var_residual"], "var_target": r["var_target"],
-                       "instability": r["instability"]} for k, r in self.rows.items()}  # flat rows, not reports
+        reports = {k: {"var_orders": list(r.var_orders), "var_residual": r.var_residual, "var_target": r.var_target,
+                       "instability": r.instability} for k, r in self.rows.items()}  # rows, not reports
         figs = {"variances": variance_figure(reports, titles={k: k.replace("_", " ") for k in reports},
                                              caption=f"layer {self.layer}; held-out images; standardised target units")}
         for key, dec in self.maps.items():
@@ -204,8 +205,8 @@ def cross_task_study(
             held, channel = map_selection(res, n_maps)
             pos = torch.as_tensor(held)
             dec = res.decompose(feats.x_a[pos].float(), feats.x_b[pos].float())
-        say(progress, f"{key}: Var(x^D) {row['var_residual']:.4g}, Var(x*) {row['var_target']:.4g}, "
-                       f"instability {row['instability']:.4f}")
+        say(progress, f"{key}: Var(x^D) {row.var_residual:.4g}, Var(x*) {row.var_target:.4g}, "
+                       f"instability {row.instability:.4f}")
         return row, dec, channel, list(held), tuple(feats.image_ids[j] for j in held)
 
     done = dict(zip(pairs, map_over_ranks(one_direction, list(pairs), ctx)))

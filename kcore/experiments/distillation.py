@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_fit_args, add_recipe_args
 from kcore.experiments._features import display_image, load_checkpoint
-from kcore.experiments._fits import FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection
+from kcore.experiments._fits import (
+    ConsistencyRow, FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection,
+)
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.imagesets import StudyData, study_data
 from kcore.provenance import checkpoint_provenance, model_summary
@@ -170,18 +172,19 @@ class Generation:
         seed: seed it was trained with (None for a loaded teacher).
         accuracy: test accuracy.
         train_loss: mean training loss per epoch (empty for a loaded teacher).
-        row: :func:`consistency_row` of the fit generation → newest (empty for the newest itself).
+        row: :func:`consistency_row` of the fit generation → newest (None for the newest itself).
     """
 
     generation: int
     seed: int | None
     accuracy: float
     train_loss: tuple[float, ...]
-    row: dict = field(hash=False)
+    row: ConsistencyRow | None = field(hash=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "seed": self.seed, "accuracy": self.accuracy,
-                "final_train_loss": self.train_loss[-1] if self.train_loss else float("nan"), **self.row}
+                "final_train_loss": self.train_loss[-1] if self.train_loss else float("nan"),
+                **(self.row.as_row() if self.row is not None else {})}
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,11 +238,11 @@ def distillation_figure(result: DistillationResult):
     """Var(x^Δ) of generation i w.r.t. the newest, and every generation's accuracy (paper Fig. 4 right)."""
     from matplotlib.figure import Figure
 
-    older = [g for g in result.generations if g.row]
+    older = [g for g in result.generations if g.row is not None]
     fig = Figure(figsize=(8.0, 3.2), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     gens = [g.generation for g in older]
-    vals = [g.row["var_residual"] for g in older]
+    vals = [g.row.var_residual for g in older]
     bars = ax1.bar([str(i) for i in gens], vals, color="#c0392b", edgecolor="black", linewidth=0.4)
     ax1.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7, padding=1)
     ax1.set_xlabel("generation i (0 = teacher)")
@@ -265,7 +268,7 @@ def blind_spot_maps_figure(result: DistillationResult):
     from kcore.viz import DIVERGING_CMAP
 
     c = result.map_channel
-    older = [g for g in result.generations if g.row]
+    older = [g for g in result.generations if g.row is not None]
     rows = [(f"x* (gen {result.newest})", result.map_target)]
     rows += [(f"x^Δ of gen {g.generation}", m) for g, m in zip(older, result.maps)]
     n = len(result.map_ids)
@@ -363,19 +366,19 @@ def distillation_study(
         if n_maps > 0:
             held, channel = map_selection(res, n_maps)  # the same held-out split in every fit (same images, seed)
             dec = res.decompose(feats.x_a[torch.as_tensor(held)].float(), feats.x_b[torch.as_tensor(held)].float())
-        say(progress, f"generation {i} -> {generations}: Var(x^D) {row['var_residual']:.4g}, "
-                       f"instability {row['instability']:.4f}")
+        say(progress, f"generation {i} -> {generations}: Var(x^D) {row.var_residual:.4g}, "
+                       f"instability {row.instability:.4f}")
         return row, dec, held, channel, tuple(feats.image_ids[j] for j in held)
 
     done = map_over_ranks(one_fit, list(range(generations)), ctx)
-    rows: list[dict] = [d[0] for d in done]
+    rows: list[ConsistencyRow | None] = [d[0] for d in done]
     maps, target, images, ids, channel = [], None, (), (), 0
     if n_maps > 0:
         held, channel, ids = done[0][2], done[0][3], done[0][4]  # images and channel of generation 0's fit
         images = tuple(display_image(data.images, j) for j in held)
         maps = [d[1].residual for d in done]
         target = done[-1][1].target
-    rows.append({})
+    rows.append(None)
     gens = tuple(Generation(g, info[g][0], accs[g], tuple(info[g][1]), rows[g]) for g in range(generations + 1))
     settings = {"generations": generations, "student": dataclasses.asdict(student), "fit": dataclasses.asdict(fit),
                 "seed": seed, "seeds": [info[g][0] for g in range(generations + 1)], "device": str(dev),
