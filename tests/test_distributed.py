@@ -453,33 +453,40 @@ _EXIT_JOB = """
 import json, os, sys
 import torch
 from kcore import distributed as kd
+out, threads, trigger = sys.argv[1:4]
 torch.set_num_threads(1)
 with kd.job("cpu") as ctx:
     model = torch.nn.Linear(4, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # as every fit and training does (imports torch._dynamo)
-    model(torch.randn(8, 4)).sum().backward()
-    opt.step()
+    if trigger == "optimizer":  # as every fit and training does: the first optimizer imports torch._dynamo
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    else:  # only the module of torch that optimizer ends up importing, which captures the group (4 CPU-s cheaper)
+        import torch.distributed.nn.functional
     total = kd.all_reduce_floats(float(ctx.rank + 1), ctx=ctx)
     squares = kd.map_over_ranks(lambda i: i * i, list(range(5)), ctx)
-    kd.main_first(lambda: open(sys.argv[1], "w").write(json.dumps({"total": total, "squares": squares})), ctx)
+    kd.main_first(lambda: open(out, "w").write(json.dumps({"total": total, "squares": squares})), ctx)
 names = []
-if len(sys.argv) > 2:  # the threads this rank still runs once it has left the job
+if threads != "-":  # the threads this rank still runs once it has left the job
     for task in os.listdir("/proc/self/task"):
         try:
             names.append(open(f"/proc/self/task/{task}/comm").read().strip())
         except OSError:  # a thread that ended meanwhile
             pass
-    open(f"{sys.argv[2]}.{ctx.rank}", "w").write(json.dumps(names))
+    open(f"{threads}.{ctx.rank}", "w").write(json.dumps(names))
 """
 
 
-def _exit_job(tmp_path: Path, i: int, threads: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
+_EXIT_RESULT = {"total": [3.0], "squares": [0, 1, 4, 9, 16]}  # ranks 1 + 2; i * i over 5 items
+
+
+def _exit_job(tmp_path: Path, i: int, trigger: str, threads: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     """One run of the tiny 2-rank job above (a fresh torchrun), without asserting its exit status."""
     script = tmp_path / "exit_job.py"
     if not script.exists():
         script.write_text(_EXIT_JOB)
     out = tmp_path / f"result{i}.json"
-    args = [*TORCHRUN, str(script), str(out)] + ([str(tmp_path / f"threads{i}")] if threads else [])
+    args = [*TORCHRUN, str(script), str(out), str(tmp_path / f"threads{i}") if threads else "-", trigger]
     return subprocess.run(args, capture_output=True, text=True, timeout=180, env=_env(), cwd=ROOT), out
 
 
@@ -491,9 +498,9 @@ def test_a_rank_that_built_an_optimizer_joins_the_group_threads_before_leaving(t
     (``group=group.WORLD``) would hold the job's group for ever; its gloo threads then lived into the exit
     of every rank (where a rank aborted now and then). ``kd.init`` imports that module before the group exists.
     """
-    proc, out = _exit_job(tmp_path, 0, threads=True)
+    proc, out = _exit_job(tmp_path, 0, "optimizer", threads=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(out.read_text()) == {"total": [3.0], "squares": [0, 1, 4, 9, 16]}
+    assert json.loads(out.read_text()) == _EXIT_RESULT
     for rank in (0, 1):
         names = json.loads((tmp_path / f"threads0.{rank}").read_text())
         assert names and not [n for n in names if "gloo" in n], (rank, names)
@@ -504,7 +511,8 @@ def test_thirty_two_rank_jobs_in_a_row_all_exit_cleanly(tmp_path: Path) -> None:
     """30 fresh torchrun jobs of 2 gloo ranks: every one exits with 0, no rank aborts on the way out."""
     failed = []
     for i in range(30):
-        proc, out = _exit_job(tmp_path, i)
-        if proc.returncode != 0 or "terminate called" in proc.stderr or "SIGABRT" in proc.stderr or not out.exists():
+        proc, out = _exit_job(tmp_path, i, "import")
+        aborted = "terminate called" in proc.stderr or "SIGABRT" in proc.stderr
+        if proc.returncode != 0 or aborted or not out.exists() or json.loads(out.read_text()) != _EXIT_RESULT:
             failed.append((i, proc.returncode, proc.stderr[-1500:]))
     assert failed == [], f"{len(failed)} of 30 runs did not exit cleanly: {failed}"
