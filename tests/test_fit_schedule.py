@@ -55,7 +55,7 @@ def test_stopping_is_counted_in_optimiser_steps() -> None:
 
 def test_budget_fit_stops_within_its_budget(monkeypatch) -> None:
     # the fit reads its clock through time.perf_counter: a clock that moves 10 ms per reading makes the budget a
-    # known number of readings, whatever the machine's load (the real seconds are measured in bench/)
+    # known number of readings, whatever the machine's load (real seconds are a timing: bench/, not a test)
     readings = []
 
     def clock() -> float:

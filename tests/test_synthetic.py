@@ -1,4 +1,4 @@
-"""kshapes: determinism, random access, labels and ground truth (rendering speed is measured in bench/)."""
+"""kshapes: determinism, random access, labels and ground truth (rendering speed is a timing, for bench/)."""
 from __future__ import annotations
 
 import hashlib
