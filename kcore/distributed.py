@@ -185,9 +185,10 @@ def _import_group_default_holders() -> None:
     held the job's group after ``destroy_process_group`` (which drops only torch's own references): the group was
     never destroyed while Python ran, and its gloo threads (the TCP loop and two workers) lived on through the
     interpreter's finalisation and the C++ static destructors, still reacting to the other rank's exit (a loop
-    thread closing its socket a few ms before its own process exits, seen with strace). That race at exit is
-    where a rank aborted now and then after its work was done ("terminate called without an active
-    exception", SIGABRT), which :func:`shutdown`'s barriers cannot order. Imported here first, the defaults
+    thread closing its socket a few ms before its own process exits, seen with strace). That teardown, which
+    :func:`shutdown`'s barriers cannot order, is the likely source of the rank that still aborted now and then
+    after its work was done ("terminate called without an active exception", SIGABRT; too rare to reproduce
+    on demand, the leak itself is tested). Imported here first, the defaults
     are None (the default group at call time, the same meaning), so :func:`shutdown` really destroys the group
     and joins its threads while the interpreter is whole and the ranks are in step.
     """

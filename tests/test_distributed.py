@@ -495,8 +495,9 @@ def test_a_rank_that_built_an_optimizer_joins_the_group_threads_before_leaving(t
     """Leaving the job destroys the process group for real, so no gloo thread outlives it into interpreter exit.
 
     An optimizer imports torch._dynamo, which imports torch.distributed.nn.functional, whose defaults
-    (``group=group.WORLD``) would hold the job's group for ever; its gloo threads then lived into the exit
-    of every rank (where a rank aborted now and then). ``kd.init`` imports that module before the group exists.
+    (``group=group.WORLD``) would hold the job's group for ever; its gloo threads then lived on into every rank's
+    exit (the likely source of the rank that aborted now and then). ``kd.init`` imports that module before the
+    group exists. Without it, both ranks list gloo_tcp_loop and two pt_gloo_runloop threads here.
     """
     proc, out = _exit_job(tmp_path, 0, "optimizer", threads=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
