@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from kcore.fit import cpu_has_native_bf16
+from kcore.devices import cpu_has_native_bf16
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:

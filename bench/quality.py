@@ -24,7 +24,7 @@ from torch import Tensor
 
 import kcore
 from kcore.conventions import Normalization
-from kcore.fit import FitCancelled, _relative_error, make_config, split_indices
+from kcore.fit import FitCancelled, make_config, relative_error, split_indices
 from kcore.gtheta import GTheta
 
 
@@ -67,7 +67,7 @@ def run_curve(
         tw, tc = time.perf_counter(), time.process_time()
         curve.times.append(tw - t0 - hook["wall"])
         curve.cpu_times.append(tc - c0 - hook["cpu"])
-        curve.errors.append(_relative_error(model, xs_h, xt_h, 256, next(model.parameters()).device))
+        curve.errors.append(relative_error(model, xs_h, xt_h, 256, next(model.parameters()).device))
         curve.epochs_run = epoch
         hook["wall"] += time.perf_counter() - tw
         hook["cpu"] += time.process_time() - tc

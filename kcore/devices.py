@@ -1,4 +1,4 @@
-"""Device resolution: the one place that turns a user's device preference into a torch.device."""
+"""Devices: the one place that turns a user's device preference into a torch.device, and what the CPU can do."""
 from __future__ import annotations
 
 import torch
@@ -36,3 +36,17 @@ def resolve_device(pref: str | torch.device | None = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be one of {DEVICE_CHOICES}; got {pref!r}.")
     return dev
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo).
+
+    Returns:
+        True when one of the two flags is listed; False otherwise, and where /proc/cpuinfo cannot be read.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
