@@ -83,9 +83,9 @@ class ModelCard:
                 "Fix: write the card with kcore.cards.write_card."
             )
         known = {f.name for f in fields(cls)}
-        extra = dict(data.get("extra") or {})
-        if not isinstance(data.get("extra", {}), Mapping):
+        if not isinstance(data.get("extra") or {}, Mapping):
             raise ValueError(f"{source}: 'extra' must be a JSON object; got {data['extra']!r}.")
+        extra = dict(data.get("extra") or {})
         for key, value in data.items():
             if key not in known and key != "format":
                 extra[key] = value

@@ -214,7 +214,10 @@ class CachedArray:
     def __getitem__(self, key: int | slice | Tensor | Sequence[int]) -> Tensor:
         n = len(self)
         if isinstance(key, int):
-            return self[key : key + 1][0] if -n <= key < n else self[torch.tensor([key])][0]
+            if -n <= key < n:
+                key %= n  # a negative index counts from the end (as a slice key[-1:0] would not)
+                return self[key : key + 1][0]
+            return self[torch.tensor([key])][0]  # out of range: the index path raises IndexError
         if isinstance(key, slice):
             start, stop, step = key.indices(n)
             if step == 1:

@@ -77,9 +77,6 @@ def test_a_bad_field_is_named_with_what_was_expected_and_got(data: dict, message
         ModelCard.from_dict(data, source="card 'm.card.json'")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="kcore/cards.py: from_dict calls dict(extra) before checking that 'extra' is an object, so "
-                          "a list that is not key-value pairs raises dict()'s TypeError, which names no field")
 def test_an_extra_that_is_a_plain_list_is_named() -> None:
     with pytest.raises(ValueError, match=r"'extra' must be a JSON object; got \[1, 2\]"):
         ModelCard.from_dict({"extra": [1, 2]})

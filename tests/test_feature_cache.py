@@ -142,8 +142,6 @@ def test_cached_array_reads_what_the_entry_holds(tmp_path: Path) -> None:
         arr_a[torch.tensor([9])]
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="kcore/feature_cache.py: CachedArray[-1] reads the slice [-1:0], which is empty")
 def test_a_cached_array_takes_a_negative_index(tmp_path: Path) -> None:
     x_a, x_b, ids, labels = _maps(n=3)
     _write(tmp_path / "e", x_a, x_b, ids, labels)
