@@ -15,8 +15,9 @@ What kcore spreads over ranks and how:
 Every helper takes the job's :class:`Context` explicitly; without one it acts for a single process (no
 collective call), so a rank may also run work of its own (one fit of a study) inside a torchrun job.
 
-- **Sums** (:func:`all_reduce_sum`, :func:`merge_moments`): statistics are reduced in float64; moments of
-  several ranks are merged with Chan et al.'s update in rank order, so every rank gets the same numbers.
+- **Sums** (:func:`all_reduce_sum`, :func:`all_gather_tensors`): statistics are reduced in float64; moments of
+  several ranks travel as flat tensors (``pack()`` of :mod:`kcore.metrics`' moments) and are merged with Chan
+  et al.'s update in rank order (:func:`kcore.streaming.merge_moments`), so every rank gets the same numbers.
 - **One writer** (:func:`main_first`): only rank 0 writes shared outputs; the others wait and learn whether it
   succeeded.
 
@@ -287,6 +288,17 @@ def shard(items: int | Sequence[T] | Tensor, block: int = 1, ctx: Context | None
     return [items[i] for i in picks]
 
 
+def batch_slices(n: int, batch_size: int, ctx: Context | None = None) -> list[slice]:
+    """This rank's batches of ``n`` positions: ``slice(s, s + batch_size)`` for s = rank·B, (rank + R)·B, ….
+
+    One process gets ``range(0, n, batch_size)``, the batches it always used; R ranks split those same
+    batches between them (the blocks of :func:`shard` with ``block=batch_size``, as slices).
+    """
+    ctx = ctx or Context()
+    starts = range(ctx.rank * batch_size, n, ctx.world_size * batch_size)
+    return [slice(s, min(s + batch_size, n)) for s in starts]
+
+
 # --------------------------------------------------------------------------------------------------
 # Collectives (each a no-op for a single process)
 # --------------------------------------------------------------------------------------------------
@@ -352,55 +364,6 @@ def barrier(ctx: Context | None = None) -> None:
     ctx = ctx or Context()
     if ctx.distributed:
         _collective("barrier", lambda: dist.barrier(device_ids=[ctx.local_rank]) if ctx.backend == "nccl" else dist.barrier(), ctx)
-
-
-def merge_moments(moments: Any, ctx: Context | None = None) -> Any:
-    """Merge :class:`kcore.metrics.ChannelMoments` over ranks, in rank order (Chan et al.'s parallel update).
-
-    Every rank gets the same merged moments (a new object); one process gets ``moments`` back unchanged.
-    """
-    from kcore.metrics import ChannelMoments
-
-    ctx = ctx or Context()
-    if not ctx.distributed:
-        return moments
-    c = moments.mean.numel()
-    packed = torch.cat([torch.tensor([float(moments.n)], dtype=torch.float64), moments.mean, moments.m2])
-    merged = ChannelMoments(c)
-    for part in all_gather_tensors(packed, ctx):
-        n_b = int(part[0])
-        if n_b == 0:
-            continue
-        n = merged.n + n_b
-        delta = part[1 : 1 + c] - merged.mean
-        merged.mean = merged.mean + delta * (n_b / n)
-        merged.m2 = merged.m2 + part[1 + c :] + delta**2 * (merged.n * n_b / n)
-        merged.n = n
-    return merged
-
-
-def merge_cross_moments(moments: Any, ctx: Context | None = None) -> Any:
-    """Merge :class:`kcore.metrics.CrossMoments` over ranks, in rank order (the co-moment form of Chan's update)."""
-    from kcore.metrics import CrossMoments
-
-    ctx = ctx or Context()
-    if not ctx.distributed:
-        return moments
-    c = moments.c2.numel()
-    packed = torch.cat([torch.tensor([float(moments.n)], dtype=torch.float64), moments.mean_a, moments.mean_b, moments.c2])
-    merged = CrossMoments(c)
-    for part in all_gather_tensors(packed, ctx):
-        n_b = int(part[0])
-        if n_b == 0:
-            continue
-        n = merged.n + n_b
-        da = part[1 : 1 + c] - merged.mean_a
-        db = part[1 + c : 1 + 2 * c] - merged.mean_b
-        merged.mean_a = merged.mean_a + da * (n_b / n)
-        merged.mean_b = merged.mean_b + db * (n_b / n)
-        merged.c2 = merged.c2 + part[1 + 2 * c :] + da * db * (merged.n * n_b / n)
-        merged.n = n
-    return merged
 
 
 def agree(ok: bool, message: str, ctx: Context | None = None) -> None:

@@ -3,25 +3,26 @@
 :class:`Rows` is a lazy, prepared (resampled, normalised, float32) view of selected images of a raw feature
 array; slicing it reads and prepares only those images, so a fit from the float16 cache
 (:class:`kcore.feature_cache.CachedArray`) holds about one batch of features whatever the number of
-images. :func:`batch_slices` gives this rank's batches of a split (whole batches of the single-process order,
-:func:`kcore.distributed.shard`), and the reductions below turn per-rank sums into the job's.
+images. :func:`batch_slices` (from :mod:`kcore.distributed`) gives this rank's batches of a split (whole batches
+of the single-process order), and the merges below turn per-rank moments into the job's.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from kcore import distributed as kd
+from kcore.distributed import batch_slices
+from kcore.metrics.moments import ChannelMoments, CrossMoments
+from kcore.metrics.variance import VarianceAccumulator
 
-if TYPE_CHECKING:
-    from kcore.metrics.moments import ChannelMoments, CrossMoments
-    from kcore.metrics.variance import VarianceAccumulator
+__all__ = ["Rows", "batch_slices", "gram_cka", "merge_accumulator", "merge_moments"]
 
-    Moments = TypeVar("Moments", ChannelMoments, CrossMoments)
+Moments = TypeVar("Moments", ChannelMoments, CrossMoments)
 
 
 class Rows:
@@ -64,18 +65,7 @@ class Rows:
         return out.contiguous(memory_format=self.memory_format)
 
 
-def batch_slices(n: int, batch_size: int, ctx: kd.Context | None = None) -> list[slice]:
-    """This rank's batches of ``n`` positions: ``slice(s, s + batch_size)`` for s = rank·B, (rank + R)·B, ….
-
-    One process gets ``range(0, n, batch_size)``, the batches it always used; R ranks split those same
-    batches between them.
-    """
-    ctx = ctx or kd.Context()
-    starts = range(ctx.rank * batch_size, n, ctx.world_size * batch_size)
-    return [slice(s, min(s + batch_size, n)) for s in starts]
-
-
-def merge_moments(moments: "Moments", ctx: kd.Context | None = None) -> "Moments":
+def merge_moments(moments: Moments, ctx: kd.Context | None = None) -> Moments:
     """Moments holding every rank's elements, the same on every rank; ``moments`` itself for one process.
 
     Args:
@@ -94,7 +84,7 @@ def merge_moments(moments: "Moments", ctx: kd.Context | None = None) -> "Moments
     return merged
 
 
-def merge_accumulator(acc: "VarianceAccumulator", ctx: kd.Context | None = None) -> "VarianceAccumulator":
+def merge_accumulator(acc: VarianceAccumulator, ctx: kd.Context | None = None) -> VarianceAccumulator:
     """A :class:`kcore.metrics.VarianceAccumulator` holding every rank's images (the same on every rank).
 
     Args:

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kcore.distributed import all_reduce_sum
+from kcore.distributed import all_reduce_sum, batch_slices
 from kcore.metrics.moments import ChannelMoments
-from kcore.streaming import batch_slices
 
 #: above this many patch features (C_a·k²) the least-squares map uses the centre tap only (1×1), to bound its
 #: cost: 4608 = 512 channels with a 3×3 kernel (a 4608² normal-equation matrix, 170 MB in float64)
