@@ -413,7 +413,7 @@ class ImageSet(Dataset):
     @classmethod
     def from_uploads(cls, uploads: Iterable[tuple[str, bytes]],
                      size: tuple[int, int] | int | Preprocess | None = None) -> ImageSet:
-        """Images given as ``(file name, bytes)`` pairs, e.g. from a browser upload, at ``size`` (as :meth:`from_folder`).
+        """Images given as ``(file name, bytes)`` pairs (e.g. a browser upload), at ``size`` as :meth:`from_folder`.
 
         A ``.zip`` upload is expanded (see ``from_zip``). Repeated names get ``#2``, ``#3`` ...
 
@@ -447,7 +447,7 @@ class ImageSet(Dataset):
 
     @classmethod
     def from_kshapes(cls, spec: KShapesSpec | None = None, split: Split = "test",
-                     n: int | None = None, preprocess: Preprocess | None = None,
+                     n: int | None = None, preprocess: tuple[int, int] | int | Preprocess | None = None,
                      labels: LabelKind = "fine") -> ImageSet:
         """The bundled kshapes images (rendered, nothing read from disk).
 
