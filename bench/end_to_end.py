@@ -41,6 +41,7 @@ def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, 
 
     ``epochs`` caps the fit (smoke test only; None is the default preset's own stopping).
     """
+    from kcore.fit import make_config
     from kcore.pipeline import compare
 
     loaded = load_default_pair(models_dir)
@@ -54,8 +55,8 @@ def end_to_end(n_images: int = DEFAULT_N_IMAGES, both_directions: bool = False, 
     def on_progress(p: Any) -> None:
         stages.setdefault(p.stage, time.perf_counter() - t0)
 
-    comp = compare(a, la, b, lb, images, both_directions=both_directions, device="cpu", progress=on_progress,
-                   epochs=epochs)
+    comp = compare(a, la, b, lb, images, make_config("fast", epochs=epochs), preset="fast",
+                   both_directions=both_directions, device="cpu", progress=on_progress)
     t_fit = time.perf_counter() - t0
     decs = {d: comp.decompose(d) for d in comp.directions}
     total = time.perf_counter() - t0

@@ -289,15 +289,15 @@ def _fit_job(args, ctx) -> int:
         where = "on disk (float16 cache, read batch by batch)"
         est //= 2
     print(f"features: about {format_bytes(est)} {where}{note}", file=say)
-    opts = {"convention": args.convention} if args.convention else {}
-    if args.budget is not None:
-        opts["budget"] = args.budget
+    from kcore.fit import make_config
+
+    config = make_config(args.preset, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
+                         convention=args.convention or None, budget=args.budget)
     comp = compare(
-        a, layer_a, b, layer_b, images, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
-        device=args.device, both_directions=args.both_directions, preset=args.preset, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, image_source=source, progress=ProgressBar(say), fit_options=opts,
-        paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())), ctx=ctx,
-        baselines=args.baselines, fit_seeds=args.fit_seeds,
+        a, layer_a, b, layer_b, images, config, preset=args.preset, device=args.device,
+        both_directions=args.both_directions, batch_size=args.batch_size, cache_dir=args.cache_dir,
+        image_source=source, progress=ProgressBar(say), paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
+        ctx=ctx, baselines=args.baselines, fit_seeds=args.fit_seeds,
     )
     kd.main_first(lambda: write_run(comp, out, overwrite=args.overwrite, images=images), ctx)  # rank 0 writes
     if not ctx.is_main:

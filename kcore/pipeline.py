@@ -28,7 +28,7 @@ from kcore import distributed as kd
 from kcore.feature_cache import CacheKey, cached_arrays, image_content_hash, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
-from kcore.fit import FitResult, fit, make_config
+from kcore.fit import PRESETS, FitConfig, FitResult, fit, make_config
 from kcore.fit import check_report_lengths as fit_check_report
 from kcore.metrics import VarianceReport
 from kcore.preprocessing import Preprocessing, preprocessing_of
@@ -200,45 +200,141 @@ def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Cal
     return prep.transform()
 
 
+def comparison_config(config: FitConfig | None = None, preset: str | None = None,
+                      **overrides: Any) -> tuple[FitConfig, str | None]:
+    """The :class:`FitConfig` a comparison fits with, and the preset name its provenance records.
+
+    Args:
+        config: a full :class:`FitConfig` (e.g. from :func:`kcore.fit.make_config`); then ``overrides`` must be empty.
+        preset: the preset name to record (with ``config``) or to start from (without it; default ``"fast"``).
+        **overrides: without ``config``: :class:`FitConfig` fields applied to the preset by :func:`make_config`
+            (``None`` keeps the preset's value).
+
+    Returns:
+        ``(config, preset_name)``; ``preset_name`` is ``None`` for a ``config`` given without a name that equals
+        no preset.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`FitConfig`, or both ``config`` and ``overrides`` are given.
+        ValueError: an unknown preset or fit option (:func:`make_config`).
+    """
+    if config is None:
+        name = "fast" if preset is None else preset
+        return make_config(name, **overrides), name
+    if not isinstance(config, FitConfig):
+        raise TypeError(f"config must be a kcore.FitConfig; got {type(config).__name__}. Fix: build it with "
+                        "`from kcore.fit import make_config`; make_config(preset, orders=..., lam=..., epochs=...).")
+    if overrides:
+        raise TypeError(f"compare() got config and also the fit option(s) {sorted(overrides)}. Fix: put them in "
+                        "the config (make_config(preset, ...) or dataclasses.replace(config, ...)), or drop config.")
+    if preset is None:
+        preset = next((k for k, v in PRESETS.items() if v == config), None)
+    elif preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)} (the name recorded with config); got {preset!r}.")
+    return config, preset
+
+
+def baseline_kinds(baselines: bool | Sequence[str], ctx: kd.Context) -> list[str]:
+    """The chance baselines asked for (``True``: all of :data:`~kcore.baselines.BASELINE_KINDS`), checked.
+
+    Raises:
+        ValueError: an unknown kind, or baselines under torchrun.
+    """
+    kinds = list(BASELINE_KINDS) if baselines is True else list(baselines or [])
+    bad = [k for k in kinds if k not in BASELINE_KINDS]
+    if bad:
+        raise ValueError(f"baselines must be True, False or kinds from {sorted(BASELINE_KINDS)}; got {bad}.")
+    if kinds and ctx.distributed:
+        raise ValueError("chance baselines are not run under torchrun. Fix: run `kcore fit --baselines` in one "
+                         "process (on a subset of the images if needed), or drop --baselines.")
+    return kinds
+
+
+def preprocessing_desc(preps: tuple[Preprocessing, Preprocessing]) -> str:
+    """A's and B's preprocessing as JSON text (what changes the features; part of the cache key and provenance)."""
+    return json.dumps([_prep_desc(preps[0]), _prep_desc(preps[1])], sort_keys=True)
+
+
+def feature_cache_key(a: LoadedModel, b: LoadedModel, images: Any, ids: Sequence[str], transform_desc: str) -> CacheKey:
+    """The feature cache's key for A's and B's features of ``images`` (:mod:`kcore.feature_cache`).
+
+    Keyed by the images' content (not their names), both checkpoints' loaded bytes, both preprocessings
+    (``transform_desc``, :func:`preprocessing_desc`), the layers (added by :func:`kcore.features.extract_features`)
+    and the cache format.
+    """
+    return CacheKey(a.sha256, b.sha256, image_content_hash(images, ids), transform_desc)
+
+
+def extract_pair(a: LoadedModel, layer_a: str, b: LoadedModel, layer_b: str, images: Any, *, ids: Sequence[str],
+                 preps: tuple[Preprocessing, Preprocessing], device: torch.device, batch_size: int = 64,
+                 cache_dir: str | os.PathLike | None = None, cache_key: CacheKey | None = None,
+                 progress: Callable[[int, int | None], None] | None = None, cancel: Any = None,
+                 ctx: kd.Context | None = None, both_directions: bool = False) -> tuple[FeaturePair, tuple[Any, Any]]:
+    """Extract A's and B's features of ``images`` and check that each can inform the other.
+
+    Returns:
+        ``(features, (x_a, x_b))``: the :class:`FeaturePair`, and the arrays the fits read (the float16 cache's
+        :class:`~kcore.feature_cache.CachedArray` with ``cache_dir``, else the in-memory tensors).
+
+    Raises:
+        ValueError: features that are constant or not finite (:func:`kcore._validate.check_informative`).
+    """
+    from kcore._validate import check_informative
+
+    feats = extract_features(
+        a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=device, ids=list(ids),
+        transform_a=preps[0].transform(), transform_b=preps[1].transform(), cache_dir=cache_dir,
+        cache_key=cache_key, progress=progress, cancel=cancel, ctx=ctx,
+    )
+    arrays = cached_arrays(feats) if feats.entry is not None else (feats.x_a, feats.x_b)
+    check_informative(arrays[0], arrays[1], f"A's layer {layer_a!r} ({a.name})", f"B's layer {layer_b!r} ({b.name})")
+    if both_directions:
+        check_informative(arrays[1], arrays[0], f"B's layer {layer_b!r} ({b.name})", f"A's layer {layer_a!r} ({a.name})")
+    return feats, arrays
+
+
 def compare(
     a: LoadedModel,
     layer_a: str,
     b: LoadedModel,
     layer_b: str,
     images: Any,
+    config: FitConfig | None = None,
     *,
-    orders: int = 2,
-    lam: float | None = None,
-    epochs: int | None = None,
-    seed: int = 0,
+    preset: str | None = None,
     device: str | torch.device | None = "auto",
     both_directions: bool = False,
-    preset: str = "fast",
     batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     image_source: str = "",
     progress: Callable[[PipelineProgress], None] | None = None,
     cancel: Any = None,
-    fit_options: dict | None = None,
     paths: tuple[str | None, str | None] = (None, None),
     ctx: kd.Context | None = None,
     baselines: bool | Sequence[str] = False,
     fit_seeds: int = 1,
+    **overrides: Any,
 ) -> Comparison:
     """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
+
+    The steps: :func:`comparison_config`, :func:`feature_cache_key` (with ``cache_dir``), :func:`extract_pair`, then
+    :func:`kcore.fit` per direction (and per chance baseline and seed).
 
     Args:
         a, b: loaded checkpoints (:func:`kcore.checkpoints.load_model`).
         layer_a, layer_b: module names with 4-D outputs (:func:`kcore.features.list_layers`).
         images: a ``torch.utils.data.Dataset`` of ``(image (3, H, W) float in [0, 1], label)`` with an
             ``ids`` attribute (see :mod:`kcore.data`); each model's card resizes and normalises it.
-        orders, lam, epochs, seed, preset: passed to :func:`kcore.fit`.
+        config: the :class:`FitConfig` of every fit (:func:`kcore.fit.make_config`); its ``seed`` seeds the
+            split, and ``seed+1 …`` the extra seeds. Default: ``preset`` with ``overrides``.
+        preset: the preset's name, recorded in provenance (with ``config``: default the preset it equals, if any);
+            without ``config``, the preset to start from (default ``"fast"``).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for extraction and fitting.
         both_directions: also fit B → A (unreliable features of A).
+        batch_size: images per extraction batch (the fit's batch is ``config.batch_size``).
         cache_dir: optional float16 on-disk feature cache.
         image_source: a description of where the images came from (for provenance).
         progress, cancel: as in :func:`kcore.fit`; progress gets :class:`PipelineProgress`.
-        fit_options: more :class:`kcore.FitConfig` fields.
         paths: the checkpoint paths, if any (for provenance).
         ctx: a torchrun job (:func:`kcore.distributed.init`) to share the work with: each rank extracts its
             shard of the images into ``cache_dir`` (required, a folder every rank sees) and the fits run with
@@ -248,6 +344,8 @@ def compare(
             (no architecture) is left out, with the reason in ``provenance["baselines_skipped"]``.
         fit_seeds: with N > 1, also refit every direction with seeds ``seed+1 … seed+N−1`` and keep the spread
             of instability and of the order split (:func:`kcore.baselines.seed_spread`) in ``seed_spread``.
+        **overrides: without ``config`` only: :class:`FitConfig` fields for :func:`make_config`, e.g.
+            ``orders=1, epochs=2, seed=3`` (a shorthand for ``config=make_config(preset, ...)``).
 
     With ``cache_dir`` the fits read their batches from the float16 cache as they go (memory bounded,
     whatever the number of images); without it the features are held in memory as float32.
@@ -255,35 +353,35 @@ def compare(
     Returns:
         A :class:`Comparison`.
 
+    Raises:
+        TypeError: ``config`` not a :class:`FitConfig`, or given together with ``overrides``.
+        ValueError: an unknown layer, preset, fit option or baseline kind, ``fit_seeds`` below 1, or features
+            that cannot inform each other.
+
     Examples::
 
         a = kcore.load_model("sample_models/kshapes_tinynet_s0.safetensors")
         b = kcore.load_model("sample_models/kshapes_resnet_s0.safetensors")
-        cmp = kcore.compare(a, "block2", b, "layer2", kcore.data.sample_images(300), both_directions=True)
+        from kcore.fit import make_config
+
+        cfg = make_config("fast", orders=2)
+        cmp = kcore.compare(a, "block2", b, "layer2", kcore.data.sample_images(300), cfg, both_directions=True)
         cmp.directions["A_to_B"].fit.heldout_report.instability
         kcore.write_run(cmp, "runs/tiny_vs_resnet")
     """
     validate_layer(a.model, layer_a)
     validate_layer(b.model, layer_b)
+    cfg, preset_name = comparison_config(config, preset, **overrides)
+    seed = cfg.seed
     ctx = ctx or kd.Context()
     dev = ctx.device if ctx.distributed else resolve_device(device)
     report = progress or (lambda p: None)
-    opts = dict(fit_options or {})
-    cfg = make_config(preset, orders=orders, lam=lam, epochs=epochs, seed=seed, **opts)
     ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
     n = len(ids)
-    prep_a, prep_b = preprocessing_of(a), preprocessing_of(b)
-    transform_desc = json.dumps([_prep_desc(prep_a), _prep_desc(prep_b)], sort_keys=True)
-    # keyed by the images' content (not their names), both checkpoints, both preprocessings, the layers
-    # (added by extract_features) and the cache format
-    key = CacheKey(a.sha256, b.sha256, image_content_hash(images, ids), transform_desc) if cache_dir else None
-    kinds = list(BASELINE_KINDS) if baselines is True else list(baselines or [])
-    bad = [k for k in kinds if k not in BASELINE_KINDS]
-    if bad:
-        raise ValueError(f"baselines must be True, False or kinds from {sorted(BASELINE_KINDS)}; got {bad}.")
-    if kinds and ctx.distributed:
-        raise ValueError("chance baselines are not run under torchrun. Fix: run `kcore fit --baselines` in one "
-                         "process (on a subset of the images if needed), or drop --baselines.")
+    preps = (preprocessing_of(a), preprocessing_of(b))
+    transform_desc = preprocessing_desc(preps)
+    key = feature_cache_key(a, b, images, ids, transform_desc) if cache_dir else None
+    kinds = baseline_kinds(baselines, ctx)
     if isinstance(fit_seeds, bool) or not isinstance(fit_seeds, int) or fit_seeds < 1:
         raise ValueError(f"fit_seeds must be a positive integer (1 = one fit); got {fit_seeds!r}.")
     n_fits = (2 if both_directions else 1) * (len(kinds) + fit_seeds)
@@ -293,17 +391,11 @@ def compare(
         report(PipelineProgress("extract", share * done / max(total or n, 1), f"features: {done}/{total or n} images"))
 
     report(PipelineProgress("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images"))
-    feats = extract_features(
-        a.model, layer_a, b.model, layer_b, images, batch_size=batch_size, device=dev, ids=ids,
-        transform_a=prep_a.transform(), transform_b=prep_b.transform(), cache_dir=cache_dir,
-        cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
+    feats, arrays = extract_pair(
+        a, layer_a, b, layer_b, images, ids=ids, preps=preps, device=dev, batch_size=batch_size,
+        cache_dir=cache_dir, cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
+        both_directions=both_directions,
     )
-    arrays = cached_arrays(feats) if feats.entry is not None else (feats.x_a, feats.x_b)
-    from kcore._validate import check_informative
-
-    check_informative(arrays[0], arrays[1], f"A's layer {layer_a!r} ({a.name})", f"B's layer {layer_b!r} ({b.name})")
-    if both_directions:
-        check_informative(arrays[1], arrays[0], f"B's layer {layer_b!r} ({b.name})", f"A's layer {layer_a!r} ({a.name})")
     results: dict[str, DirectionResult] = {}
     keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
     for i, dkey in enumerate(keys):
@@ -368,9 +460,9 @@ def compare(
         "layers": {"A": layer_a, "B": layer_b},
         "feature_shapes": {"A": list(feats.x_a.shape[1:]), "B": list(feats.x_b.shape[1:])},
         "images": {"n": n, "source": image_source, "ids_sha256": image_set_hash(ids), "transform": transform_desc},
-        "preprocessing": {"A": prep_a.as_dict(), "B": prep_b.as_dict()},
+        "preprocessing": {"A": preps[0].as_dict(), "B": preps[1].as_dict()},
         "seed": seed,
-        "preset": preset,
+        "preset": preset_name,
         "config": dataclasses.asdict(cfg),
         "device": str(dev),
         "world_size": ctx.world_size,

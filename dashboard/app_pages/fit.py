@@ -69,10 +69,10 @@ with_baselines = st.checkbox(
          "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. About three "
          "times the fit's time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
 
-params = dict(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed), device=device,
-              preset=preset, both_directions=both, baselines=bool(with_baselines))
+request = state.FitRequest(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed),
+                           device=device, preset=preset, both_directions=both, baselines=bool(with_baselines))
 try:
-    cost, over = check_fit_request(params, imgs.n, caps), None
+    cost, over = check_fit_request(request.as_params(), imgs.n, caps), None
 except (ValueError, TypeError) as exc:
     cost, over = None, str(exc)
 st.caption(
@@ -87,7 +87,7 @@ if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running o
              icon=":material/play_arrow:",
              help="Disabled while a fit of this session runs or waits (cancel it below, or wait)." if running
              else "Disabled: the settings above are over this server's budget." if over else None):
-    if ui.guarded(lambda: state.start_fit(a, layer_a, b, layer_b, imgs, params), "Could not start the fit") is not None:
+    if ui.guarded(lambda: state.start_fit(a, layer_a, b, layer_b, imgs, request), "Could not start the fit") is not None:
         st.rerun()  # redraw at once with Start fit disabled while the job waits or runs
 
 

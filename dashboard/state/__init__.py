@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dashboard.state._images import (DEFAULT_N_IMAGES, ImageChoice, bundled_images, folder_images, image_size,
                                      images, set_images, upload_token, uploaded_images, working_image_size)
-from dashboard.state._jobs import (adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
+from dashboard.state._jobs import (FitRequest, adopt_finished_jobs, current_job, is_adopted, job_running, registry, session_jobs,
                                    start_fit)
 from dashboard.state._jobs import cancel_job, session_key
 from dashboard.state._models import (DEFAULT_PAIR, ROLES, ModelSlot, card_text, chosen_layer, clear_slot, forget_layer,
@@ -49,5 +49,5 @@ __all__ = [
     "runs_dir", "sample_models", "session_jobs", "set_explorer_choice", "set_figure1_choice", "set_images",
     "set_slot", "show_in_explorer", "slot", "start_fit", "studies_dir", "uploaded_images", "working_image_size",
     "working_positions", "card_text", "preprocessing_override", "set_preprocessing_override",
-    "with_override", "cancel_job", "session_key",
+    "with_override", "cancel_job", "session_key", "FitRequest",
 ]

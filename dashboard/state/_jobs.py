@@ -8,9 +8,12 @@ job is cancelled ``KCORE_JOB_ORPHAN_SECONDS`` after its tab is closed, not while
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import time
 import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import streamlit as st
 
@@ -23,6 +26,55 @@ from dashboard.state._runs import RunEntry, add_run, counters
 
 REAPER_SECONDS = 5.0
 """How often the registry looks for jobs whose session has ended."""
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """The Fit page's settings, typed: what :func:`start_fit` checks on the server and turns into a FitConfig.
+
+    Attributes:
+        orders, lam, seed: K, λ and the seed of :class:`kcore.FitConfig`.
+        epochs: a number of epochs taken literally, or ``None`` for the preset's schedule.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        preset: a name of :data:`kcore.fit.PRESETS`.
+        both_directions: also fit B → A.
+        baselines: also fit the chance baselines.
+        fit_seeds: fits per direction with seeds ``seed …`` (1 = one fit).
+    """
+
+    orders: int = 2
+    lam: float = 0.1
+    epochs: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    preset: str = "fast"
+    both_directions: bool = False
+    baselines: bool = False
+    fit_seeds: int = 1
+
+    @staticmethod
+    def from_params(params: Mapping[str, Any]) -> "FitRequest":
+        """A request from a mapping of its fields (what a browser could send).
+
+        Raises:
+            TypeError: a name that is not a field; the message lists the valid ones.
+        """
+        names = [f.name for f in dataclasses.fields(FitRequest)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise TypeError(f"fit request got unknown setting(s) {unknown}; expected only {names}. "
+                            "Fix: send the Fit page's settings only.")
+        return FitRequest(**params)
+
+    def as_params(self) -> dict[str, Any]:
+        """The settings by name, as :func:`dashboard.jobs.check_fit_request` reads them."""
+        return dataclasses.asdict(self)
+
+    def config(self) -> Any:
+        """The :class:`kcore.FitConfig` of the request: its preset with K, λ, the epochs and the seed replaced."""
+        from kcore.fit import make_config
+
+        return make_config(self.preset, orders=self.orders, lam=self.lam, epochs=self.epochs, seed=self.seed)
 
 
 def _session_connected(key: str) -> bool:
@@ -104,8 +156,12 @@ def adopt_finished_jobs() -> list[RunEntry]:
     return new
 
 
-def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: ImageChoice, params: dict) -> Job:
+def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: ImageChoice,
+              request: FitRequest | Mapping[str, Any]) -> Job:
     """Start :func:`kcore.pipeline.compare` in the background; the result becomes a :class:`RunEntry`.
+
+    ``request`` (a :class:`FitRequest`, or a mapping of its fields) is checked against the server's caps first,
+    then becomes the :class:`kcore.FitConfig` of the fit (:meth:`FitRequest.config`).
 
     The worker only touches the job (progress, cancel, result), never ``st.*``. The finished comparison is
     written as a run folder under :func:`runs_dir` (with the held-out input images, for overlays); if that
@@ -120,7 +176,10 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
     """
     from kcore.pipeline import compare, heldout_images, write_run
 
+    params = request.as_params() if isinstance(request, FitRequest) else dict(request)
     check_fit_request(params, choice.n)  # the browser can send anything: checked here, on the server
+    request = FitRequest.from_params(params)
+    config = request.config()
 
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     label = f"{a.loaded.name}:{layer_a} vs {b.loaded.name}:{layer_b}"
@@ -129,8 +188,10 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
 
     def task(job: Job) -> RunEntry:
         comp = compare(
-            a.loaded, layer_a, b.loaded, layer_b, images_, image_source=choice.description, paths=(a.path, b.path),
-            progress=lambda p: job.report(p.stage, p.fraction, p.message), cancel=job.cancel, **params,
+            a.loaded, layer_a, b.loaded, layer_b, images_, config, preset=request.preset, device=request.device,
+            both_directions=request.both_directions, baselines=request.baselines, fit_seeds=request.fit_seeds,
+            image_source=choice.description, paths=(a.path, b.path),
+            progress=lambda p: job.report(p.stage, p.fraction, p.message), cancel=job.cancel,
         )
         job.report("saving", 1.0, "saving the run folder")
         raw = heldout_images(comp, images_)
