@@ -349,6 +349,49 @@ def extract_features(
     tmp: Path | None = None
     if entry is not None:
         tmp = start_entry(entry)
+    sinks: tuple[_MemorySink | ArrayWriter, _MemorySink | ArrayWriter] | None = None
+    try:
+        got = _gather(model_a, layer_a, model_b, layer_b, batches, dev, n_total, tmp,
+                      transform_a=transform_a, transform_b=transform_b, progress=progress, cancel=cancel)
+        sinks, done, labels, has_labels, batch_ids = got.sinks, got.done, got.labels, got.has_labels, got.ids
+        if sinks is None or done == 0:
+            raise ValueError("images yielded no images. Fix: check the data set or loader is not empty.")
+        if n_total is not None and done != n_total:
+            raise ValueError(f"images yielded {done} images but {n_total} were announced (n_images or len(dataset)).")
+        image_ids = _resolve_ids(given_ids, batch_ids, done)
+        label_tensor = torch.tensor(labels, dtype=torch.int64) if has_labels and labels else None
+        x_a, x_b = sinks[0].finish(), sinks[1].finish()
+        if tmp is None or entry is None:
+            return FeaturePair(x_a, x_b, layer_a, layer_b, image_ids, label_tensor)  # type: ignore[arg-type]
+        finish_entry(tmp, entry, sinks[0].shape, sinks[1].shape, layer_a, layer_b, image_ids, label_tensor)
+        tmp = None
+        return read_entry(entry)
+    finally:
+        if tmp is not None:
+            for sink in sinks or ():
+                sink.close()
+            discard_entry(tmp)
+
+
+@dataclass
+class _Gathered:
+    """What :func:`_gather` collected: the two feature sinks, the image count, labels and ids."""
+
+    sinks: tuple[_MemorySink | ArrayWriter, _MemorySink | ArrayWriter] | None
+    done: int
+    labels: list[int]
+    has_labels: bool
+    ids: list[str]
+
+
+def _gather(model_a: nn.Module, layer_a: str, model_b: nn.Module, layer_b: str, batches: Iterable[_Batch],
+            dev: torch.device, n_total: int | None, tmp: Path | None, *, transform_a: BatchTransform | None,
+            transform_b: BatchTransform | None, progress: Progress | None, cancel: Cancel | None) -> _Gathered:
+    """Run both models batch by batch and write each layer's features to a sink (memory, or ``tmp`` on disk).
+
+    The models run on ``dev`` in eval mode (channels-last on the CPU) and are given back as they were. On an
+    error the sinks of a disk entry are closed before it is raised (the caller discards ``tmp``).
+    """
     same = model_a is model_b and transform_a is transform_b
     sinks: tuple[_MemorySink | ArrayWriter, _MemorySink | ArrayWriter] | None = None
     try:
@@ -407,23 +450,12 @@ def extract_features(
                 done += x.shape[0]
                 if progress is not None:
                     progress(done, n_total)
-        if sinks is None or done == 0:
-            raise ValueError("images yielded no images. Fix: check the data set or loader is not empty.")
-        if n_total is not None and done != n_total:
-            raise ValueError(f"images yielded {done} images but {n_total} were announced (n_images or len(dataset)).")
-        image_ids = _resolve_ids(given_ids, batch_ids, done)
-        label_tensor = torch.tensor(labels, dtype=torch.int64) if has_labels and labels else None
-        x_a, x_b = sinks[0].finish(), sinks[1].finish()
-        if tmp is None or entry is None:
-            return FeaturePair(x_a, x_b, layer_a, layer_b, image_ids, label_tensor)  # type: ignore[arg-type]
-        finish_entry(tmp, entry, sinks[0].shape, sinks[1].shape, layer_a, layer_b, image_ids, label_tensor)
-        tmp = None
-        return read_entry(entry)
-    finally:
+    except BaseException:
         if tmp is not None:
             for sink in sinks or ():
                 sink.close()
-            discard_entry(tmp)
+        raise
+    return _Gathered(sinks, done, labels, has_labels, batch_ids)
 
 
 def _extract_sharded(
