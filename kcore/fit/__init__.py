@@ -41,11 +41,20 @@ from kcore.fit.plan import (
     train_plan,
     training_dtype,
 )
-from kcore.fit.result import FIT_JSON_FIELDS, EpochRecord, FitResult, check_report_lengths
+from kcore.fit.result import (
+    FIT_EXTRA_FIELDS,
+    FIT_JSON_FIELDS,
+    EpochRecord,
+    FitResult,
+    RanPrecision,
+    StoppedBy,
+    check_report_lengths,
+)
 from kcore.fit.train import (
     EarlyStopping,
     FitCancelled,
     FitProgress,
+    TrainRun,
     init_model,
     make_optimizer,
     train,
@@ -62,6 +71,7 @@ __all__ = [
     "BF16_STEP_COST", "BF16_MIN_STEP_FLOPS", "cpu_has_native_bf16", "init_model", "make_optimizer", "train",
     "train_step", "train_steps", "EarlyStopping", "relative_error", "monitor_error", "calibrate",
     "evaluate_heldout", "STREAMED_CKA_IMAGES", "FIT_JSON_FIELDS", "check_report_lengths",
+    "FIT_EXTRA_FIELDS", "StoppedBy", "RanPrecision", "TrainRun",
 ]
 
 _cosine_lr = cosine_lr  # the name tests/test_fit_schedule.py reads (kept until it uses cosine_lr)
@@ -142,7 +152,8 @@ def fit(
     plan = train_plan(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)
     report(FitProgress("init", 0, len(plan.rounds), elapsed=time.perf_counter() - t0, steps=plan.total_steps))
     model, lin = init_model(data, cfg)
-    history, best_epoch, facts = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+    run = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+    history = run.history
     epochs = len(history)  # measurements made: the totals shown from here on are what ran
 
     report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
@@ -157,8 +168,8 @@ def fit(
         model=model,
         norm=data.norm,
         config=cfg,
-        history=tuple(history),
-        best_epoch=best_epoch,
+        history=history,
+        best_epoch=run.best_epoch,
         heldout_error=err,
         heldout_report=heldout,
         baseline=baseline,
@@ -166,7 +177,14 @@ def fit(
         heldout_indices=tuple(int(i) for i in data.heldout_idx),
         device=str(dev),
         seconds=time.perf_counter() - t0,
-        extra={"monitor_indices": [int(i) for i in data.monitor_idx], **facts},
+        monitor_indices=tuple(int(i) for i in data.monitor_idx),
+        steps_planned=run.steps_planned,
+        steps_run=run.steps_run,
+        epochs_planned=run.epochs_planned,
+        epochs_run=run.epochs_run,
+        stopped_by=run.stopped_by,
+        train_precision=run.train_precision,
+        start_monitor_error=run.start_monitor_error,
     )
     report(FitProgress("done", len(history), epochs, elapsed=result.seconds))
     return result

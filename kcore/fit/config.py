@@ -71,7 +71,7 @@ class FitConfig:
             autocast on a CPU with native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16``) when a step is
             large enough to gain from it (at least :data:`BF16_MIN_STEP_FLOPS`), else in float32. Weights,
             gradients, Adam, the loss, the least-squares start, the monitor and held-out errors, the
-            calibration and every decomposition stay float32; ``FitResult.extra["train_precision"]`` says
+            calibration and every decomposition stay float32; ``FitResult.train_precision`` says
             what ran.
 
     With a monitor split, the starting weights (the least-squares start with ``init="lstsq"``) are a candidate

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from kcore._readback import Maybe
 from kcore._validate import check_pair
 from kcore.conventions import Normalization
 from kcore.decompose import Decomposition, Method, components
@@ -19,6 +20,10 @@ from kcore.gtheta import GTheta, GThetaSpec
 from kcore.metrics import Baseline, VarianceAccumulator, VarianceReport
 from kcore.provenance import json_default
 
+StoppedBy = Literal["schedule", "patience", "budget"]
+"""Why training ended: the planned steps ran out, patience ran out on the monitor split, or the time budget."""
+RanPrecision = Literal["float32", "bfloat16 autocast"]
+"""What the training steps' forward pass ran in (:attr:`FitConfig.train_precision` decides)."""
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -54,6 +59,14 @@ class FitResult:
         baseline: the 0-order baseline (least-squares R², linear CKA) on the same held-out images.
         train_indices, heldout_indices: the split (image indices into the fit's inputs).
         device: where it was fitted; seconds: wall time of the fit.
+        monitor_indices: the images set aside to pick the best epoch (a share of the training split).
+        steps_planned, epochs_planned: the length of the plan (:class:`~kcore.fit.plan.TrainPlan`).
+        steps_run, epochs_run: the optimiser steps taken and the epochs begun.
+        stopped_by: why training ended (:data:`StoppedBy`).
+        train_precision: what the training steps' forward pass ran in (:data:`RanPrecision`).
+        start_monitor_error: the monitor error of the starting weights (``None`` without a monitor split).
+
+    The last seven are ``None`` (``"float32"`` for ``train_precision``) for a fit saved before kcore recorded them.
 
     Examples::
 
@@ -74,7 +87,26 @@ class FitResult:
     heldout_indices: tuple[int, ...]
     device: str = "cpu"
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    monitor_indices: tuple[int, ...] = ()
+    steps_planned: int | None = None
+    steps_run: int | None = None
+    epochs_planned: int | None = None
+    epochs_run: int | None = None
+    stopped_by: StoppedBy | None = None
+    train_precision: RanPrecision = "float32"
+    start_monitor_error: float | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """The facts of the fit as ``fit.json`` stores them under ``"extra"``: the fields above by name, ``None`` left out.
+
+        Returns:
+            A new dict (``monitor_indices`` as a list), e.g. ``{"steps_run": 120, "stopped_by": "patience", …}``;
+            read the typed fields instead where you can.
+        """
+        facts = {key: getattr(self, key) for key in FIT_EXTRA_FIELDS}
+        facts["monitor_indices"] = list(self.monitor_indices)
+        return {key: value for key, value in facts.items() if value is not None}
 
     @property
     def gates(self) -> tuple[float, ...]:
@@ -232,6 +264,10 @@ class FitResult:
         model.eval()
         nt = {k[5:]: v for k, v in tensors.items() if k.startswith("norm.")}
         norm = Normalization(spec.convention, tuple(meta["target_size"]), **nt)
+        extra = meta.get("extra") or {}  # the facts by field name (fits saved before them have fewer or none)
+        facts = {key: extra[key] for key in FIT_EXTRA_FIELDS if extra.get(key) is not None}
+        if "monitor_indices" in facts:
+            facts["monitor_indices"] = tuple(facts["monitor_indices"])
         return FitResult(
             model=model,
             norm=norm,
@@ -246,15 +282,23 @@ class FitResult:
             heldout_indices=tuple(meta["heldout_indices"]),
             device=meta["device"],
             seconds=meta["seconds"],
-            extra=meta.get("extra", {}),
+            **facts,
         )
 
+
+FIT_EXTRA_FIELDS: dict[str, Any] = {
+    "monitor_indices": Maybe(tuple[int, ...]), "steps_planned": Maybe(int), "epochs_planned": Maybe(int),
+    "train_precision": Maybe(RanPrecision), "start_monitor_error": Maybe(float), "steps_run": Maybe(int),
+    "stopped_by": Maybe(StoppedBy), "epochs_run": Maybe(int),
+}
+"""The facts ``fit.json`` keeps under ``"extra"`` (each the :class:`FitResult` field of its name) and their types;
+each may be missing (fits saved before it was recorded)."""
 
 FIT_JSON_FIELDS: dict[str, Any] = {
     "format": Literal["kcore-fit/1"], "spec": GThetaSpec, "config": FitConfig, "target_size": tuple[int, int],
     "history": tuple[EpochRecord, ...], "best_epoch": int, "heldout_error": float, "heldout_report": VarianceReport,
     "baseline": Baseline, "train_indices": tuple[int, ...], "heldout_indices": tuple[int, ...], "device": str,
-    "seconds": float, "extra": dict | None,
+    "seconds": float, "extra": Maybe(FIT_EXTRA_FIELDS),
 }
 """The fields of ``fit.json`` and the types :meth:`FitResult.save` writes them with."""
 
@@ -343,6 +387,11 @@ def _checked_fit_json(meta: Any, tensors: dict, folder: Path, names: dict[str, s
     for key in ("train_indices", "heldout_indices"):
         if any(i < 0 for i in meta[key]):
             raise rb.folder_error(folder, name, f"has a negative image index in field {key!r}")
+    for key in ("monitor_indices", "steps_planned", "steps_run", "epochs_planned", "epochs_run"):
+        value = (meta.get("extra") or {}).get(key)
+        if value is not None and min(value if isinstance(value, list) else [value], default=0) < 0:
+            raise rb.folder_error(folder, name, f"has a negative value in field 'extra.{key}'; expected image "
+                                                "indices and counts of steps or epochs (>= 0)")
     return spec, meta
 
 

@@ -16,7 +16,7 @@ from kcore.fit.config import FitConfig
 from kcore.fit.data import FitData
 from kcore.fit.evaluate import monitor_error
 from kcore.fit.plan import TrainPlan, cosine_lr
-from kcore.fit.result import EpochRecord
+from kcore.fit.result import EpochRecord, RanPrecision, StoppedBy
 from kcore.gtheta import GTheta, GThetaSpec, gtheta_loss
 from kcore.metrics import LinearMap, fit_linear_map
 
@@ -219,6 +219,28 @@ def _start_candidate(model: GTheta, cfg: FitConfig) -> Iterator[None]:
             model.p_param.copy_(saved)
 
 
+@dataclass(frozen=True)
+class TrainRun:
+    """What :func:`train` did: one record per monitor measurement, the kept one, and the steps planned and run.
+
+    Attributes:
+        history: one :class:`EpochRecord` per monitor measurement.
+        best_epoch: the index of the kept measurement (0 = the start).
+        steps_planned, epochs_planned: the plan's length; steps_run, epochs_run: what ran.
+        stopped_by, train_precision, start_monitor_error: as :class:`FitResult` records them.
+    """
+
+    history: tuple[EpochRecord, ...]
+    best_epoch: int
+    steps_planned: int
+    epochs_planned: int
+    steps_run: int
+    epochs_run: int
+    stopped_by: StoppedBy
+    train_precision: RanPrecision
+    start_monitor_error: float | None
+
+
 def train(
     model: GTheta,
     data: FitData,
@@ -229,11 +251,15 @@ def train(
     t0: float,
     cancel: Any = None,
     on_epoch: Callable[[int, GTheta], None] | None = None,
-) -> tuple[list[EpochRecord], int, dict[str, Any]]:
+) -> TrainRun:
     """The training loop with early stopping on the monitor split; leaves the kept weights in ``model``.
 
     Returns:
-        (history, index of the kept measurement (0 = the start), facts for ``FitResult.extra``).
+        A :class:`TrainRun`: the history, the kept measurement and the steps planned and run.
+
+    Raises:
+        FitCancelled: ``cancel`` asked to stop.
+        ValueError: the training loss became NaN or infinite (the message says how to lower ``lr``).
     """
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -243,8 +269,7 @@ def train(
     stopper = EarlyStopping(cfg.min_delta, plan.patience_steps, keep_weights=data.has_monitor)
     stopper.best_state = _snapshot(model)
     dtype = plan.precision
-    facts: dict[str, Any] = {"steps_planned": plan.total_steps, "epochs_planned": plan.epochs,
-                             "train_precision": "bfloat16 autocast" if dtype == torch.bfloat16 else "float32"}
+    start_error = None
     n_other = n_tr + len(data.heldout_idx)  # images the calibration and held-out passes go through
     t_start = time.perf_counter()
     if data.has_monitor:  # the start is a candidate ("epoch 0"): never keep weights worse than it
@@ -252,12 +277,12 @@ def train(
         with _start_candidate(model, cfg):
             start_error = monitor_error(model, data, 0.0, 0)
             stopper.update(0, 0, start_error, model)
-        facts["start_monitor_error"] = start_error
         per_image = (time.perf_counter() - t_start) / max(len(data.monitor_idx), 1)
     else:
         per_image = None
     deadline = None
-    step, perm, stopped_by = 0, None, "schedule"
+    step, perm = 0, None
+    stopped_by: StoppedBy = "schedule"
     t_train = time.perf_counter()
     for index, (epoch, n_steps) in enumerate(plan.rounds, start=1):
         te = time.perf_counter()
@@ -313,11 +338,15 @@ def train(
         if taken < n_steps:
             stopped_by = "budget"
             break
-    facts.update(steps_run=step, stopped_by=stopped_by, epochs_run=plan.rounds[len(history) - 1][0] if history else 0)
+    best = len(history)  # without a monitor split, the last weights are kept
     if data.has_monitor:
         model.load_state_dict(stopper.best_state)
-        return history, stopper.best_index, facts
-    return history, len(history), facts  # without a monitor split, the last weights are kept
+        best = stopper.best_index
+    return TrainRun(
+        tuple(history), best, steps_planned=plan.total_steps, epochs_planned=plan.epochs, steps_run=step,
+        epochs_run=plan.rounds[len(history) - 1][0] if history else 0, stopped_by=stopped_by,
+        train_precision="bfloat16 autocast" if dtype == torch.bfloat16 else "float32", start_monitor_error=start_error,
+    )
 
 
 def _ddp(model: GTheta, ctx: kd.Context) -> torch.nn.Module | None:
