@@ -15,6 +15,7 @@ from kcore.fit.plan import eval_batch_size
 from kcore.metrics import ChannelMoments
 from kcore.streaming import Rows, batch_slices, merge_moments
 
+
 def split_indices(n: int, val_fraction: float, monitor_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """Seeded (train, monitor, held-out) index split of ``n`` images.
 
@@ -71,6 +72,7 @@ class FitData:
 
     @property
     def has_monitor(self) -> bool:
+        """True when some training images are set aside to pick the best epoch (the monitor split)."""
         return self.xs_mon is not None
 
     @property

@@ -98,7 +98,7 @@ class FitResult:
 
     @property
     def extra(self) -> dict[str, Any]:
-        """The facts of the fit as ``fit.json`` stores them under ``"extra"``: the fields above by name, ``None`` left out.
+        """The facts of the fit as ``fit.json`` keeps them under ``"extra"``: the fields above, ``None`` left out.
 
         Returns:
             A new dict (``monitor_indices`` as a list), e.g. ``{"steps_run": 120, "stopped_by": "patience", …}``;
