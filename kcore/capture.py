@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from kcore.layers import _check_hookable, _hooked, validate_layer
 
 
-
 class _ForwardDone(Exception):
     """Raised from a capture hook to end a forward pass once every wanted layer has run (:func:`run_capture`)."""
 

@@ -257,7 +257,7 @@ def _fit_job(args, ctx) -> int:
     from kcore._io import check_out_dir
 
     check_out_dir(args.out, overwrite=args.overwrite, flag="--out")
-    say = sys.stderr if ctx.is_main else open(os.devnull, "w")  # noqa: SIM115 - only rank 0 talks
+    say = sys.stderr if ctx.is_main else open(os.devnull, "w")  # only rank 0 talks
     if ctx.distributed and not args.cache_dir:
         raise ValueError(
             f"--cache-dir is required under torchrun ({ctx.world_size} ranks): each rank writes its share of the "

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kcore import distributed as kd
 from kcore._io import atomic_folder
 from kcore._readback import Maybe
 from kcore.baselines import BASELINE_KINDS, ChanceBaseline
 from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.devices import resolve_device
-from kcore import distributed as kd
 from kcore.feature_cache import CacheKey, cached_arrays, image_content_hash, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
@@ -643,17 +643,20 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
 
 
 _STATS = {"mean": float, "sd": float, "min": float, "max": float}
+# Named outside the dict[...] below: a linter reads string keys inside a subscript as type names.
+_BASELINE = {"kind": str, "description": str | None, "seed": int | None,
+             "directions": dict[str, VarianceReport] | None, "extra": dict | None}
+_SPREAD = {"seeds": tuple[int, ...], "summary": {
+    "instability": _STATS, "share_orders": tuple[_STATS, ...], "share_residual": Maybe(_STATS),
+    "var_ratio_orders": tuple[_STATS, ...]}}
 RUN_JSON_FIELDS: dict[str, dict[str, Any]] = {
     "provenance.json": {"checkpoint_a": ModelInfo, "checkpoint_b": ModelInfo, "layers": {"A": str, "B": str},
                         "preset": str | None},
     "images.json": {"ids": tuple[str, ...], "labels": tuple[int, ...] | None,
                     "heldout_of_all": tuple[int, ...] | None},
     "metrics.json": {
-        "baselines": Maybe(dict[str, {"kind": str, "description": str | None, "seed": int | None,
-                                      "directions": dict[str, VarianceReport] | None, "extra": dict | None}]),
-        "seed_spread": Maybe(dict[str, {"seeds": tuple[int, ...], "summary": {
-            "instability": _STATS, "share_orders": tuple[_STATS, ...], "share_residual": Maybe(_STATS),
-            "var_ratio_orders": tuple[_STATS, ...]}}]),
+        "baselines": Maybe(dict[str, _BASELINE]),
+        "seed_spread": Maybe(dict[str, _SPREAD]),
     },
 }
 """The fields of a run folder's JSON files that :func:`read_run` uses, with the types :func:`write_run` writes."""

@@ -11,9 +11,9 @@ if str(ROOT) not in sys.path:
 
 def open_in_dashboard(folder: str | Path):
     """Run the app, switch to the Studies page, open ``folder``; fail on any exception or error message."""
-    from streamlit.testing.v1 import AppTest
-
     import os
+
+    from streamlit.testing.v1 import AppTest
 
     old = os.environ.get("KCORE_SERVER_ROOTS")
     os.environ["KCORE_SERVER_ROOTS"] = str(Path(folder).resolve().parent)  # typed paths must lie under a root

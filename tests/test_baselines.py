@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import loaded, tiny_net
 from kcore.baselines import derangement, random_init_like, shuffled_baseline
 from kcore.checkpoints import load_model
-
-from helpers import loaded, tiny_net
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 STRONG = SAMPLES / "kshapes_resnet_s0.safetensors"

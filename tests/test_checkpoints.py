@@ -58,7 +58,7 @@ class Evil:
     def __init__(self, path: Path, how: str) -> None:
         self.path, self.how = path, how
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         if self.how == "system":
             return (os.system, (f"touch {self.path}",))
         return (open, (str(self.path), "w"))

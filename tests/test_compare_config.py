@@ -6,12 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from kcore.fit import PRESETS, make_config
-from kcore.pipeline import (comparison_config, compare, extract_pair, feature_cache_key, preprocessing_desc,
-                            write_run)
-from kcore.preprocessing import preprocessing_of
-
 from helpers import loaded, tiny_net
+from kcore.fit import PRESETS, make_config
+from kcore.pipeline import compare, comparison_config, extract_pair, feature_cache_key, preprocessing_desc, write_run
+from kcore.preprocessing import preprocessing_of
 
 
 @pytest.fixture(scope="module")

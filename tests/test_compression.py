@@ -13,13 +13,13 @@ from torch.nn.utils import parametrize
 
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.cli import main
-from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.compression import compression_study
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
-from kcore.training import train_classifier
 from kcore.synthetic import MEAN, STD
+from kcore.training import train_classifier
 from kcore.zoo import kc_resnet
+from studies_page import open_in_dashboard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from kcore.cli import main
-from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, study_data, write_study
 from kcore.experiments.cross_task import DIRECTIONS, cross_task_study, train_task_pair
 from kcore.synthetic import COARSE_OF_CLASS
+from studies_page import open_in_dashboard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

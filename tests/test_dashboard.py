@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401  (imported here so the first AppTest run does not pay for it)
+import torch  # imported here so the first AppTest run does not pay for it
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

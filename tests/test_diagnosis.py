@@ -8,11 +8,19 @@ from torch import nn
 
 import kcore
 from kcore.cli import main
-from studies_page import open_in_dashboard
-from kcore.experiments._common import FromLayer, TrainConfig, pair_features, read_study, state_fingerprint, unchanged, write_study
+from kcore.experiments._common import (
+    FromLayer,
+    TrainConfig,
+    pair_features,
+    read_study,
+    state_fingerprint,
+    unchanged,
+    write_study,
+)
 from kcore.experiments.diagnosis import _raw_output_and_residual, adapt_input_width, diagnose, reinitialised
 from kcore.experiments.families import train_family
 from kcore.pipeline import model_transform
+from studies_page import open_in_dashboard
 
 TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), n_maps=3, seed=0, repeats=1)
 

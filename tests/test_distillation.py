@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from kcore.cli import main
-from studies_page import open_in_dashboard
 from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
 from kcore.experiments.distillation import (
-    StudentSettings, born_again_loss, distillation_study, kd_loss, train_born_again,
+    StudentSettings,
+    born_again_loss,
+    distillation_study,
+    kd_loss,
+    train_born_again,
 )
 from kcore.zoo import kc_resnet
+from studies_page import open_in_dashboard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -20,7 +20,7 @@ import torch
 
 from kcore import distributed as kd
 from kcore.feature_cache import CachedArray
-from kcore.fit import fit, make_config, prepare_data
+from kcore.fit import fit
 from kcore.metrics import linear_cka
 from kcore.streaming import Rows, batch_slices, gram_cka
 

@@ -223,7 +223,7 @@ def _finishes(fn, timeout: float = 60.0):
     def target():
         try:
             box["value"] = fn()
-        except BaseException as exc:  # handed back to the caller below
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
             box["error"] = exc
 
     t = threading.Thread(target=target, daemon=True)

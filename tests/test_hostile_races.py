@@ -229,8 +229,8 @@ def _spy_opens(monkeypatch) -> list[str]:
 def test_image_folder_swapped_for_a_symlink_after_the_check_is_refused(server, monkeypatch):
     """Through the dashboard: the folder passes the path check, then becomes a symlink to an outside folder of
     images: nothing in the outside folder is listed or read."""
-    from dashboard.state import _images
     import kcore.server_paths as server_paths
+    from dashboard.state import _images
 
     root, outside = server
     (root / "imgs").mkdir()
@@ -284,8 +284,8 @@ def test_image_swapped_for_a_symlink_between_check_and_open_is_skipped(server, m
 def test_dashboard_checkpoint_swapped_after_the_check_is_refused(server, monkeypatch, candidates):
     """Through the dashboard's server-path load: the checkpoint passes the check, then becomes a symlink to a valid
     outside checkpoint: the load is refused, the outside file is not opened."""
-    from dashboard.state import _models
     import kcore.server_paths as server_paths
+    from dashboard.state import _models
 
     (inside_bytes, _), (outside_bytes, _) = candidates.values()
     root, outside = server

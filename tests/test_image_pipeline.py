@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_net
 from PIL import Image
 
+from helpers import tiny_net
 from kcore.data import ImageSet, Preprocess, as_loading, folder_entries, load_image, resize_image, to_unit
 from kcore.imagesets import FolderSplit, Normalized, labelled_images, study_data
 from kcore.preprocessing import Preprocessing, load_size

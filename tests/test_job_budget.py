@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dashboard.jobs import (ORPHAN_MESSAGE, JobCancelled, JobRegistry, check_fit_request, fit_work,  # noqa: E402
-                            ordinal, wait_for_process)
+from dashboard.jobs import (  # noqa: E402
+    ORPHAN_MESSAGE,
+    JobCancelled,
+    JobRegistry,
+    check_fit_request,
+    fit_work,
+    ordinal,
+    wait_for_process,
+)
 from kcore.limits import ENV_VARS, LimitExceeded, Limits, limits  # noqa: E402
 from kcore.study_options import STUDY_CAPS, study_arguments, study_command, study_options  # noqa: E402
 

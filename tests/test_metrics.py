@@ -93,7 +93,7 @@ def _cka_reference(x, y):
     y = y.reshape(y.shape[0], -1).double()
     n = x.shape[0]
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h  # noqa: E741 - K and L of the CKA paper
     return float((k * l).sum() / (k.norm() * l.norm()))
 
 

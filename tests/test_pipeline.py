@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kcore.pipeline import HELDOUT_IMAGES_FILE, compare, heldout_images, read_heldout_images, read_run, write_run
-
 from helpers import loaded, tiny_net
+from kcore.pipeline import HELDOUT_IMAGES_FILE, compare, heldout_images, read_heldout_images, read_run, write_run
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,19 @@ import torch
 
 import kcore
 from kcore.cli import main
-from studies_page import open_in_dashboard
-from kcore.experiments._common import TrainConfig, pair_features, read_study, state_fingerprint, train_upper, unchanged, write_study
+from kcore.experiments._common import (
+    TrainConfig,
+    pair_features,
+    read_study,
+    state_fingerprint,
+    train_upper,
+    unchanged,
+    write_study,
+)
 from kcore.experiments.families import train_family
 from kcore.experiments.refinement import component_sums, refine
 from kcore.pipeline import model_transform
+from studies_page import open_in_dashboard
 
 TINY = dict(orders=1, fit_epochs=2, train=TrainConfig(epochs=1, batch_size=16), seed=0)
 

@@ -9,12 +9,12 @@ import torch
 
 from kcore.checkpoints import LoadedModel, load_model
 from kcore.cli import main
-from studies_page import open_in_dashboard
-from kcore.experiments._common import read_study, write_study
 from kcore.data import labelled_images
+from kcore.experiments._common import read_study, write_study
 from kcore.experiments.families import disjoint_halves, load_family, train_family
 from kcore.experiments.stability import stability
 from kcore.metrics import paper_var
+from studies_page import open_in_dashboard
 
 TINY = dict(orders=1, fit_epochs=2, seed=0)
 

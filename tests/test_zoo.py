@@ -16,8 +16,8 @@ from kcore.samples import (
     SAMPLE_SPEC,
     train_sample_models,
 )
-from kcore.training import evaluate, train_classifier
 from kcore.synthetic import CLASS_NAMES, KShapesDataset, KShapesSpec
+from kcore.training import evaluate, train_classifier
 from kcore.zoo import DEFAULT_LAYERS, SAMPLE_ARCHITECTURES
 
 REQUIRED_CARD_KEYS = {"format", "architecture", "num_classes", "input_size", "mean", "std",

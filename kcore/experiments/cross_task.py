@@ -32,7 +32,12 @@ from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_fit_args, add_recipe_args
 from kcore.experiments._features import display_image, load_checkpoint
 from kcore.experiments._fits import (
-    ConsistencyRow, FitSettings, consistency_row, fit_consistency, fit_settings_from, map_selection,
+    ConsistencyRow,
+    FitSettings,
+    consistency_row,
+    fit_consistency,
+    fit_settings_from,
+    map_selection,
 )
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.imagesets import StudyData, study_data

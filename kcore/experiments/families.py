@@ -193,8 +193,8 @@ def train_family(
     """
     from safetensors.torch import save as st_save
 
-    from kcore.training import train_classifier
     from kcore.synthetic import MEAN, STD
+    from kcore.training import train_classifier
 
     seeds = [int(s) for s in seeds]
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):

@@ -34,7 +34,14 @@ from kcore.checkpoints import LoadedModel
 from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_pair_arguments, add_training_arguments
 from kcore.experiments._arms import (
-    ArmResult, TrainConfig, accuracy_figure, arms_table, state_fingerprint, train_config_from, train_upper, unchanged,
+    ArmResult,
+    TrainConfig,
+    accuracy_figure,
+    arms_table,
+    state_fingerprint,
+    train_config_from,
+    train_upper,
+    unchanged,
 )
 from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
 from kcore.experiments._fits import fit_summary

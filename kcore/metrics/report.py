@@ -9,6 +9,7 @@ from typing import Mapping
 
 from torch import Tensor
 
+
 def _floats(v) -> tuple:
     """Nested lists/tuples/tensors of numbers -> nested tuples of floats."""
     if isinstance(v, Tensor):
