@@ -753,7 +753,9 @@ def load_model(
             raise _corrupt(src, "a torch.export archive", exc) from exc
         if not trust_pickle:
             # before unflatten and before the layer-listing dry run run anything
-            findings = unsafe_operations(program)
+            from kcore.limits import limits
+
+            findings = unsafe_operations(program, max_bytes=limits().max_input_bytes)
             if findings:
                 raise UnsafeCheckpointError(
                     f"checkpoint {src.where!r} is a torch.export graph that does more than compute on tensors: "

@@ -24,6 +24,10 @@ held, possibly another session's data), random operators (``rand*``, ``bernoulli
 ``torch.library``), ``call_module``/``call_method`` nodes and any other Python callable (the archive format
 resolves a target such as ``torch.os.system`` by attribute lookup).
 
+A node whose output alone would take more memory than a whole model input may (``KCORE_MAX_INPUT_BYTES``,
+counting the sizes the graph fixes: ``zeros`` of a huge literal size, an upsample by 10 000) is refused too: pure, but
+the dry run would exhaust the server's memory.
+
 Besides the operators, a graph must not write into its inputs, parameters, buffers or constants (an in-place
 operator whose target is, through views, a graph input): results would depend on how often the model ran, and the
 caller's image batch would change under it. Its signature may take only user inputs, parameters, buffers and
@@ -302,7 +306,32 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> object:
     return value
 
 
-def unsafe_operations(program: torch.export.ExportedProgram) -> tuple[GraphFinding, ...]:
+def _fixed_bytes(value: object) -> int:
+    """Bytes of a node's output tensor(s) counting only the sizes fixed in the graph (a symbolic size counts 1)."""
+    if isinstance(value, (tuple, list)):
+        return sum(_fixed_bytes(v) for v in value)
+    if not isinstance(value, torch.Tensor):
+        return 0
+    n = 1
+    for dim in value.shape:
+        n *= dim if isinstance(dim, int) else 1
+    return n * value.element_size()
+
+
+def _check_size(node: torch.fx.Node, graph: str, max_bytes: int | None) -> Iterator[GraphFinding]:
+    """A node whose output alone takes more than ``max_bytes`` (e.g. ``zeros`` of a huge literal size, an
+    upsample by a factor of 1000): pure, but it would exhaust the server's memory at the dry run."""
+    if max_bytes is None:
+        return
+    size = _fixed_bytes(node.meta.get("val"))
+    if size > max_bytes:
+        yield GraphFinding(_target_name(node.target), node.name, graph,
+                           f"its output takes {size / 2**30:.1f} GiB for one image, more than this server's "
+                           f"{max_bytes / 2**30:.1f} GiB for a whole input (KCORE_MAX_INPUT_BYTES)")
+
+
+def unsafe_operations(program: torch.export.ExportedProgram, *, max_bytes: int | None = None
+                      ) -> tuple[GraphFinding, ...]:
     """List what an exported program would do beyond pure tensor computations, without running it.
 
     Walks every node of the top graph, of its submodules and of every subgraph a higher-order operator refers
@@ -310,6 +339,8 @@ def unsafe_operations(program: torch.export.ExportedProgram) -> tuple[GraphFindi
 
     Args:
         program: a loaded ``torch.export.ExportedProgram`` (``torch.export.load``), not yet run or unflattened.
+        max_bytes: refuse a node whose output takes more than this many bytes, counting the sizes the graph fixes
+            (a symbolic size, such as a dynamic batch, counts as 1); default: no size check.
 
     Returns:
         The findings, in graph order (empty when the program only computes on tensors).
@@ -346,6 +377,7 @@ def unsafe_operations(program: torch.export.ExportedProgram) -> tuple[GraphFindi
                     )
             elif node.op == "call_function":
                 findings.extend(_check_op(node, label))
+                findings.extend(_check_size(node, label, max_bytes))
             else:
                 findings.append(GraphFinding(f"{node.op} {node.target}", node.name, label, "not a tensor operator"))
     return tuple(findings)

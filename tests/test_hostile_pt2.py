@@ -579,3 +579,36 @@ def test_plain_specs_pass():
     spec = [1, {"type": "builtins.tuple", "context": "null", "children_spec": [
         {"type": "builtins.dict", "context": '["logits", "aux"]', "children_spec": [leaf, leaf]}]}]
     assert unsafe_serialized_values({"in_spec": json.dumps(spec), "out_spec": None}) == ()
+
+
+class _HugeZeros(nn.Module):
+    def forward(self, x):
+        z = torch.zeros(100_000, 100_000)  # 37 GiB if it ever ran
+        return x * z[:1, :1].sum() + x
+
+
+class _HugeUpsample(nn.Module):
+    def forward(self, x):
+        return x + nn.functional.interpolate(x, scale_factor=10_000.0).mean()  # 8x8 -> 80 000 x 80 000
+
+
+def _saved(module: nn.Module, path: Path) -> Path:
+    batch = torch.export.Dim("batch", min=2, max=64)
+    torch.export.save(torch.export.export(module, (X,), dynamic_shapes=({0: batch},)), path)
+    return path
+
+
+def test_a_graph_whose_tensors_would_exhaust_memory_is_refused_before_it_runs(tmp_path, monkeypatch):
+    """Pure operators can still ask for terabytes (a literal zeros, an upsample by 10 000): refused from the graph's
+    recorded shapes, before the layer-listing dry run could allocate them."""
+    for module, op in ((_HugeZeros(), "aten.zeros"), (_HugeUpsample(), "aten.upsample_nearest2d")):
+        path = _saved(module, tmp_path / f"{type(module).__name__}.pt2")
+        with pytest.raises(UnsafeCheckpointError, match=r"GiB for one image, more than this server's 8\.0 GiB") as err:
+            load_model(path)
+        assert op in str(err.value) and "KCORE_MAX_INPUT_BYTES" in str(err.value)
+    # the size check reads the cap in force; a small graph passes it, and a tiny cap refuses even that
+    small = _saved(_Conv(), tmp_path / "conv.pt2")
+    assert load_model(small).kind == "export"
+    monkeypatch.setenv("KCORE_MAX_INPUT_BYTES", "64")
+    with pytest.raises(UnsafeCheckpointError, match="KCORE_MAX_INPUT_BYTES"):
+        load_model(small)
