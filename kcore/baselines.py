@@ -60,9 +60,11 @@ class ChanceBaseline:
 
     @property
     def label(self) -> str:
+        """The baseline's display name (its kind when it has none)."""
         return BASELINE_LABELS.get(self.kind, self.kind)
 
     def as_dict(self) -> dict:
+        """The metrics.json form: kind, description, seed, extra, and per direction the report and error."""
         return {
             "kind": self.kind, "description": self.description, "seed": self.seed, "extra": dict(self.extra),
             "directions": {k: {**r.as_dict(), "heldout_error": self.heldout_error.get(k)} for k, r in self.reports.items()},
@@ -70,6 +72,7 @@ class ChanceBaseline:
 
     @staticmethod
     def from_dict(d: Mapping) -> "ChanceBaseline":
+        """The baseline from its :meth:`as_dict` form."""
         dirs = d.get("directions", {})
         return ChanceBaseline(
             kind=str(d["kind"]), description=str(d.get("description", "")), seed=int(d.get("seed", 0)),

@@ -46,6 +46,7 @@ class ProgressBar:
         self.last_line = 0.0
 
     def __call__(self, p) -> None:
+        """Show the progress ``p`` (stage, fraction, message), throttled as the class says."""
         now = time.perf_counter()
         new_stage = p.stage.split(" ")[0] != (self.stage or "").split(" ")[0] or p.stage != self.stage
         if not new_stage and now - self.last < 0.1 and p.fraction < 1.0:

@@ -69,10 +69,12 @@ class ModelInfo:
 
     @property
     def short_hash(self) -> str:
+        """The first 12 hex digits of the checkpoint's SHA-256."""
         return self.sha256[:12]
 
     @staticmethod
     def from_loaded(m: LoadedModel, layer: str, path: str | None = None) -> "ModelInfo":
+        """The record of model ``m`` compared at ``layer`` (``path``: where it was read from)."""
         card = m.card
         return ModelInfo(
             name=m.name, sha256=m.sha256, kind=m.kind, architecture=card.architecture if card else None,
@@ -81,6 +83,7 @@ class ModelInfo:
         )
 
     def label(self) -> str:
+        """One line for people: name, short hash, layer, parameters and accuracy."""
         acc = f", acc {self.test_accuracy:.1%}" if self.test_accuracy is not None else ""
         return f"{self.name} [{self.short_hash}] · {self.layer} · {self.num_parameters:,} params{acc}"
 
@@ -143,6 +146,7 @@ class Comparison:
         return self.directions[direction].fit.decompose(x_src, x_tgt)
 
     def image_ids(self, positions: Sequence[int] | None = None) -> list[str]:
+        """The ids of the images at ``positions`` (default: the held-out images)."""
         pos = self.heldout_positions if positions is None else positions
         return [self.features.image_ids[i] for i in pos]
 

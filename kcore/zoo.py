@@ -31,6 +31,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, C_in, H, W) → (N, C_out, ⌈H/stride⌉, ⌈W/stride⌉): two convolutions plus the shortcut, then ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         # out is a fresh tensor, so the in-place add and ReLU never touch x (a hooked output).
@@ -75,6 +76,7 @@ class KCResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> Tensor:
+        """Images (N, 3, H, W) → logits (N, num_classes)."""
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(self.pool(x).flatten(1))
 
@@ -101,6 +103,7 @@ class KCTinyNet(nn.Module):
         self.fc = nn.Linear(widths[2], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Images (N, 3, H, W) → logits (N, num_classes)."""
         x = self.block3(self.block2(self.block1(x)))
         return self.fc(self.pool(x).flatten(1))
 

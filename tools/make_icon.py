@@ -38,6 +38,7 @@ def icon(size: int = SIZE) -> np.ndarray:
 
 
 def png_bytes(size: int = SIZE) -> bytes:
+    """The icon as PNG file bytes."""
     buf = io.BytesIO()
     Image.fromarray(icon(size), "RGBA").save(buf, format="PNG", optimize=True)
     return buf.getvalue()

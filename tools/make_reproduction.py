@@ -23,6 +23,7 @@ The per-study notes live in `docs/reproduction/`; this file is assembled from th
 
 
 def main() -> None:
+    """Write REPRODUCTION.md: the header, then each study's note (or "Not run yet")."""
     parts = [HEADER]
     for name in STUDIES:
         note = ROOT / "docs" / "reproduction" / f"{name}.md"

@@ -66,6 +66,7 @@ class CompressionPoint:
     row: ConsistencyRow = field(hash=False)
 
     def as_dict(self) -> dict[str, Any]:
+        """One table row: the pruning numbers, the accuracies and the consistency row."""
         return {"ratio": self.ratio, "n_weights": self.n_weights, "n_pruned": self.n_pruned,
                 "sparsity": self.n_pruned / self.n_weights, "masked_nonzero": self.masked_nonzero,
                 "accuracy_pruned": self.accuracy_pruned, "accuracy": self.accuracy, **self.row.as_row()}
@@ -106,6 +107,7 @@ class CompressionResult:
         return {"compression": pd.DataFrame([p.as_dict() for p in self.points])}
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the result (study.json)."""
         return {"layer": self.layer, "scope": self.scope, "finetune_epochs": self.finetune_epochs,
                 "original_accuracy": self.original_accuracy, "points": [p.as_dict() for p in self.points],
                 "map_ids": list(self.map_ids), "map_channel": self.map_channel, "settings": self.settings,

@@ -127,6 +127,7 @@ class CrossTaskResult:
         return {"directions": dirs, "accuracy": acc}
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the result (study.json)."""
         return {"layer": self.layer, "accuracy_fine": self.accuracy_fine, "accuracy_coarse": self.accuracy_coarse,
                 "accuracy_fine_as_coarse": self.accuracy_fine_as_coarse,
                 "directions": {k: {"meaning": DIRECTIONS[k], **r.as_row()} for k, r in self.rows.items()},

@@ -191,6 +191,7 @@ class DiagnosisResult:
         raise ValueError(f"no arm {name!r} with seed {seed}; arms are {sorted({(a.name, a.seed) for a in self.arms})}.")
 
     def tables(self) -> dict:
+        """``accuracy``, ``checks``, ``variances`` (per component) and ``maps`` (mean energy per test image)."""
         import pandas as pd
 
         rows = []
@@ -214,6 +215,7 @@ class DiagnosisResult:
                 "variances": pd.DataFrame(rows), "maps": maps}
 
     def figures(self) -> dict:
+        """``maps`` (:meth:`maps_figure`) and ``accuracy`` (the classifier arms)."""
         title = (f"Classifiers with the weak net's upper layers above {self.layer_weak} "
                  f"({self.classifier_init} init)")
         return {"maps": self.maps_figure(), "accuracy": accuracy_figure(self.arms, title, before=False)}
@@ -260,6 +262,7 @@ class DiagnosisResult:
         return fig
 
     def as_dict(self) -> dict:
+        """The JSON form of the result (study.json)."""
         return as_jsonable({
             "weak": self.weak, "strong": self.strong, "layer_weak": self.layer_weak,
             "layer_strong": self.layer_strong, "orders": self.orders, "blind_spots": self.blind_spots,

@@ -187,6 +187,7 @@ class Generation:
     row: ConsistencyRow | None = field(hash=False)
 
     def as_dict(self) -> dict[str, Any]:
+        """One table row: generation, seed, accuracy, final training loss and the consistency row."""
         return {"generation": self.generation, "seed": self.seed, "accuracy": self.accuracy,
                 "final_train_loss": self.train_loss[-1] if self.train_loss else float("nan"),
                 **(self.row.as_row() if self.row is not None else {})}
@@ -216,6 +217,7 @@ class DistillationResult:
 
     @property
     def newest(self) -> int:
+        """The number of the newest generation (the target of every fit)."""
         return self.generations[-1].generation
 
     def tables(self) -> dict[str, Any]:
@@ -225,6 +227,7 @@ class DistillationResult:
         return {"generations": pd.DataFrame([g.as_dict() for g in self.generations])}
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form of the result (study.json)."""
         return {"layer": self.layer, "newest_generation": self.newest,
                 "generations": [g.as_dict() for g in self.generations], "map_ids": list(self.map_ids),
                 "map_channel": self.map_channel, "settings": self.settings,

@@ -118,9 +118,11 @@ class Family:
 
     @property
     def case(self) -> str:
+        """``"halves"`` (case 2) or ``"seeds"`` (case 1)."""
         return "halves" if self.halves else "seeds"
 
     def loaded(self) -> list[LoadedModel]:
+        """Every member's network, loaded."""
         return [m.loaded() for m in self.members]
 
     def manifest(self) -> dict:

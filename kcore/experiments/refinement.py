@@ -86,12 +86,14 @@ class RefinementResult:
     seconds: float
 
     def arm(self, name: str) -> ArmResult:
+        """The arm called ``name``."""
         for a in self.arms:
             if a.name == name:
                 return a
         raise ValueError(f"no arm {name!r}; arms are {[a.name for a in self.arms]}.")
 
     def tables(self) -> dict:
+        """``accuracy`` (the arms) and ``fit_variances`` (the A → B fit's variances per order)."""
         import pandas as pd
 
         fit_rows = [{"direction": "A_to_B", "order": k, "var": v} for k, v in enumerate(self.fit["var_orders"])]
@@ -100,11 +102,13 @@ class RefinementResult:
         return {"accuracy": arms_table(self.arms), "fit_variances": pd.DataFrame(fit_rows)}
 
     def figures(self) -> dict:
+        """``accuracy``: the arms' test accuracies."""
         title = (f"Refinement: B's upper layers above {self.layer_b} on raw vs consistent features "
                  f"(n_test={self.n_test})")
         return {"accuracy": accuracy_figure(self.arms, title)}
 
     def as_dict(self) -> dict:
+        """The JSON form of the result (study.json)."""
         return as_jsonable({
             "a": self.a, "b": self.b, "layer_a": self.layer_a, "layer_b": self.layer_b, "orders": self.orders,
             "fit": self.fit, "arms": [dataclasses.asdict(a) for a in self.arms], "frozen": self.frozen,

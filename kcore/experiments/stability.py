@@ -164,6 +164,7 @@ class StabilityResult:
         return rows
 
     def tables(self) -> dict:
+        """``summary`` (per layer), ``directions`` (per fitted pair direction) and ``members``."""
         import pandas as pd
 
         pairs = []
@@ -181,6 +182,7 @@ class StabilityResult:
                 "members": pd.DataFrame(list(self.members))}
 
     def figures(self) -> dict:
+        """``instability``: per layer, each pair's instability and the summary."""
         import numpy as np
         from matplotlib.figure import Figure
 
@@ -222,6 +224,7 @@ class StabilityResult:
         return {"instability": fig}
 
     def as_dict(self) -> dict:
+        """The JSON form of the result (study.json)."""
         return as_jsonable({
             "case": self.case, "case_meaning": CASES[self.case], "architecture": self.architecture,
             "members": list(self.members), "layers": list(self.layers), "orders": self.orders,

@@ -39,6 +39,7 @@ class LinearMap:
     kernel_size: int
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Apply the map to ``x`` (N, C_a, H, W) → (N, C_b, H, W), in ``x``'s dtype."""
         return F.conv2d(x, self.weight.to(x.dtype), padding=self.kernel_size // 2)
 
 
@@ -197,6 +198,7 @@ class Baseline:
     cka: float
 
     def as_dict(self) -> dict:
+        """The metrics.json form."""
         return {"linear_r2": self.linear_r2, "linear_kernel": self.linear_kernel, "cka": self.cka}
 
 

@@ -65,10 +65,12 @@ class ConfidenceIntervals:
         return name, hi - lo
 
     def as_dict(self) -> dict:
+        """The metrics.json form (tuples as lists)."""
         return {k: _nested_list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @staticmethod
     def from_dict(d: Mapping) -> "ConfidenceIntervals":
+        """The intervals from their :meth:`as_dict` form."""
         return ConfidenceIntervals(
             level=float(d["level"]), n_boot=int(d["n_boot"]), seed=int(d["seed"]), n_heldout=int(d["n_heldout"]),
             instability=_floats(d["instability"]), share_orders=_floats(d["share_orders"]),
@@ -98,6 +100,7 @@ class ChannelProfile:
 
     @property
     def channels(self) -> int:
+        """The number of channels."""
         return len(self.var_target)
 
     @property
@@ -111,6 +114,7 @@ class ChannelProfile:
         return tuple(_ratio(v, t) for v, t in zip(self.var_residual, self.var_target))
 
     def as_dict(self) -> dict:
+        """The metrics.json form, with the Var ratios."""
         return {
             "var_orders": _nested_list(self.var_orders), "var_residual": list(self.var_residual),
             "var_target": list(self.var_target),
@@ -120,6 +124,7 @@ class ChannelProfile:
 
     @staticmethod
     def from_dict(d: Mapping) -> "ChannelProfile":
+        """The profile from its :meth:`as_dict` form (also format 1's)."""
         # format 1 stored the Var ratios as "order_share"/"residual_share"; they are recomputed from the Vars
         return ChannelProfile(
             var_orders=_floats(d["var_orders"]), var_residual=_floats(d["var_residual"]),
@@ -188,6 +193,7 @@ class VarianceReport:
 
     @property
     def n_heldout(self) -> int:
+        """The number of held-out images (``n_images``)."""
         return self.n_images
 
     @property
@@ -197,6 +203,7 @@ class VarianceReport:
 
     @property
     def has_shares(self) -> bool:
+        """Whether the additive shares were computed."""
         return self.share_orders is not None and self.share_residual is not None
 
     def interval(self, name: str) -> tuple[float, float] | None:

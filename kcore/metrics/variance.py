@@ -41,6 +41,7 @@ class ImageMoments:
         self.kept = 0
 
     def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor) -> None:
+        """Add one batch's sums: the components ``comps`` (x⁽⁰⁾ … x⁽ᴷ⁾), x^Δ ``r`` and x* ``t``, each (N, C, H, W)."""
         parts = list(comps) + [r, t]
         if self.shifts is None:
             self.shifts = [float(p.mean()) for p in parts]
