@@ -13,7 +13,8 @@ if str(ROOT) not in sys.path:  # `streamlit run dashboard/app.py` puts only dash
 
 import streamlit as st  # noqa: E402
 
-from dashboard import sidebar, state  # noqa: E402
+from dashboard import sidebar  # noqa: E402
+from dashboard.state import jobs, startup  # noqa: E402
 
 # the icon is a file of this project (assets/, drawn by tools/make_icon.py): nothing is fetched from the internet
 st.set_page_config(page_title="kcore · knowledge consistency", page_icon=str(ROOT / "assets" / "icon.png"),
@@ -37,8 +38,8 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
-state.freeze_startup_objects()
-state.ensure_defaults()
-state.adopt_finished_jobs()
+startup.freeze_startup_objects()
+startup.ensure_defaults()
+jobs.adopt_finished_jobs()
 sidebar.draw(show_progress=page.title != "Fit")
 page.run()

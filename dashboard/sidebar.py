@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
+from dashboard.state import jobs, models, runs, startup
 
 POLL_SECONDS = 1.0
 
 
 def _job_status() -> None:
-    job = state.current_job()
+    job = jobs.current_job()
     if job is None:
         return
     if job.running:
         st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
-    elif not state.is_adopted(job):
+    elif not jobs.is_adopted(job):
         st.rerun()  # finished since the last poll: redraw the whole app with the new result
 
 
@@ -24,20 +24,20 @@ def draw(show_progress: bool = True) -> None:
         st.markdown("### :material/biotech: kcore")
         st.caption("Knowledge consistency between two networks (Liang et al., ICLR 2020): what B's features "
                    "share with A's at each order of non-linearity, and what A misses.")
-        if err := state.default_error():
+        if err := startup.default_error():
             st.warning(f"The default models could not be loaded: {err}")
-        job = state.current_job()
+        job = jobs.current_job()
         if show_progress and job is not None and job.running:
             st.markdown(f"**Fitting:** {job.label}")
             st.fragment(_job_status, run_every=POLL_SECONDS)()
-        runs = state.runs()
-        if runs:
-            ids = list(runs)[::-1]
-            state.apply_active_request()
-            st.selectbox("Result shown", ids, format_func=lambda r: runs[r].label, key=state.ACTIVE_RUN_KEY,
+        table = runs.runs()
+        if table:
+            ids = list(table)[::-1]
+            runs.apply_active_request()
+            st.selectbox("Result shown", ids, format_func=lambda r: table[r].label, key=runs.ACTIVE_RUN_KEY,
                          help="Every fit of this session (newest first), and runs re-opened from folders.",
                          persist_state="session")
         else:
-            a, b = state.slot("A"), state.slot("B")
+            a, b = models.slot("A"), models.slot("B")
             if a is not None and b is not None:
                 st.caption(f"Ready: **A** {a.loaded.name} vs **B** {b.loaded.name}. Start on **Fit**.")

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import streamlit as st
 from matplotlib.figure import Figure
 
-from dashboard import state
+from dashboard.state import runs
 from kcore import export
 
 DISPLAY_DPI = 150
@@ -31,7 +31,7 @@ def model_line(info: Any, role: str) -> str:
             f"{info.num_parameters:,} params{acc_s}")
 
 
-def provenance_banner(run: state.RunEntry, direction: str | None = None) -> None:
+def provenance_banner(run: runs.RunEntry, direction: str | None = None) -> None:
     """Which checkpoints (name, hash prefix, parameters, accuracy) and settings produced what is shown."""
     c = run.comparison
     fit = c.directions[direction or next(iter(c.directions))].fit
@@ -46,9 +46,9 @@ def provenance_banner(run: state.RunEntry, direction: str | None = None) -> None
         )
 
 
-def require_run() -> state.RunEntry:
+def require_run() -> runs.RunEntry:
     """The active run, or a notice with a link to the Fit page (and the page stops)."""
-    run = state.active_run()
+    run = runs.active_run()
     if run is None:
         st.info("No result yet. Run a fit on the **Fit** page (the default runs in under a minute), "
                 "or re-open a run folder there.")
@@ -57,14 +57,14 @@ def require_run() -> state.RunEntry:
     return run
 
 
-def direction_picker(run: state.RunEntry, key: str) -> str:
+def direction_picker(run: runs.RunEntry, key: str) -> str:
     """A radio over the run's directions (A → B, B → A), with their meaning."""
     dirs = list(run.comparison.directions)
     if len(dirs) == 1:
-        st.caption(f"Direction **{state.DIRECTION_TITLES[dirs[0]]}**: {state.DIRECTION_HELP[dirs[0]]}")
+        st.caption(f"Direction **{runs.DIRECTION_TITLES[dirs[0]]}**: {runs.DIRECTION_HELP[dirs[0]]}")
         return dirs[0]
-    choice = st.radio("Direction", dirs, format_func=lambda d: state.DIRECTION_TITLES.get(d, d), key=key,
-                      horizontal=True, help=" · ".join(f"{state.DIRECTION_TITLES[d]}: {state.DIRECTION_HELP[d]}" for d in dirs),
+    choice = st.radio("Direction", dirs, format_func=lambda d: runs.DIRECTION_TITLES.get(d, d), key=key,
+                      horizontal=True, help=" · ".join(f"{runs.DIRECTION_TITLES[d]}: {runs.DIRECTION_HELP[d]}" for d in dirs),
                       persist_state="session")
     return choice
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import figures, ui
+from dashboard.state import views
 from kcore import export, viz
 
 KINDS = {"order": "$x^{(k)}$", "sum": "sum of orders", "target": "$x^*$", "output": "$g(x)$", "residual": r"$x^\Delta$"}
@@ -20,7 +21,7 @@ direction = ui.direction_picker(run, key="kc_ex_dir")
 ui.provenance_banner(run, direction)
 
 
-def _controls(view: state.DecompositionView) -> figures.MapChoice:
+def _controls(view: views.DecompositionView) -> figures.MapChoice:
     """The choices, in two rows above the maps (so the maps get the page's width, also at 1024 px)."""
     dec = view.dec
     K, C = dec.orders, int(dec.target.shape[1])
@@ -28,8 +29,7 @@ def _controls(view: state.DecompositionView) -> figures.MapChoice:
     image = c1.selectbox("Image (held out)", list(range(view.n)), format_func=lambda i: view.image_ids[i],
                          key="kc_ex_image", persist_state="session",
                          help=f"The {view.n} held-out images: never used to fit g_θ.")
-    if st.session_state.get("kc_ex_channel", 0) >= C:
-        st.session_state["kc_ex_channel"] = 0
+    views.keep_valid("kc_ex_channel", range(C), 0)  # a channel of an earlier, wider run
     channel = c2.number_input(f"Channel of x* (0–{C - 1})", 0, C - 1, 0, key="kc_ex_channel", persist_state="session",
                               help="Channels are ranked by fuzziness on the Filters page; click one there.")
     mode = c3.radio("View", list(figures.VIEWS), format_func=figures.VIEWS.get, key="kc_ex_view", horizontal=True,
@@ -42,8 +42,7 @@ def _controls(view: state.DecompositionView) -> figures.MapChoice:
         kind = d1.radio("Map", list(KINDS), format_func=KINDS.get, key="kc_ex_kind", persist_state="session",
                         help=KIND_HELP, horizontal=True)
         orders_all = list(range(K + 1))
-        if st.session_state.get("kc_ex_order", 0) not in orders_all:
-            st.session_state["kc_ex_order"] = 0
+        views.keep_valid("kc_ex_order", orders_all, 0)
         if kind == "order":
             order = d2.segmented_control("Order k", orders_all, key="kc_ex_order", default=0, required=True,
                                          persist_state="session")
@@ -58,15 +57,14 @@ def _controls(view: state.DecompositionView) -> figures.MapChoice:
         d2.radio("Colour scale", list(viz.SCALES), key="kc_ex_scale", persist_state="session",
                  format_func=SCALE_NAMES.get, help=" · ".join(viz.SCALES.values()), horizontal=True)
     else:
-        c_src = int(state.feature_maps(run, direction, int(image))[0].shape[0])
-        if st.session_state.get("kc_ex_src_channel", 0) >= c_src:
-            st.session_state["kc_ex_src_channel"] = min(int(channel), c_src - 1)
+        c_src = int(views.feature_maps(run, direction, int(image))[0].shape[0])
+        views.keep_valid("kc_ex_src_channel", range(c_src), min(int(channel), c_src - 1))
         source_channel = int(d1.number_input(f"Channel of x (0–{c_src - 1})", 0, c_src - 1, min(int(channel), c_src - 1),
                                              key="kc_ex_src_channel", persist_state="session",
                                              help="The source network's channel shown beside x*'s channel "
                                                   "(the two networks' channels need not correspond)."))
         d2.caption("Each map on its own colour scale (±max), in the raw activations of its network's layer.")
-    scale = st.session_state.get("kc_ex_scale", "map")
+    scale = views.widget_value("kc_ex_scale", "map")
     alpha = d3.slider("Opacity", 0.0, 1.0, 0.65, 0.05, key="kc_ex_alpha", persist_state="session",
                       help="Opacity of the map over the image.")
     background = d3.selectbox("Under the map", list(viz.BACKGROUNDS), key="kc_ex_bg", format_func=BACKGROUND_NAMES.get,
@@ -80,9 +78,9 @@ def _controls(view: state.DecompositionView) -> figures.MapChoice:
 
 @st.fragment
 def explorer() -> None:
-    view = state.decomposition(run, direction)
+    view = views.decomposition(run, direction)
     choice = _controls(view)
-    state.set_explorer_choice(choice)  # the Export page redraws exactly this
+    views.set_explorer_choice(choice)  # the Export page redraws exactly this
     left, right = st.columns(2)
     image_id = view.image_ids[choice.image]
     if choice.view == "a_vs_b":

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import figures, ui
+from dashboard.state import paths, views
 from kcore import export, viz
 from kcore.server_paths import safe_name
 
@@ -31,11 +32,11 @@ c1, c2, c3 = st.columns([1, 1, 2])
 formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
                    default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
 dpi = c2.number_input("PNG resolution (DPI)", 72, 1200, 300, step=50, key="kc_exp_dpi", persist_state="session")
-footer = st.toggle("Provenance footer under each figure", key=state.FOOTER_KEY, persist_state="session",
+footer = st.toggle("Provenance footer under each figure", key=views.FOOTER_KEY, persist_state="session",
                    help="A small grey line naming the checkpoints, layers and fit. Off: the figures are clean for a "
                         "paper; the JSON sidecar of every figure and provenance.json always hold the provenance.")
 export_name = c3.text_input("Export name", value=run.id, key=f"kc_exp_folder_{run.id}", max_chars=80,
-                            help=f"A new folder of this name under {state.exports_dir()} (letters, digits, '.', '_' "
+                            help=f"A new folder of this name under {paths.exports_dir()} (letters, digits, '.', '_' "
                                  "and '-' only; other characters become '_'). If the name is taken, the export gets "
                                  "a new folder (name-2, name-3, …): an export never mixes with another.")
 
@@ -51,10 +52,10 @@ def figure_items() -> list[export.FigureItem]:
                                        {"shows": "instability and additive shares with 95 % bootstrap intervals, "
                                                  "chance baselines", "preset": c.preset}))
     if "explorer" in what_:
-        m = state.explorer_choice()
+        m = views.explorer_choice()
         if m is None or m.direction not in c.directions:
             m = figures.MapChoice(dirs[0], 0, 0, viz.MapSpec("component", (0,)))
-        view = state.decomposition(run, m.direction)
+        view = views.decomposition(run, m.direction)
         if m.view == "a_vs_b":  # what the Explorer shows: x and x* side by side
             meta = {"shows": "x and x* side by side (raw activations)", "direction": m.direction,
                     "image_id": view.image_ids[m.image], "channel_x": m.source_channel, "channel_x_star": m.channel,
@@ -73,12 +74,12 @@ def figure_items() -> list[export.FigureItem]:
             items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d, footer=footer),
                                            {"shows": "variance share per channel", "direction": d}))
     if "figure1" in what_:
-        f1 = state.figure1_choice()
+        f1 = views.figure1_choice()
         if f1 is None or f1[0] not in c.directions:
-            view = state.decomposition(run, dirs[0])
+            view = views.decomposition(run, dirs[0])
             f1 = (dirs[0], tuple(range(min(2, view.n))), (0,), "image", 0.85, "gray", viz.DIVERGING_CMAP)
         d, imgs, chans, scale, alpha, bg, cmap = f1
-        view = state.decomposition(run, d)
+        view = views.decomposition(run, d)
         items.append(export.FigureItem(
             figures.grid_stem(run, d, imgs, chans, scale),
             figures.grid(run, d, imgs, chans, scale, alpha, bg, cmap, footer),
@@ -92,9 +93,9 @@ if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/sa
         arrays = {}
         if "arrays" in set(what or []):
             for d in dirs:
-                view = state.decomposition(run, d)
+                view = views.decomposition(run, d)
                 arrays[f"components_{d}"] = (view.dec, view.image_ids)
-        return export.export_comparison(c, state.export_folder(export_name), figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
+        return export.export_comparison(c, paths.export_folder(export_name), figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
 
     with st.spinner("Drawing and writing…"):
         try:
@@ -103,10 +104,10 @@ if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/sa
             st.error(f"Export failed: {exc}")
             result = None
     if result is not None:
-        st.session_state["kc_exp_result"] = (run.id, result)
+        views.set_export_result(run.id, result)
 
-run_id, result = st.session_state.get("kc_exp_result", (None, None))
-if result is not None and run_id == run.id:
+result = views.export_result(run.id)
+if result is not None:
     asked = safe_name(export_name)
     taken = (f" (a folder named `{asked}` already exists, so this export got its own folder; exports never mix)"
              if result.folder.name != asked else "")

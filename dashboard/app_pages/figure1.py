@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import figures, ui
+from dashboard.state import views
 from kcore import export, viz
 
 st.title("Figure 1")
@@ -13,7 +14,7 @@ ui.provenance_banner(run, direction)
 st.caption("Like the paper's Fig. 1: consistent features disentangled from a filter at each order of fuzziness, "
            "and the inconsistent rest x^Δ. Rows are (image, channel); the colour map is diverging, centred at 0.")
 
-view = state.decomposition(run, direction)
+view = views.decomposition(run, direction)
 rep = run.comparison.directions[direction].fit.heldout_report.per_channel
 C = rep.channels
 top = sorted(range(C), key=lambda c: -rep.var_target[c])[:2]  # the most active channels by default
@@ -32,7 +33,7 @@ background = c5.radio("Under the maps", list(viz.BACKGROUNDS), key="kc_f1_bg", p
                       format_func=lambda b: {"gray": "grey image", "rgb": "colour image", "none": "nothing"}[b])
 cmap = c6.selectbox("Colour map", list(viz.DIVERGING_CMAPS), format_func=viz.DIVERGING_CMAPS.get, key="kc_f1_cmap",
                     persist_state="session", help="Diverging, white at 0; the default is safe for colour-blind readers.")
-footer = c6.toggle("Provenance footer", key=state.FOOTER_KEY, persist_state="session",
+footer = c6.toggle("Provenance footer", key=views.FOOTER_KEY, persist_state="session",
                    help="A grey line naming the checkpoints, layers and fit under the figure. The JSON sidecar of an "
                         "export always holds the provenance.")
 
@@ -40,7 +41,7 @@ if not imgs or not chans:
     st.info("Choose at least one image and one channel.")
     st.stop()
 
-state.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background, cmap))
+views.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background, cmap))
 build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background, cmap, footer)  # noqa: E731
 ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}-{cmap}-{footer}",
                caption="Figure 1 grid; every colour bar is in units of x* (exported as PNG, SVG and PDF from the "

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import figures, ui
+from dashboard.state import views
 from kcore import export, viz
 
 st.title("Filters")
@@ -39,10 +40,9 @@ event = st.dataframe(shown, hide_index=True, column_config=share_cols, on_select
                      selection_mode="single-row", key="kc_fl_table", height=360)
 picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
 if picked:
-    st.session_state["kc_fl_channel"] = int(shown.iloc[picked[0]]["channel"])
+    views.set_widget_value("kc_fl_channel", int(shown.iloc[picked[0]]["channel"]))
 C = len(table)
-if st.session_state.get("kc_fl_channel", 0) >= C:
-    st.session_state["kc_fl_channel"] = 0
+views.keep_valid("kc_fl_channel", range(C), 0)
 pick, _ = st.columns([1, 3])
 channel = pick.selectbox("Channel", list(range(C)), key="kc_fl_channel", help="Or click a row of the table.")
 ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel),
@@ -51,12 +51,12 @@ ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel),
                        "the selected channel is outlined.")
 
 st.subheader(f"Channel {channel}: its maps")
-view = state.decomposition(run, direction)
+view = views.decomposition(run, direction)
 default_imgs = list(range(min(3, view.n)))
 imgs = st.multiselect("Images", list(range(view.n)), default=default_imgs, format_func=lambda i: view.image_ids[i],
                       key="kc_fl_images", max_selections=6, persist_state="session")
 if st.button("Show in Explorer", key="kc_fl_to_explorer", icon=":material/image_search:"):
-    state.show_in_explorer(channel, direction)
+    views.show_in_explorer(channel, direction)
     st.switch_page("app_pages/explorer.py")
 if imgs:
     ui.show_figure(lambda: figures.grid(run, direction, imgs, [channel], "image"),

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import ui
+from dashboard.state import images, jobs, models, paths, runs
 from dashboard.jobs import check_fit_request
 from kcore.baselines import baselines_are_cheap
 from kcore.devices import DEVICE_CHOICES
@@ -17,8 +18,8 @@ st.caption("g_θ learns to reconstruct the target network's feature x* from the 
            "increasing non-linearity (Eq. 1–2). The fit runs in the background: you can look at other pages "
            "meanwhile, and cancel it here.")
 
-a, b, imgs = state.slot("A"), state.slot("B"), state.images()
-layer_a, layer_b = state.chosen_layer("A"), state.chosen_layer("B")
+a, b, imgs = models.slot("A"), models.slot("B"), images.images()
+layer_a, layer_b = models.chosen_layer("A"), models.chosen_layer("B")
 
 with st.container(border=True, key="kc_fit_summary"):
     if a is None or b is None or imgs is None:
@@ -69,7 +70,7 @@ with_baselines = st.checkbox(
          "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. About three "
          "times the fit's time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
 
-request = state.FitRequest(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed),
+request = jobs.FitRequest(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed),
                            device=device, preset=preset, both_directions=both, baselines=bool(with_baselines))
 try:
     cost, over = check_fit_request(request.as_params(), imgs.n, caps), None
@@ -82,17 +83,17 @@ st.caption(
 if over:
     st.warning(over)
 
-running = state.job_running()
+running = jobs.job_running()
 if st.button("Start fit", key="kc_fit_start", type="primary", disabled=running or over is not None,
              icon=":material/play_arrow:",
              help="Disabled while a fit of this session runs or waits (cancel it below, or wait)." if running
              else "Disabled: the settings above are over this server's budget." if over else None):
-    if ui.guarded(lambda: state.start_fit(a, layer_a, b, layer_b, imgs, request), "Could not start the fit") is not None:
+    if ui.guarded(lambda: jobs.start_fit(a, layer_a, b, layer_b, imgs, request), "Could not start the fit") is not None:
         st.rerun()  # redraw at once with Start fit disabled while the job waits or runs
 
 
 def _progress() -> None:
-    job = state.current_job()
+    job = jobs.current_job()
     if job is None:
         return
     if job.running:
@@ -102,12 +103,12 @@ def _progress() -> None:
         else:
             st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
         if st.button("Cancel", key="kc_fit_cancel", icon=":material/stop:"):
-            state.cancel_job(job)
+            jobs.cancel_job(job)
             if not job.running:  # it was still in the queue: it has ended, redraw with Start fit enabled
                 st.rerun()
             st.toast("Cancelling after the current batch…")
         return
-    if not state.is_adopted(job):
+    if not jobs.is_adopted(job):
         st.rerun()  # just finished: redraw everything with the result
     if job.state == "done":
         st.success(f"Finished in {job.elapsed:.0f} s: {job.label}.")
@@ -126,29 +127,29 @@ st.fragment(_progress, run_every=1.0 if running else None)()
 
 st.divider()
 st.subheader("Results of this session")
-runs = state.runs()
-if runs:
-    for rid, run in reversed(list(runs.items())):
+session_runs = runs.runs()
+if session_runs:
+    for rid, run in reversed(list(session_runs.items())):
         where = f" · folder `{run.run_dir}`" if run.run_dir else ""
         st.markdown(f"- {run.label} · {run.origin}{where}")
 else:
     st.caption("None yet.")
 
-with st.expander("Re-open a run folder", expanded=not runs):
-    st.caption(f"Every fit is saved as a run folder under `{state.runs_dir()}` (also `kcore fit --out` folders). "
+with st.expander("Re-open a run folder", expanded=not session_runs):
+    st.caption(f"Every fit is saved as a run folder under `{paths.runs_dir()}` (also `kcore fit --out` folders). "
                "A run folder holds the fitted g_θ and the held-out features, so the maps redraw without the checkpoints.")
-    found = state.run_folders()
+    found = runs.run_folders()
     choice = st.selectbox("Found on the server", [str(p) for p in found], index=None, key="kc_open_found",
                           placeholder="choose a run folder" if found else "no run folders yet")
     typed = st.text_input("…or a path", key="kc_open_path", placeholder="/path/to/run")
     if st.button("Open", key="kc_open_go", disabled=not (choice or typed)):
-        entry = ui.guarded(lambda: state.open_run_folder(typed or choice), "Could not open the run folder")
+        entry = ui.guarded(lambda: runs.open_run_folder(typed or choice), "Could not open the run folder")
         if entry is not None:
-            state.add_run(entry)
+            runs.add_run(entry)
             st.success(f"Opened {entry.label}.")
             st.rerun()
 
 with st.expander("Details", expanded=False):
-    c = state.counters()
+    c = runs.counters()
     st.caption(f"Fits started in this session: {c['fits_started']} · decompositions computed: {c['decompositions']}. "
                "Changing the image, channel or order on the result pages reuses the fit and its decomposition.")

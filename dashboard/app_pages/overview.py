@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import figures, ui
+from dashboard.state import runs
 from kcore import export, viz
 from kcore.metrics import plus_minus
 
@@ -21,8 +22,8 @@ for col, (key, d) in zip(cols, c.directions.items()):
     f = d.fit
     rep = f.heldout_report
     with col:
-        st.subheader(state.DIRECTION_TITLES[key])
-        st.caption(state.DIRECTION_HELP[key])
+        st.subheader(runs.DIRECTION_TITLES[key])
+        st.caption(runs.DIRECTION_HELP[key])
         m1, m2 = st.columns(2)
         iv = rep.interval("instability")
         m1.metric("Instability Var(x^Δ)/Var(x*)", plus_minus(rep.instability, iv),
@@ -70,7 +71,7 @@ ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}", width=wid
                caption="Left: instability with its bootstrap interval over held-out images; dashed lines: the same "
                        "fit against a randomly initialised B and against shuffled image pairs (chance level). Right: "
                        f"additive shares (preset {c.preset}) with the interval of each share.")
-others = [r for rid, r in state.runs().items() if rid != run.id]
+others = [r for rid, r in runs.runs().items() if rid != run.id]
 if others:
     with st.expander(f"Compare with the other {len(others)} result(s) of this session"):
         rows = []

@@ -6,7 +6,8 @@ import json
 
 import streamlit as st
 
-from dashboard import state, ui
+from dashboard import ui
+from dashboard.state import images, models, startup, views
 from kcore.architectures import available_architectures
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
@@ -29,7 +30,7 @@ SERVER_PATHS_OFF = (f"Paths on the server are turned off on this server (it was 
 st.title("Models & images")
 st.caption("Pick the two networks to compare, one layer of each, and the images. Everything starts on the "
            "bundled sample models and images, so you can go straight to **Fit**.")
-if err := state.default_error():
+if err := startup.default_error():
     st.warning(f"The embedded default could not be loaded: {err}")
 
 
@@ -70,19 +71,19 @@ def _use(role: str, load, source: str, path: str | None) -> None:
     """Load with ``load()``; on success make it network ``role``; on failure leave ``role`` empty (never a
     previous model that the user may take for the new one)."""
     try:
-        loaded = state.with_override(role, load())
-        new = state.make_slot(loaded, source, path, state.image_size(state.images()))
+        loaded = models.with_override(role, load())
+        new = models.make_slot(loaded, source, path, images.image_size(images.images()))
     except (ValueError, FileNotFoundError) as exc:
-        state.clear_slot(role)
+        models.clear_slot(role)
         st.error(f"Could not use this checkpoint: {_ui_message(role, exc)}")
         return
-    current = state.slot(role)
+    current = models.slot(role)
     same_model = current is not None and current.loaded.sha256 == loaded.sha256 and current.input_size == new.input_size
     if not same_model:
-        state.forget_layer(role)  # the new model starts on its default layer
+        models.forget_layer(role)  # the new model starts on its default layer
     if not same_model or (current.source, current.path, current.loaded.card, current.loaded.preprocessing) != (
             source, path, loaded.card, loaded.preprocessing):
-        state.set_slot(role, new)
+        models.set_slot(role, new)
     if loaded.missing_keys or loaded.unexpected_keys:
         st.warning(f"Loaded with differences: missing {list(loaded.missing_keys)[:5]}, "
                    f"unexpected {list(loaded.unexpected_keys)[:5]}.")
@@ -93,21 +94,21 @@ def model_panel(role: str) -> None:
     # a new source empties the slot at once (model, card and layers), before anything is drawn
     source = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key=f"kc_src_{role}",
                                   default="sample", required=True, persist_state="session",
-                                  on_change=state.clear_slot, args=(role,))
+                                  on_change=models.clear_slot, args=(role,))
     if source == "sample":
-        samples = state.sample_models()
+        samples = models.sample_models()
         if not samples:
             st.warning("No sample models in this checkout (sample_models/).")
         else:
             names = list(samples)
-            default = state.DEFAULT_PAIR[0 if role == "A" else 1]
+            default = models.DEFAULT_PAIR[0 if role == "A" else 1]
             name = st.selectbox("Sample model", names, index=names.index(default) if default in names else 0,
                                 key=f"kc_sample_{role}", persist_state="session",
                                 help="Small networks trained on the bundled kshapes images; their model cards "
                                      "give the architecture, preprocessing and test accuracy.")
-            cur = state.slot(role)
+            cur = models.slot(role)
             if cur is None or cur.path != str(samples[name]):
-                _use(role, lambda: state.load_path(str(samples[name])), "sample", str(samples[name]))
+                _use(role, lambda: models.load_path(str(samples[name])), "sample", str(samples[name]))
     elif source == "upload":
         up = st.file_uploader("Checkpoint", type=UPLOAD_TYPES, key=f"kc_upload_{role}",
                               help="safetensors, a weights-only state dict (.pt/.pth/.bin), TorchScript or "
@@ -126,7 +127,7 @@ def model_panel(role: str) -> None:
                     st.error(f"The model card is not valid JSON: {exc}")
                     card_json = None
             data = up.getvalue()
-            _use(role, lambda: state.load_bytes(data, up.name, arch, ncls, card_json), "upload", None)
+            _use(role, lambda: models.load_bytes(data, up.name, arch, ncls, card_json), "upload", None)
     elif not server_paths_enabled():
         st.info(SERVER_PATHS_OFF)
     else:
@@ -135,16 +136,16 @@ def model_panel(role: str) -> None:
                                   "file is read automatically.", persist_state="session")
         arch, ncls = _arch_inputs(role)
         if st.button("Load", key=f"kc_loadpath_{role}", disabled=not path):
-            _use(role, lambda: state.load_server_path(path, arch, ncls), "path", path)
+            _use(role, lambda: models.load_server_path(path, arch, ncls), "path", path)
     model_card(role)
 
 
 def model_card(role: str) -> None:
-    s = state.slot(role)
+    s = models.slot(role)
     if s is None:
         st.info(f"No network {role} yet: " + {"sample": "pick a sample model.", "upload": "upload a checkpoint above.",
                                               "path": "give its path and press Load."}.get(
-            st.session_state.get(f"kc_src_{role}", "sample"), "choose one above."))
+            views.widget_value(f"kc_src_{role}", "sample"), "choose one above."))
         return
     m, card = s.loaded, s.loaded.card
     with st.container(border=True, key=f"kc_card_{role}"):
@@ -173,7 +174,7 @@ def _triple(values, default) -> tuple[float, float, float]:
     return tuple(float(v) for v in (values if values and len(values) == 3 else default))
 
 
-def preprocessing_editor(role: str, s: state.ModelSlot, prep) -> None:
+def preprocessing_editor(role: str, s: models.ModelSlot, prep) -> None:
     """Input size, mean and std of network ``role``, editable; and its model card to save."""
     m = s.loaded
     with st.expander("Input size, normalisation and model card", expanded=False):
@@ -192,15 +193,15 @@ def preprocessing_editor(role: str, s: state.ModelSlot, prep) -> None:
         b1, b2 = st.columns(2)
         if b1.button("Apply", key=f"{key}_apply", type="primary"):
             new = prep.with_overrides((int(h), int(w)), mean, std, what="set on the Models page")
-            state.set_preprocessing_override(role, m.sha256, new)
-            state.set_slot(role, state.make_slot(dataclasses.replace(m, preprocessing=new), s.source, s.path,
+            models.set_preprocessing_override(role, m.sha256, new)
+            models.set_slot(role, models.make_slot(dataclasses.replace(m, preprocessing=new), s.source, s.path,
                                                  (int(h), int(w))))
-            state.forget_layer(role)
+            models.forget_layer(role)
             st.rerun()
-        if state.preprocessing_override(role, m.sha256) is not None and b2.button("Reset", key=f"{key}_reset"):
-            state.set_preprocessing_override(role, m.sha256, None)
+        if models.preprocessing_override(role, m.sha256) is not None and b2.button("Reset", key=f"{key}_reset"):
+            models.set_preprocessing_override(role, m.sha256, None)
             base = dataclasses.replace(m, preprocessing=resolve_preprocessing(m.card, m.architecture))
-            state.set_slot(role, state.make_slot(base, s.source, s.path, state.image_size(state.images())))
+            models.set_slot(role, models.make_slot(base, s.source, s.path, images.image_size(images.images())))
             st.rerun()
         if s.source == "sample":
             return
@@ -209,33 +210,32 @@ def preprocessing_editor(role: str, s: state.ModelSlot, prep) -> None:
                    "reads it when it finds it beside the checkpoint as <name>.card.json. Download it and keep it "
                    "there (or upload it with the checkpoint).")
         stem = m.name.rsplit(".", 1)[0]
-        st.download_button("Download the model card", state.card_text(s), file_name=f"{stem}.card.json",
+        st.download_button("Download the model card", models.card_text(s), file_name=f"{stem}.card.json",
                            mime="application/json", key=f"{key}_download", on_click="ignore")
 
 
-def _layer_label(s: state.ModelSlot, name: str) -> str:
+def _layer_label(s: models.ModelSlot, name: str) -> str:
     shape = s.shape_of(name)
     info = next(layer for layer in s.layers if layer.name == name)
     return f"{name}  ·  {info.type}  ·  {'×'.join(str(v) for v in shape)}"
 
 
 def layer_picker(role: str) -> str | None:
-    s = state.slot(role)
+    s = models.slot(role)
     if s is None:
         return None
     names = s.layer_names
     if not names:
         st.error(f"Network {role} has no layer with a 4-D (N, C, H, W) output to compare.")
         return None
-    key = state.layer_key(role)
-    if st.session_state.get(key) not in names:
-        st.session_state[key] = s.default_layer
+    key = models.layer_key(role)
+    models.keep_layer(role)
     return st.selectbox(f"Layer of {role} (C × H × W)", names, key=key, format_func=lambda n: _layer_label(s, n),
                         help="Type to search. Only layers with spatial outputs are listed, with the output shape "
                              f"for a {s.input_size[1]}×{s.input_size[2]} input.", persist_state="session")
 
 
-def alignment_note(a: state.ModelSlot, la: str, b: state.ModelSlot, lb: str) -> None:
+def alignment_note(a: models.ModelSlot, la: str, b: models.ModelSlot, lb: str) -> None:
     sa, sb = a.shape_of(la), b.shape_of(lb)
     notes = []
     if tuple(sa[1:]) == tuple(sb[1:]):
@@ -256,39 +256,39 @@ def images_panel() -> None:
     src = st.segmented_control("Source", list(IMAGE_SOURCES), format_func=IMAGE_SOURCES.get, key="kc_img_src",
                                default="bundled", required=True, persist_state="session")
     if src == "bundled":
-        n = st.slider("Number of bundled images", 60, 2000, state.DEFAULT_N_IMAGES, step=20, key="kc_img_n",
+        n = st.slider("Number of bundled images", 60, 2000, images.DEFAULT_N_IMAGES, step=20, key="kc_img_n",
                       persist_state="session",
                       help="kshapes test images, rendered from code. 20 % are held out: never used to fit g_θ, "
                            "and every map and number is shown on them.")
-        cur = state.images()
+        cur = images.images()
         if cur is None or cur.kind != "bundled" or cur.n != n:
-            imgs = ui.guarded(lambda: state.bundled_images(int(n)), "Bundled images")
+            imgs = ui.guarded(lambda: images.bundled_images(int(n)), "Bundled images")
             if imgs is not None:
-                state.set_images(state.ImageChoice(imgs, f"bundled kshapes test images ({n})", "bundled"))
+                images.set_images(images.ImageChoice(imgs, f"bundled kshapes test images ({n})", "bundled"))
     elif src == "upload":
         files = st.file_uploader("Images or a zip of images", type=IMAGE_TYPES, accept_multiple_files=True,
                                  key="kc_img_upload", help="At least a few dozen images; 20 % are held out. "
                                                            "They are used as soon as they are uploaded.")
         if files:  # used as soon as uploaded (decoded once per set of files)
-            token = state.upload_token([(f.name, f.size) for f in files])
-            cur = state.images()
+            token = images.upload_token([(f.name, f.size) for f in files])
+            cur = images.images()
             if cur is None or cur.token != token:
-                imgs = ui.guarded(lambda: state.uploaded_images([(f.name, f.getvalue()) for f in files],
-                                                                state.working_image_size()), "Uploaded images")
+                imgs = ui.guarded(lambda: images.uploaded_images([(f.name, f.getvalue()) for f in files],
+                                                                images.working_image_size()), "Uploaded images")
                 if imgs is not None:
-                    state.set_images(state.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload", token))
-        elif state.images() is not None and state.images().kind != "upload":
-            st.info(f"No images uploaded yet: a fit now still uses the {state.images().description}.")
+                    images.set_images(images.ImageChoice(imgs, f"{len(imgs)} uploaded images", "upload", token))
+        elif images.images() is not None and images.images().kind != "upload":
+            st.info(f"No images uploaded yet: a fit now still uses the {images.images().description}.")
     elif not server_paths_enabled():
         st.info(SERVER_PATHS_OFF)
     else:
         folder = st.text_input("Folder on the server", key="kc_img_folder", placeholder="/data/images",
                                help="Images directly inside it, or one subfolder per class.", persist_state="session")
         if st.button("Use this folder", key="kc_img_use_folder", disabled=not folder, type="primary"):
-            imgs = ui.guarded(lambda: state.folder_images(folder, state.working_image_size()), "Image folder")
+            imgs = ui.guarded(lambda: images.folder_images(folder, images.working_image_size()), "Image folder")
             if imgs is not None:
-                state.set_images(state.ImageChoice(imgs, f"folder {folder} ({len(imgs)} images)", "folder"))
-    cur = state.images()
+                images.set_images(images.ImageChoice(imgs, f"folder {folder} ({len(imgs)} images)", "folder"))
+    cur = images.images()
     if cur is not None:
         st.caption(f"Using **{cur.description}**.")
         skipped = getattr(cur.images, "skipped", ())
@@ -313,14 +313,14 @@ with la_col:
     layer_a = layer_picker("A")
 with lb_col:
     layer_b = layer_picker("B")
-a, b = state.slot("A"), state.slot("B")
+a, b = models.slot("A"), models.slot("B")
 estimate = st.empty()  # filled after the images panel, so it counts images uploaded in this very run
 if a is not None and b is not None and layer_a and layer_b:
     alignment_note(a, layer_a, b, layer_b)
 
 st.divider()
 images_panel()
-imgs = state.images()
+imgs = images.images()
 if a is not None and b is not None and layer_a and layer_b and imgs is not None:
     need = estimate_feature_bytes(imgs.n, a.shape_of(layer_a), b.shape_of(layer_b))
     estimate.caption(f"Features of {imgs.n} images ({imgs.description}) take about {format_bytes(need)} in memory.")

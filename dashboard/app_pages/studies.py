@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
+from dashboard.state import paths, studies
 from dashboard.jobs import ordinal
 from kcore.experiments import STUDIES, read_study, zip_study
 from kcore.limits import ENV_VARS, limits
@@ -37,10 +37,10 @@ st.markdown(ABOUT.get(study, ""))
 
 with st.container(border=True):
     st.markdown("**Run on the bundled sample models and kshapes images**")
-    scale = st.radio("Scale", list(state.SCALES), format_func=state.SCALES.get, key="kc_st_scale", horizontal=True,
+    scale = st.radio("Scale", list(studies.SCALES), format_func=studies.SCALES.get, key="kc_st_scale", horizontal=True,
                      help="Quick: fewer images and epochs than the command's defaults (see Options), to see the "
                           "study's shape in minutes. Full: the command's own defaults.")
-    quick = state.QUICK.get(study, {}) if scale == "quick" else {}
+    quick = studies.QUICK.get(study, {}) if scale == "quick" else {}
 
     def start_value(opt):
         return quick.get(opt.name, opt.default)
@@ -72,7 +72,7 @@ with st.container(border=True):
                                                     format="%g", help=f"{opt.help} (at most {opt.maximum:g} here: "
                                                                       f"{opt.env})",
                                                     value=min(float(start), opt.maximum) if start is not None else None)
-    busy = state.study_running()
+    busy = studies.study_running()
     st.caption(f"The server runs {limits().max_jobs} job(s) (fits and studies) at once for all its users "
                f"({ENV_VARS['max_jobs']}); a study started beyond that waits in line, and is stopped when you "
                "close this tab.")
@@ -80,7 +80,7 @@ with st.container(border=True):
                  help="Disabled while a study of this session waits or runs (cancel it below, or wait)." if busy
                  else None):
         try:
-            state.start_study(study, {k: v for k, v in values.items() if v != _default(study, k)})
+            studies.start_study(study, {k: v for k, v in values.items() if v != _default(study, k)})
         except ValueError as exc:
             st.error(str(exc))
             st.stop()
@@ -93,8 +93,8 @@ def _duration(seconds: float) -> str:
 
 
 def job_status() -> None:
-    for name, job in reversed(list(state.study_jobs().items())):
-        status, p = job.state, state.study_progress(job)
+    for name, job in reversed(list(studies.study_jobs().items())):
+        status, p = job.state, studies.progress(job)
         with st.container(border=True, key=f"kc_st_job_{name}"):
             head = f"**{name}** · `{' '.join(job.args) or 'defaults'}`"
             if status == "queued":
@@ -103,7 +103,7 @@ def job_status() -> None:
                             f"{ordinal(where) + ' in line' if where else 'starting'}; it starts when one of the "
                             "server's jobs ends")
                 if st.button("Cancel", key=f"kc_st_cancel_{name}", icon=":material/stop:"):
-                    state.cancel_study(job)
+                    studies.cancel_study(job)
                     st.rerun()
             elif status == "running":
                 st.markdown(f":material/hourglass_top: {head} · running")
@@ -117,7 +117,7 @@ def job_status() -> None:
                 else:
                     st.caption(text)
                 if st.button("Cancel", key=f"kc_st_cancel_{name}", icon=":material/stop:"):
-                    state.cancel_study(job)
+                    studies.cancel_study(job)
                     st.rerun()
             elif status == "done":
                 st.markdown(f":material/check_circle: {head} · finished in {_duration(p.elapsed)} "
@@ -135,11 +135,11 @@ def job_status() -> None:
                 st.code("\n".join(job.lines()[-4:]), language=None)
 
 
-if state.study_jobs():
-    st.fragment(job_status, run_every=2.0 if state.study_running() else None)()
+if studies.study_jobs():
+    st.fragment(job_status, run_every=2.0 if studies.study_running() else None)()
 
 st.subheader("Open a study folder")
-studies_dir = state.studies_dir()
+studies_dir = paths.studies_dir()
 found = sorted((p for p in studies_dir.glob("*") if (p / "result.json").is_file()), reverse=True) if studies_dir.is_dir() else []
 choice = st.selectbox("Finished studies on this server", [str(p) for p in found], index=None, key="kc_st_found",
                       placeholder="none yet" if not found else "choose a folder")
@@ -147,7 +147,7 @@ path = st.text_input("… or a folder path", value=choice or "", key="kc_st_path
 if not path:
     st.stop()
 try:
-    folder = read_study(state.allowed_folder(path, "study folder"))
+    folder = read_study(paths.allowed_folder(path, "study folder"))
 except (ValueError, OSError) as exc:
     st.error(f"Could not open {path!r}: {exc}")
     st.stop()

@@ -206,6 +206,14 @@ def forget_layer(role: str) -> None:
     st.session_state.pop(layer_key(role), None)
 
 
+def keep_layer(role: str) -> None:
+    """Before the layer picker of ``role`` is drawn: back to its model's default layer when it holds another
+    model's layer (or nothing yet)."""
+    s = slot(role)
+    if s is not None and st.session_state.get(layer_key(role)) not in s.layer_names:
+        st.session_state[layer_key(role)] = s.default_layer
+
+
 def chosen_layer(role: str) -> str | None:
     """The layer picked for ``role`` on the Models page, else its model's default layer (None without a model)."""
     s = slot(role)

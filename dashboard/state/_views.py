@@ -102,3 +102,40 @@ def show_in_explorer(channel: int, direction: str) -> None:
     """Make the Explorer open on ``channel`` in ``direction`` (the Filters page's hand-off)."""
     st.session_state["kc_ex_channel"] = int(channel)
     st.session_state["kc_ex_dir"] = direction
+
+
+def export_result(run_id: str) -> Any:
+    """The last export written for run ``run_id`` in this session (a :class:`kcore.export.ExportResult`), or None."""
+    rid, result = st.session_state.get("kc_exp_result", (None, None))
+    return result if rid == run_id else None
+
+
+def set_export_result(run_id: str, result: Any) -> None:
+    """Remember the export just written for run ``run_id`` (the Export page shows it and its download)."""
+    st.session_state["kc_exp_result"] = (run_id, result)
+
+
+def widget_value(key: str, default: Any = None) -> Any:
+    """What the page widget ``key`` holds in this session (``default`` before it was first drawn)."""
+    return st.session_state.get(key, default)
+
+
+def set_widget_value(key: str, value: Any) -> None:
+    """Make widget ``key`` show ``value`` on its next draw (a pick elsewhere on the page, e.g. a table row)."""
+    st.session_state[key] = value
+
+
+def keep_valid(key: str, valid: Any, fallback: Any, *, when_missing: bool = False) -> None:
+    """Before widget ``key`` is drawn: reset it to ``fallback`` when what it holds is not in ``valid``.
+
+    Args:
+        key: the widget's key.
+        valid: the values it may hold now (e.g. ``range(C)`` for a channel of the run shown).
+        fallback: the value it gets otherwise.
+        when_missing: also set it when it holds nothing yet (else the widget's own default applies).
+    """
+    if key not in st.session_state:
+        if when_missing:
+            st.session_state[key] = fallback
+    elif st.session_state[key] not in valid:
+        st.session_state[key] = fallback
