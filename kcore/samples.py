@@ -24,13 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
 from kcore._io import write_file_atomic
-from kcore.cards import CARD_FORMAT, card_path_for
+from kcore.cards import CARD_FORMAT, ModelCard, card_path_for
 from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
 from kcore.training import (  # noqa: F401  (the generic trainer, re-exported for older imports)
     OPTIMIZERS, EpochLog, Optimizer, Progress, TrainResult, _say, evaluate, predict, train_classifier,
@@ -96,7 +97,7 @@ class SampleModel:
     name: str
     weights: Path
     card_path: Path
-    card: dict = field(hash=False)
+    card: ModelCard = field(hash=False)
 
 
 def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> dict:
@@ -110,50 +111,70 @@ def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> dic
 
 
 def make_card(recipe: Recipe, result: TrainResult, spec: KShapesSpec, *, command: str,
-              num_threads: int) -> dict:
-    """The model card (format ``kcore-model-card/1``) of a trained sample model."""
+              num_threads: int) -> ModelCard:
+    """The model card of a trained sample model; its training details are the card's ``extra``.
+
+    Args:
+        recipe: the recipe the model was trained with.
+        result: the training's result (the model, its history and test accuracy).
+        spec: the kshapes set it was trained and tested on.
+        command: the command line recorded in the card.
+        num_threads: torch's intra-op threads during training.
+
+    Returns:
+        The :class:`ModelCard`; :func:`card_json` gives the file's content.
+    """
     model = result.model
     test = KShapesDataset(spec, "test")
-    return {
-        "format": CARD_FORMAT,
-        "architecture": recipe.architecture,
-        "num_classes": len(test.class_names),
-        "input_size": [spec.image_size, spec.image_size],
-        "mean": list(MEAN),
-        "std": list(STD),
-        "class_names": list(test.class_names),
-        "dataset": spec.name,
-        "test_accuracy": result.test_accuracy,
-        "default_layer": DEFAULT_LAYERS[recipe.architecture].name,
-        "description": recipe.description,
-        "labels": "fine",
-        "train_split": {"split": "train", "n": spec.n_train},
-        "test_split": {"split": "test", "n": spec.n_test, "eval_dtype": "float64"},
-        "check_accuracy": check_accuracy(model, spec),
-        "seed": recipe.seed,
-        "epochs": len(result.history),
-        "optimizer": recipe.optimizer,
-        "lr": recipe.lr,
-        "weight_decay": recipe.weight_decay,
-        "batch_size": recipe.batch_size,
-        "final_train_loss": result.history[-1].loss,
-        "train_seconds": round(result.train_seconds, 1),
-        "num_threads": num_threads,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "command": command,
-    }
+    return ModelCard(
+        architecture=recipe.architecture, num_classes=len(test.class_names),
+        input_size=(spec.image_size, spec.image_size), mean=tuple(MEAN), std=tuple(STD),
+        class_names=tuple(test.class_names), dataset=spec.name, test_accuracy=result.test_accuracy,
+        default_layer=DEFAULT_LAYERS[recipe.architecture].name,
+        extra={
+            "description": recipe.description,
+            "labels": "fine",
+            "train_split": {"split": "train", "n": spec.n_train},
+            "test_split": {"split": "test", "n": spec.n_test, "eval_dtype": "float64"},
+            "check_accuracy": check_accuracy(model, spec),
+            "seed": recipe.seed,
+            "epochs": len(result.history),
+            "optimizer": recipe.optimizer,
+            "lr": recipe.lr,
+            "weight_decay": recipe.weight_decay,
+            "batch_size": recipe.batch_size,
+            "final_train_loss": result.history[-1].loss,
+            "train_seconds": round(result.train_seconds, 1),
+            "num_threads": num_threads,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "command": command,
+        },
+    )
+
+
+def card_json(card: ModelCard) -> dict[str, Any]:
+    """A sample model's card file content: :meth:`ModelCard.to_dict` with ``extra``'s keys at the top level.
+
+    :meth:`ModelCard.from_dict` reads such a file back into the same card (unknown keys go to ``extra``).
+    """
+    out = {k: v for k, v in card.to_dict().items() if k != "extra"}
+    clash = sorted(set(out) & set(card.extra))
+    if clash:
+        raise ValueError(f"card.extra holds {clash}, which are card fields; expected only other keys. "
+                         "Fix: set them as the ModelCard's own fields.")
+    return {**out, **card.extra}
 
 
 def _readme(models: Sequence[SampleModel], command: str, total_seconds: float, quick: bool) -> str:
     rows = "\n".join(
-        f"| `{m.name}` | `{m.card['architecture']}` | {m.card['seed']} | {m.card['epochs']} "
-        f"| {m.card['test_accuracy']:.4f} | `{m.card['default_layer']}` "
-        f"| {m.card['num_parameters']:,} | {m.card['train_seconds']:.0f} s |"
+        f"| `{m.name}` | `{m.card.architecture}` | {m.card.extra['seed']} | {m.card.extra['epochs']} "
+        f"| {m.card.test_accuracy:.4f} | `{m.card.default_layer}` "
+        f"| {m.card.extra['num_parameters']:,} | {m.card.extra['train_seconds']:.0f} s |"
         for m in models
     )
-    card = models[0].card
+    card = card_json(models[0].card)
     note = "\n**Quick run (smoke test): these models are barely trained.**\n" if quick else ""
     return f"""# Sample models
 
@@ -235,7 +256,7 @@ def train_sample_models(out_dir: str | Path, *, quick: bool = False,
             write_file_atomic(weights, st_save(state, metadata={"kcore_sample_model": recipe.name}))
             card = make_card(recipe, result, spec, command=command, num_threads=threads)
             card_path = card_path_for(weights)
-            write_file_atomic(card_path, json.dumps(card, indent=2) + "\n")
+            write_file_atomic(card_path, json.dumps(card_json(card), indent=2) + "\n")
             written.append(SampleModel(recipe.name, weights, card_path, card))
             _say(progress, f"{recipe.name}: test accuracy {result.test_accuracy:.4f}, "
                            f"{result.train_seconds:.0f} s")
