@@ -21,7 +21,8 @@ The loading contract (what :func:`load_model` accepts, in order of preference):
    unpickling can run any code. Without the flag, :class:`UnsafeCheckpointError` lists the globals the
    file would import.
 
-The format is detected from the bytes (zip member names, the safetensors header), never by unpickling.
+The format is detected from the bytes (zip member names, the safetensors header), never by unpickling
+(:mod:`kcore.checkpoint_formats`).
 
 A checkpoint given as a path is read once, from one open file (:mod:`kcore.safe_files`: ``O_NOFOLLOW``, checked
 with ``fstat`` after opening, at most :data:`kcore.server_paths.MAX_CHECKPOINT_BYTES`), and everything after that
@@ -33,38 +34,38 @@ for a symlink after a path check cannot lead outside. The bytes are dropped when
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
-import pickletools
 import struct
 import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
 
 import torch
 from torch import Tensor, nn
 
 from kcore.architectures import build_model
 from kcore.cards import ModelCard, card_path_for, read_card
-from kcore.graph_check import describe_findings, unsafe_operations, unsafe_serialized_values
+from kcore.checkpoint_formats import (  # noqa: F401  (CHECKPOINT_KINDS, SAFETENSORS_MAX_TENSORS: re-exported)
+    CHECKPOINT_KINDS,
+    MAX_LISTED,
+    SAFETENSORS_MAX_TENSORS,
+    CheckpointKind,
+    Format,
+    Source,
+    check_safetensors_header,
+    corrupt,
+    listing,
+    pickle_risks,
+    pt2_risks,
+    sniff,
+)
+from kcore.graph_check import describe_findings, unsafe_operations
 from kcore.preprocessing import Preprocessing, resolve_preprocessing
 from kcore.safe_files import read_nofollow, read_under
 from kcore.server_paths import MAX_CHECKPOINT_BYTES
-
-CheckpointKind = Literal["state_dict", "safetensors", "torchscript", "export", "pickle"]
-CHECKPOINT_KINDS: dict[str, str] = {
-    "state_dict": "torch.save state dict (.pt/.pth/.bin), read weights-only; needs arch and num_classes",
-    "safetensors": "safetensors weights (.safetensors); needs arch and num_classes",
-    "torchscript": "TorchScript archive (torch.jit.save); runs code when loaded: only with trust_pickle=True",
-    "export": "torch.export archive (.pt2, torch.export.save); no arch needed",
-    "pickle": "whole pickled nn.Module (torch.save(model)); loaded only with trust_pickle=True",
-}
-"""The checkpoint kinds :func:`load_model` reports, with a description for pickers and help texts."""
 
 STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net")
 """Keys under which a training checkpoint commonly nests its state dict, tried in this order."""
@@ -73,13 +74,7 @@ STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
 """Key prefixes removed when that makes more keys match the model (DataParallel, Lightning)."""
 
 _CHUNK_BYTES = 1 << 20
-_MAX_LISTED = 5
-_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
-_PT2_MAX_PROGRAM_JSON = 64 * 1024 * 1024  # densenet121 and vit_b_16 write 1-2 MB
 
-SAFETENSORS_MAX_TENSORS = 100_000
-"""Most tensors a safetensors header may list; checked on the raw header before safetensors builds any tensor
-(a header of a million empty entries otherwise costs minutes and gigabytes before it is refused)."""
 _MAX_CARD_BYTES = 1 << 20
 
 
@@ -116,41 +111,7 @@ def file_sha256(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memo
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class _Source:
-    """A checkpoint's bytes, read once (from one open file, or uploaded), and where they came from.
-
-    Everything (format detection, hashing, loading) reads :attr:`data`, never the path again, so all of it sees
-    the same bytes.
-    """
-
-    path: Path | None
-    data: bytes
-    display: str
-
-    @property
-    def where(self) -> str:
-        """How error messages name the checkpoint: its full path, or the upload's name."""
-        return str(self.path) if self.path is not None else self.display
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    @property
-    def suffix(self) -> str:
-        return Path(self.display).suffix.lower()
-
-    def arg(self) -> IO[bytes]:
-        """What to hand to ``torch.load`` and friends: a fresh in-memory stream over the bytes."""
-        return io.BytesIO(self.data)
-
-    @contextmanager
-    def open(self) -> Iterator[IO[bytes]]:
-        yield io.BytesIO(self.data)
-
-
-def _as_source(source: object, name: str | None, root: str | os.PathLike[str] | None = None) -> _Source:
+def _as_source(source: object, name: str | None, root: str | os.PathLike[str] | None = None) -> Source:
     """Read a checkpoint path once (below ``root`` when given, see :mod:`kcore.safe_files`), or wrap uploaded bytes.
 
     Raises:
@@ -160,7 +121,7 @@ def _as_source(source: object, name: str | None, root: str | os.PathLike[str] | 
         TypeError: ``source`` is neither a path nor bytes.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _Source(path=None, data=bytes(source), display=name or "uploaded checkpoint")
+        return Source(path=None, data=bytes(source), display=name or "uploaded checkpoint")
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if root is not None and not path.is_absolute():
@@ -176,7 +137,7 @@ def _as_source(source: object, name: str | None, root: str | os.PathLike[str] | 
                 "(relative paths are resolved from " + (f"{str(root)!r}" if root is not None else
                                                          "the current working directory") + ")."
             ) from None
-        return _Source(path=path, data=data, display=name or path.name)
+        return Source(path=path, data=data, display=name or path.name)
     raise TypeError(
         f"source must be a path (str or pathlib.Path) or the file's bytes; got {type(source).__name__}. "
         "Fix: for an upload pass uploaded_file.getvalue() and name=uploaded_file.name."
@@ -205,225 +166,12 @@ def _card_under(root: str | os.PathLike[str], checkpoint: Path) -> ModelCard | N
     return ModelCard.from_dict(data, source=f"model card {str(path)!r}")
 
 
-def _corrupt(src: _Source, expected: str, detail: object) -> ValueError:
-    return ValueError(
-        f"checkpoint {src.where!r} could not be read as {expected}: {detail}. "
-        "The file may be truncated or corrupt (an interrupted download or copy). "
-        "Fix: copy or save the file again, then check its sha256."
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Format detection (never unpickles)
-# --------------------------------------------------------------------------------------------------
-
-_Format = Literal["safetensors", "torch_zip", "torchscript", "export", "pickle_stream"]
-
-
-def _archive_members(zf: zipfile.ZipFile) -> set[str]:
-    """Member names of a torch zip archive without their top-level folder (which is arbitrary)."""
-    return {name.split("/", 1)[1] for name in zf.namelist() if "/" in name}
-
-
-def _sniff(src: _Source) -> _Format:
-    size = src.size
-    if size == 0:
-        raise ValueError(f"checkpoint {src.where!r} is empty (0 bytes). Fix: save or upload the file again.")
-    with src.open() as fh:
-        head = fh.read(16)
-        if len(head) >= 9:
-            (header_len,) = struct.unpack("<Q", head[:8])
-            if 2 <= header_len <= min(size - 8, _SAFETENSORS_MAX_HEADER) and head[8:9] == b"{":
-                return "safetensors"
-        if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-            fh.seek(0)
-            try:
-                with zipfile.ZipFile(fh) as zf:
-                    members = _archive_members(zf)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise _corrupt(src, "a zip archive (torch.save, TorchScript or torch.export)", exc) from exc
-            if "constants.pkl" in members or any(m.startswith("code/") for m in members):
-                return "torchscript"
-            if "archive_format" in members or any(m.startswith("models/") and m.endswith(".json") for m in members):
-                return "export"
-            if "data.pkl" in members:
-                return "torch_zip"
-            raise ValueError(
-                f"checkpoint {src.where!r} is a zip archive but not one PyTorch wrote: it has no data.pkl "
-                f"(torch.save), code/ (TorchScript) or archive_format (torch.export). Members: "
-                f"{sorted(members)[:_MAX_LISTED]}. Fix: save the model with torch.save(model.state_dict(), path) "
-                "or safetensors.torch.save_file."
-            )
-        if head[:1] == b"\x80":  # pickle protocol >= 2: a legacy torch.save file or a plain pickle
-            return "pickle_stream"
-    if src.suffix == ".safetensors":
-        raise _corrupt(src, "safetensors", "the 8-byte header length and JSON header are missing or inconsistent")
-    raise ValueError(
-        f"checkpoint {src.where!r} is not a format kcore reads. Expected one of: "
-        + "; ".join(f"{k}: {v}" for k, v in CHECKPOINT_KINDS.items())
-        + ". Fix: save the weights with safetensors.torch.save_file(model.state_dict(), 'model.safetensors') or "
-        "torch.save(model.state_dict(), 'model.pt')."
-    )
-
-
-def _check_safetensors_header(src: _Source) -> None:
-    """Refuse a safetensors header that lists more than :data:`SAFETENSORS_MAX_TENSORS` tensors, cheaply.
-
-    Counts the ``"data_offsets"`` keys of the raw header (one per tensor; a tensor name cannot hold the quoted
-    key, JSON escapes its quotes) before safetensors parses the header and builds the tensors.
-
-    Raises:
-        ValueError: too many tensors.
-    """
-    (header_len,) = struct.unpack("<Q", src.data[:8])
-    count = src.data[8 : 8 + min(header_len, _SAFETENSORS_MAX_HEADER)].count(b'"data_offsets"')
-    if count > SAFETENSORS_MAX_TENSORS:
-        raise ValueError(
-            f"checkpoint {src.where!r} lists {count} tensors in its safetensors header; kcore reads at most "
-            f"{SAFETENSORS_MAX_TENSORS} (kcore.checkpoints.SAFETENSORS_MAX_TENSORS), since building that many "
-            "tensors costs minutes and gigabytes. Fix: save only the model's state dict "
-            "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors'))."
-        )
-
-
-# --------------------------------------------------------------------------------------------------
-# Finding unsafe globals without unpickling
-# --------------------------------------------------------------------------------------------------
-
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-
-
-def _pickle_globals(stream: IO[bytes], max_pickles: int = 6) -> set[str]:
-    """Statically list the globals (``module.name``) a pickle stream would import.
-
-    Reads up to ``max_pickles`` consecutive pickles (the legacy torch.save format writes several) with
-    :func:`pickletools.genops`, which parses opcodes without executing them.
-    """
-    found: set[str] = set()
-    for _ in range(max_pickles):
-        pushes: list[object] = []
-        memo: dict[int, object] = {}
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                name = op.name
-                if name in ("GLOBAL", "INST"):
-                    found.add(str(arg).replace(" ", "."))
-                elif name == "STACK_GLOBAL":
-                    mod, attr = (pushes[-2], pushes[-1]) if len(pushes) >= 2 else (None, None)
-                    found.add(f"{mod}.{attr}" if isinstance(mod, str) and isinstance(attr, str) else "<dynamic global>")
-                elif name in _STRING_OPS:
-                    pushes.append(arg)
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = pushes[-1] if pushes else None
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[int(arg)] = pushes[-1] if pushes else None
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    pushes.append(memo.get(int(arg)))
-                elif name not in ("PROTO", "FRAME", "STOP"):
-                    pushes.append(None)
-        except (ValueError, EOFError, struct.error, UnicodeDecodeError):
-            break  # not a pickle any more (raw tensor bytes of the legacy format) or truncated
-        if not stream.read(1):
-            break
-        stream.seek(-1, io.SEEK_CUR)
-    return found
-
-
-def _allowed_globals() -> set[str]:
-    """Globals torch's weights-only unpickler accepts (private API, so guarded)."""
-    try:
-        from torch import _weights_only_unpickler
-
-        allowed = set(_weights_only_unpickler._get_allowed_globals())
-        allowed |= set(_weights_only_unpickler._get_user_allowed_globals())
-    except (ImportError, AttributeError):
-        return set()
-    return allowed
-
-
-def _unsafe_globals(src: _Source, fmt: _Format) -> tuple[str, ...]:
-    """The globals that stop a weights-only load, found without unpickling."""
-    if fmt == "torch_zip":
-        with src.open() as fh:
-            try:
-                return tuple(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(fh)))
-            except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError):
-                pass  # an opcode torch's scanner does not know: fall back to the generic scanner
-        with src.open() as fh, zipfile.ZipFile(fh) as zf:
-            member = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-            stream: IO[bytes] = io.BytesIO(zf.read(member))
-    else:
-        with src.open() as fh:
-            stream = io.BytesIO(fh.read())
-    return tuple(sorted(_pickle_globals(stream) - _allowed_globals()))
-
-
-def _pt2_risks(src: _Source) -> tuple[str, ...]:
-    """Parts of a torch.export archive that ``torch.export.load`` would unpickle or execute."""
-    risks: list[str] = []
-    with src.open() as fh, zipfile.ZipFile(fh) as zf:
-        names = zf.namelist()
-        root = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ""
-        members = {n[len(root):]: n for n in names if n.startswith(root)}
-        if members.get("archive_format") is None or zf.read(members["archive_format"]).strip() != b"pt2":
-            risks.append("legacy torch.export archive (before PyTorch 2.8): loaded with a pickle fallback")
-        # torch.export.load falls back to the legacy reader (pickles, read weights_only=False on failure) for
-        # entries at the top level of the zip, which the checks below would not see
-        # torch.save writes members stored, not deflated: a member that inflates far beyond the file is a bomb
-        inflated = sum(info.file_size for info in zf.infolist())
-        if inflated > max(2 * src.size, _PT2_MAX_PROGRAM_JSON):
-            risks.append(f"members inflating to {inflated} bytes from a {src.size}-byte file (a zip bomb)")
-        stray = sorted(n for n in names if not root or not n.startswith(root))
-        if stray:
-            risks.append(f"entries outside the archive's one folder (read by the legacy loader): {stray[:3]}")
-        for rel, full in sorted(members.items()):
-            if rel.startswith(("data/aotinductor/", "data/executorch/", "data/mtia", "xl_model_weights/")) or rel.endswith(
-                (".so", ".dll", ".dylib")
-            ):
-                risks.append(f"compiled code or external weights: {rel}")
-            elif rel.endswith(("_weights_config.json", "_constants_config.json")):
-                try:
-                    config = json.loads(zf.read(full)).get("config", {})
-                except (json.JSONDecodeError, AttributeError) as exc:
-                    risks.append(f"unreadable payload config {rel} ({exc})")
-                    continue
-                for fqn, meta in config.items():
-                    path_name = str(meta.get("path_name", ""))
-                    if meta.get("use_pickle"):
-                        risks.append(f"pickled payload {fqn!r} ({rel})")
-                    elif path_name.startswith(("custom_obj_", "opaque_obj_")):
-                        risks.append(f"custom object {fqn!r} ({rel})")
-            elif rel.endswith(".pt"):
-                # Sample inputs (and legacy constants) go through torch.load, which falls back to
-                # weights_only=False when the weights-only load fails.
-                try:
-                    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(zf.read(full)))
-                except (pickle.UnpicklingError, ValueError, RuntimeError, EOFError, KeyError) as exc:
-                    risks.append(f"unreadable pickle {rel} ({exc})")
-                    continue
-                risks.extend(f"{g} (in {rel})" for g in sorted(unsafe))
-            elif rel.startswith("models/") and rel.endswith(".json"):
-                # every program in models/ is parsed by torch.export.load, whose sympy parser evaluates Python
-                with zf.open(full) as member:
-                    raw = member.read(_PT2_MAX_PROGRAM_JSON + 1)
-                if len(raw) > _PT2_MAX_PROGRAM_JSON:
-                    risks.append(f"program {rel} larger than {_PT2_MAX_PROGRAM_JSON >> 20} MiB")
-                    continue
-                try:
-                    program = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-                    risks.append(f"unreadable program {rel} ({str(exc)[:80]})")
-                    continue
-                risks.extend(unsafe_serialized_values(program, member=rel))
-    return tuple(risks)
-
-
 # --------------------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------------------
 
 
-def _find_state_dict(obj: object, src: _Source) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+def _find_state_dict(obj: object, src: Source) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     """Locate the tensors of a checkpoint; return them and the names of non-tensor entries beside them."""
     if not isinstance(obj, Mapping):
         raise ValueError(
@@ -468,14 +216,9 @@ def _infer_num_classes(state: Mapping[str, Tensor]) -> int | None:
     return None
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
-    return shown + (f", … ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
-
-
 def _model_from_state_dict(
     raw: object,
-    src: _Source,
+    src: Source,
     *,
     arch: str | None,
     num_classes: int | None,
@@ -516,15 +259,15 @@ def _model_from_state_dict(
         )
         raise ValueError(
             f"checkpoint {src.where!r} does not fit arch={arch!r} with num_classes={num_classes}: "
-            f"{len(mismatched)} tensor(s) have other shapes: {'; '.join(mismatched[:_MAX_LISTED])}.{hint} "
+            f"{len(mismatched)} tensor(s) have other shapes: {'; '.join(mismatched[:MAX_LISTED])}.{hint} "
             "Fix: choose the architecture the checkpoint was trained with."
         )
     if strict and (missing or unexpected):
         parts = []
         if missing:
-            parts.append(f"missing from the checkpoint: {_listing(missing)}")
+            parts.append(f"missing from the checkpoint: {listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected in the checkpoint: {_listing(unexpected)}")
+            parts.append(f"unexpected in the checkpoint: {listing(unexpected)}")
         raise ValueError(
             f"checkpoint {src.where!r} does not match arch={arch!r}: {'; '.join(parts)}. "
             "Fix: choose the architecture the checkpoint was trained with, or pass strict=False to load the "
@@ -589,17 +332,17 @@ except ImportError:  # pragma: no cover - older or newer torch
 _LOAD_ERRORS = (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, struct.error)
 
 
-def _unsafe_message(src: _Source, what: str, items: tuple[str, ...]) -> str:
+def _unsafe_message(src: Source, what: str, items: tuple[str, ...]) -> str:
     return (
         f"checkpoint {src.where!r} is {what}, and loading it could run arbitrary code; it needs: "
-        f"{_listing(list(items))}. kcore refused to load it (trust_pickle=False). Fix: if you trust where the "
+        f"{listing(list(items))}. kcore refused to load it (trust_pickle=False). Fix: if you trust where the "
         "file comes from, pass trust_pickle=True; better, re-save it as weights only with "
         "torch.save(model.state_dict(), 'model.pt') or safetensors.torch.save_file(model.state_dict(), "
         "'model.safetensors') and load that with arch=... and num_classes=...."
     )
 
 
-def _torch_load(src: _Source, fmt: _Format, trust_pickle: bool) -> tuple[object, bool]:
+def _torch_load(src: Source, fmt: Format, trust_pickle: bool) -> tuple[object, bool]:
     """``torch.load`` weights-only; with ``trust_pickle``, fall back to a full unpickle.
 
     Returns:
@@ -610,13 +353,13 @@ def _torch_load(src: _Source, fmt: _Format, trust_pickle: bool) -> tuple[object,
     except pickle.UnpicklingError as exc:
         weights_only_error: BaseException = exc
     except _LOAD_ERRORS as exc:
-        raise _corrupt(src, "a torch.save checkpoint", exc) from exc
+        raise corrupt(src, "a torch.save checkpoint", exc) from exc
     try:
-        unsafe = _unsafe_globals(src, fmt)
+        unsafe = pickle_risks(src, fmt)
     except (zipfile.BadZipFile, OSError, StopIteration, KeyError) as exc:
-        raise _corrupt(src, "a torch.save checkpoint", exc) from exc
+        raise corrupt(src, "a torch.save checkpoint", exc) from exc
     if not unsafe:
-        raise _corrupt(src, "a torch.save checkpoint", weights_only_error) from weights_only_error
+        raise corrupt(src, "a torch.save checkpoint", weights_only_error) from weights_only_error
     if not trust_pickle:
         raise UnsafeCheckpointError(
             _unsafe_message(src, "a full pickle (not a plain state dict)", unsafe), unsafe_globals=unsafe
@@ -687,7 +430,7 @@ def load_model(
         elif card_path_for(src.path).is_file():
             card = read_card(card_path_for(src.path))
     sha256 = file_sha256(src.data)  # the bytes everything below loads from
-    fmt = _sniff(src)
+    fmt = sniff(src)
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
     built_arch: str | None = None
@@ -697,11 +440,11 @@ def load_model(
         from safetensors import SafetensorError
         from safetensors.torch import load as st_load
 
-        _check_safetensors_header(src)
+        check_safetensors_header(src)
         try:
             state = st_load(src.data)
         except (SafetensorError, OSError) as exc:
-            raise _corrupt(src, "safetensors", exc) from exc
+            raise corrupt(src, "safetensors", exc) from exc
         model, missing, unexpected, built_arch, built_classes = _model_from_state_dict(
             state, src, arch=arch, num_classes=num_classes, card=card, strict=strict
         )
@@ -735,13 +478,13 @@ def load_model(
         try:
             model = torch.jit.load(src.arg(), map_location="cpu")
         except _LOAD_ERRORS as exc:
-            raise _corrupt(src, "a TorchScript archive", exc) from exc
+            raise corrupt(src, "a TorchScript archive", exc) from exc
         kind = "torchscript"
     else:
         try:
-            risks = _pt2_risks(src)
+            risks = pt2_risks(src)
         except (zipfile.BadZipFile, OSError, KeyError) as exc:
-            raise _corrupt(src, "a torch.export archive", exc) from exc
+            raise corrupt(src, "a torch.export archive", exc) from exc
         if risks and not trust_pickle:
             raise UnsafeCheckpointError(
                 _unsafe_message(src, "a torch.export archive with pickled or compiled parts or Python code", risks),
@@ -750,7 +493,7 @@ def load_model(
         try:
             program = torch.export.load(src.arg())  # parses the graph; runs none of its operators
         except _LOAD_ERRORS + (ValueError, AssertionError, TypeError, AttributeError, _SpecViolationError) as exc:
-            raise _corrupt(src, "a torch.export archive", exc) from exc
+            raise corrupt(src, "a torch.export archive", exc) from exc
         if not trust_pickle:
             # before unflatten and before the layer-listing dry run run anything
             from kcore.limits import limits
@@ -771,7 +514,7 @@ def load_model(
         try:
             model = torch.export.unflatten(program)
         except _LOAD_ERRORS + (ValueError, AssertionError) as exc:
-            raise _corrupt(src, "a torch.export archive", exc) from exc
+            raise corrupt(src, "a torch.export archive", exc) from exc
         kind = "export"
     model.eval()
     return LoadedModel(

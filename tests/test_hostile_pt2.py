@@ -397,7 +397,7 @@ def test_guards_that_compare_sizes_pass():
 
 
 def test_a_program_json_that_inflates_beyond_the_cap_is_refused_unread():
-    from kcore.checkpoints import _PT2_MAX_PROGRAM_JSON
+    from kcore.checkpoint_formats import _PT2_MAX_PROGRAM_JSON
 
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
