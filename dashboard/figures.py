@@ -56,12 +56,14 @@ def _titles(run: state.RunEntry) -> dict[str, str]:
 
 
 def variance(run: state.RunEntry, footer: bool = False) -> Figure:
+    """Var per order of every fitted direction (held-out report), one panel each."""
     c = run.comparison
     return viz.variance_figure({d: r.fit.heldout_report for d, r in c.directions.items()}, titles=_titles(run),
                                caption=_caption(run, None, footer))
 
 
 def instability(run: state.RunEntry, footer: bool = False) -> Figure:
+    """Instability and additive shares of every direction, with intervals and the chance baselines."""
     c = run.comparison
     return viz.instability_figure({d: r.fit.heldout_report for d, r in c.directions.items()}, baselines=c.baselines,
                                   titles={d: state.DIRECTION_TITLES[d] for d in c.directions}, preset=c.preset,
@@ -69,6 +71,7 @@ def instability(run: state.RunEntry, footer: bool = False) -> Figure:
 
 
 def loss(run: state.RunEntry, footer: bool = False) -> Figure:
+    """The training curves of every direction, the best epoch marked."""
     c = run.comparison
     return viz.loss_figure({d: r.fit.history for d, r in c.directions.items()},
                            best_epochs={d: r.fit.best_epoch for d, r in c.directions.items()}, titles=_titles(run),
@@ -76,6 +79,7 @@ def loss(run: state.RunEntry, footer: bool = False) -> Figure:
 
 
 def overlay(run: state.RunEntry, m: MapChoice, footer: bool = False) -> Figure:
+    """The map ``m`` chooses over its image, as a matplotlib figure (what Export saves)."""
     view = state.decomposition(run, m.direction)
     return viz.component_overlay(
         view.dec, m.spec, m.image, m.channel, view.raw[m.image], scale=m.scale, alpha=m.alpha,
@@ -131,6 +135,7 @@ def pair(run: state.RunEntry, m: MapChoice, footer: bool = False) -> Figure:
 
 
 def pair_stem(run: state.RunEntry, m: MapChoice) -> str:
+    """The file stem of :func:`pair` for ``m``."""
     view = state.decomposition(run, m.direction)
     cs = m.channel if m.source_channel is None else m.source_channel
     return export.figure_stem("x-vs-xstar", m.direction, image_id=view.image_ids[m.image], channel=[cs, m.channel])
@@ -152,6 +157,7 @@ def blind_spot_view(run: state.RunEntry, m: MapChoice):
 
 
 def overlay_stem(run: state.RunEntry, m: MapChoice) -> str:
+    """The file stem of :func:`overlay` for ``m``."""
     view = state.decomposition(run, m.direction)
     ch = None if m.spec.kind == "blind_spot" else m.channel
     return export.figure_stem("overlay", m.direction, image_id=view.image_ids[m.image], channel=ch,
@@ -159,11 +165,13 @@ def overlay_stem(run: state.RunEntry, m: MapChoice) -> str:
 
 
 def blind_spot(run: state.RunEntry, m: MapChoice, footer: bool = False) -> Figure:
+    """The blind-spot energy map of ``m``'s image, as a matplotlib figure."""
     return overlay(run, replace(m, spec=viz.MapSpec("blind_spot"), view="map"), footer)
 
 
 def shares(run: state.RunEntry, direction: str, sort: str = "channel", order: int = 0,
            highlight: int | None = None, max_channels: int = 64, footer: bool = False, wide: bool = True) -> Figure:
+    """The additive share of each channel in ``direction`` (the Filters page's chart)."""
     rep = run.comparison.directions[direction].fit.heldout_report
     return viz.channel_share_figure(rep, sort=sort, order=order, highlight=highlight, max_channels=max_channels,
                                     title=f"{state.DIRECTION_TITLES[direction]}: additive share per channel (preset {run.comparison.preset})",
@@ -173,6 +181,7 @@ def shares(run: state.RunEntry, direction: str, sort: str = "channel", order: in
 def grid(run: state.RunEntry, direction: str, images: Sequence[int], channels: Sequence[int],
          scale: viz.Scale = "image", alpha: float = 0.85, background: viz.Background = "gray",
          cmap: str = viz.DIVERGING_CMAP, footer: bool = False) -> Figure:
+    """The paper's Figure 1 grid: ``images`` × ``channels``, each row x*, x⁽⁰⁾ … x⁽ᴷ⁾ and x^Δ."""
     view = state.decomposition(run, direction)
     return viz.figure1_grid(view.dec, list(images), list(channels), [view.raw[i] for i in images], scale=scale,
                             alpha=alpha, background=background, row_labels=[short_id(view.image_ids[i]) for i in images],
@@ -181,6 +190,7 @@ def grid(run: state.RunEntry, direction: str, images: Sequence[int], channels: S
 
 def grid_stem(run: state.RunEntry, direction: str, images: Sequence[int], channels: Sequence[int],
               scale: str) -> str:
+    """The file stem of :func:`grid` for the same choices."""
     view = state.decomposition(run, direction)
     ids = "+".join(view.image_ids[i] for i in images) if len(images) <= 3 else f"{len(images)}images"
     return export.figure_stem("figure1", direction, image_id=ids, channel=list(channels), scale=scale)

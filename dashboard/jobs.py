@@ -110,6 +110,7 @@ class Job:
 
     @property
     def elapsed(self) -> float:
+        """Seconds since the job started (until it finished, once it has)."""
         return (self.finished or time.time()) - self.started
 
     def report(self, stage: str, fraction: float, message: str = "") -> None:
@@ -167,6 +168,7 @@ class JobRegistry:
     # -- reading -------------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
+        """The job with id ``job_id``, or None."""
         with self._lock:
             return self._jobs.get(job_id)
 

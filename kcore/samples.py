@@ -34,9 +34,17 @@ from kcore._io import write_file_atomic
 from kcore.cards import CARD_FORMAT, ModelCard, card_path_for
 from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
 from kcore.training import (  # noqa: F401  (the generic trainer, re-exported for older imports)
-    OPTIMIZERS, EpochLog, Optimizer, Progress, TrainResult, _say, evaluate, predict, train_classifier,
+    OPTIMIZERS,
+    EpochLog,
+    Optimizer,
+    Progress,
+    TrainResult,
+    _say,
+    evaluate,
+    predict,
+    train_classifier,
 )
-from kcore.zoo import DEFAULT_LAYERS, SAMPLE_ARCHITECTURES
+from kcore.zoo import DEFAULT_LAYERS
 
 SAMPLE_MODELS_DIR = Path(__file__).resolve().parent.parent / "sample_models"
 """Where the committed sample models live in a source checkout."""

@@ -78,6 +78,7 @@ def _controls(view: views.DecompositionView) -> figures.MapChoice:
 
 @st.fragment
 def explorer() -> None:
+    """The Explorer's controls and its two maps (a fragment: a change redraws only these)."""
     view = views.decomposition(run, direction)
     choice = _controls(view)
     views.set_explorer_choice(choice)  # the Export page redraws exactly this

@@ -42,6 +42,7 @@ export_name = c3.text_input("Export name", value=run.id, key=f"kc_exp_folder_{ru
 
 
 def figure_items() -> list[export.FigureItem]:
+    """The figures the ticked pages show, each with its file stem and sidecar facts."""
     items = []
     what_ = set(what or [])
     if "overview" in what_:
@@ -90,6 +91,7 @@ def figure_items() -> list[export.FigureItem]:
 
 if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/save:", disabled=not formats):
     def go() -> export.ExportResult:
+        """Write the export folder: the figures, metrics and, if ticked, the component arrays."""
         arrays = {}
         if "arrays" in set(what or []):
             for d in dirs:
@@ -115,6 +117,7 @@ if result is not None:
 
     @st.fragment
     def download() -> None:
+        """The zip download of the written export (a fragment: the click reruns nothing)."""
         st.download_button("Download all as zip", data=result.zip_bytes, file_name=f"kcore_export_{run.id}.zip",
                            mime="application/zip", key="kc_exp_zip", type="primary", icon=":material/download:", on_click="ignore")
 

@@ -50,6 +50,7 @@ ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alph
 
 @st.fragment
 def downloads() -> None:
+    """One download button per figure format; the grid is drawn when one is clicked."""
     stem = figures.grid_stem(run, direction, imgs, chans, scale)
     cols = st.columns(3)
     for col, fmt in zip(cols, export.FIGURE_FORMATS):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard import ui
-from dashboard.state import images, jobs, models, paths, runs
 from dashboard.jobs import check_fit_request
+from dashboard.state import images, jobs, models, paths, runs
 from kcore.baselines import baselines_are_cheap
 from kcore.devices import DEVICE_CHOICES
 from kcore.fit import PRESETS

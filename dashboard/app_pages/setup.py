@@ -90,6 +90,7 @@ def _use(role: str, load, source: str, path: str | None) -> None:
 
 
 def model_panel(role: str) -> None:
+    """Choose network ``role`` (a sample, an upload or a server path) and load it."""
     st.subheader(f"Network {role}")
     # a new source empties the slot at once (model, card and layers), before anything is drawn
     source = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key=f"kc_src_{role}",
@@ -141,6 +142,7 @@ def model_panel(role: str) -> None:
 
 
 def model_card(role: str) -> None:
+    """The loaded network's card (name, hash, parameters, card facts, preprocessing) and its editor."""
     s = models.slot(role)
     if s is None:
         st.info(f"No network {role} yet: " + {"sample": "pick a sample model.", "upload": "upload a checkpoint above.",
@@ -221,6 +223,7 @@ def _layer_label(s: models.ModelSlot, name: str) -> str:
 
 
 def layer_picker(role: str) -> str | None:
+    """The layer picker of network ``role``, or None without a network or a 4-D layer."""
     s = models.slot(role)
     if s is None:
         return None
@@ -236,6 +239,7 @@ def layer_picker(role: str) -> str | None:
 
 
 def alignment_note(a: models.ModelSlot, la: str, b: models.ModelSlot, lb: str) -> None:
+    """How the two chosen layers line up: spatial resampling and channels."""
     sa, sb = a.shape_of(la), b.shape_of(lb)
     notes = []
     if tuple(sa[1:]) == tuple(sb[1:]):
@@ -252,6 +256,7 @@ def alignment_note(a: models.ModelSlot, la: str, b: models.ModelSlot, lb: str) -
 
 
 def images_panel() -> None:
+    """Choose the image set (bundled, a server folder or an upload) and its size."""
     st.subheader("Images")
     src = st.segmented_control("Source", list(IMAGE_SOURCES), format_func=IMAGE_SOURCES.get, key="kc_img_src",
                                default="bundled", required=True, persist_state="session")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.state import paths, studies
 from dashboard.jobs import ordinal
+from dashboard.state import paths, studies
 from kcore.experiments import STUDIES, read_study, zip_study
 from kcore.limits import ENV_VARS, limits
 from kcore.study_options import study_options
@@ -43,6 +43,7 @@ with st.container(border=True):
     quick = studies.QUICK.get(study, {}) if scale == "quick" else {}
 
     def start_value(opt):
+        """The option's starting value: the quick scale's, else the command's default."""
         return quick.get(opt.name, opt.default)
 
     values: dict = {}
@@ -93,6 +94,7 @@ def _duration(seconds: float) -> str:
 
 
 def job_status() -> None:
+    """This session's study jobs, newest first: status, the log's last lines and Cancel."""
     for name, job in reversed(list(studies.study_jobs().items())):
         status, p = job.state, studies.progress(job)
         with st.container(border=True, key=f"kc_st_job_{name}"):

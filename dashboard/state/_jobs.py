@@ -23,7 +23,6 @@ from dashboard.state._models import ModelSlot
 from dashboard.state._paths import runs_dir
 from dashboard.state._runs import RunEntry, add_run, counters
 
-
 REAPER_SECONDS = 5.0
 """How often the registry looks for jobs whose session has ended."""
 

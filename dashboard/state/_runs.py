@@ -98,9 +98,8 @@ def open_run_folder(path: str | Path) -> RunEntry:
     """
     import os
 
-    from kcore.pipeline import read_heldout_images, read_run
-
     from dashboard.state._paths import allowed_folder
+    from kcore.pipeline import read_heldout_images, read_run
 
     d = allowed_folder(path, "run folder")
     try:
