@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import streamlit as st
 
@@ -22,6 +22,9 @@ from dashboard.state._images import ImageChoice
 from dashboard.state._models import ModelSlot
 from dashboard.state._paths import runs_dir
 from dashboard.state._runs import RunEntry, add_run, counters
+
+if TYPE_CHECKING:
+    from kcore.fit import FitConfig
 
 REAPER_SECONDS = 5.0
 """How often the registry looks for jobs whose session has ended."""
@@ -69,7 +72,7 @@ class FitRequest:
         """The settings by name, as :func:`dashboard.jobs.check_fit_request` reads them."""
         return dataclasses.asdict(self)
 
-    def config(self) -> Any:
+    def config(self) -> FitConfig:
         """The :class:`kcore.FitConfig` of the request: its preset with K, λ, the epochs and the seed replaced."""
         from kcore.fit import make_config
 
