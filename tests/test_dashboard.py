@@ -27,7 +27,7 @@ from dashboard import state  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = ["setup", "fit", "overview", "explorer", "filters", "figure1", "export"]
-FIT_TIMEOUT = 60.0
+FIT_TIMEOUT = 600.0  # a guard against a hang, not a speed target (the fit takes ~20 s idle, minutes under load)
 
 
 def _samples() -> dict[str, Path]:
@@ -395,7 +395,7 @@ def test_cancel_keeps_the_finished_results(fitted):
     at.button(key="kc_fit_start").click().run()
     assert at.button(key="kc_fit_start").disabled  # no second fit while one runs
     at.button(key="kc_fit_cancel").click().run()
-    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=60)
+    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=110)  # under the orphan limit (120 s)
     assert job.state == "cancelled"
     at.run()
     _clean(at)
@@ -435,7 +435,7 @@ def test_an_error_inside_the_fit_is_shown_as_a_message(dirs):
     at.switch_page("app_pages/fit.py").run()
     at.selectbox(key="kc_fit_device").set_value("cuda").run()
     at.button(key="kc_fit_start").click().run()
-    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=60)
+    job = state.registry().wait(at.session_state["kc_jobs"][-1], timeout=110)  # under the orphan limit (120 s)
     assert job.state == "failed"
     at.run()
     _clean(at)
