@@ -1,4 +1,4 @@
-"""Checkpoints + images → features → g_θ in one or both directions → a :class:`Comparison`, and run folders.
+"""Checkpoints + images → features → g_θ in one or both directions → a :class:`~kcore.comparison.Comparison`.
 
 A → B (x = A's features, x* = B's) finds the **blind spots of A**: what B encodes that A cannot reconstruct.
 B → A finds the **unreliable features of A**: what A encodes that B cannot reconstruct (Sec. 4.1, App. B).
@@ -10,170 +10,40 @@ import datetime as _dt
 import json
 import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from kcore import distributed as kd
-from kcore._io import atomic_folder
-from kcore._readback import Maybe
-from kcore.baselines import BASELINE_KINDS, ChanceBaseline
+from kcore.baselines import BASELINE_KINDS
 from kcore.checkpoints import LoadedModel
-from kcore.decompose import Decomposition
+from kcore.comparison import (  # noqa: F401  (re-exported: the result types are part of this module's face)
+    DIRECTIONS,
+    RUN_FORMAT,
+    Comparison,
+    DirectionResult,
+    ModelInfo,
+    PipelineProgress,
+)
 from kcore.devices import resolve_device
 from kcore.feature_cache import CacheKey, cached_arrays, image_content_hash, image_set_hash
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
-from kcore.fit import PRESETS, FitConfig, FitResult, fit, make_config
-from kcore.fit import check_report_lengths as fit_check_report
-from kcore.metrics import VarianceReport
+from kcore.fit import PRESETS, FitConfig, fit, make_config
 from kcore.preprocessing import Preprocessing, preprocessing_of
 from kcore.provenance import versions
-
-DIRECTIONS: dict[str, tuple[str, str, str]] = {
-    "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
-    "B_to_A": ("B", "A", "unreliable features of A: what A encodes that B's feature cannot reconstruct"),
-}
-RUN_FORMAT = "kcore-run/1"
-HELDOUT_IMAGES_FILE = "heldout_images.npz"
-"""Optional part of a run folder: the held-out input images (uint8 RGB), for overlays without the image set."""
-MAX_STORED_IMAGES = 512
-"""At most this many held-out input images are stored with a run."""
-
-
-@dataclass(frozen=True)
-class PipelineProgress:
-    """What a pipeline progress callback receives."""
-
-    stage: str  # "extract", "fit A_to_B", "fit B_to_A", "done"
-    fraction: float  # of the whole run, in [0, 1]
-    message: str = ""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """Which checkpoint produced a result (shown next to every result and written to provenance)."""
-
-    name: str
-    sha256: str
-    kind: str
-    architecture: str | None
-    num_parameters: int
-    test_accuracy: float | None
-    layer: str
-    path: str | None = None
-
-    @property
-    def short_hash(self) -> str:
-        """The first 12 hex digits of the checkpoint's SHA-256."""
-        return self.sha256[:12]
-
-    @staticmethod
-    def from_loaded(m: LoadedModel, layer: str, path: str | None = None) -> "ModelInfo":
-        """The record of model ``m`` compared at ``layer`` (``path``: where it was read from)."""
-        card = m.card
-        return ModelInfo(
-            name=m.name, sha256=m.sha256, kind=m.kind, architecture=card.architecture if card else None,
-            num_parameters=m.num_parameters, test_accuracy=card.test_accuracy if card else None, layer=layer,
-            path=path,
-        )
-
-    def label(self) -> str:
-        """One line for people: name, short hash, layer, parameters and accuracy."""
-        acc = f", acc {self.test_accuracy:.1%}" if self.test_accuracy is not None else ""
-        return f"{self.name} [{self.short_hash}] · {self.layer} · {self.num_parameters:,} params{acc}"
-
-
-@dataclass(frozen=True)
-class DirectionResult:
-    """g_θ fitted in one direction: ``source`` features reconstruct ``target`` features."""
-
-    key: str
-    source: str
-    target: str
-    meaning: str
-    fit: FitResult
-
-
-@dataclass(frozen=True, eq=False)
-class Comparison:
-    """Two networks compared at one layer each, in one or both directions.
-
-    Attributes:
-        a, b: the checkpoints (:class:`ModelInfo`).
-        features: A's and B's features of the images (all images after :func:`compare`; only the
-            held-out ones after :func:`read_run`).
-        heldout_positions: positions in ``features`` of the held-out images (never used for fitting).
-        directions: ``"A_to_B"`` and/or ``"B_to_A"`` → :class:`DirectionResult`.
-        provenance: hashes, layers, image set, seed, preset, versions, device.
-        baselines: chance-level references (:mod:`kcore.baselines`), kind → :class:`ChanceBaseline`.
-
-    Examples::
-
-        cmp = kcore.read_run("runs/ab")
-        for key, d in cmp.directions.items():
-            print(key, d.meaning, d.fit.heldout_report.instability)
-    """
-
-    a: ModelInfo
-    b: ModelInfo
-    features: FeaturePair
-    heldout_positions: tuple[int, ...]
-    directions: dict[str, DirectionResult]
-    provenance: dict = field(default_factory=dict)
-    baselines: dict[str, ChanceBaseline] = field(default_factory=dict)
-    seed_spread: dict[str, dict] = field(default_factory=dict)
-
-    @property
-    def preset(self) -> str:
-        """The fit preset that produced the numbers (the order split depends on it), or ``"unknown"``."""
-        return str(self.provenance.get("preset") or "unknown")
-
-    def pair(self, direction: str, positions: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-        """(x_src, x_tgt) float32 for ``direction`` at ``positions`` (default: the held-out images)."""
-        _check_direction(direction, self.directions)
-        pos = torch.as_tensor(list(self.heldout_positions if positions is None else positions), dtype=torch.long)
-        xa, xb = self.features.x_a[pos].float(), self.features.x_b[pos].float()
-        return (xa, xb) if direction == "A_to_B" else (xb, xa)
-
-    def decompose(self, direction: str, positions: Sequence[int] | None = None) -> Decomposition:
-        """The order-wise decomposition of ``direction`` for images at ``positions`` (default: held out)."""
-        x_src, x_tgt = self.pair(direction, positions)
-        return self.directions[direction].fit.decompose(x_src, x_tgt)
-
-    def image_ids(self, positions: Sequence[int] | None = None) -> list[str]:
-        """The ids of the images at ``positions`` (default: the held-out images)."""
-        pos = self.heldout_positions if positions is None else positions
-        return [self.features.image_ids[i] for i in pos]
-
-    def metrics(self) -> dict:
-        """The metrics.json content: per direction the held-out report, error, baseline and gates."""
-        out: dict[str, Any] = {"format": RUN_FORMAT, "directions": {}}
-        for key, d in self.directions.items():
-            block = {
-                "meaning": d.meaning,
-                "source": d.source,
-                "target": d.target,
-                **d.fit.heldout_report.as_dict(),
-                "heldout_error": d.fit.heldout_error,
-                "baseline": d.fit.baseline.as_dict(),
-                "gates": list(d.fit.gates),
-                "best_epoch": d.fit.best_epoch,
-                "fit_seconds": d.fit.seconds,
-            }
-            out["directions"][key] = block
-        if len(self.directions) == 1:  # one direction: its block is also the top level
-            (key, block), = out["directions"].items()
-            out.update({k: v for k, v in block.items()})
-            out["direction"] = key
-        out["preset"] = self.preset
-        out["baselines"] = {k: b.as_dict() for k, b in self.baselines.items()}
-        out["seed_spread"] = self.seed_spread
-        return out
+from kcore.run_folder import (  # noqa: F401  (re-exported: run folders were written and read from here)
+    HELDOUT_IMAGES_FILE,
+    HELDOUT_IMAGES_MAX_BYTES,
+    MAX_STORED_IMAGES,
+    RUN_JSON_FIELDS,
+    _write_heldout_images,
+    heldout_images,
+    read_heldout_images,
+    read_run,
+    write_run,
+)
 
 
 def fit_message(direction: str, p: Any) -> str:
@@ -188,10 +58,6 @@ def fit_message(direction: str, p: Any) -> str:
             msg += f", ETA {p.eta:.0f} s" + (" or sooner" if p.eta > 0 else "")
     return msg
 
-
-def _check_direction(direction: str, available: dict) -> None:
-    if direction not in available:
-        raise ValueError(f"direction must be one of {sorted(available)}; got {direction!r}.")
 
 
 def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Callable[[Tensor], Tensor]:
@@ -484,274 +350,3 @@ def _prep_desc(prep: Preprocessing) -> dict:
     """What changes the features (the cache key); the source is words only."""
     return {k: v for k, v in prep.as_dict().items() if k != "source"}
 
-
-# ------------------------------------------------------------------------------------------------ run folders
-def heldout_images(comparison: Comparison, images: Any, limit: int = MAX_STORED_IMAGES) -> dict[str, np.ndarray]:
-    """The first ``limit`` held-out input images of ``comparison`` as uint8 ``(H, W, 3)`` RGB, id → image.
-
-    ``images`` is the image set the comparison was made on; without a ``raw(i)`` method (e.g. a plain
-    dataset of tensors) there is nothing to store and the result is empty.
-    """
-    raw = getattr(images, "raw", None)
-    if raw is None:
-        return {}
-    ids = comparison.features.image_ids
-    return {ids[p]: np.asarray(raw(p)) for p in comparison.heldout_positions[:limit]}
-
-
-HELDOUT_IMAGES_MAX_BYTES = 512 * 2**20
-"""Largest ``heldout_images.npz`` once decompressed (its ids and images together; the file itself is capped at the
-same size): :data:`MAX_STORED_IMAGES` images of up to about 580 × 580 RGB. :func:`write_run` stores only as many
-held-out images as fit, and :func:`read_heldout_images` refuses a larger file from the headers, before
-decompressing anything."""
-
-
-def _write_heldout_images(folder: Path, raw: Mapping[str, np.ndarray]) -> None:
-    """Store the held-out input images (one size only) as ``heldout_images.npz``, as many as fit the read cap."""
-    arrays = list(raw.values())
-    if not arrays or len({a.shape for a in arrays}) != 1:  # only images of one size are stored
-        return
-    ids = list(raw)
-    per_image = arrays[0].nbytes + 4 * max(len(i) for i in ids)
-    keep = min(len(arrays), (HELDOUT_IMAGES_MAX_BYTES - 1024) // max(per_image, 1))
-    if keep < 1:
-        return
-    np.savez_compressed(folder / HELDOUT_IMAGES_FILE, ids=np.asarray(ids[:keep]), images=np.stack(arrays[:keep]))
-
-
-def _npy_header(zf: Any, info: Any, folder: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """The shape and dtype of one ``.npy`` member of an npz, from its header alone (nothing else is inflated)."""
-    from numpy.lib import format as npy
-
-    from kcore import _readback as rb
-
-    with zf.open(info) as fh:
-        try:
-            version = npy.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = npy.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, _, dtype = npy.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-        except (ValueError, OSError, EOFError, SyntaxError) as exc:
-            raise rb.folder_error(folder, HELDOUT_IMAGES_FILE, f"has a member {info.filename!r} that is not a "
-                                                               f".npy array ({str(exc)[:120]})") from None
-    return tuple(int(v) for v in shape), dtype
-
-
-def read_heldout_images(run_dir: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """The held-out input images stored in a run folder (id → uint8 RGB), or ``{}`` if it has none.
-
-    The file is read like an upload: a regular file inside the folder (no symlink, FIFO or device), at most
-    ``max_bytes`` on disk, and its members' sizes are read from the zip and ``.npy`` headers first: a file that
-    would inflate past ``max_bytes`` is refused before anything is decompressed. Pickled arrays are never loaded.
-
-    Args:
-        run_dir: the run folder.
-        max_bytes: the cap on the file and on its decompressed arrays (default :data:`HELDOUT_IMAGES_MAX_BYTES`).
-
-    Returns:
-        Held-out image id → ``(H, W, 3)`` uint8 RGB image, in the stored order.
-
-    Raises:
-        ValueError: the file is unsafe, larger than the cap (on disk or decompressed), or not the ids and images
-            :func:`write_run` stores; the message names the file, the sizes and the fix.
-    """
-    import io
-    import math
-    import zipfile
-
-    from kcore import _readback as rb
-
-    d, cap = Path(run_dir), HELDOUT_IMAGES_MAX_BYTES if max_bytes is None else int(max_bytes)
-    if not os.path.lexists(d / HELDOUT_IMAGES_FILE):
-        return {}
-    data = rb.read_bytes(d, HELDOUT_IMAGES_FILE, cap)
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"is not an npz archive ({str(exc)[:120]})") from None
-    with zf:
-        infos = {i.filename: i for i in zf.infolist()}
-        if sorted(infos) != ["ids.npy", "images.npy"]:
-            raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"holds {sorted(infos)[:6]}; expected exactly the "
-                                                          "arrays 'ids' and 'images'")
-        heads = {name[:-4]: _npy_header(zf, info, d) for name, info in infos.items()}
-        declared = sum(max(math.prod(shape) * dt.itemsize, infos[f"{k}.npy"].file_size)
-                       for k, (shape, dt) in heads.items())
-        if declared > cap:
-            raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"would inflate to {declared} bytes ("
-                                  f"{declared / 2**20:.0f} MiB), more than the limit of {cap} bytes "
-                                  f"({cap / 2**20:.0f} MiB); nothing was decompressed")
-        (ids_shape, ids_dt), (img_shape, img_dt) = heads["ids"], heads["images"]
-        if ids_dt.kind != "U" or len(ids_shape) != 1:
-            raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"holds 'ids' of dtype {ids_dt} and shape {ids_shape}; "
-                                                          "expected a 1-D array of strings")
-        if img_dt != np.uint8 or len(img_shape) != 4 or img_shape[3] != 3 or img_shape[0] != ids_shape[0]:
-            raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"holds 'images' of dtype {img_dt} and shape {img_shape}; "
-                                  f"expected uint8 RGB images of shape ({ids_shape[0]}, H, W, 3), one per id")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            ids, images = z["ids"], z["images"]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise rb.folder_error(d, HELDOUT_IMAGES_FILE, f"is truncated or corrupt ({str(exc)[:160]})") from None
-    return {str(i): a for i, a in zip(ids, images)}
-
-
-def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: bool = False,
-              images: Any = None) -> Path:
-    """Write a run folder atomically (a temporary sibling, then one rename).
-
-    Contents: ``metrics.json``, ``config.json``, ``provenance.json``, ``images.json`` (held-out ids and
-    labels), ``features_heldout.safetensors`` (A's and B's held-out features, so the maps can be redrawn
-    without the checkpoints), one ``g_<direction>/`` folder per direction (:meth:`FitResult.save`) and, when
-    ``images`` (the image set of :func:`compare`, or a ready id → image mapping) is given,
-    ``heldout_images.npz`` with up to :data:`MAX_STORED_IMAGES` held-out input images for the overlays.
-
-    Raises:
-        ValueError: ``out_dir`` exists and ``overwrite`` is False.
-
-    Examples::
-
-        kcore.write_run(kcore.compare(a, "block2", b, "layer2", images), "runs/ab")
-    """
-    from safetensors.torch import save_file
-
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
-        pos = torch.as_tensor(comparison.heldout_positions, dtype=torch.long)
-        save_file(
-            {"x_a": comparison.features.x_a[pos].float().contiguous(), "x_b": comparison.features.x_b[pos].float().contiguous()},
-            str(tmp / "features_heldout.safetensors"),
-        )
-        labels = comparison.features.labels
-        listing = {
-            "ids": comparison.image_ids(),
-            "labels": labels[pos].tolist() if labels is not None else None,
-            "heldout_of_all": list(comparison.heldout_positions),
-        }
-        (tmp / "images.json").write_text(json.dumps(listing, indent=1))
-        for key, d in comparison.directions.items():
-            d.fit.save(tmp / f"g_{key}")
-        (tmp / "metrics.json").write_text(json.dumps(comparison.metrics(), indent=1))
-        cfg = comparison.provenance.get("config", {})
-        (tmp / "config.json").write_text(json.dumps({
-            "directions": list(comparison.directions), "layer_a": comparison.a.layer, "layer_b": comparison.b.layer,
-            "fit": cfg,
-        }, indent=1))
-        (tmp / "provenance.json").write_text(json.dumps(comparison.provenance, indent=1, default=str))
-        if images is not None:
-            raw = images if isinstance(images, Mapping) else heldout_images(comparison, images)
-            _write_heldout_images(tmp, raw)
-    return Path(out_dir)
-
-
-_STATS = {"mean": float, "sd": float, "min": float, "max": float}
-# Named outside the dict[...] below: a linter reads string keys inside a subscript as type names.
-_BASELINE = {"kind": str, "description": str | None, "seed": int | None,
-             "directions": dict[str, VarianceReport] | None, "extra": dict | None}
-_SPREAD = {"seeds": tuple[int, ...], "summary": {
-    "instability": _STATS, "share_orders": tuple[_STATS, ...], "share_residual": Maybe(_STATS),
-    "var_ratio_orders": tuple[_STATS, ...]}}
-RUN_JSON_FIELDS: dict[str, dict[str, Any]] = {
-    "provenance.json": {"checkpoint_a": ModelInfo, "checkpoint_b": ModelInfo, "layers": {"A": str, "B": str},
-                        "preset": str | None},
-    "images.json": {"ids": tuple[str, ...], "labels": tuple[int, ...] | None,
-                    "heldout_of_all": tuple[int, ...] | None},
-    "metrics.json": {
-        "baselines": Maybe(dict[str, _BASELINE]),
-        "seed_spread": Maybe(dict[str, _SPREAD]),
-    },
-}
-"""The fields of a run folder's JSON files that :func:`read_run` uses, with the types :func:`write_run` writes."""
-
-
-def read_run(run_dir: str | os.PathLike) -> Comparison:
-    """Re-open a run folder written by :func:`write_run` (weights-only: JSON and safetensors), checked field by field.
-
-    Every file is read like an upload (:mod:`kcore._readback`): a regular file inside the folder (no symlink, FIFO
-    or device), under a size cap; every JSON field has the type it was written with; the held-out features and
-    g_θ's weights are finite and agree in channels, map size and number of images.
-
-    Args:
-        run_dir: the run folder (``kcore fit --out``).
-
-    Returns:
-        The :class:`Comparison`, with the held-out images' features only.
-
-    Raises:
-        ValueError: not a run folder, or a file unsafe, too large, truncated, edited or inconsistent; the message
-            names the file and the field, and the fix.
-
-    Examples::
-
-        cmp = kcore.read_run("runs/tiny_vs_resnet")     # a folder written by `kcore fit` or write_run
-        dec = cmp.decompose("A_to_B")                    # held-out images: x^(0) … x^(K), x^Δ, x*
-    """
-    from kcore import _readback as rb
-
-    d = Path(run_dir)
-    needed = ["metrics.json", "provenance.json", "images.json", "features_heldout.safetensors"]
-    missing = [n for n in needed if not os.path.lexists(d / n)]
-    if missing:
-        raise ValueError(f"{str(d)!r} is not a kcore run folder: missing {missing}. Fix: pick a folder written by `kcore fit --out`.")
-    js = {}
-    for name, fields in RUN_JSON_FIELDS.items():
-        js[name] = rb.read_json(d, name)
-        rb.check_fields(js[name], fields, d, name)
-    prov, imgs, metrics = js["provenance.json"], js["images.json"], js["metrics.json"]
-    for key in ("checkpoint_a", "checkpoint_b"):
-        rb.check_finite({f"{key}.test_accuracy": prov[key].get("test_accuracy")}, d, "provenance.json")
-    n = len(imgs["ids"])
-    if n == 0:
-        raise rb.folder_error(d, "images.json", "has field 'ids' empty; expected the held-out images' ids")
-    rb.check_length(imgs.get("labels"), n, d, "images.json", "labels", f"one per id, {n} ids")
-    if any(not -2**63 <= v < 2**63 for v in imgs.get("labels") or ()):
-        raise rb.folder_error(d, "images.json", "has field 'labels' with a value outside the 64-bit integers")
-    t = rb.read_safetensors(d, "features_heldout.safetensors")
-    feats_name = "features_heldout.safetensors"
-    for key in ("x_a", "x_b"):
-        x = t.get(key)
-        if x is None or x.dim() != 4 or not x.is_floating_point() or x.shape[0] != n or min(x.shape) == 0:
-            got = "nothing" if x is None else f"{x.dtype} of shape {tuple(x.shape)}"
-            raise rb.folder_error(d, feats_name, f"holds {got} as {key!r}; expected a floating-point (N, C, H, W) "
-                                                 f"tensor with N = {n} (the ids of images.json)")
-        bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise rb.folder_error(d, feats_name, f"holds {bad} NaN/Inf value(s) of {x.numel()} in {key!r}; "
-                                                 "expected finite features")
-    labels = torch.tensor(imgs["labels"]) if imgs.get("labels") is not None else None
-    feats = FeaturePair(t["x_a"], t["x_b"], prov["layers"]["A"], prov["layers"]["B"], tuple(imgs["ids"]), labels)
-    results = {}
-    for key, (src, tgt, meaning) in DIRECTIONS.items():
-        if not os.path.lexists(d / f"g_{key}"):
-            continue
-        res = FitResult.load(f"g_{key}", root=d)
-        x_src, x_tgt = (feats.x_a, feats.x_b) if key == "A_to_B" else (feats.x_b, feats.x_a)
-        spec, size = res.model.spec, tuple(res.norm.target_size)
-        if (spec.in_channels, spec.out_channels, size) != (x_src.shape[1], x_tgt.shape[1], tuple(x_tgt.shape[2:])):
-            raise rb.folder_error(d, f"g_{key}/fit.json", f"has spec in_channels={spec.in_channels}, out_channels="
-                                  f"{spec.out_channels}, target_size={list(size)}, but {feats_name} holds "
-                                  f"{src}'s {x_src.shape[1]} and {tgt}'s {x_tgt.shape[1]} channels of "
-                                  f"{tuple(x_tgt.shape[2:])} maps; the two files come from different runs")
-        if not res.heldout_report.has_shares:  # a run written before the additive shares: recompute them
-            res = dataclasses.replace(res, heldout_report=res.report(x_src.float(), x_tgt.float()))
-        results[key] = DirectionResult(key, src, tgt, meaning, res)
-    if not results:
-        raise rb.folder_error(d, "g_A_to_B/", "is missing, and so is g_B_to_A/: the folder holds no fitted g_θ")
-    ks = {k: r.fit.model.spec for k, r in results.items()}
-    for kind, block in (metrics.get("baselines") or {}).items():
-        for key, rep in (block.get("directions") or {}).items():
-            if key in ks:
-                fit_check_report(rep, ks[key].orders, ks[key].out_channels, d, "metrics.json",
-                                 f"baselines.{kind}.directions.{key}")
-    try:
-        a, b = ModelInfo(**prov["checkpoint_a"]), ModelInfo(**prov["checkpoint_b"])
-    except TypeError as exc:
-        raise rb.folder_error(d, "provenance.json", f"has an invalid checkpoint entry ({str(exc)[:200]})") from None
-    try:
-        refs = {k: ChanceBaseline.from_dict(v) for k, v in (metrics.get("baselines") or {}).items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise rb.folder_error(d, "metrics.json", f"has an invalid field 'baselines' ({type(exc).__name__}: "
-                                                 f"{str(exc)[:200]})") from None
-    return Comparison(a, b, feats, tuple(range(n)), results, prov, refs, dict(metrics.get("seed_spread") or {}))

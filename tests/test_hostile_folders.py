@@ -297,7 +297,7 @@ def test_an_npz_bomb_is_refused_from_its_headers_before_anything_is_inflated(run
 
 
 def test_an_honest_npz_above_the_cap_is_refused_and_the_writer_stays_below_it(run_folder, tmp_path, monkeypatch):
-    import kcore.pipeline as pipeline
+    import kcore.run_folder as pipeline  # the run-folder half of kcore.pipeline
 
     d = tmp_path / "big"
     shutil.copytree(run_folder, d)
