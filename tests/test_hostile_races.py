@@ -117,14 +117,7 @@ def test_checkpoint_symlink_swapped_after_the_check_is_not_loaded(tmp_path, monk
         return checked
 
     checked = check_then_swap(str(root / "models" / "m.safetensors"), roots=(root.resolve(),))
-    opened: list[str] = []
-    real_open = os.open
-
-    def spy(path, *args, **kwargs):
-        opened.append(os.fspath(path))
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(safe_files.os, "open", spy)
+    opened = _spy_opens(monkeypatch)
     with pytest.raises(UnsafePathError) as info:
         load_model(checked, arch=ARCH, num_classes=CLASSES, root=root.resolve())
     msg = str(info.value)
