@@ -108,14 +108,38 @@ class SampleModel:
     card: ModelCard = field(hash=False)
 
 
-def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> dict:
+@dataclass(frozen=True)
+class CheckAccuracy:
+    """A card's quick reproduction check: the accuracy (float64) on the first ``n`` images of a split.
+
+    Attributes:
+        split: the kshapes split (``"test"``).
+        n: the images evaluated (the first ``n`` of the split).
+        accuracy: the share of them classified correctly.
+    """
+
+    split: str
+    n: int
+    accuracy: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The card's ``check_accuracy`` entry: ``{"split", "n", "accuracy"}``."""
+        return {"split": self.split, "n": self.n, "accuracy": self.accuracy}
+
+
+def check_accuracy(model: nn.Module, spec: KShapesSpec, n: int = CHECK_N) -> CheckAccuracy:
     """Accuracy (float64) on the first ``n`` test images of ``spec``, as stored in cards.
 
+    Args:
+        model: the trained classifier.
+        spec: the kshapes set whose test split is evaluated.
+        n: images to evaluate, capped at the split size.
+
     Returns:
-        ``{"split": "test", "n": n, "accuracy": float}`` (``n`` capped at the split size).
+        A :class:`CheckAccuracy` on the ``"test"`` split (:meth:`CheckAccuracy.as_dict` is the card's entry).
     """
     n = min(n, spec.n_test)
-    return {"split": "test", "n": n, "accuracy": evaluate(model, KShapesDataset(spec, "test", n=n))}
+    return CheckAccuracy(split="test", n=n, accuracy=evaluate(model, KShapesDataset(spec, "test", n=n)))
 
 
 def make_card(recipe: Recipe, result: TrainResult, spec: KShapesSpec, *, command: str,
@@ -144,7 +168,7 @@ def make_card(recipe: Recipe, result: TrainResult, spec: KShapesSpec, *, command
             "labels": "fine",
             "train_split": {"split": "train", "n": spec.n_train},
             "test_split": {"split": "test", "n": spec.n_test, "eval_dtype": "float64"},
-            "check_accuracy": check_accuracy(model, spec),
+            "check_accuracy": check_accuracy(model, spec).as_dict(),
             "seed": recipe.seed,
             "epochs": len(result.history),
             "optimizer": recipe.optimizer,

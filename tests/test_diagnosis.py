@@ -54,12 +54,14 @@ def test_arms_and_checks_of_section_4_1(result):
     # A's upper layers take B's channel count only where the widths differ
     assert result.adapted_layers == (() if c_weak == c_strong else ("block3.0",))
     acc = {a.name: a.test_accuracy for a in result.arms}
-    e1, e2 = result.experiments["blind_spots"], result.experiments["unreliable"]
-    assert e1["gain_over_x_A"] == pytest.approx(acc["g(x_A)+blind spots"] - acc["x_A"])
-    assert e1["gain_over_g(x_A)"] == pytest.approx(acc["g(x_A)+blind spots"] - acc["g(x_A)"])
-    assert e2["gain_over_x_A"] == pytest.approx(acc["x_A-unreliable"] - acc["x_A"])
+    e1, e2 = result.experiments.blind_spots, result.experiments.unreliable
+    assert e1.gain_over_x_a == pytest.approx(acc["g(x_A)+blind spots"] - acc["x_A"])
+    assert e1.gain_over_g_x_a == pytest.approx(acc["g(x_A)+blind spots"] - acc["g(x_A)"])
+    assert e2.gain_over_x_a == pytest.approx(acc["x_A-unreliable"] - acc["x_A"])
+    assert (e1.x_a, e1.g_x_a, e1.g_x_a_blind_spots, e2.x_a_unreliable) == (
+        acc["x_A"], acc["g(x_A)"], acc["g(x_A)+blind spots"], acc["x_A-unreliable"])
     assert all(a.lower_unchanged for a in result.arms)
-    assert 0 < result.blind_spots["instability"] and 0 < result.unreliable["instability"]
+    assert 0 < result.blind_spots.instability and 0 < result.unreliable.instability
     assert set(result.tables()) == {"accuracy", "checks", "variances", "maps"}
 
 
@@ -70,13 +72,13 @@ def test_deterministic_for_a_fixed_seed(without_timings, nets, images, result):
 
 def test_repeats_train_every_arm_with_more_seeds(nets, images, result):
     res = diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, **{**TINY, "repeats": 2})
-    assert len(res.arms) == 8 and res.experiments["seeds"] == [0, 1]
+    assert len(res.arms) == 8 and res.experiments.seeds == (0, 1)
     # seed 0 is the single-seed run, arm by arm
     for a in result.arms:
         assert res.arm(a.name, 0).test_accuracy == a.test_accuracy
     acc = {(a.name, a.seed): a.test_accuracy for a in res.arms}
     gains = [acc["x_A-unreliable", s] - acc["x_A", s] for s in (0, 1)]
-    assert res.experiments["unreliable"]["gain_over_x_A"] == pytest.approx(sum(gains) / 2)
+    assert res.experiments.unreliable.gain_over_x_a == pytest.approx(sum(gains) / 2)
     with pytest.raises(ValueError, match="repeats must be a positive integer"):
         diagnose(nets[0].members[0].loaded(), nets[1].members[0].loaded(), *images, repeats=0)
 

@@ -53,7 +53,7 @@ def test_arms_of_table_3(result):
     assert len({a.n_trainable for a in result.arms}) == 1
     assert result.layer_a == result.layer_b == "layer2" and result.n_test == 16 and result.n_train == 32
     assert set(result.tables()) == {"accuracy", "fit_variances"}
-    assert len(result.fit["var_orders"]) == 2
+    assert len(result.fit.var_orders) == 2 and result.fit.reported_on == "test images"
 
 
 def test_deterministic_for_a_fixed_seed(without_timings, family, images, result):

@@ -46,10 +46,10 @@ def test_all_pairs_both_ways_and_the_pair_formula(result):
         for (a, b), value in pairs.items():
             ab = [d.instability for d in result.directions if d.layer == layer and {d.source, d.target} == {a, b}]
             assert len(ab) == 2 and value == pytest.approx(sum(ab) / 2)  # [Var(xA^Δ)/Var(xA) + Var(xB^Δ)/Var(xB)]/2
-        row = next(r for r in result.summary() if r["layer"] == layer)
-        assert row["instability_mean"] == pytest.approx(statistics.fmean(pairs.values()))
-        assert row["instability_std"] == pytest.approx(statistics.stdev(pairs.values()))
-        assert row["n_pairs"] == 3
+        row = next(r for r in result.summary() if r.layer == layer)
+        assert row.instability_mean == pytest.approx(statistics.fmean(pairs.values()))
+        assert row.instability_std == pytest.approx(statistics.stdev(pairs.values()))
+        assert row.n_pairs == 3
     for d in result.directions:
         assert d.instability == pytest.approx(d.var_residual / d.var_target)
         assert len(d.var_orders) == 2 and d.n_images == 6  # 20 % of 30 images held out
@@ -58,8 +58,9 @@ def test_all_pairs_both_ways_and_the_pair_formula(result):
     for layer in result.layers:  # the chance level: the first member against a random-init network
         ref = result.random_reference[layer]
         assert ref["network"] and ref["ci"][0] <= ref["instability"] <= ref["ci"][1]
-        row = next(r for r in result.summary() if r["layer"] == layer)
-        assert row["random_init_instability"] == ref["instability"] and row["instability_ci_halfwidth_mean"] > 0
+        row = next(r for r in result.summary() if r.layer == layer)
+        assert row.random_init_instability == ref["instability"] and row.instability_ci_halfwidth_mean > 0
+        assert row.random_init_ci == tuple(ref["ci"])
 
 
 def test_deterministic_for_a_fixed_seed(without_timings, family, images, result):
@@ -143,7 +144,7 @@ def test_study_folder_reopens(result, tmp_path):
     open_in_dashboard(out)  # the dashboard's Studies page shows it without errors
     assert st.study == "stability" and set(st.tables) == {"summary", "directions", "members"}
     assert list(st.tables["summary"]["layer"]) == ["layer2", "layer3"]
-    assert st.result["summary"][0]["instability_mean"] == pytest.approx(result.summary()[0]["instability_mean"])
+    assert st.result["summary"][0]["instability_mean"] == pytest.approx(result.summary()[0].instability_mean)
     assert "instability" in st.figures
 
 

@@ -1,7 +1,8 @@
 """The g_θ fits of a study: how each is fitted, and the numbers of one kept in a study's tables.
 
 A study fits g_θ (Eq. 1–2) between two networks' features with the same :class:`FitSettings` throughout,
-and keeps the held-out numbers of each fit (:func:`consistency_row`, :func:`fit_summary`).
+and keeps the held-out numbers of each fit (:func:`consistency_row`, :func:`fit_summary`: frozen rows with their
+JSON form).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from kcore.fit.config import FitConfig
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,76 @@ def consistency_row(res: Any) -> ConsistencyRow:
     )
 
 
-def fit_summary(res: Any, report: Any = None) -> dict:
-    """The numbers of one fitted g_θ worth keeping in a study result (``report``: a VarianceReport)."""
+@dataclass(frozen=True)
+class FitSummary:
+    """The numbers of one fitted g_θ that a study keeps in its result (one direction of a pair).
+
+    Attributes:
+        heldout_error: the fit's held-out error (1 − R²).
+        instability: Var(x^Δ)/Var(x*) on the images of the report.
+        var_orders: Var(x^(k)) of each order k = 0 … K.
+        var_residual: Var(x^Δ).
+        var_target: Var(x*).
+        n_images: images the variances are computed on.
+        share_orders: the additive share of each order, or ``None`` when the report has none.
+        share_residual: x^Δ's additive share, or ``None``.
+        gates: the gate p_k of each order k = 1 … K.
+        linear_r2: R² of the linear baseline.
+        best_epoch: the epoch whose weights were kept.
+        epochs_run: the epochs the fit ran.
+        config: the :class:`kcore.FitConfig` of the fit.
+        reported_on: which images the variances are of (e.g. ``"test images"``), or ``None`` when not stated.
+    """
+
+    heldout_error: float
+    instability: float
+    var_orders: tuple[float, ...]
+    var_residual: float
+    var_target: float
+    n_images: int
+    share_orders: tuple[float, ...] | None
+    share_residual: float | None
+    gates: tuple[float, ...]
+    linear_r2: float
+    best_epoch: int
+    epochs_run: int
+    config: FitConfig
+    reported_on: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form kept in a study's result.json (``reported_on`` only when stated)."""
+        out = {
+            "heldout_error": self.heldout_error, "instability": self.instability, "var_orders": list(self.var_orders),
+            "var_residual": self.var_residual, "var_target": self.var_target, "n_images": self.n_images,
+            "share_orders": None if self.share_orders is None else list(self.share_orders),
+            "share_residual": self.share_residual,
+            "gates": list(self.gates), "linear_r2": self.linear_r2, "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run, "config": dataclasses.asdict(self.config),
+        }
+        if self.reported_on is not None:
+            out["reported_on"] = self.reported_on
+        return out
+
+
+def fit_summary(res: Any, report: Any = None, *, reported_on: str | None = None) -> FitSummary:
+    """The numbers of one fitted g_θ worth keeping in a study result.
+
+    Args:
+        res: the :class:`kcore.FitResult`.
+        report: the :class:`kcore.metrics.VarianceReport` to keep (default: the fit's held-out report).
+        reported_on: which images ``report`` is of, kept in the summary (default: not stated).
+
+    Returns:
+        A :class:`FitSummary`.
+    """
     rep = report if report is not None else res.heldout_report
-    return {
-        "heldout_error": res.heldout_error, "instability": rep.instability, "var_orders": list(rep.var_orders),
-        "var_residual": rep.var_residual, "var_target": rep.var_target, "n_images": rep.n_images,
-        "share_orders": None if rep.share_orders is None else list(rep.share_orders),
-        "share_residual": rep.share_residual,
-        "gates": list(res.gates), "linear_r2": res.baseline.linear_r2, "best_epoch": res.best_epoch,
-        "epochs_run": len(res.history), "config": dataclasses.asdict(res.config),
-    }
+    return FitSummary(
+        heldout_error=res.heldout_error, instability=rep.instability, var_orders=tuple(rep.var_orders),
+        var_residual=rep.var_residual, var_target=rep.var_target, n_images=rep.n_images,
+        share_orders=None if rep.share_orders is None else tuple(rep.share_orders),
+        share_residual=rep.share_residual, gates=tuple(res.gates), linear_r2=res.baseline.linear_r2,
+        best_epoch=res.best_epoch, epochs_run=len(res.history), config=res.config, reported_on=reported_on,
+    )
 
 
 def map_selection(res: Any, n_images: int) -> tuple[list[int], int]:

@@ -40,7 +40,7 @@ from kcore.distributed import map_over_ranks
 from kcore.experiments._arguments import add_pair_arguments, add_training_arguments
 from kcore.experiments._arms import ArmResult, TrainConfig, accuracy_figure, arms_table, train_config_from, train_upper
 from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
-from kcore.experiments._fits import fit_summary
+from kcore.experiments._fits import FitSummary, fit_summary
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.pipeline import ModelInfo
 from kcore.provenance import as_jsonable
@@ -140,7 +140,8 @@ class DiagnosisResult:
         unreliable: g_θ strong → weak (x^Δ_A), the same numbers.
         arms: the classifier arms (:class:`ArmResult`): ``"x_A"``, ``"g(x_A)"``, ``"g(x_A)+blind spots"``,
             ``"x_A-unreliable"``, for each seed.
-        experiments: the two checks (:func:`checks`): mean accuracies and gains (fractions) over the seeds.
+        experiments: the two checks (:class:`DiagnosisChecks`, :func:`checks`): mean accuracies and gains
+            (fractions) over the seeds.
         classifier_init: ``"fresh"`` or ``"trained"`` (:data:`CLASSIFIER_INITS`).
         adapted_layers: modules of A's upper part widened to B's channel count (for the B-space arms).
         train: the :class:`TrainConfig` of every arm.
@@ -158,10 +159,10 @@ class DiagnosisResult:
     layer_weak: str
     layer_strong: str
     orders: int
-    blind_spots: dict
-    unreliable: dict
+    blind_spots: FitSummary
+    unreliable: FitSummary
     arms: tuple[ArmResult, ...]
-    experiments: dict
+    experiments: DiagnosisChecks
     classifier_init: str
     adapted_layers: tuple[str, ...]
     train: TrainConfig
@@ -199,14 +200,14 @@ class DiagnosisResult:
                                  "and the weak cannot reconstruct"),
                                 ("unreliable", self.unreliable, "x_A - g(x_B): what the weak net encodes and the "
                                  "strong does not")):
-            row = {"component": key, "meaning": meaning, "heldout_error": d["heldout_error"],
-                   "var_delta_over_var_target": d["instability"], "var_residual": d["var_residual"],
-                   "var_target": d["var_target"], "linear_r2": d["linear_r2"]}
-            row.update({f"var_x{k}": v for k, v in enumerate(d["var_orders"])})
+            row = {"component": key, "meaning": meaning, "heldout_error": d.heldout_error,
+                   "var_delta_over_var_target": d.instability, "var_residual": d.var_residual,
+                   "var_target": d.var_target, "linear_r2": d.linear_r2}
+            row.update({f"var_x{k}": v for k, v in enumerate(d.var_orders)})
             rows.append(row)
         exp_rows = []
-        for key in ("blind_spots", "unreliable"):
-            for k, v in self.experiments[key].items():
+        for key, check in (("blind_spots", self.experiments.blind_spots), ("unreliable", self.experiments.unreliable)):
+            for k, v in check.as_dict().items():
                 exp_rows.append({"experiment": key, "quantity": k, "value": v})
         maps = pd.DataFrame({"image_id": list(self.map_ids), "label": list(self.map_labels),
                              "blind_spot_energy_mean": self.blind_energy.mean(axis=(1, 2)),
@@ -265,9 +266,9 @@ class DiagnosisResult:
         """The JSON form of the result (study.json)."""
         return as_jsonable({
             "weak": self.weak, "strong": self.strong, "layer_weak": self.layer_weak,
-            "layer_strong": self.layer_strong, "orders": self.orders, "blind_spots": self.blind_spots,
-            "unreliable": self.unreliable, "arms": [dataclasses.asdict(a) for a in self.arms],
-            "experiments": self.experiments, "classifier_init": self.classifier_init,
+            "layer_strong": self.layer_strong, "orders": self.orders, "blind_spots": self.blind_spots.as_dict(),
+            "unreliable": self.unreliable.as_dict(), "arms": [dataclasses.asdict(a) for a in self.arms],
+            "experiments": self.experiments.as_dict(), "classifier_init": self.classifier_init,
             "adapted_layers": list(self.adapted_layers), "train": dataclasses.asdict(self.train),
             "maps": {"image_ids": list(self.map_ids), "labels": list(self.map_labels),
                      "blind_spot_energy": self.blind_energy.tolist(),
@@ -279,8 +280,85 @@ class DiagnosisResult:
         })
 
 
-def checks(arms: list[ArmResult] | tuple[ArmResult, ...]) -> dict:
-    """The two checks of Sec. 4.1 from the arms: mean accuracy per arm, gains, their spread over seeds."""
+@dataclass(frozen=True)
+class BlindSpotCheck:
+    """Check 1 of Sec. 4.1: classifiers on x_A, on g(x_A) and on g(x_A) + blind spots (means over the seeds).
+
+    Attributes:
+        x_a: mean test accuracy of the arm ``"x_A"``.
+        g_x_a: mean test accuracy of the arm ``"g(x_A)"``.
+        g_x_a_blind_spots: mean test accuracy of the arm ``"g(x_A)+blind spots"``.
+        gain_over_x_a, gain_over_x_a_std: mean and standard deviation over the seeds of
+            ``"g(x_A)+blind spots"`` − ``"x_A"``.
+        gain_over_g_x_a, gain_over_g_x_a_std: the same for ``"g(x_A)+blind spots"`` − ``"g(x_A)"``.
+    """
+
+    x_a: float
+    g_x_a: float
+    g_x_a_blind_spots: float
+    gain_over_x_a: float
+    gain_over_x_a_std: float
+    gain_over_g_x_a: float
+    gain_over_g_x_a_std: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The JSON form, keyed by the arms' names: ``x_A``, ``g(x_A)``, ``g(x_A)+blind spots``, gains."""
+        return {"x_A": self.x_a, "g(x_A)": self.g_x_a, "g(x_A)+blind spots": self.g_x_a_blind_spots,
+                "gain_over_x_A": self.gain_over_x_a, "gain_over_x_A_std": self.gain_over_x_a_std,
+                "gain_over_g(x_A)": self.gain_over_g_x_a, "gain_over_g(x_A)_std": self.gain_over_g_x_a_std}
+
+
+@dataclass(frozen=True)
+class UnreliableCheck:
+    """Check 2 of Sec. 4.1: classifiers on x_A and on x_A with its unreliable features removed (means over seeds).
+
+    Attributes:
+        x_a: mean test accuracy of the arm ``"x_A"``.
+        x_a_unreliable: mean test accuracy of the arm ``"x_A-unreliable"``.
+        gain_over_x_a, gain_over_x_a_std: mean and standard deviation over the seeds of
+            ``"x_A-unreliable"`` − ``"x_A"``.
+    """
+
+    x_a: float
+    x_a_unreliable: float
+    gain_over_x_a: float
+    gain_over_x_a_std: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The JSON form, keyed by the arms' names: ``x_A``, ``x_A-unreliable``, ``gain_over_x_A(_std)``."""
+        return {"x_A": self.x_a, "x_A-unreliable": self.x_a_unreliable, "gain_over_x_A": self.gain_over_x_a,
+                "gain_over_x_A_std": self.gain_over_x_a_std}
+
+
+@dataclass(frozen=True)
+class DiagnosisChecks:
+    """The two accuracy checks of Sec. 4.1 over the seeds of the arms.
+
+    Attributes:
+        blind_spots: check 1 (:class:`BlindSpotCheck`).
+        unreliable: check 2 (:class:`UnreliableCheck`).
+        seeds: the seeds the arms were trained with, ascending.
+    """
+
+    blind_spots: BlindSpotCheck
+    unreliable: UnreliableCheck
+    seeds: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form kept in result.json: ``blind_spots``, ``unreliable`` and ``seeds``."""
+        return {"blind_spots": self.blind_spots.as_dict(), "unreliable": self.unreliable.as_dict(),
+                "seeds": list(self.seeds)}
+
+
+def checks(arms: list[ArmResult] | tuple[ArmResult, ...]) -> DiagnosisChecks:
+    """The two checks of Sec. 4.1 from the arms: mean accuracy per arm, gains, their spread over seeds.
+
+    Args:
+        arms: the arms ``"x_A"``, ``"g(x_A)"``, ``"g(x_A)+blind spots"`` and ``"x_A-unreliable"`` of every seed.
+
+    Returns:
+        A :class:`DiagnosisChecks`.
+    """
     import statistics
 
     seeds = sorted({a.seed for a in arms})
@@ -289,19 +367,18 @@ def checks(arms: list[ArmResult] | tuple[ArmResult, ...]) -> dict:
     def mean(name: str) -> float:
         return statistics.fmean(acc[name, s] for s in seeds)
 
-    def gain(new: str, old: str) -> dict:
+    def gain(new: str, old: str) -> tuple[float, float]:
         per_seed = [acc[new, s] - acc[old, s] for s in seeds]
-        return {"mean": statistics.fmean(per_seed), "std": statistics.stdev(per_seed) if len(seeds) > 1 else 0.0,
-                "per_seed": per_seed}
+        return statistics.fmean(per_seed), statistics.stdev(per_seed) if len(seeds) > 1 else 0.0
 
-    blind = {"x_A": mean("x_A"), "g(x_A)": mean("g(x_A)"), "g(x_A)+blind spots": mean("g(x_A)+blind spots")}
     g1, g2 = gain("g(x_A)+blind spots", "x_A"), gain("g(x_A)+blind spots", "g(x_A)")
-    blind.update({"gain_over_x_A": g1["mean"], "gain_over_x_A_std": g1["std"], "gain_over_g(x_A)": g2["mean"],
-                  "gain_over_g(x_A)_std": g2["std"]})
+    blind = BlindSpotCheck(x_a=mean("x_A"), g_x_a=mean("g(x_A)"), g_x_a_blind_spots=mean("g(x_A)+blind spots"),
+                           gain_over_x_a=g1[0], gain_over_x_a_std=g1[1], gain_over_g_x_a=g2[0],
+                           gain_over_g_x_a_std=g2[1])
     g3 = gain("x_A-unreliable", "x_A")
-    unrel = {"x_A": mean("x_A"), "x_A-unreliable": mean("x_A-unreliable"), "gain_over_x_A": g3["mean"],
-             "gain_over_x_A_std": g3["std"]}
-    return {"blind_spots": blind, "unreliable": unrel, "seeds": seeds}
+    unrel = UnreliableCheck(x_a=mean("x_A"), x_a_unreliable=mean("x_A-unreliable"), gain_over_x_a=g3[0],
+                            gain_over_x_a_std=g3[1])
+    return DiagnosisChecks(blind_spots=blind, unreliable=unrel, seeds=tuple(seeds))
 
 
 def _raw_output_and_residual(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256):
@@ -398,8 +475,8 @@ def diagnose(
     gxb_te, _, e_unrel = _raw_output_and_residual(g_ba, xb_te, xa_te)
     blind = fit_summary(g_ab, g_ab.report(xa_te, xb_te))
     unrel = fit_summary(g_ba, g_ba.report(xb_te, xa_te))
-    say(progress, f"Var(x^Δ)/Var(x*) on test images: blind spots {blind['instability']:.3f}, "
-                  f"unreliable {unrel['instability']:.3f}")
+    say(progress, f"Var(x^Δ)/Var(x*) on test images: blind spots {blind.instability:.3f}, "
+                  f"unreliable {unrel.instability:.3f}")
 
     shape = input_shape(weak)
     init = "re-initialised (seeded)" if classifier_init == "fresh" else "from the trained weak net"
@@ -483,8 +560,8 @@ def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> Stu
 
 
 def _report(res: DiagnosisResult) -> None:
-    for key in ("blind_spots", "unreliable"):
+    for key, check in (("blind_spots", res.experiments.blind_spots), ("unreliable", res.experiments.unreliable)):
         print(key + ": " + ", ".join(f"{k} {v:+.4f}" if k.startswith("gain") else f"{k} {v:.4f}"
-                                     for k, v in res.experiments[key].items()))
-    print(f"Var(x^Δ)/Var(x*) on test images: blind spots {res.blind_spots['instability']:.4f}, "
-          f"unreliable {res.unreliable['instability']:.4f}")
+                                     for k, v in check.as_dict().items()))
+    print(f"Var(x^Δ)/Var(x*) on test images: blind spots {res.blind_spots.instability:.4f}, "
+          f"unreliable {res.unreliable.instability:.4f}")

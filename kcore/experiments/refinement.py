@@ -44,7 +44,7 @@ from kcore.experiments._arms import (
     unchanged,
 )
 from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
-from kcore.experiments._fits import fit_summary
+from kcore.experiments._fits import FitSummary, fit_summary
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.pipeline import ModelInfo
 from kcore.provenance import as_jsonable
@@ -60,7 +60,8 @@ class RefinementResult:
         a, b: checkpoint provenance of A and B (name, sha256, layer, …).
         layer_a, layer_b: the layers.
         orders: K of g_θ.
-        fit: summary of g_θ (A → B): held-out error, instability, Var per order, gates.
+        fit: summary of g_θ (A → B) on the test images (:class:`FitSummary`): held-out error, instability, Var
+            per order, gates.
         arms: "network A", "network B", then "x(0)", "x(0)+x(1)", … (:class:`ArmResult`).
         frozen: ``{"A lower layers", "B lower layers", "g_theta"}`` → True when unchanged after all arms.
         train: the :class:`TrainConfig` of every arm.
@@ -75,7 +76,7 @@ class RefinementResult:
     layer_a: str
     layer_b: str
     orders: int
-    fit: dict
+    fit: FitSummary
     arms: tuple[ArmResult, ...]
     frozen: dict
     train: TrainConfig
@@ -96,9 +97,9 @@ class RefinementResult:
         """``accuracy`` (the arms) and ``fit_variances`` (the A → B fit's variances per order)."""
         import pandas as pd
 
-        fit_rows = [{"direction": "A_to_B", "order": k, "var": v} for k, v in enumerate(self.fit["var_orders"])]
-        fit_rows.append({"direction": "A_to_B", "order": "delta", "var": self.fit["var_residual"]})
-        fit_rows.append({"direction": "A_to_B", "order": "target", "var": self.fit["var_target"]})
+        fit_rows = [{"direction": "A_to_B", "order": k, "var": v} for k, v in enumerate(self.fit.var_orders)]
+        fit_rows.append({"direction": "A_to_B", "order": "delta", "var": self.fit.var_residual})
+        fit_rows.append({"direction": "A_to_B", "order": "target", "var": self.fit.var_target})
         return {"accuracy": arms_table(self.arms), "fit_variances": pd.DataFrame(fit_rows)}
 
     def figures(self) -> dict:
@@ -111,7 +112,7 @@ class RefinementResult:
         """The JSON form of the result (study.json)."""
         return as_jsonable({
             "a": self.a, "b": self.b, "layer_a": self.layer_a, "layer_b": self.layer_b, "orders": self.orders,
-            "fit": self.fit, "arms": [dataclasses.asdict(a) for a in self.arms], "frozen": self.frozen,
+            "fit": self.fit.as_dict(), "arms": [dataclasses.asdict(a) for a in self.arms], "frozen": self.frozen,
             "train": dataclasses.asdict(self.train), "n_train": self.n_train, "n_test": self.n_test,
             "data": self.data, "seed": self.seed, "seconds": self.seconds,
             "accuracy": {a.name: a.test_accuracy for a in self.arms},
@@ -190,8 +191,7 @@ def refine(
                      "g_theta": state_fingerprint(g.model)}
     sums_tr = component_sums(g, xa_tr, xb_tr)
     sums_te = component_sums(g, xa_te, xb_te)
-    fit_info = fit_summary(g, g.report(xa_te, xb_te))
-    fit_info["reported_on"] = "test images"
+    fit_info = fit_summary(g, g.report(xa_te, xb_te), reported_on="test images")
     say(progress, f"g_θ: held-out 1−R² {g.heldout_error:.3f}, gates {tuple(round(p, 3) for p in g.gates)}")
     y_tr, y_te = tr.labels, te.labels
     sa, sb = input_shape(a), input_shape(b)
@@ -219,7 +219,8 @@ def refine(
         "classifier copies below the layer": all(arm.lower_unchanged for arm in arms),
     }
     return RefinementResult(
-        a=ModelInfo.from_loaded(a, la), b=ModelInfo.from_loaded(b, lb), layer_a=la, layer_b=lb, orders=g.model.orders, fit=fit_info,
+        a=ModelInfo.from_loaded(a, la), b=ModelInfo.from_loaded(b, lb), layer_a=la, layer_b=lb, orders=g.model.orders,
+        fit=fit_info,
         arms=tuple(arms), frozen=frozen, train=train, n_train=len(xa_tr), n_test=len(xa_te), data=data, seed=seed,
         seconds=time.perf_counter() - t0,
     )

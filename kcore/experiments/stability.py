@@ -93,6 +93,60 @@ class PairDirection:
 
 
 @dataclass(frozen=True)
+class StabilityRow:
+    """One layer's numbers over the pairs of a family (one row of Tables 1–2; :meth:`StabilityResult.summary`).
+
+    Attributes:
+        layer: the layer.
+        case: ``"seeds"`` or ``"halves"`` (:data:`CASES`).
+        n_pairs: pairs of members compared at the layer.
+        instability_mean, instability_std, instability_min, instability_max: the pairs' instability (raw units):
+            mean, standard deviation (0 for one pair), minimum and maximum.
+        instability_std_units_mean: the mean over the fitted directions of the instability in the fit's units.
+        instability_ci_halfwidth_mean: the mean half-width of the directions' 95 % bootstrap intervals (the
+            noise of one fit's number); NaN when none was computed.
+        random_init_instability: the first member against a randomly initialised network (chance level); NaN
+            when there is no such reference.
+        random_init_ci: that reference's 95 % interval, ``(NaN, NaN)`` when there is none.
+        var_orders: Var(x^(k)) for k = 0..K, averaged over the directions (raw units).
+        var_residual, var_target: Var(x^Δ) and Var(x*), averaged over the directions (raw units).
+        heldout_error_mean: the directions' mean held-out error (1 − R²).
+        linear_r2_mean: the directions' mean R² of the linear baseline.
+    """
+
+    layer: str
+    case: str
+    n_pairs: int
+    instability_mean: float
+    instability_std: float
+    instability_min: float
+    instability_max: float
+    instability_std_units_mean: float
+    instability_ci_halfwidth_mean: float
+    random_init_instability: float
+    random_init_ci: tuple[float, float]
+    var_orders: tuple[float, ...]
+    var_residual: float
+    var_target: float
+    heldout_error_mean: float
+    linear_r2_mean: float
+
+    def as_row(self) -> dict[str, Any]:
+        """The numbers as a flat table row: ``layer``, …, ``random_init_ci_lo/hi``, ``var_x0 … var_xK``, …."""
+        row = {"layer": self.layer, "case": self.case, "n_pairs": self.n_pairs,
+               "instability_mean": self.instability_mean, "instability_std": self.instability_std,
+               "instability_min": self.instability_min, "instability_max": self.instability_max,
+               "instability_std_units_mean": self.instability_std_units_mean,
+               "instability_ci_halfwidth_mean": self.instability_ci_halfwidth_mean,
+               "random_init_instability": self.random_init_instability,
+               "random_init_ci_lo": self.random_init_ci[0], "random_init_ci_hi": self.random_init_ci[1]}
+        row.update({f"var_x{k}": v for k, v in enumerate(self.var_orders)})
+        row.update({"var_residual": self.var_residual, "var_target": self.var_target,
+                    "heldout_error_mean": self.heldout_error_mean, "linear_r2_mean": self.linear_r2_mean})
+        return row
+
+
+@dataclass(frozen=True)
 class StabilityResult:
     """Instability of learning for a family of networks at one or more layers (Tables 1–2).
 
@@ -133,34 +187,31 @@ class StabilityResult:
                 out.setdefault(tuple(sorted((d.source, d.target))), []).append(d.instability)
         return {k: sum(v) / len(v) for k, v in out.items()}
 
-    def summary(self) -> list[dict]:
+    def summary(self) -> list[StabilityRow]:
         """Per layer: instability mean / std / min / max over pairs, and Var per order averaged over directions."""
         rows = []
         for layer in self.layers:
             vals = list(self.pair_instability(layer).values())
             ds = [d for d in self.directions if d.layer == layer]
-            row = {
-                "layer": layer, "case": self.case, "n_pairs": len(vals),
-                "instability_mean": statistics.fmean(vals),
-                "instability_std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                "instability_min": min(vals), "instability_max": max(vals),
-                "instability_std_units_mean": statistics.fmean(d.instability_std_units for d in ds),
-            }
             cis = [d.instability_ci for d in ds if d.instability_ci is not None]
-            # the noise of one fit's number: the mean half-width of the 95 % bootstrap intervals over images
-            row["instability_ci_halfwidth_mean"] = (statistics.fmean((hi - lo) / 2 for lo, hi in cis) if cis
-                                                    else float("nan"))
             ref = self.random_reference.get(layer)
-            row["random_init_instability"] = ref["instability"] if ref else float("nan")
-            row["random_init_ci_lo"], row["random_init_ci_hi"] = (ref["ci"] if ref and ref.get("ci")
-                                                                   else (float("nan"), float("nan")))
-            for k in range(self.orders + 1):
-                row[f"var_x{k}"] = statistics.fmean(d.var_orders[k] for d in ds)
-            row["var_residual"] = statistics.fmean(d.var_residual for d in ds)
-            row["var_target"] = statistics.fmean(d.var_target for d in ds)
-            row["heldout_error_mean"] = statistics.fmean(d.heldout_error for d in ds)
-            row["linear_r2_mean"] = statistics.fmean(d.linear_r2 for d in ds)
-            rows.append(row)
+            rows.append(StabilityRow(
+                layer=layer, case=self.case, n_pairs=len(vals),
+                instability_mean=statistics.fmean(vals),
+                instability_std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                instability_min=min(vals), instability_max=max(vals),
+                instability_std_units_mean=statistics.fmean(d.instability_std_units for d in ds),
+                # the noise of one fit's number: the mean half-width of the 95 % bootstrap intervals over images
+                instability_ci_halfwidth_mean=(statistics.fmean((hi - lo) / 2 for lo, hi in cis) if cis
+                                               else float("nan")),
+                random_init_instability=ref["instability"] if ref else float("nan"),
+                random_init_ci=tuple(ref["ci"]) if ref and ref.get("ci") else (float("nan"), float("nan")),
+                var_orders=tuple(statistics.fmean(d.var_orders[k] for d in ds) for k in range(self.orders + 1)),
+                var_residual=statistics.fmean(d.var_residual for d in ds),
+                var_target=statistics.fmean(d.var_target for d in ds),
+                heldout_error_mean=statistics.fmean(d.heldout_error for d in ds),
+                linear_r2_mean=statistics.fmean(d.linear_r2 for d in ds),
+            ))
         return rows
 
     def tables(self) -> dict:
@@ -178,7 +229,7 @@ class StabilityResult:
                         "instability_ci_lo": d.instability_ci[0] if d.instability_ci else float("nan"),
                         "instability_ci_hi": d.instability_ci[1] if d.instability_ci else float("nan")})
             pairs.append(row)
-        return {"summary": pd.DataFrame(self.summary()), "directions": pd.DataFrame(pairs),
+        return {"summary": pd.DataFrame([r.as_row() for r in self.summary()]), "directions": pd.DataFrame(pairs),
                 "members": pd.DataFrame(list(self.members))}
 
     def figures(self) -> dict:
@@ -213,9 +264,9 @@ class StabilityResult:
         names = [f"$x^{{({k})}}$" for k in range(self.orders + 1)] + [r"$x^\Delta$"]
         width = 0.8 / len(names)
         for j, nm in enumerate(names):
-            key = f"var_x{j}" if j <= self.orders else "var_residual"
-            ax2.bar(np.arange(len(rows)) + j * width, [r[key] / r["var_target"] for r in rows], width, label=nm)
-        ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["layer"] for r in rows], fontsize=7)
+            var = [r.var_orders[j] if j <= self.orders else r.var_residual for r in rows]
+            ax2.bar(np.arange(len(rows)) + j * width, [v / r.var_target for v, r in zip(var, rows)], width, label=nm)
+        ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r.layer for r in rows], fontsize=7)
         ax2.set_ylabel("Var / Var(x*)  (raw units)", fontsize=8)
         ax2.set_title("Table 2 analogue", fontsize=9)
         ax2.legend(fontsize=7)
@@ -229,7 +280,8 @@ class StabilityResult:
             "case": self.case, "case_meaning": CASES[self.case], "architecture": self.architecture,
             "members": list(self.members), "layers": list(self.layers), "orders": self.orders,
             "both_directions": self.both_directions, "n_images": self.n_images, "seed": self.seed,
-            "summary": self.summary(), "directions": [dataclasses.asdict(d) for d in self.directions],
+            "summary": [r.as_row() for r in self.summary()],
+            "directions": [dataclasses.asdict(d) for d in self.directions],
             "family": self.family, "seconds": self.seconds, "random_reference": self.random_reference,
             "definition": "instability of a pair = mean over its fitted directions of Var(x^Delta)/Var(x*), "
                           "Var = mean over images and units of (value - one global mean)^2 in raw feature units, "
@@ -426,5 +478,5 @@ def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> Stu
 
 def _report(res: StabilityResult) -> None:
     for row in res.summary():
-        print(f"{row['layer']}: instability {row['instability_mean']:.4f} ± {row['instability_std']:.4f} over "
-              f"{row['n_pairs']} pairs ({res.case}); in the fit's units {row['instability_std_units_mean']:.4f}")
+        print(f"{row.layer}: instability {row.instability_mean:.4f} ± {row.instability_std:.4f} over "
+              f"{row.n_pairs} pairs ({res.case}); in the fit's units {row.instability_std_units_mean:.4f}")
