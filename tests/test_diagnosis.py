@@ -1,6 +1,8 @@
 """Diagnosis (Sec. 4.1, App. B): blind spots, unreliable features, the two accuracy checks, maps, folders."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,12 @@ def test_study_folder_reopens(result, tmp_path):
     assert st.study == "diagnosis" and {"maps", "accuracy"} <= set(st.figures)
     assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
     assert np.allclose(st.result["maps"]["blind_spot_energy"], result.blind_energy)
+    # the typed parts are written as their as_dict() forms
+    for key in ("blind_spots", "unreliable", "experiments"):
+        assert st.result[key] == json.loads(json.dumps(getattr(result, key).as_dict())), key
+    assert list(st.result["experiments"]["blind_spots"]) == ["x_A", "g(x_A)", "g(x_A)+blind spots", "gain_over_x_A",
+                                                            "gain_over_x_A_std", "gain_over_g(x_A)",
+                                                            "gain_over_g(x_A)_std"]
 
 
 @pytest.mark.slow

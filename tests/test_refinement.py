@@ -1,6 +1,8 @@
 """Feature refinement (Sec. 4.3, App. A): fair arms, frozen g_θ and lower layers, study folders."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -136,6 +138,8 @@ def test_study_folder_reopens(result, tmp_path):
     assert list(st.tables["accuracy"]["arm"]) == [a.name for a in result.arms]
     assert st.result["accuracy"]["network B"] == result.arm("network B").test_accuracy
     assert st.result["frozen"]["g_theta"] is True and "accuracy" in st.figures
+    assert st.result["fit"] == json.loads(json.dumps(result.fit.as_dict()))  # the FitSummary's JSON form
+    assert st.result["fit"]["reported_on"] == "test images" and list(st.result["fit"])[-1] == "reported_on"
 
 
 @pytest.mark.slow

@@ -145,6 +145,9 @@ def test_study_folder_reopens(result, tmp_path):
     assert st.study == "stability" and set(st.tables) == {"summary", "directions", "members"}
     assert list(st.tables["summary"]["layer"]) == ["layer2", "layer3"]
     assert st.result["summary"][0]["instability_mean"] == pytest.approx(result.summary()[0].instability_mean)
+    # the summary rows are written as their as_row() forms (json.dumps: NaN compares equal as text)
+    assert json.dumps(st.result["summary"]) == json.dumps([r.as_row() for r in result.summary()])
+    assert list(st.tables["summary"].columns) == list(result.summary()[0].as_row())
     assert "instability" in st.figures
 
 
