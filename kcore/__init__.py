@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from kcore._version import __version__ as __version__
 from kcore.decompose import Decomposition
 from kcore.fit import PRESETS, FitCancelled, FitConfig, FitResult, fit
 from kcore.metrics import VarianceReport
@@ -49,7 +50,6 @@ __all__ = [
     # fit's options and its cancellation
     "FitConfig", "PRESETS", "FitCancelled",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kcore._version import __version__
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -28,9 +30,7 @@ VERSIONED_PACKAGES: tuple[str, ...] = ("torch", "torchvision", "numpy", "matplot
 
 def versions() -> dict[str, str]:
     """Versions of kcore, Python and every installed package of :data:`VERSIONED_PACKAGES`."""
-    import kcore
-
-    out = {"kcore": kcore.__version__, "python": platform.python_version()}
+    out = {"kcore": __version__, "python": platform.python_version()}
     for name in VERSIONED_PACKAGES:
         try:
             out[name] = metadata.version(name)

@@ -41,7 +41,7 @@ def _torch_threads_restored():
 @pytest.fixture(scope="session")
 def tiny_fit():
     """g_θ settings of the study tests: K = 2, one epoch (seconds, not a converged fit)."""
-    from kcore.experiments._common import FitSettings
+    from kcore.experiments._fits import FitSettings
 
     return FitSettings(orders=2, lam=0.1, epochs=1, seed=0)
 
@@ -49,7 +49,8 @@ def tiny_fit():
 @pytest.fixture(scope="session")
 def tiny_kshapes():
     """kshapes at 32 px (40 train, 20 test, 30 fit images) and a kc_resnet trained for one epoch on one thread."""
-    from kcore.experiments._common import study_data, torch_threads
+    from kcore.experiments._study import torch_threads
+    from kcore.imagesets import study_data
     from kcore.training import train_classifier
 
     with torch_threads(1):

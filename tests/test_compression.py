@@ -13,7 +13,8 @@ from torch.nn.utils import parametrize
 
 from kcore.cards import ModelCard, card_path_for, write_card
 from kcore.cli import main
-from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
+from kcore.experiments._arms import state_fingerprint, unchanged
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.compression import compression_study
 from kcore.experiments.pruning import PRUNE_SCOPES, kept_pruned, magnitude_masks, prunable_layers, prune_magnitude
 from kcore.synthetic import MEAN, STD

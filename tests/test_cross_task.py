@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from kcore.cli import main
-from kcore.experiments._common import read_study, study_data, write_study
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.cross_task import DIRECTIONS, cross_task_study, train_task_pair
+from kcore.imagesets import study_data
 from kcore.synthetic import COARSE_OF_CLASS
 from studies_page import open_in_dashboard
 

@@ -10,15 +10,9 @@ from torch import nn
 
 import kcore
 from kcore.cli import main
-from kcore.experiments._common import (
-    FromLayer,
-    TrainConfig,
-    pair_features,
-    read_study,
-    state_fingerprint,
-    unchanged,
-    write_study,
-)
+from kcore.experiments._arms import FromLayer, TrainConfig, state_fingerprint, unchanged
+from kcore.experiments._features import pair_features
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.diagnosis import _raw_output_and_residual, adapt_input_width, diagnose, reinitialised
 from kcore.experiments.families import train_family
 from kcore.pipeline import model_transform

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kcore.cli import main
-from kcore.experiments._common import read_study, state_fingerprint, unchanged, write_study
+from kcore.experiments._arms import state_fingerprint, unchanged
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.distillation import (
     StudentSettings,
     born_again_loss,

@@ -338,7 +338,7 @@ def test_no_cuda_variant_runs_here_without_cuda() -> None:
 def test_stability_study_spreads_its_fits_over_two_ranks(tmp_path: Path) -> None:
     """All pairs of a 3-member family (6 fits): 2 gloo ranks (3 fits each) write the study one process writes."""
     from kcore.cli import main
-    from kcore.experiments._common import read_study
+    from kcore.experiments._folder import read_study
 
     fam = tmp_path / "fam"
     assert main(["train-family", "--arch", "kc_tinynet", "--seeds", "0", "1", "2", "--epochs", "1", "--n-train", "30",
@@ -396,7 +396,7 @@ TINY_STUDIES = {  # every multi-fit study at a size that takes seconds; each dea
 @pytest.mark.parametrize("study", sorted(TINY_STUDIES))
 def test_multi_fit_studies_spread_over_two_ranks(study: str, tmp_path: Path) -> None:
     """Each study's independent fits/arms dealt out to 2 gloo ranks give the study one process writes."""
-    from kcore.experiments._common import read_study
+    from kcore.experiments._folder import read_study
 
     args = ["-m", "kcore", *TINY_STUDIES[study], "--threads", "1", "--device", "cpu"]
     _run_job([sys.executable, *args, "--out", str(tmp_path / "one")])

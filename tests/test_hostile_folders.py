@@ -330,7 +330,7 @@ def planted_study(tmp_path):
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from kcore.experiments._common import write_study
+    from kcore.experiments._folder import write_study
 
     inside, outside = tmp_path / "inside", tmp_path / "outside"
     outside.mkdir()
@@ -353,7 +353,7 @@ def test_a_study_folder_is_read_without_symlinks_devices_or_fifos(planted_study)
     import tracemalloc
     import zipfile
 
-    from kcore.experiments._common import read_study, zip_study
+    from kcore.experiments._folder import read_study, zip_study
 
     out, _ = planted_study
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -381,7 +381,7 @@ def test_a_study_folder_is_read_without_symlinks_devices_or_fifos(planted_study)
 
 
 def test_a_study_folder_whose_own_files_lead_out_is_refused_by_name(planted_study, tmp_path):
-    from kcore.experiments._common import read_study, zip_study
+    from kcore.experiments._folder import read_study, zip_study
 
     out, outside = planted_study
     (out / "provenance.json").unlink()

@@ -155,10 +155,8 @@ def test_normalized_is_the_preprocessing_normalisation() -> None:
 
 def test_study_data_of_kshapes_is_unchanged_by_the_move() -> None:
     """The studies' kshapes images still come normalised with kshapes' statistics (sample-model numbers kept)."""
-    from kcore.experiments import _common
     from kcore.synthetic import MEAN, STD, KShapesDataset, KShapesSpec
 
-    assert _common.study_data is study_data and _common.Normalized is Normalized
     data = study_data("kshapes", image_size=32, n_train=3, n_test=2, n_images=2)
     spec = KShapesSpec(seed=0, image_size=32, n_train=3, n_test=2)
     assert torch.equal(data.train[2][0], KShapesDataset(spec, "train", n=3, mean=MEAN, std=STD)[2][0])

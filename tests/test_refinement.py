@@ -8,15 +8,9 @@ import torch
 
 import kcore
 from kcore.cli import main
-from kcore.experiments._common import (
-    TrainConfig,
-    pair_features,
-    read_study,
-    state_fingerprint,
-    train_upper,
-    unchanged,
-    write_study,
-)
+from kcore.experiments._arms import TrainConfig, state_fingerprint, train_upper, unchanged
+from kcore.experiments._features import pair_features
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.families import train_family
 from kcore.experiments.refinement import component_sums, refine
 from kcore.pipeline import model_transform

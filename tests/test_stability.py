@@ -10,7 +10,7 @@ import torch
 from kcore.checkpoints import LoadedModel, load_model
 from kcore.cli import main
 from kcore.data import labelled_images
-from kcore.experiments._common import read_study, write_study
+from kcore.experiments._folder import read_study, write_study
 from kcore.experiments.families import disjoint_halves, load_family, train_family
 from kcore.experiments.stability import stability
 from kcore.metrics import paper_var
@@ -78,7 +78,7 @@ def test_a_network_against_its_own_copy_is_stable(family, images):
 
 def test_raw_units_variance_is_the_paper_var_of_raw_features(family, images):
     import kcore
-    from kcore.experiments._common import single_features
+    from kcore.experiments._features import single_features
     from kcore.experiments.stability import raw_report
 
     a, b = family.loaded()[:2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kcore.experiments._common import write_study
+from kcore.experiments._folder import write_study
 from studies_page import open_in_dashboard
 
 

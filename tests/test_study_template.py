@@ -164,12 +164,10 @@ def test_source_revision_is_the_checkout_that_holds_kcore():
     assert isinstance(rev["kcore_modified"], bool)
 
 
-def test_old_import_path_gives_the_same_objects():
-    from kcore.experiments import _arms, _common, _folder
-    from kcore.imagesets import study_data
+def test_study_folders_are_read_from_one_place():
+    from kcore.experiments import _folder
 
-    assert _common.read_study is _folder.read_study is experiments.read_study
-    assert _common.FromLayer is _arms.FromLayer and _common.study_data is study_data
+    assert _folder.read_study is experiments.read_study and _folder.zip_study is experiments.zip_study
 
 
 def test_consistency_row_holds_the_fits_held_out_numbers_and_flattens_in_table_order():
