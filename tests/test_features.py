@@ -568,7 +568,6 @@ def test_cache_path_resident_memory_stays_flat_over_thousands_of_images(tmp_path
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_extract_on_cuda_matches_cpu_and_gives_models_back_on_cpu() -> None:
     model_a, model_b = make_models()
     on_cpu = extract_features(model_a, "bn1", model_b, "conv2", Images(6), batch_size=4, device="cpu")

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kcore.conventions import Normalization, spatial_std
+from kcore.conventions import Normalization
 from kcore.gtheta import GTheta, GThetaSpec, gtheta_loss
 
 
@@ -66,10 +66,6 @@ def test_different_channels_and_k0():
     assert g.gates().numel() == 0
     g3 = GTheta(GThetaSpec(7, 2, orders=3))
     assert [tuple(c.weight.shape[:2]) for c in g3.convs] == [(2, 7), (7, 7), (7, 7), (7, 7)]
-
-
-def test_spatial_std_is_one_for_single_position():
-    assert torch.equal(spatial_std(torch.randn(2, 3, 1, 1)), torch.ones(2, 3, 1, 1))
 
 
 def test_loss_is_mean_squared_error_plus_gate_penalty():
