@@ -316,6 +316,10 @@ def _fit_job(args, ctx) -> int:
             r = ref.reports.get(key)
             if r is not None:
                 print(f"  chance baseline, {ref.label}: instability {plus_minus(r.instability, r.interval('instability'), '.4f')}")
+        v = comp.verdict(key)
+        print(f"  verdict against chance: {v.text}" + (f" {v.fix}" if v.fix else ""))
+        for w in v.warnings:
+            print(f"  warning: {w}")
         sp = comp.seed_spread.get(key)
         if sp:
             sm = sp["summary"]

@@ -17,6 +17,7 @@ from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.feature_set import FeaturePair
 from kcore.fit import FitResult
+from kcore.verdict import ChanceVerdict, chance_verdict
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "A_to_B": ("A", "B", "blind spots of A: what B encodes that A's feature cannot reconstruct"),
@@ -130,8 +131,18 @@ class Comparison:
         pos = self.heldout_positions if positions is None else positions
         return [self.features.image_ids[i] for i in pos]
 
+    def verdict(self, direction: str) -> ChanceVerdict:
+        """The verdict against chance of ``direction`` (:func:`kcore.verdict.chance_verdict`; ``unknown`` without
+        baselines).
+
+        Raises:
+            ValueError: ``direction`` is not one of the comparison's directions.
+        """
+        _check_direction(direction, self.directions)
+        return chance_verdict(self.directions[direction].fit.heldout_report, self.baselines, direction)
+
     def metrics(self) -> dict:
-        """The metrics.json content: per direction the held-out report, error, baseline and gates."""
+        """The metrics.json content: per direction the held-out report, error, baseline, gates and verdict."""
         out: dict[str, Any] = {"format": RUN_FORMAT, "directions": {}}
         for key, d in self.directions.items():
             block = {
@@ -144,6 +155,7 @@ class Comparison:
                 "gates": list(d.fit.gates),
                 "best_epoch": d.fit.best_epoch,
                 "fit_seconds": d.fit.seconds,
+                "verdict": self.verdict(key).as_dict(),
             }
             out["directions"][key] = block
         if len(self.directions) == 1:  # one direction: its block is also the top level

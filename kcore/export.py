@@ -38,6 +38,7 @@ from kcore._io import MARKER, TMP_MARKER, atomic_file, write_file_atomic, write_
 from kcore.decompose import Decomposition
 from kcore.metrics import VarianceReport
 from kcore.provenance import dumps, versions
+from kcore.verdict import chance_verdict
 
 FigureFormat = Literal["png", "svg", "pdf"]
 FIGURE_FORMATS: dict[str, str] = {
@@ -188,7 +189,7 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
     Returns:
         A JSON-ready dict: ``checkpoint_a``/``checkpoint_b`` (name, sha256, kind, architecture, parameters,
         test accuracy, layer), ``layers``, ``directions`` (per direction: K, λ, seed, preset fields, device,
-        best epoch), ``images``, ``versions`` (of this export) and the run's own provenance under ``run``.
+        best epoch, verdict against chance), ``images``, ``versions`` (of this export) and the run's own provenance under ``run``.
     """
     keys = list(comparison.directions) if direction is None else [direction]
     for k in keys:
@@ -207,6 +208,7 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
             "stopped_by": f.extra.get("stopped_by"),
             "convention": cfg.convention, "kernel_size": cfg.kernel_size, "device": f.device,
             "heldout_images": len(f.heldout_indices),
+            "verdict": chance_verdict(f.heldout_report, getattr(comparison, "baselines", {}), k).as_dict(),
         }
     run = dict(getattr(comparison, "provenance", {}) or {})
     return {
@@ -248,7 +250,8 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
     share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``*_ci_lo``/``*_ci_hi``
     (bootstrap interval of instability and of each share), ``n_heldout, preset, heldout_error, baseline_linear_r2,
-    baseline_cka, gates, best_epoch, epochs_run, fit_seconds`` and ``chance_<kind>_instability`` per chance baseline.
+    baseline_cka, gates, best_epoch, epochs_run, fit_seconds``, ``chance_<kind>_instability`` per chance baseline and
+    the verdict against chance (:mod:`kcore.verdict`): ``verdict`` (its code), ``verdict_overfit``, ``verdict_text``.
     """
     rows = []
     for key, d in comparison.directions.items():
@@ -270,6 +273,8 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
         for kind, ref in getattr(comparison, "baselines", {}).items():
             r = ref.reports.get(key)
             row[f"chance_{kind}_instability"] = r.instability if r is not None else nan
+        v = chance_verdict(rep, getattr(comparison, "baselines", {}), key)
+        row.update({"verdict": v.code, "verdict_overfit": v.overfit, "verdict_text": v.text})
         row.update({
             "heldout_error": f.heldout_error, "baseline_linear_r2": f.baseline.linear_r2,
             "baseline_cka": f.baseline.cka, "gates": " ".join(f"{g:.4g}" for g in f.gates),

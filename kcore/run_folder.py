@@ -23,6 +23,7 @@ from kcore.feature_set import FeaturePair
 from kcore.fit import FitResult
 from kcore.fit import check_report_lengths as fit_check_report
 from kcore.metrics import VarianceReport
+from kcore.verdict import ChanceVerdict
 
 HELDOUT_IMAGES_FILE = "heldout_images.npz"
 """Optional part of a run folder: the held-out input images (uint8 RGB), for overlays without the image set."""
@@ -197,6 +198,8 @@ _BASELINE = {"kind": str, "description": str | None, "seed": int | None,
 _SPREAD = {"seeds": tuple[int, ...], "summary": {
     "instability": _STATS, "share_orders": tuple[_STATS, ...], "share_residual": Maybe(_STATS),
     "var_ratio_orders": tuple[_STATS, ...]}}
+# the verdict block is type-checked; read_run recomputes the verdict from the baselines (old folders have none)
+_DIRECTION = {"verdict": Maybe(ChanceVerdict)}
 RUN_JSON_FIELDS: dict[str, dict[str, Any]] = {
     "provenance.json": {"checkpoint_a": ModelInfo, "checkpoint_b": ModelInfo, "layers": {"A": str, "B": str},
                         "preset": str | None},
@@ -205,6 +208,8 @@ RUN_JSON_FIELDS: dict[str, dict[str, Any]] = {
     "metrics.json": {
         "baselines": Maybe(dict[str, _BASELINE]),
         "seed_spread": Maybe(dict[str, _SPREAD]),
+        "directions": Maybe(dict[str, _DIRECTION]),
+        "verdict": Maybe(ChanceVerdict),
     },
 }
 """The fields of a run folder's JSON files that :func:`read_run` uses, with the types :func:`write_run` writes."""

@@ -44,6 +44,12 @@ for col, (key, d) in zip(cols, c.directions.items()):
             if r is not None:
                 st.caption(f"Chance baseline, {ref.label}: instability {plus_minus(r.instability, r.interval('instability'))}"
                            f" ({ref.description}).")
+        v = c.verdict(key)
+        show = {"beyond_chance": st.success, "unknown": st.info}.get(v.code, st.warning)
+        show(f"**Verdict against chance:** {v.text}" + (f" {v.fix}" if v.fix else ""),
+             icon=":material/check_circle:" if v.beyond_chance else None)
+        for w in v.warnings:
+            st.warning(w, icon=":material/warning:")
         if rep.has_shares:
             shares = " · ".join(f"{viz.order_label(k)} {plus_minus(s, rep.interval(f'share_x{k}'), '.1f', True)}"
                                 for k, s in enumerate(rep.share_orders))
