@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from kcore.layers import _check_hookable, _hooked, validate_layer
+from kcore.layers import _check_hookable, _hooked, fixed_batch_size, validate_layer
 
 
 class _ForwardDone(Exception):
@@ -90,12 +90,19 @@ def run_capture(
             output, not its last. :func:`extract_features` turns it on after a full first batch showed that.
         calls: when given, filled with how many times each layer ran in this forward pass.
 
+    An exported program with a fixed batch size (:func:`kcore.layers.fixed_batch_size`) is run on chunks of
+    exactly that size, the last one padded by repeating its last image; the padded outputs are dropped.
+
     Returns:
         Layer name -> output tensor (detached clone).
 
     Raises:
         ValueError: a layer did not run, or (with ``require_spatial``) its output is not 4-D.
     """
+    fixed = fixed_batch_size(model)
+    if fixed is not None and x.shape[0] != fixed:
+        return _run_fixed_batches(model, x, layers, fixed, require_spatial=require_spatial, stop_early=stop_early,
+                                  calls=calls)
     wanted = set(layers)
     ran: dict[str, int] = {} if calls is None else calls
 
@@ -124,3 +131,32 @@ def run_capture(
                 "lists them."
             )
     return outputs
+
+
+def _run_fixed_batches(
+    model: nn.Module, x: Tensor, layers: Sequence[str], fixed: int, *, require_spatial: bool, stop_early: bool,
+    calls: dict[str, int] | None,
+) -> dict[str, Tensor]:
+    """:func:`run_capture` for a model that accepts batches of exactly ``fixed`` images only.
+
+    Args:
+        model, layers, require_spatial, stop_early: as for :func:`run_capture`.
+        x: the input batch (N, C, H, W), any N ≥ 1.
+        fixed: the batch size the model accepts.
+        calls: filled from the first chunk's forward pass (how often each layer runs per pass).
+
+    Returns:
+        Layer name -> the outputs of the N real images, in order.
+    """
+    n = int(x.shape[0])
+    parts: dict[str, list[Tensor]] = {name: [] for name in dict.fromkeys(layers)}
+    for start in range(0, n, fixed):
+        chunk = x[start : start + fixed]
+        real = int(chunk.shape[0])
+        if real < fixed:
+            chunk = torch.cat([chunk, chunk[-1:].expand(fixed - real, *chunk.shape[1:])])
+        outs = run_capture(model, chunk, layers, require_spatial=require_spatial, stop_early=stop_early,
+                           calls=calls if start == 0 else None)
+        for name in parts:
+            parts[name].append(outs[name][:real])
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -138,6 +138,30 @@ class LayerInfo:
     is_spatial: bool
 
 
+def fixed_batch_size(model: nn.Module) -> int | None:
+    """The batch size a ``torch.export`` program was exported with, when it is fixed (not a dynamic dimension).
+
+    ``torch.export`` fixes the batch size unless a dynamic batch was asked for; such a program accepts batches
+    of exactly that size, so kcore feeds it batches of that size (padding the last one, see
+    :func:`kcore.capture.run_capture`).
+
+    Args:
+        model: any network; only an unflattened exported program (``torch.export.unflatten``) can have one.
+
+    Returns:
+        The fixed batch size, or ``None`` for a dynamic batch or a model that is not an exported program.
+    """
+    placeholders = getattr(model, "input_placeholders", None)
+    if not isinstance(getattr(model, "graph", None), torch.fx.Graph) or not placeholders:
+        return None
+    val = placeholders[0].meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None or len(shape) == 0:
+        return None
+    first = shape[0]
+    return int(first) if isinstance(first, int) and not isinstance(first, bool) else None
+
+
 def list_layers(
     model: nn.Module,
     input_size: tuple[int, int, int] = (3, 224, 224),
@@ -147,7 +171,8 @@ def list_layers(
 ) -> list[LayerInfo]:
     """List the modules of ``model`` that run, with their output shapes, from one dry run.
 
-    A zero batch of one image goes through the model in eval mode without gradients (so BatchNorm
+    A zero batch of one image (of :func:`fixed_batch_size` images for an exported program with a fixed batch)
+    goes through the model in eval mode without gradients (so BatchNorm
     statistics are untouched); every named module, leaf or container, is hooked inside a ``with`` block.
     The model's training flags and device are restored afterwards.
 
@@ -185,7 +210,7 @@ def list_layers(
         if isinstance(out, Tensor):
             shapes[name] = tuple(out.shape[1:])
 
-    x = torch.zeros((1, *input_size), device=dev, dtype=_module_dtype(model))
+    x = torch.zeros((fixed_batch_size(model) or 1, *input_size), device=dev, dtype=_module_dtype(model))
     with _on_device(model, dev), _eval_mode(model), torch.no_grad():
         with _hooked(model, names, on_output, on_start=lambda n: order.setdefault(n, None)):
             try:
