@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kcore.metrics import VarianceReport
 
@@ -124,15 +124,135 @@ def derangement(n: int, seed: int = 0) -> Tensor:
     return perm
 
 
+class BaselineUnavailable(ValueError):
+    """A chance baseline that cannot be built for this model by design (e.g. a random network of a TorchScript
+    archive's architecture); :func:`kcore.pipeline.compare` records it as skipped, not as failed."""
+
+
+#: the random-init B must differ from the trained B in at least this share of its parameter elements
+MIN_CHANGED_SHARE = 0.9
+
+
+def _copy_module(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose fx graphs' node metadata is shared, not copied.
+
+    An unflattened ``torch.export`` program keeps fake (symbolic) tensors in its graphs' node metadata, which
+    cannot be deep-copied; they describe shapes only, so the copy may share them. Parameters and buffers are
+    copied as usual.
+
+    Args:
+        model: the network.
+
+    Returns:
+        The copy.
+    """
+    memo: dict[int, Any] = {}
+    for mod in model.modules():
+        graph = getattr(mod, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            for node in graph.nodes:
+                for value in node.meta.values():
+                    memo[id(value)] = value
+    return copy.deepcopy(model, memo)
+
+
+def _redraw(name: str, tensor: Tensor) -> None:
+    """Re-draw one parameter in place as torch's layers initialise theirs, judged from its name and shape.
+
+    Two or more dimensions: Kaiming uniform with ``a=√5`` (``nn.Linear`` / ``nn.Conv2d``); a 1-D weight (a
+    normalisation's scale): ones; any other 1-D or 0-D parameter (a bias or shift): zeros.
+
+    Args:
+        name: the parameter's name (e.g. ``"weight"``).
+        tensor: the parameter's data, changed in place.
+    """
+    if tensor.dim() >= 2:
+        nn.init.kaiming_uniform_(tensor, a=5 ** 0.5)
+    elif name.endswith("weight"):
+        nn.init.ones_(tensor)
+    else:
+        nn.init.zeros_(tensor)
+
+
+def _reinitialise(net: nn.Module) -> int:
+    """Re-initialise ``net`` in place.
+
+    Each module's ``reset_parameters`` / ``reset_running_stats`` runs where it has one; the parameters of
+    modules that have none (e.g. an exported program's ``InterpreterModule``) are re-drawn by :func:`_redraw`,
+    and their normalisation statistics reset by name (``running_mean`` 0, ``running_var`` 1).
+
+    Args:
+        net: the network, changed in place.
+
+    Returns:
+        How many parameters were re-drawn by :func:`_redraw`.
+    """
+    redrawn = 0
+    for mod in net.modules():
+        reset = getattr(mod, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        else:
+            with torch.no_grad():
+                for pname, param in mod.named_parameters(recurse=False):
+                    _redraw(pname, param.data)
+                    redrawn += 1
+        stats = getattr(mod, "reset_running_stats", None)
+        if callable(stats):
+            stats()
+        else:
+            with torch.no_grad():
+                for bname, buf in mod.named_buffers(recurse=False):
+                    if bname.endswith("running_mean") or bname.endswith("num_batches_tracked"):
+                        buf.zero_()
+                    elif bname.endswith("running_var"):
+                        buf.fill_(1)
+    return redrawn
+
+
+def changed_share(trained: nn.Module, other: nn.Module) -> float:
+    """The share of ``trained``'s parameter elements whose value differs in ``other`` (matched by name and shape).
+
+    Args:
+        trained: the trained network.
+        other: a network of the same architecture.
+
+    Returns:
+        Changed elements / all parameter elements of ``trained`` (a parameter missing from ``other`` or of
+        another shape counts as changed); 1.0 for a network without parameters.
+    """
+    theirs = dict(other.named_parameters())
+    total = changed = 0
+    for name, param in trained.named_parameters():
+        total += param.numel()
+        mine = theirs.get(name)
+        if mine is None or mine.shape != param.shape:
+            changed += param.numel()
+        else:
+            changed += int((mine.detach().cpu() != param.detach().cpu()).sum())
+    return changed / total if total else 1.0
+
+
 def random_init_like(m: Any, seed: int = 0) -> tuple[Any, str]:
     """A copy of the :class:`~kcore.checkpoints.LoadedModel` ``m`` with freshly initialised weights (seeded),
     and how it was made.
 
     The architecture registry builds it when ``m`` names an architecture (the architecture's own initialisation);
-    otherwise every module's ``reset_parameters`` / ``reset_running_stats`` is run on a deep copy.
+    otherwise a copy of the model (an exported program's included: its symbolic graph metadata is shared, not
+    copied) is re-initialised: every module's ``reset_parameters`` / ``reset_running_stats``, and the parameters
+    of modules without one re-drawn by shape (:func:`_redraw`). The trained model is never touched.
+
+    Args:
+        m: the loaded model B.
+        seed: the seed of the initialisation.
+
+    Returns:
+        (the random model as a ``LoadedModel``, how it was made in words).
 
     Raises:
-        ValueError: the model can be neither rebuilt nor copied (e.g. a TorchScript archive).
+        BaselineUnavailable: (a ValueError) the model can be neither rebuilt nor copied (a TorchScript archive).
+        ValueError: fewer than
+            :data:`MIN_CHANGED_SHARE` of its parameter elements changed (the result would be the trained network).
     """
     from kcore.architectures import build_model
 
@@ -142,15 +262,20 @@ def random_init_like(m: Any, seed: int = 0) -> tuple[Any, str]:
             net, how = build_model(m.architecture, int(m.num_classes)), f"built as {m.architecture}"
         else:
             if isinstance(m.model, torch.jit.ScriptModule):
-                raise ValueError(f"{m.name} is a TorchScript archive: kcore cannot build a random network of its "
+                raise BaselineUnavailable(f"{m.name} is a TorchScript archive: kcore cannot build a random network of its "
                                  "architecture. Fix: load the weights into a named architecture (--arch-b).")
-            net, how = copy.deepcopy(m.model), "a copy with every module's reset_parameters()"
-            for mod in net.modules():
-                for name in ("reset_parameters", "reset_running_stats"):
-                    fn = getattr(mod, name, None)
-                    if callable(fn):
-                        fn()
+            net, how = _copy_module(m.model), "a copy with every module's reset_parameters()"
+            if _reinitialise(net):
+                how += " and the other parameters re-drawn by shape (Kaiming uniform weights, unit scales, zero biases)"
     net.eval()
+    share = changed_share(m.model, net)
+    if share < MIN_CHANGED_SHARE:
+        raise ValueError(
+            f"the random-init baseline of {m.name} changed only {share:.1%} of its parameter elements "
+            f"(at least {MIN_CHANGED_SHARE:.0%} expected), so it would be the trained network, not a chance "
+            "reference. Fix: load B's weights into a named architecture (--arch-b, or a model card's "
+            "architecture) so kcore can build a fresh one, or leave out the random_b baseline."
+        )
     digest = hashlib.sha256(f"random-init:{m.sha256}:{seed}".encode()).hexdigest()
     return dataclasses.replace(m, model=net, name=f"{m.name} (random init, seed {seed})", sha256=digest), how
 
