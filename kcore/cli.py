@@ -31,7 +31,13 @@ A -> B finds the blind spots of A (what B encodes that A cannot reconstruct); wi
 B -> A also finds the unreliable features of A. Results: RUN_DIR/metrics.json (held-out variances per
 order, Var(x^Delta), Var(x*), instability, per channel, 0-order baseline), the fitted g_theta as
 safetensors, config.json and provenance.json. Use `kcore layers CKPT` to find layer names.
+
+exit status: 0 done; 2 bad input (nothing written); 3 the fit is written to RUN_DIR but a chance
+baseline (--baselines) failed: its error is printed and kept in RUN_DIR/provenance.json under
+'baselines_failed' (and metrics.json's 'baselines_failed'); 130 interrupted.
 """
+#: `kcore fit`'s exit status when the fit is written but a chance baseline failed (see EPILOG_FIT)
+EXIT_BASELINE_FAILED = 3
 
 
 class ProgressBar:
@@ -335,7 +341,11 @@ def _fit_job(args, ctx) -> int:
     for kind, why in comp.provenance.get("baselines_skipped", {}).items():
         print(f"chance baseline {kind} skipped: {why}", file=sys.stderr)
     print(f"wrote {out}")
-    return 0
+    failed = comp.provenance.get("baselines_failed", {})
+    for kind, why in failed.items():
+        print(f"error: chance baseline {kind} failed (the fit above is written to {out}; the failure is in its "
+              f"provenance.json under 'baselines_failed'): {why}", file=sys.stderr)
+    return EXIT_BASELINE_FAILED if failed else 0
 
 
 def _cmd_train_samples(args) -> int:

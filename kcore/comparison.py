@@ -164,6 +164,8 @@ class Comparison:
             out["direction"] = key
         out["preset"] = self.preset
         out["baselines"] = {k: b.as_dict() for k, b in self.baselines.items()}
+        if self.provenance.get("baselines_failed"):  # a baseline that failed: its error, beside the others
+            out["baselines_failed"] = dict(self.provenance["baselines_failed"])
         out["seed_spread"] = self.seed_spread
         return out
 

@@ -211,7 +211,9 @@ def compare(
             DistributedDataParallel. Every rank returns the same comparison; only rank 0 should write it.
         baselines: also fit the chance-level references (:mod:`kcore.baselines`): ``True`` for all of
             :data:`~kcore.baselines.BASELINE_KINDS`, or a list of kinds. A ``random_b`` that cannot be built
-            (no architecture) is left out, with the reason in ``provenance["baselines_skipped"]``.
+            (a TorchScript archive) is left out, with the reason in ``provenance["baselines_skipped"]``; a
+            baseline that fails (any other error, e.g. a random B that did not change) is left out too, with
+            ``"ErrorType: message"`` in ``provenance["baselines_failed"]``: the main fit is never lost to it.
         fit_seeds: with N > 1, also refit every direction with seeds ``seed+1 … seed+N−1`` and keep the spread
             of instability and of the order split (:func:`kcore.baselines.seed_spread`) in ``seed_spread``.
         **overrides: without ``config`` only: :class:`FitConfig` fields for :func:`make_config`, e.g.
@@ -278,7 +280,7 @@ def compare(
 
         res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
-    refs, skipped = {}, {}
+    refs, skipped, failed = {}, {}, {}
     done = len(keys)
     for kind in kinds:
         def on_base(dkey, p, kind=kind, base=share + (1 - share) * done / n_fits):
@@ -286,19 +288,25 @@ def compare(
                                     f"chance baseline ({kind}) {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
 
         from kcore import baselines as _bl
+        from kcore.features import ExtractionCancelled
+        from kcore.fit import FitCancelled
 
-        if kind == "shuffled":
-            refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev, cancel=cancel,
-                                               on_fit=on_base)
-        else:
-            try:
+        try:  # a failing baseline never loses the finished fit: its error is recorded, the others still run
+            if kind == "shuffled":
+                refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev,
+                                                   cancel=cancel, on_fit=on_base)
+            else:
                 report(PipelineProgress(f"baseline {kind}", share + (1 - share) * done / n_fits,
                                         f"features of a randomly initialised B for {n} images"))
                 refs[kind] = _bl.random_network_baseline(
                     feats.x_a, b, layer_b, images, keys, cfg, seed=seed, device=dev, batch_size=batch_size, ids=ids,
                     cancel=cancel, on_fit=on_base)
-            except ValueError as exc:
-                skipped[kind] = str(exc)
+        except (ExtractionCancelled, FitCancelled):
+            raise
+        except _bl.BaselineUnavailable as exc:
+            skipped[kind] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of a baseline is reported, never fatal to the fit
+            failed[kind] = f"{type(exc).__name__}: {exc}"
         done += len(keys)
     spread: dict[str, dict] = {}
     if fit_seeds > 1:
@@ -342,6 +350,8 @@ def compare(
     }
     if skipped:
         prov["baselines_skipped"] = skipped
+    if failed:
+        prov["baselines_failed"] = failed
     report(PipelineProgress("done", 1.0, "done"))
     return Comparison(info_a, info_b, feats, held, results, prov, refs, spread)
 
