@@ -100,7 +100,7 @@ def run_capture(
         ValueError: a layer did not run, or (with ``require_spatial``) its output is not 4-D.
     """
     fixed = fixed_batch_size(model)
-    if fixed is not None and x.shape[0] != fixed:
+    if fixed is not None and 0 < x.shape[0] != fixed:
         return _run_fixed_batches(model, x, layers, fixed, require_spatial=require_spatial, stop_early=stop_early,
                                   calls=calls)
     wanted = set(layers)
