@@ -8,7 +8,8 @@ and split and reported with the same :class:`~kcore.metrics.VarianceReport` (hel
   the architecture registry when the checkpoint names one, else by re-running every module's
   ``reset_parameters`` on a copy).
 - ``shuffled``: the image pairing shuffled (x of image i against x* of image π(i), π without fixed points):
-  nothing but the per-channel statistics can be predicted, so the instability must come out near 1.
+  nothing but the per-channel statistics can be predicted: the instability comes out about 1, or a little below,
+  when g generalises; an interval entirely above 1 means g over-fits its training images (:mod:`kcore.verdict`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from kcore.metrics import VarianceReport
 
 BASELINE_KINDS: dict[str, str] = {
     "random_b": "B replaced by a randomly initialised network of the same architecture",
-    "shuffled": "image pairing shuffled (x of one image against x* of another): expect instability ≈ 1",
+    "shuffled": "image pairing shuffled (x of one image against x* of another): about 1 when g generalises; above 1, g over-fits",
 }
 BASELINE_LABELS: dict[str, str] = {"random_b": "random-init B", "shuffled": "shuffled pairs"}
 #: baselines are "cheap" (on by default in the dashboard) up to this many feature values of B over all images:
