@@ -28,6 +28,13 @@ def tiny_net(seed: int, width: int = 6) -> nn.Module:
                          nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
 
 
+def plain_net(seed: int, width: int) -> nn.Module:
+    """Conv-ReLU-conv-ReLU-pool-linear with plain (not in-place) ReLUs, seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
+
+
 def loaded(model: nn.Module, name: str) -> LoadedModel:
     """``model`` as a state-dict checkpoint called ``name``, with a sha256 made from the name (no file).
 

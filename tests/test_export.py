@@ -9,24 +9,17 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
+from helpers import plain_net
 from kcore import export, viz
 from kcore.checkpoints import LoadedModel
 from kcore.pipeline import compare
 
 
-def _net(seed, width):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
-
-
 @pytest.fixture(scope="module")
 def comparison(random_images):
-    a = LoadedModel(_net(0, 5), "a.safetensors", "a" * 64, "safetensors", None, 10)
-    b = LoadedModel(_net(1, 4), "b.safetensors", "b" * 64, "safetensors", None, 10)
+    a = LoadedModel(plain_net(0, 5), "a.safetensors", "a" * 64, "safetensors", None, 10)
+    b = LoadedModel(plain_net(1, 4), "b.safetensors", "b" * 64, "safetensors", None, 10)
     images = random_images(24, 12, "set/img {:03d}")  # ids with a space and a slash: export names them safely
     return compare(a, "2", b, "2", images, orders=1, epochs=2, both_directions=True, device="cpu")
 

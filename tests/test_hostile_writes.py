@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
+from helpers import plain_net
 from kcore import _io, export, viz
 from kcore._io import MARKER, TMP_MARKER, atomic_folder, clean_stale, write_file_atomic, write_new_folder
 from kcore.cards import ModelCard, card_path_for, read_card, write_card
@@ -206,10 +205,6 @@ def test_dashboard_never_writes_beside_a_server_checkpoint(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------------------------ exports
-def _net(seed: int, width: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +212,8 @@ def comparisons(random_images):
     """Two comparisons of the same tiny pair with different fits (their metrics differ)."""
     from kcore.pipeline import compare
 
-    a = LoadedModel(_net(0, 5), "a.safetensors", "a" * 64, "safetensors", None, 10)
-    b = LoadedModel(_net(1, 4), "b.safetensors", "b" * 64, "safetensors", None, 10)
+    a = LoadedModel(plain_net(0, 5), "a.safetensors", "a" * 64, "safetensors", None, 10)
+    b = LoadedModel(plain_net(1, 4), "b.safetensors", "b" * 64, "safetensors", None, 10)
     images = random_images(24, 12, "img{:03d}")
     return tuple(compare(a, "2", b, "2", images, orders=1, epochs=e, seed=s, device="cpu")
                  for e, s in ((1, 0), (2, 1)))
