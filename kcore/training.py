@@ -113,7 +113,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 250,
     """
     preds, labels = _predict_and_labels(model, dataset, batch_size, dtype)
     if len(labels) == 0:
-        raise ValueError("dataset is empty: cannot compute an accuracy")
+        raise ValueError("dataset is empty: an accuracy needs at least one image; got 0. "
+                         "Fix: pass a non-empty dataset (check the folder or the split's n).")
     return float((preds == labels).mean())
 
 
@@ -124,7 +125,8 @@ def _make_optimizer(model: nn.Module, optimizer: Optimizer, lr: float,
                                weight_decay=weight_decay)
     if optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}. "
+                     f"Fix: pass optimizer={sorted(OPTIMIZERS)[0]!r} or another listed name.")
 
 
 def train_classifier(model: nn.Module | str, train_set: Dataset, test_set: Dataset | None = None,
@@ -162,18 +164,20 @@ def train_classifier(model: nn.Module | str, train_set: Dataset, test_set: Datas
         ValueError: unknown architecture or optimizer, bad epochs, or missing num_classes.
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs}. Fix: pass epochs=1 or more.")
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}. "
+                         f"Fix: pass optimizer={sorted(OPTIMIZERS)[0]!r} or another listed name.")
     torch.manual_seed(seed)
     if isinstance(model, str):
         if model not in SAMPLE_ARCHITECTURES:
             raise ValueError(f"model must be an nn.Module or one of {sorted(SAMPLE_ARCHITECTURES)}, "
-                             f"got {model!r}")
+                             f"got {model!r}. Fix: pass a listed name or build the module yourself.")
         if num_classes is None:
             names = getattr(train_set, "class_names", None)
             if names is None:
-                raise ValueError("num_classes is required: train_set has no class_names attribute")
+                raise ValueError("num_classes is required: train_set has no class_names attribute, so the "
+                                 "classifier size cannot be inferred. Fix: pass num_classes=N.")
             num_classes = len(names)
         model = SAMPLE_ARCHITECTURES[model](num_classes)
     data = _materialize(train_set) if cache else train_set

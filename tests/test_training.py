@@ -98,13 +98,13 @@ def test_evaluation_leaves_the_callers_model_as_it_was() -> None:
 
 
 def test_bad_arguments_name_what_was_expected_and_got() -> None:
-    with pytest.raises(ValueError, match=r"epochs must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"epochs must be an integer >= 1, got 0\. Fix: pass epochs=1"):
         train_classifier(_linear(), TRAIN, epochs=0, seed=0)
-    with pytest.raises(ValueError, match=r"optimizer must be one of \['adamw', 'sgd'\], got 'adam'"):
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adamw', 'sgd'\], got 'adam'\. Fix: "):
         train_classifier(_linear(), TRAIN, epochs=1, seed=0, optimizer="adam")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"model must be an nn\.Module or one of \[.*'kc_resnet'.*\], got 'resnet9'"):
+    with pytest.raises(ValueError, match=r"model must be an nn\.Module or one of \[.*'kc_resnet'.*\], got 'resnet9'\. Fix: "):
         train_classifier("resnet9", TRAIN, epochs=1, seed=0)
-    with pytest.raises(ValueError, match=r"num_classes is required: train_set has no class_names attribute"):
+    with pytest.raises(ValueError, match=r"num_classes is required: train_set has no class_names attribute.*Fix: pass num_classes=N"):
         train_classifier("kc_tinynet", TRAIN, epochs=1, seed=0)
-    with pytest.raises(ValueError, match=r"dataset is empty: cannot compute an accuracy"):
+    with pytest.raises(ValueError, match=r"dataset is empty: an accuracy needs at least one image; got 0\. Fix: "):
         evaluate(_linear(), TensorDataset(torch.zeros(0, 3, 4, 4), torch.zeros(0, dtype=torch.long)))
