@@ -24,6 +24,26 @@ from kcore.metrics.report import (
 MAX_IMAGE_MOMENTS = 2**25
 
 
+def resample_weights(n: int, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED) -> Tensor:
+    """How often each of ``n`` images is drawn in each of ``n_boot`` resamples with replacement (seeded).
+
+    Args:
+        n: images resampled. n_boot: resamples. seed: the generator's seed.
+
+    Returns:
+        (n_boot, n) float64 counts, each row summing to ``n``; the same ``(n, n_boot, seed)`` gives the same
+        resamples, so intervals of different quantities over the same images are drawn from the same resamples.
+    """
+    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(int(seed)))
+    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+
+
+def percentile_interval(x: Tensor, level: float = CI_LEVEL) -> Tensor:
+    """The percentile interval at ``level`` of bootstrap values ``x`` (B, …) → (…, 2) (low, high)."""
+    q = (1 - level) / 2
+    return torch.stack([torch.quantile(x, q, dim=0), torch.quantile(x, 1 - q, dim=0)], -1)
+
+
 class ImageMoments:
     """Per-image sums that let a bootstrap over images recompute every variance and share without a refit.
 
@@ -69,8 +89,6 @@ class ImageMoments:
         n = s.shape[0]
         if n < 2:
             return None
-        gen = torch.Generator().manual_seed(int(seed))
-        q = (1 - level) / 2
         k1 = self.orders + 1
 
         def stats(tot: Tensor, m: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,10 +102,9 @@ class ImageMoments:
             return var_r / safe, cov[..., :k1] / safe.unsqueeze(-1), cov[..., k1] / safe
 
         def interval(x: Tensor) -> Tensor:  # (B, …) -> (…, 2)
-            return torch.stack([torch.quantile(x, q, dim=0), torch.quantile(x, 1 - q, dim=0)], -1)
+            return percentile_interval(x, level)
 
-        idx = torch.randint(n, (n_boot, n), generator=gen)
-        w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+        w = resample_weights(n, n_boot, seed)
         glob = w @ s.sum(-1)  # (B, 2K+7)
         inst, sh, shr = stats(glob, n * self.units * self.channels)
         out = dict(instability=_floats(interval(inst)), share_orders=_floats(interval(sh)),
