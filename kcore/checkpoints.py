@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from kcore.architectures import build_model
+from kcore.arguments import ArgumentError, spell
 from kcore.cards import ModelCard, card_path_for, read_card
 from kcore.checkpoint_formats import (  # noqa: F401  (CHECKPOINT_KINDS, SAFETENSORS_MAX_TENSORS: re-exported)
     CHECKPOINT_KINDS,
@@ -72,6 +73,9 @@ STATE_DICT_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "
 
 STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "model.")
 """Key prefixes removed when that makes more keys match the model (DataParallel, Lightning)."""
+
+ARCH_EXAMPLE = "arch='resnet18'"
+"""How the Python API names the architecture argument in a fix (front ends re-spell it, :mod:`kcore.arguments`)."""
 
 _CHUNK_BYTES = 1 << 20
 
@@ -195,16 +199,35 @@ def _find_state_dict(obj: object, src: Source) -> tuple[dict[str, Tensor], tuple
     return tensors, others
 
 
-def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
-    """Remove DataParallel / Lightning prefixes when that makes more keys match the model."""
-    candidates = [state]
+def stripped_names(keys: list[str] | tuple[str, ...], expected: set[str]) -> dict[str, str]:
+    """Map each key to its name with DataParallel / Lightning prefixes removed, when that makes more keys match.
+
+    Args:
+        keys: the checkpoint's tensor names, in file order.
+        expected: the model's tensor names.
+
+    Returns:
+        New name → original key, in file order: the prefixes of :data:`STRIPPED_PREFIXES` (one, or two in a row)
+        removed from every key that has them, with the choice that makes the most names match ``expected``
+        (unmodified keys win ties). Of keys that collide after stripping, the later one in file order wins.
+    """
+    def strip(prefix: str, names: dict[str, str]) -> dict[str, str]:
+        return {new[len(prefix):] if new.startswith(prefix) else new: orig for new, orig in names.items()}
+
+    plain = {k: k for k in keys}
+    candidates = [plain]
     for first in STRIPPED_PREFIXES:
-        once = {k[len(first):] if k.startswith(first) else k: v for k, v in state.items()}
+        once = strip(first, plain)
         candidates.append(once)
         for second in STRIPPED_PREFIXES:
-            candidates.append({k[len(second):] if k.startswith(second) else k: v for k, v in once.items()})
+            candidates.append(strip(second, once))
     # max() keeps the first best candidate, so the unmodified keys win ties.
     return max(candidates, key=lambda c: len(expected.intersection(c)))
+
+
+def _strip_prefixes(state: dict[str, Tensor], expected: set[str]) -> dict[str, Tensor]:
+    """Remove DataParallel / Lightning prefixes when that makes more keys match the model."""
+    return {new: state[orig] for new, orig in stripped_names(list(state), expected).items()}
 
 
 def _infer_num_classes(state: Mapping[str, Tensor]) -> int | None:
@@ -228,17 +251,19 @@ def _model_from_state_dict(
     state, non_tensors = _find_state_dict(raw, src)
     arch = arch or (card.architecture if card else None)
     if arch is None:
-        raise ValueError(
-            f"checkpoint {src.where!r} holds weights only, so arch is needed: pass arch='resnet18' (or another "
-            "name from kcore.architectures.available_architectures()), or write a model card with 'architecture' "
+        raise ArgumentError(
+            f"checkpoint {src.where!r} holds weights only, so its architecture is needed. Fix: pass "
+            f"{spell('arch', ARCH_EXAMPLE, 'resnet18')} (or another name from "
+            "kcore.architectures.available_architectures()), or write a model card with 'architecture' "
             f"beside it ({card_path_for(src.display).name})."
         )
     if num_classes is None:
         num_classes = card.num_classes if card and card.num_classes else _infer_num_classes(state)
     if num_classes is None:
-        raise ValueError(
-            f"checkpoint {src.where!r}: num_classes is not given, not in a model card and cannot be inferred "
-            "(no 2-D '.weight' tensor). Fix: pass num_classes=<number of classifier outputs>."
+        raise ArgumentError(
+            f"checkpoint {src.where!r}: the number of classes is not given, not in a model card and cannot be "
+            "inferred (no 2-D '.weight' tensor). Fix: pass "
+            f"{spell('num_classes', 'num_classes=<number of classifier outputs>', 'N')}."
         )
     model = build_model(arch, num_classes)
     expected = model.state_dict()
@@ -252,13 +277,14 @@ def _model_from_state_dict(
         if k in state and state[k].shape != expected[k].shape
     ]
     if mismatched:
+        inferred = _infer_num_classes(state)
         hint = (
-            f" If only the classifier differs, pass num_classes={_infer_num_classes(state)}."
-            if _infer_num_classes(state) not in (None, num_classes)
+            f" If only the classifier differs, pass {spell('num_classes', f'num_classes={inferred}', inferred)}."
+            if inferred not in (None, num_classes)
             else ""
         )
-        raise ValueError(
-            f"checkpoint {src.where!r} does not fit arch={arch!r} with num_classes={num_classes}: "
+        raise ArgumentError(
+            f"checkpoint {src.where!r} does not fit architecture {arch!r} with {num_classes} classes: "
             f"{len(mismatched)} tensor(s) have other shapes: {'; '.join(mismatched[:MAX_LISTED])}.{hint} "
             "Fix: choose the architecture the checkpoint was trained with."
         )
@@ -268,10 +294,16 @@ def _model_from_state_dict(
             parts.append(f"missing from the checkpoint: {listing(missing)}")
         if unexpected:
             parts.append(f"unexpected in the checkpoint: {listing(unexpected)}")
-        raise ValueError(
-            f"checkpoint {src.where!r} does not match arch={arch!r}: {'; '.join(parts)}. "
-            "Fix: choose the architecture the checkpoint was trained with, or pass strict=False to load the "
-            "matching tensors and leave the rest at their random initialisation."
+        renamed = (
+            " If the file names its tensors differently (another codebase), map them onto the architecture "
+            "with kcore.convert.convert_state_dict (CLI: kcore convert; by name, or by order and shape)."
+            if len(missing) > len(expected) // 2 else ""
+        )
+        raise ArgumentError(
+            f"checkpoint {src.where!r} does not match architecture {arch!r}: {'; '.join(parts)}. "
+            "Fix: choose the architecture the checkpoint was trained with, or pass "
+            f"{spell('strict', 'strict=False')} to load the matching tensors and leave the rest at their random "
+            f"initialisation.{renamed}"
         )
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return model, tuple(missing), tuple(unexpected), arch, num_classes

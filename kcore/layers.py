@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kcore.arguments import ArgumentError, spell
 from kcore.devices import resolve_device
 
 _MAX_SUGGESTIONS = 3
@@ -216,10 +217,10 @@ def list_layers(
             try:
                 model(x)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-                raise ValueError(
+                raise ArgumentError(
                     f"{type(model).__name__} failed on a dummy batch of shape {tuple(x.shape)}: {exc}. "
-                    "Fix: pass input_size=(C, H, W) matching the images the model was trained on "
-                    "(see the model card's input_size)."
+                    f"Fix: pass {spell('input_size', 'input_size=(C, H, W)', 'H W')} matching the images the model "
+                    "was trained on (see the model card's input_size)."
                 ) from exc
     types = {name: type(module).__name__ for name, module in model.named_modules()}
     layers = [LayerInfo(n, types[n], shapes[n], len(shapes[n]) == 3) for n in order if n in shapes]

@@ -134,7 +134,7 @@ def test_wrong_arch_lists_missing_and_unexpected_keys(tmp_path: Path, trained: T
     with pytest.raises(ValueError) as info:
         load_model(path, arch=OTHER_ARCH, num_classes=NUM_CLASSES)
     msg = str(info.value)
-    assert f"{str(path)!r}" in msg and f"arch={OTHER_ARCH!r}" in msg
+    assert f"{str(path)!r}" in msg and f"architecture {OTHER_ARCH!r}" in msg
     assert "missing from the checkpoint: 'stem.weight', 'stem.bias'" in msg
     assert "unexpected in the checkpoint: 'conv1.weight'" in msg
     assert "strict=False" in msg
@@ -155,7 +155,7 @@ def test_shape_mismatch_is_a_clear_error(tmp_path: Path, trained: TinyNet) -> No
 def test_state_dict_without_arch_says_how_to_give_one(tmp_path: Path, trained: TinyNet) -> None:
     path = tmp_path / "m.pt"
     torch.save(trained.state_dict(), path)
-    with pytest.raises(ValueError, match=r"arch is needed.*available_architectures\(\).*m\.card\.json"):
+    with pytest.raises(ValueError, match=r"architecture is needed. Fix: pass arch='resnet18'.*available_architectures\(\).*m\.card\.json"):
         load_model(path)
 
 

@@ -511,7 +511,7 @@ def test_safetensors_header_with_too_many_tensors_is_refused_before_parsing(monk
 
 
 def test_safetensors_header_under_the_cap_reaches_safetensors():
-    with pytest.raises(ValueError, match=r"does not match arch='kc_tinynet'") as info:
+    with pytest.raises(ValueError, match=r"does not match architecture 'kc_tinynet'") as info:
         load_model(_header_file(1000), name="few.safetensors", arch="kc_tinynet", num_classes=10)
     assert "tensors in its safetensors header" not in str(info.value)
 

@@ -56,12 +56,13 @@ def _ui_message(role: str, exc: Exception) -> str:
     """The core's error, with its fix said in terms of this page's controls (not the Python API)."""
     msg = str(exc)
     where = f"network {role}'s"
-    if "arch is needed" in msg:
-        head = msg.split(", so arch is needed")[0]
-        return (f"{head}, so its architecture is needed. Fix: choose it in {where} **Architecture** box (below the "
-                "upload), or upload its model card (.json) beside it.")
-    if "num_classes is not given" in msg:
-        head = msg.split(": num_classes")[0]
+    argument = getattr(exc, "argument", None)  # kcore.arguments.ArgumentError: the argument its fix is about
+    if argument == "arch":
+        head = msg.split(" holds weights only")[0]
+        return (f"{head} holds weights only, so its architecture is needed. Fix: choose it in {where} "
+                "**Architecture** box (below the upload), or upload its model card (.json) beside it.")
+    if argument == "num_classes" and "cannot be inferred" in msg:
+        head = msg.split(": the number of classes")[0]
         return (f"{head}: the number of classifier outputs is not in a model card and cannot be inferred. "
                 f"Fix: enter it in {where} **Classes** box.")
     return msg
