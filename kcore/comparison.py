@@ -17,6 +17,7 @@ from kcore.checkpoints import LoadedModel
 from kcore.decompose import Decomposition
 from kcore.feature_set import FeaturePair
 from kcore.fit import FitResult
+from kcore.progress import PipelineProgress  # noqa: F401  (re-exported: progress reports were defined here)
 from kcore.verdict import ChanceVerdict, chance_verdict
 
 DIRECTIONS: dict[str, tuple[str, str, str]] = {
@@ -24,15 +25,6 @@ DIRECTIONS: dict[str, tuple[str, str, str]] = {
     "B_to_A": ("B", "A", "unreliable features of A: what A encodes that B's feature cannot reconstruct"),
 }
 RUN_FORMAT = "kcore-run/1"
-
-
-@dataclass(frozen=True)
-class PipelineProgress:
-    """What a pipeline progress callback receives."""
-
-    stage: str  # "extract", "fit A_to_B", "fit B_to_A", "done"
-    fraction: float  # of the whole run, in [0, 1]
-    message: str = ""
 
 
 @dataclass(frozen=True)

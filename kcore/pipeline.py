@@ -32,6 +32,7 @@ from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import PRESETS, FitConfig, fit, make_config
 from kcore.preprocessing import Preprocessing, preprocessing_of
+from kcore.progress import Eta
 from kcore.provenance import versions
 from kcore.run_folder import (  # noqa: F401  (re-exported: run folders were written and read from here)
     HELDOUT_IMAGES_FILE,
@@ -46,18 +47,18 @@ from kcore.run_folder import (  # noqa: F401  (re-exported: run folders were wri
 )
 
 
-def fit_message(direction: str, p: Any) -> str:
-    """One line about a fit in progress: phase, epoch and step counts, monitor error, time left."""
+def fit_message(direction: str, p: Any, eta: Eta | None = None) -> str:
+    """One line about a fit in progress: phase, epoch and step counts, monitor error, and the time left (``eta``,
+    measured by :func:`kcore.progress.eta_range`; nothing is said before it is measured)."""
     msg = f"g_θ {direction}: {p.phase} epoch {p.epoch}/{p.epochs}"
     if p.phase == "train":
         if p.steps:
             msg += f" (step {p.step}/{p.steps})"
         if p.monitor_error == p.monitor_error:  # not NaN
             msg += f", monitor error {p.monitor_error:.4f}"
-        if p.eta == p.eta:
-            msg += f", ETA {p.eta:.0f} s" + (" or sooner" if p.eta > 0 else "")
+    if eta is not None and p.phase != "done":
+        msg += f", ETA {eta.span()}"
     return msg
-
 
 
 def model_transform(card: Any, input_size: tuple[int, int] | None = None) -> Callable[[Tensor], Tensor]:
@@ -163,6 +164,22 @@ def extract_pair(a: LoadedModel, layer_a: str, b: LoadedModel, layer_b: str, ima
     return feats, arrays
 
 
+def pipeline_stages(directions: Sequence[str], extra_seeds: Sequence[int] = (),
+                    kinds: Sequence[str] = ()) -> tuple[str, ...]:
+    """The stages of a comparison in the order they run: what "stage i of n" counts in its progress.
+
+    Args:
+        directions: ``"A_to_B"`` and/or ``"B_to_A"``.
+        extra_seeds: the seeds refitted after the first (``fit_seeds``).
+        kinds: the chance baselines (:data:`~kcore.baselines.BASELINE_KINDS`).
+
+    Returns:
+        ``("extract", "fit A_to_B", …, "seed 1 A_to_B", …, "baseline random_b A_to_B", …)``.
+    """
+    return ("extract", *(f"fit {k}" for k in directions), *(f"seed {s} {k}" for k in directions for s in extra_seeds),
+            *(f"baseline {kind} {k}" for kind in kinds for k in directions))
+
+
 def compare(
     a: LoadedModel,
     layer_a: str,
@@ -185,10 +202,12 @@ def compare(
     fit_seeds: int = 1,
     **overrides: Any,
 ) -> Comparison:
-    """Extract both layers' features for ``images`` and fit g_θ A → B (and B → A with ``both_directions``).
+    """Extract both layers' features for ``images``, fit g_θ A → B (and B → A with ``both_directions``), and the
+    chance baselines asked for.
 
-    The steps: :func:`comparison_config`, :func:`feature_cache_key` (with ``cache_dir``), :func:`extract_pair`, then
-    :func:`kcore.fit` per direction (and per chance baseline and seed).
+    Two steps, each usable on its own: :func:`compare_fit` (the comparison without baselines, complete: write it
+    with :func:`write_run` at once), then :func:`add_baselines` (a new comparison with them; add them to the run
+    folder with :func:`kcore.run_folder.update_run_baselines`).
 
     Args:
         a, b: loaded checkpoints (:func:`kcore.checkpoints.load_model`).
@@ -204,7 +223,8 @@ def compare(
         batch_size: images per extraction batch (the fit's batch is ``config.batch_size``).
         cache_dir: optional float16 on-disk feature cache.
         image_source: a description of where the images came from (for provenance).
-        progress, cancel: as in :func:`kcore.fit`; progress gets :class:`PipelineProgress`.
+        progress: gets a :class:`PipelineProgress` per report: the stage (:func:`pipeline_stages`), its own
+            fraction, "stage i of n" and the time left as a range. cancel: as in :func:`kcore.fit`.
         paths: the checkpoint paths, if any (for provenance).
         ctx: a torchrun job (:func:`kcore.distributed.init`) to share the work with: each rank extracts its
             shard of the images into ``cache_dir`` (required, a folder every rank sees) and the fits run with
@@ -241,13 +261,68 @@ def compare(
         cmp.directions["A_to_B"].fit.heldout_report.instability
         kcore.write_run(cmp, "runs/tiny_vs_resnet")
     """
+    comp = compare_fit(
+        a, layer_a, b, layer_b, images, config, preset=preset, device=device, both_directions=both_directions,
+        batch_size=batch_size, cache_dir=cache_dir, image_source=image_source, progress=progress, cancel=cancel,
+        paths=paths, ctx=ctx, baselines=baselines, fit_seeds=fit_seeds, **overrides,
+    )
+    if comp.provenance.get("baselines_pending"):
+        comp = add_baselines(comp, b, images, batch_size=batch_size, progress=progress, cancel=cancel)
+    return comp
+
+
+def compare_fit(
+    a: LoadedModel,
+    layer_a: str,
+    b: LoadedModel,
+    layer_b: str,
+    images: Any,
+    config: FitConfig | None = None,
+    *,
+    preset: str | None = None,
+    device: str | torch.device | None = "auto",
+    both_directions: bool = False,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    image_source: str = "",
+    progress: Callable[[PipelineProgress], None] | None = None,
+    cancel: Any = None,
+    paths: tuple[str | None, str | None] = (None, None),
+    ctx: kd.Context | None = None,
+    baselines: bool | Sequence[str] = False,
+    fit_seeds: int = 1,
+    **overrides: Any,
+) -> Comparison:
+    """The first step of :func:`compare`: extract, fit every direction (and seed); the chance baselines are only
+    planned.
+
+    The steps: :func:`comparison_config`, :func:`feature_cache_key` (with ``cache_dir``), :func:`extract_pair`, then
+    :func:`kcore.fit` per direction and seed. The result is complete without its baselines (write it with
+    :func:`write_run` at once); ``baselines`` are checked here and named in ``provenance["baselines_pending"]``
+    (with the extraction's seconds in ``provenance["extract_seconds"]``, which bound the time a random B's takes),
+    for :func:`add_baselines`, and counted in the progress's stages.
+
+    Args:
+        a, b, layer_a, layer_b, images, config, preset, device, both_directions, batch_size, cache_dir,
+        image_source, progress, cancel, paths, ctx, fit_seeds, overrides: as in :func:`compare`.
+        baselines: the chance baselines to plan (:func:`add_baselines` fits them).
+
+    Returns:
+        A :class:`Comparison` without baselines.
+
+    Raises:
+        TypeError, ValueError: as :func:`compare`.
+    """
+    import time
+
+    from kcore.progress import StageClock
+
     validate_layer(a.model, layer_a)
     validate_layer(b.model, layer_b)
     cfg, preset_name = comparison_config(config, preset, **overrides)
     seed = cfg.seed
     ctx = ctx or kd.Context()
     dev = ctx.device if ctx.distributed else resolve_device(device)
-    report = progress or (lambda p: None)
     ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
     n = len(ids)
     preps = (preprocessing_of(a), preprocessing_of(b))
@@ -256,77 +331,42 @@ def compare(
     kinds = baseline_kinds(baselines, ctx)
     if isinstance(fit_seeds, bool) or not isinstance(fit_seeds, int) or fit_seeds < 1:
         raise ValueError(f"fit_seeds must be a positive integer (1 = one fit); got {fit_seeds!r}.")
-    n_fits = (2 if both_directions else 1) * (len(kinds) + fit_seeds)
-    share = 0.3  # of the progress bar for extraction
+    keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
+    extra = list(range(seed + 1, seed + fit_seeds))
+    clock = StageClock(pipeline_stages(keys, extra, kinds), progress)
 
     def on_extract(done: int, total: int | None) -> None:
-        report(PipelineProgress("extract", share * done / max(total or n, 1), f"features: {done}/{total or n} images"))
+        clock.tell("extract", done / max(total or n, 1), f"features: {done}/{total or n} images")
 
-    report(PipelineProgress("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images"))
+    t_extract = time.perf_counter()
+    clock.tell("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images")
     feats, arrays = extract_pair(
         a, layer_a, b, layer_b, images, ids=ids, preps=preps, device=dev, batch_size=batch_size,
         cache_dir=cache_dir, cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
         both_directions=both_directions,
     )
+    extract_seconds = time.perf_counter() - t_extract
+    clock.extract_seconds = extract_seconds
     results: dict[str, DirectionResult] = {}
-    keys = ["A_to_B", "B_to_A"] if both_directions else ["A_to_B"]
-    for i, dkey in enumerate(keys):
+    for dkey in keys:
         src, tgt, meaning = DIRECTIONS[dkey]
         x_src, x_tgt = arrays if dkey == "A_to_B" else arrays[::-1]
-        base = share + (1 - share) * i / n_fits
-
-        def on_fit(p, base=base, dkey=dkey):
-            report(PipelineProgress(f"fit {dkey}", base + (1 - share) / n_fits * p.fraction, fit_message(dkey, p)))
-
+        on_fit = clock.fit_progress(f"fit {dkey}", lambda p, eta, dkey=dkey: fit_message(dkey, p, eta))
         res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
-    refs, skipped, failed = {}, {}, {}
-    done = len(keys)
-    for kind in kinds:
-        def on_base(dkey, p, kind=kind, base=share + (1 - share) * done / n_fits):
-            report(PipelineProgress(f"baseline {kind}", base + (1 - share) / n_fits * p.fraction,
-                                    f"chance baseline ({kind}) {dkey}: {p.phase} epoch {p.epoch}/{p.epochs}"))
-
-        from kcore import baselines as _bl
-        from kcore.features import ExtractionCancelled
-        from kcore.fit import FitCancelled
-
-        try:  # a failing baseline never loses the finished fit: its error is recorded, the others still run
-            if kind == "shuffled":
-                refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev,
-                                                   cancel=cancel, on_fit=on_base)
-            else:
-                report(PipelineProgress(f"baseline {kind}", share + (1 - share) * done / n_fits,
-                                        f"features of a randomly initialised B for {n} images"))
-                refs[kind] = _bl.random_network_baseline(
-                    feats.x_a, b, layer_b, images, keys, cfg, seed=seed, device=dev, batch_size=batch_size, ids=ids,
-                    cancel=cancel, on_fit=on_base)
-        except (ExtractionCancelled, FitCancelled):
-            raise
-        except _bl.BaselineUnavailable as exc:
-            skipped[kind] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - any failure of a baseline is reported, never fatal to the fit
-            failed[kind] = f"{type(exc).__name__}: {exc}"
-        done += len(keys)
     spread: dict[str, dict] = {}
-    if fit_seeds > 1:
+    if extra:
         from kcore.baselines import seed_spread
 
-        extra = list(range(seed + 1, seed + fit_seeds))
         for dkey in keys:
             x_src, x_tgt = arrays if dkey == "A_to_B" else arrays[::-1]
             reps = [results[dkey].fit.heldout_report]
             for s in extra:
-                base = share + (1 - share) * done / n_fits
-
-                def on_seed(p, base=base, s=s, dkey=dkey):
-                    report(PipelineProgress(f"seed {s}", base + (1 - share) / n_fits * p.fraction,
-                                            f"g_θ {dkey}, seed {s}: {p.phase} epoch {p.epoch}/{p.epochs}"))
-
+                on_seed = clock.fit_progress(f"seed {s} {dkey}",
+                                             lambda p, eta, s=s, dkey=dkey: fit_message(f"{dkey}, seed {s}", p, eta))
                 r = fit(x_src, x_tgt, config=dataclasses.replace(cfg, seed=s), device=dev, progress=on_seed,
                         cancel=cancel, ctx=ctx)
                 reps.append(r.heldout_report)
-                done += 1
             spread[dkey] = seed_spread(reps, [seed] + extra)
     held = tuple(results["A_to_B"].fit.heldout_indices)
     info_a = ModelInfo.from_loaded(a, layer_a, paths[0])
@@ -348,12 +388,108 @@ def compare(
         "versions": versions(),
         "command": " ".join(sys.argv) if sys.argv else "",
     }
+    if kinds:
+        prov["baselines_pending"] = kinds
+        prov["extract_seconds"] = round(extract_seconds, 3)
+    else:
+        clock.tell("done", 1.0, "done")
+    return Comparison(info_a, info_b, feats, held, results, prov, {}, spread)
+
+
+def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, kinds: bool | Sequence[str] | None = None,
+                  *, device: str | torch.device | None = None, batch_size: int = 64,
+                  progress: Callable[[PipelineProgress], None] | None = None, cancel: Any = None) -> Comparison:
+    """The second step of :func:`compare`: fit the chance baselines of ``comparison`` and return a new comparison
+    with them (``comparison`` itself is not changed).
+
+    Each baseline is its own stage (:func:`pipeline_stages`) with its own progress and time left. A ``random_b``
+    that cannot be built is left out with the reason in ``provenance["baselines_skipped"]``; a baseline that fails
+    is left out with ``"ErrorType: message"`` in ``provenance["baselines_failed"]``; ``baselines_pending`` is
+    removed.
+
+    Args:
+        comparison: the result of :func:`compare_fit` (all images' features; a run folder holds only the held-out
+            ones and cannot take baselines).
+        b: network B as loaded for the comparison (its random re-initialisation is ``random_b``); may be None
+            without ``random_b``.
+        images: the images of the comparison (``random_b`` extracts a random B's features of them).
+        kinds: the baselines to fit (``True``: all; default: those :func:`compare_fit` planned).
+        device: where to fit (default: the comparison's device).
+        batch_size: images per extraction batch.
+        progress, cancel: as in :func:`compare`.
+
+    Returns:
+        A new :class:`Comparison` with ``baselines`` filled (``dataclasses.replace``).
+
+    Raises:
+        ValueError: an unknown kind; a comparison without all images' features (read from a run folder); a ``b``
+            other than the comparison's B (by hash), or none for ``random_b``.
+        kcore.fit.FitCancelled, kcore.features.ExtractionCancelled: ``cancel`` asked to stop.
+    """
+    from kcore import baselines as _bl
+    from kcore.features import ExtractionCancelled
+    from kcore.fit import FitCancelled
+    from kcore.progress import StageClock
+
+    prov = dict(comparison.provenance)
+    asked = prov.get("baselines_pending", []) if kinds is None else kinds
+    kinds = baseline_kinds(asked, kd.Context())
+    n = int((prov.get("images") or {}).get("n", -1))
+    if comparison.features.n_images != n:
+        raise ValueError(f"comparison must hold all {n} images' features (the result of compare_fit) to fit chance "
+                         f"baselines on the same split; got {comparison.features.n_images} images' features (a run "
+                         "folder keeps only the held-out ones). Fix: run compare(..., baselines=True) on the images.")
+    if "random_b" in kinds:
+        if b is None or getattr(b, "sha256", None) != comparison.b.sha256:
+            got = "None" if b is None else f"{getattr(b, 'name', '?')} [{str(getattr(b, 'sha256', ''))[:12]}]"
+            raise ValueError(f"b must be the comparison's network B ({comparison.b.name} "
+                             f"[{comparison.b.short_hash}]) for the random_b baseline; got {got}. Fix: pass the "
+                             "LoadedModel compare_fit was given as b.")
+    cfg = FitConfig(**prov["config"])
+    seed = cfg.seed
+    dev = resolve_device(device if device is not None else prov.get("device", "auto"))
+    keys = list(comparison.directions)
+    ids = list(comparison.features.image_ids)
+    seeds = sorted({s for sp in comparison.seed_spread.values() for s in sp.get("seeds", ())} - {seed})
+    clock = StageClock(pipeline_stages(keys, seeds, kinds), progress, extract_seconds=prov.get("extract_seconds"))
+    for d in comparison.directions.values():
+        f = d.fit
+        clock.add_fit(f.seconds, f.seconds - sum(r.seconds for r in f.history), f.steps_run, f.steps_planned,
+                      tail_exact=False)  # set-up and evaluation together: an upper bound of the evaluation
+    feats = comparison.features
+    refs, skipped, failed = dict(comparison.baselines), {}, {}
+    for kind in kinds:
+        def on_base(dkey, p, kind=kind):
+            stage = f"baseline {kind} {dkey}"
+            if stage not in on_base.fits:
+                label = f"{dkey}, chance baseline {_bl.BASELINE_LABELS.get(kind, kind)}"
+                on_base.fits[stage] = clock.fit_progress(stage, lambda q, eta, label=label: fit_message(label, q, eta))
+            on_base.fits[stage](p)
+
+        on_base.fits = {}
+        try:  # a failing baseline never loses the finished fit: its error is recorded, the others still run
+            if kind == "shuffled":
+                refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev,
+                                                   cancel=cancel, on_fit=on_base)
+            else:
+                clock.tell(f"baseline {kind} {keys[0]}", 0.0, f"features of a randomly initialised B for {n} images")
+                refs[kind] = _bl.random_network_baseline(
+                    feats.x_a, b, comparison.b.layer, images, keys, cfg, seed=seed, device=dev, batch_size=batch_size,
+                    ids=ids, cancel=cancel, on_fit=on_base)
+        except (ExtractionCancelled, FitCancelled):
+            raise
+        except _bl.BaselineUnavailable as exc:
+            skipped[kind] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure of a baseline is reported, never fatal to the fit
+            failed[kind] = f"{type(exc).__name__}: {exc}"
+    prov.pop("baselines_pending", None)
     if skipped:
-        prov["baselines_skipped"] = skipped
+        prov["baselines_skipped"] = {**prov.get("baselines_skipped", {}), **skipped}
     if failed:
-        prov["baselines_failed"] = failed
-    report(PipelineProgress("done", 1.0, "done"))
-    return Comparison(info_a, info_b, feats, held, results, prov, refs, spread)
+        prov["baselines_failed"] = {**prov.get("baselines_failed", {}), **failed}
+    clock.tell("done", 1.0, "done")
+    return dataclasses.replace(comparison, provenance=prov, baselines=refs)
+
 
 
 def _prep_desc(prep: Preprocessing) -> dict:

@@ -27,7 +27,8 @@ class FitProgress:
 
     ``epoch``/``epochs`` count monitor measurements (one per epoch unless ``eval_every`` splits epochs);
     ``step``/``steps`` are optimiser steps done and planned; ``eta`` is the estimated time left in training
-    (seconds; early stopping may end it sooner).
+    (seconds; early stopping may end it sooner); ``stop_step`` is the earliest step at which early stopping may end
+    training (0: no early stopping) if the monitor error does not improve (:func:`kcore.progress.eta_range`).
     """
 
     phase: str  # "init", "train", "calibrate", "evaluate", "done"
@@ -41,6 +42,7 @@ class FitProgress:
     step: int = 0
     steps: int = 0
     eta: float = float("nan")
+    stop_step: int = 0
 
     @property
     def fraction(self) -> float:
@@ -325,8 +327,10 @@ def train(
         eta = (now - t_train) / step * (plan.total_steps - step)
         if cfg.budget is not None:
             eta = min(eta, max(0.0, t0 + cfg.budget - now))
+        # the earliest step early stopping may end at (best step before this measurement: a lower bound)
+        stop_step = stopper.best_step + plan.patience_steps if plan.patience_steps is not None else 0
         report(FitProgress("train", index, len(plan.rounds), rec.train_loss, mon, rec.lr, gates, now - t0,
-                           step=step, steps=plan.total_steps, eta=eta))
+                           step=step, steps=plan.total_steps, eta=eta, stop_step=stop_step))
         if not math.isfinite(rec.train_loss):
             raise ValueError(
                 f"the fit diverged at epoch {epoch} (loss {rec.train_loss}). Fix: lower lr (now {cfg.lr}) "
