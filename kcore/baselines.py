@@ -282,31 +282,37 @@ def random_init_like(m: Any, seed: int = 0) -> tuple[Any, str]:
 
 
 def _fit_directions(x_a: Tensor, x_b: Tensor, keys: Sequence[str], cfg: Any, device: Any, cancel: Any,
-                    on_fit: Callable[[str, Any], None]) -> tuple[dict, dict]:
+                    on_fit: Callable[[str, Any], None], groups: Any = None) -> tuple[dict, dict]:
     from kcore.fit import fit
 
     reports, errors = {}, {}
     for key in keys:
         x_src, x_tgt = (x_a, x_b) if key == "A_to_B" else (x_b, x_a)
         res = fit(x_src, x_tgt, config=cfg, device=device, cancel=cancel,
-                  progress=lambda p, key=key: on_fit(key, p))
+                  progress=lambda p, key=key: on_fit(key, p), groups=groups)
         reports[key], errors[key] = res.heldout_report, res.heldout_error
     return reports, errors
 
 
 def shuffled_baseline(x_a: Tensor, x_b: Tensor, keys: Sequence[str], cfg: Any, *, seed: int = 0,
                       device: Any = "cpu", cancel: Any = None,
-                      on_fit: Callable[[str, Any], None] | None = None) -> ChanceBaseline:
-    """The fit of ``cfg`` with B's features of image π(i) paired with A's of image i (π: :func:`derangement`)."""
+                      on_fit: Callable[[str, Any], None] | None = None, groups: Any = None) -> ChanceBaseline:
+    """The fit of ``cfg`` with B's features of image π(i) paired with A's of image i (π: :func:`derangement`).
+
+    ``groups`` (one per image, :class:`kcore.groups.Groups`) are A's images': the split keeps them whole and the
+    intervals resample them, as in the main fit, so the two intervals are comparable."""
     perm = derangement(x_b.shape[0], seed)
-    reports, errors = _fit_directions(x_a, x_b[perm], keys, cfg, device, cancel, on_fit or (lambda k, p: None))
+    reports, errors = _fit_directions(x_a, x_b[perm], keys, cfg, device, cancel, on_fit or (lambda k, p: None),
+                                      groups)
     return ChanceBaseline("shuffled", BASELINE_KINDS["shuffled"], reports, errors, seed)
 
 
 def random_network_baseline(x_a: Tensor, b: Any, layer_b: str, images: Any, keys: Sequence[str], cfg: Any, *,
                             seed: int = 0, device: Any = "cpu", batch_size: int = 64, ids: Sequence[str] | None = None,
-                            cancel: Any = None, on_fit: Callable[[str, Any], None] | None = None) -> ChanceBaseline:
-    """The fit of ``cfg`` with B replaced by :func:`random_init_like` (same layer, same images, same preprocessing)."""
+                            cancel: Any = None, on_fit: Callable[[str, Any], None] | None = None,
+                            groups: Any = None) -> ChanceBaseline:
+    """The fit of ``cfg`` with B replaced by :func:`random_init_like` (same layer, same images, same preprocessing,
+    the same ``groups``: :class:`kcore.groups.Groups` of the images, kept whole by the split)."""
     from kcore.features import extract_features
     from kcore.preprocessing import preprocessing_of
 
@@ -314,5 +320,6 @@ def random_network_baseline(x_a: Tensor, b: Any, layer_b: str, images: Any, keys
     t = preprocessing_of(b).transform()
     feats = extract_features(rand.model, layer_b, rand.model, layer_b, images, batch_size=batch_size, device=device,
                              ids=ids, transform_a=t, transform_b=t, cancel=cancel)
-    reports, errors = _fit_directions(x_a, feats.x_b, keys, cfg, device, cancel, on_fit or (lambda k, p: None))
+    reports, errors = _fit_directions(x_a, feats.x_b, keys, cfg, device, cancel, on_fit or (lambda k, p: None),
+                                      groups)
     return ChanceBaseline("random_b", BASELINE_KINDS["random_b"], reports, errors, seed, {"network": how})

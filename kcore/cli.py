@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "('sample' is a deprecated alias)")
     p.add_argument("--n-images", type=int, default=None, metavar="N", help="use at most N images (default: all; "
                    f"400 for '{BUNDLED_DATA}')")
+    p.add_argument("--groups", default=None, metavar="folder|FILE.csv",
+                   help="which images belong together (crops of one photo, frames of one video): 'folder' = each "
+                   "image's subfolder of --data (group/image.png, or class/group/image.png), or a CSV with the "
+                   "columns image,group (image relative to --data; every image listed). No group is split between "
+                   "training and held-out images, and the intervals resample whole groups (default: none, every "
+                   "image its own group)")
     p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
@@ -223,17 +229,26 @@ def _cmd_layers(args) -> int:
     return 0
 
 
-def _images(data: str, n: int | None, size: tuple[int, int]):
+def _images(data: str, n: int | None, size: tuple[int, int], groups: str | None = None):
     """The images as [0, 1] RGB at ``size`` (shorter side scaled, centre cropped: the dashboard loads them the same
-    way); each model's preprocessing resizes, crops and normalises them (kcore.preprocessing)."""
+    way); each model's preprocessing resizes, crops and normalises them (kcore.preprocessing). ``groups``: the
+    --groups option (kcore.groups.groups_option)."""
     from kcore import data as kdata
+    from kcore.groups import groups_option
 
     if kdata.is_bundled(data):
+        if groups:
+            raise ValueError(f"--groups {groups} needs a folder of images (--data DIR); the bundled images are each "
+                             "rendered independently (no groups). Fix: drop --groups, or give --data DIR.")
         return kdata.sample_images(n=n or 400, preprocess=tuple(size)), "kshapes test split (bundled)"
     images = kdata.ImageSet.from_folder(data, tuple(size), limit=n)
     if images.skipped:
         print(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0][0]}: {images.skipped[0][1]}",
               file=sys.stderr)
+    if groups:
+        images = images.with_groups(groups_option(groups, images.ids, ignore=[s[0] for s in images.skipped],
+                                                  partial=n is not None))
+        print(f"groups: {images.groups.describe()}", file=sys.stderr)
     return images, f"folder {data}"
 
 
@@ -282,7 +297,7 @@ def _fit_job(args, ctx) -> int:
     a, b = _with_preprocessing(a, "A", args, say), _with_preprocessing(b, "B", args, say)
     from kcore.preprocessing import load_size
 
-    images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing))
+    images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing), args.groups)
     from kcore.features import estimate_feature_bytes, format_bytes
 
     shape_a = _layer_shape(a, layer_a)

@@ -11,6 +11,7 @@ Memory: ``N * H * W * 3`` bytes (about 150 kB per 224x224 image, 12 kB per 64x64
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 
 from kcore import synthetic
 from kcore.decode import _DECODE_ERRORS, RESIZE_MODES, ResizeMode, _decode, decode_image, resize_image, to_unit
+from kcore.groups import Groups, as_groups, groups_option
 from kcore.limits import LimitExceeded, Limits, input_tensor_bytes
 from kcore.limits import limits as current_limits
 from kcore.preprocessing import Preprocessing
@@ -273,12 +275,14 @@ class ImageSet(Dataset):
         size: ``(H, W)`` of every image.
         preprocess: how the images were loaded (size, resize mode; a normalisation only if an older caller gave
             one through :class:`Preprocess`).
+        groups: which images belong together (:class:`kcore.groups.Groups`), or ``None``: every image its own
+            group (the default; kcore makes no crops or flips of an image, so none of its own sets has groups).
     """
 
     def __init__(self, images: np.ndarray, ids: Sequence[str], labels: Sequence[int],
                  size: tuple[int, int] | int | Preprocess | None, *, class_names: Sequence[str] = (),
                  skipped: Sequence[tuple[str, str]] = (), source: str = "",
-                 digests: Sequence[bytes] | None = None) -> None:
+                 digests: Sequence[bytes] | None = None, groups: Groups | Sequence | None = None) -> None:
         """Wrap decoded images.
 
         Args:
@@ -290,6 +294,7 @@ class ImageSet(Dataset):
             skipped: files that were not loaded, as ``(name, reason)``.
             source: where the images came from (for messages).
             digests: per-image sha256 digests of the source bytes; default: of the pixels.
+            groups: one group per image (:class:`kcore.groups.Groups` or N keys); default none.
 
         Raises:
             ValueError: inconsistent lengths, shapes or duplicate ids.
@@ -319,6 +324,20 @@ class ImageSet(Dataset):
         if digests is None:
             digests = [hashlib.sha256(img.tobytes()).digest() for img in images]
         self._digests = tuple(digests)
+        self.groups = as_groups(groups, n)
+
+    def with_groups(self, groups: Groups | Sequence | str | None) -> ImageSet:
+        """This image set with ``groups``: a :class:`kcore.groups.Groups`, one key per image, ``"folder"`` (each
+        image's subfolder, :func:`kcore.groups.folder_groups`), a CSV path, or ``None`` (no grouping).
+
+        Raises:
+            ValueError: see :func:`kcore.groups.groups_option`, or not one group per image.
+        """
+        out = copy.copy(self)
+        if isinstance(groups, (str, os.PathLike)):
+            groups = groups_option(groups, self.ids, ignore=[name for name, _ in self.skipped])
+        out.groups = as_groups(groups, len(self))
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -89,6 +89,7 @@ def fit(
     cancel: Any = None,
     on_epoch: Callable[[int, GTheta], None] | None = None,
     ctx: kd.Context | None = None,
+    groups: Any = None,
     **overrides: Any,
 ) -> FitResult:
     """Fit g_θ so that g(x_src) reconstructs x_tgt, on a training split; evaluate on held-out images.
@@ -117,6 +118,9 @@ def fit(
             least-squares start come from all-reduced sums, g_θ is trained with DistributedDataParallel
             (each rank a share of every batch) and early stopping follows the all-reduced monitor error.
             The device is the rank's (``ctx.device``). Default: this process alone.
+        groups: which images belong together (crops of one photo, frames of one video): a
+            :class:`kcore.groups.Groups` or one key per image. No group is split between training, monitor and
+            held-out images, and the intervals resample whole groups. Default: every image its own group.
         **overrides: any :class:`FitConfig` field, e.g. ``lam=0.5, epochs=100, seed=1``.
 
     Returns:
@@ -144,7 +148,7 @@ def fit(
     dev = ctx.device if ctx.distributed else resolve_device(device)
     report = progress or (lambda p: None)
 
-    data = prepare_data(x_src, x_tgt, cfg, dev, ctx)
+    data = prepare_data(x_src, x_tgt, cfg, dev, ctx, groups=groups)
     shape = (data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3])
     flops = step_flops(*shape, cfg)
     cfg = small_batch_config(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)

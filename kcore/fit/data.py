@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -12,16 +12,32 @@ from kcore._validate import check_pair
 from kcore.conventions import Normalization
 from kcore.fit.config import FitConfig
 from kcore.fit.plan import eval_batch_size
+from kcore.groups import Groups, as_groups, group_split
 from kcore.metrics import ChannelMoments
 from kcore.streaming import Rows, batch_slices, merge_moments
 
 
-def split_indices(n: int, val_fraction: float, monitor_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Seeded (train, monitor, held-out) index split of ``n`` images.
+def split_indices(n: int, val_fraction: float, monitor_fraction: float, seed: int,
+                  groups: Groups | Sequence[Hashable] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded (train, monitor, held-out) index split of ``n`` images; with ``groups``, no group is split.
+
+    Args:
+        n: images.
+        val_fraction: share of the images held out (at least one image, or one group).
+        monitor_fraction: share of the training images set aside to pick the best epoch (none below 10).
+        seed: the split's seed.
+        groups: one group per image (:class:`kcore.groups.Groups` or N keys): whole groups go to each part
+            (:func:`kcore.groups.group_split`). ``None``, or every image its own group, gives the ungrouped split.
+
+    Returns:
+        ``(train, monitor, held_out)`` sorted int64 index tensors.
 
     Raises:
-        ValueError: when fewer than 1 held-out or 2 training images would remain.
+        ValueError: when fewer than 1 held-out or 2 training images (or fewer than 2 groups) would remain.
     """
+    grouped = as_groups(groups, n)
+    if grouped is not None and not grouped.trivial:
+        return group_split(grouped, val_fraction, monitor_fraction, seed)
     n_val = max(1, int(round(n * val_fraction)))
     n_train = n - n_val
     if n_train < 2:
@@ -50,6 +66,8 @@ class FitData:
             no monitor split (``nan`` otherwise).
         device: where the model runs; memory_format: the layout of the maps and the model.
         ctx: the torchrun job the fit is shared with (a single process by default).
+        groups: the images' groups (:class:`kcore.groups.Groups`), or ``None`` when every image is its own group;
+            the split keeps groups whole and the held-out bootstrap resamples them (:meth:`heldout_groups`).
 
     When the inputs are read from the disk cache or the fit is shared by several ranks, ``xs``/``xt`` and the
     splits are :class:`kcore.streaming.Rows`: prepared batch by batch when sliced, never held whole.
@@ -69,6 +87,15 @@ class FitData:
     device: torch.device
     memory_format: torch.memory_format
     ctx: kd.Context = kd.Context()
+    groups: Groups | None = None
+
+    def heldout_groups(self, positions: slice | Tensor | None = None) -> Tensor | None:
+        """Group labels (int64) of the held-out images at ``positions`` of the held-out order (default: all);
+        ``None`` without a grouping (then the bootstrap resamples images)."""
+        if self.groups is None or self.groups.trivial:
+            return None
+        labels = self.groups.label_tensor()[self.heldout_idx.cpu()]
+        return labels if positions is None else labels[positions]
 
     @property
     def has_monitor(self) -> bool:
@@ -87,21 +114,26 @@ class FitData:
 
 
 def prepare_data(
-    x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device, ctx: kd.Context | None = None
+    x_src: Tensor, x_tgt: Tensor, cfg: FitConfig, dev: torch.device, ctx: kd.Context | None = None,
+    groups: Groups | Sequence[Hashable] | None = None,
 ) -> FitData:
     """Split the images (seeded), fit the normalisation on the training split and normalise every map.
+
+    With ``groups`` (one per image), no group is split between training, monitor and held-out images.
 
     In-memory tensors in one process are normalised once and kept (fastest). Cached arrays
     (:class:`kcore.feature_cache.CachedArray`), or a fit shared by several ranks, are streamed instead: the
     statistics come from (all-reduced) sums and every batch is read and prepared when it is used.
     """
     ctx = ctx or kd.Context()
-    train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed)
+    groups = as_groups(groups, x_src.shape[0])
+    train_idx, mon_idx, held_idx = split_indices(x_src.shape[0], cfg.val_fraction, cfg.monitor_fraction, cfg.seed,
+                                                 groups)
     norm = Normalization.fit(x_src, x_tgt, cfg.convention, indices=train_idx, ctx=ctx)
     # On the CPU, oneDNN's convolutions run faster on channels-last (NHWC) maps than on NCHW ones (bench/).
     fmt = torch.channels_last if dev.type == "cpu" else torch.contiguous_format
     if ctx.distributed or not (isinstance(x_src, Tensor) and isinstance(x_tgt, Tensor)):
-        return _streamed_data(x_src, x_tgt, norm, (train_idx, mon_idx, held_idx), dev, fmt, ctx)
+        return _streamed_data(x_src, x_tgt, norm, (train_idx, mon_idx, held_idx), dev, fmt, ctx, groups)
     xs = _prepare(norm.source, x_src, memory_format=fmt)
     xt = _prepare(norm.target, x_tgt, memory_format=fmt)
     if dev.type == "cuda":
@@ -118,7 +150,8 @@ def prepare_data(
         for i in range(0, xt_tr.shape[0], step):
             train_mom.update(xt_tr[i : i + step])
         train_sst = float(train_mom.m2.sum())
-    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt)
+    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt,
+                   groups=groups)
 
 
 def _streamed_data(
@@ -129,6 +162,7 @@ def _streamed_data(
     dev: torch.device,
     fmt: torch.memory_format,
     ctx: kd.Context,
+    groups: Groups | None = None,
 ) -> FitData:
     """The :class:`FitData` of a streamed fit: lazy :class:`Rows` over the raw arrays (nothing read yet)."""
     train_idx, mon_idx, held_idx = split
@@ -146,7 +180,8 @@ def _streamed_data(
         for sl in batch_slices(len(xt_tr), eval_batch_size(xt.shape), ctx):
             mom.update(xt_tr[sl])
         train_sst = float(merge_moments(mom, ctx).m2.sum())
-    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt, ctx)
+    return FitData(norm, xs, xt, train_idx, mon_idx, held_idx, xs_tr, xt_tr, xs_mon, xt_mon, train_sst, dev, fmt, ctx,
+                   groups)
 
 
 def check_inputs(x_src: Any, x_tgt: Any) -> tuple[Any, Any]:

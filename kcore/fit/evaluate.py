@@ -94,10 +94,12 @@ def evaluate_heldout(
     acc = VarianceAccumulator(cfg.orders, data.xt.shape[1])
     with torch.no_grad():
         step = data.eval_batch
+        held_groups = data.heldout_groups()  # the bootstrap resamples whole groups when there are groups
         for i in range(0, xs_h.shape[0], step):
             comps = components(model, xs_h[i : i + step].to(data.device))
             tb = xt_h[i : i + step].to(data.device)
-            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb,
+                       None if held_groups is None else held_groups[i : i + step])
     baseline = linear_baseline(
         data.xs_tr.cpu(), data.xt_tr.cpu(), xs_h.cpu(), xt_h.cpu(), cfg.kernel_size, lin=lin
     )
@@ -127,7 +129,7 @@ def _evaluate_streamed(
             lin_sse += float(((tb.double() - lin(xb).double()) ** 2).sum())
             xb, tb = xb.to(data.device), tb.to(data.device)
             comps = components(model, xb)
-            acc.update(comps, tb - torch.stack(comps).sum(0), tb)
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb, data.heldout_groups(sl))
     acc = merge_accumulator(acc, ctx)
     (lin_sse,) = kd.all_reduce_floats(lin_sse, ctx=ctx)
     sst = float(acc.target.m2.sum())

@@ -36,6 +36,8 @@ class ConfidenceIntervals:
 
     Attributes:
         level: e.g. 0.95. n_boot: bootstrap resamples. seed: their seed. n_heldout: images resampled.
+        n_groups: groups of images resampled whole (a cluster bootstrap), ``None`` when images were resampled
+            one by one (every image its own group).
         instability: Var(x^Δ)/Var(x*). share_orders: one per order k. share_residual: x^Δ's share.
         channel_share_orders: (K+1) × C intervals. channel_share_residual: C intervals.
         channel_instability: C intervals of Var(x^Δ_c)/Var(x*_c).
@@ -51,6 +53,7 @@ class ConfidenceIntervals:
     channel_share_orders: tuple[tuple[tuple[float, float], ...], ...] | None = None
     channel_share_residual: tuple[tuple[float, float], ...] | None = None
     channel_instability: tuple[tuple[float, float], ...] | None = None
+    n_groups: int | None = None
 
     def headline(self) -> dict[str, tuple[float, float]]:
         """Name → interval of the run-level quantities (instability and every share)."""
@@ -78,6 +81,7 @@ class ConfidenceIntervals:
             channel_share_orders=_opt(d.get("channel_share_orders")),
             channel_share_residual=_opt(d.get("channel_share_residual")),
             channel_instability=_opt(d.get("channel_instability")),
+            n_groups=None if d.get("n_groups") is None else int(d["n_groups"]),
         )
 
 

@@ -24,18 +24,47 @@ from kcore.metrics.report import (
 MAX_IMAGE_MOMENTS = 2**25
 
 
-def resample_weights(n: int, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED) -> Tensor:
+def resample_weights(n: int, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED,
+                     groups: Tensor | Sequence[int] | None = None) -> Tensor:
     """How often each of ``n`` images is drawn in each of ``n_boot`` resamples with replacement (seeded).
 
     Args:
         n: images resampled. n_boot: resamples. seed: the generator's seed.
+        groups: optional group label of each image: then whole groups are drawn (a cluster bootstrap: the G
+            groups, in sorted label order, drawn G times with replacement) and each image weighs what its group
+            does. Labels that are all different give exactly the image bootstrap.
 
     Returns:
-        (n_boot, n) float64 counts, each row summing to ``n``; the same ``(n, n_boot, seed)`` gives the same
-        resamples, so intervals of different quantities over the same images are drawn from the same resamples.
+        (n_boot, n) float64 counts; each row sums to ``n`` for the image bootstrap (to the drawn groups' images
+        for a cluster bootstrap). The same ``(n, n_boot, seed, groups)`` gives the same resamples, so intervals of
+        different quantities over the same images are drawn from the same resamples.
+
+    Raises:
+        ValueError: ``groups`` does not give one label per image.
     """
-    idx = torch.randint(n, (n_boot, n), generator=torch.Generator().manual_seed(int(seed)))
-    return torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    inv, n_groups = group_index(groups, n)
+    draws = n if inv is None else n_groups
+    idx = torch.randint(draws, (n_boot, draws), generator=torch.Generator().manual_seed(int(seed)))
+    w = torch.zeros(n_boot, draws, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_boot, draws, dtype=torch.float64))
+    return w if inv is None else w[:, inv]
+
+
+def group_index(groups: Tensor | Sequence[int] | None, n: int) -> tuple[Tensor | None, int]:
+    """``(index of each image's group in sorted label order, number of groups)``; ``(None, n)`` without groups
+    or when every image is its own group (the image bootstrap).
+
+    Raises:
+        ValueError: not one label per image.
+    """
+    if groups is None:
+        return None, n
+    labels = torch.as_tensor(groups, dtype=torch.long).flatten().cpu()
+    if labels.numel() != n:
+        raise ValueError(f"groups must give one label per image: expected {n}, got {labels.numel()}. Fix: pass the "
+                         "group labels of the images the moments were added for, in the same order.")
+    uniq, inv = torch.unique(labels, return_inverse=True)
+    return (None, n) if len(uniq) == n else (inv, len(uniq))
 
 
 def percentile_interval(x: Tensor, level: float = CI_LEVEL) -> Tensor:
@@ -59,9 +88,24 @@ class ImageMoments:
         self.per_channel = True
         self.units = 0  # elements per image per channel (H·W)
         self.kept = 0
+        self.groups: list[Tensor] | None = None  # per batch: the images' group labels (None: no grouping)
 
-    def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor) -> None:
-        """Add one batch's sums: the components ``comps`` (x⁽⁰⁾ … x⁽ᴷ⁾), x^Δ ``r`` and x* ``t``, each (N, C, H, W)."""
+    def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor, groups: Tensor | None = None) -> None:
+        """Add one batch's sums: the components ``comps`` (x⁽⁰⁾ … x⁽ᴷ⁾), x^Δ ``r`` and x* ``t``, each (N, C, H, W),
+        and optionally the images' group labels ``groups`` (N,) for a cluster bootstrap (every batch or none).
+
+        Raises:
+            ValueError: ``groups`` given for some batches and not others, or not one label per image.
+        """
+        if (groups is None) != (self.groups is None) and self.batches:
+            raise ValueError("groups must be given for every batch or for none; got them for only some. Fix: pass "
+                             "the held-out images' group labels with every batch (kcore.fit.FitData.heldout_groups).")
+        if groups is not None:
+            groups = torch.as_tensor(groups, dtype=torch.long).flatten().cpu()
+            if groups.numel() != t.shape[0]:
+                raise ValueError(f"groups must give one label per image of the batch: expected {t.shape[0]}, got "
+                                 f"{groups.numel()}.")
+            self.groups = (self.groups or []) + [groups]
         parts = list(comps) + [r, t]
         if self.shifts is None:
             self.shifts = [float(p.mean()) for p in parts]
@@ -76,9 +120,22 @@ class ImageMoments:
             self.batches = [b.sum(-1, keepdim=True) for b in self.batches]
         self.batches.append(block if self.per_channel else block.sum(-1, keepdim=True))
 
-    def bootstrap(self, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED
-                  ) -> ConfidenceIntervals | None:
-        """Percentile intervals from ``n_boot`` resamples (with replacement) of the images; None below 2 images."""
+    def bootstrap(self, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED,
+                  groups: Tensor | Sequence[int] | None = None) -> ConfidenceIntervals | None:
+        """Percentile intervals from ``n_boot`` resamples (with replacement) of the images, or of their groups.
+
+        With group labels (``groups``, one per image in the order they were added, else those given to
+        :meth:`update`), whole groups are resampled (a cluster bootstrap, :func:`resample_weights`), so images
+        that are near-copies of each other count as the one observation they are. When every image is its own
+        group this is exactly the image bootstrap (same seed, same numbers).
+
+        Returns:
+            The :class:`ConfidenceIntervals` (``n_groups`` set for a cluster bootstrap), or ``None`` below 2
+            images or 2 groups.
+
+        Raises:
+            ValueError: ``level`` outside (0, 1), ``n_boot`` below 10, or not one group label per image.
+        """
         if not 0 < level < 1:
             raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level}.")
         if n_boot < 10:
@@ -89,24 +146,33 @@ class ImageMoments:
         n = s.shape[0]
         if n < 2:
             return None
+        if groups is None and self.groups is not None:
+            groups = torch.cat(self.groups)
+        inv, n_groups = group_index(groups, n)
+        if inv is not None and n_groups < 2:
+            return None
         k1 = self.orders + 1
 
-        def stats(tot: Tensor, m: float) -> tuple[Tensor, Tensor, Tensor]:
-            """tot (..., 2K+7) weighted sums over m elements → (instability, shares of orders (…, K+1), x^Δ share)."""
+        def stats(tot: Tensor, m: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """tot (..., 2K+7) weighted sums over m elements (a number, or a tensor shaped like tot[..., :1])
+            → (instability, shares of orders (…, K+1), x^Δ share)."""
+            m_last = m[..., 0] if isinstance(m, Tensor) else m
             mean = tot[..., : k1 + 2] / m
             cross = tot[..., k1 + 2 : 2 * k1 + 4] / m
             cov = cross - mean * mean[..., -1:]  # Cov(part, x*), the last one Var(x*)
             var_t = cov[..., -1]
-            var_r = tot[..., -1] / m - mean[..., k1] ** 2
+            var_r = tot[..., -1] / m_last - mean[..., k1] ** 2
             safe = torch.where(var_t > 0, var_t, torch.ones_like(var_t))
             return var_r / safe, cov[..., :k1] / safe.unsqueeze(-1), cov[..., k1] / safe
 
         def interval(x: Tensor) -> Tensor:  # (B, …) -> (…, 2)
             return percentile_interval(x, level)
 
-        w = resample_weights(n, n_boot, seed)
+        w = resample_weights(n, n_boot, seed, None if inv is None else groups)
+        # images in each resample: n for the image bootstrap, the drawn groups' images for a cluster bootstrap
+        images: float | Tensor = n if inv is None else w.sum(1, keepdim=True)
         glob = w @ s.sum(-1)  # (B, 2K+7)
-        inst, sh, shr = stats(glob, n * self.units * self.channels)
+        inst, sh, shr = stats(glob, images * self.units * self.channels)
         out = dict(instability=_floats(interval(inst)), share_orders=_floats(interval(sh)),
                    share_residual=_floats(interval(shr)))
         if self.per_channel and s.shape[-1] == self.channels:
@@ -114,11 +180,12 @@ class ImageMoments:
             chunk = max(1, 2**24 // max(flat.shape[1], 1))
             tot = torch.cat([w[i : i + chunk] @ flat for i in range(0, n_boot, chunk)])
             tot = tot.view(n_boot, s.shape[1], self.channels).transpose(1, 2)  # (B, C, 2K+7)
-            inst_c, sh_c, shr_c = stats(tot, n * self.units)
+            inst_c, sh_c, shr_c = stats(tot, images * self.units if inv is None else (images * self.units)[:, None])
             out.update(channel_instability=_floats(interval(inst_c)),
                        channel_share_orders=_floats(interval(sh_c).transpose(0, 1)),  # (K+1, C, 2)
                        channel_share_residual=_floats(interval(shr_c)))
-        return ConfidenceIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n, **out)
+        return ConfidenceIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n,
+                                   n_groups=None if inv is None else n_groups, **out)
 
 
 class VarianceAccumulator:
@@ -139,8 +206,10 @@ class VarianceAccumulator:
         self.images = 0
         self.image_moments = ImageMoments(orders, channels)
 
-    def update(self, components: Sequence[Tensor], residual: Tensor, target: Tensor) -> None:
-        """Add one batch: ``components`` K+1 tensors (n, C_b, H, W), ``residual`` and ``target`` (n, C_b, H, W)."""
+    def update(self, components: Sequence[Tensor], residual: Tensor, target: Tensor,
+               groups: Tensor | None = None) -> None:
+        """Add one batch: ``components`` K+1 tensors (n, C_b, H, W), ``residual`` and ``target`` (n, C_b, H, W),
+        and optionally the images' group labels ``groups`` (n,): then the intervals resample groups."""
         if len(components) != self.orders + 1:
             raise ValueError(f"expected {self.orders + 1} components (K = {self.orders}); got {len(components)}.")
         t64 = target.detach().to(torch.float64)
@@ -157,7 +226,7 @@ class VarianceAccumulator:
         self.target.update(t64)
         self.sq_err += float((r64**2).sum())
         self.images += int(target.shape[0])
-        self.image_moments.update([c.detach().to(torch.float64) for c in components], r64, t64)
+        self.image_moments.update([c.detach().to(torch.float64) for c in components], r64, t64, groups)
 
     def report(self, ci: bool = True, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED
                ) -> VarianceReport:

@@ -1,0 +1,253 @@
+"""Groups of correlated images: group-aware splits, the cluster bootstrap, where groups come from, and provenance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kcore.fit import fit, split_indices
+from kcore.groups import (
+    MAX_PATTERN_CHARS,
+    Groups,
+    csv_groups,
+    folder_groups,
+    group_split,
+    groups_provenance,
+    pattern_groups,
+)
+from kcore.metrics import ImageMoments
+from kcore.metrics.variance import resample_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+STRONG = ROOT / "sample_models" / "kshapes_resnet_s0.safetensors"
+WEAK = ROOT / "sample_models" / "kshapes_tinynet_s0.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ the split
+def test_a_group_split_never_splits_a_group_and_covers_every_image_once():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(300):
+        g = int(rng.integers(2, 40))
+        sizes = rng.integers(1, int(rng.choice([2, 5, 20])), size=g)
+        keys = np.repeat(rng.permutation(g), sizes)  # groups in any order of labels
+        rng.shuffle(keys)  # and their images interleaved
+        groups = Groups.from_keys(keys.tolist())
+        n = len(keys)
+        val, mon = float(rng.uniform(0.05, 0.5)), float(rng.uniform(0.0, 0.4))
+        try:
+            parts = split_indices(n, val, mon, int(rng.integers(0, 10**6)), groups)
+        except ValueError as exc:  # only when one group holds nearly every image (or 2 ungrouped images)
+            assert "too few" in str(exc) and "held-out" in str(exc) and "Fix:" in str(exc)
+            continue
+        checked += 1
+        everything = torch.cat(parts).sort().values
+        assert torch.equal(everything, torch.arange(n)), "every image exactly once"
+        labels = torch.tensor(groups.labels)
+        owner = {}
+        for name, idx in zip(("train", "monitor", "held"), parts):
+            for lab in labels[idx].tolist():
+                assert owner.setdefault(lab, name) == name, f"group {lab} split (trial {trial})"
+        train, monitor, held = parts
+        assert len(held) >= 1 and len(train) >= 2
+        assert abs(len(held) - max(1, round(n * val))) <= max(sizes), "the held-out count as close as sizes allow"
+    assert checked > 250
+
+
+def test_every_image_its_own_group_gives_exactly_the_ungrouped_split():
+    for n, seed in ((12, 0), (57, 3), (400, 11)):
+        plain = split_indices(n, 0.2, 0.1, seed)
+        for groups in (Groups.singletons(n), list(range(n)), [f"img{i}" for i in range(n)]):
+            same = split_indices(n, 0.2, 0.1, seed, groups)
+            assert all(torch.equal(a, b) for a, b in zip(plain, same))
+
+
+def test_too_few_groups_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"too few groups for a held-out set: 10 images in 1 group.*Fix:"):
+        split_indices(10, 0.2, 0.1, 0, ["a"] * 10)
+    with pytest.raises(ValueError, match=r"leaves 1 for training"):
+        group_split(Groups.from_keys(["a"] * 9 + ["b"]), 0.9, 0.0, 0)
+    with pytest.raises(ValueError, match=r"one group per image: expected 10 labels, got 3"):
+        split_indices(10, 0.2, 0.1, 0, [0, 1, 2])
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def _planted(n_groups: int, size: int, seed: int, hw: int = 3, channels: int = 2):
+    """Groups of near-identical images: each group's residual x^Δ is one random map scaled by one random strength
+    √v_g (v_g ~ U(0, 1)) plus tiny noise; x* is white noise of variance 1, so the true instability is E[v] = 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    n = n_groups * size
+    t = torch.randn(n, channels, hw, hw, generator=gen, dtype=torch.float64)
+    strength = torch.rand(n_groups, generator=gen, dtype=torch.float64).sqrt()
+    shared = torch.randn(n_groups, channels, hw, hw, generator=gen, dtype=torch.float64)
+    r = (strength[:, None, None, None] * shared).repeat_interleave(size, 0)
+    r = r + 1e-3 * torch.randn(n, channels, hw, hw, generator=gen, dtype=torch.float64)
+    labels = torch.arange(n_groups).repeat_interleave(size)
+    return [t - r], r, t, labels
+
+
+def _moments(comps, r, t, groups=None, batch: int = 7) -> ImageMoments:
+    mom = ImageMoments(len(comps) - 1, t.shape[1])
+    for i in range(0, t.shape[0], batch):
+        mom.update([c[i : i + batch] for c in comps], r[i : i + batch], t[i : i + batch],
+                   None if groups is None else groups[i : i + batch])
+    return mom
+
+
+def test_the_cluster_bootstrap_is_wider_and_covers_the_true_instability_better():
+    covered = {"images": 0, "groups": 0}
+    width = {"images": 0.0, "groups": 0.0}
+    repeats = 40
+    for rep in range(repeats):
+        comps, r, t, labels = _planted(n_groups=12, size=16, seed=1000 + rep)
+        naive = _moments(comps, r, t).bootstrap(n_boot=300, seed=rep)
+        cluster = _moments(comps, r, t, labels).bootstrap(n_boot=300, seed=rep)
+        assert naive.n_groups is None and cluster.n_groups == 12 and cluster.n_heldout == 192
+        for name, ci in (("images", naive), ("groups", cluster)):
+            lo, hi = ci.instability
+            covered[name] += lo <= 0.5 <= hi
+            width[name] += (hi - lo) / repeats
+    assert width["groups"] > 2.5 * width["images"]
+    assert covered["groups"] / repeats >= 0.75 and covered["images"] / repeats <= 0.6
+    assert covered["groups"] >= covered["images"] + 0.3 * repeats
+
+
+def test_every_image_its_own_group_gives_exactly_todays_intervals():
+    comps, r, t, _ = _planted(n_groups=5, size=6, seed=3)
+    n = t.shape[0]
+    plain = _moments(comps, r, t).bootstrap(n_boot=200, seed=4)
+    for labels in (torch.arange(n), torch.randperm(n, generator=torch.Generator().manual_seed(1)) * 7):
+        assert _moments(comps, r, t, labels).bootstrap(n_boot=200, seed=4) == plain
+        assert _moments(comps, r, t).bootstrap(n_boot=200, seed=4, groups=labels) == plain
+    assert torch.equal(resample_weights(n, 50, 2, torch.arange(n)), resample_weights(n, 50, 2))
+
+
+def test_the_cluster_bootstrap_equals_resampling_the_groups_by_hand():
+    comps, r, t, labels = _planted(n_groups=6, size=3, seed=5)
+    labels = labels * 10 + 3  # any label values
+    ci = _moments(comps, r, t, labels).bootstrap(n_boot=40, seed=9)
+    uniq = torch.unique(labels)
+    draws = torch.randint(len(uniq), (40, len(uniq)), generator=torch.Generator().manual_seed(9))
+    inst, share0 = [], []
+    for row in draws:  # each resample: the drawn groups' images stacked, the statistics computed directly
+        pick = torch.cat([torch.nonzero(labels == uniq[g]).flatten() for g in row])
+        rr, tt, cc = r[pick], t[pick], comps[0][pick]
+        var_t = tt.var(unbiased=False)
+        inst.append(rr.var(unbiased=False) / var_t)
+        share0.append(((cc - cc.mean()) * (tt - tt.mean())).mean() / var_t)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    for got, values in ((ci.instability, inst), (ci.share_orders[0], share0)):
+        want = torch.quantile(torch.stack(values), q)
+        assert torch.allclose(torch.tensor(got, dtype=torch.float64), want, rtol=1e-9, atol=1e-12)
+
+
+def test_groups_must_come_with_every_batch_or_none():
+    comps, r, t, labels = _planted(n_groups=2, size=4, seed=0)
+    mom = ImageMoments(0, t.shape[1])
+    mom.update([comps[0][:4]], r[:4], t[:4], labels[:4])
+    with pytest.raises(ValueError, match="every batch or for none"):
+        mom.update([comps[0][4:]], r[4:], t[4:])
+    with pytest.raises(ValueError, match="one label per image of the batch: expected 4, got 2"):
+        mom.update([comps[0][4:]], r[4:], t[4:], labels[:2])
+
+
+def test_a_grouped_fit_keeps_groups_whole_and_resamples_them():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, 5, 5, generator=gen)
+    y = 0.7 * x[:, :2] + 0.2 * torch.randn(60, 2, 5, 5, generator=gen)
+    keys = [i // 3 for i in range(60)]
+    res = fit(x, y, orders=1, epochs=2, device="cpu", groups=keys)
+    held = {keys[i] for i in res.heldout_indices}
+    assert held.isdisjoint({keys[i] for i in res.train_indices + res.monitor_indices})
+    assert res.heldout_report.ci.n_groups == len(held) and len(res.heldout_indices) == 3 * len(held)
+    plain = fit(x, y, orders=1, epochs=2, device="cpu")
+    own = fit(x, y, orders=1, epochs=2, device="cpu", groups=Groups.singletons(60))
+    assert own.heldout_indices == plain.heldout_indices and own.heldout_report.ci == plain.heldout_report.ci
+    prov = groups_provenance(Groups.from_keys(keys, "folder"), 60,
+                             (res.train_indices, res.monitor_indices, res.heldout_indices))
+    assert prov["n_groups"] == 20 and prov["sizes"]["histogram"] == {"3": 20}
+    assert prov["split"]["heldout"] == {"images": len(res.heldout_indices), "groups": len(held)}
+    assert sum(p["images"] for p in prov["split"].values()) == 60
+
+
+# ------------------------------------------------------------------------------------------------ sources
+def test_folder_groups_are_each_images_parent_folder():
+    g = folder_groups(["a/1.png", "a/2.png", "b/1.png", "cat/x/1.png", "cat/x/2.png", "dog/x/1.png", "top.png"])
+    assert g.labels == (0, 0, 1, 2, 2, 3, 4) and g.names == ("a", "b", "cat/x", "dog/x", "top.png")
+    assert g.source == "folder" and g.sizes() == (2, 1, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"needs images in subfolders.*got 2 images directly.*Fix:"):
+        folder_groups(["1.png", "2.png"])
+
+
+def test_csv_groups_and_their_errors(tmp_path, monkeypatch):
+    ids = ["a/1.png", "a/2.png", "b/3.png"]
+    path = tmp_path / "groups.csv"
+    path.write_text("image,group\na/1.png,x\n./a/2.png,x\nb/3.png,y\n")
+    g = csv_groups(path, ids)
+    assert g.labels == (0, 0, 1) and g.names == ("x", "y") and g.detail == "groups.csv"
+    assert csv_groups(b"group,image\nq,a/1.png\nq,a/2.png\nq,b/3.png\n", ids).n_groups == 1
+    with pytest.raises(ValueError, match=r"must list every image; 1 of 3 are missing, e.g. 'b/3.png'.*Fix:"):
+        csv_groups(b"image,group\na/1.png,x\na/2.png,x\n", ids)
+    with pytest.raises(ValueError, match=r"lists 1 image\(s\) that are not in the image set, e.g. 'c/9.png'"):
+        csv_groups(b"image,group\na/1.png,x\na/2.png,x\nb/3.png,y\nc/9.png,z\n", ids)
+    assert csv_groups(b"image,group\na/1.png,x\na/2.png,x\nb/3.png,y\nc/9.png,z\n", ids, partial=True).n_groups == 2
+    assert csv_groups(b"image,group\na/1.png,x\na/2.png,x\nb/3.png,y\nc/9.png,z\n", ids, ignore=["c/9.png"]).n_groups == 2
+    with pytest.raises(ValueError, match=r"header row naming the columns image and group; got \['file', 'g'\]"):
+        csv_groups(b"file,g\na/1.png,x\n", ids)
+    with pytest.raises(ValueError, match=r"line 3: image 'a/1.png' is listed twice"):
+        csv_groups(b"image,group\na/1.png,x\na/1.png,y\n", ids)
+    with pytest.raises(ValueError, match=r"line 2: expected an image and a group"):
+        csv_groups(b"image,group\na/1.png\n", ids)
+    with pytest.raises(ValueError, match=r"does not exist"):
+        csv_groups(tmp_path / "none.csv", ids)
+    monkeypatch.setenv("KCORE_MAX_IMAGES", "2")  # rows and bytes are capped by the server's image cap
+    with pytest.raises(ValueError, match=r"the number of rows is at least 3; this server allows at most 2"):
+        csv_groups(path, ids[:2])
+    path.write_text("image,group\n" + "".join(f"i{k}.png,g\n" for k in range(400)))
+    with pytest.raises(ValueError, match=r"--groups: .*at most 2,048 bytes"):
+        csv_groups(path, ids[:2])
+
+
+def test_pattern_groups_by_file_name():
+    ids = ["p/cat_crop1.png", "p/cat_crop2.png", "q/dog_crop1.png", "q/dog_crop7.png", "q/lone.png"]
+    g = pattern_groups(r"^(.*)_crop\d+", ids)
+    assert g.labels == (0, 0, 1, 1, 2) and g.names == ("cat", "dog", "q/lone.png")
+    assert g.unmatched == 1 and g.source == "pattern" and "1 names did not match" in g.describe()
+    with pytest.raises(ValueError, match=r"has 2 capturing groups; exactly 1 is needed"):
+        pattern_groups(r"^(.*)_(crop)", ids)
+    with pytest.raises(ValueError, match=r"does not compile"):
+        pattern_groups(r"^(.*", ids)
+    with pytest.raises(ValueError, match=r"matches none of the 5 file names"):
+        pattern_groups(r"^(zzz)", ids)
+    with pytest.raises(ValueError, match=rf"1 to {MAX_PATTERN_CHARS} characters"):
+        pattern_groups("(a)" * 100, ids)
+    with pytest.raises(ValueError, match=r"at most 255 characters; 1 are longer"):
+        pattern_groups(r"(a)", ["x" * 300 + ".png"])
+    with pytest.raises(TypeError, match="pattern must be a string"):
+        pattern_groups(3, ids)
+
+
+def test_a_catastrophic_pattern_is_stopped_by_its_time_limit():
+    with pytest.raises(ValueError, match=r"took more than 2 s on 1 file names.*Fix:"):
+        pattern_groups(r"^((?:a+)+)$", ["a" * 60 + "!"], timeout=2)
+
+
+def test_image_sets_carry_groups(tmp_path):
+    from PIL import Image
+
+    from kcore.data import ImageSet
+
+    for g in ("x", "y"):
+        (tmp_path / g).mkdir()
+        for k in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * k + (g == "y") * 100, np.uint8)).save(tmp_path / g / f"{k}.png")
+    images = ImageSet.from_folder(tmp_path, (8, 8))
+    assert images.groups is None
+    grouped = images.with_groups("folder")
+    assert grouped.groups.labels == (0, 0, 1, 1) and images.groups is None  # a new set; the old one unchanged
+    assert grouped.with_groups(None).groups is None
+    with pytest.raises(ValueError, match="one group per image: expected 4 labels, got 2"):
+        images.with_groups([0, 1])
