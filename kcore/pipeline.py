@@ -31,6 +31,7 @@ from kcore.feature_cache import CacheKey, cached_arrays, image_content_hash, ima
 from kcore.feature_set import FeaturePair
 from kcore.features import extract_features, validate_layer
 from kcore.fit import PRESETS, FitConfig, fit, make_config
+from kcore.groups import as_groups, groups_provenance
 from kcore.preprocessing import Preprocessing, preprocessing_of
 from kcore.progress import Eta
 from kcore.provenance import versions
@@ -325,6 +326,7 @@ def compare_fit(
     dev = ctx.device if ctx.distributed else resolve_device(device)
     ids = list(getattr(images, "ids", [str(i) for i in range(len(images))]))
     n = len(ids)
+    groups = as_groups(getattr(images, "groups", None), n, "images.groups")  # no group is split, intervals resample them
     preps = (preprocessing_of(a), preprocessing_of(b))
     transform_desc = preprocessing_desc(preps)
     key = feature_cache_key(a, b, images, ids, transform_desc) if cache_dir else None
@@ -352,7 +354,7 @@ def compare_fit(
         src, tgt, meaning = DIRECTIONS[dkey]
         x_src, x_tgt = arrays if dkey == "A_to_B" else arrays[::-1]
         on_fit = clock.fit_progress(f"fit {dkey}", lambda p, eta, dkey=dkey: fit_message(dkey, p, eta))
-        res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx)
+        res = fit(x_src, x_tgt, config=cfg, device=dev, progress=on_fit, cancel=cancel, ctx=ctx, groups=groups)
         results[dkey] = DirectionResult(dkey, src, tgt, meaning, res)
     spread: dict[str, dict] = {}
     if extra:
@@ -365,7 +367,7 @@ def compare_fit(
                 on_seed = clock.fit_progress(f"seed {s} {dkey}",
                                              lambda p, eta, s=s, dkey=dkey: fit_message(f"{dkey}, seed {s}", p, eta))
                 r = fit(x_src, x_tgt, config=dataclasses.replace(cfg, seed=s), device=dev, progress=on_seed,
-                        cancel=cancel, ctx=ctx)
+                        cancel=cancel, ctx=ctx, groups=groups)
                 reps.append(r.heldout_report)
             spread[dkey] = seed_spread(reps, [seed] + extra)
     held = tuple(results["A_to_B"].fit.heldout_indices)
@@ -379,6 +381,7 @@ def compare_fit(
         "feature_shapes": {"A": list(feats.x_a.shape[1:]), "B": list(feats.x_b.shape[1:])},
         "images": {"n": n, "source": image_source, "ids_sha256": image_set_hash(ids), "transform": transform_desc},
         "preprocessing": {"A": preps[0].as_dict(), "B": preps[1].as_dict()},
+        "groups": groups_provenance(groups, n, _split_of(results["A_to_B"].fit)),
         "seed": seed,
         "preset": preset_name,
         "config": dataclasses.asdict(cfg),
@@ -457,6 +460,7 @@ def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, ki
         clock.add_fit(f.seconds, f.seconds - sum(r.seconds for r in f.history), f.steps_run, f.steps_planned,
                       tail_exact=False)  # set-up and evaluation together: an upper bound of the evaluation
     feats = comparison.features
+    groups = as_groups(getattr(images, "groups", None), n, "images.groups")  # split and intervals as the main fit's
     refs, skipped, failed = dict(comparison.baselines), {}, {}
     for kind in kinds:
         def on_base(dkey, p, kind=kind):
@@ -470,12 +474,12 @@ def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, ki
         try:  # a failing baseline never loses the finished fit: its error is recorded, the others still run
             if kind == "shuffled":
                 refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev,
-                                                   cancel=cancel, on_fit=on_base)
+                                                   cancel=cancel, on_fit=on_base, groups=groups)
             else:
                 clock.tell(f"baseline {kind} {keys[0]}", 0.0, f"features of a randomly initialised B for {n} images")
                 refs[kind] = _bl.random_network_baseline(
                     feats.x_a, b, comparison.b.layer, images, keys, cfg, seed=seed, device=dev, batch_size=batch_size,
-                    ids=ids, cancel=cancel, on_fit=on_base)
+                    ids=ids, cancel=cancel, on_fit=on_base, groups=groups)
         except (ExtractionCancelled, FitCancelled):
             raise
         except _bl.BaselineUnavailable as exc:
@@ -490,6 +494,11 @@ def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, ki
     clock.tell("done", 1.0, "done")
     return dataclasses.replace(comparison, provenance=prov, baselines=refs)
 
+
+
+def _split_of(res: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """A fit's (train, monitor, held-out) image indices."""
+    return res.train_indices, res.monitor_indices, res.heldout_indices
 
 
 def _prep_desc(prep: Preprocessing) -> dict:

@@ -251,3 +251,42 @@ def test_image_sets_carry_groups(tmp_path):
     assert grouped.with_groups(None).groups is None
     with pytest.raises(ValueError, match="one group per image: expected 4 labels, got 2"):
         images.with_groups([0, 1])
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.skipif(not STRONG.is_file(), reason="sample models not built")
+def test_cli_fit_with_groups_from_the_folder_layout(tmp_path, capsys):
+    from PIL import Image
+
+    from kcore.cli import main
+
+    data = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for g in range(10):  # 10 photos, 3 near-identical crops of each
+        (data / f"photo{g}").mkdir(parents=True)
+        base = rng.integers(0, 256, (64, 64, 3))
+        for k in range(3):
+            crop = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(crop).save(data / f"photo{g}" / f"crop{k}.png")
+    out = tmp_path / "run"
+    rc = main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--data", str(data), "--groups", "folder",
+               "--epochs", "2", "--orders", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "groups: 30 images in 10 groups (3 each), from the folder layout" in err
+    prov = json.loads((out / "provenance.json").read_text())["groups"]
+    assert prov["source"] == "folder" and prov["n_groups"] == 10 and prov["sizes"]["histogram"] == {"3": 10}
+    split = prov["split"]
+    assert sum(p["images"] for p in split.values()) == 30 and split["heldout"]["images"] == 6
+    assert all(p["images"] == 3 * p["groups"] for p in split.values()), "whole groups in every part"
+    ci = json.loads((out / "metrics.json").read_text())["directions"]["A_to_B"]["ci"]
+    assert ci["n_groups"] == split["heldout"]["groups"]
+    # a grouping that leaves no held-out set is refused before anything is written
+    csv = tmp_path / "one.csv"
+    csv.write_text("image,group\n" + "".join(f"photo{g}/crop{k}.png,all\n" for g in range(10) for k in range(3)))
+    assert main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--data", str(data), "--groups", str(csv),
+                 "--epochs", "1", "--out", str(tmp_path / "r2")]) == 2
+    assert "too few groups for a held-out set: 30 images in 1 group" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+    assert main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--groups", "folder", "--out", str(tmp_path / "r3")]) == 2
+    assert "--groups folder needs a folder of images" in capsys.readouterr().err
