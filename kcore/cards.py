@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kcore._io import write_file_atomic
+from kcore.architectures import TIMM_NAME_PATTERN, TIMM_PREFIX
 
 CARD_FORMAT = "kcore-model-card/1"
 """Value of the ``"format"`` key of a model card JSON file."""
@@ -26,7 +27,8 @@ class ModelCard:
     "kcore-model-card/1"``; read automatically by :func:`kcore.checkpoints.load_model`.
 
     Attributes:
-        architecture: a name accepted by :func:`kcore.architectures.build_model`.
+        architecture: a name accepted by :func:`kcore.architectures.build_model`, e.g. ``"resnet18"`` or, for timm's
+            (an optional dependency), ``"timm:tf_efficientnet_lite0"``.
         num_classes: number of outputs of the classifier.
         input_size: ``(H, W)`` of the images the model was trained on.
         mean: per-channel mean used to normalise the input images.
@@ -36,7 +38,8 @@ class ModelCard:
         test_accuracy: reported test accuracy (a fraction in [0, 1] by convention).
         default_layer: the layer to preselect when comparing this model.
         extra: any other JSON-serialisable information (kept; only ``resize_size``, the shorter side before the
-            centre crop to ``input_size``, is read, by :mod:`kcore.preprocessing`).
+            centre crop to ``input_size``, and ``interpolation`` (``"bilinear"`` or ``"bicubic"``) are read, by
+            :mod:`kcore.preprocessing`).
     """
 
     architecture: str | None = None
@@ -141,6 +144,17 @@ class ModelCard:
                        what=f"{source}: 'extra.resize_size' (the shorter side images are resized to before the "
                             "centre crop)",
                        fix="give the resize the model was evaluated with, e.g. 256 for a 224 × 224 input")
+        interpolation = extra.get("interpolation")
+        if interpolation is not None and interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"{source}: 'extra.interpolation' must be 'bilinear' or 'bicubic' or absent; got "
+                             f"{interpolation!r}. Fix: give the resampling the model was evaluated with, or remove "
+                             "the key (bilinear).")
+        architecture = opt_str("architecture")
+        if architecture is not None and architecture.startswith(TIMM_PREFIX) and not TIMM_NAME_PATTERN.fullmatch(
+                architecture[len(TIMM_PREFIX):]):
+            raise ValueError(f"{source}: 'architecture' {architecture!r} is not a timm model name: after "
+                             f"{TIMM_PREFIX!r} comes a name from timm.list_models() such as 'resnet18' (optionally "
+                             "'.TAG'); Hub ids, paths and URLs are not accepted. Fix: e.g. 'timm:resnet18'.")
         std = opt_floats("std")
         if std is not None and any(v <= 0 for v in std):
             raise ValueError(f"{source}: 'std' must hold positive numbers; got {list(std)}.")
@@ -160,7 +174,7 @@ class ModelCard:
         if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, (int, float))):
             raise ValueError(f"{source}: 'test_accuracy' must be a number or null; got {accuracy!r}.")
         return cls(
-            architecture=opt_str("architecture"),
+            architecture=architecture,
             num_classes=num_classes,
             input_size=input_size,
             mean=opt_floats("mean"),

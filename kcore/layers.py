@@ -222,9 +222,38 @@ def list_layers(
                     f"Fix: pass {spell('input_size', 'input_size=(C, H, W)', 'H W')} matching the images the model "
                     "was trained on (see the model card's input_size)."
                 ) from exc
-    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    types = module_types(model)
     layers = [LayerInfo(n, types[n], shapes[n], len(shapes[n]) == 3) for n in order if n in shapes]
     return [layer for layer in layers if layer.is_spatial] if spatial_only else layers
+
+
+def module_types(model: nn.Module) -> dict[str, str]:
+    """The class name of every named module, as the network's author defined it.
+
+    An unflattened ``torch.export`` program (a ``.pt2``) is made of ``InterpreterModule``s; the original class of each
+    (``Conv2d``, ``BasicBlock``) survives in the ``nn_module_stack`` metadata of its graph's nodes, and is used instead.
+
+    Args:
+        model: any network.
+
+    Returns:
+        Module name (as in ``model.named_modules()``) → class name, e.g. ``{"layer1.0.conv1": "Conv2d", ...}``.
+    """
+    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    original: dict[str, str] = {}
+    for module in model.modules():
+        graph = getattr(module, "graph", None)
+        if not isinstance(graph, torch.fx.Graph):
+            continue
+        for node in graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            for entry in stack.values():
+                if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+                    path = str(entry[0]).split("@")[0]  # "relu@1": the second call of a shared module
+                    name = entry[1].rsplit(".", 1)[-1]
+                    if name.isidentifier() and len(name) <= 100:  # a file's metadata: shown only if it is a class name
+                        original.setdefault(path, name)
+    return {name: original.get(name, kind) if kind == "InterpreterModule" else kind for name, kind in types.items()}
 
 
 def validate_layer(

@@ -6,7 +6,8 @@ A model is fed what it was trained on. The preprocessing of a checkpoint is reso
 2. the model card beside the checkpoint (:class:`kcore.cards.ModelCard`),
 3. for a torchvision architecture without a card: that architecture's standard evaluation transform
    (resize the shorter side, centre-crop to the input size, ImageNet mean and std), read from torchvision's
-   weight metadata; no weights are downloaded,
+   weight metadata; for a timm architecture (``timm:NAME``): timm's ``pretrained_cfg`` of that name (input size,
+   interpolation, ``crop_pct``, mean and std); no weights are downloaded,
 4. otherwise none: images are used at the size they were loaded at, without normalisation (and the user is told).
 
 The transform works on batches of [0, 1] RGB images (N, 3, H, W), so one loaded image set can feed two models
@@ -15,9 +16,9 @@ with different preprocessing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +27,13 @@ from kcore.limits import limits
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+Interpolation = Literal["bilinear", "bicubic"]
+INTERPOLATIONS: dict[str, str] = {
+    "bilinear": "bilinear (antialiased)",
+    "bicubic": "bicubic (antialiased; clamped to [0, 1])",
+}
+"""The resampling filters a :class:`Preprocessing` resizes with, and what each does (the valid values)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ class Preprocessing:
         resize_size: the shorter side is resized to this before the centre crop to ``input_size``
             (torchvision's evaluation transform); ``None`` = resize straight to ``input_size``.
         source: where these values come from, in words (shown to the user and written to provenance).
+        interpolation: the filter of the resize in :meth:`transform` (one of :data:`INTERPOLATIONS`; timm models
+            often use ``"bicubic"``). Images are first loaded at :attr:`load_size` by the image loader, so this
+            filter applies when the transform itself resizes (e.g. two models that need different sizes).
     """
 
     input_size: tuple[int, int] | None = None
@@ -45,8 +56,12 @@ class Preprocessing:
     std: tuple[float, ...] | None = None
     resize_size: int | None = None
     source: str = "none"
+    interpolation: Interpolation = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {list(INTERPOLATIONS)}; got {self.interpolation!r}. "
+                             "Fix: use 'bilinear' (the default) or 'bicubic'.")
         if self.input_size is not None:
             size = tuple(self.input_size)
             if len(size) != 2 or not all(_positive_int(v) for v in size):
@@ -100,6 +115,7 @@ class Preprocessing:
             "resize_size": self.resize_size,
             "mean": list(self.mean) if self.mean else None,
             "std": list(self.std) if self.std else None,
+            "interpolation": self.interpolation,
             "source": self.source,
         }
 
@@ -111,6 +127,8 @@ class Preprocessing:
             size = f"{self.input_size[0]}×{self.input_size[1]}"
             if self.resize_size is not None:
                 size += f" (shorter side {self.resize_size}, centre crop)"
+            if self.interpolation != "bilinear":
+                size += f", {self.interpolation}"
         if self.mean is None:
             norm = "no normalisation"
         else:
@@ -120,13 +138,13 @@ class Preprocessing:
 
     def transform(self) -> Callable[[Tensor], Tensor]:
         """The batch transform: [0, 1] RGB (N, 3, H, W) → the model's input."""
-        size, resize = self.input_size, self.resize_size
+        size, resize, mode = self.input_size, self.resize_size, self.interpolation
         mean = None if self.mean is None else torch.tensor(self.mean).view(1, -1, 1, 1)
         std = None if self.std is None else torch.tensor(self.std).view(1, -1, 1, 1)
 
         def apply(x: Tensor) -> Tensor:
             if size is not None and tuple(x.shape[-2:]) != tuple(size):
-                x = _resize_crop(x, size, resize)
+                x = _resize_crop(x, size, resize, mode)
             if mean is not None:
                 x = (x - mean.to(x)) / std.to(x)
             return x
@@ -161,6 +179,7 @@ class Preprocessing:
             std_,
             resize,
             f"{' and '.join(changed)} {what}; otherwise {self.source}",
+            self.interpolation,
         )
 
     @staticmethod
@@ -169,23 +188,28 @@ class Preprocessing:
         if card is None:
             return Preprocessing()
         extra = getattr(card, "extra", None) or {}
-        resize = extra.get("resize_size") if isinstance(extra, dict) or hasattr(extra, "get") else None
+        get = extra.get if isinstance(extra, dict) or hasattr(extra, "get") else (lambda _k: None)
+        resize, interpolation = get("resize_size"), get("interpolation")
         return Preprocessing(
             tuple(card.input_size) if card.input_size else None,
             tuple(card.mean) if card.mean else None,
             tuple(card.std) if card.std else None,
             resize if _positive_int(resize) and card.input_size else None,
             source,
+            interpolation if interpolation in INTERPOLATIONS else "bilinear",
         )
 
 
 def standard_preprocessing(arch: str | None) -> Preprocessing | None:
-    """torchvision's standard evaluation transform of ``arch`` (its default weights' metadata), or ``None``.
+    """The standard evaluation transform of ``arch``: torchvision's (its default weights' metadata) or timm's
+    (:func:`timm_preprocessing`), else ``None``.
 
     Only the transform's parameters are read (crop size, resize size, mean, std); nothing is downloaded.
     """
     if not arch:
         return None
+    if isinstance(arch, str) and arch.startswith("timm:"):
+        return timm_preprocessing(arch)
     try:
         import torchvision
         from torchvision.models import get_model_weights
@@ -209,11 +233,72 @@ def standard_preprocessing(arch: str | None) -> Preprocessing | None:
     )
 
 
-def resolve_preprocessing(card: Any, arch: str | None) -> Preprocessing:
-    """The preprocessing of a loaded checkpoint without user overrides: card, else torchvision standard, else none.
+def preprocessing_from_timm_cfg(cfg: Mapping[str, Any], arch: str) -> Preprocessing:
+    """kcore's preprocessing for a timm ``pretrained_cfg`` (timm's evaluation transform).
 
-    A card that states only some fields (e.g. the input size) is completed from the torchvision standard of
-    its architecture when there is one.
+    timm resizes the shorter side to ``floor(size / crop_pct)`` and centre-crops ``size``; that is kcore's
+    ``resize_size`` and ``input_size``. timm's other crop modes (``"squash"``, ``"border"``) stretch or pad the
+    image, which kcore never does: they become the centre crop, and :attr:`Preprocessing.source` says so.
+
+    Args:
+        cfg: the configuration (``input_size`` ``(3, H, W)``, ``crop_pct``, ``crop_mode``, ``interpolation``,
+            ``mean``, ``std``; missing keys take timm's defaults: 224 × 224, 0.875, ``"center"``, bilinear, ImageNet).
+        arch: the architecture's name, for the ``source`` text.
+
+    Returns:
+        The preprocessing, with ``source`` naming timm's ``pretrained_cfg`` of ``arch``.
+
+    Raises:
+        ValueError: a value of ``cfg`` that is not what timm writes there (e.g. ``crop_pct`` outside (0, 1]).
+    """
+    size = tuple(cfg.get("input_size") or (3, 224, 224))
+    if len(size) != 3 or not all(_positive_int(v) for v in size):
+        raise ValueError(f"timm's pretrained_cfg of {arch!r}: input_size must be (C, H, W); got {size!r}. "
+                         "Fix: pass --input-size (or a model card's input_size) for this model.")
+    crop_pct = cfg.get("crop_pct")
+    crop_pct = 0.875 if crop_pct is None else crop_pct
+    if not _finite(crop_pct) or not 0 < crop_pct <= 1:
+        raise ValueError(f"timm's pretrained_cfg of {arch!r}: crop_pct must be in (0, 1]; got {crop_pct!r}. "
+                         "Fix: give the preprocessing in a model card (input_size, mean, std, extra.resize_size).")
+    h, w = int(size[1]), int(size[2])
+    notes = []
+    mode = cfg.get("crop_mode") or "center"
+    if mode != "center":
+        notes.append(f"its crop_mode {mode!r} taken as a centre crop")
+    interpolation = cfg.get("interpolation") or "bilinear"
+    if interpolation not in INTERPOLATIONS:
+        notes.append(f"its interpolation {interpolation!r} taken as bilinear")
+        interpolation = "bilinear"
+    mean, std = cfg.get("mean") or IMAGENET_MEAN, cfg.get("std") or IMAGENET_STD
+    note = f"; {', '.join(notes)}" if notes else ""
+    return Preprocessing(
+        (h, w),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in std),
+        int(math.floor(min(h, w) / crop_pct)),
+        f"timm's pretrained_cfg for {arch} (crop_pct {crop_pct:g}, {interpolation}; no model card{note})",
+        interpolation,
+    )
+
+
+def timm_preprocessing(arch: str) -> Preprocessing | None:
+    """timm's evaluation transform of ``arch`` (``"timm:NAME"``) from its ``pretrained_cfg``; ``None`` without timm
+    or for a name timm does not know (building the model says why)."""
+    from kcore.architectures import timm_pretrained_cfg
+
+    try:
+        cfg = timm_pretrained_cfg(arch)
+    except ValueError:  # not installed or unknown name: load_model's build_model has said so already
+        return None
+    return preprocessing_from_timm_cfg(cfg, arch)
+
+
+def resolve_preprocessing(card: Any, arch: str | None) -> Preprocessing:
+    """The preprocessing of a loaded checkpoint without user overrides: card, else the architecture's standard
+    (torchvision's or timm's, :func:`standard_preprocessing`), else none.
+
+    A card that states only some fields (e.g. the input size) is completed from the standard of its architecture
+    when there is one.
     """
     arch = arch or (getattr(card, "architecture", None) if card is not None else None)
     from_card = Preprocessing.from_card(card)
@@ -224,19 +309,20 @@ def resolve_preprocessing(card: Any, arch: str | None) -> Preprocessing:
         if standard is not None:
             return standard
         return Preprocessing(
-            source="none: no model card and not a torchvision architecture, so images are used as loaded, "
+            source="none: no model card and not a torchvision or timm architecture, so images are used as loaded, "
             "without normalisation (give --input-size/--mean/--std or a model card)"
         )
     if standard is None:
         return from_card
+    origin = f"timm's pretrained_cfg for {arch}" if arch.startswith("timm:") else f"torchvision's standard for {arch}"
     filled = from_card.with_overrides(
         None if from_card.input_size is not None else standard.input_size,
         None if from_card.mean is not None else standard.mean,
         None if from_card.std is not None else standard.std,
-        what=f"from torchvision's standard for {arch}",
+        what=f"from {origin}",
     )
     return Preprocessing(filled.input_size, filled.mean, filled.std, filled.resize_size,
-                         f"model card, completed from torchvision's standard for {arch}")
+                         f"model card, completed from {origin}", filled.interpolation)
 
 
 def preprocessing_of(loaded: Any) -> Preprocessing:
@@ -255,10 +341,11 @@ def load_size(*preps: Preprocessing, default: tuple[int, int] = (224, 224)) -> t
     return (max(s[0] for s in sizes), max(s[1] for s in sizes))
 
 
-def _resize_crop(x: Tensor, size: tuple[int, int], resize: int | None) -> Tensor:
-    interp = lambda t, hw: torch.nn.functional.interpolate(  # noqa: E731
-        t, size=hw, mode="bilinear", align_corners=False, antialias=True
-    )
+def _resize_crop(x: Tensor, size: tuple[int, int], resize: int | None, mode: str = "bilinear") -> Tensor:
+    def interp(t: Tensor, hw: tuple[int, int]) -> Tensor:
+        out = torch.nn.functional.interpolate(t, size=hw, mode=mode, align_corners=False, antialias=True)
+        return out.clamp(0.0, 1.0) if mode == "bicubic" else out  # bicubic overshoots the [0, 1] range
+
     if resize is None:
         return interp(x, tuple(size))
     h, w = x.shape[-2:]
@@ -291,9 +378,11 @@ def card_for(loaded: Any, prep: Preprocessing | None = None) -> Any:
 
     prep = prep if prep is not None else preprocessing_of(loaded)
     card = getattr(loaded, "card", None) or ModelCard()
-    extra = {k: v for k, v in dict(card.extra).items() if k != "resize_size"}
+    extra = {k: v for k, v in dict(card.extra).items() if k not in ("resize_size", "interpolation")}
     if prep.resize_size is not None:
         extra["resize_size"] = prep.resize_size
+    if prep.interpolation != "bilinear":
+        extra["interpolation"] = prep.interpolation
     return dataclasses.replace(
         card,
         architecture=card.architecture or getattr(loaded, "architecture", None),
