@@ -2,10 +2,11 @@
 
 Figures come from :mod:`kcore.viz` (matplotlib, no browser) and are saved as PNG (chosen DPI), SVG and PDF
 with fixed metadata, so the same figure gives the same bytes. Every export folder holds a
-``provenance.json`` (checkpoint names and hashes, layers, K, λ, seed, versions, device) and every figure a
-``<stem>.json`` sidecar with that provenance plus what the figure shows (image, channel, orders, scaling,
-colour limits). ``manifest.json`` lists every other file of the folder with its SHA-256 (all but itself and kcore's
-marker ``.kcore-folder.json``; :func:`verify_export` checks it).
+``provenance.json`` (checkpoint names and hashes, layers, K, λ, seed, versions, device, and the ``kcore fit``
+command and Python snippet that recompute the result) and every figure a ``<stem>.json`` sidecar with that
+provenance plus what the figure shows (image, channel, orders, scaling, colour limits). ``manifest.json`` lists every
+other file of the folder with its SHA-256 (all but itself and kcore's marker ``.kcore-folder.json``;
+:func:`verify_export` checks it), and the same command and snippet under ``reproduce``.
 
 Exports are atomic and private: :func:`export_comparison` writes into a fresh temporary folder that is renamed into
 place when complete (:func:`kcore._io.write_new_folder`); a name already taken gets a new folder ``NAME-2``, ... —
@@ -189,7 +190,9 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
     Returns:
         A JSON-ready dict: ``checkpoint_a``/``checkpoint_b`` (name, sha256, kind, architecture, parameters,
         test accuracy, layer), ``layers``, ``directions`` (per direction: K, λ, seed, preset fields, device,
-        best epoch, verdict against chance), ``images``, ``versions`` (of this export) and the run's own provenance under ``run``.
+        best epoch, verdict against chance), ``images``, ``versions`` (of this export), ``reproduce`` (the
+        ``kcore fit`` command and Python snippet that recompute it, :mod:`kcore.reproduce`) and the run's own
+        provenance under ``run``.
     """
     keys = list(comparison.directions) if direction is None else [direction]
     for k in keys:
@@ -219,8 +222,20 @@ def provenance(comparison: Any, direction: str | None = None) -> dict[str, Any]:
         "images": run.get("images", {}),
         "device": run.get("device"),
         "versions": versions(),
+        "reproduce": _reproduce(comparison),
         "run": run,
     }
+
+
+def _reproduce(comparison: Any) -> dict[str, Any] | None:
+    """The command and Python snippet that recompute the comparison (:func:`kcore.reproduce.reproduce_of`), or None
+    for a comparison whose provenance has nothing to rebuild them from."""
+    from kcore.reproduce import reproduce_of
+
+    try:
+        return reproduce_of(comparison).as_dict()
+    except ValueError:
+        return None
 
 
 def model_label(info: Any) -> str:
@@ -443,7 +458,8 @@ def export_comparison(
             write_components(dec, out / "arrays", stem, ids, meta={"provenance": prov})
         # the manifest lists what the folder holds, not what we meant to write
         rel = [r for r in _listing(out) if r not in (TMP_MARKER, MANIFEST)]
-        write_file_atomic(out / MANIFEST, _dumps({"files": {r: _sha256(out / r) for r in rel}}))
+        write_file_atomic(out / MANIFEST, _dumps({"files": {r: _sha256(out / r) for r in rel},
+                                                  "reproduce": prov["reproduce"]}))
         return tuple(sorted(rel + [MANIFEST]))
 
     final, files = write_new_folder(folder, fill, kind="export")

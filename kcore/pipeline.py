@@ -9,7 +9,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,7 +33,8 @@ from kcore.fit import PRESETS, FitConfig, fit, make_config
 from kcore.groups import as_groups, groups_provenance
 from kcore.preprocessing import Preprocessing, preprocessing_of
 from kcore.progress import Eta
-from kcore.provenance import versions
+from kcore.provenance import kcore_command, versions
+from kcore.reproduce import fit_request
 from kcore.run_folder import (  # noqa: F401  (re-exported: run folders were written and read from here)
     HELDOUT_IMAGES_FILE,
     HELDOUT_IMAGES_MAX_BYTES,
@@ -389,7 +389,10 @@ def compare_fit(
         "world_size": ctx.world_size,
         "hosts": kd.hosts(ctx),
         "versions": versions(),
-        "command": " ".join(sys.argv) if sys.argv else "",
+        "command": kcore_command(),
+        "request": fit_request(a, b, images, paths=paths, device=dev, both_directions=both_directions, baselines=kinds,
+                               fit_seeds=fit_seeds, batch_size=batch_size, cache_dir=cache_dir,
+                               world_size=ctx.world_size),
     }
     if kinds:
         prov["baselines_pending"] = kinds

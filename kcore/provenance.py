@@ -1,7 +1,8 @@
 """What every saved result records about how it was made, and how kcore writes JSON.
 
 One owner for the versions written into run folders, study folders and exports (:func:`versions`), for the
-command and the source revision that made a result (:func:`command_line`, :func:`source_revision`), for what
+command and the source revision that made a result (:func:`command_line`, :func:`kcore_command`,
+:func:`source_revision`), for what
 identifies a model (:func:`checkpoint_provenance`, :func:`model_summary`) and for the JSON encoding of the
 values kcore stores (:func:`json_default`, :func:`dumps`, :func:`as_jsonable`): tensors and arrays as lists,
 numpy scalars as numbers, tuples and sets as lists, paths as strings, typed results through their ``as_dict()``.
@@ -78,6 +79,16 @@ def dumps(obj: Any, *, indent: int | None = 1, lenient: bool = False) -> str:
 def command_line() -> str:
     """The command that is running, as ``kcore <arguments>``."""
     return " ".join(["kcore", *sys.argv[1:]])
+
+
+def kcore_command() -> str | None:
+    """The ``kcore`` command this process runs (:func:`command_line`), or None when it runs something else: the
+    dashboard, a notebook, a script or a test (a run's ``reproduce`` record then says how to recompute it)."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is None:
+        return None
+    is_kcore = argv0.name == "kcore" or (argv0.parent.name == "kcore" and argv0.name in ("__main__.py", "cli.py"))
+    return command_line() if is_kcore else None
 
 
 def source_revision() -> dict:

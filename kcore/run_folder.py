@@ -23,6 +23,7 @@ from kcore.feature_set import FeaturePair
 from kcore.fit import FitResult
 from kcore.fit import check_report_lengths as fit_check_report
 from kcore.metrics import VarianceReport
+from kcore.reproduce import reproduce_of
 from kcore.verdict import ChanceVerdict
 
 HELDOUT_IMAGES_FILE = "heldout_images.npz"
@@ -184,7 +185,12 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
             "directions": list(comparison.directions), "layer_a": comparison.a.layer, "layer_b": comparison.b.layer,
             "fit": cfg,
         }, indent=1))
-        (tmp / "provenance.json").write_text(json.dumps(comparison.provenance, indent=1, default=str))
+        prov = dict(comparison.provenance)
+        try:  # the command and Python snippet that recompute this run into a sibling folder
+            prov["reproduce"] = reproduce_of(comparison, out=f"{Path(out_dir).name}-reproduced").as_dict()
+        except ValueError:  # a provenance with no layers/config (e.g. built by hand): nothing to rebuild from
+            pass
+        (tmp / "provenance.json").write_text(json.dumps(prov, indent=1, default=str))
         if images is not None:
             raw = images if isinstance(images, Mapping) else heldout_images(comparison, images)
             _write_heldout_images(tmp, raw)

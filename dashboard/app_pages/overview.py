@@ -104,3 +104,17 @@ ui.show_figure(lambda: figures.loss(run), key=f"loss-{run.id}", width=width,
                        "the dashed line marks the epoch whose weights were kept.")
 with st.expander("All metrics as a table"):
     st.dataframe(export.metrics_table(c), hide_index=True, key="kc_ov_table")
+with st.expander("Reproduce this result", icon=":material/terminal:"):
+    try:
+        from kcore.reproduce import reproduce_of
+
+        again = reproduce_of(c, out=f"{run.run_dir.name}-reproduced" if run.run_dir else None)
+    except ValueError as exc:
+        st.caption(f"No command for this result: {exc}")
+    else:
+        st.caption("The command and the Python code that recompute this result from the same files (the copy "
+                   "button is at the top right of each box)." + ("" if again.exact else " Read the notes first."))
+        for note in again.notes:
+            st.caption(f"Note: {note}")
+        st.code(again.cli, language="bash", wrap_lines=True)
+        st.code(again.python, language="python")
