@@ -366,6 +366,10 @@ def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Seque
     args += data
     notes += img_notes
     exact = exact and img_exact
+    group_flags, group_code, group_notes = _groups(prov.get("groups"))
+    args += group_flags
+    notes += group_notes
+    exact = exact and not group_notes
 
     flags, over, diff, fnotes = _fit_flags(config, preset)
     notes += fnotes
@@ -392,7 +396,8 @@ def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Seque
     head = ["kcore", "fit"] if world == 1 else ["torchrun", "--standalone", "--nproc-per-node", str(world), "-m",
                                                  "kcore", "fit"]
     cli = " ".join([*head, *(_q(a) for a in args)])
-    python = _python(req, layers, preps, img, preset, over, diff, fnotes, both, kinds, seeds, device, where, out)
+    python = _python(req, layers, preps, img, preset, over, diff, fnotes, both, kinds, seeds, device, where, out,
+                     group_code)
     return Reproduction(cli, python, tuple(notes), exact)
 
 
@@ -439,9 +444,29 @@ def _data_args(img: Mapping[str, Any], preps: Mapping[str, Any]) -> tuple[list[s
     return args, notes, exact
 
 
+def _groups(groups: Any) -> tuple[list[str], str, list[str]]:
+    """``--groups`` for the run's grouping (:mod:`kcore.groups`), the Python line that applies it, and notes."""
+    if not isinstance(groups, Mapping) or groups.get("source") in (None, "none"):
+        return [], "", []
+    source, detail = groups.get("source"), str(groups.get("detail") or "")
+    if source == "folder":
+        return ["--groups", "folder"], "images = images.with_groups(groups.folder_groups(images.ids))", []
+    if source == "csv" and detail and detail != "upload":
+        where = f"./{Path(detail).name}"
+        return (["--groups", where], f"images = images.with_groups(groups.csv_groups({where!r}, images.ids))",
+                [f"the groups came from the CSV file {detail!r} (its folder is not recorded): put it at {where}."])
+    if source == "pattern":
+        return ([], f"images = images.with_groups(groups.pattern_groups({detail!r}, images.ids))",
+                [f"the images were grouped by the file-name pattern {detail!r}, which `kcore fit` cannot take: write "
+                 "a CSV image,group for --groups, or run the Python snippet."])
+    return [], "", [f"the images were grouped ({source}, {detail or 'no detail'}) in a way no command records: "
+                    "without the same groups the split and the intervals differ."]
+
+
 def _python(req: Mapping[str, Any], layers: Mapping[str, Any], preps: Mapping[str, Any], img: Mapping[str, Any],
             preset: str, over: Mapping[str, Any], diff: Mapping[str, Any], fit_notes: Sequence[str], both: bool,
-            kinds: Sequence[str], seeds: int, device: str, where: Mapping[str, str], out: str | Path) -> str:
+            kinds: Sequence[str], seeds: int, device: str, where: Mapping[str, str], out: str | Path,
+            group_code: str = "") -> str:
     """The Python snippet (every literal through ``repr``)."""
     lines: list[str] = []
     for which in ("A", "B"):
@@ -469,6 +494,8 @@ def _python(req: Mapping[str, Any], layers: Mapping[str, Any], preps: Mapping[st
     else:
         folder = img.get("path") if kind == "folder" else UPLOADED_IMAGES if kind == "upload" else "IMAGES"
         lines.append(f"images = data.ImageSet.from_folder({folder!r}, {size!r}, limit={n})")
+    if group_code:
+        lines.append(group_code)
     if fit_notes:
         lines.append(f"config = dataclasses.replace(PRESETS[{preset!r}], **{dict(diff)!r})")
     else:
@@ -490,7 +517,7 @@ def _python(req: Mapping[str, Any], layers: Mapping[str, Any], preps: Mapping[st
               f"kcore.write_run(comparison, {str(out)!r}, images=images)"]
     body = "\n".join(lines)
     head = ["import dataclasses", ""] if "dataclasses." in body else []
-    head += ["import kcore", "from kcore import data"]
+    head += ["import kcore", "from kcore import data, groups" if "groups." in body else "from kcore import data"]
     head.append("from kcore.fit import PRESETS" if "PRESETS[" in body else "from kcore.fit import make_config")
     if "Preprocessing(" in body:
         head.append("from kcore.preprocessing import Preprocessing")

@@ -160,6 +160,20 @@ def test_settings_without_a_flag_are_said_and_set_exactly_in_python(provenance):
     assert "preprocessing=Preprocessing(input_size=(48, 48)" in r.python and "baselines=['shuffled']" in r.python
 
 
+def test_grouped_images_keep_their_groups(provenance):
+    prov = json.loads(json.dumps(provenance))
+    prov["request"]["images"] = {"kind": "folder", "path": "/data/my photos", "n": 30, "load_size": [64, 64]}
+    prov["groups"] = {"source": "folder", "detail": "", "n_images": 30, "n_groups": 6}
+    r = reproduce(prov)
+    argv = shlex.split(r.cli)
+    assert argv[argv.index("--data") + 1] == "/data/my photos" and argv[argv.index("--groups") + 1] == "folder"
+    assert r.exact and "images.with_groups(groups.folder_groups(images.ids))" in r.python
+    prov["groups"] = {"source": "pattern", "detail": r"^(.*)_crop\d+", "n_images": 30, "n_groups": 6}
+    r = reproduce(prov)
+    assert "--groups" not in r.cli and not r.exact and any("file-name pattern" in n for n in r.notes)
+    assert "groups.pattern_groups('^(.*)_crop\\\\d+', images.ids)" in r.python
+
+
 def test_an_older_run_without_the_record_gets_a_command_and_says_what_is_guessed(provenance):
     prov = {k: v for k, v in provenance.items() if k != "request"}
     prov.update(checkpoint_a={"path": "/m/a b.safetensors", "name": "a", "kind": "safetensors"},
