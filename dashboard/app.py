@@ -34,6 +34,8 @@ PAGES = {
     ],
     "Studies": [
         st.Page("app_pages/studies.py", title="Paper studies", icon=":material/science:"),
+        st.Page("app_pages/sweep.py", title="Layer sweep", icon=":material/stacked_line_chart:"),
+        st.Page("app_pages/compare_runs.py", title="Compare runs", icon=":material/compare_arrows:"),
     ],
 }
 

@@ -73,12 +73,13 @@ class ProgressBar:
         self.stage = p.stage
 
 
-def _add_model_args(p: argparse.ArgumentParser, which: str) -> None:
+def _add_model_args(p: argparse.ArgumentParser, which: str, layer: bool = True) -> None:
     w = which.lower()
     p.add_argument(f"--{w}", required=True, metavar="CKPT", help=f"checkpoint of network {which}: .safetensors, "
                    ".pt/.pth state dict (weights-only), TorchScript or torch.export .pt2")
-    p.add_argument(f"--layer-{w}", metavar="NAME", help=f"layer of {which} (default: the model card's default_layer); "
-                   "see `kcore layers CKPT`")
+    if layer:  # (`kcore sweep` names several layers instead)
+        p.add_argument(f"--layer-{w}", metavar="NAME", help=f"layer of {which} (default: the model card's "
+                       "default_layer); see `kcore layers CKPT`")
     p.add_argument(f"--arch-{w}", metavar="ARCH", help="architecture name when the file is a bare state dict "
                    "without a model card (e.g. resnet18, vgg16_bn, kc_resnet)")
     p.add_argument(f"--num-classes-{w}", type=int, metavar="N", help="classifier outputs, when no card says it")
@@ -157,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="sample_models")
     p.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke run)")
 
+    from kcore import sweep_cli
     from kcore.experiments import study_modules
 
+    sweep_cli.add_cli(sub)
     for module in study_modules():  # `kcore <study>` subcommands of the paper's studies
         module.add_cli(sub)
     return parser

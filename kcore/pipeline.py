@@ -165,6 +165,34 @@ def extract_pair(a: LoadedModel, layer_a: str, b: LoadedModel, layer_b: str, ima
     return feats, arrays
 
 
+def given_pair(features: FeaturePair, a: LoadedModel, layer_a: str, b: LoadedModel, layer_b: str,
+               ids: Sequence[str], *, both_directions: bool = False) -> tuple[FeaturePair, tuple[Any, Any]]:
+    """Check features extracted elsewhere (:func:`compare`'s ``features``) as :func:`extract_pair` checks its own.
+
+    Returns:
+        ``(features, (x_a, x_b))``.
+
+    Raises:
+        TypeError: ``features`` is not a :class:`FeaturePair`.
+        ValueError: other layers or images than the comparison's, or features that cannot inform each other.
+    """
+    from kcore._validate import check_informative
+
+    if not isinstance(features, FeaturePair):
+        raise TypeError(f"features must be a kcore FeaturePair; got {type(features).__name__}. Fix: pass the "
+                        "result of kcore.extract_features (or leave features out to extract here).")
+    got = (features.layer_a, features.layer_b, list(features.image_ids))
+    if got != (layer_a, layer_b, list(ids)):
+        raise ValueError(f"features must be of layers ({layer_a!r}, {layer_b!r}) for the {len(ids)} images given; "
+                         f"got layers ({features.layer_a!r}, {features.layer_b!r}) for {features.n_images} images. "
+                         "Fix: extract the same layers of the same images, or leave features out.")
+    arrays = cached_arrays(features) if features.entry is not None else (features.x_a, features.x_b)
+    check_informative(arrays[0], arrays[1], f"A's layer {layer_a!r} ({a.name})", f"B's layer {layer_b!r} ({b.name})")
+    if both_directions:
+        check_informative(arrays[1], arrays[0], f"B's layer {layer_b!r} ({b.name})", f"A's layer {layer_a!r} ({a.name})")
+    return features, arrays
+
+
 def pipeline_stages(directions: Sequence[str], extra_seeds: Sequence[int] = (),
                     kinds: Sequence[str] = ()) -> tuple[str, ...]:
     """The stages of a comparison in the order they run: what "stage i of n" counts in its progress.
@@ -201,6 +229,7 @@ def compare(
     ctx: kd.Context | None = None,
     baselines: bool | Sequence[str] = False,
     fit_seeds: int = 1,
+    features: FeaturePair | None = None,
     **overrides: Any,
 ) -> Comparison:
     """Extract both layers' features for ``images``, fit g_θ A → B (and B → A with ``both_directions``), and the
@@ -237,6 +266,8 @@ def compare(
             ``"ErrorType: message"`` in ``provenance["baselines_failed"]``: the main fit is never lost to it.
         fit_seeds: with N > 1, also refit every direction with seeds ``seed+1 … seed+N−1`` and keep the spread
             of instability and of the order split (:func:`kcore.baselines.seed_spread`) in ``seed_spread``.
+        features: A's ``layer_a`` and B's ``layer_b`` features of ``images``, already extracted (e.g. by
+            :func:`kcore.sweep.sweep`, which captures many layers in one pass): then nothing is extracted here.
         **overrides: without ``config`` only: :class:`FitConfig` fields for :func:`make_config`, e.g.
             ``orders=1, epochs=2, seed=3`` (a shorthand for ``config=make_config(preset, ...)``).
 
@@ -265,7 +296,7 @@ def compare(
     comp = compare_fit(
         a, layer_a, b, layer_b, images, config, preset=preset, device=device, both_directions=both_directions,
         batch_size=batch_size, cache_dir=cache_dir, image_source=image_source, progress=progress, cancel=cancel,
-        paths=paths, ctx=ctx, baselines=baselines, fit_seeds=fit_seeds, **overrides,
+        paths=paths, ctx=ctx, baselines=baselines, fit_seeds=fit_seeds, features=features, **overrides,
     )
     if comp.provenance.get("baselines_pending"):
         comp = add_baselines(comp, b, images, batch_size=batch_size, progress=progress, cancel=cancel)
@@ -292,6 +323,7 @@ def compare_fit(
     ctx: kd.Context | None = None,
     baselines: bool | Sequence[str] = False,
     fit_seeds: int = 1,
+    features: FeaturePair | None = None,
     **overrides: Any,
 ) -> Comparison:
     """The first step of :func:`compare`: extract, fit every direction (and seed); the chance baselines are only
@@ -305,7 +337,7 @@ def compare_fit(
 
     Args:
         a, b, layer_a, layer_b, images, config, preset, device, both_directions, batch_size, cache_dir,
-        image_source, progress, cancel, paths, ctx, fit_seeds, overrides: as in :func:`compare`.
+        image_source, progress, cancel, paths, ctx, fit_seeds, features, overrides: as in :func:`compare`.
         baselines: the chance baselines to plan (:func:`add_baselines` fits them).
 
     Returns:
@@ -341,12 +373,15 @@ def compare_fit(
         clock.tell("extract", done / max(total or n, 1), f"features: {done}/{total or n} images")
 
     t_extract = time.perf_counter()
-    clock.tell("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images")
-    feats, arrays = extract_pair(
-        a, layer_a, b, layer_b, images, ids=ids, preps=preps, device=dev, batch_size=batch_size,
-        cache_dir=cache_dir, cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
-        both_directions=both_directions,
-    )
+    if features is not None:
+        feats, arrays = given_pair(features, a, layer_a, b, layer_b, ids, both_directions=both_directions)
+    else:
+        clock.tell("extract", 0.0, f"extracting {layer_a} of A and {layer_b} of B for {n} images")
+        feats, arrays = extract_pair(
+            a, layer_a, b, layer_b, images, ids=ids, preps=preps, device=dev, batch_size=batch_size,
+            cache_dir=cache_dir, cache_key=key, progress=on_extract, cancel=cancel, ctx=ctx,
+            both_directions=both_directions,
+        )
     extract_seconds = time.perf_counter() - t_extract
     clock.extract_seconds = extract_seconds
     results: dict[str, DirectionResult] = {}
