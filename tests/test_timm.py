@@ -302,3 +302,44 @@ def test_layers_of_an_exported_program_have_their_original_types(tmp_path, capsy
     out = capsys.readouterr().out
     assert "InterpreterModule" not in out
     assert next(line for line in out.splitlines() if line.startswith("layer1.0.conv1 ")).split()[1] == "Conv2d"
+
+
+# ------------------------------------------------------------------------------------------ the dashboard
+
+
+@needs_timm
+def test_the_dashboard_offers_listed_timm_names_and_refuses_others(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from dashboard.state import models
+
+    path, _ = _save_timm(tmp_path, "mobilenetv3_small_050", seed=0, num_classes=6)
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))
+    for name, sub in (("KCORE_RUNS_DIR", "runs"), ("KCORE_EXPORTS_DIR", "exports")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(name, str(tmp_path / sub))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=90).run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.segmented_control(key="kc_src_A").set_value("path").run()
+    options = at.selectbox(key="kc_arch_A").options
+    assert "timm:tf_efficientnet_lite0" in options and "resnet18" in options
+    assert "timm:test_resnet" not in options and not any("giant" in o for o in options)
+    at.text_input(key="kc_path_A").set_value(str(path))
+    at.selectbox(key="kc_arch_A").set_value("timm:mobilenetv3_small_050").run()
+    at.button(key="kc_loadpath_A").click().run()
+    assert not at.exception and not [e.value for e in at.error], [e.value for e in at.error]
+    slot = at.session_state["kc_slot_A"]
+    assert (slot.loaded.architecture, slot.loaded.num_classes, slot.input_size) == (
+        "timm:mobilenetv3_small_050", 6, (3, 224, 224))
+    assert "timm's pretrained_cfg for timm:mobilenetv3_small_050" in " ".join(c.value for c in at.caption)
+
+    # an uploaded card (or a name from anywhere but the list) cannot reach a timm model the page does not offer
+    data = path.read_bytes()
+    card = json.dumps({"architecture": "timm:test_resnet", "num_classes": 6})
+    with pytest.raises(ValueError, match=r"the uploaded model card's architecture 'timm:test_resnet' is not among the "
+                                         r"timm architectures this dashboard offers.*Fix: choose one"):
+        models.load_bytes(data, "m.safetensors", None, None, card)
+    with pytest.raises(ValueError, match=r"architecture 'timm:vit_giant_patch14_224' is not among"):
+        models.load_server_path(str(path), "timm:vit_giant_patch14_224")
+    tagged = json.dumps({"architecture": "timm:mobilenetv3_small_050.lamb_in1k", "num_classes": 6})
+    assert models.load_bytes(data, "m.safetensors", None, None, tagged).architecture == "timm:mobilenetv3_small_050.lamb_in1k"

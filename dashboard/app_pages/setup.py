@@ -8,7 +8,6 @@ import streamlit as st
 
 from dashboard import ui
 from dashboard.state import images, models, startup, views
-from kcore.architectures import available_architectures
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
 from kcore.limits import limits
@@ -34,9 +33,8 @@ if err := startup.default_error():
     st.warning(f"The embedded default could not be loaded: {err}")
 
 
-@st.cache_data(show_spinner=False)
 def _architectures() -> list[str]:
-    return available_architectures()
+    return models.architectures()  # an allow-list: the browser picks a listed name, never types one
 
 
 def _arch_inputs(role: str) -> tuple[str | None, int | None]:

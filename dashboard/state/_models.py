@@ -11,6 +11,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard.state._paths import ROOT
+from kcore.architectures import available_architectures, curated_timm_architectures, is_timm
 from kcore.cards import ModelCard
 from kcore.checkpoints import LoadedModel, file_sha256, load_model
 from kcore.features import LayerInfo, list_layers
@@ -53,6 +54,32 @@ class ModelSlot:
 
     def shape_of(self, layer: str) -> tuple[int, ...] | None:
         return next((layer_.shape for layer_ in self.layers if layer_.name == layer), None)
+
+
+@st.cache_data(show_spinner=False)
+def architectures() -> list[str]:
+    """The architectures the Models page offers for a weights-only file: the samples, torchvision's, and the timm
+    models of common CNN and ViT families (:func:`kcore.architectures.curated_timm_architectures`; none without timm).
+
+    The browser picks one of these names; it never types a name, let alone a module path.
+    """
+    return available_architectures(with_timm=False) + curated_timm_architectures()
+
+
+def _check_offered(arch: str | None, what: str) -> None:
+    """Refuse a timm architecture the Models page does not offer (e.g. named by an uploaded model card).
+
+    Raises:
+        ValueError: ``arch`` is a ``timm:`` name whose model (the part before a ``.TAG``) is not in
+            :func:`architectures`.
+    """
+    if arch is None or not is_timm(arch) or arch.partition(".")[0] in architectures():
+        return
+    raise ValueError(
+        f"{what} {arch!r} is not among the timm architectures this dashboard offers (common CNN and ViT families, "
+        "without the giant sizes). Fix: choose one in the **Architecture** box, or compare this model with the "
+        "command line (kcore fit --arch-a/--arch-b), which accepts every name of timm.list_models()."
+    )
 
 
 def sample_models() -> dict[str, Path]:
@@ -105,6 +132,8 @@ def _card_identity(real: Path, root: Path | None) -> Identity | None:
 def _load_bytes(sha256: str, name: str, arch: str | None, num_classes: int | None, card_json: str | None,
                 _data: bytes) -> LoadedModel:
     card = ModelCard.from_dict(json.loads(card_json), source="uploaded model card") if card_json else None
+    _check_offered(arch, "architecture")
+    _check_offered(card.architecture if card is not None and arch is None else None, "the uploaded model card's architecture")
     # a full pickle is never accepted from the browser: trust_pickle stays False
     return load_model(_data, name=name, arch=arch, num_classes=num_classes, card=card, trust_pickle=False)
 
@@ -129,6 +158,7 @@ def load_server_path(path: str, arch: str | None = None, num_classes: int | None
     from kcore.safe_files import open_under
     from kcore.server_paths import MAX_CHECKPOINT_BYTES, resolve_server_path, server_root_of
 
+    _check_offered(arch, "architecture")
     real = resolve_server_path(path, kind="file", what="checkpoint path")
     root = server_root_of(real)
     with open_under(root, real, max_bytes=MAX_CHECKPOINT_BYTES, what="checkpoint path") as fh:
