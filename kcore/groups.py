@@ -155,8 +155,9 @@ class Groups:
         each = f"{lo} each" if lo == hi else f"{lo}–{hi} each"
         where = {"folder": "the folder layout", "csv": f"the CSV {self.detail}", "pattern": f"the pattern {self.detail!r}",
                  "given": "labels given"}[self.source]
-        extra = f"; {self.unmatched} names did not match and are their own groups" if self.unmatched else ""
-        return f"{self.n_images} images in {self.n_groups} groups ({each}), from {where}{extra}"
+        extra = f"; {self.unmatched} name(s) did not match, each its own group" if self.unmatched else ""
+        groups = "1 group" if self.n_groups == 1 else f"{self.n_groups} groups"
+        return f"{self.n_images} images in {groups} ({each}), from {where}{extra}"
 
 
 def as_groups(groups: Groups | Sequence[Hashable] | None, n: int, what: str = "groups") -> Groups | None:

@@ -215,7 +215,7 @@ def test_pattern_groups_by_file_name():
     ids = ["p/cat_crop1.png", "p/cat_crop2.png", "q/dog_crop1.png", "q/dog_crop7.png", "q/lone.png"]
     g = pattern_groups(r"^(.*)_crop\d+", ids)
     assert g.labels == (0, 0, 1, 1, 2) and g.names == ("cat", "dog", "q/lone.png")
-    assert g.unmatched == 1 and g.source == "pattern" and "1 names did not match" in g.describe()
+    assert g.unmatched == 1 and g.source == "pattern" and "1 name(s) did not match, each its own group" in g.describe()
     with pytest.raises(ValueError, match=r"has 2 capturing groups; exactly 1 is needed"):
         pattern_groups(r"^(.*)_(crop)", ids)
     with pytest.raises(ValueError, match=r"does not compile"):
@@ -290,3 +290,70 @@ def test_cli_fit_with_groups_from_the_folder_layout(tmp_path, capsys):
     assert not (tmp_path / "r2").exists()
     assert main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--groups", "folder", "--out", str(tmp_path / "r3")]) == 2
     assert "--groups folder needs a folder of images" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ dashboard
+def _crops_zip(n_groups: int = 6, per: int = 3) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A zip of photo{g}/crop{k}.png (near-identical crops of one random photo each), and the same files flat."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    buf, flat = io.BytesIO(), []
+    with zipfile.ZipFile(buf, "w") as zf:
+        for g in range(n_groups):
+            base = rng.integers(0, 256, (16, 16, 3))
+            for k in range(per):
+                png = io.BytesIO()
+                Image.fromarray(np.clip(base + k, 0, 255).astype(np.uint8)).save(png, format="PNG")
+                zf.writestr(f"photo{g}/crop{k}.png", png.getvalue())
+                flat.append((f"photo{g}_crop{k}.png", png.getvalue()))
+    return buf.getvalue(), flat
+
+
+def test_dashboard_state_groups_uploads_by_subfolder_or_pattern():
+    from dashboard.state import images as state
+
+    zipped, flat = _crops_zip()
+    up = state.ImageChoice(state.uploaded_images([("photos.zip", zipped)], (16, 16)), "18 uploaded images", "upload")
+    by_folder = state.group_images(up, "folder")
+    assert by_folder.images.groups.n_groups == 6 and by_folder.grouping == ("folder", "")
+    assert up.images.groups is None and up.grouping == ("none", "")  # the choice it came from is unchanged
+    files = state.ImageChoice(state.uploaded_images(flat, (16, 16)), "18 uploaded images", "upload")
+    by_name = state.group_images(files, "pattern", r"^(.*)_crop\d+")
+    assert by_name.images.groups.sizes() == (3,) * 6 and by_name.grouping == ("pattern", r"^(.*)_crop\d+")
+    assert state.group_images(by_name, "none").images.groups is None
+    with pytest.raises(ValueError, match="needs images in subfolders"):
+        state.group_images(files, "folder")
+    with pytest.raises(ValueError, match=r"took more than"):  # what a browser sends is run under a time limit
+        state.group_images(state.ImageChoice(state.uploaded_images([("a" * 40 + "!.png", flat[0][1])], (16, 16)),
+                                             "1 image", "upload"), "pattern", r"^((?:a|a)+)$")
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        state.group_images(files, "../etc")
+    bundled = state.ImageChoice(state.bundled_images(60), "bundled", "bundled")
+    with pytest.raises(ValueError, match="bundled images are each rendered independently"):
+        state.group_images(bundled, "pattern", "(x)")
+
+
+def test_models_page_groups_an_uploaded_zip(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    if not hasattr(AppTest, "file_uploader"):
+        pytest.skip("this Streamlit's AppTest cannot upload files")
+    monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path / "runs"))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    at.segmented_control(key="kc_img_src").set_value("upload").run()
+    at.file_uploader(key="kc_img_upload").upload("photos.zip", _crops_zip()[0], "application/zip").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.selectbox(key="kc_img_groups").set_value("folder").run()
+    assert any("18 images in 6 groups (3 each), from the folder layout" in c.value for c in at.caption)
+    assert at.session_state["kc_images"].images.groups.n_groups == 6
+    at.selectbox(key="kc_img_groups").set_value("pattern").run()
+    at.text_input(key="kc_img_pattern").set_value(r"^(crop)\d").run()
+    assert any("18 images in 1 group (18 each), from the pattern" in c.value for c in at.caption)
+    at.text_input(key="kc_img_pattern").set_value(r"^(crop").run()
+    assert any("does not compile" in e.value for e in at.error)
+    assert at.session_state["kc_images"].images.groups is None  # a refused pattern leaves no stale grouping
+    assert any("Every image is its own group." in c.value for c in at.caption)

@@ -10,6 +10,7 @@ from dashboard import ui
 from dashboard.state import images, models, startup, views
 from kcore.checkpoints import CHECKPOINT_KINDS
 from kcore.features import estimate_feature_bytes, format_bytes
+from kcore.groups import MAX_PATTERN_CHARS
 from kcore.limits import limits
 from kcore.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing_of, resolve_preprocessing
 from kcore.server_paths import ROOTS_ENV, server_paths_enabled
@@ -254,6 +255,31 @@ def alignment_note(a: models.ModelSlot, la: str, b: models.ModelSlot, lb: str) -
     (st.info if tuple(sa[1:]) != tuple(sb[1:]) else st.success)(" ".join(notes))
 
 
+def grouping_panel() -> None:
+    """Say which images belong together (by subfolder or a file-name pattern): a fit keeps each group on one side
+    of its split, and the intervals resample whole groups."""
+    cur = images.images()
+    if cur is None or cur.kind == "bundled":
+        return
+    how = st.selectbox("Images that belong together", list(images.GROUPINGS), format_func=images.GROUPINGS.get,
+                       key="kc_img_groups", help="Crops of one photo, frames of one video or pictures of one subject "
+                       "are nearly the same image: a fit never puts one group in both its training and held-out "
+                       "images, and the error bars resample whole groups.")
+    pattern = ""
+    if how == "pattern":
+        pattern = st.text_input("File-name pattern (one group in parentheses)", key="kc_img_pattern",
+                                max_chars=MAX_PATTERN_CHARS, placeholder=r"^(.*)_crop\d+",
+                                help=r"A regular expression with one group, applied to each file name: names with "
+                                r"the same captured part form a group (^(.*)_crop\d+ groups cat_crop1.png with "
+                                "cat_crop2.png); a name it does not match is its own group.")
+    want = (how, pattern)
+    if cur.grouping != want and (how != "pattern" or pattern):
+        grouped = ui.guarded(lambda: images.group_images(cur, how, pattern), "Groups")
+        images.set_images(grouped if grouped is not None else images.group_images(cur, "none"))
+    groups = getattr(images.images().images, "groups", None)
+    st.caption(groups.describe() if groups is not None else "Every image is its own group.")
+
+
 def images_panel() -> None:
     """Choose the image set (bundled, a server folder or an upload) and its size."""
     st.subheader("Images")
@@ -292,6 +318,7 @@ def images_panel() -> None:
             imgs = ui.guarded(lambda: images.folder_images(folder, images.working_image_size()), "Image folder")
             if imgs is not None:
                 images.set_images(images.ImageChoice(imgs, f"folder {folder} ({len(imgs)} images)", "folder"))
+    grouping_panel()
     cur = images.images()
     if cur is not None:
         st.caption(f"Using **{cur.description}**.")

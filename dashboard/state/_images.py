@@ -1,6 +1,7 @@
 """The image set to compare on: bundled kshapes images, uploads, or a folder on the server."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -10,6 +11,9 @@ from dashboard.state._models import slot
 
 DEFAULT_N_IMAGES = 400
 """Bundled images used by default (a first fit of both directions stays under a minute on 2 CPU cores)."""
+
+GROUPINGS = {"none": "None: every image its own", "folder": "By subfolder", "pattern": "By a file-name pattern"}
+"""How the Models & images page can say which images belong together (:mod:`kcore.groups`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -21,12 +25,14 @@ class ImageChoice:
         description: where they came from (for provenance).
         kind: ``"bundled"``, ``"upload"`` or ``"folder"``.
         token: identifies the uploaded files it was made from (see :func:`upload_token`), else ``""``.
+        grouping: ``(how, pattern)`` the images were grouped by (:func:`group_images`); ``("none", "")`` = none.
     """
 
     images: Any
     description: str
     kind: str
     token: str = ""
+    grouping: tuple[str, str] = ("none", "")
 
     @property
     def n(self) -> int:
@@ -81,6 +87,39 @@ def working_image_size() -> tuple[int, int]:
     from kcore.preprocessing import load_size, preprocessing_of
 
     return load_size(*(preprocessing_of(s.loaded) for s in (slot("A"), slot("B")) if s is not None))
+
+
+def group_images(choice: ImageChoice, how: str, pattern: str = "") -> ImageChoice:
+    """``choice`` with its images grouped ``how`` (a key of :data:`GROUPINGS`): no group is split by a fit, and
+    the intervals resample whole groups.
+
+    Args:
+        choice: the images chosen (uploads or a server folder; the bundled images have no groups).
+        how: ``"none"``, ``"folder"`` (each image's subfolder in the zip or folder) or ``"pattern"``.
+        pattern: for ``"pattern"``: a regular expression with one group applied to each file name, e.g.
+            ``^(.*)_crop\\d+``; it comes from the browser, so :func:`kcore.groups.pattern_groups` bounds its length and
+            the file names' and runs it in a separate process under a time limit.
+
+    Returns:
+        A new :class:`ImageChoice` (the image set is a grouped copy; ``choice`` is not changed).
+
+    Raises:
+        ValueError: an unknown ``how``, groups asked for the bundled images, or a grouping kcore refuses (no
+            subfolders; a pattern that is too long, does not compile, matches nothing or takes too long).
+    """
+    from kcore.groups import folder_groups, pattern_groups
+
+    if how not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {sorted(GROUPINGS)}; got {how!r}.")
+    if how == "none":
+        return dataclasses.replace(choice, images=choice.images.with_groups(None), grouping=("none", ""))
+    if choice.kind == "bundled":
+        raise ValueError("the bundled images are each rendered independently, so they have no groups. Fix: choose "
+                         "'None', or upload images (a zip with one subfolder per group).")
+    ids = choice.images.ids
+    groups = folder_groups(ids) if how == "folder" else pattern_groups(pattern, ids)
+    return dataclasses.replace(choice, images=choice.images.with_groups(groups),
+                               grouping=(how, pattern if how == "pattern" else ""))
 
 
 def images() -> ImageChoice | None:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dashboard.state._images import (
     DEFAULT_N_IMAGES,
+    GROUPINGS,
     ImageChoice,
     bundled_images,
     folder_images,
+    group_images,
     image_size,
     images,
     set_images,
@@ -14,5 +16,5 @@ from dashboard.state._images import (
     working_image_size,
 )
 
-__all__ = ["DEFAULT_N_IMAGES", "ImageChoice", "bundled_images", "folder_images", "image_size", "images", "set_images",
-           "upload_token", "uploaded_images", "working_image_size"]
+__all__ = ["DEFAULT_N_IMAGES", "GROUPINGS", "ImageChoice", "bundled_images", "folder_images", "group_images",
+           "image_size", "images", "set_images", "upload_token", "uploaded_images", "working_image_size"]
