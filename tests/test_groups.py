@@ -271,8 +271,11 @@ def test_cli_fit_with_groups_from_the_folder_layout(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["fit", "--a", str(WEAK), "--b", str(STRONG), "--data", str(data), "--groups", "folder",
                "--epochs", "2", "--orders", "1", "--out", str(out)])
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert rc == 0, err
+    assert "6 held-out images in 2 groups, resampled whole" in said.out
+    assert "warning: the held-out images form only 2 groups (fewer than 10)" in said.out
     assert "groups: 30 images in 10 groups (3 each), from the folder layout" in err
     prov = json.loads((out / "provenance.json").read_text())["groups"]
     assert prov["source"] == "folder" and prov["n_groups"] == 10 and prov["sizes"]["histogram"] == {"3": 10}

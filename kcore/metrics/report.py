@@ -222,7 +222,10 @@ class VarianceReport:
                        "Fix: use more images (the fit holds out 20 %, so 250 images give 50 held out).")
         if self.ci is None:
             out.append("no confidence intervals were computed for these numbers.")
-        else:
+        elif self.ci.n_groups is not None and self.ci.n_groups < CI_MIN_GROUPS:
+            out.append(f"the held-out images form only {self.ci.n_groups} groups (fewer than {CI_MIN_GROUPS}): the "
+                       "intervals resample whole groups, so they rest on that few observations. Fix: use more groups.")
+        if self.ci is not None:
             name, width = self.ci.widest()
             if width > CI_WARN_WIDTH:
                 out.append(f"the {self.ci.level:.0%} interval of {name} is {width:.2f} wide (> {CI_WARN_WIDTH}): "
@@ -275,6 +278,8 @@ class VarianceReport:
 CI_LEVEL, CI_BOOTSTRAPS, CI_SEED = 0.95, 1000, 0
 #: warn when fewer held-out images than this are used, or when a run-level interval is wider than CI_WARN_WIDTH
 CI_MIN_IMAGES, CI_WARN_WIDTH = 50, 0.1
+#: warn when a cluster bootstrap resamples fewer held-out groups than this
+CI_MIN_GROUPS = 10
 
 
 def plus_minus(value: float, interval: tuple[float, float] | None, fmt: str = ".3f", percent: bool = False) -> str:
@@ -293,8 +298,9 @@ def summary_lines(report: VarianceReport, preset: str | None = None) -> list[str
     level = f"{ci.level:.0%} CI" if ci is not None else "no CI"
     inst = report.interval("instability")
     rng = f" [{inst[0]:.4f}, {inst[1]:.4f}]" if inst else ""
+    grouped = f" in {ci.n_groups} groups, resampled whole" if ci is not None and ci.n_groups else ""
     lines = [f"instability Var(x^D)/Var(x*) = {plus_minus(report.instability, inst, '.4f')}{rng} "
-             f"({level}, {report.n_images} held-out images)"]
+             f"({level}, {report.n_images} held-out images{grouped})"]
     if report.has_shares:
         parts = [f"x{k} {plus_minus(s, report.interval(f'share_x{k}'), '.1f', True)}"
                  for k, s in enumerate(report.share_orders)]
