@@ -309,6 +309,81 @@ def _model_from_state_dict(
     return model, tuple(missing), tuple(unexpected), arch, num_classes
 
 
+@dataclass(frozen=True, eq=False)
+class StateDictFile:
+    """The tensors of a weights-only checkpoint, read without building a model (:func:`read_state_dict`).
+
+    Attributes:
+        tensors: parameter name → tensor, in the file's order (a ``torch.save`` file keeps the order the state
+            dict had when saved; a safetensors file does not, see :attr:`keeps_order`).
+        others: names of the non-tensor entries beside the tensors (e.g. an epoch counter).
+        name: display name (the file name, or ``name=`` for bytes).
+        sha256: SHA-256 hex digest of the bytes the tensors were read from.
+        kind: ``"state_dict"`` (torch.save, read weights-only) or ``"safetensors"``.
+    """
+
+    tensors: dict[str, Tensor]
+    others: tuple[str, ...]
+    name: str
+    sha256: str
+    kind: CheckpointKind
+
+    @property
+    def keeps_order(self) -> bool:
+        """Whether :attr:`tensors` is in the order the state dict was saved in (safetensors files reorder it)."""
+        return self.kind != "safetensors"
+
+
+def read_state_dict(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    name: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> StateDictFile:
+    """Read the tensors of a weights-only checkpoint (safetensors, or a ``torch.save`` state dict read weights-only).
+
+    The state dict may be nested under one of :data:`STATE_DICT_KEYS`; prefixes are left as they are.
+
+    Args:
+        source: a path, or the file's bytes (then ``name`` is its file name).
+        name: display name.
+        root: a folder ``source`` must lie in (see :func:`load_model`).
+
+    Returns:
+        The tensors in file order, the names of non-tensor entries, and the hash of the bytes read.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path with no file.
+        UnsafeCheckpointError: the file is a full pickle (it would run code when loaded).
+        ValueError: a TorchScript or torch.export archive (they carry their own graph: load them with
+            :func:`load_model`), no tensors, or a truncated or corrupt file.
+    """
+    src = _as_source(source, name, root)
+    fmt = sniff(src)
+    sha256 = file_sha256(src.data)
+    if fmt == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load as st_load
+
+        check_safetensors_header(src)
+        try:
+            raw: object = st_load(src.data)
+        except (SafetensorError, OSError) as exc:
+            raise corrupt(src, "safetensors", exc) from exc
+        kind: CheckpointKind = "safetensors"
+    elif fmt in ("torch_zip", "pickle_stream"):
+        raw, _ = _torch_load(src, fmt, trust_pickle=False)
+        kind = "state_dict"
+    else:
+        raise ValueError(
+            f"checkpoint {src.where!r} is a {'TorchScript' if fmt == 'torchscript' else 'torch.export'} archive: it "
+            "carries its own graph, so there is no bare state dict to map onto an architecture. Fix: load it "
+            "directly with kcore.load_model (CLI: pass the file itself to kcore layers / kcore fit)."
+        )
+    tensors, others = _find_state_dict(raw, src)
+    return StateDictFile(tensors=tensors, others=others, name=src.display, sha256=sha256, kind=kind)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="input size (default: card's, or 224 224)")
     p.add_argument("--all", action="store_true", help="also list layers whose output is not a 4-D feature map")
     p.add_argument("--trust-pickle", action="store_true", help="allow a full pickled nn.Module or a TorchScript archive (runs code from the file!)")
+    p.add_argument("--non-strict", action="store_true", help="load a state dict whose tensor names differ from the "
+                   "architecture's: the matching ones, the rest left at random initialisation (listed)")
+
+    from kcore import convert_cli
+
+    convert_cli.add_cli(sub)
 
     p = sub.add_parser("fit", help="compare two checkpoints at one layer each and write a run folder",
                        description="Extract features, fit g_theta on a training split, decompose the held-out "
@@ -117,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p, "A")
     _add_model_args(p, "B")
+    for w in ("a", "b"):
+        p.add_argument(f"--non-strict-{w}", action="store_true", help=f"load {w.upper()}'s state dict even where its "
+                       "tensor names differ from the architecture's (the rest left at random initialisation, listed)")
     p.add_argument("--data", default=BUNDLED_DATA, metavar=f"DIR|{BUNDLED_DATA}",
                    help=f"images: a folder (class subfolders or flat) or '{BUNDLED_DATA}' for the bundled images "
                    "('sample' is a deprecated alias)")
@@ -180,12 +189,45 @@ def _duration(text: str) -> float:
     return value
 
 
-def _load(path: str, arch: str | None, num_classes: int | None, trust: bool):
+def _flags(which: str) -> dict[str, str]:
+    """How the command line names the loader's arguments (kcore.arguments) for model ``which``: '' (`kcore layers`),
+    'a' or 'b' (`kcore fit`)."""
+    s = f"-{which}" if which else ""
+    return {"arch": f"--arch{s} {{value}}", "num_classes": f"--num-classes{s} {{value}}", "strict": f"--non-strict{s}",
+            "input_size": f"--input-size{s} {{value}}"}
+
+
+def _load(path: str, arch: str | None, num_classes: int | None, trust: bool, *, which: str | None = None,
+          strict: bool = True):
+    """Load a checkpoint; with ``which``, errors name the flags of that model (:func:`_flags`) instead of Python's."""
+    from kcore.arguments import ArgumentError
     from kcore.checkpoints import load_model
 
     if not Path(path).is_file():
         raise ValueError(f"checkpoint {path!r} does not exist. Fix: check the path (relative to {Path.cwd()}).")
-    return load_model(path, arch=arch, num_classes=num_classes, trust_pickle=trust)
+    try:
+        m = load_model(path, arch=arch, num_classes=num_classes, trust_pickle=trust, strict=strict)
+    except ArgumentError as exc:
+        if which is None:
+            raise
+        raise exc.respelled(_flags(which)) from exc
+    for what, keys in (("missing from the file, left at their random initialisation", m.missing_keys),
+                       ("in the file but not in the architecture, left out", m.unexpected_keys)):
+        if keys:
+            print(f"warning: {m.name}: {len(keys)} tensor(s) {what}: {', '.join(keys[:5])}"
+                  + (", …" if len(keys) > 5 else ""), file=sys.stderr)
+    return m
+
+
+def _listed_layers(m, size: tuple[int, ...], which: str, **kw):
+    """``list_layers`` whose errors name the --input-size flag of model ``which``."""
+    from kcore.arguments import ArgumentError
+    from kcore.features import list_layers
+
+    try:
+        return list_layers(m.model, size, **kw)
+    except ArgumentError as exc:
+        raise exc.respelled(_flags(which)) from exc
 
 
 def _input_size(m, given=None) -> tuple[int, int]:
@@ -218,11 +260,9 @@ def _with_preprocessing(m, which: str, args, say=sys.stderr):
 
 
 def _cmd_layers(args) -> int:
-    from kcore.features import list_layers
-
-    m = _load(args.ckpt, args.arch, args.num_classes, args.trust_pickle)
+    m = _load(args.ckpt, args.arch, args.num_classes, args.trust_pickle, which="", strict=not args.non_strict)
     h, w = _input_size(m, args.input_size)
-    layers = list_layers(m.model, (3, h, w), spatial_only=not args.all)
+    layers = _listed_layers(m, (3, h, w), "", spatial_only=not args.all)
     default = m.card.default_layer if m.card else None
     print(f"{m.name}  sha256 {m.short_hash}  {m.kind}  {m.num_parameters:,} parameters  input 3x{h}x{w}")
     print(f"{'layer':40s} {'type':20s} output shape")
@@ -255,10 +295,10 @@ def _images(data: str, n: int | None, size: tuple[int, int], groups: str | None 
     return images, f"folder {data}"
 
 
-def _layer_shape(m, layer: str) -> tuple[int, ...]:
-    from kcore.features import list_layers, validate_layer
+def _layer_shape(m, layer: str, which: str) -> tuple[int, ...]:
+    from kcore.features import validate_layer
 
-    layers = list_layers(m.model, (3, *_input_size(m)))
+    layers = _listed_layers(m, (3, *_input_size(m)), which)
     validate_layer(m.model, layer, layers)
     info = next(i for i in layers if i.name == layer)
     if not info.is_spatial:
@@ -289,8 +329,8 @@ def _fit_job(args, ctx) -> int:
             "features there and every rank reads them back. Fix: pass --cache-dir on a folder all ranks can see "
             "(on several machines, a shared file system)."
         )
-    a = _load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle)
-    b = _load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle)
+    a = _load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle, which="a", strict=not args.non_strict_a)
+    b = _load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle, which="b", strict=not args.non_strict_b)
     layer_a = args.layer_a or (a.card.default_layer if a.card else None)
     layer_b = args.layer_b or (b.card.default_layer if b.card else None)
     for flag, layer in (("--layer-a", layer_a), ("--layer-b", layer_b)):
@@ -303,8 +343,8 @@ def _fit_job(args, ctx) -> int:
     images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing), args.groups)
     from kcore.features import estimate_feature_bytes, format_bytes
 
-    shape_a = _layer_shape(a, layer_a)
-    shape_b = _layer_shape(b, layer_b)
+    shape_a = _layer_shape(a, layer_a, "a")
+    shape_b = _layer_shape(b, layer_b, "b")
     print(f"A: {a.name} [{a.short_hash}] layer {layer_a} {shape_a}\nB: {b.name} [{b.short_hash}] layer {layer_b} "
           f"{shape_b}\nimages: {len(images)} from {source}", file=say)
     est = estimate_feature_bytes(len(images), shape_a, shape_b, 4)
@@ -334,8 +374,9 @@ def _fit_job(args, ctx) -> int:
         vo = ", ".join(f"{v:.4g}" for v in rep.var_orders)
         print(f"{key} ({d.meaning}):\n  " + "\n  ".join(summary_lines(rep, args.preset)) + "\n"
               f"  Var per order [{vo}]; Var(x^D) {rep.var_residual:.4g}; Var(x*) {rep.var_target:.4g}\n"
-              f"  held-out error {d.fit.heldout_error:.4f}; 0-order baseline: least-squares R² "
-              f"{d.fit.baseline.linear_r2:.4f}, linear CKA {d.fit.baseline.cka:.4f}")
+              f"  held-out error {d.fit.heldout_error:.4f}; 0-order baseline: least-squares held-out error "
+              f"{d.fit.baseline.linear_error:.4f} (R² {d.fit.baseline.linear_r2:.4f}), linear CKA "
+              f"{d.fit.baseline.cka:.4f}")
         for ref in comp.baselines.values():
             r = ref.reports.get(key)
             if r is not None:

@@ -277,7 +277,7 @@ class FitResult:
             best_epoch=meta["best_epoch"],
             heldout_error=meta["heldout_error"],
             heldout_report=VarianceReport.from_dict(meta["heldout_report"]),
-            baseline=Baseline(**meta["baseline"]),
+            baseline=Baseline.from_dict(meta["baseline"]),
             train_indices=tuple(meta["train_indices"]),
             heldout_indices=tuple(meta["heldout_indices"]),
             device=meta["device"],

@@ -197,9 +197,24 @@ class Baseline:
     linear_kernel: int
     cka: float
 
+    @property
+    def linear_error(self) -> float:
+        """Held-out error of the least-squares map, in the units of g_θ's ``heldout_error``.
+
+        Both are Σ(x* − prediction)² / Σ(x* − channel mean of x*)² over the held-out images
+        (:func:`kcore.fit.evaluate.relative_error`), and R² is 1 minus it, so this is ``1 − linear_r2``.
+        """
+        return 1.0 - self.linear_r2
+
     def as_dict(self) -> dict:
-        """The metrics.json form."""
-        return {"linear_r2": self.linear_r2, "linear_kernel": self.linear_kernel, "cka": self.cka}
+        """The metrics.json form (``linear_error`` beside ``linear_r2``; :meth:`from_dict` reads it back)."""
+        return {"linear_r2": self.linear_r2, "linear_error": self.linear_error, "linear_kernel": self.linear_kernel,
+                "cka": self.cka}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Baseline:
+        """The baseline from :meth:`as_dict`'s form (``linear_error`` is derived, so it is not read)."""
+        return cls(linear_r2=data["linear_r2"], linear_kernel=data["linear_kernel"], cka=data["cka"])
 
 
 def linear_baseline(
