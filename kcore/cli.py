@@ -316,7 +316,7 @@ def _cmd_fit(args) -> int:
 
 def _fit_job(args, ctx) -> int:
     from kcore import distributed as kd
-    from kcore.pipeline import compare, write_run
+    from kcore.pipeline import add_baselines, compare_fit, update_run_baselines, write_run
 
     out = Path(args.out)
     from kcore._io import check_out_dir
@@ -358,15 +358,26 @@ def _fit_job(args, ctx) -> int:
 
     config = make_config(args.preset, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
                          convention=args.convention or None, budget=args.budget)
-    comp = compare(
+    bar = ProgressBar(say)
+    comp = compare_fit(
         a, layer_a, b, layer_b, images, config, preset=args.preset, device=args.device,
         both_directions=args.both_directions, batch_size=args.batch_size, cache_dir=args.cache_dir,
-        image_source=source, progress=ProgressBar(say), paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
+        image_source=source, progress=bar, paths=(str(Path(args.a).resolve()), str(Path(args.b).resolve())),
         ctx=ctx, baselines=args.baselines, fit_seeds=args.fit_seeds,
     )
+    # the fit is written before its chance baselines start: a baseline that fails or is killed never loses it
     kd.main_first(lambda: write_run(comp, out, overwrite=args.overwrite, images=images), ctx)  # rank 0 writes
     if not ctx.is_main:
         return 0
+    if comp.provenance.get("baselines_pending"):  # (never under torchrun: compare_fit refuses baselines there)
+        print(f"wrote {out} (the fit); now the chance baselines", file=say)
+        try:
+            comp = add_baselines(comp, b, images, batch_size=args.batch_size, progress=bar)
+        except KeyboardInterrupt:
+            print(f"kcore: interrupted during the chance baselines; the fit is written to {out} without them",
+                  file=sys.stderr)
+            return 130
+        update_run_baselines(out, comp)
     from kcore.metrics import plus_minus, summary_lines
 
     for key, d in comp.directions.items():

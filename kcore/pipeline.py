@@ -44,6 +44,7 @@ from kcore.run_folder import (  # noqa: F401  (re-exported: run folders were wri
     heldout_images,
     read_heldout_images,
     read_run,
+    update_run_baselines,
     write_run,
 )
 
@@ -500,15 +501,15 @@ def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, ki
     feats = comparison.features
     groups = as_groups(getattr(images, "groups", None), n, "images.groups")  # split and intervals as the main fit's
     refs, skipped, failed = dict(comparison.baselines), {}, {}
+    stage_fits: dict[str, Callable[[Any], None]] = {}  # one progress callback per (kind, direction) stage
     for kind in kinds:
         def on_base(dkey, p, kind=kind):
             stage = f"baseline {kind} {dkey}"
-            if stage not in on_base.fits:
+            if stage not in stage_fits:
                 label = f"{dkey}, chance baseline {_bl.BASELINE_LABELS.get(kind, kind)}"
-                on_base.fits[stage] = clock.fit_progress(stage, lambda q, eta, label=label: fit_message(label, q, eta))
-            on_base.fits[stage](p)
+                stage_fits[stage] = clock.fit_progress(stage, lambda q, eta, label=label: fit_message(label, q, eta))
+            stage_fits[stage](p)
 
-        on_base.fits = {}
         try:  # a failing baseline never loses the finished fit: its error is recorded, the others still run
             if kind == "shuffled":
                 refs[kind] = _bl.shuffled_baseline(feats.x_a, feats.x_b, keys, cfg, seed=seed, device=dev,
@@ -531,7 +532,6 @@ def add_baselines(comparison: Comparison, b: LoadedModel | None, images: Any, ki
         prov["baselines_failed"] = {**prov.get("baselines_failed", {}), **failed}
     clock.tell("done", 1.0, "done")
     return dataclasses.replace(comparison, provenance=prov, baselines=refs)
-
 
 
 def _split_of(res: Any) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

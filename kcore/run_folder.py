@@ -179,7 +179,7 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
         (tmp / "images.json").write_text(json.dumps(listing, indent=1))
         for key, d in comparison.directions.items():
             d.fit.save(tmp / f"g_{key}")
-        (tmp / "metrics.json").write_text(json.dumps(comparison.metrics(), indent=1))
+        (tmp / "metrics.json").write_text(metrics_json(comparison))
         cfg = comparison.provenance.get("config", {})
         (tmp / "config.json").write_text(json.dumps({
             "directions": list(comparison.directions), "layer_a": comparison.a.layer, "layer_b": comparison.b.layer,
@@ -195,6 +195,61 @@ def write_run(comparison: Comparison, out_dir: str | os.PathLike, *, overwrite: 
             raw = images if isinstance(images, Mapping) else heldout_images(comparison, images)
             _write_heldout_images(tmp, raw)
     return Path(out_dir)
+
+
+def metrics_json(comparison: Comparison) -> str:
+    """The text of a run folder's ``metrics.json`` (:meth:`Comparison.metrics`), as :func:`write_run` and
+    :func:`update_run_baselines` write it."""
+    return json.dumps(comparison.metrics(), indent=1)
+
+
+BASELINE_PROVENANCE_KEYS = ("baselines_pending", "baselines_skipped", "baselines_failed")
+"""The provenance entries about chance baselines that :func:`update_run_baselines` replaces."""
+_SAME_RUN_KEYS = ("created", "checkpoint_a", "checkpoint_b", "layers", "images", "seed", "config")
+
+
+def update_run_baselines(run_dir: str | os.PathLike, comparison: Comparison) -> Path:
+    """Add the chance baselines of ``comparison`` to its run folder, written before them by :func:`write_run`.
+
+    ``metrics.json`` (baselines, verdicts) and ``provenance.json`` (which baselines are pending, skipped or failed;
+    every other entry is kept as written) are each replaced in one atomic rename (:func:`kcore._io.write_file_atomic`):
+    a reader sees the old file or the new one, never a part. The result equals what :func:`write_run` writes for
+    ``comparison`` in one go.
+
+    Args:
+        run_dir: the run folder of ``comparison`` before its baselines (:func:`kcore.pipeline.compare_fit`).
+        comparison: the comparison with its baselines (:func:`kcore.pipeline.add_baselines`).
+
+    Returns:
+        ``run_dir`` as a Path.
+
+    Raises:
+        ValueError: ``run_dir`` is not a run folder, or holds another run (its provenance's creation time,
+            checkpoints, layers, images, seed or config differ from ``comparison``'s).
+    """
+    from kcore import _readback as rb
+    from kcore._io import write_file_atomic
+
+    d = Path(run_dir)
+    missing = [n for n in ("metrics.json", "provenance.json") if not os.path.lexists(d / n)]
+    if missing:
+        raise ValueError(f"run_dir {str(d)!r} is not a kcore run folder: missing {missing}. Fix: pass the folder "
+                         "write_run wrote for this comparison.")
+    prov = rb.read_json(d, "provenance.json")
+    if not isinstance(prov, dict):
+        raise rb.folder_error(d, "provenance.json", f"holds a JSON {type(prov).__name__}; expected an object")
+    ours = json.loads(json.dumps(comparison.provenance, default=str))
+    differ = [k for k in _SAME_RUN_KEYS if prov.get(k) != ours.get(k)]
+    if differ:
+        raise ValueError(f"run_dir {str(d)!r} holds another run than comparison: provenance.json differs in "
+                         f"{differ}. Fix: pass the folder write_run wrote for this comparison (before its baselines).")
+    for key in BASELINE_PROVENANCE_KEYS:
+        prov.pop(key, None)
+        if key in ours:
+            prov[key] = ours[key]
+    write_file_atomic(d / "metrics.json", metrics_json(comparison))
+    write_file_atomic(d / "provenance.json", json.dumps(prov, indent=1, default=str))
+    return d
 
 
 _STATS = {"mean": float, "sd": float, "min": float, "max": float}
