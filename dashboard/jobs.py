@@ -76,6 +76,10 @@ class Job:
         started: UNIX time it was submitted, then the time it started running.
         finished: UNIX time it ended (None while queued or running).
         result: what the task returned when ``state == "done"``.
+        partial: a result the task published before it ended (:meth:`publish`: a fit's result before its chance
+            baselines); kept when a later stage fails or is cancelled.
+        eta, eta_total: the latest report's time left in its stage and in the whole job (:class:`kcore.progress.Eta`,
+            None while not measured).
         error: a readable message when ``state == "failed"`` (or why it was cancelled).
         thread: its worker thread (None while queued).
         handle: what ``prepare`` returned (a study's process), None otherwise.
@@ -93,6 +97,9 @@ class Job:
     started: float = field(default_factory=time.time)
     finished: float | None = None
     result: Any = None
+    partial: Any = None
+    eta: Any = None
+    eta_total: Any = None
     error: str | None = None
     thread: threading.Thread | None = None
     handle: Any = None
@@ -113,9 +120,14 @@ class Job:
         """Seconds since the job started (until it finished, once it has)."""
         return (self.finished or time.time()) - self.started
 
-    def report(self, stage: str, fraction: float, message: str = "") -> None:
+    def report(self, stage: str, fraction: float, message: str = "", *, eta: Any = None, eta_total: Any = None) -> None:
         """Progress callback for the worker (plain attribute writes; no ``st.*``)."""
         self.stage, self.fraction, self.message = stage, max(0.0, min(1.0, float(fraction))), message
+        self.eta, self.eta_total = eta, eta_total
+
+    def publish(self, result: Any) -> None:
+        """Make ``result`` visible before the job ends (the worker's first result; the job goes on)."""
+        self.partial = result
 
 
 def ordinal(n: int) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dashboard import progress
 from dashboard.state import jobs, models, runs, startup
 
 POLL_SECONDS = 1.0
@@ -12,10 +13,10 @@ def _job_status() -> None:
     job = jobs.current_job()
     if job is None:
         return
+    if not jobs.is_adopted(job):
+        st.rerun()  # a result since the last poll (the fit's own, or the final one): redraw the whole app with it
     if job.running:
-        st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
-    elif not jobs.is_adopted(job):
-        st.rerun()  # finished since the last poll: redraw the whole app with the new result
+        progress.draw_progress(job)
 
 
 def draw(show_progress: bool = True) -> None:
@@ -28,7 +29,8 @@ def draw(show_progress: bool = True) -> None:
             st.warning(f"The default models could not be loaded: {err}")
         job = jobs.current_job()
         if show_progress and job is not None and job.running:
-            st.markdown(f"**Fitting:** {job.label}")
+            what = "Chance baselines of" if job.partial is not None else "Fitting:"
+            st.markdown(f"**{what}** {job.label}")
             st.fragment(_job_status, run_every=POLL_SECONDS)()
         table = runs.runs()
         if table:

@@ -50,7 +50,7 @@ def require_run() -> runs.RunEntry:
     """The active run, or a notice with a link to the Fit page (and the page stops)."""
     run = runs.active_run()
     if run is None:
-        st.info("No result yet. Run a fit on the **Fit** page (the default runs in under a minute), "
+        st.info("No result yet. Run a fit on the **Fit** page (it shows its progress and the time left), "
                 "or re-open a run folder there.")
         st.page_link("app_pages/fit.py", label="Go to Fit", icon=":material/play_arrow:")
         st.stop()

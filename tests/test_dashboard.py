@@ -54,9 +54,11 @@ def _wait_for_run(at: AppTest, n_runs: int, timeout: float = FIT_TIMEOUT) -> Non
     while time.perf_counter() - t0 < timeout:
         time.sleep(0.5)
         at.run()
-        if len(at.session_state["kc_runs"]) >= n_runs:
-            return
         job = state.registry().get(at.session_state["kc_jobs"][-1])
+        # the fit's own result is adopted before its chance baselines end: wait for the job itself
+        if len(at.session_state["kc_runs"]) >= n_runs and (job is None or not job.running):
+            at.run()  # adopt the final result (with the baselines)
+            return
         if job is not None and job.state in ("failed", "cancelled"):
             pytest.fail(f"the fit ended {job.state}: {job.error}")
     pytest.fail(f"the fit did not finish within {timeout} s")

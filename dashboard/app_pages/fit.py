@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import ui
+from dashboard import progress, ui
 from dashboard.jobs import check_fit_request
 from dashboard.state import images, jobs, models, paths, runs
 from kcore.baselines import baselines_are_cheap
@@ -67,8 +67,9 @@ cheap = baselines_are_cheap(imgs.n, sb)
 with_baselines = st.checkbox(
     "Chance baselines (random-init B, shuffled pairs)", value=cheap, key="kc_fit_baselines",
     help="Also fit, with the same recipe and split, B replaced by a randomly initialised network of its architecture "
-         "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. About three "
-         "times the fit's time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
+         "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. They run "
+         "after the fit, whose result is shown as soon as it is done; together about two to three times the fit's "
+         "time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
 
 request = jobs.FitRequest(orders=int(orders), lam=float(lam), epochs=int(epochs) or None, seed=int(seed),
                            device=device, preset=preset, both_directions=both, baselines=bool(with_baselines))
@@ -96,20 +97,24 @@ def _progress() -> None:
     job = jobs.current_job()
     if job is None:
         return
+    if not jobs.is_adopted(job):
+        st.rerun()  # a result since the last poll (the fit's own, or the final one): redraw everything with it
     if job.running:
         if job.queued:
             st.info(f"{job.message.capitalize()}: the fit starts when a slot is free · waiting {job.elapsed:.0f} s",
                     icon=":material/hourglass_top:")
         else:
-            st.progress(job.fraction, text=f"{job.message} · {job.elapsed:.0f} s")
-        if st.button("Cancel", key="kc_fit_cancel", icon=":material/stop:"):
+            if job.partial is not None:
+                st.success("The fit is done and shown on the result pages; the chance baselines run on and appear "
+                           "on the Overview when they finish.", icon=":material/check_circle:")
+            progress.draw_progress(job)
+        if st.button("Cancel", key="kc_fit_cancel", icon=":material/stop:",
+                     help="Stops the chance baselines; the fit stays." if job.partial is not None else None):
             jobs.cancel_job(job)
             if not job.running:  # it was still in the queue: it has ended, redraw with Start fit enabled
                 st.rerun()
             st.toast("Cancelling after the current batch…")
         return
-    if not jobs.is_adopted(job):
-        st.rerun()  # just finished: redraw everything with the result
     if job.state == "done":
         st.success(f"Finished in {job.elapsed:.0f} s: {job.label}.")
         cols = st.columns(4)
@@ -118,7 +123,10 @@ def _progress() -> None:
         cols[2].page_link("app_pages/filters.py", label="Filters", icon=":material/grid_on:")
         cols[3].page_link("app_pages/figure1.py", label="Figure 1", icon=":material/view_module:")
     elif job.state == "cancelled":
-        st.warning("The fit was cancelled. Earlier results are kept.")
+        st.warning("The chance baselines were cancelled; the fit's result is kept (Overview)." if job.partial is not None
+                   else "The fit was cancelled. Earlier results are kept.")
+    elif job.partial is not None:
+        st.error(f"The chance baselines stopped: {job.error}. The fit's result is kept (Overview).")
     else:
         st.error(f"The fit stopped: {job.error}")
 

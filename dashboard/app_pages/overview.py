@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, ui
+from dashboard import figures, progress, ui
 from dashboard.state import runs
 from kcore import export, viz
 from kcore.metrics import plus_minus
@@ -11,6 +11,7 @@ from kcore.metrics import plus_minus
 st.title("Overview")
 run = ui.require_run()
 ui.provenance_banner(run)
+progress.baselines_state(run)  # the chance baselines still running after the fit, if they are
 c = run.comparison
 
 st.caption("All numbers are measured on held-out images that were never used to fit g_θ. Var follows the "
@@ -71,9 +72,9 @@ for col, (key, d) in zip(cols, c.directions.items()):
 
 width = 420 * len(c.directions) + 60
 st.subheader("Instability and shares, with their uncertainty")
-if not c.baselines:
+if not c.baselines and not progress.baselines_running(run):
     st.caption("No chance baselines in this run (tick *Chance baselines* on the Fit page, or `kcore fit --baselines`).")
-ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}", width=width + 200,
+ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}-{len(c.baselines)}", width=width + 200,
                caption="Left: instability with its bootstrap interval over held-out images; dashed lines: the same "
                        "fit against a randomly initialised B and against shuffled image pairs (chance level). Right: "
                        f"additive shares (preset {c.preset}) with the interval of each share.")

@@ -137,35 +137,62 @@ def _adopted() -> set[str]:
     return st.session_state.setdefault("kc_adopted", set())
 
 
+def _early(job_id: str) -> str:
+    return f"{job_id}#early"  # the mark of a job whose early result (the fit before its baselines) is adopted
+
+
 def is_adopted(job: Job) -> bool:
-    """Whether a finished job's result is already among this session's runs (else the page should rerun)."""
+    """Whether everything the job has published is already among this session's runs (else the page should rerun):
+    its early result while it runs, its final one once it has ended."""
+    if job.running:
+        return job.partial is None or _early(job.id) in _adopted()
     return job.id in _adopted()
 
 
 def adopt_finished_jobs() -> list[RunEntry]:
-    """Move the results of this session's finished jobs into its runs (once each)."""
+    """Move the results of this session's jobs into its runs (once each): a fit's own result as soon as it is
+    published (its baselines still running), then the final one in its place (same run id, so the page shown stays
+    shown); a job cancelled or failed after publishing keeps its early result."""
     session_key()
     adopted = _adopted()
     new = []
     for jid in session_jobs():
         job = registry().get(jid)
-        if job is None or jid in adopted or job.running:
+        if job is None or jid in adopted:
+            continue
+        early = job.partial
+        if early is not None and _early(jid) not in adopted:
+            adopted.add(_early(jid))
+            add_run(early)
+            new.append(early)
+        if job.running:
             continue
         adopted.add(jid)
         if job.state == "done" and job.result is not None:
-            add_run(job.result)
+            add_run(job.result, activate=early is None)  # replaces the early entry: nobody is moved elsewhere
             new.append(job.result)
     return new
 
 
+def baseline_job(run_id: str) -> Job | None:
+    """This session's job still fitting the chance baselines of run ``run_id`` (its fit already shown), or None."""
+    job = registry().get(run_id) if run_id in session_jobs() else None
+    return job if job is not None and job.running and job.partial is not None else None
+
+
 def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: ImageChoice,
               request: FitRequest | Mapping[str, Any]) -> Job:
-    """Start :func:`kcore.pipeline.compare` in the background; the result becomes a :class:`RunEntry`.
+    """Start a comparison in the background; its result becomes a :class:`RunEntry` in two steps.
+
+    :func:`kcore.pipeline.compare_fit` first: its result is written as a run folder and published
+    (:meth:`Job.publish`) at once, so the result pages work while :func:`kcore.pipeline.add_baselines` fits the
+    chance baselines as their own stages; then the run folder gets them (:func:`kcore.pipeline.update_run_baselines`)
+    and the final entry replaces the first. Cancelling during the baselines keeps the fit.
 
     ``request`` (a :class:`FitRequest`, or a mapping of its fields) is checked against the server's caps first,
     then becomes the :class:`kcore.FitConfig` of the fit (:meth:`FitRequest.config`).
 
-    The worker only touches the job (progress, cancel, result), never ``st.*``. The finished comparison is
+    The worker only touches the job (progress, cancel, result), never ``st.*``. The comparison is
     written as a run folder under :func:`runs_dir` (with the held-out input images, for overlays); if that
     fails the result is still kept for the session. The job waits in the server's queue when
     ``KCORE_MAX_JOBS`` jobs already run.
@@ -176,7 +203,7 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
             (``KCORE_MAX_SESSION_JOBS``).
         TypeError, ValueError: a setting of the wrong type or sign.
     """
-    from kcore.pipeline import compare, heldout_images, write_run
+    from kcore.pipeline import add_baselines, compare_fit, heldout_images, update_run_baselines, write_run
 
     params = request.as_params() if isinstance(request, FitRequest) else dict(request)
     check_fit_request(params, choice.n)  # the browser can send anything: checked here, on the server
@@ -189,11 +216,15 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
     out = runs_dir() / run_id
 
     def task(job: Job) -> RunEntry:
-        comp = compare(
+        log = logging.getLogger("kcore.dashboard")
+
+        def report(p: Any) -> None:
+            job.report(p.stage, p.fraction, p.message, eta=p.eta, eta_total=p.eta_total)
+
+        comp = compare_fit(
             a.loaded, layer_a, b.loaded, layer_b, images_, config, preset=request.preset, device=request.device,
             both_directions=request.both_directions, baselines=request.baselines, fit_seeds=request.fit_seeds,
-            image_source=choice.description, paths=(a.path, b.path),
-            progress=lambda p: job.report(p.stage, p.fraction, p.message), cancel=job.cancel,
+            image_source=choice.description, paths=(a.path, b.path), progress=report, cancel=job.cancel,
         )
         job.report("saving", 1.0, "saving the run folder")
         raw = heldout_images(comp, images_)
@@ -201,8 +232,18 @@ def start_fit(a: ModelSlot, layer_a: str, b: ModelSlot, layer_b: str, choice: Im
         try:
             run_dir = write_run(comp, out, images=raw)
         except OSError as exc:
-            logging.getLogger("kcore.dashboard").warning("could not write the run folder: %s", exc)
-        return RunEntry(run_id, comp, run_dir, raw, "fit")
+            log.warning("could not write the run folder: %s", exc)
+        entry = RunEntry(run_id, comp, run_dir, raw, "fit")
+        if not comp.provenance.get("baselines_pending"):
+            return entry
+        job.publish(entry)  # the fit's result is shown now; the chance baselines follow as their own stages
+        full = add_baselines(comp, b.loaded, images_, progress=report, cancel=job.cancel)
+        if run_dir is not None:
+            try:
+                update_run_baselines(run_dir, full)
+            except (OSError, ValueError) as exc:
+                log.warning("could not add the baselines to the run folder: %s", exc)
+        return dataclasses.replace(entry, comparison=full)
 
     job = registry().submit(label, task, session=session_key(), job_id=run_id)
     session_jobs().append(job.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dashboard.state._jobs import (
     FitRequest,
     adopt_finished_jobs,
+    baseline_job,
     cancel_job,
     current_job,
     is_adopted,
@@ -14,5 +15,5 @@ from dashboard.state._jobs import (
     start_fit,
 )
 
-__all__ = ["FitRequest", "adopt_finished_jobs", "cancel_job", "current_job", "is_adopted", "job_running", "registry",
+__all__ = ["FitRequest", "adopt_finished_jobs", "baseline_job", "cancel_job", "current_job", "is_adopted", "job_running", "registry",
            "session_jobs", "session_key", "start_fit"]
