@@ -360,3 +360,25 @@ def test_models_page_groups_an_uploaded_zip(tmp_path, monkeypatch):
     assert any("does not compile" in e.value for e in at.error)
     assert at.session_state["kc_images"].images.groups is None  # a refused pattern leaves no stale grouping
     assert any("Every image is its own group." in c.value for c in at.caption)
+
+
+def test_compare_keeps_groups_whole_in_memory_and_streamed_from_the_cache(tmp_path, random_images):
+    from helpers import loaded, tiny_net
+    from kcore.pipeline import compare
+
+    images = random_images(48, 12)
+    images.groups = Groups.from_keys([i // 4 for i in range(48)], "folder")  # 12 groups of 4
+    a, b = loaded(tiny_net(0), "a.pt"), loaded(tiny_net(1), "b.pt")
+    runs = [compare(a, "2", b, "2", images, orders=1, epochs=1, device="cpu", baselines=["shuffled"], **kw)
+            for kw in ({}, {"cache_dir": tmp_path / "cache"})]
+    for comp in runs:
+        f = comp.directions["A_to_B"].fit
+        held = {i // 4 for i in f.heldout_indices}
+        assert held.isdisjoint({i // 4 for i in f.train_indices + f.monitor_indices})
+        assert f.heldout_report.ci.n_groups == len(held) >= 2
+        assert comp.baselines["shuffled"].reports["A_to_B"].ci.n_groups == len(held)  # comparable intervals
+        assert comp.provenance["groups"]["n_groups"] == 12
+    # the same split and the same resamples; the cache stores float16, so the numbers agree to its rounding
+    mem, disk = (c.directions["A_to_B"].fit for c in runs)
+    assert mem.heldout_indices == disk.heldout_indices
+    assert np.allclose(mem.heldout_report.ci.instability, disk.heldout_report.ci.instability, rtol=0.05)
