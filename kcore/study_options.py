@@ -18,7 +18,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -64,6 +64,9 @@ class StudyOption:
         maximum: the largest value a number may take on this server (None for a choice or a switch).
         cap: the :class:`kcore.limits.Limits` field behind ``maximum`` (see :data:`STUDY_CAPS`).
         env: the environment variable that sets ``maximum``.
+        shown_default: for an option whose parser default is None, the value the study then uses (None when it
+            follows another option, or is unknown).
+        follows: the option whose value this one takes when left out (``teacher_epochs`` follows ``epochs``).
     """
 
     name: str
@@ -75,6 +78,14 @@ class StudyOption:
     maximum: int | None = None
     cap: str | None = None
     env: str | None = None
+    shown_default: Any = None
+    follows: str | None = None
+
+    @property
+    def effective_default(self) -> Any:
+        """The value the study uses when the option is left out: ``default``, or for an option whose parser
+        default is None the value the study then takes (λ: the fit preset's; lr: the architecture's recipe)."""
+        return self.default if self.default is not None else self.shown_default
 
 
 def _study_parser(study: str) -> argparse.ArgumentParser:
@@ -116,10 +127,30 @@ def study_options(study: str, caps: Limits | None = None) -> tuple[StudyOption, 
             found.append(StudyOption(a.dest, flag, "choice", a.default, tuple(str(c) for c in a.choices), help_))
         elif a.type in (int, float) and a.dest in STUDY_CAPS:
             cap = STUDY_CAPS[a.dest]
+            shown, follows = _none_default(a.dest) if a.default is None else (None, None)
             found.append(StudyOption(a.dest, flag, "int" if a.type is int else "float", a.default, (), help_,
-                                     getattr(caps, cap), cap, ENV_VARS[cap]))
+                                     getattr(caps, cap), cap, ENV_VARS[cap], shown, follows))
         # anything else (a path, a checkpoint, a free string, a list, a number without a cap) is not offered
     return tuple(found)
+
+
+FOLLOWS: dict[str, str] = {"teacher_epochs": "epochs"}
+"""Options whose value, when left out, is another option's (distillation's teacher trains for the students' epochs)."""
+
+
+def _none_default(name: str) -> tuple[Any, str | None]:
+    """For an option whose parser default is None: the value the study then uses, and the option it follows."""
+    if name in FOLLOWS:
+        return None, FOLLOWS[name]
+    if name == "lam":  # the fit's own default (the studies' fit settings leave λ to kcore.fit)
+        from kcore.fit import FitConfig
+
+        return FitConfig().lam, None
+    if name == "lr":  # the family's recipe for its architecture (the page cannot change the architecture)
+        from kcore.experiments.families import DEFAULT_RECIPE, RECIPES
+
+        return RECIPES.get("kc_resnet", DEFAULT_RECIPE)[1], None
+    return None, None
 
 
 def _check(opt: StudyOption, value: object, caps: Limits) -> str | None:
@@ -222,3 +253,188 @@ def study_command(study: str, values: Mapping[str, object], out_dir: str | os.Pa
     """
     return [sys.executable, "-m", "kcore.cli", study.replace("_", "-"), *study_arguments(study, values, caps),
             "--out", str(out_dir)]
+
+
+# ------------------------------------------------------------------------------------- expected run time
+PROBE_IMAGES = 64
+"""Images of the timed probe (:func:`probe_unit_costs`): training steps of a classifier and of g_θ on this many."""
+PROBE_RANGE = (0.5, 2.0)
+"""Without a finished run of the study on this server, the estimate's range is this factor around the probe's."""
+HISTORY_SPREAD = (0.8, 1.25)
+"""With finished runs, the range spans their seconds-per-planned-second ratios, widened by this factor."""
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The work a study does at given settings, counted from its options (no constant time per study).
+
+    Attributes:
+        study: the study's name.
+        trainings: networks or classifier arms trained.
+        train_units: image-epochs of those trainings, in 32 × 32-pixel images through a whole kc_resnet (a 64-px
+            image counts 4; an arm that trains only the layers above a feature map counts 1 per image).
+        fits: g_θ fits.
+        fit_units: image-epochs of those fits.
+    """
+
+    study: str
+    trainings: int
+    train_units: float
+    fits: int
+    fit_units: float
+
+    def describe(self) -> str:
+        """One line, e.g. ``'3 networks trained (30,000 image-epochs) and 18 g_θ fits (135,000 image-epochs)'``."""
+        return (f"{self.trainings} network(s) or classifier(s) trained ({self.train_units:,.0f} image-epochs) and "
+                f"{self.fits} g_θ fit(s) ({self.fit_units:,.0f} image-epochs)")
+
+
+def _effective(study: str, values: Mapping[str, object]) -> dict[str, Any]:
+    """``values`` over the study's defaults (a ``None`` value keeps the default)."""
+    out: dict[str, Any] = {o.name: o.default for o in study_options(study)}
+    out.update({k: v for k, v in values.items() if v is not None})
+    return out
+
+
+def study_plan(study: str, values: Mapping[str, object] | None = None) -> StudyPlan:
+    """What ``kcore <study>`` will train and fit with ``values`` (option name → value; missing: the defaults).
+
+    The counts follow each study's design: diagnosis trains 4 classifier arms per repeat and fits g_θ both ways on
+    its training images (an arm trains the layers above the feature only); stability trains a family of 3 networks (2 with ``halves``) and fits every pair at the 3
+    stages of kc_resnet, both ways unless ``one_direction``; refinement trains K + 3 arms after one fit;
+    compression prunes at 6 ratios (fine-tuning and one fit each); distillation trains a teacher and
+    ``generations`` students, then fits each earlier generation to the newest; cross-task trains two networks and
+    fits both ways.
+
+    Raises:
+        ValueError: an unknown study.
+    """
+    v = _effective(study, values or {})
+
+    def num(name: str, default: float = 0) -> float:
+        x = v.get(name)
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else float(default)
+
+    n_train, epochs, fit_epochs, n_images = num("n_train"), num("epochs"), num("fit_epochs"), num("n_images")
+    px = (num("image_size", 64) / 32.0) ** 2  # studies without image_size run the 64-px sample models
+    if study == "diagnosis":
+        arms = 4 * max(num("repeats", 1), 1)  # upper layers on fixed features: one unit per image-epoch
+        return StudyPlan(study, int(arms), arms * epochs * n_train, 2, 2 * fit_epochs * n_train)
+    if study == "stability":
+        nets = 2 if v.get("halves") else 3
+        per_net = n_train / 2 if v.get("halves") else n_train
+        fits = nets * (nets - 1) // 2 * 3 * (1 if v.get("one_direction") else 2)
+        return StudyPlan(study, nets, nets * epochs * per_net * px, fits, fits * fit_epochs * n_images)
+    if study == "refinement":
+        arms = int(num("orders", 2)) + 3  # upper layers on fixed features: one unit per image-epoch
+        return StudyPlan(study, arms, arms * epochs * n_train, 1, fit_epochs * n_train)
+    if study == "compression":
+        ratios = 6
+        return StudyPlan(study, ratios, ratios * num("finetune_epochs") * n_train * px, ratios,
+                         ratios * fit_epochs * n_images)
+    if study == "distillation":
+        gens = max(int(num("generations", 1)), 1)
+        teacher = num("teacher_epochs", epochs) or epochs
+        return StudyPlan(study, gens + 1, (teacher + gens * epochs) * n_train * px, gens,
+                         gens * fit_epochs * n_images)
+    if study == "cross_task":
+        return StudyPlan(study, 2, 2 * epochs * n_train * px, 2, 2 * fit_epochs * n_images)
+    from kcore.experiments import STUDIES
+
+    raise ValueError(f"study must be one of {list(STUDIES)}; got {study!r}.")
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Seconds per image-epoch on this machine, measured by :func:`probe_unit_costs`.
+
+    Attributes:
+        train: a training step of a kc_resnet classifier, per 32 × 32 image.
+        fit: a training step of g_θ (K = 2, 32 → 32 channels of 16 × 16), per image.
+    """
+
+    train: float
+    fit: float
+
+    def seconds(self, plan: StudyPlan) -> float:
+        """The plan's time at these costs (before any calibration against finished runs)."""
+        return self.train * plan.train_units + self.fit * plan.fit_units
+
+
+def probe_unit_costs(n: int = PROBE_IMAGES, batch: int = 32) -> UnitCosts:
+    """Time training steps of a small classifier and of g_θ on ``n`` random images, on the CPU, now.
+
+    One batch of each warms up first (not timed). A fraction of a second on an idle 2-core machine; a loaded
+    machine gives higher costs, as a study started now would meet.
+
+    Returns:
+        :class:`UnitCosts` (every cost > 0).
+    """
+    import time
+
+    import torch
+
+    from kcore.gtheta import GTheta, GThetaSpec, gtheta_loss
+    from kcore.zoo import kc_resnet
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net, g = kc_resnet(10), GTheta(GThetaSpec(32, 32, orders=2))
+    x, y = torch.rand(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    xs, xt = torch.randn(batch, 32, 16, 16, generator=gen), torch.randn(batch, 32, 16, 16, generator=gen)
+
+    def timed(step) -> float:
+        step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(max(n // batch, 1)):
+            step()
+        return (time.perf_counter() - t0) / (max(n // batch, 1) * batch)
+
+    opt_net, opt_g = torch.optim.SGD(net.parameters(), lr=0.01), torch.optim.Adam(g.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        opt_net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt_net.step()
+
+    def fit_step() -> None:
+        opt_g.zero_grad()
+        gtheta_loss(g(xs), xt, g.gates(), 0.1)[0].backward()
+        opt_g.step()
+
+    return UnitCosts(max(timed(train_step), 1e-9), max(timed(fit_step), 1e-9))
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """How long a study is expected to take: ``seconds`` within ``[low, high]``, and what it rests on."""
+
+    seconds: float
+    low: float
+    high: float
+    basis: str
+
+
+def estimate_time(plan: StudyPlan, costs: UnitCosts,
+                  history: Sequence[tuple[StudyPlan, float]] = ()) -> TimeEstimate:
+    """The expected run time of ``plan``: its work at the probe's ``costs``, scaled by how long finished runs of
+    the same study took against their own plans.
+
+    Args:
+        plan: the study's plan at the chosen settings (:func:`study_plan`).
+        costs: this machine's costs (:func:`probe_unit_costs`).
+        history: finished runs on this server as (their plan, seconds taken); only those of ``plan.study`` count.
+
+    Returns:
+        A :class:`TimeEstimate` that grows with every image-epoch of the plan.
+    """
+    base = costs.seconds(plan)
+    ratios = sorted(sec / costs.seconds(p) for p, sec in history
+                    if p.study == plan.study and sec > 0 and costs.seconds(p) > 0)
+    if not ratios:
+        return TimeEstimate(base, base * PROBE_RANGE[0], base * PROBE_RANGE[1],
+                            "a timed probe on this server (no finished run of this study here yet)")
+    mid = ratios[len(ratios) // 2]
+    return TimeEstimate(base * mid, base * ratios[0] * HISTORY_SPREAD[0], base * ratios[-1] * HISTORY_SPREAD[1],
+                        f"a timed probe scaled by {len(ratios)} finished run(s) of this study on this server")

@@ -1,6 +1,8 @@
 """Studies: run the paper's studies (Sec. 4) with small defaults, and open their result folders."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from dashboard.jobs import ordinal
@@ -10,8 +12,23 @@ from kcore.limits import ENV_VARS, limits
 from kcore.study_options import study_options
 
 
-def _default(study: str, name: str) -> object:
-    return next((o.default for o in study_options(study) if o.name == name), None)
+def _changed(study: str, values: dict) -> dict:
+    """The values that differ from what the command uses when they are left out (only those become flags)."""
+    out = {}
+    for opt in study_options(study):
+        if opt.name not in values:
+            continue
+        v = values[opt.name]
+        same = values.get(opt.follows) if opt.follows else opt.effective_default
+        if v is not None and v != same:
+            out[opt.name] = v
+    return out
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
 
 ABOUT = {
     "diagnosis": "Sec. 4.1 / App. B — blind spots (weak → strong) and unreliable features (strong → weak) of a "
@@ -27,9 +44,13 @@ ABOUT = {
 }
 
 st.title("Studies")
-st.caption("The paper's studies on your networks or on the bundled sample models and images. A run executes "
-           "`kcore <study>` in the background (it survives clicks elsewhere) and writes a study folder: CSV "
-           "tables, PNG/SVG/PDF figures, result.json and provenance.json.")
+st.caption("The paper's studies, run here on the bundled sample models and kshapes images (or on networks the study "
+           "trains itself): a run executes `kcore <study>` in the background (it survives clicks elsewhere) and writes "
+           "a study folder: CSV tables, PNG/SVG/PDF figures, result.json and provenance.json. Checkpoints and image "
+           "folders cannot be chosen on this page; to run a study on your own networks, use a terminal: "
+           "`kcore <study> --help` lists the options that take your checkpoints and images (e.g. "
+           "`kcore stability --ckpts a.pth b.pth c.pth --data ~/images --out DIR`), and the folder it writes opens "
+           "below.")
 
 study = st.selectbox("Study", STUDIES, format_func=lambda s: s.replace("_", "-"), key="kc_st_study",
                      help="Each study's command also runs from a terminal: `kcore <study> --help`.")
@@ -43,8 +64,21 @@ with st.container(border=True):
     quick = studies.QUICK.get(study, {}) if scale == "quick" else {}
 
     def start_value(opt):
-        """The option's starting value: the quick scale's, else the command's default."""
-        return quick.get(opt.name, opt.default)
+        """The option's starting value: the quick scale's, else the value the command uses when it is left out."""
+        if opt.name in quick:
+            return quick[opt.name]
+        if opt.follows is not None:
+            follow = next((o for o in study_options(study) if o.name == opt.follows), None)
+            return start_value(follow) if follow is not None else None
+        return opt.effective_default
+
+    def field_help(opt) -> str:
+        """The option's help, with the default it shows and the server's cap."""
+        note = (f" Left out, the command uses the value of {opt.follows}; it starts at {opt.follows}'s starting "
+                "value." if opt.follows else
+                f" The command's default is {opt.effective_default:g}." if opt.default is None
+                and opt.effective_default is not None else "")
+        return f"{opt.help}{note} (at most {opt.maximum:{',' if opt.kind == 'int' else 'g'}} here: {opt.env})"
 
     values: dict = {}
     with st.expander("Options", expanded=False):
@@ -66,13 +100,23 @@ with st.container(border=True):
                 start = start_value(opt)
                 values[opt.name] = col.number_input(label, min_value=0, max_value=opt.maximum, step=1, key=key,
                                                     value=min(start, opt.maximum) if isinstance(start, int) else None,
-                                                    help=f"{opt.help} (at most {opt.maximum:,} here: {opt.env})")
+                                                    help=field_help(opt))
             else:
                 start = start_value(opt)
                 values[opt.name] = col.number_input(label, min_value=0.0, max_value=float(opt.maximum), key=key,
-                                                    format="%g", help=f"{opt.help} (at most {opt.maximum:g} here: "
-                                                                      f"{opt.env})",
+                                                    format="%g", help=field_help(opt),
                                                     value=min(float(start), opt.maximum) if start is not None else None)
+    try:
+        plan, eta = studies.expected_time(study, values)
+    except ValueError as exc:
+        st.warning(f"No time estimate: {exc}", icon=":material/warning:")
+    else:
+        st.markdown(f"**Expected run time at these settings:** about {_duration(eta.seconds)} (between "
+                    f"{_duration(eta.low)} and {_duration(eta.high)}).",
+                    help="An estimate, not a promise: the study's plan at these settings "
+                         f"({plan.describe()}) times this server's measured cost per image-epoch, from "
+                         f"{eta.basis}. More images or epochs give a proportionally longer estimate; the server's "
+                         "other jobs slow a study down.")
     busy = studies.study_running()
     st.caption(f"The server runs {limits().max_jobs} job(s) (fits and studies) at once for all its users "
                f"({ENV_VARS['max_jobs']}); a study started beyond that waits in line, and is stopped when you "
@@ -81,20 +125,19 @@ with st.container(border=True):
                  help="Disabled while a study of this session waits or runs (cancel it below, or wait)." if busy
                  else None):
         try:
-            studies.start_study(study, {k: v for k, v in values.items() if v != _default(study, k)})
+            studies.start_study(study, _changed(study, values))
         except ValueError as exc:
             st.error(str(exc))
             st.stop()
         st.rerun()  # redraw with Run disabled and the job's progress
 
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
-
-
-def job_status() -> None:
-    """This session's study jobs, newest first: status, the log's last lines and Cancel."""
+def job_status(drawn_busy: bool) -> None:
+    """This session's study jobs, newest first: status, the log's last lines and Cancel. ``drawn_busy``: whether a
+    study ran when the page was drawn; when it has ended since, the whole page is drawn again (the list of finished
+    studies and Run change with it, not only this part)."""
+    if studies.needs_page_rerun(drawn_busy):
+        st.rerun()
     for name, job in reversed(list(studies.study_jobs().items())):
         status, p = job.state, studies.progress(job)
         with st.container(border=True, key=f"kc_st_job_{name}"):
@@ -110,9 +153,11 @@ def job_status() -> None:
             elif status == "running":
                 st.markdown(f":material/hourglass_top: {head} · running")
                 steps = f"step {p.steps}" + (f" of about {p.expected}" if p.expected else "")
-                eta = (f" · about {_duration(p.eta)} left (the last run of these settings took "
-                       f"{_duration(p.elapsed + p.eta)})" if p.eta is not None else
-                       " · no time estimate yet (first run of these settings)")
+                eta = (" · no time estimate" if p.eta is None else
+                       f" · about {_duration(p.eta)} left (the last run of these settings took "
+                       f"{_duration(p.elapsed + p.eta)})" if p.basis == "last_run" else
+                       f" · about {_duration(p.eta)} left (estimated from the study's plan: these settings have "
+                       "not run here before)")
                 text = f"{steps} · {_duration(p.elapsed)} elapsed{eta}"
                 if p.fraction is not None:
                     st.progress(p.fraction, text=text)
@@ -138,14 +183,15 @@ def job_status() -> None:
 
 
 if studies.study_jobs():
-    st.fragment(job_status, run_every=2.0 if studies.study_running() else None)()
+    busy_now = studies.study_running()
+    st.fragment(job_status, run_every=2.0 if busy_now else None)(busy_now)
 
 st.subheader("Open a study folder")
-studies_dir = paths.studies_dir()
-found = sorted((p for p in studies_dir.glob("*") if (p / "result.json").is_file()), reverse=True) if studies_dir.is_dir() else []
-choice = st.selectbox("Finished studies on this server", [str(p) for p in found], index=None, key="kc_st_found",
-                      placeholder="none yet" if not found else "choose a folder")
-path = st.text_input("… or a folder path", value=choice or "", key="kc_st_path")
+found = studies.finished_studies()
+st.selectbox("Finished studies on this server", [str(p) for p in found], index=None, key="kc_st_found",
+             format_func=lambda p: Path(p).name, on_change=studies.open_chosen_study,
+             placeholder="none yet" if not found else f"choose one of {len(found)} (newest first)")
+path = st.text_input("… or a folder path", key="kc_st_path")
 if not path:
     st.stop()
 try:

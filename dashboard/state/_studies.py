@@ -7,6 +7,7 @@ process starts only when its turn comes, a thread waits for it, and it is stoppe
 cancelled or when its browser session has ended."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from dashboard.jobs import Job, wait_for_process
 from dashboard.state._jobs import registry, session_key
 from dashboard.state._paths import ROOT, studies_dir
 from kcore._io import open_new_file, write_file_atomic
+from kcore.study_options import StudyPlan, TimeEstimate, UnitCosts, estimate_time, probe_unit_costs, study_plan
 
 QUICK: dict[str, dict[str, object]] = {
     "diagnosis": {"repeats": 1, "n_train": 600, "n_test": 200, "fit_epochs": 5, "epochs": 12},
@@ -39,7 +41,8 @@ settings are sized alike but not timed yet."""
 SCALES = {"quick": "Quick (a few minutes on 2 CPU cores)",
           "full": "Full (the command's own defaults, nearer the paper's scale: often much longer)"}
 TIMINGS_FILE = ".timings.json"
-"""Beside the study folders: per study and settings, how many log lines and seconds the last finished run took."""
+"""Beside the study folders: per study and settings, how many log lines and seconds the last finished run took, and
+its plan (:class:`kcore.study_options.StudyPlan`), which calibrates the time estimates of later runs."""
 JOB_STATES = {"queued": "queued", "running": "running", "done": "finished", "cancelled": "cancelled",
               "failed": "failed"}
 
@@ -57,6 +60,7 @@ class StudyJob:
         started: UNIX time (of the submission, then of the process's start).
         cancelled: set by :func:`cancel_study` (its exit is then reported as cancelled, not as a failure).
         job: its job in the server's queue (None for a process started by hand).
+        plan: what it trains and fits (:func:`kcore.study_options.study_plan`), kept with its timing when it ends.
     """
 
     study: str
@@ -68,6 +72,7 @@ class StudyJob:
     cancelled: bool = False
     finished: float | None = None
     job: Job | None = None
+    plan: StudyPlan | None = None
 
     @property
     def name(self) -> str:
@@ -120,6 +125,9 @@ class StudyProgress:
     elapsed: float
     eta: float | None
     last: str
+    basis: str = "last_run"
+    """What ``eta`` rests on: ``"last_run"`` (the last finished run of the same settings) or ``"plan"`` (the
+    study's plan at this server's measured cost, :func:`expected_time`, when these settings never ran here)."""
 
     @property
     def fraction(self) -> float | None:
@@ -139,7 +147,10 @@ def _timings() -> dict:
 
 def _record_timing(job: StudyJob) -> None:
     table = _timings()
-    table[_key(job.study, job.args)] = {"lines": len(job.lines()), "seconds": round(job.elapsed, 1)}
+    entry: dict = {"lines": len(job.lines()), "seconds": round(job.elapsed, 1)}
+    if job.plan is not None:
+        entry["plan"] = dataclasses.asdict(job.plan)
+    table[_key(job.study, job.args)] = entry
     try:
         write_file_atomic(studies_dir() / TIMINGS_FILE, json.dumps(table, indent=1))
     except (OSError, ValueError):
@@ -150,10 +161,12 @@ def progress(job: StudyJob) -> StudyProgress:
     lines = job.lines()
     last = _timings().get(_key(job.study, job.args))
     expected = int(last["lines"]) if last else None
-    eta = None
+    eta, basis = None, "last_run"
     if last and job.state == "running":
         eta = max(0.0, float(last["seconds"]) - job.elapsed)
-    return StudyProgress(len(lines), expected, job.elapsed, eta, lines[-1] if lines else "")
+    elif job.plan is not None and job.state == "running":
+        eta, basis = max(0.0, estimate_time(job.plan, unit_costs(), history()).seconds - job.elapsed), "plan"
+    return StudyProgress(len(lines), expected, job.elapsed, eta, lines[-1] if lines else "", basis)
 
 
 def study_jobs() -> dict[str, StudyJob]:
@@ -183,7 +196,7 @@ def start_study(study: str, values: Mapping[str, object]) -> StudyJob:
     out.parent.mkdir(parents=True, exist_ok=True)
     log = out.parent / f".{out.name}.log"
     args = tuple(cmd[4:-2])  # between `python -m kcore.cli <study>` and `--out DIR`
-    sj = StudyJob(study, out, None, log, args)
+    sj = StudyJob(study, out, None, log, args, plan=study_plan(study, values))
     return _submit(sj, cmd)
 
 
@@ -222,3 +235,53 @@ def cancel_study(job: StudyJob) -> None:
     if job.proc is not None and job.proc.poll() is None:
         job.cancelled = True
         job.proc.terminate()
+
+
+@st.cache_resource(show_spinner="Timing a short probe on this server (once) …")
+def unit_costs() -> UnitCosts:
+    """This server's cost of training and fitting per image-epoch (:func:`kcore.study_options.probe_unit_costs`),
+    measured once per server process."""
+    return probe_unit_costs()
+
+
+def history() -> list[tuple[StudyPlan, float]]:
+    """Finished runs on this server with their plan: (plan, seconds taken), from :data:`TIMINGS_FILE`."""
+    found = []
+    for entry in _timings().values():
+        try:
+            found.append((StudyPlan(**entry["plan"]), float(entry["seconds"])))
+        except (KeyError, TypeError, ValueError):
+            continue  # a run recorded before plans were kept, or an edited entry: no calibration from it
+    return found
+
+
+def expected_time(study: str, values: Mapping[str, object]) -> tuple[StudyPlan, TimeEstimate]:
+    """The plan of ``kcore <study>`` with ``values`` and its expected run time on this server
+    (:func:`kcore.study_options.estimate_time`: the probe's costs, calibrated by the finished runs kept here).
+
+    Raises:
+        ValueError: an unknown study.
+    """
+    plan = study_plan(study, values)
+    return plan, estimate_time(plan, unit_costs(), history())
+
+
+def needs_page_rerun(drawn_busy: bool) -> bool:
+    """Whether a study of this session that was queued or running when the page was drawn (``drawn_busy``) has
+    ended since: then the whole page must be drawn again (its Run button and its list of finished studies)."""
+    return drawn_busy and not study_running()
+
+
+def finished_studies() -> list[Path]:
+    """The study folders under :func:`studies_dir` (each with its ``result.json``), newest first."""
+    root = studies_dir()
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if not p.name.startswith(".") and (p / "result.json").is_file()]
+    return sorted(found, key=lambda p: ((p / "result.json").stat().st_mtime, p.name), reverse=True)
+
+
+def open_chosen_study() -> None:
+    """The Studies page's choice among the finished studies (``kc_st_found``) opens it: its path goes into the path
+    field (``kc_st_path``), which the page opens (a callback of the choice)."""
+    st.session_state["kc_st_path"] = st.session_state.get("kc_st_found") or ""

@@ -7,11 +7,16 @@ from dashboard.state._studies import (
     StudyJob,
     StudyProgress,
     cancel_study,
+    expected_time,
+    finished_studies,
+    needs_page_rerun,
+    open_chosen_study,
     progress,
     start_study,
     study_jobs,
     study_running,
 )
 
-__all__ = ["QUICK", "SCALES", "StudyJob", "StudyProgress", "cancel_study", "progress", "start_study", "study_jobs",
-           "study_running"]
+__all__ = ["QUICK", "SCALES", "StudyJob", "StudyProgress", "cancel_study", "expected_time", "finished_studies",
+           "needs_page_rerun", "open_chosen_study", "progress", "start_study",
+           "study_jobs", "study_running"]
