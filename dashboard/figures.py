@@ -63,11 +63,12 @@ def variance(run: state.RunEntry, footer: bool = False) -> Figure:
 
 
 def instability(run: state.RunEntry, footer: bool = False) -> Figure:
-    """Instability and additive shares of every direction, with intervals and the chance baselines."""
+    """Instability and additive shares of every direction, with intervals, the chance baselines and the verdict."""
     c = run.comparison
+    verdicts = {d: c.verdict(d) for d in c.directions} if c.baselines else None
     return viz.instability_figure({d: r.fit.heldout_report for d, r in c.directions.items()}, baselines=c.baselines,
                                   titles={d: state.DIRECTION_TITLES[d] for d in c.directions}, preset=c.preset,
-                                  caption=_caption(run, None, footer))
+                                  caption=_caption(run, None, footer), verdicts=verdicts)
 
 
 def loss(run: state.RunEntry, footer: bool = False) -> Figure:

@@ -24,6 +24,10 @@ VERDICT_CODES: tuple[str, ...] = ("beyond_chance", "like_random_b", "like_shuffl
 #: the baselines a "beyond chance" verdict needs, in the order they are checked
 REQUIRED_BASELINES: tuple[str, ...] = ("random_b", "shuffled")
 _NAMES = {"random_b": "a random-init B", "shuffled": "shuffled image pairing"}
+_SHORT = {"random_b": "random-init B", "shuffled": "shuffled pairing"}
+_HEADLINES = {"beyond_chance": "consistent beyond chance", "like_random_b": "indistinguishable from chance",
+              "like_shuffled": "indistinguishable from chance", "worse_than_chance": "worse than chance",
+              "unknown": "no verdict against chance"}
 OVERFIT_FIX = ("Fix: give the fit more images, fewer orders (--orders), or a smaller kernel "
                "(FitConfig.kernel_size in the API).")
 BASELINES_FIX = "Fix: re-run the fit with --baselines (CLI) or the 'chance baselines' box (dashboard)."
@@ -46,6 +50,17 @@ class ChanceVerdict:
     fix: str | None = None
     overfit: bool = False
     warnings: tuple[str, ...] = ()
+
+    @property
+    def headline(self) -> str:
+        """A few words for figure titles and captions, e.g. "indistinguishable from chance (random-init B)"."""
+        head = _HEADLINES[self.code] + (f" ({_SHORT[self.kind]})" if self.kind in _SHORT else "")
+        return head + ("; too few images: g over-fits (shuffled baseline > 1)" if self.overfit else "")
+
+    @property
+    def kind(self) -> str | None:
+        """The baseline the instability cannot be told from (``random_b`` or ``shuffled``), else None."""
+        return {"like_random_b": "random_b", "like_shuffled": "shuffled"}.get(self.code)
 
     @property
     def beyond_chance(self) -> bool:
@@ -113,7 +128,8 @@ def verdict_from_intervals(instability: Any, baselines: Mapping[str, Any]) -> Ch
     sh = refs.get("shuffled")
     overfit = sh is not None and sh[0] > 1.0
     if overfit:
-        warnings = (f"g over-fits (shuffled pairing > 1): the shuffled baseline's interval {_fmt(sh)} lies above 1, "
+        warnings = (f"Too few images: g over-fits (shuffled pairing > 1): the shuffled baseline's interval {_fmt(sh)} "
+                    "lies above 1, "
                     f"so g_θ learned the training images rather than a relation. {OVERFIT_FIX}",)
 
     def done(code: VerdictCode, text: str, fix: str | None = None) -> ChanceVerdict:
@@ -134,8 +150,8 @@ def verdict_from_intervals(instability: Any, baselines: Mapping[str, Any]) -> Ch
         if ref is not None and iv[0] <= ref[1] and ref[0] <= iv[1]:
             code: VerdictCode = "like_random_b" if kind == "random_b" else "like_shuffled"
             fix = OVERFIT_FIX if overfit and kind == "shuffled" else None
-            return done(code, f"Indistinguishable from {_NAMES.get(kind, kind)}: the instability's interval "
-                              f"{_fmt(iv)} overlaps the baseline's {_fmt(ref)}.", fix)
+            return done(code, f"Indistinguishable from chance ({_NAMES.get(kind, kind)}): the instability's "
+                              f"interval {_fmt(iv)} overlaps the baseline's {_fmt(ref)}.", fix)
     above = [k for k, v in refs.items() if iv[0] > v[1]]
     if above:
         return done("worse_than_chance", f"Worse than chance: the instability's interval {_fmt(iv)} lies above "

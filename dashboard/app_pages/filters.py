@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboard import figures, ui
 from dashboard.state import views
-from kcore import export, viz
+from kcore import viz
 
 st.title("Filters")
 run = ui.require_run()
@@ -17,7 +17,6 @@ st.caption(f"Each channel of x*: the additive share of its variance reconstructe
            "the source cannot explain. Click a row to open that channel's maps.", help=ui.SHARE_HELP)
 
 rep = run.comparison.directions[direction].fit.heldout_report
-table = export.channel_table(rep)
 K = rep.orders
 
 c1, c2 = st.columns([2, 1])
@@ -26,22 +25,29 @@ sort = c1.radio("Sort by", list(viz.SHARE_SORTS), key="kc_fl_sort", horizontal=T
 order = int(c2.number_input("Order k (for sorting)", 0, K, 0, key="kc_fl_order", persist_state="session",
                             disabled=sort != "order"))
 rows = viz.channel_order(rep, sort, order)
-columns = ["channel"] + [f"share_x{k}" for k in range(K + 1)] + ["share_residual", "var_target", "dominant_order"]
-shown = table.iloc[rows][columns].reset_index(drop=True)
+shown = viz.channel_share_table(rep, rows)
+has_ci = rep.ci is not None and rep.ci.channel_share_residual is not None
+dead = int((shown["main order"].isna()).sum())
+st.caption("Shares in % of the channel's Var(x*)" + (f", ± half the {rep.ci.level:.0%} bootstrap interval over the "
+           f"{rep.n_heldout} held-out images (as on the Overview)" if has_ci else
+           " (this run kept no per-channel intervals)") + "." +
+           (f" {dead} channel(s) have no variance on the held-out images: their shares are undefined "
+            f"(\"{viz.NO_VARIANCE}\")." if dead else ""))
 
-share_cols = {f"share_x{k}": st.column_config.ProgressColumn(viz.order_label(k), min_value=0.0, max_value=1.0, format="%.2f")
-              for k in range(K + 1)}
-share_cols["share_residual"] = st.column_config.ProgressColumn("x^Δ", min_value=0.0, max_value=1.0, format="%.2f")
-share_cols["var_target"] = st.column_config.NumberColumn("Var(x*)", format="%.3f")
-share_cols["dominant_order"] = st.column_config.NumberColumn("main order")
+# widths in px: up to K = 3 every column fits the main area of a 1024 px window (about 530 px of table)
+share_cols = {name: st.column_config.TextColumn(name, width=72) for name in shown.columns[1:K + 3]}
+share_cols["channel"] = st.column_config.NumberColumn("channel", width=52)
+share_cols["Var(x*)"] = st.column_config.NumberColumn("Var(x*)", format="%.3g", width=60)
+share_cols["main order"] = st.column_config.NumberColumn("order", width=52, help="The order with the largest share.")
 
-# the table gets the page's width (every column readable at 1024 px); the heatmap runs across the page below it
+# the table gets the page's width (every column readable at 1024 px, no sideways scroll inside it); the
+# heatmap runs across the page below it
 event = st.dataframe(shown, hide_index=True, column_config=share_cols, on_select="rerun", width="stretch",
                      selection_mode="single-row", key="kc_fl_table", height=360)
 picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
 if picked:
     views.set_widget_value("kc_fl_channel", int(shown.iloc[picked[0]]["channel"]))
-C = len(table)
+C = len(shown)
 views.keep_valid("kc_fl_channel", range(C), 0)
 pick, _ = st.columns([1, 3])
 channel = pick.selectbox("Channel", list(range(C)), key="kc_fl_channel", help="Or click a row of the table.")

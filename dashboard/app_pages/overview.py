@@ -75,9 +75,11 @@ st.subheader("Instability and shares, with their uncertainty")
 if not c.baselines and not progress.baselines_running(run):
     st.caption("No chance baselines in this run (tick *Chance baselines* on the Fit page, or `kcore fit --baselines`).")
 ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}-{len(c.baselines)}", width=width + 200,
-               caption="Left: instability with its bootstrap interval over held-out images; dashed lines: the same "
-                       "fit against a randomly initialised B and against shuffled image pairs (chance level). Right: "
-                       f"additive shares (preset {c.preset}) with the interval of each share.")
+               caption="Left: instability with its bootstrap interval over held-out images; lines in shaded bands "
+                       "(their intervals): the same fit against a randomly initialised B and against shuffled image "
+                       f"pairs (chance level). Right: additive shares (preset {c.preset}) with the interval of each "
+                       "share; an open triangle marks an interval clipped at the axis. "
+                       + " · ".join(f"{runs.DIRECTION_TITLES[k]}: {c.verdict(k).headline}" for k in c.directions))
 others = [r for rid, r in runs.runs().items() if rid != run.id]
 if others:
     with st.expander(f"Compare with the other {len(others)} result(s) of this session"):

@@ -258,22 +258,19 @@ def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = Tru
     after = [100 * float(np.mean([a.test_accuracy for a in g])) for g in groups]
     ax.bar(xs, after, color="#1f4e79", width=0.6, label="after training" + (" (mean over seeds)" if
            max(len(g) for g in groups) > 1 else ""))
-    lows = list(after)
     if before:
         prior = [100 * float(np.mean([a.test_accuracy_before for a in g])) for g in groups]
         ax.bar(xs, prior, width=0.6, fill=False, edgecolor="0.45", linestyle="--", label="before training")
-        lows += prior
     for x, g in zip(xs, groups):
         if len(g) > 1:
             ys = [100 * a.test_accuracy for a in g]
             ax.scatter([x] * len(ys), ys, s=10, color="#f2a541", zorder=3)
-            lows += ys
     for x, v, g in zip(xs, after, groups):
         top = max([v] + [100 * a.test_accuracy for a in g])
         ax.text(x, top + 0.6, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs, names, fontsize=7, rotation=20, ha="right")
     ax.set_ylabel("test accuracy [%]", fontsize=8)
-    ax.set_ylim(max(0.0, min(lows) - 10), min(100.0, max(after) + 6))
+    ax.set_ylim(0.0, min(100.0, max(after) + 6) if after else 100.0)  # bars: their length is the value, from 0
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     ax.tick_params(labelsize=7)

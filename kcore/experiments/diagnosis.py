@@ -226,8 +226,10 @@ class DiagnosisResult:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         from kcore.viz import SEQUENTIAL_CMAP, upsample
+        from kcore.viz.style import TEXT_PT
 
         n = len(self.map_ids)
         fig = Figure(figsize=(7.2, 2.2 * max(n, 1) + 0.4), layout="constrained")
@@ -235,8 +237,8 @@ class DiagnosisResult:
             fig.add_subplot().text(0.5, 0.5, "no images", ha="center")
             return fig
         axes = fig.subplots(n, 3, squeeze=False)
-        cols = [("blind spots of A: mean_c (x_B − g(x_A))²", self.blind_energy),
-                ("unreliable features of A: mean_c (x_A − g(x_B))²", self.unreliable_energy)]
+        cols = [("blind spots of A:\nmean_c (x_B − g(x_A))²", self.blind_energy),
+                ("unreliable features of A:\nmean_c (x_A − g(x_B))²", self.unreliable_energy)]
         norms = [Normalize(0.0, max(float(e.max()), 1e-12)) for _, e in cols]
         for i in range(n):
             img = self.images[i]
@@ -244,22 +246,25 @@ class DiagnosisResult:
             axes[i, 0].imshow(img)
             lab = self.map_labels[i]
             name = f" ({self.class_names[lab]})" if 0 <= lab < len(self.class_names) else ""
-            axes[i, 0].set_ylabel(f"{self.map_ids[i]}\nlabel {lab}{name}", fontsize=6)
+            axes[i, 0].set_ylabel(f"{self.map_ids[i]}\nlabel {lab}{name}", fontsize=TEXT_PT)
             for j, ((title, energy), norm) in enumerate(zip(cols, norms), start=1):
                 ax = axes[i, j]
                 ax.imshow(grey)
                 ax.imshow(upsample(energy[i], img.shape[:2]), cmap=SEQUENTIAL_CMAP, norm=norm, alpha=0.65)
                 if i == 0:
-                    ax.set_title(title, fontsize=7)
+                    ax.set_title(title, fontsize=TEXT_PT)
             for ax in axes[i]:
                 ax.set_xticks([])
                 ax.set_yticks([])
         for j, norm in enumerate(norms, start=1):
-            cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SEQUENTIAL_CMAP), ax=axes[:, j], shrink=0.6)
-            cb.set_label(self.energy_units, fontsize=7)
-            cb.ax.tick_params(labelsize=6)
+            # under its own column (a bar at the side would sit between two columns of maps)
+            cb = fig.colorbar(ScalarMappable(norm=norm, cmap=SEQUENTIAL_CMAP), ax=axes[:, j], location="bottom",
+                              shrink=0.8, aspect=16)
+            cb.set_label(self.energy_units, fontsize=TEXT_PT)
+            cb.ax.tick_params(labelsize=TEXT_PT)
+            cb.ax.xaxis.set_major_locator(MaxNLocator(4))
         fig.suptitle(f"weak {self.weak.name}:{self.layer_weak} vs strong {self.strong.name}:"
-                     f"{self.layer_strong} (test images; shared colour scale per column)", fontsize=8)
+                     f"{self.layer_strong}\n(test images; shared colour scale per column)", fontsize=TEXT_PT)
         return fig
 
     def as_dict(self) -> dict:

@@ -16,10 +16,12 @@ This package is the face; each concept lives in its module:
 from __future__ import annotations
 
 from kcore.viz.charts import (
+    NO_VARIANCE,
     SHARE_SORTS,
     ShareSort,
     channel_order,
     channel_share_figure,
+    channel_share_table,
     instability_figure,
     loss_figure,
     metric_summary_text,
@@ -64,9 +66,9 @@ from kcore.viz.style import (
 )
 
 __all__ = [
-    "BACKGROUNDS", "DIVERGING_CMAP", "DIVERGING_CMAPS", "MAP_KINDS", "RESIDUAL_TEX", "SCALES", "SCALE_NAMES",
+    "BACKGROUNDS", "DIVERGING_CMAP", "NO_VARIANCE", "DIVERGING_CMAPS", "MAP_KINDS", "RESIDUAL_TEX", "SCALES", "SCALE_NAMES",
     "SEQUENTIAL_CMAP", "SHARE_CMAP", "SHARE_SORTS", "TARGET_TEX", "Background", "MapKind", "MapSpec", "Scale",
-    "ShareSort", "blend_overlay", "blind_spot_energy", "channel_order", "channel_share_figure",
+    "ShareSort", "blend_overlay", "blind_spot_energy", "channel_order", "channel_share_figure", "channel_share_table",
     "component_overlay", "component_overlay_interactive", "feature_cells", "feature_map", "figure1_grid",
     "instability_figure", "limits_of", "loss_figure", "map_limits", "map_view_interactive", "metric_summary_text",
     "order_label", "order_tex", "overlay_figure", "plotly_colorscale", "share_matrix", "side_by_side_figure",

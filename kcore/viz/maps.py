@@ -14,7 +14,7 @@ import torch
 
 from kcore.conventions import resample
 from kcore.decompose import Decomposition
-from kcore.viz.style import RESIDUAL_TEX, SCALES, TARGET_TEX, Scale, _np, limits_of, order_label, order_tex
+from kcore.viz.style import SCALES, Scale, _np, limits_of, order_label
 
 MapKind = Literal["component", "target", "output", "residual", "blind_spot"]
 MAP_KINDS: dict[str, str] = {
@@ -63,11 +63,8 @@ class MapSpec:
 
     @property
     def tex(self) -> str:
-        """The label in matplotlib mathtext, e.g. ``"$x^{(0)}$+$x^{(1)}$"``."""
-        if self.kind == "component":
-            return "+".join(order_tex(k) for k in self.orders)
-        return {"target": TARGET_TEX, "output": r"$g(x)$", "residual": RESIDUAL_TEX,
-                "blind_spot": r"mean$_c\,(x^{\Delta})^2$"}[self.kind]
+        """The figure label: :attr:`label` (plain Unicode, so an SVG export keeps it as one searchable text)."""
+        return self.label
 
     @property
     def slug(self) -> str:

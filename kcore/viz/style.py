@@ -68,12 +68,25 @@ def order_label(k: int) -> str:
 
 
 def order_tex(k: int) -> str:
-    """``3 -> "$x^{(3)}$"`` (matplotlib mathtext, for figures)."""
-    return f"$x^{{({k})}}$"
+    """``3 -> "x⁽³⁾"``: the figure label of order k, plain Unicode like :func:`order_label`.
+
+    Figures use no mathtext: an SVG export then keeps every phrase in one ``<text>`` element (searchable,
+    editable), where mathtext would place each glyph on its own.
+    """
+    return order_label(k)
 
 
-RESIDUAL_TEX = r"$x^{\Delta}$"
-TARGET_TEX = r"$x^{*}$"
+RESIDUAL_TEX = "x^Δ"
+"""The figure label of the residual x^Δ (plain Unicode, see :func:`order_tex`)."""
+TARGET_TEX = "x*"
+"""The figure label of the target feature x* (plain Unicode, see :func:`order_tex`)."""
+
+TEXT_PT = 9.5
+"""The smallest font size of a chart's text, in points."""
+TITLE_PT = 10.0
+"""The font size of panel titles and axis labels, in points."""
+MIN_SCREEN_PX = 11.0
+"""Figure text must be at least this many CSS pixels high where the dashboard shows it (1024 px wide window)."""
 
 
 def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -135,8 +148,41 @@ def _caption_width(fig: Figure) -> int:
 
 def _caption(fig: Figure, caption: str | None) -> None:
     if caption:
-        fig.supxlabel(_wrap(caption, _caption_width(fig)), fontsize=6, color="0.35", x=0.01, ha="left",
+        fig.supxlabel(_wrap(caption, _caption_width(fig)), fontsize=CAPTION_PT, color="0.35", x=0.01, ha="left",
                       linespacing=1.3)
+
+
+CAPTION_PT = 7.5
+"""The font size of a figure's provenance caption (exports only; the dashboard shows it as page text)."""
+
+
+def text_sizes(fig: Figure) -> list[tuple[str, float]]:
+    """(text, font size in points) of every visible, non-empty text of ``fig`` (titles, labels, ticks, legends).
+
+    Args:
+        fig: a figure; it is drawn once (on a throw-away canvas) so that tick labels exist.
+
+    Returns:
+        The pairs in drawing order.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    if fig.canvas is None or not hasattr(fig.canvas, "get_renderer"):
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return [(t.get_text(), float(t.get_fontsize())) for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and t.get_figure() is not None]
+
+
+def screen_px(points: float, dpi: float, shown_px: float, image_px: float) -> float:
+    """The height in CSS pixels of ``points``-sized text in a PNG made at ``dpi`` and shown ``shown_px`` wide.
+
+    Args:
+        points: the font size. dpi: the PNG's resolution. shown_px: the width the browser gives the image.
+        image_px: the PNG's own width in pixels.
+    """
+    return points * dpi / 72.0 * shown_px / image_px
 
 
 def _check_alpha(alpha: float) -> None:
