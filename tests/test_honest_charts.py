@@ -408,3 +408,28 @@ def test_at_1024_px_overview_text_is_11_px_and_labels_are_whole(server, run_fold
                 "s => [s.scrollWidth, s.clientWidth]")
         finally:
             browser.close()
+
+
+# ------------------------------------------------------------------------------------------------ models page
+@pytest.mark.slow
+def test_models_page_classes_box_is_empty_until_typed_and_an_earlier_upload_is_named(monkeypatch, tmp_path):
+    """'Classes' shows no 0 beside '10 classes (inferred)'; after a page change the (new, empty) upload box
+    says which uploaded network is still in use."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    slot = at.session_state["kc_slot_A"]
+    at.segmented_control(key="kc_src_A").set_value("upload").run()  # a new source empties the slot
+    assert "kc_slot_A" not in at.session_state or at.session_state["kc_slot_A"] is None
+    at.session_state["kc_slot_A"] = dc.replace(slot, source="upload", path=None)  # as an upload leaves it
+    at.switch_page("app_pages/fit.py").run()
+    at.switch_page("app_pages/setup.py").run()  # back: the upload box is a new, empty widget
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.segmented_control(key="kc_src_A").value == "upload"
+    box = at.number_input(key="kc_ncls_A")
+    assert box.value is None and box.placeholder == "auto"
+    assert any(f"In use: **{slot.loaded.name}**, uploaded earlier" in c.value for c in at.caption)
+    box.set_value(7).run()
+    assert at.number_input(key="kc_ncls_A").value == 7

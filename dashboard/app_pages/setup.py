@@ -15,7 +15,7 @@ from kcore.limits import limits
 from kcore.preprocessing import IMAGENET_MEAN, IMAGENET_STD, preprocessing_of, resolve_preprocessing
 from kcore.server_paths import ROOTS_ENV, server_paths_enabled
 
-SOURCES = {"sample": "Sample model", "upload": "Upload a file", "path": "File on the server"}
+SOURCES = {"sample": "Sample", "upload": "Upload", "path": "Server"}  # short: the three fit a 1024 px window
 IMAGE_SOURCES = {"bundled": "Bundled images", "upload": "Upload images or a zip", "folder": "Folder on the server"}
 UPLOAD_TYPES = ["safetensors", "pt", "pth", "bin", "ckpt", "pt2", "zip"]
 IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "webp", "tif", "tiff", "zip"]
@@ -43,12 +43,12 @@ def _arch_inputs(role: str) -> tuple[str | None, int | None]:
     arch = c1.selectbox("Architecture", [AUTO_ARCH] + _architectures(), key=f"kc_arch_{role}",
                         help="Needed for weights-only files (safetensors, state dicts) without a model card. "
                              "TorchScript and torch.export files carry their own.", persist_state="session")
-    ncls = c2.number_input("Classes", min_value=0, max_value=limits().max_classes, value=0, step=1,
-                           key=f"kc_ncls_{role}",
-                           help="Number of classifier outputs; 0 = from the card or inferred from the weights "
-                                "(the number used is shown with the loaded model below).",
+    ncls = c2.number_input("Classes", min_value=0, max_value=limits().max_classes, value=None, step=1,
+                           key=f"kc_ncls_{role}", placeholder="auto",
+                           help="Number of classifier outputs; empty (or 0) = from the card or inferred from the "
+                                "weights (the number used is shown with the loaded model below).",
                            persist_state="session")
-    return (None if arch == AUTO_ARCH else arch), (int(ncls) or None)
+    return (None if arch == AUTO_ARCH else arch), (int(ncls) or None if ncls is not None else None)
 
 
 def _ui_message(role: str, exc: Exception) -> str:
@@ -95,6 +95,8 @@ def model_panel(role: str) -> None:
     # a new source empties the slot at once (model, card and layers), before anything is drawn
     source = st.segmented_control("Source", list(SOURCES), format_func=SOURCES.get, key=f"kc_src_{role}",
                                   default="sample", required=True, persist_state="session",
+                                  help="Sample: a bundled model · Upload: a file from this computer · Server: a "
+                                       "file on the server (for files over the upload limit).",
                                   on_change=models.clear_slot, args=(role,))
     if source == "sample":
         samples = models.sample_models()
@@ -114,10 +116,15 @@ def model_panel(role: str) -> None:
         up = st.file_uploader("Checkpoint", type=UPLOAD_TYPES, key=f"kc_upload_{role}",
                               help="safetensors, a weights-only state dict (.pt/.pth/.bin), TorchScript or "
                                    "torch.export (.pt2). A full pickle is never loaded from the browser. "
-                                   "Bigger than the upload limit? Use 'File on the server'.")
+                                   "Bigger than the upload limit? Use 'Server' (a file on the server).")
         card_up = st.file_uploader("Model card (optional, .json)", type=["json"], key=f"kc_cardup_{role}",
                                    help="The <name>.card.json written beside a checkpoint: architecture, "
                                         "classes, input size and normalisation.")
+        cur = models.slot(role)
+        if up is None and cur is not None and cur.source == "upload":
+            # the upload box is new after a page change, but the network uploaded before is still loaded
+            st.caption(f"In use: **{cur.loaded.name}**, uploaded earlier in this session. Upload another file "
+                       "to replace it.")
         arch, ncls = _arch_inputs(role)
         if up is not None:
             card_json = card_up.getvalue().decode("utf-8") if card_up is not None else None
