@@ -43,6 +43,33 @@ def components(g: GTheta, x: Tensor, method: Method = "batched") -> list[Tensor]
     raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
 
 
+@torch.no_grad()
+def nested_components(models: Sequence[GTheta], x: Tensor) -> list[Tensor]:
+    """Nested components [x⁽⁰⁾ₙ, …, x⁽ᴷ⁾ₙ] of nested fits g₀ … g_K (:mod:`kcore.fit.nested`) for prepared ``x``.
+
+    x⁽⁰⁾ₙ = g₀(x) and x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x), so they sum to g_K(x) (to the rounding of the subtractions).
+
+    Args:
+        models: g₀ … g_K, ``models[k]`` of K = k with the same channels, in eval mode for the paper convention.
+        x: (N, C_a, H, W) source maps prepared as for the fit.
+
+    Returns:
+        K+1 tensors (N, C_b, H, W).
+
+    Raises:
+        ValueError: ``models`` is empty or ``models[k]`` does not have K = k, or their channels differ.
+    """
+    orders = [getattr(getattr(m, "spec", None), "orders", None) for m in models]
+    if not models or orders != list(range(len(models))):
+        raise ValueError(f"models must be nested fits g_0 … g_K with K = 0, 1, …, K in order; got orders {orders}. "
+                         "Fix: pass FitResult.nested.models of kcore.fit(..., nested=True).")
+    chans = {(m.spec.in_channels, m.spec.out_channels) for m in models}
+    if len(chans) != 1:
+        raise ValueError(f"models must share (C_a, C_b); got {sorted(chans)}. Fix: pass the models of one nested fit.")
+    outs = [m(x) for m in models]
+    return [outs[0]] + [outs[k] - outs[k - 1] for k in range(1, len(outs))]
+
+
 def _conv_stack(conv: torch.nn.Module, stack: Tensor) -> Tensor:
     b, n = stack.shape[:2]
     out = conv(stack.reshape(b * n, *stack.shape[2:]))

@@ -11,7 +11,8 @@ field of :class:`FitConfig` can be overridden by keyword.
 - :mod:`kcore.fit.plan`: steps, the CPU's FLOP budget, the training precision, the learning-rate schedule;
 - :mod:`kcore.fit.train`: the seeded start, the training loop, early stopping, DistributedDataParallel;
 - :mod:`kcore.fit.evaluate`: the monitor error, the calibration of Σ_(k), the held-out evaluation;
-- :mod:`kcore.fit.result`: :class:`FitResult` and its run folder (save/load).
+- :mod:`kcore.fit.result`: :class:`FitResult` and its run folder (save/load);
+- :mod:`kcore.fit.nested`: nested fits g₀ … g_K and their order-wise gains (``nested=True``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,17 @@ from kcore.devices import cpu_has_native_bf16, resolve_device
 from kcore.fit.config import PRESETS, FitConfig, Init, Precision, Schedule, make_config
 from kcore.fit.data import FitData, check_inputs, check_kernel_size, prepare_data, split_indices
 from kcore.fit.evaluate import STREAMED_CKA_IMAGES, calibrate, evaluate_heldout, monitor_error, relative_error
+from kcore.fit.nested import (
+    GainAccumulator,
+    GainIntervals,
+    NestedFits,
+    NestedGains,
+    NestedStage,
+    evaluate_gains,
+    extend_order,
+    nested_decompose,
+    train_nested,
+)
 from kcore.fit.plan import (
     BF16_MIN_STEP_FLOPS,
     BF16_STEP_COST,
@@ -71,7 +83,8 @@ __all__ = [
     "BF16_STEP_COST", "BF16_MIN_STEP_FLOPS", "cpu_has_native_bf16", "init_model", "make_optimizer", "train",
     "train_step", "train_steps", "EarlyStopping", "relative_error", "monitor_error", "calibrate",
     "evaluate_heldout", "STREAMED_CKA_IMAGES", "FIT_JSON_FIELDS", "check_report_lengths",
-    "FIT_EXTRA_FIELDS", "StoppedBy", "RanPrecision", "TrainRun",
+    "FIT_EXTRA_FIELDS", "StoppedBy", "RanPrecision", "TrainRun", "NestedFits", "NestedGains", "GainIntervals",
+    "NestedStage", "GainAccumulator", "extend_order", "evaluate_gains", "nested_decompose", "train_nested",
 ]
 
 _cosine_lr = cosine_lr  # the name tests/test_fit_schedule.py reads (kept until it uses cosine_lr)
@@ -121,7 +134,9 @@ def fit(
         groups: which images belong together (crops of one photo, frames of one video): a
             :class:`kcore.groups.Groups` or one key per image. No group is split between training, monitor and
             held-out images, and the intervals resample whole groups. Default: every image its own group.
-        **overrides: any :class:`FitConfig` field, e.g. ``lam=0.5, epochs=100, seed=1``.
+        **overrides: any :class:`FitConfig` field, e.g. ``lam=0.5, epochs=100, seed=1``, or ``nested=True``:
+            fit g₀ … g_K one after another (:mod:`kcore.fit.nested`); the result's ``nested`` then holds them
+            and their held-out order-wise gains, and ``model`` is g_K.
 
     Returns:
         A :class:`FitResult`.
@@ -149,20 +164,27 @@ def fit(
     report = progress or (lambda p: None)
 
     data = prepare_data(x_src, x_tgt, cfg, dev, ctx, groups=groups)
-    shape = (data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3])
-    flops = step_flops(*shape, cfg)
-    cfg = small_batch_config(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)
-    flops = step_flops(*shape, cfg)
-    plan = train_plan(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)
-    report(FitProgress("init", 0, len(plan.rounds), elapsed=time.perf_counter() - t0, steps=plan.total_steps))
-    model, lin = init_model(data, cfg)
-    run = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+    nested = None
+    if cfg.nested:
+        report(FitProgress("init", 0, 0, elapsed=time.perf_counter() - t0))
+        models, stages, last, lin = train_nested(data, cfg, lambda c: _planned(c, data, dev), report=report, t0=t0,
+                                                 cancel=cancel, on_epoch=on_epoch)
+        model = models[-1]
+        run = last or TrainRun((), 0, 0, 0, 0, 0, "schedule", "float32", None)  # K = 0: g₀ is closed-form
+        gains = evaluate_gains(models, data)
+        nested = NestedFits(tuple(m.to("cpu", memory_format=torch.contiguous_format).eval() for m in models[:-1])
+                            + (model,), gains, tuple(stages))
+    else:
+        cfg, plan = _planned(cfg, data, dev)
+        report(FitProgress("init", 0, len(plan.rounds), elapsed=time.perf_counter() - t0, steps=plan.total_steps))
+        model, lin = init_model(data, cfg)
+        run = train(model, data, cfg, plan, report=report, t0=t0, cancel=cancel, on_epoch=on_epoch)
+        epochs = len(run.history)  # measurements made: the totals shown from here on are what ran
+        report(FitProgress("calibrate", epochs, epochs, elapsed=time.perf_counter() - t0))
+        calibrate(model, data.xs_tr, data.eval_batch, dev, data.ctx)
+        model.eval()
     history = run.history
-    epochs = len(history)  # measurements made: the totals shown from here on are what ran
-
-    report(FitProgress("calibrate", len(history), epochs, elapsed=time.perf_counter() - t0))
-    calibrate(model, data.xs_tr, data.eval_batch, dev, data.ctx)
-    model.eval()
+    epochs = len(history)
 
     report(FitProgress("evaluate", len(history), epochs, elapsed=time.perf_counter() - t0))
     err, heldout, baseline = evaluate_heldout(model, data, cfg, lin)
@@ -189,6 +211,16 @@ def fit(
         stopped_by=run.stopped_by,
         train_precision=run.train_precision,
         start_monitor_error=run.start_monitor_error,
+        nested=nested,
     )
     report(FitProgress("done", len(history), epochs, elapsed=result.seconds))
     return result
+
+
+def _planned(cfg: FitConfig, data: FitData, dev: torch.device) -> tuple[FitConfig, TrainPlan]:
+    """``cfg`` as it runs on these maps (:func:`small_batch_config`) and its :class:`TrainPlan`."""
+    shape = (data.xs.shape[1], data.xt.shape[1], data.xt.shape[2], data.xt.shape[3])
+    flops = step_flops(*shape, cfg)
+    cfg = small_batch_config(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)
+    flops = step_flops(*shape, cfg)
+    return cfg, train_plan(cfg, data.xs_tr.shape[0], flops, training_dtype(cfg, torch.device(dev), flops), dev)

@@ -73,6 +73,11 @@ class FitConfig:
             gradients, Adam, the loss, the least-squares start, the monitor and held-out errors, the
             calibration and every decomposition stay float32; ``FitResult.train_precision`` says
             what ran.
+        nested: fit the orders as nested models (:mod:`kcore.fit.nested`): g₀ the closed-form least-squares
+            map (whatever ``init``), then g₁ … g_K, each started from the one before with its new gate at
+            p⁽ᵏ⁾ = 0 and trained with this config's schedule; the result's ``nested`` holds the order-wise gains
+            Δₖ = R²(gₖ) − R²(gₖ₋₁) on the held-out images. Needs ``gate="linear"`` (a sigmoid gate cannot start
+            at 0).
 
     With a monitor split, the starting weights (the least-squares start with ``init="lstsq"``) are a candidate
     too, measured before the first step ("epoch 0"): a fit never keeps weights worse on the monitor split
@@ -114,6 +119,7 @@ class FitConfig:
     budget: float | None = None
     seed: int = 0
     train_precision: Precision = "float32"
+    nested: bool = False
 
     def __post_init__(self) -> None:
         check_orders(self.orders)
@@ -154,6 +160,13 @@ class FitConfig:
             raise ValueError(f"train_precision must be 'float32' or 'auto'; got {self.train_precision!r}.")
         if self.flops_budget is not None and not self.flops_budget > 0:
             raise ValueError(f"flops_budget must be > 0 or None; got {self.flops_budget}.")
+        if not isinstance(self.nested, bool):
+            raise TypeError(f"nested must be True or False; got {self.nested!r}. Fix: pass nested=True or omit it.")
+        if self.nested and self.gate != "linear":
+            raise ValueError(
+                f"nested=True needs gate='linear': every new order starts at p = 0, which gate={self.gate!r} cannot "
+                "represent (sigmoid(p) > 0). Fix: pass gate='linear' (with preset 'authors' too)."
+            )
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0
                                             and math.isfinite(self.budget)):
             raise ValueError(f"budget must be a positive number of seconds or None; got {self.budget!r}. "

@@ -65,6 +65,8 @@ class FitResult:
         stopped_by: why training ended (:data:`StoppedBy`).
         train_precision: what the training steps' forward pass ran in (:data:`RanPrecision`).
         start_monitor_error: the monitor error of the starting weights (``None`` without a monitor split).
+        nested: with ``nested=True``, the :class:`~kcore.fit.nested.NestedFits` (g₀ … g_K and their held-out
+            gains); the training fields above are then g_K's. ``None`` otherwise.
 
     The last seven are ``None`` (``"float32"`` for ``train_precision``) for a fit saved before kcore recorded them.
 
@@ -95,6 +97,7 @@ class FitResult:
     stopped_by: StoppedBy | None = None
     train_precision: RanPrecision = "float32"
     start_monitor_error: float | None = None
+    nested: Any = None
 
     @property
     def extra(self) -> dict[str, Any]:
