@@ -87,9 +87,11 @@ class Groups:
     def __post_init__(self) -> None:
         if self.source not in GROUP_SOURCES:
             raise ValueError(f"source must be one of {sorted(GROUP_SOURCES)}; got {self.source!r}.")
-        if self.labels and (min(self.labels) < 0 or max(self.labels) >= len(self.names)):
-            raise ValueError(f"labels must lie in 0 … {len(self.names) - 1} (one per name); got labels from "
-                             f"{min(self.labels)} to {max(self.labels)}. Fix: build Groups with Groups.from_keys.")
+        if len(set(self.labels)) != len(self.names) or (self.labels and (min(self.labels) < 0
+                                                                        or max(self.labels) >= len(self.names))):
+            raise ValueError(f"labels must use each of 0 … {len(self.names) - 1} (one per name) at least once; got "
+                             f"{len(set(self.labels))} distinct labels for {len(self.names)} names. Fix: build "
+                             "Groups with Groups.from_keys.")
 
     @staticmethod
     def from_keys(keys: Sequence[Hashable], source: GroupSource = "given", detail: str = "",
@@ -127,13 +129,6 @@ class Groups:
     def label_tensor(self) -> Tensor:
         """The labels as a (N,) int64 tensor."""
         return torch.tensor(self.labels, dtype=torch.long)
-
-    def take(self, indices: Sequence[int] | Tensor) -> Groups:
-        """The groups of the images ``indices`` (in that order), renumbered; names, source and detail kept."""
-        idx = [int(i) for i in indices]
-        picked = Groups.from_keys([self.labels[i] for i in idx], self.source, self.detail)
-        return Groups(picked.labels, tuple(self.names[int(k)] for k in picked.names), self.source, self.detail,
-                      self.unmatched if len(idx) == self.n_images else 0)
 
     def as_dict(self) -> dict:
         """The provenance form: source, detail, images, groups, and group sizes (min, median, max, a histogram)."""

@@ -382,3 +382,11 @@ def test_compare_keeps_groups_whole_in_memory_and_streamed_from_the_cache(tmp_pa
     mem, disk = (c.directions["A_to_B"].fit for c in runs)
     assert mem.heldout_indices == disk.heldout_indices
     assert np.allclose(mem.heldout_report.ci.instability, disk.heldout_report.ci.instability, rtol=0.05)
+
+
+def test_groups_are_checked_when_built():
+    with pytest.raises(ValueError, match="labels must use each of 0 … 1"):
+        Groups((0, 0), ("a", "b"))
+    with pytest.raises(ValueError, match="source must be one of"):
+        Groups((0,), ("a",), "folders")
+    assert Groups.from_keys(["b", "a", "b"]).names == ("b", "a") and Groups.singletons(3).trivial
