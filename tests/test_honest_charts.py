@@ -395,6 +395,8 @@ def test_at_1024_px_overview_text_is_11_px_and_labels_are_whole(server, run_fold
             from dashboard.ui import DISPLAY_DPI
 
             px = [screen_px(pt, DISPLAY_DPI, w, nat) for pt, (w, nat) in zip(smallest, shown)]
+            for name, pt, (w, nat), h in zip(("instability", "variance", "loss"), smallest, shown, px):
+                print(f"overview {name}: smallest text {pt} pt, PNG {nat} px shown {w} px wide -> {h:.1f} px")
             assert min(px) >= MIN_SCREEN_PX, list(zip(("instability", "variance", "loss"), px, shown))
             page.get_by_role("link", name="Filters", exact=True).first.click()
             page.get_by_role("heading", name="Filters").wait_for(timeout=90_000)
