@@ -279,14 +279,13 @@ def loss_figure(
         if best_epochs and key in best_epochs:
             h = ax.axvline(best_epochs[key], color="0.4", ls="--", lw=0.8)
             handles.setdefault("kept epoch", h)
-            ax.text(best_epochs[key], 1.0, f" {best_epochs[key]}", transform=ax.get_xaxis_transform(),
-                    fontsize=TEXT_PT, va="top", color="0.3")
         vals = [v for r in hist for v in (r.train_loss, r.monitor_error) if math.isfinite(v) and v > 0]
         if vals and max(vals) / min(vals) > 20:
             ax.set_yscale("log")
         ax.set_xlabel("epoch", fontsize=TITLE_PT)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title((titles or {}).get(key, key), fontsize=TITLE_PT)
+        kept = f"\nkept epoch {best_epochs[key]}" if best_epochs and key in best_epochs else ""
+        ax.set_title((titles or {}).get(key, key) + kept, fontsize=TITLE_PT)
         ax.tick_params(which="both", labelsize=TEXT_PT)
         ax.grid(alpha=0.3)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 2),
