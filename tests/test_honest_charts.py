@@ -435,3 +435,22 @@ def test_models_page_classes_box_is_empty_until_typed_and_an_earlier_upload_is_n
     assert any(f"In use: **{slot.loaded.name}**, uploaded earlier" in c.value for c in at.caption)
     box.set_value(7).run()
     assert at.number_input(key="kc_ncls_A").value == 7
+
+
+def test_the_filters_heatmap_of_64_channels_stays_readable(planted):
+    """64 channels across the page: at most WIDE_IN wide, text >= TEXT_PT, so >= 11 px in a 564 px wide main area
+    (a 1024 px window with the sidebar open); every other channel is labelled, and the axis says so."""
+    from dashboard.ui import DISPLAY_DPI
+    from kcore.viz.charts import WIDE_IN
+
+    rep = planted.directions["B_to_A"].fit.heldout_report
+    wide = dc.replace(rep, per_channel=dc.replace(
+        rep.per_channel, share_orders=tuple(tuple(v) * 13 for v in rep.per_channel.share_orders),
+        share_residual=tuple(rep.per_channel.share_residual) * 13))
+    fig = viz.channel_share_figure(wide, wide=True, max_channels=64)
+    assert fig.get_figwidth() <= WIDE_IN
+    assert min(s for _, s in text_sizes(fig)) >= TEXT_PT
+    assert screen_px(TEXT_PT, DISPLAY_DPI, 564, fig.get_figwidth() * DISPLAY_DPI) >= MIN_SCREEN_PX
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert 16 <= len(ticks) < 64 and "labelled" in ax.get_xlabel()
