@@ -13,7 +13,6 @@ stages still to come.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -150,15 +149,13 @@ class StageClock:
         report: the caller's callback.
         extract_seconds: how long the first extraction took, when this clock starts after it (bounds the random
             network's extraction).
-        clock: seconds (tests drive it).
     """
 
     def __init__(self, stages: Sequence[str], report: Callable[[PipelineProgress], None] | None, *,
-                 extract_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.stages, self._report, self._clock = tuple(stages), report or (lambda p: None), clock
+                 extract_seconds: float | None = None) -> None:
+        self.stages, self._report = tuple(stages), report or (lambda p: None)
         self.fits: list[_FitRun] = []
         self.extract_seconds = extract_seconds
-        self._stage, self._t0 = "", clock()
 
     def add_fit(self, seconds: float, tail: float, steps_run: int | None, steps_planned: int | None, *,
                 tail_exact: bool = True) -> None:
@@ -190,8 +187,6 @@ class StageClock:
 
     def tell(self, stage: str, fraction: float, message: str, eta: Eta | None = None) -> None:
         """Report ``stage`` at ``fraction`` of itself with ``message`` (and its own ETA, if measured)."""
-        if stage != self._stage:
-            self._stage, self._t0 = stage, self._clock()
         if stage == "done":
             self._report(PipelineProgress("done", 1.0, message, len(self.stages), len(self.stages), Eta(0, 0),
                                           Eta(0, 0)))
