@@ -19,15 +19,67 @@ from kcore.imagesets import labelled_images
 
 
 def load_checkpoint(path: str, argument: str) -> LoadedModel:
-    """Load a checkpoint given on the command line (:func:`kcore.checkpoints.load_model`), with an error that
-    names the option."""
+    """Load a checkpoint given on the command line (:func:`kcore.checkpoints.load_model`), with errors that name
+    the option.
+
+    A study takes no architecture options (``--arch``, ``--num-classes``, ``--non-strict``): a file that needs one
+    (a bare state dict without a model card, or one that does not fit its card) gets an error whose fix is to
+    convert it first with ``kcore convert``, which writes a model card beside the converted file.
+
+    Args:
+        path: the checkpoint as typed.
+        argument: the study's option that named it (e.g. ``"--a"``), for the messages.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ValueError: the file does not exist, or cannot be loaded without an option the studies lack (the message
+            gives the ``kcore convert`` command and what to pass to ``argument`` afterwards).
+    """
+    from kcore.arguments import ArgumentError
     from kcore.checkpoints import load_model
 
     if not Path(path).is_file():
         hint = (" The sample models are made by `python -m kcore.samples train --out sample_models`."
                 if "sample_models" in str(path) else "")
         raise ValueError(f"{argument} {path!r} does not exist.{hint} Fix: pass an existing checkpoint.")
-    return load_model(path)
+    try:
+        return load_model(path)
+    except ArgumentError as exc:
+        raise ValueError(convert_first_message(exc, path, argument)) from exc
+
+
+CONVERT_FLAGS = {"arch": "--arch {value}", "num_classes": "--num-classes {value}", "strict": "--non-strict",
+                 "input_size": "--input-size {value}"}
+"""How ``kcore convert`` names the loader's arguments (the studies have no such options)."""
+
+
+def convert_first_message(exc: Exception, path: str, argument: str) -> str:
+    """The message for a study checkpoint that needs an architecture option: what is wrong, and the
+    ``kcore convert`` command that makes a file the study can read.
+
+    Args:
+        exc: the loader's error (a :class:`kcore.arguments.ArgumentError` has its mentions re-spelled as
+            ``kcore convert``'s flags).
+        path: the checkpoint as typed.
+        argument: the study's option that named it.
+
+    Returns:
+        ``"<option> <path> cannot be loaded as it is: <the problem>. ... Fix: convert the file first with `kcore
+        convert <path> --arch ARCH --out <out>` ... pass `<option> <out>`."``
+    """
+    from kcore.arguments import ArgumentError
+
+    text = exc.respelled(CONVERT_FLAGS) if isinstance(exc, ArgumentError) else exc
+    problem = str(text).split(" Fix: ", 1)[0].rstrip(".")
+    src = Path(path)
+    out = src.with_suffix(".safetensors") if src.suffix != ".safetensors" else src.with_name(f"{src.stem}_kcore.safetensors")
+    return (f"{argument} {path!r} cannot be loaded as it is: {problem}. The study commands take no --arch, "
+            f"--num-classes or --non-strict. Fix: convert the file first with `kcore convert {path} --arch ARCH "
+            f"--out {out}` (ARCH: the architecture it was trained with, e.g. resnet18 or timm:NAME; `kcore convert "
+            f"--help` says when --match order, --non-strict or --num-classes is needed); it writes a model card "
+            f"beside {out}, which the study reads: then pass `{argument} {out}`.")
 
 
 def input_shape(model: LoadedModel, default: int = 224) -> tuple[int, int, int]:
