@@ -265,8 +265,9 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
     share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``*_ci_lo``/``*_ci_hi``
     (bootstrap interval of instability and of each share), ``n_heldout, preset, heldout_error, baseline_linear_r2,
-    baseline_cka, gates, best_epoch, epochs_run, fit_seconds``, ``chance_<kind>_instability`` per chance baseline and
-    the verdict against chance (:mod:`kcore.verdict`): ``verdict`` (its code), ``verdict_overfit``, ``verdict_text``.
+    baseline_linear_error`` (the least-squares map's held-out error, in the units of ``heldout_error``), ``baseline_cka,
+    gates, best_epoch, epochs_run, fit_seconds``, ``chance_<kind>_instability`` per chance baseline and the verdict
+    against chance (:mod:`kcore.verdict`): ``verdict`` (its code), ``verdict_overfit``, ``verdict_text``.
     """
     rows = []
     for key, d in comparison.directions.items():
@@ -292,7 +293,8 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
         row.update({"verdict": v.code, "verdict_overfit": v.overfit, "verdict_text": v.text})
         row.update({
             "heldout_error": f.heldout_error, "baseline_linear_r2": f.baseline.linear_r2,
-            "baseline_cka": f.baseline.cka, "gates": " ".join(f"{g:.4g}" for g in f.gates),
+            "baseline_linear_error": f.baseline.linear_error, "baseline_cka": f.baseline.cka,
+            "gates": " ".join(f"{g:.4g}" for g in f.gates),
             "best_epoch": f.best_epoch, "epochs_run": len(f.history), "fit_seconds": round(f.seconds, 3),
         })
         rows.append(row)

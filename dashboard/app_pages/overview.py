@@ -34,9 +34,10 @@ for col, (key, d) in zip(cols, c.directions.items()):
         m2.metric("Held-out error 1 − R²", f"{f.heldout_error:.3f}",
                   help="Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images.")
         m3, m4 = st.columns(2)
-        m3.metric("0-order baseline R²", f"{f.baseline.linear_r2:.3f}",
-                  help=f"Closed-form least-squares {f.baseline.linear_kernel}×{f.baseline.linear_kernel} convolution, "
-                       "held out: what a purely linear map reconstructs.")
+        m3.metric("Least-squares error 1 − R²", f"{f.baseline.linear_error:.3f}",
+                  help=f"The 0-order baseline: a closed-form least-squares {f.baseline.linear_kernel}×"
+                       f"{f.baseline.linear_kernel} convolution, held out: what a purely linear map reconstructs, in the "
+                       f"units of g_θ's held-out error beside it (R² {f.baseline.linear_r2:.3f}).")
         m4.metric("Linear CKA (x, x*)", f"{f.baseline.cka:.3f}", help="Linear CKA between the two feature maps.")
         for w in rep.warnings():
             st.warning(w[0].upper() + w[1:], icon=":material/warning:")
