@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -216,18 +217,52 @@ def _fit_flags(config: Mapping[str, Any], preset: str) -> tuple[list[str], dict[
     if cfg.seed != 0:
         flags += ["--seed", str(cfg.seed)]
     over["seed"] = cfg.seed
-    if make_config(preset, **over) != cfg and make_config(preset, **over, epochs=cfg.epochs) == cfg:
+    def misses(o: Mapping[str, Any]) -> int:
+        made = make_config(preset, **o)
+        return sum(getattr(made, f.name) != getattr(cfg, f.name) for f in dataclasses.fields(FitConfig))
+
+    if cfg.epochs != make_config(preset, **over).epochs or misses({**over, "epochs": cfg.epochs}) < misses(over):
         flags += ["--epochs", str(cfg.epochs)]
         over["epochs"] = cfg.epochs
+    for name, value in diff.items():  # any other fit setting the `kcore fit` parser takes under its own name
+        action = _fit_parser_actions().get(name)
+        if name in over or action is None or name in ("seed", "orders", "lam", "epochs", "budget", "convention"):
+            continue
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag is None:
+            continue
+        if action.nargs == 0:  # a switch: only True can be said
+            if value is True:
+                flags.append(flag)
+                over[name] = True
+        elif action.nargs is None and not isinstance(value, (list, tuple, dict)):
+            flags += [flag, _num(value) if isinstance(value, float) else str(value)]
+            over[name] = value
     notes = []
-    if make_config(preset, **over) != cfg:
-        missing = sorted(k for k in diff if k not in over)
+    made = make_config(preset, **over)
+    if made != cfg:
+        missing = sorted(f.name for f in dataclasses.fields(FitConfig) if getattr(made, f.name) != getattr(cfg, f.name))
         notes.append(f"the fit settings {missing} have no `kcore fit` flag: the command runs the {preset!r} "
                      "preset's values; the Python snippet sets them exactly.")
     if unknown:
         notes.append(f"the run's config has fields this kcore does not know ({unknown}): it was made by another "
                      "version; neither the command nor the snippet sets them.")
     return flags, over, diff, notes
+
+
+@functools.lru_cache(maxsize=1)
+def _fit_parser_actions() -> dict[str, Any]:
+    """The options of ``kcore fit``'s parser by their destination name (empty if the parser cannot be built)."""
+    import argparse
+
+    try:
+        from kcore.cli import build_parser
+
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {a.dest: a for a in sub.choices["fit"]._actions if a.option_strings}
+    except (ImportError, AttributeError, StopIteration, KeyError):  # then only the flags named here are used
+        return {}
 
 
 def _prep_flags(which: str, actual: Mapping[str, Any] | None, default: Mapping[str, Any] | None

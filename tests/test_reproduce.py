@@ -160,6 +160,26 @@ def test_settings_without_a_flag_are_said_and_set_exactly_in_python(provenance):
     assert "preprocessing=Preprocessing(input_size=(48, 48)" in r.python and "baselines=['shuffled']" in r.python
 
 
+def test_a_fit_setting_with_a_flag_of_its_own_is_passed_by_it(provenance):
+    import argparse
+
+    from kcore.cli import build_parser
+
+    fit_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["fit"]
+    switches = {a.dest for a in fit_parser._actions if a.nargs == 0 and a.option_strings}
+    from kcore.fit import make_config
+
+    prov = json.loads(json.dumps(provenance))
+    prov["config"] = dataclasses.asdict(make_config("fast", orders=1, seed=2, epochs=7, lr=0.01))  # lr: no flag
+    r = reproduce(prov)
+    argv = shlex.split(r.cli)
+    assert argv[argv.index("--epochs") + 1] == "7" and any("['lr'" in n for n in r.notes)
+    if "nested" in switches:  # a FitConfig switch that `kcore fit` takes under its own name
+        prov = json.loads(json.dumps(provenance))
+        prov["config"]["nested"] = True
+        assert "--nested" in shlex.split(reproduce(prov).cli)
+
+
 def test_grouped_images_keep_their_groups(provenance):
     prov = json.loads(json.dumps(provenance))
     prov["request"]["images"] = {"kind": "folder", "path": "/data/my photos", "n": 30, "load_size": [64, 64]}
