@@ -516,6 +516,11 @@ def check_fit_request(params: Mapping[str, Any], n_images: int, caps: Limits | N
     seeds = int(params.get("fit_seeds", 1) or 1)
     both = bool(params.get("both_directions", False))
     work = fit_work(n_images, int(epochs), both_directions=both, n_baselines=n_baselines, fit_seeds=seeds)
+    nested = params.get("nested", False)
+    if not isinstance(nested, bool):
+        raise TypeError(f"fit setting 'nested' must be true or false; got {nested!r}. Fix: tick or untick the box.")
+    if nested:  # g_1 … g_K are trained one after another, each with the schedule
+        work *= max(1, int(params["orders"]))
     fits = (2 if both else 1) * (1 + n_baselines) * seeds
     caps.check("max_fit_work", work,
                what=(f"this fit request ({int(epochs)} epochs × {int(n_images)} images × {fits} fit(s): "

@@ -149,6 +149,9 @@ class Comparison:
                 "fit_seconds": d.fit.seconds,
                 "verdict": self.verdict(key).as_dict(),
             }
+            if d.fit.nested is not None:  # nested fits: the order-wise gains beside the split of g_K
+                gains = d.fit.nested.gains.as_dict()
+                block.update(gain_orders=gains["gain_orders"], gain_ci=gains["gain_ci"], nested=d.fit.nested.as_dict())
             out["directions"][key] = block
         if len(self.directions) == 1:  # one direction: its block is also the top level
             (key, block), = out["directions"].items()

@@ -42,6 +42,7 @@ class FitRequest:
         both_directions: also fit B → A.
         baselines: also fit the chance baselines.
         fit_seeds: fits per direction with seeds ``seed …`` (1 = one fit).
+        nested: fit the orders as nested models (:mod:`kcore.fit.nested`, linear gates) and report their gains.
     """
 
     orders: int = 2
@@ -53,6 +54,7 @@ class FitRequest:
     both_directions: bool = False
     baselines: bool = False
     fit_seeds: int = 1
+    nested: bool = False
 
     @staticmethod
     def from_params(params: Mapping[str, Any]) -> "FitRequest":
@@ -76,7 +78,8 @@ class FitRequest:
         """The :class:`kcore.FitConfig` of the request: its preset with K, λ, the epochs and the seed replaced."""
         from kcore.fit import make_config
 
-        return make_config(self.preset, orders=self.orders, lam=self.lam, epochs=self.epochs, seed=self.seed)
+        return make_config(self.preset, orders=self.orders, lam=self.lam, epochs=self.epochs, seed=self.seed,
+                           nested=self.nested or None, gate="linear" if self.nested else None)
 
 
 def _session_connected(key: str) -> bool:

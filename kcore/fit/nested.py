@@ -186,6 +186,16 @@ class NestedGains:
         return "order-wise gains of nested fits (R²(g_k) - R²(g_k-1), add up to 100 %): " + ", ".join(parts)
 
 
+GAINS_EXPLAINED = (
+    "The shares split one fitted g_θ into orders (Eq. 3–4), and which g_θ the optimiser finds decides that split: "
+    "the same two networks give x⁽⁰⁾ about half of Var(x*) with one recipe and a fifth with another. The gains come "
+    "from nested fits instead: g₀ is the best linear map (closed form, unique), and each gₖ adds order k to gₖ₋₁ "
+    "(started from it, with the new gate at 0) and is trained; Δₖ is what order k adds to the held-out R². A gain "
+    "asks what order k explains that lower orders could not, so it depends on the networks more than on the "
+    "recipe (a gain can be below 0 when gₖ over-fits the training images). Gains and x^Δ add up to 100 %."
+)
+"""One paragraph on how the nested gains differ from the shares of one g_θ (the dashboard and the CLI show it)."""
+
 GAINS_DEFINITION = (
     "g_0 = closed-form least-squares map; g_k = g_(k-1) plus order k, started with p^(k) = 0 and trained; "
     "r2_orders[k] = 1 - Var(x* - g_k(x))/Var(x*) on held-out images (one global mean); gain_orders[k] = "
@@ -388,7 +398,7 @@ def train_nested(
     """
     K = cfg.orders
     ts = time.perf_counter()
-    g0, lin = init_model(data, dataclasses.replace(cfg, orders=0, init="lstsq", gate="linear"))
+    g0, lin = init_model(data, dataclasses.replace(cfg, orders=0, init="lstsq", gate="linear", p_init=0.0))
     g0.eval()
     models, stages = [g0], [NestedStage(0, time.perf_counter() - ts)]
     # init="torch": the start is already the candidate "epoch 0" as it is (gₖ₋₁'s function); train() must not

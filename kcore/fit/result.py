@@ -196,6 +196,9 @@ class FitResult:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"g.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         tensors.update({f"norm.{k}": v.contiguous() for k, v in self.norm.state().items()})
+        if self.nested is not None:  # g_0 … g_(K-1) of a nested fit (g_K is the model)
+            for k, m in enumerate(self.nested.models[:-1]):
+                tensors.update({f"nested.{k}.{n}": v.detach().cpu().contiguous() for n, v in m.state_dict().items()})
         save_file(tensors, str(out / "g.safetensors"))
         meta = {
             "format": "kcore-fit/1",
@@ -213,6 +216,8 @@ class FitResult:
             "seconds": self.seconds,
             "extra": self.extra,
         }
+        if self.nested is not None:
+            meta["nested"] = self.nested.as_dict()
         (out / "fit.json").write_text(json.dumps(meta, indent=1, default=json_default))
         return out
 
@@ -285,8 +290,27 @@ class FitResult:
             heldout_indices=tuple(meta["heldout_indices"]),
             device=meta["device"],
             seconds=meta["seconds"],
+            nested=_nested_from_parts(meta.get("nested"), spec, tensors, model),
             **facts,
         )
+
+
+def _nested_from_parts(block: Any, spec: GThetaSpec, tensors: dict, model: GTheta) -> Any:
+    """The :class:`~kcore.fit.nested.NestedFits` that :meth:`FitResult.save` wrote, or None for other fits."""
+    if block is None:
+        return None
+    from kcore.fit.nested import NestedFits, NestedGains, NestedStage
+
+    models = []
+    for k in range(spec.orders):
+        m = GTheta(dataclasses.replace(spec, orders=k))
+        m.load_state_dict({n[len(f"nested.{k}."):]: v for n, v in tensors.items() if n.startswith(f"nested.{k}.")})
+        models.append(m.eval())
+    gains = NestedGains.from_dict(block)
+    if gains.orders != spec.orders or len(gains.gain_orders) != spec.orders + 1:
+        raise ValueError(f"nested.orders = {gains.orders} with {len(gains.gain_orders)} gains; expected K = {spec.orders}")
+    stages = tuple(NestedStage(**{**s, "gates": tuple(s["gates"])}) for s in block.get("stages") or ())
+    return NestedFits(tuple(models) + (model,), gains, stages)
 
 
 FIT_EXTRA_FIELDS: dict[str, Any] = {

@@ -1,0 +1,165 @@
+"""Nested fits against today's fit: how much the order-wise numbers move with the seed, the schedule's length and
+the convention, and what the nested fit costs.
+
+``python -m bench.nested [--pair sample|resnet18] [--n-images N] [--seeds 0 1 2] [--no-longer] [--no-convention]
+[--longer-factor F] [--threads T] [--out FILE.json]`` (or ``--merge A.json B.json``) prints one markdown row per fit (today's additive shares of x⁽⁰⁾ … x⁽ᴷ⁾ and the
+nested gains Δ₀ … Δ_K, each in % of Var(x*), the held-out error and the process CPU time, which a loaded
+machine does not inflate as it does wall time) and the spread of each number
+over the rows (max − min, in points of Var(x*)), and writes every number to ``--out``.
+
+Rows, on the same features: the ``fast`` preset with each seed; the ``fast`` preset with 10× its planned steps and
+patience (:func:`bench.real_size.longer_overrides`), seed 0; the ``fast`` preset in the authors' convention, seed 0.
+Each row runs today's fit and the nested fit (``nested=True``) one after the other.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import kcore
+from bench.common import machine
+
+
+def sample_features(n: int) -> tuple[Tensor, Tensor]:
+    """tinynet ``block2`` → resnet ``layer2`` of the bundled sample models on ``n`` bundled images."""
+    from bench.data import sample_pair_features
+
+    feats = sample_pair_features(n)
+    if feats is None:
+        raise SystemExit("sample_models/ is missing: run `python -m kcore.samples train --out sample_models`.")
+    return feats
+
+
+def resnet18_features(n: int) -> tuple[Tensor, Tensor]:
+    """``layer3`` of two random-weight torchvision resnet18 (seeds 0, 1) at 224 px on ``n`` kshapes images."""
+    import torchvision
+
+    from kcore.data import ImageSet, Preprocess
+    from kcore.features import extract_features
+    from kcore.preprocessing import standard_preprocessing
+    from kcore.synthetic import KShapesSpec
+
+    prep = standard_preprocessing("resnet18")
+    size = prep.load_size
+    images = ImageSet.from_kshapes(KShapesSpec(seed=0, image_size=size[0], n_train=n, n_test=10), "train", n,
+                                   Preprocess(size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    torch.manual_seed(0)
+    a = torchvision.models.get_model("resnet18", num_classes=10).eval()
+    torch.manual_seed(1)
+    b = torchvision.models.get_model("resnet18", num_classes=10).eval()
+    feats = extract_features(a, "layer3", b, "layer3", images, batch_size=32, device="cpu",
+                             transform_a=prep.transform(), transform_b=prep.transform())
+    return feats.x_a.float(), feats.x_b.float()
+
+
+def one_row(name: str, xa: Tensor, xb: Tensor, **overrides: Any) -> dict[str, Any]:
+    """Today's fit and the nested fit with the same ``overrides``: shares, gains, errors and wall times."""
+    out: dict[str, Any] = {"row": name, "overrides": overrides}
+    t, c = time.perf_counter(), time.process_time()
+    plain = kcore.fit(xa, xb, device="cpu", **overrides)
+    out["plain_seconds"], out["plain_cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
+    rep = plain.heldout_report
+    out.update(plain_shares=list(rep.share_orders) + [rep.share_residual], plain_error=plain.heldout_error,
+               plain_steps=plain.steps_run, plain_stopped_by=plain.stopped_by, plain_gates=list(plain.gates),
+               lstsq_r2=plain.baseline.linear_r2, plain_config=dataclasses.asdict(plain.config),
+               plain_steps_planned=plain.steps_planned)
+    t, c = time.perf_counter(), time.process_time()
+    nest = kcore.fit(xa, xb, device="cpu", nested=True, **overrides)
+    out["nested_seconds"], out["nested_cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
+    g = nest.nested.gains
+    rep = nest.heldout_report
+    out.update(gains=list(g.gain_orders) + [g.instability], r2_orders=list(g.r2_orders),
+               gain_ci=[list(iv) for iv in g.ci.gain_orders] if g.ci else None, nested_error=nest.heldout_error,
+               nested_split_shares=list(rep.share_orders) + [rep.share_residual],
+               stages=[s.as_dict() for s in nest.nested.stages])
+    print(f"[nested] {name}: plain {out['plain_cpu_seconds']:.0f} s CPU err {out['plain_error']:.4f}; nested "
+          f"{out['nested_cpu_seconds']:.0f} s CPU err {out['nested_error']:.4f}; gains "
+          + " / ".join(f"{100 * v:.1f}" for v in out["gains"]), file=sys.stderr, flush=True)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of the rows and the spread of every number over them."""
+    k1 = len(rows[0]["gains"]) - 1
+
+    def pct(v: list[float]) -> str:
+        return " / ".join(f"{100 * x:.1f}" for x in v)
+
+    head = ("| row | today's shares x⁽⁰⁾ … x⁽ᴷ⁾ / x^Δ (%) | nested gains Δ₀ … Δ_K / x^Δ (%) | "
+            "held-out error today / nested | CPU time today / nested |")
+    lines = [head, "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['row']} | {pct(r['plain_shares'])} | {pct(r['gains'])} | {r['plain_error']:.4f} / "
+                     f"{r['nested_error']:.4f} | {r['plain_cpu_seconds']:.0f} s / {r['nested_cpu_seconds']:.0f} s "
+                     f"({r['nested_cpu_seconds'] / r['plain_cpu_seconds']:.2f}×) |")
+
+    def spread(key: str) -> str:
+        cols = list(zip(*(r[key] for r in rows)))
+        return " / ".join(f"{100 * (max(c) - min(c)):.1f}" for c in cols)
+
+    lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | | |")
+    lines.append(f"\n(K = {k1 - 1}; spread over {len(rows)} rows.)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows asked for; print the table; write the JSON."""
+    ap = argparse.ArgumentParser(prog="python -m bench.nested", description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", choices=("sample", "resnet18"), default="sample")
+    ap.add_argument("--n-images", type=int, default=None, help="default: 400 (sample), 600 (resnet18)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="the fast rows' seeds (none: no rows)")
+    ap.add_argument("--no-longer", action="store_true", help="skip the longer row")
+    ap.add_argument("--longer-factor", type=int, default=10, help="the longer row's steps and patience (×)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="print the table of these --out files")
+    ap.add_argument("--no-convention", action="store_true", help="skip the authors' convention row")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.merge:
+        print(table([r for f in args.merge for r in json.loads(f.read_text())["rows"]]))
+        return 0
+    torch.set_num_threads(args.threads)
+    n = args.n_images or (400 if args.pair == "sample" else 600)
+    t = time.perf_counter()
+    xa, xb = sample_features(n) if args.pair == "sample" else resnet18_features(n)
+    extract = time.perf_counter() - t
+    print(f"[nested] features {tuple(xa.shape)} → {tuple(xb.shape)} in {extract:.0f} s", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> str:  # after every row, so that a stopped run keeps what it measured
+        text = table(rows) if rows else ""
+        if args.out is not None:
+            args.out.write_text(json.dumps({"pair": args.pair, "n_images": n, "shape": [list(xa.shape), list(xb.shape)],
+                                            "extract_seconds": extract, "machine": machine(), "rows": rows,
+                                            "date": time.strftime("%Y-%m-%d"), "table": text}, indent=1, default=str))
+        return text
+
+    for s in args.seeds:
+        rows.append(one_row(f"fast, seed {s}", xa, xb, seed=s))
+        save()
+    seed = args.seeds[0] if args.seeds else 0
+    if not args.no_longer:
+        from bench.real_size import longer_overrides
+        from kcore.fit import _planned, make_config, prepare_data
+
+        cfg = make_config("fast", seed=seed)
+        ran, plan = _planned(cfg, prepare_data(xa, xb, cfg, torch.device("cpu")), torch.device("cpu"))
+        over = longer_overrides(ran, plan.total_steps, args.longer_factor)
+        rows.append(one_row(f"fast ×{args.longer_factor} steps, seed {seed}", xa, xb, seed=seed, **over))
+        save()
+    if not args.no_convention:
+        rows.append(one_row(f"fast, authors' convention, seed {seed}", xa, xb, seed=seed, convention="authors"))
+    print(save())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
