@@ -315,8 +315,9 @@ def _model_flags(which: str, req: Mapping[str, Any], layer: str, notes: list[str
     else:
         name = Path(str(req.get("name") or f"model_{w}")).name or f"model_{w}"
         where = f"./{name}"
-        notes.append(f"{which}: {where} is the uploaded file {name!r} (sha256 {req.get('sha256')}): it has no path "
-                     f"on the server, so save it there first (`sha256sum {_q(where)}` must print that hash)"
+        notes.append(f"{which}: {where} stands for the uploaded file {name!r} (sha256 {req.get('sha256')}), which has "
+                     "no path on the server (an upload, or a model loaded from bytes in Python): save it there first "
+                     f"(`sha256sum {_q(where)}` must print that hash)"
                      + (" with its model card beside it." if req.get("card") else "."))
     flags = [f"--{w}", where, f"--layer-{w}", layer]
     kind = req.get("kind")
