@@ -316,8 +316,10 @@ def run_first_result(profile: Profile, table: Table, results: dict, models_dir: 
         return
     results["first_result"] = r
     fit = r["fit_seconds"]
-    table.add("first result in the dashboard", f"Fit page default, {r['pair'][0]}:{r['pair'][1]} → {r['pair'][2]}:"
-              f"{r['pair'][3]}, {r['n_images']} images, A→B, chance baselines on (" + ", ".join(r["baselines"]) + ")",
+    schedule = "the preset's schedule" if profile.fast_epochs is None else f"{profile.fast_epochs} epochs"
+    table.add("first result in the dashboard", f"Fit page, {r['pair'][0]}:{r['pair'][1]} → {r['pair'][2]}:"
+              f"{r['pair'][3]}, {r['n_images']} images, {schedule}, A→B, chance baselines on ("
+              + ", ".join(r["baselines"]) + ")",
               f"**published at {r['published_seconds']:.1f} s** (fit done at "
               + ("?" if fit is None else f"{fit:.1f}") + f" s, g_θ {r['gtheta_seconds']:.1f} s, {r['epochs']} epochs); "
               f"on the Overview at {r['shown_seconds']:.1f} s; baselines done at {r['baselines_done_seconds']:.1f} s",

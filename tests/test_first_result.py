@@ -31,7 +31,7 @@ def test_first_result_smoke_row_and_timeline(tmp_path):
     assert r["write_seconds"] == pytest.approx(r["published_seconds"] - r["fit_seconds"])
     assert 0 < r["gtheta_seconds"] < r["fit_seconds"]
     table = (tmp_path / "results.md").read_text()
-    assert "| first result in the dashboard | Fit page default, kshapes_tinynet_s0" in table
+    assert "| first result in the dashboard | Fit page, kshapes_tinynet_s0" in table and "60 images, 3 epochs, A→B" in table
 
 
 def test_first_result_refuses_another_models_folder(tmp_path):
