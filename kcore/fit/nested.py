@@ -247,8 +247,9 @@ class GainAccumulator:
         self.sums[positions] = block if self.per_channel else block.sum(-1, keepdim=True)
 
     def result(self, ctx: kd.Context | None = None, ci: bool = True, level: float = CI_LEVEL,
-               n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED) -> NestedGains:
-        """The :class:`NestedGains` of every image added (on every rank of ``ctx``: moments and sums merged)."""
+               n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED, groups: Tensor | None = None) -> NestedGains:
+        """The :class:`NestedGains` of every image added (on every rank of ``ctx``: moments and sums merged);
+        ``groups`` (one label per image, in position order) makes the bootstrap resample whole groups."""
         residual = [merge_moments(m, ctx) for m in self.residual]
         target = merge_moments(self.target, ctx)
         var_t = target.global_var()
@@ -259,14 +260,15 @@ class GainAccumulator:
                              for m in residual])
         gains = [r2[0]] + [r2[k] - r2[k - 1] for k in range(1, len(r2))]
         ch_gains = torch.cat([ch_r2[:1], ch_r2[1:] - ch_r2[:-1]])
-        intervals = self._bootstrap(ctx, level, n_boot, seed) if ci else None
+        intervals = self._bootstrap(ctx, level, n_boot, seed, groups) if ci else None
         return NestedGains(
             n_images=self.n_images, orders=self.orders,
             r2_orders=tuple(r2), gain_orders=tuple(gains), instability=1.0 - r2[-1],
             channel_gain_orders=_floats(ch_gains), channel_instability=_floats(1.0 - ch_r2[-1]), ci=intervals,
         )
 
-    def _bootstrap(self, ctx: kd.Context | None, level: float, n_boot: int, seed: int) -> GainIntervals | None:
+    def _bootstrap(self, ctx: kd.Context | None, level: float, n_boot: int, seed: int,
+                   groups: Tensor | None = None) -> GainIntervals | None:
         ctx = ctx or kd.Context()
         if ctx.distributed:  # every rank wrote its own images' rows (zeros elsewhere), with rank 0's shifts
             sums = kd.all_reduce_sum(self.sums, ctx)
@@ -276,9 +278,9 @@ class GainAccumulator:
         if n < 2:
             return None
         k1 = self.orders + 1
-        w = resample_weights(n, n_boot, seed)
+        w = resample_weights(n, n_boot, seed, groups)
 
-        def r2_of(tot: Tensor, m: float) -> tuple[Tensor, Tensor]:
+        def r2_of(tot: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
             """tot (..., 2(K+2)) weighted sums over m elements → (R² (…, K+1), gains (…, K+1))."""
             mean, sq = tot[..., : k1 + 1] / m, tot[..., k1 + 1 :] / m
             var = sq - mean * mean  # Var of r₀ … r_K, x*
@@ -286,12 +288,13 @@ class GainAccumulator:
             r2 = 1.0 - var[..., :k1] / torch.where(var_t > 0, var_t, torch.ones_like(var_t))
             return r2, torch.cat([r2[..., :1], r2[..., 1:] - r2[..., :-1]], -1)
 
-        r2, gains = r2_of(w @ sums.sum(-1), n * self.units * self.channels)
+        m = w.sum(1, keepdim=True) * self.units  # elements per channel in each resample (groups differ in size)
+        r2, gains = r2_of(w @ sums.sum(-1), m * self.channels)
         out: dict[str, Any] = dict(gain_orders=_floats(percentile_interval(gains, level)),
                                    instability=_floats(percentile_interval(1.0 - r2[:, -1], level)))
         if self.per_channel:
             tot = (w @ sums.reshape(n, -1)).view(n_boot, sums.shape[1], self.channels).transpose(1, 2)  # (B, C, D)
-            r2_c, gains_c = r2_of(tot, n * self.units)
+            r2_c, gains_c = r2_of(tot, m.unsqueeze(1))
             out.update(channel_gain_orders=_floats(percentile_interval(gains_c, level).transpose(0, 1)),
                        channel_instability=_floats(percentile_interval(1.0 - r2_c[..., -1], level)))
         return GainIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n, **out)
@@ -370,7 +373,7 @@ def evaluate_gains(models: Sequence[GTheta], data: FitData) -> NestedGains:
     for sl in batch_slices(len(held), data.eval_batch, data.ctx):
         xb, tb = xs_h[sl].to(data.device), xt_h[sl].to(data.device)
         acc.update(nested_outputs(models, xb), tb, sl)
-    return acc.result(data.ctx)
+    return acc.result(data.ctx, groups=data.heldout_groups())
 
 
 def train_nested(
