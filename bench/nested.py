@@ -86,26 +86,46 @@ def one_row(name: str, xa: Tensor, xb: Tensor, **overrides: Any) -> dict[str, An
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of the rows and the spread of every number over them."""
+def training_flops(row: dict[str, Any], shape: tuple[int, int, int, int]) -> tuple[float, float]:
+    """(today's, the nested fit's) training FLOPs: the steps run × :func:`kcore.fit.step_flops` of each model
+    (a cost that a loaded machine does not change; g₀'s closed-form solve is left out of both)."""
+    from kcore.fit import FitConfig, step_flops
+
+    cfg = FitConfig(**{k: v for k, v in row["plain_config"].items() if k in FitConfig.__dataclass_fields__})
+    plain = row["plain_steps"] * step_flops(*shape, cfg)
+    nested = sum(s["steps_run"] * step_flops(*shape, dataclasses.replace(cfg, orders=s["order"]))
+                 for s in row["stages"])
+    return plain, nested
+
+
+def table(rows: list[dict[str, Any]], shape: tuple[int, int, int, int] | None = None) -> str:
+    """The markdown table of the rows and the spread of every number over them; ``shape`` (C_a, C_b, H, W) adds
+    the ratio of training FLOPs."""
     k1 = len(rows[0]["gains"]) - 1
 
     def pct(v: list[float]) -> str:
         return " / ".join(f"{100 * x:.1f}" for x in v)
 
     head = ("| row | today's shares x⁽⁰⁾ … x⁽ᴷ⁾ / x^Δ (%) | nested gains Δ₀ … Δ_K / x^Δ (%) | "
-            "held-out error today / nested | CPU time today / nested |")
-    lines = [head, "|---|---|---|---|---|"]
+            "held-out error today / nested | CPU time today / nested | training FLOPs nested / today |")
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
+        flops = ""
+        if shape is not None:
+            plain, nested = training_flops(r, shape)
+            flops = f"{nested:.3g} / {plain:.3g} ({nested / plain:.2f}×)"
+        cpu = "not recorded"
+        if "plain_cpu_seconds" in r:
+            cpu = (f"{r['plain_cpu_seconds']:.0f} s / {r['nested_cpu_seconds']:.0f} s "
+                   f"({r['nested_cpu_seconds'] / r['plain_cpu_seconds']:.2f}×)")
         lines.append(f"| {r['row']} | {pct(r['plain_shares'])} | {pct(r['gains'])} | {r['plain_error']:.4f} / "
-                     f"{r['nested_error']:.4f} | {r['plain_cpu_seconds']:.0f} s / {r['nested_cpu_seconds']:.0f} s "
-                     f"({r['nested_cpu_seconds'] / r['plain_cpu_seconds']:.2f}×) |")
+                     f"{r['nested_error']:.4f} | {cpu} | {flops} |")
 
     def spread(key: str) -> str:
         cols = list(zip(*(r[key] for r in rows)))
         return " / ".join(f"{100 * (max(c) - min(c)):.1f}" for c in cols)
 
-    lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | | |")
+    lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | | | |")
     lines.append(f"\n(K = {k1 - 1}; spread over {len(rows)} rows.)")
     return "\n".join(lines)
 
@@ -124,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.merge:
-        print(table([r for f in args.merge for r in json.loads(f.read_text())["rows"]]))
+        runs = [json.loads(f.read_text()) for f in args.merge]
+        x_shape, y_shape = runs[0]["shape"]
+        print(table([r for run in runs for r in run["rows"]], (x_shape[1], y_shape[1], y_shape[2], y_shape[3])))
         return 0
     torch.set_num_threads(args.threads)
     n = args.n_images or (400 if args.pair == "sample" else 600)
@@ -135,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
 
     def save() -> str:  # after every row, so that a stopped run keeps what it measured
-        text = table(rows) if rows else ""
+        text = table(rows, (xa.shape[1], xb.shape[1], xb.shape[2], xb.shape[3])) if rows else ""
         if args.out is not None:
             args.out.write_text(json.dumps({"pair": args.pair, "n_images": n, "shape": [list(xa.shape), list(xb.shape)],
                                             "extract_seconds": extract, "machine": machine(), "rows": rows,
