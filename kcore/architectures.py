@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from kcore.arguments import ArgumentError, spell
 from kcore.limits import limits
 
 TIMM_PREFIX = "timm:"
@@ -108,8 +109,8 @@ def timm_model_name(arch: str) -> str:
     names = timm.list_models()
     listing = f"({len(names)} names; kcore.architectures.timm_architectures() lists them with the prefix)"
     if not TIMM_NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"arch={arch!r} is not a timm model name: after {TIMM_PREFIX!r} comes a name such as 'resnet18' or "
+        raise ArgumentError(
+            f"{_said(arch)} is not a timm model name: after {TIMM_PREFIX!r} comes a name such as 'resnet18' or "
             f"'resnet18.a1_in1k' (letters, digits and '_', at most one '.TAG'); Hub ids, paths and URLs are not "
             f"accepted. Fix: give a name from timm.list_models() {listing}."
         )
@@ -117,17 +118,22 @@ def timm_model_name(arch: str) -> str:
     if base not in names:
         close = difflib.get_close_matches(base, names, n=3, cutoff=0.6)
         hint = f" Did you mean {', '.join(repr(TIMM_PREFIX + c) for c in close)}?" if close else ""
-        raise ValueError(f"arch={arch!r}: timm has no model called {base!r}.{hint} "
+        raise ArgumentError(f"{_said(arch)}: timm has no model called {base!r}.{hint} "
                          f"Fix: give a name from timm.list_models() {listing}.")
     if tag:
         tagged = timm.list_pretrained(base + ".*")
         if name not in tagged:
-            raise ValueError(
-                f"arch={arch!r}: timm has no pretrained tag {tag!r} for {base!r}; its tags are "
+            raise ArgumentError(
+                f"{_said(arch)}: timm has no pretrained tag {tag!r} for {base!r}; its tags are "
                 f"{[t.partition('.')[2] for t in tagged][:10]}. Fix: use one of them, or give {TIMM_PREFIX + base!r} "
                 "for its default."
             )
     return name
+
+
+def _said(arch: str) -> str:
+    """``arch='NAME'`` in the Python API; a front end re-spells it as its own flag (kcore.arguments)."""
+    return spell("arch", f"arch={arch!r}", arch)
 
 
 def timm_architectures() -> list[str]:
@@ -211,7 +217,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         try:
             return timm.create_model(name, pretrained=False, num_classes=num_classes)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"timm could not build arch={arch!r} with num_classes={num_classes}: {exc}") from exc
+            raise ArgumentError(f"timm could not build {_said(arch)} with num_classes={num_classes}: {exc}") from exc
     samples = sample_architectures()
     if arch in samples:
         return samples[arch](num_classes)
@@ -222,7 +228,7 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
         try:
             return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"torchvision could not build arch={arch!r} with num_classes={num_classes}: {exc}") from exc
+            raise ArgumentError(f"torchvision could not build {_said(arch)} with num_classes={num_classes}: {exc}") from exc
     names = sorted(samples) + tv_names
     close = difflib.get_close_matches(arch, names, n=3, cutoff=0.5)
     if timm_installed():
@@ -233,8 +239,8 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     timm_note = (f"; timm's as '{TIMM_PREFIX}NAME'" if timm_installed()
                  else f"; timm's as '{TIMM_PREFIX}NAME' after {TIMM_INSTALL}")
-    raise ValueError(
-        f"arch={arch!r} is not a known architecture.{hint} "
+    raise ArgumentError(
+        f"{_said(arch)} is not a known architecture.{hint} "
         "Fix: give a name from kcore.architectures.available_architectures() "
         f"({len(names)} names: the project's samples and torchvision's classification models{timm_note})."
     )

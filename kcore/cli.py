@@ -81,7 +81,8 @@ def _add_model_args(p: argparse.ArgumentParser, which: str, layer: bool = True) 
         p.add_argument(f"--layer-{w}", metavar="NAME", help=f"layer of {which} (default: the model card's "
                        "default_layer); see `kcore layers CKPT`")
     p.add_argument(f"--arch-{w}", metavar="ARCH", help="architecture name when the file is a bare state dict "
-                   "without a model card (e.g. resnet18, vgg16_bn, kc_resnet)")
+                   "without a model card (e.g. resnet18, vgg16_bn, kc_resnet, or timm:NAME with "
+                   "pip install -e '.[timm]')")
     p.add_argument(f"--num-classes-{w}", type=int, metavar="N", help="classifier outputs, when no card says it")
     p.add_argument(f"--input-size-{w}", type=int, nargs=2, metavar=("H", "W"),
                    help=f"input size of {which} (default: its model card's; for a torchvision architecture without a "

@@ -50,7 +50,7 @@ class ModelInfo:
         """The record of model ``m`` compared at ``layer`` (``path``: where it was read from)."""
         card = m.card
         return ModelInfo(
-            name=m.name, sha256=m.sha256, kind=m.kind, architecture=card.architecture if card else None,
+            name=m.name, sha256=m.sha256, kind=m.kind, architecture=(card.architecture if card else None) or m.architecture,
             num_parameters=m.num_parameters, test_accuracy=card.test_accuracy if card else None, layer=layer,
             path=path,
         )

@@ -233,6 +233,9 @@ def test_fit_two_timm_models_end_to_end_with_baselines(tmp_path, capsys):
     assert math.isfinite(metrics["baselines"]["random_b"]["directions"]["A_to_B"]["instability"])
     prov = json.loads((out / "provenance.json").read_text())
     assert "baselines_failed" not in prov
+    # the architecture came from --arch-a/--arch-b (no card): provenance still names it
+    assert (prov["checkpoint_a"]["architecture"], prov["checkpoint_b"]["architecture"]) == (
+        "timm:test_resnet", "timm:test_efficientnet")
     prep_a, prep_b = prov["preprocessing"]["A"], prov["preprocessing"]["B"]
     assert (prep_a["input_size"], prep_a["resize_size"], prep_a["mean"]) == ([160, 160], 168, [0.5, 0.5, 0.5])
     # --input-size-b overrides timm's 160 and keeps its crop ratio (168/160); the bicubic filter stays
