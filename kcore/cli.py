@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--both-directions", action="store_true", help="also fit B -> A (unreliable features of A)")
     p.add_argument("--baselines", action="store_true",
                    help="also fit the chance-level references with the same recipe: B replaced by a randomly "
-                        "initialised network of its architecture, and the image pairing shuffled (instability ≈ 1); "
+                        "initialised network of its architecture, and the image pairing shuffled (near 1; an interval above 1 "
+                        "means g over-fits: too few images); "
                         "stored in RUN_DIR/metrics.json under 'baselines'")
     p.add_argument("--fit-seeds", type=int, default=1, metavar="N",
                    help="refit g with N seeds (SEED, SEED+1, …; each its own split and initialisation) and report "

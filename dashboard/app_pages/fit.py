@@ -67,7 +67,7 @@ cheap = baselines_are_cheap(imgs.n, sb)
 with_baselines = st.checkbox(
     "Chance baselines (random-init B, shuffled pairs)", value=cheap, key="kc_fit_baselines",
     help="Also fit, with the same recipe and split, B replaced by a randomly initialised network of its architecture "
-         "and the image pairing shuffled (instability ≈ 1). The Overview draws them as reference lines. They run "
+         "and the image pairing shuffled (instability near 1; clearly above 1 means g over-fits: too few images). The Overview draws them as reference lines. They run "
          "after the fit, whose result is shown as soon as it is done; together about two to three times the fit's "
          "time" + ("; on by default for a fit this small." if cheap else "; off by default here."))
 

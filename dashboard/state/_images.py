@@ -10,7 +10,7 @@ import streamlit as st
 from dashboard.state._models import slot
 
 DEFAULT_N_IMAGES = 400
-"""Bundled images used by default (a first fit of both directions stays under a minute on 2 CPU cores)."""
+"""Bundled images used by default (the kshapes test split, made by kcore; nothing is downloaded)."""
 
 GROUPINGS = {"none": "None: every image its own", "folder": "By subfolder", "pattern": "By a file-name pattern"}
 """How the Models & images page can say which images belong together (:mod:`kcore.groups`)."""
