@@ -305,6 +305,24 @@ def run_distributed(profile: Profile, table: Table, results: dict) -> None:
                   f"growth < {common.fmt_bytes(budget)} (the budget)", r["peak_growth"] < budget)
 
 
+def run_sweep(table: Table, results: dict, n_images: int, epochs: int | None, models_dir: Path | None) -> None:
+    from bench.sweep import sweep_benchmark
+
+    _say(f"layer sweep: 4 × 4 stages diagonal, both directions, {n_images} images, vs four separate fits")
+    r = sweep_benchmark(n_images, models_dir, epochs)
+    if r is None:
+        table.add("layer sweep", "", "skipped: no sample models")
+        return
+    results["sweep"] = r
+    table.add("layer sweep", f"{r['pair'][0]} vs {r['pair'][1]}, {' '.join(r['layers'])} diagonal, both directions, "
+              f"{n_images} images, fast preset", f"**{r['sweep_seconds']:.1f} s vs {r['separate_seconds']:.1f} s** for "
+              f"four separate fits ({r['ratio']:.2f}×; CPU time {r['sweep_cpu_seconds']:.0f} s vs "
+              f"{r['separate_cpu_seconds']:.0f} s, {r['cpu_ratio']:.2f}×); extraction alone {r['extract_sweep_seconds']:.2f} s vs "
+              f"{r['extract_separate_seconds']:.2f} s ({r['extract_ratio']:.2f}×, {r['forward_passes']['sweep']} vs "
+              f"{r['forward_passes']['separate']} forward passes); largest |Δ| of a number {r['max_abs_diff']:.1e}",
+              "≤ 0.8× the separate fits", r["ratio"] <= 0.8)
+
+
 def run_first_result(profile: Profile, table: Table, results: dict, models_dir: Path | None) -> None:
     from bench.first_result import WRITE_ALLOWANCE_SECONDS, first_result
 
@@ -328,7 +346,7 @@ def run_first_result(profile: Profile, table: Table, results: dict, models_dir: 
 
 
 SECTIONS = ("quality", "throughput", "decomposition", "extraction", "end_to_end", "distributed")
-OPT_IN = ("real_size", "first_result")
+OPT_IN = ("real_size", "sweep", "first_result")
 """Sections that run only when named with --only (minutes per row at real sizes)."""
 
 
@@ -401,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="real_size: also run the default fit with float32 training steps (no bfloat16 autocast)")
     p.add_argument("--real-size-device", choices=("cpu", "cuda"), default="cpu",
                    help="real_size: run the rows on this device (cuda: the GPU table; skipped where there is no GPU)")
+    p.add_argument("--sweep-images", type=int, default=400, metavar="N", help="sweep: bundled images (default 400)")
+    p.add_argument("--sweep-epochs", type=int, default=None, metavar="E", help="sweep: cap on the fast preset's epochs")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for results.json and results.md")
     p.add_argument("--models", type=Path, default=None, help="folder of the sample models (default: sample_models/)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -429,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     if "real_size" in sections:
         run_real_size(table, results, args.real_size_rows, args.real_size_longer, args.real_size_float32,
                       args.real_size_device)
+    if "sweep" in sections:
+        run_sweep(table, results, args.sweep_images, args.sweep_epochs, args.models)
     if "first_result" in sections:
         run_first_result(profile, table, results, args.models)
     results["machine_end"] = common.machine()

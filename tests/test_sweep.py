@@ -220,6 +220,14 @@ def test_run_differences_name_preset_preprocessing_and_images(swept, random_imag
     assert any("network B's preprocessing differs" in t for t in run_differences({"a": c0, "b": other}))
 
 
+def test_the_benchmark_gets_the_separate_fits_numbers(one_thread):
+    from bench.sweep import sweep_benchmark
+
+    r = sweep_benchmark(n_images=20, epochs=1)
+    assert r["layers"] == ["stem", "layer1", "layer2", "layer3"] and r["max_abs_diff"] == 0.0
+    assert set(r["instability"]) == set(r["layers"]) and r["ratio"] > 0
+
+
 # ---------------------------------------------------------------------------------------------------- the CLI
 def test_cli_end_to_end(tmp_path, capsys, one_thread):
     from kcore.cli import main
@@ -243,6 +251,30 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     err = capsys.readouterr().err
     assert code == 2 and "layers_a and layers_b must be equally long" in err and "Fix:" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_deal_the_pairs_and_write_what_one_process_writes(tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), KCORE_DIST_TIMEOUT="120")
+    args = ["-m", "kcore", "sweep", "--a", str(SAMPLES / "kshapes_resnet_s0.safetensors"), "--b",
+            str(SAMPLES / "kshapes_resnet_s1.safetensors"), "--layers-a", *LAYERS, "--layers-b", *LAYERS,
+            "--n-images", "40", "--orders", "1", "--epochs", "1", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for cmd, out in (([sys.executable, *args]), "one"), (([*torchrun, *args]), "two"):
+        proc = subprocess.run([*cmd, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=600,
+                              env=env, cwd=ROOT)
+        assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    (one, d1), (two, d2) = read_sweep(tmp_path / "one"), read_sweep(tmp_path / "two")
+    assert (d1["provenance"]["world_size"], d2["provenance"]["world_size"]) == (1, 2)
+    assert [(r.label, r.direction) for r in one] == [(r.label, r.direction) for r in two]
+    for r1, r2 in zip(one, two):  # each pair ran whole on one rank: the same numbers
+        assert r2.instability == pytest.approx(r1.instability, abs=1e-9)
+        assert r2.share_orders == pytest.approx(r1.share_orders, abs=1e-9)
+    assert sorted(p.name for p in (tmp_path / "two" / "pairs").iterdir()) == ["00_layer1__layer1", "01_layer2__layer2"]
 
 
 # ---------------------------------------------------------------------------------------------- the dashboard

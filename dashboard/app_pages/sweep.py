@@ -1,6 +1,8 @@
 """Layer sweep: pick layers of A and B, fit every matched pair in the background, and see the depth plot grow."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import streamlit as st
 
@@ -8,6 +10,7 @@ from dashboard import depth_view, ui
 from dashboard.jobs import check_fit_request
 from dashboard.state import images, jobs, models, runs, sweeps
 from kcore.devices import DEVICE_CHOICES
+from kcore.features import format_bytes
 from kcore.fit import PRESETS
 from kcore.limits import ENV_VARS, limits
 from kcore.sweep import PAIR_MODES, SweepResult, csv_provenance, deepest_matched, network_stages
@@ -66,8 +69,10 @@ elif mode == "diagonal" and len(layers_a) != len(layers_b):
 else:
     try:
         cost = check_fit_request(request.as_params(), imgs.n * n_pairs, caps)
+        held = sum(imgs.n * 4 * math.prod(slot.shape_of(name) or ()) for slot, chosen in ((a, layers_a), (b, layers_b))
+                   for name in chosen)
         st.caption(f"{n_pairs} pair(s) · {cost:,} image-epochs (at most {caps.max_fit_work:,}, "
-                   f"{ENV_VARS['max_fit_work']}).")
+                   f"{ENV_VARS['max_fit_work']}) · features held in memory: about {format_bytes(held)} (float32).")
     except (ValueError, TypeError) as exc:
         problem = str(exc)
 if problem:
@@ -119,6 +124,10 @@ def _progress() -> None:
                                   "instability": rep.instability, "95% CI": f"[{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""})
             st.dataframe(pd.DataFrame(lines), hide_index=True)
         return
+    shown = st.session_state.setdefault("kc_sweep_shown", set())
+    if job.id not in shown:  # just finished: redraw the whole page, with the result below
+        shown.add(job.id)
+        st.rerun()
     if job.state == "done":
         st.success(f"Finished in {job.elapsed:.0f} s: {job.label}."
                    + (f" Saved in `{job.result.folder}`." if job.result.folder else ""))

@@ -172,7 +172,7 @@ def depth_figure(rows: Sequence[SweepRow], *, x_title: str = "layer pair, shallo
 
 
 def depth_figure_interactive(rows: Sequence[SweepRow], *, x_title: str = "layer pair, shallow → deep",
-                             title: str | None = None, height: int = 420):
+                             title: str | None = None, height: int = 560):
     """:func:`depth_figure` drawn with Plotly for the dashboard: the same series, intervals and y ranges.
 
     Returns:
@@ -185,8 +185,8 @@ def depth_figure_interactive(rows: Sequence[SweepRow], *, x_title: str = "layer 
     series = depth_series(rows)
     ticks, labels = _ticks(rows)
     k_max = max((len(r.share_orders) for r in rows), default=1) - 1
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("instability (lower: more consistent)",
-                                                        "additive shares of Var(x*) (add up to 1)"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("instability (lower: more consistent)", "additive shares (add up to 1)"))
     dash = {"-": "solid", "--": "dash"}
     for s in series:
         col = 1 if s.panel == "instability" else 2
@@ -208,5 +208,6 @@ def depth_figure_interactive(rows: Sequence[SweepRow], *, x_title: str = "layer 
         fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=labels, range=[min(ticks) - 0.5, max(ticks) + 0.5],
                          title_text=x_title, row=1, col=col)
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=60 if title else 40, b=10), title=title,
-                      legend=dict(font=dict(size=10)), template="plotly_white")
+                      legend=dict(font=dict(size=10), orientation="h", yanchor="top", y=-0.3, x=0),
+                      template="plotly_white")
     return fig
