@@ -50,11 +50,6 @@ def load_checkpoint(path: str, argument: str) -> LoadedModel:
         raise ValueError(convert_first_message(exc, path, argument)) from exc
 
 
-CONVERT_FLAGS = {"arch": "--arch {value}", "num_classes": "--num-classes {value}", "strict": "--non-strict",
-                 "input_size": "--input-size {value}"}
-"""How ``kcore convert`` names the loader's arguments (the studies have no such options)."""
-
-
 def convert_first_message(exc: Exception, path: str, argument: str) -> str:
     """The message for a study checkpoint that needs an architecture option: what is wrong, and the
     ``kcore convert`` command that makes a file the study can read.
@@ -70,8 +65,9 @@ def convert_first_message(exc: Exception, path: str, argument: str) -> str:
         convert <path> --arch ARCH --out <out>` ... pass `<option> <out>`."``
     """
     from kcore.arguments import ArgumentError
+    from kcore.convert_cli import SPELLINGS
 
-    text = exc.respelled(CONVERT_FLAGS) if isinstance(exc, ArgumentError) else exc
+    text = exc.respelled(SPELLINGS) if isinstance(exc, ArgumentError) else exc
     problem = str(text).split(" Fix: ", 1)[0].rstrip(".")
     src = Path(path)
     out = src.with_suffix(".safetensors") if src.suffix != ".safetensors" else src.with_name(f"{src.stem}_kcore.safetensors")
