@@ -42,10 +42,14 @@ if not imgs or not chans:
     st.stop()
 
 views.set_figure1_choice((direction, tuple(imgs), tuple(chans), scale, float(alpha), background, cmap))
-build = lambda: figures.grid(run, direction, imgs, chans, scale, alpha, background, cmap, footer)  # noqa: E731
-ui.show_figure(build, key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}-{cmap}-{footer}",
+build = lambda footer=footer: figures.grid(run, direction, imgs, chans, scale, alpha, background, cmap, footer)  # noqa: E731
+# the page shows the provenance footer as text under the grid (the grid's own text stays readable at any width);
+# the downloads carry it in the figure
+ui.show_figure(lambda: build(False), key=f"f1-{run.id}-{direction}-{imgs}-{chans}-{scale}-{alpha}-{background}-{cmap}",
                caption="Figure 1 grid; every colour bar is in units of x* (exported as PNG, SVG and PDF from the "
                        "same figure).")
+if footer:
+    st.caption(export.caption(run.comparison, direction))
 
 
 @st.fragment

@@ -138,9 +138,9 @@ def compression_figure(result: CompressionResult):
     acc = [p.accuracy for p in result.points]
     fig = Figure(figsize=(9.0, 3.4), layout="constrained")
     ax1, ax3 = fig.subplots(1, 2)
-    ax1.plot(r, v, "o-", color="#c0392b", label=r"Var($x^{\Delta}$)")
+    ax1.plot(r, v, "o-", color="#c0392b", label="Var(x^Δ)")
     ax1.set_xlabel("pruning ratio r")
-    ax1.set_ylabel(r"Var($x^{\Delta}$) (held out, standardised units)", color="#c0392b", fontsize=8)
+    ax1.set_ylabel("Var(x^Δ) (held out, standardised units)", color="#c0392b", fontsize=8)
     ax2 = ax1.twinx()
     ax2.plot(r, acc, "s--", color="#2c3e50", label="accuracy")
     if result.finetune_epochs:
@@ -152,7 +152,7 @@ def compression_figure(result: CompressionResult):
     ax3.plot(v, acc, "o-", color="#2c3e50")
     for p, x, y in zip(result.points, v, acc):
         ax3.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax3.set_xlabel(r"Var($x^{\Delta}$): knowledge discarded")
+    ax3.set_xlabel("Var(x^Δ): knowledge discarded")
     ax3.set_ylabel("test accuracy")
     ax3.set_title("accuracy against discarded knowledge", fontsize=9)
     for ax in (ax1, ax3):

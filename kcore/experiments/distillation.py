@@ -254,7 +254,7 @@ def distillation_figure(result: DistillationResult):
     bars = ax1.bar([str(i) for i in gens], vals, color="#c0392b", edgecolor="black", linewidth=0.4)
     ax1.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7, padding=1)
     ax1.set_xlabel("generation i (0 = teacher)")
-    ax1.set_ylabel(r"Var($x^{\Delta}$), held out", fontsize=8)
+    ax1.set_ylabel("Var(x^Δ), held out", fontsize=8)
     ax1.set_title(f"blind spots of generation i w.r.t. generation {result.newest}\nlayer {result.layer}", fontsize=9)
     ax2.plot([g.generation for g in result.generations], [g.accuracy for g in result.generations], "o-", color="#2c3e50")
     ax2.set_xlabel("generation")

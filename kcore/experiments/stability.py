@@ -237,6 +237,8 @@ class StabilityResult:
         import numpy as np
         from matplotlib.figure import Figure
 
+        from kcore.viz.style import RESIDUAL_TEX, order_tex
+
         fig = Figure(figsize=(3.2 + 1.6 * len(self.layers), 3.4), layout="constrained")
         ax, ax2 = fig.subplots(1, 2)
         for i, layer in enumerate(self.layers):
@@ -256,12 +258,12 @@ class StabilityResult:
                 ax.hlines(ref["instability"], i - 0.35, i + 0.35, colors="#7f8c8d", linestyles="--", lw=1.4,
                           label="random-init network (chance)" if i == 0 else None)
         ax.set_xticks(range(len(self.layers)), self.layers, fontsize=7)
-        ax.set_ylabel(r"instability  $Var(x^\Delta)/Var(x^*)$", fontsize=8)
+        ax.set_ylabel("instability  Var(x^Δ)/Var(x*)", fontsize=8)
         ax.set_title(f"Table 1 analogue ({self.case})", fontsize=9)
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
         rows = self.summary()
-        names = [f"$x^{{({k})}}$" for k in range(self.orders + 1)] + [r"$x^\Delta$"]
+        names = [order_tex(k) for k in range(self.orders + 1)] + [RESIDUAL_TEX]  # plain Unicode: one SVG <text> each
         width = 0.8 / len(names)
         for j, nm in enumerate(names):
             var = [r.var_orders[j] if j <= self.orders else r.var_residual for r in rows]

@@ -16,9 +16,12 @@ from kcore.decompose import Decomposition
 from kcore.viz.maps import MapSpec, feature_cells, feature_map, map_limits, upsample
 from kcore.viz.style import (
     BACKGROUNDS,
+    CAPTION_PT,
     DIVERGING_CMAP,
     SCALE_NAMES,
     SEQUENTIAL_CMAP,
+    TEXT_PT,
+    TITLE_PT,
     Background,
     Scale,
     _caption,
@@ -146,13 +149,34 @@ def overlay_figure(
     _draw_overlay(ax, image, map2d, norm, cmap, alpha, background)
     _hide_axis_lines(ax)
     if title:
-        ax.set_title(title, fontsize=9, y=1.0, pad=4)  # a fixed y skips matplotlib's search for tick labels
+        ax.set_title(title, fontsize=TITLE_PT, y=1.0, pad=4)  # a fixed y skips matplotlib's search for tick labels
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
-    cb.ax.tick_params(labelsize=7)
-    if colorbar_label:
-        cb.set_label(colorbar_label, fontsize=8)
+    cb.ax.tick_params(labelsize=TEXT_PT)
+    if colorbar_label:  # along the bar, on a second line where it is longer than the bar
+        height = cax.get_position().height * fig.get_figheight()
+        cb.set_label(fold_text(colorbar_label, height), fontsize=TEXT_PT, linespacing=1.1)
     _caption(fig, caption)
     return fig
+
+
+def text_width_in(text: str, size: float = TEXT_PT) -> float:
+    """The width of one line of ``text`` at ``size`` points, in inches (measured with matplotlib's own font)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    return TextToPath().get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0] / 72
+
+
+def fold_text(text: str, inches: float, size: float = TEXT_PT) -> str:
+    """``text`` wrapped at its spaces into lines at most ``inches`` long at ``size`` points (a longer word
+    keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width_in(f"{lines[-1]} {word}", size) <= inches:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return "\n".join(lines) or text
 
 
 def _overlay_axes(fig: Figure, aspect: float, title: str | None, caption: str | None):
@@ -163,10 +187,12 @@ def _overlay_axes(fig: Figure, aspect: float, title: str | None, caption: str | 
     with its tick labels and label on the right; the image keeps its aspect ratio (height / width).
     """
     w, h = fig.get_size_inches()
-    top = 0.1 + (0.17 * (title.count("\n") + 1) if title else 0.0)
+    line = 1.25 / 72  # inches a line of one point takes
+    top = 0.1 + (line * TITLE_PT * (title.count("\n") + 1) if title else 0.0)
     lines = _wrap(caption, _caption_width(fig)).count("\n") + 1 if caption else 0
-    bottom = 0.1 + 0.11 * lines
-    left, right = 0.1, 0.95  # right: gap, colour bar, tick labels, label
+    bottom = 0.1 + line * CAPTION_PT * 1.05 * lines + (line * TEXT_PT / 2 if lines else 0.0)  # + the bar's end number
+    # right: gap, colour bar, tick labels (up to "−0.0012"), its label on up to two lines
+    left, right = 0.1, 0.1 + 0.12 + 0.06 + text_width_in("−0.0012") + 2 * line * TEXT_PT + 0.08
     avail_w, avail_h = w - left - right, h - top - bottom
     ax_h = min(avail_h, avail_w * aspect)
     ax_w = ax_h / aspect
@@ -325,15 +351,16 @@ def side_by_side_figure(
     if not panels:
         raise ValueError("side_by_side_figure needs at least one panel (map, title, colour-bar label).")
     fig = Figure(figsize=(panel_inches * len(panels) + 0.6, panel_inches * 0.95 + 0.3), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.1)  # room for the colour bars' end numbers above and below
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (m, title, label) in zip(axes, panels):
         lim = limits_of(m, True)
         norm = _norm(lim)
         _draw_overlay(ax, image, m, norm, cmap, alpha, background)
         _hide_axis_lines(ax)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=TITLE_PT)
         cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, shrink=0.85, pad=0.02)
-        cb.ax.tick_params(labelsize=7)
-        cb.set_label(label, fontsize=8)
+        cb.ax.tick_params(labelsize=TEXT_PT)
+        cb.set_label(fold_text(label, 0.8 * panel_inches), fontsize=TEXT_PT, linespacing=1.1)
     _caption(fig, caption)
     return fig
