@@ -124,9 +124,7 @@ def _progress() -> None:
                                   "instability": rep.instability, "95% CI": f"[{iv[0]:.3f}, {iv[1]:.3f}]" if iv else ""})
             st.dataframe(pd.DataFrame(lines), hide_index=True)
         return
-    shown = st.session_state.setdefault("kc_sweep_shown", set())
-    if job.id not in shown:  # just finished: redraw the whole page, with the result below
-        shown.add(job.id)
+    if sweeps.first_sight(job):  # just finished: redraw the whole page, with the result below
         st.rerun()
     if job.state == "done":
         st.success(f"Finished in {job.elapsed:.0f} s: {job.label}."

@@ -24,6 +24,9 @@ from dashboard.state._models import ModelSlot
 from dashboard.state._paths import runs_dir
 from dashboard.state._runs import RunEntry, open_run_folder
 
+__all__ = ["SweepDone", "cancel_sweep", "comparable_runs", "current_sweep", "first_sight", "opened_runs", "pair_entry",
+           "pairs_so_far", "run_name", "start_sweep"]
+
 
 @dataclass(frozen=True, eq=False)
 class SweepDone:
@@ -47,6 +50,15 @@ def current_sweep() -> Job | None:
     session_key()
     ids = _jobs()
     return registry().get(ids[-1]) if ids else None
+
+
+def first_sight(job: Job) -> bool:
+    """Whether this is the first time the page sees ``job`` ended (then it redraws itself with the result)."""
+    shown = st.session_state.setdefault("kc_sweep_shown", set())
+    if job.running or job.id in shown:
+        return False
+    shown.add(job.id)
+    return True
 
 
 def pairs_so_far(job: Job) -> list:
