@@ -407,3 +407,34 @@ def test_figure1_page_shows_the_provenance_footer_as_page_text(run_folder, monke
     at.toggle(key=views.FOOTER_KEY).set_value(True).run()
     assert not at.exception, [e.value for e in at.exception]
     assert any(c.value == line for c in at.caption)
+
+
+# ------------------------------------------------------------------------------------------------ depth plot
+def _sweep_rows():
+    from kcore.sweep import SweepRow
+
+    def row(pos, direction, inst, ref):
+        return SweepRow(pos, f"layer{pos}", f"layer{pos}", f"layer{pos}", direction, inst, (inst - 0.05, inst + 0.05),
+                        (0.7, -0.2), ((0.6, 0.8), (-0.45, 0.0)), 0.5, (0.4, 0.6),
+                        {"random_b": (ref, (ref - 0.1, ref + 0.5)), "shuffled": (1.0, (0.9, 1.1))}, "unknown", "fast", 50)
+
+    return [row(p, d, 0.2 + 0.1 * p, 1.0) for p in range(3) for d in ("A_to_B", "B_to_A")]
+
+
+def test_depth_plot_text_is_readable_and_its_legends_leave_the_data_free():
+    from kcore.viz.depth import depth_figure, depth_figure_interactive
+
+    fig = depth_figure(_sweep_rows(), caption="A: a.pt layer1..3 · B: b.pt layer1..3")
+    sizes = text_sizes(fig)
+    assert min(s for _, s in sizes if s != CAPTION_PT) >= TEXT_PT, sizes
+    assert not _overlaps(fig), _overlaps(fig)
+    assert not _outside(fig), _outside(fig)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    r = canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        legend = ax.get_legend()
+        assert legend is not None and len(legend.get_texts()) >= 4
+        assert legend.get_window_extent(r).y1 <= ax.get_window_extent(r).y0  # under the panel, not over it
+    plotly = depth_figure_interactive(_sweep_rows())
+    assert plotly.layout.legend.font.size >= MIN_SCREEN_PX  # Plotly sizes are CSS pixels

@@ -7,13 +7,23 @@ names of runs compared side by side). :func:`depth_figure` is the matplotlib fig
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
 from kcore.sweep import SweepRow
-from kcore.viz.style import RESIDUAL_TEX, TARGET_TEX, _caption, _order_colours, order_label, order_tex
+from kcore.viz.style import (
+    RESIDUAL_TEX,
+    TARGET_TEX,
+    TEXT_PT,
+    TITLE_PT,
+    _caption,
+    _order_colours,
+    order_label,
+    order_tex,
+)
 
 DIRECTION_STYLE: dict[str, tuple[str, str, str, str]] = {
     # key: (name, colour, marker, line style)
@@ -137,7 +147,8 @@ def depth_figure(rows: Sequence[SweepRow], *, x_title: str = "layer pair, shallo
     series = depth_series(rows)
     ticks, labels = _ticks(rows)
     k_max = max((len(r.share_orders) for r in rows), default=1) - 1
-    fig = Figure(figsize=(max(7.0, 3.0 + 1.1 * len(ticks)), 3.4), layout="constrained")
+    legend_rows = max(sum(s.panel == "instability" for s in series), math.ceil(sum(s.panel == "shares" for s in series) / 2))
+    fig = Figure(figsize=(max(7.0, 3.0 + 1.1 * len(ticks)), 3.4 + 0.2 * legend_rows), layout="constrained")
     axes = fig.subplots(1, 2)
     for s in series:
         ax = axes[0] if s.panel == "instability" else axes[1]
@@ -153,20 +164,22 @@ def depth_figure(rows: Sequence[SweepRow], *, x_title: str = "layer pair, shallo
     for ax, panel, ylabel in ((axes[0], "instability", f"instability Var({RESIDUAL_TEX})/Var({TARGET_TEX})"),
                               (axes[1], "shares", f"share of Var({TARGET_TEX}) (adds up to 1)")):
         ax.set_ylim(*axis_range(series, panel))
-        ax.set_xticks(ticks, labels, fontsize=7, rotation=20 if max(map(len, labels)) > 10 else 0)
+        ax.set_xticks(ticks, labels, fontsize=TEXT_PT, rotation=20 if max(map(len, labels)) > 10 else 0)
         ax.set_xlim(min(ticks) - 0.5, max(ticks) + 0.5)
-        ax.set_xlabel(x_title, fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel(x_title, fontsize=TITLE_PT)
+        ax.set_ylabel(ylabel, fontsize=TITLE_PT)
         ax.grid(axis="y", alpha=0.3)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, frameon=False, loc="best")
+        ax.tick_params(labelsize=TEXT_PT)
+        # under the panel, not over the data (TEXT_PT entries would cover it)
+        ax.legend(fontsize=TEXT_PT, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncols=1 if panel == "instability" else 2)
     axes[0].axhline(1.0, color="0.6", lw=0.6)
     axes[1].axhline(0.0, color="0.6", lw=0.6)
-    axes[0].set_title("instability (lower: more consistent)", fontsize=8)
+    axes[0].set_title("instability (lower: more consistent)", fontsize=TITLE_PT)
     axes[1].set_title("additive shares " + ", ".join(order_tex(k) for k in range(k_max + 1)) + f", {RESIDUAL_TEX}",
-                      fontsize=8)
+                      fontsize=TITLE_PT)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=TITLE_PT)
     _caption(fig, caption)
     return fig
 
@@ -208,6 +221,6 @@ def depth_figure_interactive(rows: Sequence[SweepRow], *, x_title: str = "layer 
         fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=labels, range=[min(ticks) - 0.5, max(ticks) + 0.5],
                          title_text=x_title, row=1, col=col)
     fig.update_layout(height=height, margin=dict(l=10, r=10, t=60 if title else 40, b=10), title=title,
-                      legend=dict(font=dict(size=10), orientation="h", yanchor="top", y=-0.3, x=0),
+                      legend=dict(font=dict(size=11), orientation="h", yanchor="top", y=-0.3, x=0),
                       template="plotly_white")
     return fig
