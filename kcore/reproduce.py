@@ -358,7 +358,8 @@ def reproduce(provenance: Mapping[str, Any], *, out: str | Path = DEFAULT_OUT,
 
 
 def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Sequence[str] | None,
-               baselines: Sequence[str] | None, fit_seeds: int | None) -> Reproduction:
+               baselines: Sequence[str] | None, fit_seeds: int | None,
+               sweep: Mapping[str, Any] | None = None) -> Reproduction:
     from kcore.baselines import BASELINE_KINDS
     from kcore.fit import PRESETS
 
@@ -387,6 +388,9 @@ def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Seque
     for which in ("A", "B"):
         mreq = req.get(which) or {}
         flags, where[which] = _model_flags(which, mreq, str(layers[which]), notes)
+        if sweep is not None:  # `kcore sweep` takes every layer of the sweep after one flag
+            at = flags.index(f"--layer-{which.lower()}")
+            flags[at:at + 2] = [f"--layers-{which.lower()}", *(str(n) for n in sweep["layers"][which])]
         args += flags
         if mreq.get("kind") in PICKLE_KINDS and "--trust-pickle" not in args:
             args.append("--trust-pickle")
@@ -428,12 +432,23 @@ def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Seque
         args += ["--fit-seeds", str(seeds)]
     if req.get("cache_dir"):
         args += ["--cache-dir", str(req["cache_dir"])]
+    command = "fit"
+    if sweep is not None:
+        command = "sweep"
+        if sweep.get("pairs", "diagonal") != "diagonal":
+            args += ["--pairs", str(sweep["pairs"])]
+        for flag in ("--fit-seeds", "--cache-dir", "--groups"):  # what `kcore sweep` does not take
+            if flag in args:
+                at = args.index(flag)
+                del args[at:at + 2]
+                notes.append(f"`kcore sweep` has no {flag}: the command runs without it.")
+                exact = False
     args += ["--out", str(out)]
-    head = ["kcore", "fit"] if world == 1 else ["torchrun", "--standalone", "--nproc-per-node", str(world), "-m",
-                                                 "kcore", "fit"]
+    head = ["kcore", command] if world == 1 else ["torchrun", "--standalone", "--nproc-per-node", str(world), "-m",
+                                                   "kcore", command]
     cli = " ".join([*head, *(_q(a) for a in args)])
     python = _python(req, layers, preps, img, preset, over, diff, fnotes, both, kinds, seeds, device, where, out,
-                     group_code)
+                     group_code, sweep)
     return Reproduction(cli, python, tuple(notes), exact)
 
 
@@ -502,8 +517,8 @@ def _groups(groups: Any) -> tuple[list[str], str, list[str]]:
 def _python(req: Mapping[str, Any], layers: Mapping[str, Any], preps: Mapping[str, Any], img: Mapping[str, Any],
             preset: str, over: Mapping[str, Any], diff: Mapping[str, Any], fit_notes: Sequence[str], both: bool,
             kinds: Sequence[str], seeds: int, device: str, where: Mapping[str, str], out: str | Path,
-            group_code: str = "") -> str:
-    """The Python snippet (every literal through ``repr``)."""
+            group_code: str = "", sweep: Mapping[str, Any] | None = None) -> str:
+    """The Python snippet (every literal through ``repr``); with ``sweep``, one that calls :func:`kcore.sweep.sweep`."""
     lines: list[str] = []
     for which in ("A", "B"):
         m = req.get(which) or {}
@@ -548,12 +563,20 @@ def _python(req: Mapping[str, Any], layers: Mapping[str, Any], preps: Mapping[st
         extra += f", batch_size={int(req['batch_size'])}"
     if req.get("cache_dir"):
         extra += f", cache_dir={str(req['cache_dir'])!r}"
-    lines += [f"comparison = kcore.compare(a, {str(layers['A'])!r}, b, {str(layers['B'])!r}, images, config, "
-              f"preset={preset!r}, device={device!r}{extra})",
-              f"kcore.write_run(comparison, {str(out)!r}, images=images)"]
+    if sweep is not None:
+        la, lb = ([str(n) for n in sweep["layers"][w]] for w in ("A", "B"))
+        extra += "" if sweep.get("pairs", "diagonal") == "diagonal" else f", pairs={str(sweep['pairs'])!r}"
+        lines += [f"result = sweep.sweep(a, {la!r}, b, {lb!r}, images, config, preset={preset!r}, "
+                  f"device={device!r}{extra})",
+                  f"sweep.write_sweep(result, {str(out)!r}, images=images)"]
+    else:
+        lines += [f"comparison = kcore.compare(a, {str(layers['A'])!r}, b, {str(layers['B'])!r}, images, config, "
+                  f"preset={preset!r}, device={device!r}{extra})",
+                  f"kcore.write_run(comparison, {str(out)!r}, images=images)"]
     body = "\n".join(lines)
     head = ["import dataclasses", ""] if "dataclasses." in body else []
-    head += ["import kcore", "from kcore import data, groups" if "groups." in body else "from kcore import data"]
+    mods = ["data", *(["groups"] if "groups." in body else []), *(["sweep"] if sweep is not None else [])]
+    head += ["import kcore", f"from kcore import {', '.join(mods)}"]
     head.append("from kcore.fit import PRESETS" if "PRESETS[" in body else "from kcore.fit import make_config")
     if "Preprocessing(" in body:
         head.append("from kcore.preprocessing import Preprocessing")
@@ -579,6 +602,40 @@ def _guess_request(prov: Mapping[str, Any]) -> dict[str, Any]:
     out.update(both_directions=False, baselines=[], fit_seeds=1, batch_size=CLI_BATCH_SIZE,
                device=str(prov.get("device") or "cpu"), cache_dir=None, world_size=int(prov.get("world_size") or 1))
     return out
+
+
+def reproduce_sweep(sweep_provenance: Mapping[str, Any], pair_provenance: Mapping[str, Any], *,
+                    out: str | Path = DEFAULT_OUT) -> Reproduction:
+    """The ``kcore sweep`` command and the Python snippet (``kcore.sweep.sweep``) that recompute a layer sweep.
+
+    The models, images, preprocessing and fit options come from one pair's run (:func:`reproduce`'s logic); the
+    layers and the pair mode from the sweep's own provenance.
+
+    Args:
+        sweep_provenance: :attr:`kcore.sweep.SweepResult.provenance` (or ``sweep.json``'s ``provenance``), with
+            ``layers`` ``{"A": [...], "B": [...]}`` and ``pairs``.
+        pair_provenance: the provenance of any pair's comparison of that sweep (with its ``request`` record).
+        out: the sweep folder the command and the snippet write.
+
+    Returns:
+        A :class:`Reproduction` whose ``cli`` starts with ``kcore sweep``.
+
+    Raises:
+        ValueError: either provenance cannot be read as a kcore sweep's or run's.
+    """
+    layers = sweep_provenance.get("layers")
+    if not isinstance(layers, Mapping) or not all(isinstance(layers.get(w), (list, tuple)) and layers.get(w)
+                                                  for w in ("A", "B")):
+        raise ValueError(f"sweep_provenance must hold 'layers' as {{'A': [...], 'B': [...]}}; got {layers!r}. "
+                         "Fix: pass a sweep's provenance (kcore.sweep.read_sweep(DIR)[1]).")
+    spec = {"layers": {w: list(layers[w]) for w in ("A", "B")}, "pairs": sweep_provenance.get("pairs") or "diagonal"}
+    both = bool(sweep_provenance.get("both_directions"))
+    try:
+        return _reproduce(pair_provenance, out, ["A_to_B", "B_to_A"] if both else ["A_to_B"], None, None, spec)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"pair_provenance could not be read as a kcore run's ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}). Fix: pass a pair's provenance (SweepResult.pairs[0].comparison"
+                         ".provenance).") from None
 
 
 def reproduce_of(comparison: Any, out: str | Path | None = None) -> Reproduction:

@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -49,7 +48,7 @@ from kcore.layers import (
     list_layers,
     validate_layer,
 )
-from kcore.provenance import versions
+from kcore.provenance import kcore_command, versions
 
 PairMode = Literal["diagonal", "all"]
 PAIR_MODES: dict[str, str] = {
@@ -422,11 +421,29 @@ def sweep(
         "device": str(dev),
         "world_size": ctx.world_size,
         "versions": versions(),
-        "command": " ".join(sys.argv) if sys.argv else "",
+        "command": kcore_command(),  # None when the dashboard or Python made it: then "reproduce" says how
     }
+    if done:
+        prov["reproduce"] = sweep_reproduction(prov, done[0].comparison)
     report(PipelineProgress("done", 1.0, "done"))
     return SweepResult(ModelInfo.from_loaded(a, la[0], paths[0]), ModelInfo.from_loaded(b, lb[0], paths[1]),
                        tuple(la), tuple(lb), tuple(done), pairs, prov)
+
+
+def sweep_reproduction(provenance: Mapping[str, Any], first: Comparison, out: str | None = None) -> dict[str, Any]:
+    """The ``reproduce`` entry of a sweep's provenance: the ``kcore sweep`` command and the Python snippet
+    (:func:`kcore.reproduce.reproduce_sweep`), or ``{"error": ...}`` when the pair's provenance cannot be read.
+
+    Args:
+        provenance: the sweep's provenance (layers, pair mode, directions). first: any pair's comparison.
+        out: the folder the command writes (default :data:`kcore.reproduce.DEFAULT_OUT`).
+    """
+    from kcore.reproduce import DEFAULT_OUT, reproduce_sweep
+
+    try:
+        return reproduce_sweep(provenance, first.provenance, out=out or DEFAULT_OUT).as_dict()
+    except ValueError as exc:  # a foreign pair's provenance: the sweep stays usable without it
+        return {"error": str(exc)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,8 +574,10 @@ def rows_csv(rows: Sequence[SweepRow], provenance: Mapping[str, Any] | None = No
 
 
 def csv_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The few provenance entries a CSV's header lines carry: time, command, checkpoints, images, preset, versions."""
+    """The few provenance entries a CSV's header lines carry: time, command, checkpoints, images, preset, versions,
+    and the `kcore sweep` command that recomputes the sweep (``reproduce``)."""
     keep = ("created", "command", "checkpoint_a", "checkpoint_b", "images", "preset", "config", "versions")
+    reproduce = provenance.get("reproduce")
     out: dict[str, Any] = {}
     for k in keep:
         v = provenance.get(k)
@@ -566,6 +585,8 @@ def csv_provenance(provenance: Mapping[str, Any]) -> dict[str, Any]:
             v = {f: v.get(f) for f in ("name", "sha256", "architecture", "path")}
         if v is not None:
             out[k] = v
+    if isinstance(reproduce, Mapping) and reproduce.get("cli"):
+        out["reproduce"] = reproduce["cli"]
     return out
 
 
@@ -599,8 +620,11 @@ def write_sweep(result: SweepResult, out_dir: str | os.PathLike, *, overwrite: b
         for p in result.pairs:
             write_run(p.comparison, tmp / PAIRS_DIR / p.folder_name, images=images)
         doc = sweep_document(result)
+        if result.pairs:  # the command writes beside this folder, not over it
+            doc["provenance"] = {**doc["provenance"], "reproduce": sweep_reproduction(
+                result.provenance, result.pairs[0].comparison, f"{Path(out_dir).name}-reproduced")}
         (tmp / "sweep.json").write_text(json.dumps(doc, indent=1, default=str))
-        (tmp / "sweep.csv").write_text(rows_csv(result.rows(), csv_provenance(result.provenance)))
+        (tmp / "sweep.csv").write_text(rows_csv(result.rows(), csv_provenance(doc["provenance"])))
     return Path(out_dir)
 
 

@@ -159,7 +159,7 @@ def test_the_sweep_folder(tmp_path, swept, images):
     rows, _ = read_sweep(out)
     assert rows == result.rows()
     text = (out / "sweep.csv").read_text()
-    assert "# checkpoint_b: " in text and result.b.sha256 in text and "# command: " in text
+    assert "# checkpoint_b: " in text and result.b.sha256 in text and "# reproduce: kcore sweep " in text
     table = pd.read_csv(out / "sweep.csv", comment="#")
     assert len(table) == 4 and list(table["direction"]) == ["A_to_B", "B_to_A"] * 2
     for col in ("instability_lo", "instability_hi", "share_x0", "share_x1_hi", "share_residual", "chance_shuffled",
@@ -243,7 +243,7 @@ def test_cli_end_to_end(tmp_path, capsys, one_thread):
     assert [(r.layer_a, r.layer_b, r.direction) for r in rows] == [
         ("block1", "layer1", "A_to_B"), ("block1", "layer1", "B_to_A"), ("block2", "layer2", "A_to_B"),
         ("block2", "layer2", "B_to_A")]
-    assert doc["provenance"]["command"] and doc["provenance"]["images"]["n"] == 60
+    assert doc["provenance"]["reproduce"]["cli"].startswith("kcore sweep ") and doc["provenance"]["images"]["n"] == 60
     assert "block1 ↔ layer1" in captured.out and f"wrote {out}" in captured.out
     code = main(["sweep", "--a", str(SAMPLES / "kshapes_tinynet_s0.safetensors"), "--b",
                  str(SAMPLES / "kshapes_resnet_s0.safetensors"), "--layers-a", "block1", "--layers-b", "layer1",

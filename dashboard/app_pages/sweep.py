@@ -91,6 +91,14 @@ def _result_view(result: SweepResult) -> None:
     """The finished sweep: the plot, the table and the exports."""
     depth_view.draw(result.rows(), key="kc_sweep", x_title="layer pair, shallow → deep",
                     caption=export_caption(result), provenance=csv_provenance(result.provenance), stem="sweep_depth")
+    how = result.provenance.get("reproduce") or {}
+    if how.get("cli"):
+        with st.expander("Reproduce this sweep", icon=":material/terminal:"):
+            st.caption("The command and the Python snippet that recompute this sweep from the same files.")
+            st.code(how["cli"], language="bash", wrap_lines=True)
+            for note in how.get("notes") or ():
+                st.caption(f"Note: {note}")
+            st.code(how["python"], language="python")
 
 
 def export_caption(result: SweepResult) -> str:
