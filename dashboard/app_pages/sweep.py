@@ -104,8 +104,10 @@ def _result_view(result: SweepResult) -> None:
 def export_caption(result: SweepResult) -> str:
     """The provenance line under an exported figure."""
     p = result.provenance
-    return (f"A {result.a.name} [{result.a.short_hash}] · B {result.b.name} [{result.b.short_hash}] · "
+    line = (f"A {result.a.name} [{result.a.short_hash}] · B {result.b.name} [{result.b.short_hash}] · "
             f"{p.get('images', {}).get('n')} images · preset {p.get('preset')} · {p.get('created')}")
+    cli = (p.get("reproduce") or {}).get("cli")
+    return f"{line}\nreproduce: {cli}" if cli else line
 
 
 def _progress() -> None:
