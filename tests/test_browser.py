@@ -139,6 +139,8 @@ PAGES = [  # (link in the sidebar, heading, screenshot name)
     ("Figure 1", "Figure 1", "figure1"),
     ("Export", "Export", "export"),
     ("Paper studies", "Studies", "studies"),
+    ("Layer sweep", "Layer sweep", "sweep-page"),  # not "sweep": assets/screenshot-sweep.png is the depth plot's
+    ("Compare runs", "Compare runs", "compare-runs"),
 ]
 
 
@@ -175,6 +177,19 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
     start.click()
     page.get_by_text("Finished in").wait_for(timeout=FIT_TIMEOUT_MS)
     _idle(page)
+    # a short layer sweep, so that the Layer sweep page shows its result and Compare runs has pairs to pick
+    page.get_by_role("link", name="Layer sweep", exact=True).first.click()
+    start = page.get_by_role("button", name="Start sweep")
+    start.wait_for(timeout=60_000)
+    _idle(page)
+    for label, value in (("K (highest order)", "1"), ("Epochs (0 = preset schedule)", "1")):
+        field = page.get_by_role("spinbutton", name=label)
+        field.fill(value)
+        field.press("Enter")
+        _idle(page)
+    start.click()
+    page.get_by_text("Reproduce this sweep").wait_for(timeout=FIT_TIMEOUT_MS)  # drawn with the finished result
+    _idle(page)
     ASSETS.mkdir(exist_ok=True)
     too_wide = {}
     for link, heading, shot in PAGES:
@@ -185,6 +200,16 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
             charts = page.locator('[data-testid="stPlotlyChart"]')
             sync_api.expect(charts).to_have_count(2, timeout=60_000)
             assert charts.first.bounding_box()["width"] > 250  # the maps are not shrunk to thumbnails
+        if shot == "compare-runs":  # two pairs of the sweep side by side
+            for _ in range(2):
+                page.locator('[data-testid="stMultiSelect"]').first.click()
+                page.get_by_role("option").first.click()
+                _idle(page)
+            page.keyboard.press("Escape")
+            _idle(page)
+        if shot in ("sweep-page", "compare-runs"):  # the depth plot is drawn
+            sync_api.expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1, timeout=60_000)
+            assert page.locator('[data-testid="stPlotlyChart"]').first.bounding_box()["width"] > 250
         widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
         if widths[0] > widths[1]:
             too_wide[shot] = widths
