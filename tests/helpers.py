@@ -6,11 +6,15 @@ live in ``tests/conftest.py``. A test module never imports another test module.
 from __future__ import annotations
 
 import hashlib
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from kcore.checkpoints import LoadedModel
+
+SAMPLE_MODELS = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def tiny_net(seed: int, width: int = 6) -> nn.Module:
@@ -47,3 +51,12 @@ def loaded(model: nn.Module, name: str) -> LoadedModel:
     """
     return LoadedModel(model, name, hashlib.sha256(name.encode()).hexdigest(), "state_dict", None,
                        sum(p.numel() for p in model.parameters()))
+
+
+def copy_sample(name: str, folder: Path) -> Path:
+    """The bundled sample checkpoint ``name`` (e.g. ``"kshapes_tinynet_s0"``) and its model card, copied into
+    ``folder`` (made if missing); returns the checkpoint's new path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".card.json"):
+        shutil.copy(SAMPLE_MODELS / f"{name}{suffix}", folder / f"{name}{suffix}")
+    return folder / f"{name}.safetensors"

@@ -6,27 +6,19 @@ import dataclasses
 import json
 import math
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import copy_sample
 from kcore.cli import main
 from kcore.reproduce import Reproduction, fit_request, reproduce, reproduce_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 WEAK, STRONG = "kshapes_tinynet_s0", "kshapes_resnet_s0"
-
-
-def _copy_sample(name: str, folder: Path) -> Path:
-    """A sample checkpoint and its model card, copied into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for suffix in (".safetensors", ".card.json"):
-        shutil.copy(SAMPLES / f"{name}{suffix}", folder / f"{name}{suffix}")
-    return folder / f"{name}.safetensors"
 
 
 def _numbers(run_dir: Path) -> dict[str, float]:
@@ -60,7 +52,7 @@ def cli_run(tmp_path_factory):
     """A tiny `kcore fit` of the samples (both directions, non-default λ and seed) from a folder with spaces."""
     base = tmp_path_factory.mktemp("repro")
     models = base / "my models (v1)"
-    a, b = _copy_sample(WEAK, models), _copy_sample(STRONG, models)
+    a, b = copy_sample(WEAK, models), copy_sample(STRONG, models)
     out = base / "run one"
     rc = main(["fit", "--a", str(a), "--b", str(b), "--data", "kshapes", "--n-images", "120", "--epochs", "3",
                "--lambda", "0.2", "--seed", "3", "--both-directions", "--out", str(out)])
@@ -230,7 +222,7 @@ def test_a_dashboard_run_on_a_server_checkpoint_reproduces_from_its_command(tmp_
     from dashboard import state
 
     server = tmp_path / "server root"
-    b_path = _copy_sample(STRONG, server / "the models")
+    b_path = copy_sample(STRONG, server / "the models")
     monkeypatch.setenv("KCORE_SERVER_ROOTS", str(server))
     monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path / "runs"))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()

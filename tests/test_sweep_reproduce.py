@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import copy_sample
 from kcore.cli import main
 from kcore.reproduce import reproduce_sweep
 from kcore.sweep import read_sweep
@@ -19,14 +19,6 @@ from kcore.sweep import read_sweep
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 WEAK, STRONG = "kshapes_tinynet_s0", "kshapes_resnet_s0"
-
-
-def _copy_sample(name: str, folder: Path) -> Path:
-    """A sample checkpoint and its model card, copied into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for suffix in (".safetensors", ".card.json"):
-        shutil.copy(SAMPLES / f"{name}{suffix}", folder / f"{name}{suffix}")
-    return folder / f"{name}.safetensors"
 
 
 def _same_rows(got: Path, want: Path) -> None:
@@ -50,7 +42,7 @@ def cli_sweep(tmp_path_factory, one_thread):
     with spaces."""
     base = tmp_path_factory.mktemp("sweep_repro")
     models = base / "my models (v1)"
-    a, b = _copy_sample(WEAK, models), _copy_sample(STRONG, models)
+    a, b = copy_sample(WEAK, models), copy_sample(STRONG, models)
     out = base / "sweep one"
     rc = main(["sweep", "--a", str(a), "--b", str(b), "--layers-a", "block1", "block2", "--layers-b", "layer1",
                "layer2", "--n-images", "60", "--orders", "1", "--epochs", "2", "--lambda", "0.2", "--seed", "3",
@@ -107,7 +99,7 @@ def test_a_dashboard_sweep_on_server_checkpoints_reproduces_from_its_command(tmp
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     server = tmp_path / "server root"
-    a_path, b_path = _copy_sample(WEAK, server / "the models"), _copy_sample(STRONG, server / "the models")
+    a_path, b_path = copy_sample(WEAK, server / "the models"), copy_sample(STRONG, server / "the models")
     monkeypatch.setenv("KCORE_SERVER_ROOTS", str(server))
     monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path / "runs"))
     (tmp_path / "runs").mkdir()
