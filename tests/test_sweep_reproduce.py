@@ -17,7 +17,6 @@ from kcore.reproduce import reproduce_sweep
 from kcore.sweep import read_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "sample_models"
 WEAK, STRONG = "kshapes_tinynet_s0", "kshapes_resnet_s0"
 
 
