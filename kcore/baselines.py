@@ -7,7 +7,8 @@ and split and reported with the same :class:`~kcore.metrics.VarianceReport` (hel
 - ``random_b``: B replaced by a randomly initialised network of the same architecture (seeded; built from
   the architecture registry when the checkpoint names one, else by re-running every module's
   ``reset_parameters`` on a copy).
-- ``shuffled``: the image pairing shuffled (x of image i against x* of image π(i), π without fixed points):
+- ``shuffled``: the image pairing shuffled (x of image i against x* of image π(i), π without fixed points; with
+  groups of images, π(i) always in another group than i):
   nothing but the per-channel statistics can be predicted: the instability comes out about 1, or a little below,
   when g generalises; an interval entirely above 1 means g over-fits its training images (:mod:`kcore.verdict`).
 """
@@ -113,21 +114,66 @@ def seed_spread(reports: Sequence[VarianceReport], seeds: Sequence[int]) -> dict
     }
 
 
-def derangement(n: int, seed: int = 0) -> Tensor:
-    """A seeded permutation of ``range(n)`` with no fixed point (n ≥ 2): a random shift of a random order."""
+def derangement(n: int, seed: int = 0, groups: Any = None) -> Tensor:
+    """A seeded permutation π of ``range(n)`` that pairs every image with one of another group: a random shift
+    of a random order that keeps each group together.
+
+    The images are put in a seeded random order, then gathered group by group (the groups in the order their
+    first image appears, each group's images in their drawn order); image ``order[i]`` is paired with
+    ``order[(i + shift) mod n]``. With the largest group holding m images, any shift from m to n − m moves
+    every image past the end of its own group without wrapping back into it, so no image meets its group; the
+    shift is drawn uniformly from that range. Without groups (every image its own group, m = 1) the order is
+    the drawn one and the shift any of 1 … n − 1: the permutation is exactly the ungrouped derangement of the
+    same seed.
+
+    Such a pairing exists exactly when no group holds more than half of the images (2·m ≤ n): a group of m
+    images needs m partners outside it, and only n − m images are outside it.
+
+    Args:
+        n: the number of images (at least 2).
+        seed: the seed of the order and of the shift.
+        groups: one group per image (:class:`kcore.groups.Groups` or N keys), or ``None``: every image its own.
+
+    Returns:
+        π as a (n,) int64 tensor: image i is paired with image π(i), never of i's group (never i itself).
+
+    Raises:
+        BaselineUnavailable: (a ValueError) a group holds more than half of the images.
+        ValueError: ``n`` below 2, or ``groups`` not one per image.
+        TypeError: ``groups`` is neither :class:`kcore.groups.Groups`, a sequence of keys nor ``None``.
+    """
+    from kcore.groups import as_groups
+
     if n < 2:
         raise ValueError(f"shuffling the pairing needs at least 2 images; got {n}.")
+    grouped = as_groups(groups, n, "groups")
     g = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(n, generator=g)
-    shift = int(torch.randint(1, n, (1,), generator=g))
+    largest = 1
+    if grouped is not None and not grouped.trivial:
+        sizes = grouped.sizes()
+        largest = max(sizes)
+        if 2 * largest > n:
+            big = sizes.index(largest)
+            raise BaselineUnavailable(
+                f"groups: the shuffled pairing pairs every image with an image of another group, which needs every "
+                f"group to hold at most half of the {n} images; group {grouped.names[big]!r} holds {largest} "
+                f"(at most {n // 2} allowed). Fix: add images from other groups, use finer groups, or leave out the "
+                "shuffled baseline.")
+        labels = grouped.label_tensor()[order]
+        first = torch.full((grouped.n_groups,), n, dtype=torch.long).scatter_reduce(
+            0, labels, torch.arange(n), reduce="amin")  # where each group first appears in the drawn order
+        order = order[torch.argsort(first[labels], stable=True)]  # grouped; the drawn order kept inside a group
+    shift = int(torch.randint(largest, n - largest + 1, (1,), generator=g))
     perm = torch.empty(n, dtype=torch.long)
     perm[order] = order.roll(-shift)  # image order[i] is paired with order[i + shift]
     return perm
 
 
 class BaselineUnavailable(ValueError):
-    """A chance baseline that cannot be built for this model by design (e.g. a random network of a TorchScript
-    archive's architecture); :func:`kcore.pipeline.compare` records it as skipped, not as failed."""
+    """A chance baseline that cannot be built for this model or these images by design (e.g. a random network of a
+    TorchScript archive's architecture, or a pairing across groups when one group holds more than half the images);
+    :func:`kcore.pipeline.compare` records it as skipped, not as failed."""
 
 
 #: the random-init B must differ from the trained B in at least this share of its parameter elements
@@ -299,9 +345,10 @@ def shuffled_baseline(x_a: Tensor, x_b: Tensor, keys: Sequence[str], cfg: Any, *
                       on_fit: Callable[[str, Any], None] | None = None, groups: Any = None) -> ChanceBaseline:
     """The fit of ``cfg`` with B's features of image π(i) paired with A's of image i (π: :func:`derangement`).
 
-    ``groups`` (one per image, :class:`kcore.groups.Groups`) are A's images': the split keeps them whole and the
-    intervals resample them, as in the main fit, so the two intervals are comparable."""
-    perm = derangement(x_b.shape[0], seed)
+    ``groups`` (one per image, :class:`kcore.groups.Groups`) are A's images': π pairs every image with one of
+    another group (a near-copy as partner would make the chance level optimistic), the split keeps them whole and
+    the intervals resample them, as in the main fit, so the two intervals are comparable."""
+    perm = derangement(x_b.shape[0], seed, groups)
     reports, errors = _fit_directions(x_a, x_b[perm], keys, cfg, device, cancel, on_fit or (lambda k, p: None),
                                       groups)
     return ChanceBaseline("shuffled", BASELINE_KINDS["shuffled"], reports, errors, seed)

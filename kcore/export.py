@@ -264,7 +264,8 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
 
     Columns: ``direction, source, target, var_x0 … var_xK, var_residual, var_target, instability,
     share_x0 … share_xK, share_residual`` (additive: Cov(·, x*)/Var(x*), summing to 1), ``*_ci_lo``/``*_ci_hi``
-    (bootstrap interval of instability and of each share), ``n_heldout, preset, heldout_error, baseline_linear_r2,
+    (bootstrap interval of instability and of each share), ``n_heldout``, ``n_groups`` (the held-out groups the
+    intervals resampled whole; empty when they resampled single images), ``preset, heldout_error, baseline_linear_r2,
     baseline_linear_error`` (the least-squares map's held-out error, in the units of ``heldout_error``), ``baseline_cka,
     gates, best_epoch, epochs_run, fit_seconds``, ``chance_<kind>_instability`` per chance baseline and the verdict
     against chance (:mod:`kcore.verdict`): ``verdict`` (its code), ``verdict_overfit``, ``verdict_text``.
@@ -285,6 +286,7 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
             iv = rep.interval(name)
             row[f"{name}_ci_lo"], row[f"{name}_ci_hi"] = iv if iv is not None else (nan, nan)
         row["n_heldout"] = rep.n_heldout
+        row["n_groups"] = rep.ci.n_groups if rep.ci is not None and rep.ci.n_groups is not None else nan
         row["preset"] = getattr(comparison, "preset", "unknown")
         for kind, ref in getattr(comparison, "baselines", {}).items():
             r = ref.reports.get(key)

@@ -74,7 +74,7 @@ class Groups:
         labels: N group numbers in ``0 … G−1``, numbered in order of first appearance.
         names: G group names (``names[labels[i]]`` is image i's group).
         source: where the grouping came from, a key of :data:`GROUP_SOURCES`.
-        detail: the CSV file or the pattern (empty otherwise).
+        detail: the CSV file's absolute path (``"upload"`` for bytes) or the pattern (empty otherwise).
         unmatched: images a pattern did not match (each its own group).
     """
 
@@ -266,7 +266,7 @@ def csv_groups(source: str | os.PathLike | bytes, ids: Sequence[str], *, ignore:
         shown = ", ".join(repr(u) for u in unknown[:5])
         raise ValueError(f"{name} lists {len(unknown)} image(s) that are not in the image set, e.g. {shown}. "
                          "Fix: give paths relative to the data folder (as 'group/image.png'), or remove those rows.")
-    detail = "upload" if isinstance(source, (bytes, bytearray)) else os.path.basename(os.fspath(source))
+    detail = "upload" if isinstance(source, (bytes, bytearray)) else os.path.abspath(os.fspath(source))
     return Groups.from_keys([listed[i] for i in ids], "csv", detail)
 
 

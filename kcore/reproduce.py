@@ -502,7 +502,9 @@ def _groups(groups: Any) -> tuple[list[str], str, list[str]]:
     source, detail = groups.get("source"), str(groups.get("detail") or "")
     if source == "folder":
         return ["--groups", "folder"], "images = images.with_groups(groups.folder_groups(images.ids))", []
-    if source == "csv" and detail and detail != "upload":
+    if source == "csv" and Path(detail).is_absolute():  # the CSV's absolute path: the command runs from any folder
+        return ["--groups", detail], f"images = images.with_groups(groups.csv_groups({detail!r}, images.ids))", []
+    if source == "csv" and detail and detail != "upload":  # a run recorded before the path was kept: its name
         where = f"./{Path(detail).name}"
         return (["--groups", where], f"images = images.with_groups(groups.csv_groups({where!r}, images.ids))",
                 [f"the groups came from the CSV file {detail!r} (its folder is not recorded): put it at {where}."])

@@ -187,7 +187,7 @@ def test_csv_groups_and_their_errors(tmp_path, monkeypatch):
     path = tmp_path / "groups.csv"
     path.write_text("image,group\na/1.png,x\n./a/2.png,x\nb/3.png,y\n")
     g = csv_groups(path, ids)
-    assert g.labels == (0, 0, 1) and g.names == ("x", "y") and g.detail == "groups.csv"
+    assert g.labels == (0, 0, 1) and g.names == ("x", "y") and g.detail == str(path)
     assert csv_groups(b"group,image\nq,a/1.png\nq,a/2.png\nq,b/3.png\n", ids).n_groups == 1
     with pytest.raises(ValueError, match=r"must list every image; 1 of 3 are missing, e.g. 'b/3.png'.*Fix:"):
         csv_groups(b"image,group\na/1.png,x\na/2.png,x\n", ids)

@@ -18,6 +18,13 @@ st.caption("All numbers are measured on held-out images that were never used to 
            "paper's Sec. 4.2; instability = Var(x^Δ)/Var(x*): the share of the target feature that the source "
            "cannot reconstruct at any order up to K.")
 
+
+def _by_group(rep) -> str:
+    """', resampled by group (G groups)' when the report's intervals resampled whole groups, else ''."""
+    n_groups = rep.ci.n_groups if rep.ci is not None else None
+    return f", resampled by group ({n_groups} groups)" if n_groups else ""
+
+
 cols = st.columns(len(c.directions), gap="large")
 for col, (key, d) in zip(cols, c.directions.items()):
     f = d.fit
@@ -30,7 +37,8 @@ for col, (key, d) in zip(cols, c.directions.items()):
         m1.metric("Instability Var(x^Δ)/Var(x*)", plus_minus(rep.instability, iv),
                   help="0 = the target feature is fully reconstructed; 1 = nothing is. ± is half the width of the "
                        + (f"{rep.ci.level:.0%} bootstrap interval [{iv[0]:.3f}, {iv[1]:.3f}] over the "
-                          f"{rep.n_heldout} held-out images (no refit)." if iv else "interval (none computed)."))
+                          f"{rep.n_heldout} held-out images{_by_group(rep)} (no refit)." if iv
+                          else "interval (none computed)."))
         m2.metric("Held-out error 1 − R²", f"{f.heldout_error:.3f}",
                   help="Σ(x* − g(x))² / Σ(x* − channel mean)² on held-out images.")
         m3, m4 = st.columns(2)
@@ -84,7 +92,8 @@ st.subheader("Instability and shares, with their uncertainty")
 if not c.baselines and not progress.baselines_running(run):
     st.caption("No chance baselines in this run (tick *Chance baselines* on the Fit page, or `kcore fit --baselines`).")
 ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}-{len(c.baselines)}", width=width + 200,
-               caption="Left: instability with its bootstrap interval over held-out images; lines in shaded bands "
+               caption="Left: instability with its bootstrap interval over held-out images"
+                       f"{_by_group(next(iter(c.directions.values())).fit.heldout_report)}; lines in shaded bands "
                        "(their intervals): the same fit against a randomly initialised B and against shuffled image "
                        f"pairs (chance level). Right: additive shares (preset {c.preset}) with the interval of each "
                        "share; an open triangle marks an interval clipped at the axis. "
