@@ -93,6 +93,16 @@ def _add_model_args(p: argparse.ArgumentParser, which: str, layer: bool = True) 
                    help=f"normalisation std of {which} (default: card's, else torchvision's ImageNet std)")
 
 
+def _add_groups_arg(p: argparse.ArgumentParser) -> None:
+    """The --groups option of every command that splits images (``kcore fit``, ``kcore sweep``)."""
+    p.add_argument("--groups", default=None, metavar="folder|FILE.csv",
+                   help="which images belong together (crops of one photo, frames of one video): 'folder' = each "
+                   "image's subfolder of --data (group/image.png, or class/group/image.png), or a CSV with the "
+                   "columns image,group (image relative to --data; every image listed). No group is split between "
+                   "training and held-out images, and the intervals resample whole groups (default: none, every "
+                   "image its own group)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kcore`` command."""
     parser = argparse.ArgumentParser(
@@ -132,12 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "('sample' is a deprecated alias)")
     p.add_argument("--n-images", type=int, default=None, metavar="N", help="use at most N images (default: all; "
                    f"400 for '{BUNDLED_DATA}')")
-    p.add_argument("--groups", default=None, metavar="folder|FILE.csv",
-                   help="which images belong together (crops of one photo, frames of one video): 'folder' = each "
-                   "image's subfolder of --data (group/image.png, or class/group/image.png), or a CSV with the "
-                   "columns image,group (image relative to --data; every image listed). No group is split between "
-                   "training and held-out images, and the intervals resample whole groups (default: none, every "
-                   "image its own group)")
+    _add_groups_arg(p)
     p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
                    help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")

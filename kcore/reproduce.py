@@ -437,7 +437,7 @@ def _reproduce(provenance: Mapping[str, Any], out: str | Path, directions: Seque
         command = "sweep"
         if sweep.get("pairs", "diagonal") != "diagonal":
             args += ["--pairs", str(sweep["pairs"])]
-        for flag in ("--fit-seeds", "--cache-dir", "--groups"):  # what `kcore sweep` does not take
+        for flag in ("--fit-seeds", "--cache-dir"):  # what `kcore sweep` does not take
             if flag in args:
                 at = args.index(flag)
                 del args[at:at + 2]

@@ -35,7 +35,7 @@ shares with their 95 % intervals, the chance baselines (--baselines) and the ver
 
 def add_cli(sub: Any) -> None:
     """Register ``kcore sweep`` on the ``kcore`` command's subparsers."""
-    from kcore.cli import _add_model_args, _duration
+    from kcore.cli import _add_groups_arg, _add_model_args, _duration
 
     p = sub.add_parser("sweep", help="compare two checkpoints layer by layer (one extraction per network)",
                        description="Fit g_theta for matched pairs of layers of two networks (every stage by "
@@ -52,6 +52,7 @@ def add_cli(sub: Any) -> None:
                    help=f"images: a folder (class subfolders or flat) or '{BUNDLED_DATA}' for the bundled images")
     p.add_argument("--n-images", type=int, default=None, metavar="N",
                    help=f"use at most N images (default: all; 400 for '{BUNDLED_DATA}')")
+    _add_groups_arg(p)
     p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L", help="penalty lambda (default 0.1)")
     p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
@@ -93,7 +94,7 @@ def _sweep_job(args: argparse.Namespace, ctx: Any) -> int:
     say = sys.stderr if ctx.is_main else open(os.devnull, "w")  # only rank 0 talks
     a = _with_preprocessing(_load(args.a, args.arch_a, args.num_classes_a, args.trust_pickle), "A", args, say)
     b = _with_preprocessing(_load(args.b, args.arch_b, args.num_classes_b, args.trust_pickle), "B", args, say)
-    images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing))
+    images, source = _images(args.data, args.n_images, load_size(a.preprocessing, b.preprocessing), args.groups)
     config = make_config(args.preset, orders=args.orders, lam=args.lam, epochs=args.epochs, seed=args.seed,
                          convention=args.convention or None, budget=args.budget)
     if args.baselines and ctx.distributed:

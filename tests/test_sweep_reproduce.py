@@ -138,3 +138,32 @@ def test_a_dashboard_sweep_on_server_checkpoints_reproduces_from_its_command(tmp
     monkeypatch.chdir(tmp_path)
     assert main(argv[1:]) == 0
     _same_rows(tmp_path / f"{folder.name}-reproduced", folder)
+
+
+def test_a_grouped_sweep_keeps_its_groups_in_every_pair_and_in_its_command(tmp_path, monkeypatch):
+    """`kcore sweep --groups folder`: every pair's split and intervals use the groups (provenance says so), and the
+    reproduce command carries --groups (it used to be dropped with a note)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "photos"
+    for g in range(8):
+        (data / f"photo{g}").mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(data / f"photo{g}" / f"crop{i}.png")
+    models = tmp_path / "models"
+    a, b = copy_sample(WEAK, models), copy_sample(STRONG, models)
+    out = tmp_path / "grouped"
+    assert main(["sweep", "--a", str(a), "--b", str(b), "--layers-a", "block1", "block2", "--layers-b", "layer1",
+                 "layer2", "--data", str(data), "--groups", "folder", "--orders", "1", "--epochs", "2",
+                 "--out", str(out)]) == 0
+    pairs = sorted((out / "pairs").iterdir())
+    assert len(pairs) == 2
+    for pair in pairs:
+        groups = json.loads((pair / "provenance.json").read_text())["groups"]
+        assert (groups["source"], groups["n_groups"], groups["n_images"]) == ("folder", 8, 32)
+    _, doc = read_sweep(out)
+    argv = shlex.split(doc["provenance"]["reproduce"]["cli"])
+    assert argv[argv.index("--groups") + 1] == "folder" and doc["provenance"]["reproduce"]["exact"]
