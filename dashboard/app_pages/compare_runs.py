@@ -18,6 +18,7 @@ if not found:
     st.stop()
 names = {sweeps.run_name(p): p for p in found}
 chosen = st.multiselect("Runs (in the order they appear on the x axis)", list(names), key="kc_compare_runs",
+                        persist_state="session",
                         help="Run folders under the runs folder, also each pair of a layer sweep.")
 if not chosen:
     st.caption("Choose two or more runs.")

@@ -8,7 +8,7 @@ import streamlit as st
 
 from dashboard import depth_view, ui
 from dashboard.jobs import check_fit_request
-from dashboard.state import images, jobs, models, runs, sweeps
+from dashboard.state import images, jobs, models, runs, sweeps, views
 from kcore.devices import DEVICE_CHOICES
 from kcore.features import format_bytes
 from kcore.fit import PRESETS
@@ -36,26 +36,35 @@ def _stages(slot) -> list[str]:
 
 
 stages_a, stages_b = deepest_matched(_stages(a), _stages(b))
+for key, names, stages in (("kc_sweep_layers_A", a.layer_names, stages_a),
+                           ("kc_sweep_layers_B", b.layer_names, stages_b)):
+    held = views.widget_value(key)  # the choice kept from an earlier visit, maybe for another network
+    if held is not None and not set(held) <= set(names):
+        views.set_widget_value(key, [n for n in held if n in names] or stages)
 c1, c2 = st.columns(2)
 layers_a = c1.multiselect(f"Layers of A ({a.loaded.name})", a.layer_names, default=stages_a, key="kc_sweep_layers_A",
+                          persist_state="session",
                           help="Shallow to deep, in the order chosen. Default: A's stages (its top-level blocks), "
                                "the deepest ones when B has fewer.")
 layers_b = c2.multiselect(f"Layers of B ({b.loaded.name})", b.layer_names, default=stages_b, key="kc_sweep_layers_B",
+                          persist_state="session",
                           help="Default: B's stages, the deepest ones when A has fewer.")
 mode = st.radio("Pairs", list(PAIR_MODES), format_func=lambda m: f"{m}: {PAIR_MODES[m]}", key="kc_sweep_mode",
-                horizontal=True)
+                horizontal=True, persist_state="session")
 n_pairs = len(layers_a) * len(layers_b) if mode == "all" else len(layers_a)
 
 caps = limits()
 c3, c4, c5, c6 = st.columns(4)
-orders = c3.number_input("K (highest order)", 0, caps.max_orders, min(2, caps.max_orders), key="kc_sweep_K")
-epochs = c4.number_input("Epochs (0 = preset schedule)", 0, caps.max_fit_epochs, 0, key="kc_sweep_epochs")
-preset = c5.selectbox("Preset", list(PRESETS), key="kc_sweep_preset")
-device = c6.selectbox("Device", list(DEVICE_CHOICES), key="kc_sweep_device")
+orders = c3.number_input("K (highest order)", 0, caps.max_orders, min(2, caps.max_orders), key="kc_sweep_K",
+                         persist_state="session")
+epochs = c4.number_input("Epochs (0 = preset schedule)", 0, caps.max_fit_epochs, 0, key="kc_sweep_epochs",
+                         persist_state="session")
+preset = c5.selectbox("Preset", list(PRESETS), key="kc_sweep_preset", persist_state="session")
+device = c6.selectbox("Device", list(DEVICE_CHOICES), key="kc_sweep_device", persist_state="session")
 c7, c8, c9 = st.columns(3)
-seed = c7.number_input("Seed", 0, caps.max_seed, 0, key="kc_sweep_seed")
-both = c8.checkbox("Both directions (A → B and B → A)", value=True, key="kc_sweep_both")
-with_baselines = c9.checkbox("Chance baselines", value=False, key="kc_sweep_baselines",
+seed = c7.number_input("Seed", 0, caps.max_seed, 0, key="kc_sweep_seed", persist_state="session")
+both = c8.checkbox("Both directions (A → B and B → A)", value=True, key="kc_sweep_both", persist_state="session")
+with_baselines = c9.checkbox("Chance baselines", value=False, key="kc_sweep_baselines", persist_state="session",
                              help="Random-init B and shuffled pairs for every pair of layers (about three times "
                                   "the time): the plot draws them as reference series.")
 request = jobs.FitRequest(orders=int(orders), epochs=int(epochs) or None, seed=int(seed), device=device,
