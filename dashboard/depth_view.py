@@ -20,7 +20,7 @@ def draw(rows: Sequence[SweepRow], *, key: str, x_title: str, caption: str, prov
         rows: :class:`kcore.sweep.SweepRow` rows. key: a prefix for the widget keys. x_title: the x axis' title.
         caption: the exported figure's provenance line. provenance: the CSV's header entries. stem: the file stem.
     """
-    st.plotly_chart(depth_figure_interactive(rows, x_title=x_title), key=f"{key}_plot")
+    st.plotly_chart(depth_figure_interactive(rows, x_title=x_title), key=f"{key}_plot", width="stretch")
     columns, flat = rows_table(rows)
     st.dataframe(pd.DataFrame(flat, columns=columns), hide_index=True, key=f"{key}_table")
     cols = st.columns(4)

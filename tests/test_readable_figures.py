@@ -438,3 +438,78 @@ def test_depth_plot_text_is_readable_and_its_legends_leave_the_data_free():
         assert legend.get_window_extent(r).y1 <= ax.get_window_extent(r).y0  # under the panel, not over it
     plotly = depth_figure_interactive(_sweep_rows())
     assert plotly.layout.legend.font.size >= MIN_SCREEN_PX  # Plotly sizes are CSS pixels
+
+
+RUN_NAMES = {  # names the depth plot's x axis gets: short layers, long layers, run folders of two sweeps
+    "layers": ["layer0", "layer1", "layer2"],
+    "long layers": ["features.denseblock1 ↔ features.denseblock1", "features.denseblock2 ↔ features.denseblock2",
+                    "features.denseblock3 ↔ features.denseblock3"],
+    "run folders": ["sweep-20261207-101010-abcdef/pairs/00_block1__layer1",
+                    "sweep-20261207-121212-fedcba/pairs/00_block1__layer1", "run-20261207-131313-a1b2c3"],
+}
+
+
+def _named_rows(names):
+    import dataclasses
+
+    return [dataclasses.replace(r, label=names[r.position]) for r in _sweep_rows()]
+
+
+@pytest.mark.parametrize("caption", [None, "A: a.pt · B: b.pt\nreproduce: kcore sweep a.pt b.pt --layers-a …"])
+@pytest.mark.parametrize("names", list(RUN_NAMES))
+def test_the_depth_plot_export_keeps_axis_titles_ticks_and_legends_apart(names, caption):
+    """Measured on the drawn text: no two texts overlap (the x axis title and the legend under it included), none
+    is cut, and each legend lies wholly under its panel's x axis title."""
+    from kcore.viz.depth import TICK_CHARS, depth_figure
+
+    fig = depth_figure(_named_rows(RUN_NAMES[names]), caption=caption)
+    assert not _overlaps(fig), _overlaps(fig)
+    assert not _outside(fig), _outside(fig)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    r = canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        assert ax.get_legend().get_window_extent(r).y1 <= ax.xaxis.label.get_window_extent(r).y0
+        assert all(len(t.get_text()) <= TICK_CHARS for t in ax.get_xticklabels())
+
+
+def test_short_tick_labels_drop_shared_folders_stay_distinct_and_fit():
+    from kcore.viz.depth import short_labels
+
+    assert short_labels(["layer1", "layer2"]) == ["layer1", "layer2"]  # short names are kept as they are
+    assert short_labels(["sweep-1/pairs/00_a__a", "sweep-1/pairs/01_b__b"]) == ["00_a__a", "01_b__b"]
+    assert short_labels(["abcdefghijklmnopqrstuvwxyz"], width=9) == ["abcd…wxyz"]
+    same_ends = short_labels(RUN_NAMES["run folders"][:2], width=12)  # they differ only in the middle
+    assert same_ends == ["1: swee…yer1", "2: swee…yer1"]  # numbered, 12 characters each
+    for names in RUN_NAMES.values():
+        got = short_labels(names)
+        assert len(set(got)) == len(got) and all(len(s) <= 18 for s in got)
+    with pytest.raises(ValueError, match=r"width must be at least 8 characters, got 4\. Fix: "):
+        short_labels(["a"], width=4)
+
+
+@pytest.mark.parametrize("names", list(RUN_NAMES))
+def test_the_interactive_depth_plot_uses_the_width_and_keeps_ticks_clear_of_the_legend(names):
+    """Plotly's layout: both panels share the full width; titles of at most two lines that fit half of the narrow
+    main area at 13 px; tick labels shortened with every full name in the hover; the legend under the ticks."""
+    from kcore.viz.depth import TICK_CHARS, depth_figure_interactive
+
+    full = RUN_NAMES[names]
+    fig = depth_figure_interactive(_named_rows(full), x_title="run")
+    lay = fig.layout
+    assert lay.xaxis.domain[0] == 0 and lay.xaxis2.domain[1] == 1 and lay.margin.l <= 10 and lay.margin.r <= 10
+    assert lay.width is None and lay.autosize  # the page's width, not a fixed one
+    panel_px = NARROW_MAIN_PX * (lay.xaxis.domain[1] - lay.xaxis.domain[0])
+    for title in lay.annotations:
+        lines = title.text.split("<br>")
+        assert len(lines) <= 2 and max(map(len, lines)) * 0.6 * title.font.size <= panel_px, title.text
+    ticks = list(lay.xaxis.ticktext)
+    assert all(len(t) <= TICK_CHARS for t in ticks) and len(set(ticks)) == len(ticks)
+    assert {c for t in fig.data for c in t.customdata} == set(full)  # the hover names the full x label
+    assert all("%{customdata}" in t.hovertemplate for t in fig.data)
+    upright = lay.xaxis.tickangle == -90
+    assert upright == (max(map(len, ticks)) > 8)
+    tick_px = max(map(len, ticks)) * 0.6 * 12 if upright else 12  # 12 px tick text: its height on the page
+    legend_rows = -(-len(fig.data) // 3)
+    assert lay.legend.yref == "container" and lay.legend.y == 0 and lay.legend.yanchor == "bottom"
+    assert lay.margin.b >= tick_px + 20 + legend_rows * 20  # ticks, the x title and the legend, stacked
