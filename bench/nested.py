@@ -82,7 +82,8 @@ def one_row(name: str, xa: Tensor, xb: Tensor, **overrides: Any) -> dict[str, An
                stages=[s.as_dict() for s in nest.nested.stages])
     print(f"[nested] {name}: plain {out['plain_cpu_seconds']:.0f} s CPU err {out['plain_error']:.4f}; nested "
           f"{out['nested_cpu_seconds']:.0f} s CPU err {out['nested_error']:.4f}; gains "
-          + " / ".join(f"{100 * v:.1f}" for v in out["gains"]), file=sys.stderr, flush=True)
+          + " / ".join(f"{100 * v:.1f}" for v in out["gains"]) + "; guard " + guard_cell(out),
+          file=sys.stderr, flush=True)
     return out
 
 
@@ -98,6 +99,19 @@ def training_flops(row: dict[str, Any], shape: tuple[int, int, int, int]) -> tup
     return plain, nested
 
 
+def guard_cell(row: dict[str, Any]) -> str:
+    """``g1 ✓ (+10.1 ± 1.2) g2 ✗ (+0.3 ± 0.4)``: each trained gₖ's monitor gain (points, ± its s.e.) and the
+    guard's decision; "not recorded" for rows measured before the guard."""
+    cells = []
+    for s in row["stages"][1:]:
+        if "accepted" not in s:
+            return "not recorded"
+        gain = "" if s.get("monitor_gain") is None else \
+            f" ({100 * s['monitor_gain']:+.1f} ± {100 * s['monitor_gain_se']:.1f})"
+        cells.append(f"g{s['order']} {'✓' if s['accepted'] else '✗'}{gain}")
+    return " ".join(cells)
+
+
 def table(rows: list[dict[str, Any]], shape: tuple[int, int, int, int] | None = None) -> str:
     """The markdown table of the rows and the spread of every number over them; ``shape`` (C_a, C_b, H, W) adds
     the ratio of training FLOPs."""
@@ -107,8 +121,9 @@ def table(rows: list[dict[str, Any]], shape: tuple[int, int, int, int] | None = 
         return " / ".join(f"{100 * x:.1f}" for x in v)
 
     head = ("| row | today's shares x⁽⁰⁾ … x⁽ᴷ⁾ / x^Δ (%) | nested gains Δ₀ … Δ_K / x^Δ (%) | "
-            "held-out error today / nested | CPU time today / nested | training FLOPs nested / today |")
-    lines = [head, "|---|---|---|---|---|---|"]
+            "held-out error today / nested | CPU time today / nested | training FLOPs nested / today | "
+            "guard (gₖ accepted ✓ or gₖ₋₁ kept ✗) |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         flops = ""
         if shape is not None:
@@ -119,13 +134,13 @@ def table(rows: list[dict[str, Any]], shape: tuple[int, int, int, int] | None = 
             cpu = (f"{r['plain_cpu_seconds']:.0f} s / {r['nested_cpu_seconds']:.0f} s "
                    f"({r['nested_cpu_seconds'] / r['plain_cpu_seconds']:.2f}×)")
         lines.append(f"| {r['row']} | {pct(r['plain_shares'])} | {pct(r['gains'])} | {r['plain_error']:.4f} / "
-                     f"{r['nested_error']:.4f} | {cpu} | {flops} |")
+                     f"{r['nested_error']:.4f} | {cpu} | {flops} | {guard_cell(r)} |")
 
     def spread(key: str) -> str:
         cols = list(zip(*(r[key] for r in rows)))
         return " / ".join(f"{100 * (max(c) - min(c)):.1f}" for c in cols)
 
-    lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | | | |")
+    lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | | | | |")
     lines.append(f"\n(K = {k1 - 1}; spread over {len(rows)} rows.)")
     return "\n".join(lines)
 

@@ -403,6 +403,8 @@ def _fit_job(args, ctx) -> int:
               f"{d.fit.baseline.cka:.4f}")
         if d.fit.nested is not None:
             print(f"  {d.fit.nested.gains.summary_line()}")
+            for s in d.fit.nested.stages[1:]:
+                print(f"  g_{s.order}: {s.guard or 'accepted'}")
         for ref in comp.baselines.values():
             r = ref.reports.get(key)
             if r is not None:

@@ -269,6 +269,9 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
     baseline_linear_error`` (the least-squares map's held-out error, in the units of ``heldout_error``), ``baseline_cka,
     gates, best_epoch, epochs_run, fit_seconds``, ``chance_<kind>_instability`` per chance baseline and the verdict
     against chance (:mod:`kcore.verdict`): ``verdict`` (its code), ``verdict_overfit``, ``verdict_text``.
+    A nested fit adds ``gain_x0 … gain_xK`` (its order-wise gains Δₖ, with ``instability`` summing to 1),
+    ``gain_xk_ci_lo``/``gain_xk_ci_hi`` (their bootstrap intervals) and ``gain_accepted`` (per stage g₀ … g_K,
+    ``1`` when the trained gₖ was kept, ``0`` when the guard kept gₖ₋₁'s function, so that Δₖ = 0).
     """
     rows = []
     for key, d in comparison.directions.items():
@@ -299,6 +302,13 @@ def metrics_table(comparison: Any) -> pd.DataFrame:
             "gates": " ".join(f"{g:.4g}" for g in f.gates),
             "best_epoch": f.best_epoch, "epochs_run": len(f.history), "fit_seconds": round(f.seconds, 3),
         })
+        if f.nested is not None:  # order-wise gains of nested fits, beside the shares
+            gains = f.nested.gains
+            for k, g in enumerate(gains.gain_orders):
+                iv = gains.interval(k)
+                row[f"gain_x{k}"] = g
+                row[f"gain_x{k}_ci_lo"], row[f"gain_x{k}_ci_hi"] = iv if iv is not None else (nan, nan)
+            row["gain_accepted"] = " ".join("1" if s.accepted else "0" for s in f.nested.stages)
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -15,6 +15,7 @@ which the optimiser's path decides, each gain is what order k adds to the best f
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -309,6 +310,10 @@ class NestedStage:
         steps_run: optimiser steps (0 for g₀, which is closed-form). stopped_by: why training ended (``None``
             for g₀). start_monitor_error, best_monitor_error: the monitor error of the start (gₖ₋₁'s function)
             and of the kept weights (``None`` without a monitor split). gates: gₖ's (p⁽¹⁾, …, p⁽ᵏ⁾).
+        accepted: False when the guard kept gₖ₋₁'s function (p⁽ᵏ⁾ = 0, so Δₖ = 0 exactly); always True for g₀.
+        guard: why (:func:`guard_stage`'s reason), empty for g₀.
+        monitor_gain, monitor_gain_se: the trained gₖ's mean improvement over gₖ₋₁ of the per-image relative
+            error on the monitor images, and its standard error (``None`` without a monitor split).
     """
 
     order: int
@@ -318,6 +323,10 @@ class NestedStage:
     start_monitor_error: float | None = None
     best_monitor_error: float | None = None
     gates: tuple[float, ...] = ()
+    accepted: bool = True
+    guard: str = ""
+    monitor_gain: float | None = None
+    monitor_gain_se: float | None = None
 
     def as_dict(self) -> dict:
         """The JSON form."""
@@ -347,6 +356,94 @@ class NestedFits:
     def as_dict(self) -> dict:
         """The metrics.json form: the gains' fields and ``stages``."""
         return {**self.gains.as_dict(), "stages": [s.as_dict() for s in self.stages]}
+
+
+GUARD_Z = 2.0
+"""A trained gₖ is kept only if its mean improvement over gₖ₋₁ on the monitor images exceeds this many standard
+errors of the paired per-image differences (:func:`guard_stage`)."""
+
+GUARD_MIN_GAIN = 0.005
+"""… and exceeds half a point of the monitor's Var(x*): early stopping picked gₖ's weights on the same monitor
+images, from a start equal to gₖ₋₁, so a tiny drop that is the same on every image (a standard error near 0) is
+the selection, not an order's gain (a planted linear target shows it: tests/test_nested_guard.py)."""
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """The guard's decision on one trained gₖ (:func:`guard_stage`).
+
+    Attributes:
+        accepted: keep the trained gₖ (else gₖ₋₁'s function with p⁽ᵏ⁾ = 0). reason: one line saying why.
+        gain, se: mean and standard error of dᵢ = eᵢ(gₖ₋₁) − eᵢ(gₖ) over the monitor images, eᵢ an image's squared
+            error over the monitor split's mean Σ(x* − channel mean)² per image (``None`` without a monitor split).
+        n_images: monitor images compared.
+    """
+
+    accepted: bool
+    reason: str
+    gain: float | None = None
+    se: float | None = None
+    n_images: int = 0
+
+
+def per_image_errors(model: GTheta, xs: Tensor, xt: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Σ over channels and pixels of (x* − g(x))² per image (float64, CPU), for prepared maps, in eval mode.
+
+    Every image is computed in this process (no sharing between ranks), so every rank reaches the same numbers.
+    """
+    out = []
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], batch_size):
+            xb, tb = xs[i : i + batch_size].to(device), xt[i : i + batch_size].to(device)
+            out.append(((model(xb) - tb).double() ** 2).sum((1, 2, 3)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def guard_stage(prev: GTheta, new: GTheta, xs: Tensor | None, xt: Tensor | None, batch_size: int,
+                device: torch.device, z: float = GUARD_Z, min_gain: float = GUARD_MIN_GAIN) -> GuardDecision:
+    """Keep a trained gₖ only if it beats gₖ₋₁ on the monitor images by more than their noise.
+
+    A paired comparison: dᵢ = eᵢ(gₖ₋₁) − eᵢ(gₖ) per monitor image (eᵢ: the image's squared error relative to the
+    split's mean per-image Σ(x* − channel mean)², so mean(dᵢ) is the drop of the monitor's relative error);
+    gₖ is accepted when mean(d) > max(z · sd(d)/√n, min_gain). The held-out images are never looked at.
+
+    Args:
+        prev, new: gₖ₋₁ and the trained gₖ, in eval mode on ``device``.
+        xs, xt: the monitor split's prepared maps (``None``: no monitor split, gₖ is accepted unchecked).
+        batch_size: images per batch. device: where the models run.
+        z: standard errors the mean improvement must exceed.
+        min_gain: the smallest drop of the monitor's relative error that counts (a share of Var(x*)).
+
+    Returns:
+        A :class:`GuardDecision`.
+
+    Raises:
+        ValueError: ``z`` or ``min_gain`` is negative or not finite.
+    """
+    for name, v, default in (("z", z, GUARD_Z), ("min_gain", min_gain, GUARD_MIN_GAIN)):
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {v!r}. Fix: use {default}.")
+    if xs is None or xt is None or xs.shape[0] < 2:
+        return GuardDecision(True, "accepted unchecked: no monitor split (fewer than 2 monitor images)")
+    e_prev = per_image_errors(prev, xs, xt, batch_size, device)
+    e_new = per_image_errors(new, xs, xt, batch_size, device)
+    mom = ChannelMoments(xt.shape[1])
+    for i in range(0, xt.shape[0], batch_size):
+        mom.update(xt[i : i + batch_size].to(device))
+    sst = float(mom.m2.sum()) / xt.shape[0]
+    n = int(e_prev.shape[0])
+    if not sst > 0:
+        return GuardDecision(False, "kept g_(k-1): the monitor targets are constant", None, None, n)
+    d = (e_prev - e_new) / sst
+    gain, se = float(d.mean()), float(d.std(unbiased=True)) / math.sqrt(n)
+    if not math.isfinite(gain):
+        return GuardDecision(False, "kept g_(k-1): the trained g_k's monitor error is not finite", None, None, n)
+    bar = f"{z:g} × s.e. {100 * se:.2f} and {100 * min_gain:g} points, {n} images"
+    if gain > z * se and gain > min_gain:
+        return GuardDecision(True, f"accepted: monitor error {100 * gain:.2f} points lower than g_(k-1)'s "
+                             f"(more than {bar})", gain, se, n)
+    return GuardDecision(False, f"kept g_(k-1): monitor error {100 * gain:+.2f} points lower, not more than "
+                         f"{bar}", gain, se, n)
 
 
 def nested_outputs(models: Sequence[GTheta], x: Tensor) -> list[Tensor]:
@@ -428,8 +525,12 @@ def train_nested(
         best = None
         if run.start_monitor_error is not None and run.history:
             best = run.start_monitor_error if run.best_epoch == 0 else run.history[run.best_epoch - 1].monitor_error
+        check = guard_stage(models[-1], model, data.xs_mon, data.xt_mon, data.eval_batch, data.device)
+        if not check.accepted:  # gₖ₋₁'s function: the new gate at exactly 0 adds exactly nothing
+            model = extend_order(models[-1], seed=cfg.seed + k).eval()
         stages.append(NestedStage(k, time.perf_counter() - ts, run.steps_run, run.stopped_by,
-                                  run.start_monitor_error, best, tuple(float(v) for v in model.gates().detach())))
+                                  run.start_monitor_error, best, tuple(float(v) for v in model.gates().detach()),
+                                  check.accepted, check.reason, check.gain, check.se))
         models.append(model)
     return models, stages, run, lin
 
