@@ -151,6 +151,29 @@ def _local(url: str) -> bool:
     return u.scheme in ("data", "blob", "about") or u.hostname == "127.0.0.1"
 
 
+def _check_depth_plot(page, shot: str) -> None:
+    """The depth plot uses its whole width, its two panel titles do not overlap, its x tick labels neither each
+    other nor the legend (which lies wholly under them): boxes of the drawn text, as the browser lays it out."""
+    page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stPlotlyChart\"] .legendtext').length",
+                           timeout=30_000)
+    got = page.evaluate("""() => {
+        const chart = document.querySelector('[data-testid="stPlotlyChart"]');
+        const box = e => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+        return {chart: box(chart), svg: box(chart.querySelector('.main-svg')),
+                titles: [...chart.querySelectorAll('.annotation-text')].map(box),
+                ticks: [...chart.querySelectorAll('.xtick text')].map(box),
+                legend: [...chart.querySelectorAll('.legendtext')].map(box)};
+    }""")
+
+    def apart(a, b) -> bool:
+        return a[2] <= b[0] + 1 or b[2] <= a[0] + 1 or a[3] <= b[1] + 1 or b[3] <= a[1] + 1
+
+    assert got["svg"][2] - got["svg"][0] >= 0.9 * (got["chart"][2] - got["chart"][0]), (shot, got)
+    assert len(got["titles"]) == 2 and apart(*got["titles"]), (shot, got["titles"])
+    assert all(apart(a, b) for i, a in enumerate(got["ticks"]) for b in got["ticks"][i + 1:]), (shot, got["ticks"])
+    assert min(b[1] for b in got["legend"]) >= max(b[3] for b in got["ticks"]), (shot, got)
+
+
 def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser, tmp_path):
     """At 1024×700 no page scrolls sideways, no request goes anywhere but 127.0.0.1 (no icon or font from the
     internet), and a screenshot of every page is taken: into assets/ (the README shows them) with
@@ -210,6 +233,7 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
         if shot in ("sweep-page", "compare-runs"):  # the depth plot is drawn
             sync_api.expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1, timeout=60_000)
             assert page.locator('[data-testid="stPlotlyChart"]').first.bounding_box()["width"] > 250
+            _check_depth_plot(page, shot)
         widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
         if widths[0] > widths[1]:
             too_wide[shot] = widths
