@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 FIT_TIMEOUT_MS = 300_000
 EPOCHS = int(os.environ.get("KCORE_BROWSER_EPOCHS", "3"))
 """Epochs typed into the Fit page (0 keeps the preset's full schedule: minutes on a busy 2-core machine)."""
@@ -31,56 +26,22 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KCORE_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
            "KCORE_EXPORTS_DIR": str(tmp_path_factory.mktemp("exports"))}
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
+    with local_dashboard(env, port=port, log=log, timeout=60) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
         yield b
         b.close()
-
-
-def _idle(page) -> None:
-    """Wait until Streamlit is not running a script (the 'Running…' status widget is gone)."""
-    time.sleep(0.5)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=60_000)
 
 
 def test_default_fit_shows_the_overlay(server, browser, tmp_path):
@@ -88,21 +49,21 @@ def test_default_fit_shows_the_overlay(server, browser, tmp_path):
     page.goto(server)
     page.get_by_role("heading", name="Models & images").wait_for(timeout=60_000)
     page.get_by_text("kshapes_tinynet_s0.safetensors").first.wait_for(timeout=60_000)  # the default, no upload
-    _idle(page)
+    wait_idle(page)
     page.get_by_role("link", name="Fit", exact=True).first.click()
     start = page.get_by_role("button", name="Start fit")
     start.wait_for(timeout=60_000)
-    _idle(page)
+    wait_idle(page)
     if EPOCHS:  # the default models, layers and images, with a short schedule (see EPOCHS)
         field = page.get_by_role("spinbutton", name="Epochs (0 = preset schedule)")
         field.fill(str(EPOCHS))
         field.press("Enter")
-        _idle(page)
+        wait_idle(page)
     t0 = time.perf_counter()
     start.click()
     page.get_by_text("Finished in").wait_for(timeout=FIT_TIMEOUT_MS)
     print(f"default fit seen finished in the browser after {time.perf_counter() - t0:.1f} s")
-    _idle(page)
+    wait_idle(page)
 
     page.get_by_role("link", name="Explorer", exact=True).first.click()
     page.get_by_role("heading", name="Explorer").wait_for(timeout=60_000)
@@ -115,7 +76,7 @@ def test_default_fit_shows_the_overlay(server, browser, tmp_path):
         chart.locator("g.colorbar").first.wait_for(state="attached", timeout=60_000)
         chart.locator("g.heatmaplayer image, g.imagelayer image").first.wait_for(state="attached", timeout=60_000)
         assert chart.bounding_box()["width"] > 100
-    _idle(page)
+    wait_idle(page)
     shot = tmp_path / "explorer.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -187,38 +148,38 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
     page.goto(server)
     page.get_by_role("heading", name="Models & images").wait_for(timeout=60_000)
     page.get_by_text("kshapes_tinynet_s0.safetensors").first.wait_for(timeout=60_000)
-    _idle(page)
+    wait_idle(page)
     # a short fit so that the result pages have something to show
     page.get_by_role("link", name="Fit", exact=True).first.click()
     start = page.get_by_role("button", name="Start fit")
     start.wait_for(timeout=60_000)
-    _idle(page)
+    wait_idle(page)
     field = page.get_by_role("spinbutton", name="Epochs (0 = preset schedule)")
     field.fill("2")
     field.press("Enter")
-    _idle(page)
+    wait_idle(page)
     start.click()
     page.get_by_text("Finished in").wait_for(timeout=FIT_TIMEOUT_MS)
-    _idle(page)
+    wait_idle(page)
     # a short layer sweep, so that the Layer sweep page shows its result and Compare runs has pairs to pick
     page.get_by_role("link", name="Layer sweep", exact=True).first.click()
     start = page.get_by_role("button", name="Start sweep")
     start.wait_for(timeout=60_000)
-    _idle(page)
+    wait_idle(page)
     for label, value in (("K (highest order)", "1"), ("Epochs (0 = preset schedule)", "1")):
         field = page.get_by_role("spinbutton", name=label)
         field.fill(value)
         field.press("Enter")
-        _idle(page)
+        wait_idle(page)
     start.click()
     page.get_by_text("Reproduce this sweep").wait_for(timeout=FIT_TIMEOUT_MS)  # drawn with the finished result
-    _idle(page)
+    wait_idle(page)
     ASSETS.mkdir(exist_ok=True)
     too_wide = {}
     for link, heading, shot in PAGES:
         page.get_by_role("link", name=link, exact=True).first.click()
         page.get_by_role("heading", name=heading).first.wait_for(timeout=60_000)
-        _idle(page)
+        wait_idle(page)
         if shot == "explorer":
             charts = page.locator('[data-testid="stPlotlyChart"]')
             sync_api.expect(charts).to_have_count(2, timeout=60_000)
@@ -227,9 +188,9 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
             for _ in range(2):
                 page.locator('[data-testid="stMultiSelect"]').first.click()
                 page.get_by_role("option").first.click()
-                _idle(page)
+                wait_idle(page)
             page.keyboard.press("Escape")
-            _idle(page)
+            wait_idle(page)
         if shot in ("sweep-page", "compare-runs"):  # the depth plot is drawn
             sync_api.expect(page.locator('[data-testid="stPlotlyChart"]')).to_have_count(1, timeout=60_000)
             assert page.locator('[data-testid="stPlotlyChart"]').first.bounding_box()["width"] > 250
@@ -245,7 +206,7 @@ def test_every_page_fits_1024x700_and_nothing_leaves_the_machine(server, browser
             too_wide[f"{shot} (elements cut at the right)"] = cut
         # Streamlit scrolls inside its main area, so a taller window shows the whole page in the screenshot
         page.set_viewport_size({"width": 1024, "height": 1500})
-        _idle(page)
+        wait_idle(page)
         page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)",
                                timeout=30_000)
         time.sleep(1.0)

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import dataclasses as dc
 import os
-import socket
-import subprocess
 import sys
-import time
 import types
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
 from helpers import loaded, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,52 +293,16 @@ def test_filters_table_in_percent_with_intervals_and_no_variance(opened):
 
 
 # ------------------------------------------------------------------------------------------------ the browser
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(run_folder, tmp_path_factory):
     runs, exports, _ = run_folder
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KCORE_RUNS_DIR": str(runs), "KCORE_EXPORTS_DIR": str(exports)}
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
+    with local_dashboard(env, port=port, log=log, timeout=90) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _idle(page) -> None:
-    time.sleep(0.5)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
 
 
 @pytest.mark.browser
@@ -354,12 +315,12 @@ def test_at_1024_px_overview_text_is_11_px_and_labels_are_whole(server, run_fold
     run = RunEntry("planted", planted, None)
     smallest = [min(s for _, s in text_sizes(getattr(figures, n)(run))) for n in ("instability", "variance", "loss")]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
         try:
             page = browser.new_page(viewport={"width": 1024, "height": 700})
             page.goto(server)
             page.get_by_role("heading", name="Models & images").wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             page.get_by_role("radio", name="Server", exact=True).nth(1).wait_for(timeout=90_000)
             groups = page.get_by_role("radiogroup", name="Source")
             for i in range(groups.count()):  # every source choice shows whole, no scrolling inside the control
@@ -373,16 +334,16 @@ def test_at_1024_px_overview_text_is_11_px_and_labels_are_whole(server, run_fold
             page.get_by_role("link", name="Fit", exact=True).first.click()
             field = page.get_by_placeholder("/path/to/run")
             field.wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             field.fill(str(folder))
             field.press("Enter")
-            _idle(page)
+            wait_idle(page)
             page.get_by_role("button", name="Open", exact=True).last.click()
             page.locator("code", has_text=str(folder)).first.wait_for(timeout=90_000)  # listed: it is open
-            _idle(page)
+            wait_idle(page)
             page.get_by_role("link", name="Overview", exact=True).first.click()
             page.get_by_role("heading", name="Overview").wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             images = page.locator('[data-testid="stMain"] img')
             sync_api.expect(images).to_have_count(3, timeout=90_000)
             shown = []
@@ -400,7 +361,7 @@ def test_at_1024_px_overview_text_is_11_px_and_labels_are_whole(server, run_fold
             assert min(px) >= MIN_SCREEN_PX, list(zip(("instability", "variance", "loss"), px, shown))
             page.get_by_role("link", name="Filters", exact=True).first.click()
             page.get_by_role("heading", name="Filters").wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             grid = page.locator('[data-testid="stDataFrame"]').first
             grid.wait_for(timeout=90_000)
             # every column fits: the grid's scroller is no wider than its box (no sideways scrollbar inside it)

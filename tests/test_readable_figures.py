@@ -7,12 +7,8 @@ Explorer's interactive views draw no text under 11 px, and the studies' SVG figu
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 import types
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
 from helpers import loaded, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,9 +235,6 @@ def test_study_figure_code_has_no_mathtext():
 
 
 # ------------------------------------------------------------------------------------------------ the browser
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -253,53 +247,20 @@ def run_folder(random_images, tmp_path_factory):
     return runs, write_run(comp, runs / "run")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(run_folder, tmp_path_factory):
     runs, _ = run_folder
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KCORE_RUNS_DIR": str(runs), "KCORE_EXPORTS_DIR": str(tmp_path_factory.mktemp("exports"))}
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"streamlit did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.25)
+    with local_dashboard(env, port=port, log=log, timeout=90) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _idle(page) -> None:
-    time.sleep(0.5)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=90_000)
 
 
 def _goto(page, name: str) -> None:
     page.get_by_role("link", name=name, exact=True).first.click()
     page.get_by_role("heading", name=name).first.wait_for(timeout=90_000)
-    _idle(page)
+    wait_idle(page)
 
 
 def _shown(page, img) -> tuple[int, int]:
@@ -323,20 +284,20 @@ def test_at_1024_px_figure1_and_explorer_text_is_11_px(server, run_folder):
     _, folder = run_folder
     run = RunEntry("run", read_run(folder), None)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
         try:
             page = browser.new_page(viewport={"width": 1024, "height": 700})
             page.goto(server)
             page.get_by_role("heading", name="Models & images").wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             _goto(page, "Fit")
             field = page.get_by_placeholder("/path/to/run")
             field.fill(str(folder))
             field.press("Enter")
-            _idle(page)
+            wait_idle(page)
             page.get_by_role("button", name="Open", exact=True).last.click()
             page.locator("code", has_text=str(folder)).first.wait_for(timeout=90_000)
-            _idle(page)
+            wait_idle(page)
             _goto(page, "Figure 1")
             direction = next(iter(run.comparison.directions))
             rep = run.comparison.directions[direction].fit.heldout_report.per_channel
@@ -345,7 +306,7 @@ def test_at_1024_px_figure1_and_explorer_text_is_11_px(server, run_folder):
             for scale, label in (("image", "per row"), ("map", "per map"), ("shared", "shared")):
                 fig = figures.grid(run, direction, [0, 1], chans, scale)
                 page.get_by_text(label, exact=True).first.click()
-                _idle(page)
+                wait_idle(page)
                 img = page.locator('[data-testid="stMain"] [data-testid="stImage"] img').first
                 expected = round(fig.get_figwidth() * DISPLAY_DPI)  # the page shows this very figure
                 page.wait_for_function(

@@ -4,12 +4,11 @@ is listed, with no click (the part that polls a running study asks for the whole
 Drives Debian's /usr/bin/chromium through Playwright (never `playwright install`); skipped without it."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from test_browser import CHROMIUM, _idle, browser, server  # noqa: F401  (fixtures: a server and a browser)
+from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, local_dashboard, wait_idle
 
 pytestmark = [
     pytest.mark.browser,
@@ -19,34 +18,43 @@ sync_api = pytest.importorskip("playwright.sync_api")
 STUDY_TIMEOUT_MS = 900_000  # a guard against a hang: the tiny study takes ~30 s idle, minutes on a busy machine
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def studies_dir(tmp_path_factory):
-    """The server's studies folder (set before the server starts: the fixture is autouse, so it runs first)."""
-    folder = tmp_path_factory.mktemp("studies")
-    old = os.environ.get("KCORE_STUDIES_DIR")
-    os.environ["KCORE_STUDIES_DIR"] = str(folder)
-    yield folder
-    if old is None:
-        os.environ.pop("KCORE_STUDIES_DIR", None)
-    else:
-        os.environ["KCORE_STUDIES_DIR"] = old
+    """The server's studies folder."""
+    return tmp_path_factory.mktemp("studies")
 
 
-def test_a_finished_study_refreshes_the_page_by_itself_and_opens(server, browser, studies_dir):  # noqa: F811
+@pytest.fixture(scope="module")
+def server(studies_dir, tmp_path_factory):
+    env = {"KCORE_STUDIES_DIR": str(studies_dir), "KCORE_RUNS_DIR": str(tmp_path_factory.mktemp("runs")),
+           "KCORE_EXPORTS_DIR": str(tmp_path_factory.mktemp("exports"))}
+    with local_dashboard(env, log=tmp_path_factory.mktemp("log") / "streamlit.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
+        yield b
+        b.close()
+
+
+def test_a_finished_study_refreshes_the_page_by_itself_and_opens(server, browser, studies_dir):
     expect = sync_api.expect
     page = browser.new_page(viewport={"width": 1024, "height": 700})
     page.goto(f"{server}/studies")
     page.get_by_text("Expected run time").wait_for(timeout=180_000)  # the first view times the probe
-    _idle(page)
+    wait_idle(page)
     page.get_by_role("combobox", name="Study", exact=True).click()
     page.get_by_role("option", name="cross-task").click()
-    _idle(page)
+    wait_idle(page)
     page.get_by_text("Options", exact=True).click()
     for label, value in (("n-train", 200), ("n-test", 100), ("n-images", 60), ("epochs", 1), ("fit-epochs", 1)):
         box = page.get_by_label(label, exact=True)
         box.fill(str(value))
         box.press("Enter")
-        _idle(page)
+        wait_idle(page)
     page.get_by_role("button", name="Run").click()
     expect(page.get_by_role("button", name="Run")).to_be_disabled(timeout=60_000)
     t0 = time.monotonic()
@@ -57,7 +65,7 @@ def test_a_finished_study_refreshes_the_page_by_itself_and_opens(server, browser
     box.scroll_into_view_if_needed()
     box.click()
     page.get_by_role("option", name=folder.name).click()
-    _idle(page)
+    wait_idle(page)
     expect(page.get_by_label("… or a folder path")).to_have_value(str(folder), timeout=60_000)
     expect(page.get_by_text("fine_to_coarse").first).to_be_visible(timeout=60_000)  # the folder's table is open
     print(f"the study ended and the page showed it {time.monotonic() - t0:.0f} s after it started running")

@@ -9,23 +9,20 @@ baselines) on the 400 bundled images with a short schedule, and saves the page o
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+if str(ROOT) not in sys.path:  # `python tools/sweep_screenshot.py` puts only tools/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, local_dashboard, wait_idle  # noqa: E402
 
 
 def _idle(page) -> None:
-    time.sleep(0.5)
-    page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=120_000)
+    wait_idle(page, 120_000)
 
 
 def _number(page, label: str, value: int) -> None:
@@ -45,25 +42,9 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     runs = tempfile.mkdtemp(prefix="kcore-sweep-shot-")
-    env = {**os.environ, "KCORE_RUNS_DIR": runs}
-    cmd = [sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(args.port), "--browser.gatherUsageStats", "false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("streamlit did not start")
-            time.sleep(0.5)
+    with local_dashboard({"KCORE_RUNS_DIR": runs}, port=args.port, timeout=120) as url:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
             page = browser.new_page(viewport={"width": 1024, "height": 900})
             page.goto(url)
             page.get_by_role("heading", name="Models & images").wait_for(timeout=120_000)
@@ -88,12 +69,6 @@ def main() -> int:
             chart.screenshot(path=str(args.out))
             browser.close()
         print(f"wrote {args.out}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return 0
 
 
