@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,33 @@ POLL_SECONDS = 0.01
 """How often the benchmark reads the job's state."""
 
 
-def _poll(job: Any, until: Any, touch: Any, timeline: list[tuple[float, str]], timeout: float) -> None:
-    """Read ``job`` every :data:`POLL_SECONDS` until ``until()`` is true (or ``timeout`` seconds), appending
-    (UNIX time, stage) to ``timeline`` at each change of stage; ``touch()`` keeps the session seen."""
-    t0, last_touch = time.monotonic(), 0.0
+def _record(job: Any, touch: Any, timeline: list[tuple[float, str]], timeout: float) -> threading.Thread:
+    """Start a thread that reads ``job`` every :data:`POLL_SECONDS` until it ends (or ``timeout`` seconds),
+    appending (UNIX time, stage) to ``timeline`` at each change of stage and the final stage once it has ended;
+    ``touch()`` keeps the session seen. It runs beside the page runs, so no stage is missed while the Overview
+    is drawn (a smoke-size job can end its baselines meanwhile)."""
+    def loop() -> None:
+        t0, last_touch = time.monotonic(), 0.0
+        while time.monotonic() - t0 < timeout:
+            running, stage = job.running, job.stage
+            if not timeline or timeline[-1][1] != stage:
+                timeline.append((time.time(), stage))
+            if not running:
+                return
+            if time.monotonic() - last_touch > 1.0:
+                touch()
+                last_touch = time.monotonic()
+            time.sleep(POLL_SECONDS)
+
+    thread = threading.Thread(target=loop, name="first-result-recorder", daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait(until: Any, timeout: float) -> None:
+    """Wait until ``until()`` is true or ``timeout`` seconds have passed, checking every :data:`POLL_SECONDS`."""
+    t0 = time.monotonic()
     while not until() and time.monotonic() - t0 < timeout:
-        stage = job.stage
-        if not timeline or timeline[-1][1] != stage:
-            timeline.append((time.time(), stage))
-        if time.monotonic() - last_touch > 1.0:
-            touch()
-            last_touch = time.monotonic()
         time.sleep(POLL_SECONDS)
 
 
@@ -103,7 +120,8 @@ def first_result(n_images: int | None = None, epochs: int | None = None, models_
             touch = lambda: state.registry().touch(session)  # noqa: E731  (the tab stays open)
             timeline: list[tuple[float, str]] = []
             try:
-                _poll(job, lambda: job.partial is not None or not job.running, touch, timeline, timeout)
+                recorder = _record(job, touch, timeline, timeout)
+                _wait(lambda: job.partial is not None or not job.running, timeout)
                 published = time.time()
                 if job.partial is None:
                     raise RuntimeError(f"the job did not publish its fit: {job.state} ({job.error})")
@@ -112,7 +130,7 @@ def first_result(n_images: int | None = None, epochs: int | None = None, models_
                 shown = time.time()
                 if at.exception or not inst:
                     raise RuntimeError(f"the Overview did not show the fit: {[e.value for e in at.exception]}")
-                _poll(job, lambda: not job.running, touch, timeline, timeout)
+                recorder.join(timeout)
                 if job.state != "done":
                     raise RuntimeError(f"the job ended {job.state}: {job.error}")
             finally:

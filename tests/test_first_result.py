@@ -26,8 +26,10 @@ def test_first_result_smoke_row_and_timeline(tmp_path):
     stages = [s["stage"] for s in r["timeline"]]
     assert stages[0] == "extract" and stages[-1] == "done"
     assert stages.index("fit A_to_B") < stages.index("saving") < stages.index("baseline random_b A_to_B")
-    # the fit is done, then published, then shown; the baselines end after all of it
-    assert r["fit_seconds"] <= r["published_seconds"] <= r["shown_seconds"] < r["baselines_done_seconds"]
+    # the fit is done, then published (before the baselines end), then shown; at smoke size the baselines may end
+    # while the Overview is drawn, so the time shown is not compared with theirs
+    assert r["fit_seconds"] <= r["published_seconds"] <= r["shown_seconds"]
+    assert r["published_seconds"] < r["baselines_done_seconds"]
     assert r["write_seconds"] == pytest.approx(r["published_seconds"] - r["fit_seconds"])
     assert 0 < r["gtheta_seconds"] < r["fit_seconds"]
     table = (tmp_path / "results.md").read_text()
