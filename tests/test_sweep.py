@@ -201,7 +201,7 @@ def test_the_depth_plot_axes_hold_every_interval_and_reference_line():
     lo2, hi2 = plotly.layout.yaxis2.range
     assert lo2 <= -0.45 and hi2 >= 1.0
     names = {t.name for t in plotly.data}
-    assert {"A → B", "B → A", "A → B chance: random_b", "B → A x^Δ"} <= names
+    assert {"A → B", "B → A", "A → B chance: random-init B", "B → A x^Δ"} <= names
     fit = next(t for t in plotly.data if t.name == "A → B")
     assert list(fit.error_y.array) == pytest.approx([0.05, 0.05])
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
+from kcore.baselines import BASELINE_LABELS
 from kcore.sweep import SweepRow
 from kcore.viz.style import (
     RESIDUAL_TEX,
@@ -83,7 +84,7 @@ def depth_series(rows: Sequence[SweepRow]) -> list[Series]:
 
         series("instability", f"{name}", "fit", [(r.instability, r.instability_ci) for r in mine])
         for kind in sorted({k for r in mine for k in r.baselines}):
-            series("instability", f"{name} chance: {kind}", f"chance:{kind}",
+            series("instability", f"{name} chance: {BASELINE_LABELS.get(kind, kind)}", f"chance:{kind}",
                    [r.baselines.get(kind, (None, None)) for r in mine])
         orders = max(len(r.share_orders) for r in mine)
         for k in range(orders):
