@@ -1,4 +1,5 @@
-"""Shared test fixtures: threads, the ``needs_cuda`` skip, and the tiny kshapes data and models the study tests share.
+"""Shared test fixtures: threads, the ``needs_cuda`` skip, the tiny kshapes data and models the study tests share, and
+a headless Debian Chromium for the browser tests.
 
 Plain helper functions and classes (tiny networks, :class:`LoadedModel` wrappers) live in ``tests/helpers.py``.
 """
@@ -101,3 +102,17 @@ class RandomImages(torch.utils.data.Dataset):
 def random_images():
     """:class:`RandomImages` (the class: call it with n, size, id_format)."""
     return RandomImages
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Debian Chromium driven by Playwright (skips without either; never ``playwright install``)."""
+    from dashboard.serve import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
+        yield b
+        b.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
+from dashboard.serve import CHROMIUM, free_port, local_dashboard, wait_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 FIT_TIMEOUT_MS = 300_000
@@ -34,14 +34,6 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "streamlit.log"
     with local_dashboard(env, port=port, log=log, timeout=60) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
-        yield b
-        b.close()
 
 
 def test_default_fit_shows_the_overlay(server, browser, tmp_path):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, local_dashboard, wait_idle
+from dashboard.serve import CHROMIUM, local_dashboard, wait_idle
 
 pytestmark = [
     pytest.mark.browser,
@@ -30,14 +30,6 @@ def server(studies_dir, tmp_path_factory):
            "KCORE_EXPORTS_DIR": str(tmp_path_factory.mktemp("exports"))}
     with local_dashboard(env, log=tmp_path_factory.mktemp("log") / "streamlit.log") as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=list(CHROMIUM_ARGS))
-        yield b
-        b.close()
 
 
 def test_a_finished_study_refreshes_the_page_by_itself_and_opens(server, browser, studies_dir):
