@@ -1,4 +1,5 @@
-"""Helpers several test modules share: tiny seeded networks and their :class:`kcore.checkpoints.LoadedModel`.
+"""Helpers several test modules share: tiny seeded networks and their :class:`kcore.checkpoints.LoadedModel`,
+and the drawn-text checks of figures (overlapping texts, texts past the figure's edge).
 
 Import them as ``from helpers import tiny_net, loaded`` (pytest puts ``tests/`` on ``sys.path``); fixtures
 live in ``tests/conftest.py``. A test module never imports another test module.
@@ -10,6 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 from torch import nn
 
 from kcore.checkpoints import LoadedModel
@@ -60,3 +64,40 @@ def copy_sample(name: str, folder: Path) -> Path:
     for suffix in (".safetensors", ".card.json"):
         shutil.copy(SAMPLE_MODELS / f"{name}{suffix}", folder / f"{name}{suffix}")
     return folder / f"{name}.safetensors"
+
+
+def drawn_texts(fig: Figure) -> list[tuple[Text, object]]:
+    """(text, its box in display pixels) of every drawn, non-empty text, after one draw (tick labels of ticks
+    outside their axis' view are kept by matplotlib but not drawn: left out)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    r = canvas.get_renderer()
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
+                    hidden |= {id(tick.label1), id(tick.label2)}
+    return [(t, t.get_window_extent(r)) for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and t.get_figure() is not None and id(t) not in hidden
+            and (t.axes is None or t.axes.get_visible())]
+
+
+def overlapping_texts(fig: Figure) -> list[tuple[str, str]]:
+    """Pairs of texts whose boxes overlap by more than a pixel each way."""
+    boxes = drawn_texts(fig)
+    out = []
+    for i, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[i + 1:]:
+            w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
+            h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
+            if w > 1 and h > 1:
+                out.append((a.get_text(), b.get_text()))
+    return out
+
+
+def texts_outside(fig: Figure) -> list[str]:
+    """Texts that reach past the figure's edge (an export would cut them)."""
+    W, H = fig.bbox.width, fig.bbox.height
+    return [t.get_text() for t, b in drawn_texts(fig) if b.x0 < -0.5 or b.y0 < -0.5 or b.x1 > W + 0.5 or b.y1 > H + 0.5]

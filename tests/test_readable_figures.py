@@ -17,10 +17,11 @@ import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.text import Text
 
 from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
 from helpers import loaded, tiny_net
+from helpers import overlapping_texts as _overlaps
+from helpers import texts_outside as _outside
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,43 +46,6 @@ def _dec(orders: int, scale: float = 1.0) -> Decomposition:
 
 def _image() -> np.ndarray:
     return (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
-
-
-def _texts(fig: Figure) -> list[tuple[Text, object]]:
-    """(text, its box in display pixels) of every drawn, non-empty text, after one draw (tick labels of ticks
-    outside their axis' view are kept by matplotlib but not drawn: left out)."""
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    r = canvas.get_renderer()
-    hidden = set()
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            lo, hi = sorted(axis.get_view_interval())
-            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                if not lo - 1e-9 * (hi - lo) <= tick.get_loc() <= hi + 1e-9 * (hi - lo):
-                    hidden |= {id(tick.label1), id(tick.label2)}
-    return [(t, t.get_window_extent(r)) for t in fig.findobj(Text)
-            if t.get_visible() and t.get_text().strip() and t.get_figure() is not None and id(t) not in hidden
-            and (t.axes is None or t.axes.get_visible())]
-
-
-def _overlaps(fig: Figure) -> list[tuple[str, str]]:
-    """Pairs of texts whose boxes overlap by more than a pixel each way."""
-    boxes = _texts(fig)
-    out = []
-    for i, (a, ba) in enumerate(boxes):
-        for b, bb in boxes[i + 1:]:
-            w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
-            h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
-            if w > 1 and h > 1:
-                out.append((a.get_text(), b.get_text()))
-    return out
-
-
-def _outside(fig: Figure) -> list[str]:
-    """Texts that reach past the figure's edge (an export would cut them)."""
-    W, H = fig.bbox.width, fig.bbox.height
-    return [t.get_text() for t, b in _texts(fig) if b.x0 < -0.5 or b.y0 < -0.5 or b.x1 > W + 0.5 or b.y1 > H + 0.5]
 
 
 def test_the_overlap_check_finds_overlapping_text():

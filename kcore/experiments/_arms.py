@@ -250,9 +250,12 @@ def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = Tru
     """Bars of mean test accuracy per arm name (dots: each seed; outlined bars: before training)."""
     from matplotlib.figure import Figure
 
+    from kcore.viz.figure1 import GRID_IN
+    from kcore.viz.style import TEXT_PT, TITLE_PT, tick_rotation
+
     names = list(dict.fromkeys(a.name for a in arms))
     groups = [[a for a in arms if a.name == n] for n in names]
-    fig = Figure(figsize=(1.2 + 1.1 * len(names), 3.4), layout="constrained")
+    fig = Figure(figsize=(GRID_IN, 4.2), layout="constrained")  # room for a long title; readable at 1024 px
     ax = fig.add_subplot()
     xs = np.arange(len(names))
     after = [100 * float(np.mean([a.test_accuracy for a in g])) for g in groups]
@@ -267,13 +270,14 @@ def accuracy_figure(arms: Sequence[ArmResult], title: str, *, before: bool = Tru
             ax.scatter([x] * len(ys), ys, s=10, color="#f2a541", zorder=3)
     for x, v, g in zip(xs, after, groups):
         top = max([v] + [100 * a.test_accuracy for a in g])
-        ax.text(x, top + 0.6, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs, names, fontsize=7, rotation=20, ha="right")
-    ax.set_ylabel("test accuracy [%]", fontsize=8)
+        ax.text(x, top + 0.6, f"{v:.1f}", ha="center", va="bottom", fontsize=TEXT_PT)
+    slot_in = (fig.get_figwidth() - 1.0) / max(len(names), 1)  # the width of one bar's slot
+    ax.set_xticks(xs, names, fontsize=TEXT_PT, rotation=tick_rotation(names, slot_in))
+    ax.set_ylabel("test accuracy [%]", fontsize=TITLE_PT)
     ax.set_ylim(0.0, min(100.0, max(after) + 6) if after else 100.0)  # bars: their length is the value, from 0
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=TITLE_PT)
+    ax.legend(fontsize=TEXT_PT, loc="lower right")
+    ax.tick_params(labelsize=TEXT_PT)
     return fig
 
 

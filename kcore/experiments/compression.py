@@ -133,28 +133,34 @@ def compression_figure(result: CompressionResult):
     """Var(x^Δ) and accuracy against the pruning ratio, and accuracy against Var(x^Δ) (paper Fig. 4 left)."""
     from matplotlib.figure import Figure
 
+    from kcore.viz.figure1 import GRID_IN
+    from kcore.viz.style import TEXT_PT, TITLE_PT
+
     r = [p.ratio for p in result.points]
     v = [p.row.var_residual for p in result.points]
     acc = [p.accuracy for p in result.points]
-    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
-    ax1, ax3 = fig.subplots(1, 2)
+    fig = Figure(figsize=(GRID_IN, 6.8), layout="constrained")  # stacked: text stays readable at 1024 px
+    ax1, ax3 = fig.subplots(2, 1)
     ax1.plot(r, v, "o-", color="#c0392b", label="Var(x^Δ)")
-    ax1.set_xlabel("pruning ratio r")
-    ax1.set_ylabel("Var(x^Δ) (held out, standardised units)", color="#c0392b", fontsize=8)
+    ax1.set_xlabel("pruning ratio r", fontsize=TITLE_PT)
+    ax1.set_ylabel("Var(x^Δ) (held out, standardised units)", color="#c0392b", fontsize=TITLE_PT)
     ax2 = ax1.twinx()
     ax2.plot(r, acc, "s--", color="#2c3e50", label="accuracy")
     if result.finetune_epochs:
         ax2.plot(r, [p.accuracy_pruned for p in result.points], "x:", color="#7f8c8d", label="accuracy before fine-tuning")
-    ax2.set_ylabel("test accuracy", fontsize=8)
-    ax2.legend(fontsize=7, loc="center left")
+    ax2.set_ylabel("test accuracy", fontsize=TITLE_PT)
+    ax2.legend(fontsize=TEXT_PT, loc="center left")
     scope = {"layer": "per-layer"}.get(result.scope, result.scope)
-    ax1.set_title(f"{scope} magnitude pruning, layer {result.layer}", fontsize=9)
+    ax1.set_title(f"{scope} magnitude pruning, layer {result.layer}", fontsize=TITLE_PT)
     ax3.plot(v, acc, "o-", color="#2c3e50")
     for p, x, y in zip(result.points, v, acc):
-        ax3.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax3.set_xlabel("Var(x^Δ): knowledge discarded")
-    ax3.set_ylabel("test accuracy")
-    ax3.set_title("accuracy against discarded knowledge", fontsize=9)
+        ax3.annotate(f"r={p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=TEXT_PT)
+    ax3.margins(x=0.12, y=0.1)  # room for the last point's r= label inside the panel
+    ax3.set_xlabel("Var(x^Δ): knowledge discarded", fontsize=TITLE_PT)
+    ax3.set_ylabel("test accuracy", fontsize=TITLE_PT)
+    ax3.set_title("accuracy against discarded knowledge", fontsize=TITLE_PT)
+    for ax in (ax1, ax2, ax3):
+        ax.tick_params(labelsize=TEXT_PT)
     for ax in (ax1, ax3):
         ax.grid(alpha=0.3)
     return fig

@@ -229,10 +229,11 @@ class DiagnosisResult:
         from matplotlib.ticker import MaxNLocator
 
         from kcore.viz import SEQUENTIAL_CMAP, upsample
+        from kcore.viz.figure1 import GRID_IN
         from kcore.viz.style import TEXT_PT
 
         n = len(self.map_ids)
-        fig = Figure(figsize=(7.2, 2.2 * max(n, 1) + 0.4), layout="constrained")
+        fig = Figure(figsize=(GRID_IN, 2.0 * max(n, 1) + 1.2), layout="constrained")  # readable at 1024 px
         if n == 0:
             fig.add_subplot().text(0.5, 0.5, "no images", ha="center")
             return fig

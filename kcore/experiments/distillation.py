@@ -246,23 +246,27 @@ def distillation_figure(result: DistillationResult):
     """Var(x^Δ) of generation i w.r.t. the newest, and every generation's accuracy (paper Fig. 4 right)."""
     from matplotlib.figure import Figure
 
+    from kcore.viz.figure1 import GRID_IN
+    from kcore.viz.style import TEXT_PT, TITLE_PT
+
     older = [g for g in result.generations if g.row is not None]
-    fig = Figure(figsize=(8.0, 3.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(GRID_IN, 6.4), layout="constrained")  # stacked: text stays readable at 1024 px
+    ax1, ax2 = fig.subplots(2, 1)
     gens = [g.generation for g in older]
     vals = [g.row.var_residual for g in older]
     bars = ax1.bar([str(i) for i in gens], vals, color="#c0392b", edgecolor="black", linewidth=0.4)
-    ax1.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=7, padding=1)
-    ax1.set_xlabel("generation i (0 = teacher)")
-    ax1.set_ylabel("Var(x^Δ), held out", fontsize=8)
-    ax1.set_title(f"blind spots of generation i w.r.t. generation {result.newest}\nlayer {result.layer}", fontsize=9)
+    ax1.bar_label(bars, labels=[f"{v:.3g}" for v in vals], fontsize=TEXT_PT, padding=1)
+    ax1.set_xlabel("generation i (0 = teacher)", fontsize=TITLE_PT)
+    ax1.set_ylabel("Var(x^Δ), held out", fontsize=TITLE_PT)
+    ax1.set_title(f"blind spots of generation i w.r.t. generation {result.newest}\nlayer {result.layer}", fontsize=TITLE_PT)
     ax2.plot([g.generation for g in result.generations], [g.accuracy for g in result.generations], "o-", color="#2c3e50")
-    ax2.set_xlabel("generation")
-    ax2.set_ylabel("test accuracy")
+    ax2.set_xlabel("generation", fontsize=TITLE_PT)
+    ax2.set_ylabel("test accuracy", fontsize=TITLE_PT)
     ax2.set_xticks([g.generation for g in result.generations])
-    ax2.set_title("accuracy per generation", fontsize=9)
+    ax2.set_title("accuracy per generation", fontsize=TITLE_PT)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=TEXT_PT)
     return fig
 
 
@@ -274,6 +278,8 @@ def blind_spot_maps_figure(result: DistillationResult):
     from matplotlib.figure import Figure
 
     from kcore.viz import DIVERGING_CMAP
+    from kcore.viz.figure1 import GRID_IN
+    from kcore.viz.style import TEXT_PT, TITLE_PT
 
     c = result.map_channel
     older = [g for g in result.generations if g.row is not None]
@@ -282,21 +288,23 @@ def blind_spot_maps_figure(result: DistillationResult):
     n = len(result.map_ids)
     lim = max(float(m[:, c].abs().max()) for _, m in rows) or 1.0
     norm = Normalize(-lim, lim)
-    fig = Figure(figsize=(1.6 * n + 1.2, 1.5 * (len(rows) + 1) + 0.4), layout="constrained")
+    cell = min(1.6, (GRID_IN - 1.6) / max(n, 1))  # at most GRID_IN wide: text stays readable at 1024 px
+    fig = Figure(figsize=(cell * n + 1.6, (cell + 0.35) * (len(rows) + 1) + 0.8), layout="constrained")
     axes = fig.subplots(len(rows) + 1, n, squeeze=False)
     for j in range(n):
         axes[0, j].imshow(result.map_images[j])
-        axes[0, j].set_title(result.map_ids[j], fontsize=6)
+        axes[0, j].set_title(result.map_ids[j], fontsize=TEXT_PT)
         for r, (_, maps) in enumerate(rows, start=1):
             axes[r, j].imshow(maps[j, c].numpy(), cmap=DIVERGING_CMAP, norm=norm, interpolation="nearest")
     for r, label in enumerate(["image"] + [label for label, _ in rows]):
-        axes[r, 0].set_ylabel(label, fontsize=7)
+        axes[r, 0].set_ylabel(label, fontsize=TEXT_PT)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     cb = fig.colorbar(ScalarMappable(norm=norm, cmap=DIVERGING_CMAP), ax=list(axes[1:].ravel()), shrink=0.8)
-    cb.set_label(f"channel {c}, standardised units", fontsize=7)
-    fig.suptitle(f"blind spots w.r.t. generation {result.newest} (layer {result.layer})", fontsize=9)
+    cb.set_label(f"channel {c}, standardised units", fontsize=TEXT_PT)
+    cb.ax.tick_params(labelsize=TEXT_PT)
+    fig.suptitle(f"blind spots w.r.t. generation {result.newest} (layer {result.layer})", fontsize=TITLE_PT)
     return fig
 
 

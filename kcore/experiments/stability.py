@@ -237,10 +237,12 @@ class StabilityResult:
         import numpy as np
         from matplotlib.figure import Figure
 
-        from kcore.viz.style import RESIDUAL_TEX, order_tex
+        from kcore.viz.figure1 import GRID_IN
+        from kcore.viz.style import RESIDUAL_TEX, TEXT_PT, TITLE_PT, order_tex, tick_rotation
 
-        fig = Figure(figsize=(3.2 + 1.6 * len(self.layers), 3.4), layout="constrained")
-        ax, ax2 = fig.subplots(1, 2)
+        # stacked, at most GRID_IN wide: the text stays readable at 1024 px
+        fig = Figure(figsize=(GRID_IN, 7.6), layout="constrained")
+        ax, ax2 = fig.subplots(2, 1)
         for i, layer in enumerate(self.layers):
             vals = list(self.pair_instability(layer).values())
             ax.scatter([i] * len(vals), vals, s=14, color="#6aa9d6", zorder=3, label="pairs" if i == 0 else None)
@@ -257,23 +259,26 @@ class StabilityResult:
             if ref:
                 ax.hlines(ref["instability"], i - 0.35, i + 0.35, colors="#7f8c8d", linestyles="--", lw=1.4,
                           label="random-init network (chance)" if i == 0 else None)
-        ax.set_xticks(range(len(self.layers)), self.layers, fontsize=7)
-        ax.set_ylabel("instability  Var(x^Δ)/Var(x*)", fontsize=8)
-        ax.set_title(f"Table 1 analogue ({self.case})", fontsize=9)
+        slot_in = (GRID_IN - 3.6) / max(len(self.layers), 1)  # the width per layer of a panel beside its legend
+        rot = tick_rotation(self.layers, slot_in)
+        ax.set_xticks(range(len(self.layers)), self.layers, fontsize=TEXT_PT, rotation=rot)
+        ax.set_ylabel("instability  Var(x^Δ)/Var(x*)", fontsize=TITLE_PT)
+        ax.set_title(f"Table 1 analogue ({self.case})", fontsize=TITLE_PT)
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=TEXT_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         rows = self.summary()
         names = [order_tex(k) for k in range(self.orders + 1)] + [RESIDUAL_TEX]  # plain Unicode: one SVG <text> each
         width = 0.8 / len(names)
         for j, nm in enumerate(names):
             var = [r.var_orders[j] if j <= self.orders else r.var_residual for r in rows]
             ax2.bar(np.arange(len(rows)) + j * width, [v / r.var_target for v, r in zip(var, rows)], width, label=nm)
-        ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r.layer for r in rows], fontsize=7)
-        ax2.set_ylabel("Var / Var(x*)  (raw units)", fontsize=8)
-        ax2.set_title("Table 2 analogue", fontsize=9)
-        ax2.legend(fontsize=7)
+        ax2.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r.layer for r in rows], fontsize=TEXT_PT,
+                       rotation=rot)
+        ax2.set_ylabel("Var / Var(x*)  (raw units)", fontsize=TITLE_PT)
+        ax2.set_title("Table 2 analogue", fontsize=TITLE_PT)
+        ax2.legend(fontsize=TEXT_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         for a in (ax, ax2):
-            a.tick_params(labelsize=7)
+            a.tick_params(labelsize=TEXT_PT)
         return {"instability": fig}
 
     def as_dict(self) -> dict:

@@ -89,6 +89,21 @@ MIN_SCREEN_PX = 11.0
 """Figure text must be at least this many CSS pixels high where the dashboard shows it (1024 px wide window)."""
 
 
+def tick_rotation(labels: Sequence[str], slot_in: float, size_pt: float = TEXT_PT) -> int:
+    """The rotation of tick labels: 0 where the longest fits its slot lying flat, else 90 (upright, never crossing).
+
+    Args:
+        labels: the tick labels.
+        slot_in: the width one tick has, in inches (the axis' width over the number of ticks).
+        size_pt: their font size in points.
+
+    Returns:
+        0 or 90 (degrees).
+    """
+    longest = max((len(s) for s in labels), default=0)
+    return 0 if longest * 0.6 * size_pt / 72 <= 0.9 * slot_in else 90
+
+
 def _np(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().to("cpu", torch.float64).numpy()
