@@ -179,6 +179,24 @@ def test_a_failing_baseline_keeps_the_fit_and_records_the_failure(random_images,
     assert metrics["baselines_failed"]["random_b"].startswith("RuntimeError: planted")
     assert json.loads((run / "provenance.json").read_text())["baselines_failed"] == comp.provenance["baselines_failed"]
     assert read_run(run).directions["A_to_B"].fit.heldout_report == comp.directions["A_to_B"].fit.heldout_report
+    # the dashboard says so on the Overview of that run folder (a warning naming the baseline and the error)
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path))
+    at = AppTest.from_file(str(root / "dashboard" / "app.py"), default_timeout=60).run()
+    at.switch_page("app_pages/fit.py").run()
+    at.text_input(key="kc_open_path").input(str(run)).run()
+    at.button(key="kc_open_go").click().run()
+    at.switch_page("app_pages/overview.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = [w.value for w in at.warning]
+    assert any(w.startswith("Chance baseline random-init B failed: RuntimeError: planted failure") for w in warnings)
+    assert not any("shuffled pairs failed" in w for w in warnings)
 
 
 def test_the_cli_writes_the_fit_and_exits_3_when_a_baseline_fails(pt2_files, tmp_path, monkeypatch, capsys):

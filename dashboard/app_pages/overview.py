@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard import figures, progress, ui
 from dashboard.state import runs
 from kcore import export, viz
+from kcore.baselines import BASELINE_LABELS
 from kcore.metrics import plus_minus
 
 st.title("Overview")
@@ -91,6 +92,11 @@ width = 420 * len(c.directions) + 60
 st.subheader("Instability and shares, with their uncertainty")
 if not c.baselines and not progress.baselines_running(run):
     st.caption("No chance baselines in this run (tick *Chance baselines* on the Fit page, or `kcore fit --baselines`).")
+for kind, why in c.provenance.get("baselines_failed", {}).items():  # the fit above stands; the reference does not
+    st.warning(f"Chance baseline {BASELINE_LABELS.get(kind, kind)} failed: {why}. The fit's numbers above are "
+               "complete; without this reference the verdict against chance is partial.", icon=":material/warning:")
+for kind, why in c.provenance.get("baselines_skipped", {}).items():
+    st.caption(f"Chance baseline {BASELINE_LABELS.get(kind, kind)} was not run: {why}")
 ui.show_figure(lambda: figures.instability(run), key=f"inst-{run.id}-{len(c.baselines)}", width=width + 200,
                caption="Left: instability with its bootstrap interval over held-out images"
                        f"{_by_group(next(iter(c.directions.values())).fit.heldout_report)}; lines in shaded bands "
