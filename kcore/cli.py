@@ -103,6 +103,24 @@ def _add_groups_arg(p: argparse.ArgumentParser) -> None:
                    "image its own group)")
 
 
+def _add_recipe_args(p: argparse.ArgumentParser, budget_of: str) -> None:
+    """How g is fitted, and where: the options ``kcore fit`` and ``kcore sweep`` share (``budget_of`` names what
+    one --budget bounds)."""
+    p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
+                   help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
+    p.add_argument("--preset", default="fast", choices=list(PRESETS), help="training recipe (default fast)")
+    p.add_argument("--budget", type=_duration, default=None, metavar="TIME",
+                   help=f"wall-time budget of {budget_of}, e.g. 60s, 2m or 90: training stops in time and keeps "
+                   "the weights with the best monitor error so far (default: none, the fit ends when converged)")
+    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
+                   help="normalisation convention (default: the preset's)")
+    p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``kcore`` command."""
     parser = argparse.ArgumentParser(
@@ -143,19 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=None, metavar="N", help="use at most N images (default: all; "
                    f"400 for '{BUNDLED_DATA}')")
     _add_groups_arg(p)
-    p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2, as in the paper)")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L",
-                   help="penalty lambda on the gates p (default 0.1; the paper uses 8.0 for AlexNet)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
-    p.add_argument("--preset", default="fast", choices=list(PRESETS), help="training recipe (default fast)")
-    p.add_argument("--budget", type=_duration, default=None, metavar="TIME",
-                   help="wall-time budget per direction's fit, e.g. 60s, 2m or 90: training stops in time and keeps "
-                   "the weights with the best monitor error so far (default: none, the fit ends when converged)")
-    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
-                   help="normalisation convention (default: the preset's)")
-    p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
+    _add_recipe_args(p, budget_of="each direction's fit")
     p.add_argument("--both-directions", action="store_true", help="also fit B -> A (unreliable features of A)")
     p.add_argument("--baselines", action="store_true",
                    help="also fit the chance-level references with the same recipe: B replaced by a randomly "

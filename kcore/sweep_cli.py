@@ -10,10 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kcore.conventions import CONVENTIONS
 from kcore.data import BUNDLED_DATA
-from kcore.devices import DEVICE_CHOICES
-from kcore.fit import PRESETS
 from kcore.sweep import PAIR_MODES
 
 EPILOG = """\
@@ -35,7 +32,7 @@ shares with their 95 % intervals, the chance baselines (--baselines) and the ver
 
 def add_cli(sub: Any) -> None:
     """Register ``kcore sweep`` on the ``kcore`` command's subparsers."""
-    from kcore.cli import _add_groups_arg, _add_model_args, _duration
+    from kcore.cli import _add_groups_arg, _add_model_args, _add_recipe_args
 
     p = sub.add_parser("sweep", help="compare two checkpoints layer by layer (one extraction per network)",
                        description="Fit g_theta for matched pairs of layers of two networks (every stage by "
@@ -53,17 +50,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--n-images", type=int, default=None, metavar="N",
                    help=f"use at most N images (default: all; 400 for '{BUNDLED_DATA}')")
     _add_groups_arg(p)
-    p.add_argument("--orders", type=int, default=2, metavar="K", help="highest order K (default 2)")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="L", help="penalty lambda (default 0.1)")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="maximum epochs (default: the preset's)")
-    p.add_argument("--preset", default="fast", choices=list(PRESETS), help="training recipe (default fast)")
-    p.add_argument("--budget", type=_duration, default=None, metavar="TIME",
-                   help="wall-time budget of each direction's fit of each pair, e.g. 60s or 2m")
-    p.add_argument("--convention", choices=list(CONVENTIONS), default=None,
-                   help="normalisation convention (default: the preset's)")
-    p.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass during extraction")
+    _add_recipe_args(p, budget_of="each direction's fit of each pair")
     p.add_argument("--both-directions", action="store_true", help="also fit B -> A for every pair")
     p.add_argument("--baselines", action="store_true",
                    help="also fit the chance baselines (random-init B, shuffled pairs) of every pair")
