@@ -13,6 +13,7 @@ operator sets with its environment variable. A number option without a row there
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -298,6 +299,11 @@ def _effective(study: str, values: Mapping[str, object]) -> dict[str, Any]:
     return out
 
 
+NESTED_FIT_COST = 1.5
+"""With ``--nested``, each g_θ fit counts this many times its image-epochs: nested fits g₀ … g_K cost 1.3–1.8× the
+training FLOPs of one fit on the sample pair (docs/nested_fits.md, ``python -m bench.nested``)."""
+
+
 def study_plan(study: str, values: Mapping[str, object] | None = None) -> StudyPlan:
     """What ``kcore <study>`` will train and fit with ``values`` (option name → value; missing: the defaults).
 
@@ -307,11 +313,20 @@ def study_plan(study: str, values: Mapping[str, object] | None = None) -> StudyP
     compression prunes at 6 ratios (fine-tuning and one fit each); distillation trains a teacher and
     ``generations`` students, then fits each earlier generation to the newest; cross-task trains two networks and
     fits both ways.
+    With ``nested`` (a study's ``--nested``), the fits' image-epochs count :data:`NESTED_FIT_COST` times.
 
     Raises:
         ValueError: an unknown study.
     """
     v = _effective(study, values or {})
+    plan = _plan(study, v)
+    if v.get("nested") is True:
+        plan = dataclasses.replace(plan, fit_units=plan.fit_units * NESTED_FIT_COST)
+    return plan
+
+
+def _plan(study: str, v: dict[str, Any]) -> StudyPlan:
+    """:func:`study_plan` before the cost of nested fits."""
 
     def num(name: str, default: float = 0) -> float:
         x = v.get(name)

@@ -41,6 +41,16 @@ def add_fit_args(p: argparse.ArgumentParser, *, n_train: int, train_help: str) -
     p.add_argument("--seed", type=int, default=0, help="seed of training and fits (default 0)")
 
 
+NESTED_HELP = ("fit the orders as nested models g_0 (least squares) ... g_K, each from the one before with its new gate "
+               "at 0 (linear gates), and report the order-wise gains R2(g_k) - R2(g_k-1) with 95 percent intervals beside "
+               "the split of g_K (gain_d0 ... gain_dK, gain_instability columns); costs about 1.3-1.8x the fits")
+
+
+def add_nested_argument(p: argparse.ArgumentParser) -> None:
+    """``--nested``: the studies that report an order split can fit nested models and report their gains."""
+    p.add_argument("--nested", action="store_true", help=NESTED_HELP)
+
+
 def add_recipe_args(p: argparse.ArgumentParser, *, epochs: int, nets: str) -> None:
     """``--arch --epochs --lr --optimizer --weight-decay --image-size --layer`` of networks trained by a study.
 

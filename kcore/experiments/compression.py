@@ -13,7 +13,6 @@ are the same for every point of the curve and Var(x^Δ) compares directly across
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from kcore.distributed import map_over_ranks
-from kcore.experiments._arguments import add_fit_args
+from kcore.experiments._arguments import add_fit_args, add_nested_argument
 from kcore.experiments._features import display_image, load_checkpoint
 from kcore.experiments._fits import (
     ConsistencyRow,
@@ -263,7 +262,7 @@ def compression_study(
     done = map_over_ranks(one_ratio, list(ratios), ctx)  # every ratio is independent of the others
     points = [point for point, _ in done]
     maps = next((m for _, m in done if m is not None), (None, (), (), 0))
-    settings = {"ratios": list(ratios), "finetune_lr": finetune_lr, "fit": dataclasses.asdict(fit), "seed": seed,
+    settings = {"ratios": list(ratios), "finetune_lr": finetune_lr, "fit": fit.as_dict(), "seed": seed,
                 "device": str(dev), "n_train": len(data.train), "n_test": len(data.test),
                 "n_images": len(data.images), "data": data.source, "fit_preset": "fast",
                 "convention": "paper (x* standardised per channel with the fit's training-split statistics)"}
@@ -302,6 +301,7 @@ def add_cli(sub: Any) -> None:
                    help="fine-tuning epochs after pruning, pruned weights held at 0 (default 1; 0 = none)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="peak SGD learning rate of fine-tuning (default 0.01)")
     add_fit_args(p, n_train=500, train_help="for fine-tuning")
+    add_nested_argument(p)
     study_command(p, "compression", _compute, _report)
 
 
@@ -327,3 +327,8 @@ def _compute(args: argparse.Namespace, run: StudySettings, progress: Progress) -
 def _report(res: CompressionResult) -> None:
     print(res.tables()["compression"][["ratio", "n_pruned", "accuracy_pruned", "accuracy", "var_residual",
                                        "instability"]].to_string(index=False))
+    if any(p.row.gains is not None for p in res.points):
+        print("order split of g_K (Var(x^(k))/Var(x*)) and order-wise gains of the nested fits (held-out images):")
+        for p in res.points:
+            split = ", ".join(f"x{k} {100 * v / p.row.var_target:.1f} %" for k, v in enumerate(p.row.var_orders))
+            print(f"  r = {p.ratio:g}: split {split}; gains {p.row.gains.line()}")

@@ -37,10 +37,10 @@ from torch import Tensor, nn
 
 from kcore.checkpoints import LoadedModel
 from kcore.distributed import map_over_ranks
-from kcore.experiments._arguments import add_pair_arguments, add_training_arguments
+from kcore.experiments._arguments import add_nested_argument, add_pair_arguments, add_training_arguments
 from kcore.experiments._arms import ArmResult, TrainConfig, accuracy_figure, arms_table, train_config_from, train_upper
 from kcore.experiments._features import input_shape, layer_of, load_checkpoint, train_test_features, train_test_images
-from kcore.experiments._fits import FitSummary, fit_summary
+from kcore.experiments._fits import FitSummary, fit_summary, gains_on, nested_fit_args
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.pipeline import ModelInfo
 from kcore.provenance import as_jsonable
@@ -204,6 +204,8 @@ class DiagnosisResult:
                    "var_delta_over_var_target": d.instability, "var_residual": d.var_residual,
                    "var_target": d.var_target, "linear_r2": d.linear_r2}
             row.update({f"var_x{k}": v for k, v in enumerate(d.var_orders)})
+            if d.gains is not None:  # nested fits: the order-wise gains on the same test images, beside the split
+                row.update(d.gains.as_row())
             rows.append(row)
         exp_rows = []
         for key, check in (("blind_spots", self.experiments.blind_spots), ("unreliable", self.experiments.unreliable)):
@@ -424,6 +426,7 @@ def diagnose(
     data: str = "",
     progress: Progress | None = None,
     ctx: Any = None,
+    nested: bool = False,
 ) -> DiagnosisResult:
     """Find the weak network's blind spots and unreliable features, and test both with classifiers (Sec. 4.1).
 
@@ -448,6 +451,8 @@ def diagnose(
         progress: one line per step.
         ctx: a torchrun job (:func:`kcore.distributed.init`): the two fits, then the classifier arms, are dealt
             out to the ranks (each run whole on one rank; every rank gets all); ``None``: one process.
+        nested: fit both g_θ as nested models g₀ … g_K (``kcore.fit(..., nested=True)``, linear gates): the arms
+            use g_K, and the summaries keep the order-wise gains on the test images beside the split of g_K.
 
     Returns:
         A :class:`DiagnosisResult`.
@@ -472,15 +477,15 @@ def diagnose(
                       f"K={orders}), no labels")
         src_tr, tgt_tr = fit_pairs[key]
         return kcore.fit(src_tr, tgt_tr, orders=orders, lam=lam, epochs=fit_epochs, seed=seed, device=device,
-                         convention=convention)
+                         convention=convention, **nested_fit_args(nested))
 
     g_ab, g_ba = map_over_ranks(one_fit, list(fit_pairs), ctx)
     gxa_tr, db_tr, _ = _raw_output_and_residual(g_ab, xa_tr, xb_tr)
     gxa_te, db_te, e_blind = _raw_output_and_residual(g_ab, xa_te, xb_te)
     gxb_tr, _, _ = _raw_output_and_residual(g_ba, xb_tr, xa_tr)
     gxb_te, _, e_unrel = _raw_output_and_residual(g_ba, xb_te, xa_te)
-    blind = fit_summary(g_ab, g_ab.report(xa_te, xb_te))
-    unrel = fit_summary(g_ba, g_ba.report(xb_te, xa_te))
+    blind = fit_summary(g_ab, g_ab.report(xa_te, xb_te), gains=gains_on(g_ab, xa_te, xb_te))
+    unrel = fit_summary(g_ba, g_ba.report(xb_te, xa_te), gains=gains_on(g_ba, xb_te, xa_te))
     say(progress, f"Var(x^Δ)/Var(x*) on test images: blind spots {blind.instability:.3f}, "
                   f"unreliable {unrel.instability:.3f}")
 
@@ -547,6 +552,7 @@ def add_cli(sub: Any) -> None:
                    help="train every arm with R seeds (--seed, --seed+1, ...) and report mean and std (default 3)")
     p.add_argument("--n-maps", type=int, default=4, help="test images in the maps figure (default 4)")
     add_training_arguments(p, epochs=60, lr=3e-3, lr_final=3e-5, n_train=2000, convention="authors")
+    add_nested_argument(p)
     study_command(p, "diagnosis", _compute, _report, device="cpu")
 
 
@@ -558,7 +564,7 @@ def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> Stu
                    convention=args.convention,
                    train=train_config_from(args), classifier_init=args.classifier_init, repeats=args.repeats,
                    n_maps=args.n_maps,
-                   seed=args.seed, device=run.device, data=args.data, progress=log, ctx=run.job)
+                   seed=args.seed, device=run.device, data=args.data, progress=log, ctx=run.job, nested=args.nested)
     prov = {"checkpoint_weak": res.weak, "checkpoint_strong": res.strong,
             "layers": {"weak": res.layer_weak, "strong": res.layer_strong}, "seed": args.seed, "data": args.data,
             "n_train": res.n_train, "n_test": res.n_test}
@@ -571,3 +577,7 @@ def _report(res: DiagnosisResult) -> None:
                                      for k, v in check.as_dict().items()))
     print(f"Var(x^Δ)/Var(x*) on test images: blind spots {res.blind_spots.instability:.4f}, "
           f"unreliable {res.unreliable.instability:.4f}")
+    for key, d in (("blind spots", res.blind_spots), ("unreliable", res.unreliable)):
+        if d.gains is not None:
+            split = ", ".join(f"x{k} {100 * v / d.var_target:.1f} %" for k, v in enumerate(d.var_orders))
+            print(f"{key} on test images: split of g_K {split}; order-wise gains of the nested fits {d.gains.line()}")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from kcore.distributed import map_over_ranks
-from kcore.experiments._arguments import add_fit_args, add_recipe_args
+from kcore.experiments._arguments import add_fit_args, add_nested_argument, add_recipe_args
 from kcore.experiments._features import display_image, load_checkpoint
 from kcore.experiments._fits import (
     ConsistencyRow,
@@ -396,7 +396,7 @@ def distillation_study(
         target = done[-1][1].target
     rows.append(None)
     gens = tuple(Generation(g, info[g][0], accs[g], tuple(info[g][1]), rows[g]) for g in range(generations + 1))
-    settings = {"generations": generations, "student": dataclasses.asdict(student), "fit": dataclasses.asdict(fit),
+    settings = {"generations": generations, "student": dataclasses.asdict(student), "fit": fit.as_dict(),
                 "seed": seed, "seeds": [info[g][0] for g in range(generations + 1)], "device": str(dev),
                 "n_train": len(data.train), "n_test": len(data.test), "n_images": len(data.images),
                 "data": data.source, "fit_preset": "fast",
@@ -423,6 +423,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--tau", type=float, default=1.0, help="temperature tau (default 1)")
     add_recipe_args(p, epochs=4, nets="every generation (arch, image size: with --teacher scratch)")
     add_fit_args(p, n_train=2000, train_help="of every generation")
+    add_nested_argument(p)
     study_command(p, "distillation", _compute, _report)
 
 
@@ -474,3 +475,10 @@ def _compute(args: argparse.Namespace, run: StudySettings, progress: Progress) -
 def _report(res: DistillationResult) -> None:
     cols = ["generation", "accuracy", "var_residual", "instability"]
     print(res.tables()["generations"].reindex(columns=cols).to_string(index=False))
+    rows = [(g.generation, g.row) for g in res.generations if g.row is not None and g.row.gains is not None]
+    if rows:
+        print("order split of g_K (Var(x^(k))/Var(x*)) and order-wise gains of the nested fits (held-out images), "
+              "generation -> newest:")
+        for gen, row in rows:
+            split = ", ".join(f"x{k} {100 * v / row.var_target:.1f} %" for k, v in enumerate(row.var_orders))
+            print(f"  generation {gen}: split {split}; gains {row.gains.line()}")

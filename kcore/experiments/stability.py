@@ -32,7 +32,9 @@ from kcore.checkpoints import LoadedModel
 from kcore.conventions import CONVENTIONS
 from kcore.distributed import map_over_ranks
 from kcore.experiments import families
+from kcore.experiments._arguments import add_nested_argument
 from kcore.experiments._features import layer_of, load_checkpoint, single_features
+from kcore.experiments._fits import GAINS_LABEL, GainsRow, fit_gains, nested_fit_args
 from kcore.experiments._study import Progress, StudyRun, StudySettings, say, study_command
 from kcore.imagesets import labelled_images
 from kcore.metrics import VarianceAccumulator, VarianceReport
@@ -75,6 +77,8 @@ class PairDirection:
         gates: fitted p^(1..K).
         n_images: held-out images the numbers are computed on.
         instability_ci: 95 % bootstrap interval of ``instability`` over the held-out images (no refit).
+        gains: with nested fits, the order-wise gains on the held-out images in the fit's units (like
+            ``instability_std_units``; :class:`GainsRow`); ``None`` for a plain fit.
     """
 
     layer: str
@@ -90,6 +94,15 @@ class PairDirection:
     gates: tuple[float, ...]
     n_images: int
     instability_ci: tuple[float, float] | None = None
+    gains: GainsRow | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (``gains`` only for a nested fit, so a plain study's is unchanged)."""
+        out = dataclasses.asdict(self)
+        del out["gains"]
+        if self.gains is not None:
+            out["gains"] = self.gains.as_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,10 @@ class StabilityRow:
         var_residual, var_target: Var(x^Δ) and Var(x*), averaged over the directions (raw units).
         heldout_error_mean: the directions' mean held-out error (1 − R²).
         linear_r2_mean: the directions' mean R² of the linear baseline.
+        gain_orders: with nested fits, the order-wise gains Δ₀ … Δ_K averaged over the directions (the fit's
+            units, beside ``var_orders``' split of g_K); ``None`` without.
+        gain_instability: the mean of the directions' 1 − ΣΔₖ (``None`` without nested fits).
+        gain_ci_halfwidth: the mean half-width of each Δₖ's 95 % interval over the directions (``None`` without).
     """
 
     layer: str
@@ -130,6 +147,9 @@ class StabilityRow:
     var_target: float
     heldout_error_mean: float
     linear_r2_mean: float
+    gain_orders: tuple[float, ...] | None = None
+    gain_instability: float | None = None
+    gain_ci_halfwidth: tuple[float, ...] | None = None
 
     def as_row(self) -> dict[str, Any]:
         """The numbers as a flat table row: ``layer``, …, ``random_init_ci_lo/hi``, ``var_x0 … var_xK``, …."""
@@ -143,6 +163,10 @@ class StabilityRow:
         row.update({f"var_x{k}": v for k, v in enumerate(self.var_orders)})
         row.update({"var_residual": self.var_residual, "var_target": self.var_target,
                     "heldout_error_mean": self.heldout_error_mean, "linear_r2_mean": self.linear_r2_mean})
+        if self.gain_orders is not None:
+            row.update({f"gain_d{k}": g for k, g in enumerate(self.gain_orders)})
+            row["gain_instability"] = self.gain_instability
+            row.update({f"gain_d{k}_ci_halfwidth_mean": h for k, h in enumerate(self.gain_ci_halfwidth or ())})
         return row
 
 
@@ -195,6 +219,7 @@ class StabilityResult:
             ds = [d for d in self.directions if d.layer == layer]
             cis = [d.instability_ci for d in ds if d.instability_ci is not None]
             ref = self.random_reference.get(layer)
+            gains = [d.gains for d in ds if d.gains is not None]
             rows.append(StabilityRow(
                 layer=layer, case=self.case, n_pairs=len(vals),
                 instability_mean=statistics.fmean(vals),
@@ -211,6 +236,7 @@ class StabilityResult:
                 var_target=statistics.fmean(d.var_target for d in ds),
                 heldout_error_mean=statistics.fmean(d.heldout_error for d in ds),
                 linear_r2_mean=statistics.fmean(d.linear_r2 for d in ds),
+                **(_mean_gains(gains, self.orders) if gains else {}),
             ))
         return rows
 
@@ -228,6 +254,8 @@ class StabilityResult:
                         "n_images": d.n_images,
                         "instability_ci_lo": d.instability_ci[0] if d.instability_ci else float("nan"),
                         "instability_ci_hi": d.instability_ci[1] if d.instability_ci else float("nan")})
+            if d.gains is not None:
+                row.update(d.gains.as_row())
             pairs.append(row)
         return {"summary": pd.DataFrame([r.as_row() for r in self.summary()]), "directions": pd.DataFrame(pairs),
                 "members": pd.DataFrame(list(self.members))}
@@ -288,12 +316,24 @@ class StabilityResult:
             "members": list(self.members), "layers": list(self.layers), "orders": self.orders,
             "both_directions": self.both_directions, "n_images": self.n_images, "seed": self.seed,
             "summary": [r.as_row() for r in self.summary()],
-            "directions": [dataclasses.asdict(d) for d in self.directions],
+            "directions": [d.as_dict() for d in self.directions],
             "family": self.family, "seconds": self.seconds, "random_reference": self.random_reference,
             "definition": "instability of a pair = mean over its fitted directions of Var(x^Delta)/Var(x*), "
                           "Var = mean over images and units of (value - one global mean)^2 in raw feature units, "
                           "on the fits' held-out images",
+            **({"gains_definition": GAINS_LABEL + " Here in the fit's units (as instability_std_units), while "
+                "var_x0 ... var_residual are in raw feature units."}
+               if any(d.gains is not None for d in self.directions) else {}),
         })
+
+
+def _mean_gains(gains: Sequence[GainsRow], orders: int) -> dict[str, Any]:
+    """A layer's mean gains over its directions, the mean 1 − ΣΔₖ and the mean half-width of each Δₖ's interval."""
+    nan = float("nan")
+    half = tuple(statistics.fmean((g.gain_ci[k][1] - g.gain_ci[k][0]) / 2 for g in gains if g.gain_ci is not None)
+                 if any(g.gain_ci is not None for g in gains) else nan for k in range(orders + 1))
+    return {"gain_orders": tuple(statistics.fmean(g.gain_orders[k] for g in gains) for k in range(orders + 1)),
+            "gain_instability": statistics.fmean(g.instability for g in gains), "gain_ci_halfwidth": half}
 
 
 def raw_report(res: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> VarianceReport:
@@ -322,6 +362,7 @@ def stability(
     progress: Progress | None = None,
     random_reference: bool = True,
     ctx: Any = None,
+    nested: bool = False,
 ) -> StabilityResult:
     """Instability of learning over all pairs of ``models`` at each layer (Sec. 4.2).
 
@@ -344,6 +385,8 @@ def stability(
         ctx: a torchrun job (:func:`kcore.distributed.init`): the fits of every layer are dealt out to the
             ranks (each rank extracts the layer's features of every member, fits its pairs alone, and all
             ranks get every result). Default: this process does every fit.
+        nested: fit every g_θ (the random reference too) as nested models g₀ … g_K (``kcore.fit(..., nested=True)``,
+            linear gates) and keep their order-wise gains beside the split of g_K (:attr:`PairDirection.gains`).
 
     Returns:
         A :class:`StabilityResult`.
@@ -378,7 +421,7 @@ def stability(
         def pair_fit(st: tuple[int, int], layer: str = layer, feats: list[Tensor] = feats) -> PairDirection:
             s, t = st
             res = kcore.fit(feats[s], feats[t], orders=orders, lam=lam, epochs=fit_epochs, seed=seed,
-                            device=device, convention=convention)
+                            device=device, convention=convention, **nested_fit_args(nested))
             held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
             raw = raw_report(res, feats[s][held], feats[t][held])
             d = PairDirection(
@@ -386,16 +429,17 @@ def stability(
                 instability_std_units=res.heldout_report.instability, var_orders=raw.var_orders,
                 var_residual=raw.var_residual, var_target=raw.var_target, heldout_error=res.heldout_error,
                 linear_r2=res.baseline.linear_r2, gates=res.gates, n_images=len(held),
-                instability_ci=raw.ci.instability if raw.ci is not None else None,
+                instability_ci=raw.ci.instability if raw.ci is not None else None, gains=fit_gains(res),
             )
             say(progress, f"{layer}: {names[s]} → {names[t]}: Var(x^Δ)/Var(x*) {d.instability:.4f} "
-                          f"(standardised {d.instability_std_units:.4f})")
+                          f"(standardised {d.instability_std_units:.4f})"
+                          + (f"; gains {d.gains.line()}" if d.gains is not None else ""))
             return d
 
         directions.extend(map_over_ranks(pair_fit, pairs, ctx))
         if random_reference:
             ref = _random_reference(models[0], feats[0], layer, images, seed=seed, device=device, orders=orders,
-                                    lam=lam, fit_epochs=fit_epochs, convention=convention)
+                                    lam=lam, fit_epochs=fit_epochs, convention=convention, nested=nested)
             if ref is not None:
                 refs[layer] = ref
                 say(progress, f"{layer}: {names[0]} → random-init network: Var(x^Δ)/Var(x*) {ref['instability']:.4f}")
@@ -425,11 +469,16 @@ def _random_reference(model: LoadedModel, x_src: Tensor, layer: str, images: Any
         return None
     x_rand = single_features(rand, layer, images, device=device)[0]
     res = kcore.fit(x_src, x_rand, orders=fit_args["orders"], lam=fit_args["lam"], epochs=fit_args["fit_epochs"],
-                    seed=seed, device=device, convention=fit_args["convention"])
+                    seed=seed, device=device, convention=fit_args["convention"],
+                    **nested_fit_args(fit_args.get("nested", False)))
     held = torch.as_tensor(res.heldout_indices, dtype=torch.long)
     raw = raw_report(res, x_src[held], x_rand[held])
-    return {"instability": raw.instability, "ci": list(raw.ci.instability) if raw.ci is not None else None,
-            "network": how, "seed": seed}
+    out = {"instability": raw.instability, "ci": list(raw.ci.instability) if raw.ci is not None else None,
+           "network": how, "seed": seed}
+    gains = fit_gains(res)
+    if gains is not None:
+        out["gains"] = gains.as_dict()
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -458,6 +507,7 @@ def add_cli(sub: Any) -> None:
                    help="normalisation of g_theta's input and target (default paper; see kcore.conventions)")
     p.add_argument("--one-direction", action="store_true", help="fit each pair one way only (half the time)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fits")
+    add_nested_argument(p)
     study_command(p, "stability", _compute, _report, device="cpu")
 
 
@@ -477,7 +527,8 @@ def _compute(args: argparse.Namespace, run: StudySettings, log: Progress) -> Stu
     images = labelled_images(args.data, "test", args.n_images, size, seed=args.data_seed)
     res = stability(models, images, layers=args.layers, case=case, orders=args.orders, lam=args.lam,
                     fit_epochs=args.fit_epochs, convention=args.convention, both_directions=not args.one_direction,
-                    seed=args.seed, device=run.device, family=manifest, progress=log, ctx=run.job)
+                    seed=args.seed, device=run.device, family=manifest, progress=log, ctx=run.job,
+                    nested=args.nested)
     prov = {"checkpoints": list(res.members), "layers": list(res.layers), "seed": args.seed, "data": args.data,
             "n_images": res.n_images, "family_dir": args.family, "family_trained_here": trained is not None}
     return StudyRun(res, prov, extra=(lambda folder: trained.save(folder / "family")) if trained is not None else None)
@@ -487,3 +538,9 @@ def _report(res: StabilityResult) -> None:
     for row in res.summary():
         print(f"{row.layer}: instability {row.instability_mean:.4f} ± {row.instability_std:.4f} over "
               f"{row.n_pairs} pairs ({res.case}); in the fit's units {row.instability_std_units_mean:.4f}")
+        if row.gain_orders is not None:
+            split = ", ".join(f"x{k} {100 * v / row.var_target:.1f} %" for k, v in enumerate(row.var_orders))
+            gains = ", ".join(f"Δ{k} {100 * g:.1f} ± {100 * h:.1f} %"
+                              for k, (g, h) in enumerate(zip(row.gain_orders, row.gain_ci_halfwidth or ())))
+            print(f"  split of g_K (raw units, Var(x^(k))/Var(x*)): {split}; order-wise gains of the nested fits "
+                  f"(fit's units, mean 95 % half-width): {gains}, x^Δ {100 * row.gain_instability:.1f} %")
