@@ -18,9 +18,9 @@ from torch import Tensor
 from kcore import distributed as kd
 from kcore.distributed import batch_slices
 from kcore.metrics.moments import ChannelMoments, CrossMoments
-from kcore.metrics.variance import VarianceAccumulator
+from kcore.metrics.variance import ImageMoments, VarianceAccumulator
 
-__all__ = ["Rows", "batch_slices", "gram_cka", "merge_accumulator", "merge_moments"]
+__all__ = ["Rows", "batch_slices", "gram_cka", "merge_accumulator", "merge_image_moments", "merge_moments"]
 
 Moments = TypeVar("Moments", ChannelMoments, CrossMoments)
 
@@ -92,8 +92,9 @@ def merge_accumulator(acc: VarianceAccumulator, ctx: kd.Context | None = None) -
         ctx: the job's context (default: one process, which gets ``acc`` back).
 
     Returns:
-        A new accumulator whose moments, squared error and image count are the job's (:func:`merge_moments`);
-        its per-image sums for the bootstrap (``image_moments``) stay this rank's own.
+        A new accumulator whose moments, squared error and image count are the job's (:func:`merge_moments`),
+        and whose per-image sums for the bootstrap hold every rank's images in position order
+        (:func:`merge_image_moments`), so its intervals are those of one process over the same images.
     """
     ctx = ctx or kd.Context()
     if not ctx.distributed:
@@ -106,6 +107,64 @@ def merge_accumulator(acc: VarianceAccumulator, ctx: kd.Context | None = None) -
     out.cross = [merge_moments(m, ctx) for m in acc.cross]
     out.sq_err, images = kd.all_reduce_floats(acc.sq_err, float(acc.images), ctx=ctx)
     out.images = int(images)
+    out.image_moments = merge_image_moments(acc.image_moments, out.images, ctx)
+    return out
+
+
+def merge_image_moments(moments: ImageMoments, n: int, ctx: kd.Context | None = None) -> ImageMoments:
+    """Per-image sums holding every rank's images, placed by position, the same on every rank.
+
+    The nested gains' bootstrap does the same (:class:`kcore.fit.GainAccumulator`): each rank writes its images'
+    rows at their positions among the ``n`` images (zeros elsewhere) and the rows are summed over ranks, so a
+    bootstrap resample draws the same images, with the same numbers, as in one process. The ranks took their
+    shifts from their own first batches; every rank's sums are re-centred on the first rank's that added images
+    (rank 0's, which are one process's: rank 0 reads the first batch), see :meth:`ImageMoments.rows`.
+
+    Args:
+        moments: this rank's :class:`~kcore.metrics.ImageMoments`, updated with each batch's ``positions``.
+        n: the images of the whole pass (every rank's together). ctx: the job's context (default: one process).
+
+    Returns:
+        ``moments`` itself for one process; else new moments with one block (n, 2K+7, C) in position order (one
+        column summed over channels when any rank had too many to keep per channel) and the group labels.
+
+    Raises:
+        ValueError: the ranks' positions do not cover 0 … n−1 once each (the batches were not the job's split).
+    """
+    ctx = ctx or kd.Context()
+    if not ctx.distributed:
+        return moments
+    k3 = moments.orders + 3
+    has = bool(moments.batches)
+    collapsed = has and moments.batches[0].shape[-1] != moments.channels
+    mine = torch.tensor((moments.shifts if has else [float("nan")] * k3)
+                        + [float(collapsed), float(moments.groups is not None), float(moments.units)], dtype=torch.float64)
+    every = torch.stack(kd.all_gather_tensors(mine, ctx))  # (R, K+6), rank order
+    firsts = [row for row in every if not bool(torch.isnan(row[:k3]).any())]
+    out = ImageMoments(moments.orders, moments.channels)
+    if not firsts:
+        return out  # no rank added an image
+    shifts = firsts[0][:k3].tolist()
+    collapsed, grouped, units = bool(every[:, k3].max() > 0), bool(every[:, k3 + 1].max() > 0), int(every[:, k3 + 2].max())
+    width = 1 if collapsed else moments.channels
+    rows, order = moments.rows(shifts)
+    if rows.shape[-1] != width:
+        rows = rows.sum(-1, keepdim=True)
+    positions = torch.cat(moments.positions)[order] if has else torch.zeros(0, dtype=torch.long)
+    dense = torch.zeros(n, 2 * k3 + 1, width, dtype=torch.float64)
+    dense[positions] = rows
+    marks = torch.zeros(n, 2, dtype=torch.float64)  # images placed, group label + 1
+    marks[positions, 0] = 1.0
+    if grouped and moments.groups is not None:
+        marks[positions, 1] = torch.cat(moments.groups)[order].to(torch.float64) + 1.0
+    dense, marks = kd.all_reduce_sum(dense, ctx), kd.all_reduce_sum(marks, ctx)
+    if not bool((marks[:, 0] == 1).all()):
+        raise ValueError(f"the ranks' images must cover positions 0 … {n - 1} once each; got "
+                         f"{int((marks[:, 0] == 0).sum())} missing and {int((marks[:, 0] > 1).sum())} repeated. Fix: "
+                         "pass every batch's positions from kcore.distributed.batch_slices of the same split.")
+    out.shifts, out.units, out.per_channel = shifts, units, not collapsed
+    out.batches, out.positions, out.kept = [dense], [torch.arange(n)], dense.numel()
+    out.groups = [(marks[:, 1] - 1.0).to(torch.long)] if grouped else None
     return out
 
 

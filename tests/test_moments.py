@@ -99,6 +99,9 @@ class _ThreadRanks:
         rows = self.all_gather_tensors(torch.tensor(values, dtype=torch.float64), ctx)
         return tuple(float(v) for v in torch.stack(rows).sum(0))
 
+    def all_reduce_sum(self, t: torch.Tensor, ctx: kd.Context | None = None) -> torch.Tensor:
+        return torch.stack(self.all_gather_tensors(t, ctx)).sum(0)
+
     def run(self, fn):
         """``fn(ctx)`` on every rank; their results in rank order (a rank's exception is raised here)."""
         results, errors = [None] * self.world, []
@@ -125,6 +128,7 @@ def three_ranks(monkeypatch):
     ranks = _ThreadRanks(3)
     monkeypatch.setattr(kd, "all_gather_tensors", ranks.all_gather_tensors)
     monkeypatch.setattr(kd, "all_reduce_floats", ranks.all_reduce_floats)
+    monkeypatch.setattr(kd, "all_reduce_sum", ranks.all_reduce_sum)
     return ranks
 
 
@@ -159,7 +163,7 @@ def test_accumulator_merged_over_ranks_reports_what_one_process_reports(three_ra
     def accumulate(ctx: kd.Context | None) -> VarianceAccumulator:
         acc = VarianceAccumulator(1, 3)
         for sl in streaming.batch_slices(target.shape[0], 5, ctx):
-            acc.update([c[sl] for c in comps], residual[sl], target[sl])
+            acc.update([c[sl] for c in comps], residual[sl], target[sl], positions=sl)
         return acc
 
     def on_rank(ctx: kd.Context):
@@ -167,17 +171,22 @@ def test_accumulator_merged_over_ranks_reports_what_one_process_reports(three_ra
         images, target_pack = acc.images, acc.target.pack()
         merged = streaming.merge_accumulator(acc, ctx)
         assert acc.images == images and torch.equal(acc.target.pack(), target_pack)  # input unchanged
-        return merged.report(ci=False)
+        return merged.report()
 
     reports = three_ranks.run(on_rank)
     assert reports[1] == reports[0] and reports[2] == reports[0]
-    one = accumulate(None).report(ci=False)
+    one = accumulate(None).report()
     assert reports[0].n_images == one.n_images == 26
     for name in ("var_output", "var_residual", "var_target", "instability", "mse", "share_residual"):
         assert getattr(reports[0], name) == pytest.approx(getattr(one, name), rel=1e-10), name
     assert reports[0].var_orders == pytest.approx(one.var_orders, rel=1e-10)
     assert reports[0].share_orders == pytest.approx(one.share_orders, rel=1e-10)
     assert reports[0].per_channel.var_target == pytest.approx(one.per_channel.var_target, rel=1e-10)
+    # the bootstrap resamples every rank's images, placed by position: the intervals of one process
+    assert reports[0].ci.n_heldout == 26
+    for name in ("share_orders", "channel_share_orders", "instability"):
+        torch.testing.assert_close(torch.tensor(getattr(reports[0].ci, name)), torch.tensor(getattr(one.ci, name)),
+                                   rtol=0, atol=1e-12)
 
 
 def test_one_process_gets_its_own_moments_back():

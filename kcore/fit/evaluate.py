@@ -129,7 +129,7 @@ def _evaluate_streamed(
             lin_sse += float(((tb.double() - lin(xb).double()) ** 2).sum())
             xb, tb = xb.to(data.device), tb.to(data.device)
             comps = components(model, xb)
-            acc.update(comps, tb - torch.stack(comps).sum(0), tb, data.heldout_groups(sl))
+            acc.update(comps, tb - torch.stack(comps).sum(0), tb, data.heldout_groups(sl), positions=sl)
     acc = merge_accumulator(acc, ctx)
     (lin_sse,) = kd.all_reduce_floats(lin_sse, ctx=ctx)
     sst = float(acc.target.m2.sum())

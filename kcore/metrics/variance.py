@@ -89,10 +89,15 @@ class ImageMoments:
         self.units = 0  # elements per image per channel (H·W)
         self.kept = 0
         self.groups: list[Tensor] | None = None  # per batch: the images' group labels (None: no grouping)
+        self.positions: list[Tensor] = []  # per batch: the images' positions among all images of the pass
 
-    def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor, groups: Tensor | None = None) -> None:
+    def update(self, comps: Sequence[Tensor], r: Tensor, t: Tensor, groups: Tensor | None = None,
+               positions: slice | Tensor | None = None) -> None:
         """Add one batch's sums: the components ``comps`` (x⁽⁰⁾ … x⁽ᴷ⁾), x^Δ ``r`` and x* ``t``, each (N, C, H, W),
-        and optionally the images' group labels ``groups`` (N,) for a cluster bootstrap (every batch or none).
+        and optionally the images' group labels ``groups`` (N,) for a cluster bootstrap (every batch or none) and
+        their ``positions`` among the images of the whole pass (default: after the images added so far); a rank of
+        a torchrun job passes its batches' positions so that :func:`kcore.streaming.merge_image_moments` can put
+        every rank's images in the order one process adds them.
 
         Raises:
             ValueError: ``groups`` given for some batches and not others, or not one label per image.
@@ -106,6 +111,16 @@ class ImageMoments:
                 raise ValueError(f"groups must give one label per image of the batch: expected {t.shape[0]}, got "
                                  f"{groups.numel()}.")
             self.groups = (self.groups or []) + [groups]
+        start = sum(len(p) for p in self.positions)
+        if positions is None:
+            positions = torch.arange(start, start + t.shape[0])
+        elif isinstance(positions, slice):
+            positions = torch.arange(positions.start or 0, (positions.start or 0) + t.shape[0])
+        positions = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
+        if positions.numel() != t.shape[0]:
+            raise ValueError(f"positions must give one position per image of the batch: expected {t.shape[0]}, got "
+                             f"{positions.numel()}. Fix: pass the batch's slice of the held-out order.")
+        self.positions.append(positions)
         parts = list(comps) + [r, t]
         if self.shifts is None:
             self.shifts = [float(p.mean()) for p in parts]
@@ -119,6 +134,38 @@ class ImageMoments:
             self.per_channel = False
             self.batches = [b.sum(-1, keepdim=True) for b in self.batches]
         self.batches.append(block if self.per_channel else block.sum(-1, keepdim=True))
+
+    def rows(self, shifts: Sequence[float] | None = None) -> tuple[Tensor, Tensor]:
+        """Every image's sums in position order, optionally re-centred on other ``shifts``.
+
+        Args:
+            shifts: K+3 shifts (x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ, x*) to express the sums around instead of this object's own
+                (another rank's, so that the ranks' sums add up); ``None``: this object's.
+
+        Returns:
+            ``(sums (N, 2K+7, C'), order)``: ``order`` sorts the images as added into position order (the
+            positions given to :meth:`update`). With p − s' = (p − s) + δ, δ = s − s', u elements per image:
+            Σ(p − s') = Σ(p − s) + uδ_p, Σ(p − s')(x* − s'_*) = Σ(p − s)(x* − s_*) + δ_* Σ(p − s) + δ_p Σ(x* − s_*)
+            + uδ_pδ_*, Σ(x^Δ − s'_Δ)² = Σ(x^Δ − s_Δ)² + 2δ_Δ Σ(x^Δ − s_Δ) + uδ_Δ².
+        """
+        if not self.batches:
+            return torch.zeros(0, 2 * self.orders + 7, self.channels, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+        order = torch.argsort(torch.cat(self.positions))
+        s = torch.cat(self.batches)[order]
+        if shifts is None or self.shifts is None:
+            return s, order
+        k3 = self.orders + 3
+        if len(shifts) != k3:
+            raise ValueError(f"shifts must hold K+3 = {k3} numbers (x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ, x*); got {len(shifts)}.")
+        delta = torch.tensor(self.shifts, dtype=torch.float64) - torch.tensor(list(shifts), dtype=torch.float64)
+        u = self.units * (self.channels // s.shape[-1])  # elements per image in each column (all channels once summed)
+        d = delta.view(1, k3, 1)
+        sums, cross, sq = s[:, :k3], s[:, k3 : 2 * k3], s[:, 2 * k3 :]
+        d_t, s_t = d[:, -1:], sums[:, -1:]
+        out = torch.cat([sums + u * d,
+                         cross + d_t * sums + d * s_t + u * d * d_t,
+                         sq + 2 * d[:, -2:-1] * sums[:, -2:-1] + u * d[:, -2:-1] ** 2], 1)
+        return out, order
 
     def bootstrap(self, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED,
                   groups: Tensor | Sequence[int] | None = None) -> ConfidenceIntervals | None:
@@ -142,12 +189,12 @@ class ImageMoments:
             raise ValueError(f"n_boot must be at least 10; got {n_boot}.")
         if not self.batches:
             return None
-        s = torch.cat(self.batches)  # (N, 2K+7, C')
+        s, order = self.rows()  # (N, 2K+7, C'), images in position order
         n = s.shape[0]
         if n < 2:
             return None
         if groups is None and self.groups is not None:
-            groups = torch.cat(self.groups)
+            groups = torch.cat(self.groups)[order]
         inv, n_groups = group_index(groups, n)
         if inv is not None and n_groups < 2:
             return None
@@ -207,9 +254,10 @@ class VarianceAccumulator:
         self.image_moments = ImageMoments(orders, channels)
 
     def update(self, components: Sequence[Tensor], residual: Tensor, target: Tensor,
-               groups: Tensor | None = None) -> None:
+               groups: Tensor | None = None, positions: slice | Tensor | None = None) -> None:
         """Add one batch: ``components`` K+1 tensors (n, C_b, H, W), ``residual`` and ``target`` (n, C_b, H, W),
-        and optionally the images' group labels ``groups`` (n,): then the intervals resample groups."""
+        and optionally the images' group labels ``groups`` (n,): then the intervals resample groups; and their
+        ``positions`` among all images (a torchrun rank's batches; see :meth:`ImageMoments.update`)."""
         if len(components) != self.orders + 1:
             raise ValueError(f"expected {self.orders + 1} components (K = {self.orders}); got {len(components)}.")
         t64 = target.detach().to(torch.float64)
@@ -226,7 +274,8 @@ class VarianceAccumulator:
         self.target.update(t64)
         self.sq_err += float((r64**2).sum())
         self.images += int(target.shape[0])
-        self.image_moments.update([c.detach().to(torch.float64) for c in components], r64, t64, groups)
+        self.image_moments.update([c.detach().to(torch.float64) for c in components], r64, t64, groups,
+                                 positions)
 
     def report(self, ci: bool = True, level: float = CI_LEVEL, n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED
                ) -> VarianceReport:
