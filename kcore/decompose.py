@@ -13,7 +13,7 @@ literally: one recording forward pass, then each branch on its own) is kept as a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +28,55 @@ METHODS: dict[str, str] = {
     "batched": "all orders in one top-down pass, (K+2)/2 forward passes of work",
     "branchwise": "one recording pass, then every branch separately (reference; slower)",
 }
+
+
+Parts = Literal["split", "nested"]
+PARTS: dict[str, str] = {
+    "split": "the Eq. 3–4 split of the fitted g_θ (of a nested fit: of g_K) into x⁽⁰⁾ … x⁽ᴷ⁾",
+    "nested": "the nested components x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x) of nested fits (x⁽⁰⁾ₙ = g₀(x)), which sum to g_K(x)",
+}
+"""The two ways to split g(x) into orders (:func:`decompose_comparison`)."""
+
+
+def decompose_comparison(comparison: Any, direction: str, positions: Sequence[int] | None = None,
+                         parts: Parts = "split") -> "Decomposition":
+    """A comparison's decomposition in ``direction`` for the images at ``positions`` (default: held out).
+
+    Args:
+        comparison: a :class:`kcore.pipeline.Comparison`.
+        direction: one of its directions (``"A_to_B"``, ``"B_to_A"``).
+        positions: image positions in the comparison's features (default: its held-out images).
+        parts: ``"split"``: the Eq. 3–4 components of the fitted g_θ (``comparison.decompose``);
+            ``"nested"``: the nested components of a nested fit (:func:`kcore.fit.nested_decompose`), whose
+            ``meta["kind"]`` is ``"nested"``. Both have the same x* and x^Δ = x* − g_K(x).
+
+    Returns:
+        A :class:`Decomposition`.
+
+    Raises:
+        ValueError: ``parts`` is unknown, ``direction`` is not one of the comparison's, or ``parts="nested"``
+            for a fit that is not nested (each message names the fix).
+
+    Examples::
+
+        dec = decompose_comparison(comparison, "A_to_B", parts="nested")
+        torch.allclose(dec.output, comparison.directions["A_to_B"].fit.predict(x_src))   # Σₖ x⁽ᵏ⁾ₙ = g_K(x)
+    """
+    if parts not in PARTS:
+        raise ValueError(f"parts must be one of {sorted(PARTS)}; got {parts!r}. Fix: 'split' for the Eq. 3–4 "
+                         "components, 'nested' for the nested components of a nested fit.")
+    if direction not in comparison.directions:
+        raise ValueError(f"direction must be one of {sorted(comparison.directions)}; got {direction!r}.")
+    if parts == "split":
+        return comparison.decompose(direction, positions)
+    fit = comparison.directions[direction].fit
+    if getattr(fit, "nested", None) is None:
+        raise ValueError(f"parts='nested' needs a nested fit; direction {direction!r} of this comparison is a plain "
+                         "fit. Fix: use parts='split', or fit with nested=True (kcore fit --nested).")
+    from kcore.fit.nested import nested_decompose
+
+    x_src, x_tgt = comparison.pair(direction, positions)
+    return nested_decompose(fit, x_src, x_tgt)
 
 
 @torch.no_grad()

@@ -339,6 +339,115 @@ def channel_table(report: VarianceReport) -> pd.DataFrame:
     return df
 
 
+def gain_table(gains: Any) -> pd.DataFrame:
+    """Per-channel order-wise gains of a nested fit (:class:`kcore.fit.nested.NestedGains`): one row per channel.
+
+    Columns: ``channel``, ``gain_x0 … gain_xK`` (Δₖ of the channel, each around its own mean), ``instability``
+    (Var(x*_c − g_K(x)_c)/Var(x*_c); with the gains it sums to 1), and ``gain_xk_ci_lo``/``gain_xk_ci_hi`` and
+    ``instability_ci_lo``/``instability_ci_hi`` (the 95 % bootstrap intervals over the held-out images; NaN when the
+    run kept no per-channel intervals).
+    """
+    from kcore.viz.gains import gain_matrix
+
+    m = gain_matrix(gains)  # (C, K+2)
+    C, K = m.shape[0], m.shape[1] - 2
+    ci = gains.ci
+    cgo = ci.channel_gain_orders if ci is not None else None
+    cgi = ci.channel_instability if ci is not None else None
+    nan = np.full(C, np.nan)
+    df = pd.DataFrame({"channel": np.arange(C)})
+    for k in range(K + 1):
+        df[f"gain_x{k}"] = m[:, k]
+    df["instability"] = m[:, -1]
+    for k in range(K + 1):
+        iv = np.asarray(cgo[k], dtype=np.float64) if cgo is not None else None
+        df[f"gain_x{k}_ci_lo"], df[f"gain_x{k}_ci_hi"] = (iv[:, 0], iv[:, 1]) if iv is not None else (nan, nan)
+    iv = np.asarray(cgi, dtype=np.float64) if cgi is not None else None
+    df["instability_ci_lo"], df["instability_ci_hi"] = (iv[:, 0], iv[:, 1]) if iv is not None else (nan, nan)
+    return df
+
+
+def nested_figures(
+    comparison: Any,
+    direction: str,
+    *,
+    dec: Decomposition | None = None,
+    image_ids: Sequence[str] | None = None,
+    images: Sequence[int] = (0,),
+    channels: Sequence[int] = (0,),
+    raw: Sequence[np.ndarray | None] | None = None,
+    scale: str = "image",
+    cmap: str | None = None,
+    footer: bool = False,
+) -> list[FigureItem]:
+    """The figures of a nested fit in ``direction``, ready for :func:`export_comparison`.
+
+    Two figures: ``channel-gains_<direction>`` (the per-channel gains Δ₀ … Δ_K and x^Δ, :func:`kcore.viz.
+    channel_gain_figure`) and ``nested-components_<direction>_…`` (per image and channel: x*, the nested components
+    x⁽⁰⁾ₙ … x⁽ᴷ⁾ₙ and x^Δ over the image, :func:`kcore.viz.figure1_grid` of the nested decomposition). Their
+    sidecars hold the gains with their intervals (overall, and for the channels drawn).
+
+    Args:
+        comparison: a :class:`kcore.pipeline.Comparison` whose ``direction`` is a nested fit.
+        direction: the direction.
+        dec: its nested decomposition (:func:`kcore.decompose.decompose_comparison` with ``parts="nested"``;
+            default: computed for the held-out images). image_ids: ``dec``'s image ids (default: the held-out ones).
+        images: images to draw (indices into ``dec``). channels: channels of x* to draw.
+        raw: the input images for ``images`` (same order), or None for the maps alone.
+        scale: colour scaling of the grid (:data:`kcore.viz.SCALES`). cmap: its diverging colour map.
+        footer: a provenance line under each figure.
+
+    Returns:
+        Two :class:`FigureItem`.
+
+    Raises:
+        ValueError: ``direction`` is not a nested fit of ``comparison``, or ``dec`` is not a nested decomposition.
+    """
+    from kcore import viz
+    from kcore.decompose import decompose_comparison
+
+    if direction not in comparison.directions:
+        raise ValueError(f"direction must be one of {sorted(comparison.directions)}; got {direction!r}.")
+    fit = comparison.directions[direction].fit
+    if fit.nested is None:
+        raise ValueError(f"direction {direction!r} is not a nested fit, so it has no gains or nested components. "
+                         "Fix: export its figures as usual, or fit with nested=True (kcore fit --nested).")
+    if dec is None:
+        dec = decompose_comparison(comparison, direction, parts="nested")
+        image_ids = comparison.image_ids()
+    elif not viz.is_nested(dec):
+        raise ValueError("dec must be the nested decomposition (meta kind 'nested'); got the Eq. 3–4 split. Fix: "
+                         "pass kcore.decompose.decompose_comparison(comparison, direction, parts='nested').")
+    ids = list(image_ids) if image_ids is not None else [f"image {i}" for i in range(dec.target.shape[0])]
+    gains = fit.nested.gains
+    cap = caption(comparison, direction) if footer else None
+    title = f"{DIRECTION_TITLES.get(direction, direction)}: order-wise gains of nested fits per channel"
+    chans = [int(c) for c in channels]
+    per_channel = {int(c): {"gain_orders": [g[c] for g in gains.channel_gain_orders],
+                            "gain_ci": None if gains.ci is None or gains.ci.channel_gain_orders is None
+                            else [list(iv[c]) for iv in gains.ci.channel_gain_orders]} for c in chans}
+    overall = {"gain_orders": list(gains.gain_orders), "instability": gains.instability,
+               "gain_ci": None if gains.ci is None else [list(iv) for iv in gains.ci.gain_orders]}
+    kw = {} if cmap is None else {"cmap": cmap}
+    grid = viz.figure1_grid(dec, list(images), chans, list(raw) if raw is not None else None, scale=scale,  # type: ignore[arg-type]
+                            row_labels=["/".join(str(ids[i]).split("/")[-2:]) for i in images], caption=cap,
+                            units="standardised units" if dec.convention == "paper" else "target units", **kw)
+    sel = [str(ids[i]) for i in images]
+    stem_ids = "+".join(sel) if len(sel) <= 3 else f"{len(sel)}images"
+    return [
+        FigureItem(figure_stem("channel-gains", direction),
+                   viz.channel_gain_figure(gains, title=title, caption=cap),
+                   {"shows": "order-wise gains of nested fits per channel (R²(g_k) − R²(g_(k−1)), with x^Δ adding up "
+                             "to 1), 95 % bootstrap intervals in gains_<direction>.csv", "direction": direction,
+                    "gains": overall}),
+        FigureItem(figure_stem("nested-components", direction, image_id=stem_ids, channel=chans, scale=scale),
+                   grid,
+                   {"shows": "x*, nested components x^(k)_n = g_k(x) − g_(k−1)(x) (sum: g_K(x)) and x^Δ",
+                    "direction": direction, "image_ids": sel, "channels": chans, "scale": scale,
+                    "gains": overall, "channel_gains": per_channel}),
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ files
 def _dumps(obj: Any) -> str:
     return dumps(obj, lenient=True) + "\n"
@@ -346,7 +455,8 @@ def _dumps(obj: Any) -> str:
 
 def write_metrics(comparison: Any, folder: str | Path) -> list[Path]:
     """Write ``metrics.csv`` (:func:`metrics_table`), ``metrics.json`` (the full held-out reports) and
-    ``channels_<direction>.csv`` (:func:`channel_table`) into ``folder``; returns the paths."""
+    ``channels_<direction>.csv`` (:func:`channel_table`) into ``folder``, and for a nested fit
+    ``gains_<direction>.csv`` (:func:`gain_table`, the per-channel gains with their intervals); returns the paths."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     paths = [write_file_atomic(out / "metrics.csv", metrics_table(comparison).to_csv(index=False, float_format="%.6g")),
@@ -354,6 +464,9 @@ def write_metrics(comparison: Any, folder: str | Path) -> list[Path]:
     for key, d in comparison.directions.items():
         table = channel_table(d.fit.heldout_report).to_csv(index=False, float_format="%.6g")
         paths.append(write_file_atomic(out / f"channels_{slug(key)}.csv", table))
+        if d.fit.nested is not None:  # nested fits: the per-channel gains with their intervals
+            gains = gain_table(d.fit.nested.gains).to_csv(index=False, float_format="%.6g")
+            paths.append(write_file_atomic(out / f"gains_{slug(key)}.csv", gains))
     return paths
 
 
@@ -366,7 +479,8 @@ def write_components(
 ) -> Path:
     """Save the raw arrays of a decomposition as ``<stem>.npz`` (float32, uncompressed).
 
-    Arrays: ``components`` (K+1, N, C, H, W) with ``components[k]`` = x⁽ᵏ⁾, ``residual`` x^Δ, ``target`` x*,
+    Arrays: ``components`` (K+1, N, C, H, W) with ``components[k]`` = x⁽ᵏ⁾ (of a nested decomposition: the
+    nested component x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x), said so in ``meta``), ``residual`` x^Δ, ``target`` x*,
     ``output`` g(x) (each (N, C, H, W), the fit's target units), ``image_ids`` (N,) strings, and ``meta``
     (a JSON string: ``meta`` plus the array layout).
     """
@@ -377,7 +491,9 @@ def write_components(
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug(stem)}.npz"
     comps = np.stack([c.detach().cpu().float().numpy() for c in dec.components])
-    layout = {"components": "(K+1, N, C, H, W): components[k] = x^(k)", "residual": "(N, C, H, W) x^Δ = x* − g(x)",
+    what = ("nested components: components[k] = g_k(x) − g_(k−1)(x) of nested fits (components[0] = g_0(x))"
+            if dec.meta.get("kind") == "nested" else "components[k] = x^(k)")
+    layout = {"components": f"(K+1, N, C, H, W): {what}", "residual": "(N, C, H, W) x^Δ = x* − g(x)",
               "target": "(N, C, H, W) x*", "output": "(N, C, H, W) g(x) = Σ_k x^(k)", "units": dec.convention}
     with atomic_file(path) as fh:
         np.savez(

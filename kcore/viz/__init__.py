@@ -11,6 +11,7 @@ This package is the face; each concept lives in its module:
 - :mod:`kcore.viz.maps`: which map of a decomposition to draw (:class:`MapSpec`), its values and limits;
 - :mod:`kcore.viz.overlays`: maps over their images (the Explorer's figures, side-by-side panels);
 - :mod:`kcore.viz.charts`: variances, instability and shares, loss curves, the per-channel share heatmap;
+- :mod:`kcore.viz.gains`: the order-wise gains of nested fits per channel (table and heatmap);
 - :mod:`kcore.viz.figure1`: the paper's Figure 1 grid.
 """
 from __future__ import annotations
@@ -29,6 +30,14 @@ from kcore.viz.charts import (
     variance_figure,
 )
 from kcore.viz.figure1 import figure1_grid
+from kcore.viz.gains import (
+    GAIN_SORTS,
+    channel_gain_figure,
+    channel_gain_order,
+    channel_gain_table,
+    gain_label,
+    gain_matrix,
+)
 from kcore.viz.maps import (
     MAP_KINDS,
     MapKind,
@@ -36,6 +45,7 @@ from kcore.viz.maps import (
     blind_spot_energy,
     feature_cells,
     feature_map,
+    is_nested,
     map_limits,
     upsample,
 )
@@ -60,12 +70,15 @@ from kcore.viz.style import (
     Background,
     Scale,
     limits_of,
+    nested_label,
     order_label,
     order_tex,
     plotly_colorscale,
 )
 
 __all__ = [
+    "GAIN_SORTS", "channel_gain_figure", "channel_gain_order", "channel_gain_table", "gain_label", "gain_matrix",
+    "is_nested", "nested_label",
     "BACKGROUNDS", "DIVERGING_CMAP", "NO_VARIANCE", "DIVERGING_CMAPS", "MAP_KINDS", "RESIDUAL_TEX", "SCALES", "SCALE_NAMES",
     "SEQUENTIAL_CMAP", "SHARE_CMAP", "SHARE_SORTS", "TARGET_TEX", "Background", "MapKind", "MapSpec", "Scale",
     "ShareSort", "blend_overlay", "blind_spot_energy", "channel_order", "channel_share_figure", "channel_share_table",

@@ -10,7 +10,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
 from kcore.decompose import Decomposition
-from kcore.viz.maps import MapSpec, _check_index, feature_map
+from kcore.viz.maps import MapSpec, _check_index, feature_map, is_nested
 from kcore.viz.overlays import _as_rgb, _draw_overlay, fold_text, text_width_in
 from kcore.viz.style import (
     DIVERGING_CMAP,
@@ -44,7 +44,8 @@ def figure1_grid(
     """The paper's Figure 1 as a grid: per (image, channel) row: image, x*, x⁽⁰⁾ … x⁽ᴷ⁾, x^Δ.
 
     Args:
-        dec: the decomposition.
+        dec: the decomposition (a nested one, :func:`kcore.decompose.decompose_comparison` with
+            ``parts="nested"``, gives the columns x⁽⁰⁾ₙ … x⁽ᴷ⁾ₙ).
         image_indices: images (indices into ``dec``), one block of rows each.
         channels: channels of x*, one row per image and channel.
         images: the input images (H, W, 3) for ``image_indices`` (same order); None draws the maps alone.
@@ -75,7 +76,9 @@ def figure1_grid(
         _check_index(dec, 0, c)
     if images is not None and len(images) != len(image_indices):
         raise ValueError(f"images must hold one image per index: {len(image_indices)} expected, got {len(images)}.")
-    specs = [MapSpec("target")] + [MapSpec("component", (k,)) for k in range(dec.orders + 1)] + [MapSpec("residual")]
+    nested = is_nested(dec)  # nested components x⁽ᵏ⁾ₙ of nested fits: labelled as such
+    specs = ([MapSpec("target")] + [MapSpec("component", (k,), nested=nested) for k in range(dec.orders + 1)]
+             + [MapSpec("residual")])
     rows = [(p, i, c) for p, i in enumerate(image_indices) for c in channels]
     cells = {(i, c, s): feature_map(dec, s, i, c) for _, i, c in rows for s in specs}
     names = ["image"] + [s.tex for s in specs]

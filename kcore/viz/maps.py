@@ -14,7 +14,7 @@ import torch
 
 from kcore.conventions import resample
 from kcore.decompose import Decomposition
-from kcore.viz.style import SCALES, Scale, _np, limits_of, order_label
+from kcore.viz.style import SCALES, Scale, _np, limits_of, nested_label, order_label
 
 MapKind = Literal["component", "target", "output", "residual", "blind_spot"]
 MAP_KINDS: dict[str, str] = {
@@ -34,10 +34,14 @@ class MapSpec:
     Attributes:
         kind: one of :data:`MAP_KINDS`.
         orders: for ``"component"``: the orders summed, e.g. ``(1,)`` for x⁽¹⁾ or ``(0, 1)`` for x⁽⁰⁾ + x⁽¹⁾.
+        nested: for ``"component"``: the nested components x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x) of nested fits (a
+            decomposition from :func:`kcore.decompose.decompose_comparison` with ``parts="nested"``) instead of
+            the Eq. 3–4 split of one g_θ; x⁽⁰⁾ₙ + … + x⁽ᵏ⁾ₙ = gₖ(x). A map refuses a decomposition of the other kind.
     """
 
     kind: MapKind = "component"
     orders: tuple[int, ...] = (0,)
+    nested: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MAP_KINDS:
@@ -48,6 +52,12 @@ class MapSpec:
             if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0 for k in self.orders):
                 raise ValueError(f"orders must be non-negative integers; got {self.orders!r}.")
             object.__setattr__(self, "orders", tuple(sorted({int(k) for k in self.orders})))
+        if not isinstance(self.nested, bool):
+            raise TypeError(f"nested must be True or False; got {self.nested!r}.")
+        if self.nested and self.kind != "component":
+            raise ValueError(f"nested=True applies to kind='component' only (x*, g(x), x^Δ and the blind-spot "
+                             f"energy are the same for both decompositions); got kind={self.kind!r}. "
+                             "Fix: pass nested=False.")
 
     @property
     def signed(self) -> bool:
@@ -58,7 +68,7 @@ class MapSpec:
     def label(self) -> str:
         """Short mathematical label, e.g. ``"x⁽⁰⁾+x⁽¹⁾"`` or ``"x^Δ"``."""
         if self.kind == "component":
-            return "+".join(order_label(k) for k in self.orders)
+            return "+".join((nested_label if self.nested else order_label)(k) for k in self.orders)
         return {"target": "x*", "output": "g(x)", "residual": "x^Δ", "blind_spot": "mean_c (x^Δ)²"}[self.kind]
 
     @property
@@ -70,8 +80,13 @@ class MapSpec:
     def slug(self) -> str:
         """File-name friendly label, e.g. ``"x0+1"``, ``"target"``."""
         if self.kind == "component":
-            return "x" + "+".join(str(k) for k in self.orders)
+            return ("xn" if self.nested else "x") + "+".join(str(k) for k in self.orders)
         return self.kind
+
+
+def is_nested(dec: Decomposition) -> bool:
+    """Whether ``dec`` holds nested components (:func:`kcore.fit.nested_decompose`) rather than the Eq. 3–4 split."""
+    return dec.meta.get("kind") == "nested"
 
 
 def _check_index(dec: Decomposition, image: int, channel: int | None) -> None:
@@ -85,6 +100,11 @@ def _check_index(dec: Decomposition, image: int, channel: int | None) -> None:
 def _check_orders(dec: Decomposition, spec: MapSpec) -> None:
     if spec.kind == "component" and max(spec.orders) > dec.orders:
         raise ValueError(f"orders {spec.orders} go beyond K = {dec.orders} of this fit; valid orders are 0…{dec.orders}.")
+    if spec.kind == "component" and spec.nested != is_nested(dec):
+        have = "nested components" if is_nested(dec) else "the Eq. 3–4 split of one g_θ"
+        raise ValueError(f"spec {spec.label} has nested={spec.nested}, but the decomposition holds {have}. Fix: "
+                         f"pass MapSpec('component', {spec.orders}, nested={is_nested(dec)}), or the other "
+                         "decomposition (kcore.decompose.decompose_comparison's parts).")
 
 
 def blind_spot_energy(residual: torch.Tensor) -> torch.Tensor:
@@ -138,7 +158,7 @@ def _family(dec: Decomposition, spec: MapSpec, channel: int | None) -> list[torc
     if not spec.signed:
         return [_maps(dec, spec, channel)]
     members = [MapSpec("target"), MapSpec("output"), MapSpec("residual")]
-    members += [MapSpec("component", (k,)) for k in range(dec.orders + 1)]
+    members += [MapSpec("component", (k,), nested=is_nested(dec)) for k in range(dec.orders + 1)]
     if spec not in members:
         members.append(spec)
     return [_maps(dec, m, channel) for m in members]

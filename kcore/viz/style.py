@@ -76,6 +76,12 @@ def order_tex(k: int) -> str:
     return order_label(k)
 
 
+def nested_label(k: int) -> str:
+    """``1 -> "x⁽¹⁾ₙ"``: the nested component gₖ(x) − gₖ₋₁(x) of nested fits (plain Unicode, like
+    :func:`order_label`; the subscript n tells it from the Eq. 3–4 component x⁽ᵏ⁾ of one g_θ)."""
+    return order_label(k) + "ₙ"
+
+
 RESIDUAL_TEX = "x^Δ"
 """The figure label of the residual x^Δ (plain Unicode, see :func:`order_tex`)."""
 TARGET_TEX = "x*"
