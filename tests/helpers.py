@@ -101,3 +101,14 @@ def texts_outside(fig: Figure) -> list[str]:
     """Texts that reach past the figure's edge (an export would cut them)."""
     W, H = fig.bbox.width, fig.bbox.height
     return [t.get_text() for t, b in drawn_texts(fig) if b.x0 < -0.5 or b.y0 < -0.5 or b.x1 > W + 0.5 or b.y1 > H + 0.5]
+
+
+def open_run_folder(at, folder: Path | str, page: str | None = None):
+    """Open a run (or sweep) folder in a dashboard AppTest the way a user does (the Fit page's *Open a run
+    folder* box), then, with ``page`` (e.g. ``"overview"``), switch to ``dashboard/app_pages/<page>.py``."""
+    at.switch_page("app_pages/fit.py").run()
+    at.text_input(key="kc_open_path").input(str(folder)).run()
+    at.button(key="kc_open_go").click().run()
+    if page is not None:
+        at.switch_page(f"app_pages/{page}.py").run()
+    return at

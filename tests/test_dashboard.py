@@ -24,6 +24,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import kcore.pipeline  # noqa: E402
 from dashboard import state  # noqa: E402
+from helpers import open_run_folder  # noqa: E402
 
 APP = str(ROOT / "dashboard" / "app.py")
 PAGES = ["setup", "fit", "overview", "explorer", "filters", "figure1", "export"]
@@ -353,9 +354,7 @@ def test_export_writes_valid_files(fitted, dirs):
 def test_reopen_the_run_folder(fitted):
     at = fitted
     run = next(iter(at.session_state["kc_runs"].values()))
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(run.run_dir)).run()
-    at.button(key="kc_open_go").click().run()
+    open_run_folder(at, run.run_dir)
     _clean(at)
     runs = at.session_state["kc_runs"]
     assert len(runs) == 2
@@ -376,9 +375,7 @@ def test_overview_warns_when_compared_runs_used_different_presets(fitted):
     run = next(iter(at.session_state["kc_runs"].values()))
     other = dataclasses.replace(run.comparison, provenance={**run.comparison.provenance, "preset": "authors"})
     folder = write_run(other, state.runs_dir() / "authors_preset_run")
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
+    open_run_folder(at, folder)
     _clean(at)
     at.switch_page("app_pages/overview.py").run()
     _clean(at)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 from kcore.baselines import BaselineUnavailable, derangement
 from kcore.groups import Groups
 
@@ -190,10 +190,7 @@ def test_the_overview_says_the_intervals_resampled_groups(grouped_run, monkeypat
     g = comp.directions["A_to_B"].fit.heldout_report.ci.n_groups
     monkeypatch.setenv("KCORE_RUNS_DIR", str(runs))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
-    at.switch_page("app_pages/overview.py").run()
+    open_run_folder(at, folder, "overview")
     assert not at.exception, [e.value for e in at.exception]
     help_text = {m.label: m for m in at.metric}["Instability Var(x^Δ)/Var(x*)"].proto.help
     assert f"over the {4 * g} held-out images, resampled by group ({g} groups) (no refit)" in help_text

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -260,9 +260,7 @@ def opened(run_folder, monkeypatch):
     monkeypatch.setenv("KCORE_EXPORTS_DIR", str(exports))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60)
     at.run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
+    open_run_folder(at, folder)
     assert not at.exception, [e.value for e in at.exception]
     return at
 

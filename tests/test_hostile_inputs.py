@@ -172,6 +172,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from helpers import open_run_folder  # noqa: E402
 from kcore.checkpoints import UnsafeCheckpointError, load_model  # noqa: E402
 
 SAMPLE = ROOT / "sample_models" / "kshapes_tinynet_s0.safetensors"
@@ -577,9 +578,7 @@ def test_dashboard_without_roots_offers_no_server_path_and_opens_no_folder_outsi
     assert not [t for t in at.text_input if t.key == "kc_path_A"]
     assert any("turned off" in i.value for i in at.info)
     at = _app().run()  # (the empty slot A would keep the Fit page from drawing)
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(run_folder)).run()
-    at.button(key="kc_open_go").click().run()
+    open_run_folder(at, run_folder)
     assert not at.exception and any("turned off" in e.value for e in at.error), [e.value for e in at.error]
     # a corrupt run folder under the allowed roots: a message naming the file, not a traceback
     monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch  # noqa: F401  (imported before the first AppTest run, as in test_dashboard)
 
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -71,10 +71,7 @@ def test_the_overview_shows_the_least_squares_error_beside_gs(run_folder, monkey
     runs, folder = run_folder
     monkeypatch.setenv("KCORE_RUNS_DIR", str(runs))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
-    at.switch_page("app_pages/overview.py").run()
+    open_run_folder(at, folder, "overview")
     assert not at.exception, [e.value for e in at.exception]
     metrics = {m.label: m for m in at.metric}
     ls = metrics["Least-squares error 1 − R²"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import kcore
+from helpers import open_run_folder
 from kcore.decompose import nested_components
 from kcore.fit import FitConfig, GainAccumulator, extend_order, make_config, nested_decompose
 from kcore.gtheta import GTheta, GThetaSpec
@@ -326,10 +327,7 @@ def test_overview_shows_the_gains_of_a_nested_run(nested_run, monkeypatch: pytes
     out, _ = nested_run
     monkeypatch.setenv("KCORE_RUNS_DIR", str(out.parent))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=180).run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(out)).run()
-    at.button(key="kc_open_go").click().run()
-    at.switch_page("app_pages/overview.py").run()
+    open_run_folder(at, out, "overview")
     assert not at.exception, [e.value for e in at.exception]
     captions = [c.value for c in at.caption]
     gains = [c for c in captions if c.startswith("Order-wise gains of nested fits")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 from kcore import baselines as kb
 from kcore.capture import run_capture
 from kcore.checkpoints import load_model
@@ -189,10 +189,7 @@ def test_a_failing_baseline_keeps_the_fit_and_records_the_failure(random_images,
         sys.path.insert(0, str(root))
     monkeypatch.setenv("KCORE_RUNS_DIR", str(tmp_path))
     at = AppTest.from_file(str(root / "dashboard" / "app.py"), default_timeout=60).run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(run)).run()
-    at.button(key="kc_open_go").click().run()
-    at.switch_page("app_pages/overview.py").run()
+    open_run_folder(at, run, "overview")
     assert not at.exception, [e.value for e in at.exception]
     warnings = [w.value for w in at.warning]
     assert any(w.startswith("Chance baseline random-init B failed: RuntimeError: planted failure") for w in warnings)

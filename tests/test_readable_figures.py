@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dashboard.serve import CHROMIUM, CHROMIUM_ARGS, free_port, local_dashboard, wait_idle
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 from helpers import overlapping_texts as _overlaps
 from helpers import texts_outside as _outside
 
@@ -321,10 +321,7 @@ def test_figure1_page_shows_the_provenance_footer_as_page_text(run_folder, monke
     monkeypatch.setenv("KCORE_RUNS_DIR", str(runs))
     monkeypatch.setenv("KCORE_EXPORTS_DIR", str(tmp_path))
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=60).run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
-    at.switch_page("app_pages/figure1.py").run()
+    open_run_folder(at, folder, "figure1")
     assert not at.exception, [e.value for e in at.exception]
     comp = read_run(folder)
     line = export.caption(comp, next(iter(comp.directions)))

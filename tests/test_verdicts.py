@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import loaded, tiny_net
+from helpers import loaded, open_run_folder, tiny_net
 from kcore.verdict import ChanceVerdict, chance_verdict, verdict_from_intervals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,9 +184,7 @@ def test_overview_shows_the_verdict(run_with_baselines, tmp_path, monkeypatch):
     folder = write_run(comp, runs / "verdict_run")
     at = AppTest.from_file(str(ROOT / "dashboard" / "app.py"), default_timeout=90)
     at.run()
-    at.switch_page("app_pages/fit.py").run()
-    at.text_input(key="kc_open_path").input(str(folder)).run()
-    at.button(key="kc_open_go").click().run()
+    open_run_folder(at, folder)
     assert not at.exception, [e.value for e in at.exception]
     at.switch_page("app_pages/overview.py").run()
     assert not at.exception, [e.value for e in at.exception]
