@@ -31,6 +31,21 @@ class MapChoice:
     cmap: str = viz.DIVERGING_CMAP
     view: str = "map"  # "map": the map and the blind-spot energy; "a_vs_b": x and x* side by side
     source_channel: int | None = None  # channel of x in the "a_vs_b" view (default: ``channel``)
+    parts: str = "split"  # "split": Eq. 3–4 components of g_K; "nested": the nested components of nested fits
+
+
+PARTS = {"split": "Eq. 3–4 split of g_K", "nested": "nested components"}
+"""The Explorer's choice of components for a nested run (:data:`kcore.decompose.PARTS`)."""
+
+
+def is_nested(run: state.RunEntry, direction: str) -> bool:
+    """Whether ``direction`` of ``run`` is a nested fit (it has gains and nested components)."""
+    return run.comparison.directions[direction].fit.nested is not None
+
+
+def view_of(run: state.RunEntry, m: MapChoice) -> state.DecompositionView:
+    """The decomposition ``m`` draws from: the split, or the nested components of a nested fit."""
+    return state.decomposition(run, m.direction, m.parts)
 
 
 VIEWS = {"map": "Map and blind spots", "a_vs_b": "x and x* side by side"}
@@ -81,7 +96,7 @@ def loss(run: state.RunEntry, footer: bool = False) -> Figure:
 
 def overlay(run: state.RunEntry, m: MapChoice, footer: bool = False) -> Figure:
     """The map ``m`` chooses over its image, as a matplotlib figure (what Export saves)."""
-    view = state.decomposition(run, m.direction)
+    view = view_of(run, m)
     return viz.component_overlay(
         view.dec, m.spec, m.image, m.channel, view.raw[m.image], scale=m.scale, alpha=m.alpha,
         background=m.background, image_label=short_id(view.image_ids[m.image]), units=units(view),
@@ -91,7 +106,7 @@ def overlay(run: state.RunEntry, m: MapChoice, footer: bool = False) -> Figure:
 
 def overlay_view(run: state.RunEntry, m: MapChoice, spec: viz.MapSpec | None = None):
     """The Explorer's interactive view of :func:`overlay` (Plotly; the same map, limits and colours)."""
-    view = state.decomposition(run, m.direction)
+    view = view_of(run, m)
     return viz.component_overlay_interactive(
         view.dec, spec or m.spec, m.image, m.channel, view.raw[m.image], scale=m.scale, alpha=m.alpha,
         background=m.background, image_label=short_id(view.image_ids[m.image]), units=units(view), cmap=m.cmap,
@@ -158,8 +173,8 @@ def blind_spot_view(run: state.RunEntry, m: MapChoice):
 
 
 def overlay_stem(run: state.RunEntry, m: MapChoice) -> str:
-    """The file stem of :func:`overlay` for ``m``."""
-    view = state.decomposition(run, m.direction)
+    """The file stem of :func:`overlay` for ``m`` (a nested component's ``what`` is ``xn<k>``)."""
+    view = view_of(run, m)
     ch = None if m.spec.kind == "blind_spot" else m.channel
     return export.figure_stem("overlay", m.direction, image_id=view.image_ids[m.image], channel=ch,
                               what=m.spec.slug, scale=m.scale)
@@ -177,6 +192,26 @@ def shares(run: state.RunEntry, direction: str, sort: str = "channel", order: in
     return viz.channel_share_figure(rep, sort=sort, order=order, highlight=highlight, max_channels=max_channels,
                                     title=f"{state.DIRECTION_TITLES[direction]}: additive share per channel (preset {run.comparison.preset})",
                                     caption=_caption(run, direction, footer), wide=wide)
+
+
+def gains(run: state.RunEntry, direction: str, sort: str = "channel", order: int = 0,
+          highlight: int | None = None, max_channels: int = 64, footer: bool = False) -> Figure:
+    """The order-wise gains of each channel of a nested fit in ``direction`` (the Filters page's other chart)."""
+    g = run.comparison.directions[direction].fit.nested.gains
+    return viz.channel_gain_figure(g, sort=sort, order=order, highlight=highlight, max_channels=max_channels,
+                                   title=f"{state.DIRECTION_TITLES[direction]}: order-wise gain per channel "
+                                         "(nested fits)", caption=_caption(run, direction, footer))
+
+
+def nested_items(run: state.RunEntry, direction: str, m: MapChoice | None = None,
+                 footer: bool = False) -> list[export.FigureItem]:
+    """The export's figures of a nested fit in ``direction``: the per-channel gains and the nested components of
+    the Explorer's image and channel (``m``; default: the first image, channel 0), on their images."""
+    view = state.decomposition(run, direction, "nested")
+    image, channel = (m.image, m.channel) if m is not None and m.direction == direction else (0, 0)
+    return export.nested_figures(run.comparison, direction, dec=view.dec, image_ids=view.image_ids, images=[image],
+                                 channels=[channel], raw=[view.raw[image]],
+                                 cmap=m.cmap if m is not None else None, footer=footer)
 
 
 def grid(run: state.RunEntry, direction: str, images: Sequence[int], channels: Sequence[int],

@@ -1,5 +1,6 @@
 """Explorer: one image × channel × order at a time, overlaid on the input image, with the blind-spot map or
-with the two networks' features x and x* side by side."""
+with the two networks' features x and x* side by side. For a nested run the orders' maps are either the Eq. 3–4
+split of g_K or the nested components gₖ(x) − gₖ₋₁(x)."""
 from __future__ import annotations
 
 import streamlit as st
@@ -14,6 +15,10 @@ KIND_HELP = (r"$x^{(k)}$: the part of $x^*$ reconstructed at order k (0 = linear
              r"$x^\Delta = x^* - g(x)$: what it cannot.")
 SCALE_NAMES = {"map": "per map", "image": "per image", "shared": "shared"}
 BACKGROUND_NAMES = {"gray": "grey image", "rgb": "colour image", "none": "nothing"}
+NESTED_KINDS = {**KINDS, "order": "$x^{(k)}_n$"}
+NESTED_EXPLAINED = ("Nested components: x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x), what the nested fit gₖ adds to gₖ₋₁ (x⁽⁰⁾ₙ = g₀(x), the "
+                    "least-squares map); x⁽⁰⁾ₙ + … + x⁽ᵏ⁾ₙ = gₖ(x), and all of them sum to g_K(x). The Eq. 3–4 split "
+                    "divides the same g_K(x) along its branches instead, as one optimiser path left them.")
 
 st.title("Explorer")
 run = ui.require_run()
@@ -36,22 +41,31 @@ def _controls(view: views.DecompositionView) -> figures.MapChoice:
                     persist_state="session",
                     help="Map and blind spots: one part of the decomposition and where the source fails. "
                          "x and x* side by side: the source network's feature and the target's, same image.")
+    parts = "split"
+    if mode == "map" and figures.is_nested(run, direction):  # a nested run: which components the orders show
+        from kcore.fit.nested import GAINS_EXPLAINED
+
+        parts = st.radio("Orders' maps", list(figures.PARTS), format_func=figures.PARTS.get, key="kc_ex_parts",
+                         horizontal=True, persist_state="session",
+                         help=NESTED_EXPLAINED + " " + GAINS_EXPLAINED)
+    nested = parts == "nested"
     d1, d2, d3, d4 = st.columns([1.6, 1.6, 1.4, 1.6])
     spec, source_channel = viz.MapSpec("component", (0,)), None
     if mode == "map":
-        kind = d1.radio("Map", list(KINDS), format_func=KINDS.get, key="kc_ex_kind", persist_state="session",
+        kinds = NESTED_KINDS if nested else KINDS
+        kind = d1.radio("Map", list(kinds), format_func=kinds.get, key="kc_ex_kind", persist_state="session",
                         help=KIND_HELP, horizontal=True)
         orders_all = list(range(K + 1))
         views.keep_valid("kc_ex_order", orders_all, 0)
         if kind == "order":
             order = d2.segmented_control("Order k", orders_all, key="kc_ex_order", default=0, required=True,
                                          persist_state="session")
-            spec = viz.MapSpec("component", (int(order),))
+            spec = viz.MapSpec("component", (int(order),), nested=nested)
         elif kind == "sum":
             chosen = d2.pills("Orders to sum", orders_all, selection_mode="multi", key="kc_ex_orders",
                               default=[0, 1] if K >= 1 else [0], persist_state="session")
             chosen = [k for k in (chosen or []) if k in orders_all] or [0]
-            spec = viz.MapSpec("component", tuple(chosen))
+            spec = viz.MapSpec("component", tuple(chosen), nested=nested)
         else:
             spec = viz.MapSpec(kind)
         d2.radio("Colour scale", list(viz.SCALES), key="kc_ex_scale", persist_state="session",
@@ -73,7 +87,7 @@ def _controls(view: views.DecompositionView) -> figures.MapChoice:
                         persist_state="session", help="Diverging, white at 0. The default is safe for colour-blind "
                                                       "readers.")
     return figures.MapChoice(direction, int(image), int(channel), spec, scale, float(alpha), background, cmap, mode,
-                             source_channel)
+                             source_channel, parts)
 
 
 @st.fragment
@@ -98,9 +112,17 @@ def explorer() -> None:
         with right:
             ui.show_interactive(figures.blind_spot_view(run, choice),
                                 caption=r"Blind-spot energy: mean over channels of $(x^\Delta)^2$ (sequential, from 0).")
-        rep = run.comparison.directions[direction].fit.heldout_report.per_channel
+        fit = run.comparison.directions[direction].fit
+        rep = fit.heldout_report.per_channel
         K, c = view.dec.orders, choice.channel
-        if rep.share_orders is not None and rep.share_residual is not None:
+        if choice.parts == "nested":  # the channel's gains, the numbers that go with the nested components
+            g = fit.nested.gains
+            civ = g.ci.channel_gain_orders if g.ci is not None else None
+            shares = " · ".join(f"{viz.gain_label(k)} {viz.gains.percent_1(g.channel_gain_orders[k][c], civ[k][c] if civ else None)}"
+                                for k in range(K + 1))
+            shares += " · " + r"$x^\Delta$" + f" {g.channel_instability[c]:.1%} of its Var(x*) (gains of the nested fits)"
+            st.caption(NESTED_EXPLAINED)
+        elif rep.share_orders is not None and rep.share_residual is not None:
             shares = " · ".join(f"{viz.order_label(k)} {rep.share_orders[k][c]:.1%}" for k in range(K + 1))
             shares += " · " + r"$x^\Delta$" + f" {rep.share_residual[c]:.1%} of its Var(x*) (additive shares)"
         else:

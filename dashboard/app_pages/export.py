@@ -20,14 +20,19 @@ st.caption("Everything is drawn by matplotlib on the server (no browser needed) 
 
 c = run.comparison
 dirs = list(c.directions)
-what = st.multiselect("Include", ["overview", "explorer", "filters", "figure1", "arrays"],
-                      default=["overview", "explorer", "filters", "figure1", "arrays"], key="kc_exp_what",
-                      persist_state="session",
+nested_dirs = [d for d in dirs if figures.is_nested(run, d)]  # nested fits: their gains and nested components too
+parts = ["overview", "explorer", "filters", "figure1", "arrays"] + (["nested"] if nested_dirs else [])
+what = st.multiselect("Include", parts, default=parts, key="kc_exp_what", persist_state="session",
                       format_func={"overview": "Overview figures", "explorer": "Explorer maps",
                                    "filters": "Channel shares", "figure1": "Figure 1 grid",
-                                   "arrays": "Component arrays (.npz)"}.get,
-                      help="Metrics (CSV, JSON) and provenance are always included. The Explorer and Figure 1 "
-                           "figures use your current choices on those pages.")
+                                   "arrays": "Component arrays (.npz)",
+                                   "nested": "Nested fits: channel gains and nested components"}.get,
+                      help="Metrics (CSV, JSON) and provenance are always included" +
+                           (" (for a nested run with the per-channel gains and their intervals, gains_<direction>.csv)"
+                            if nested_dirs else "") + ". The Explorer and Figure 1 figures use your current choices "
+                           "on those pages." + (" Nested fits: the gains per channel and the nested components of the "
+                                                "Explorer's image and channel (with component arrays: theirs too)."
+                                                if nested_dirs else ""))
 c1, c2, c3 = st.columns([1, 1, 2])
 formats = c1.pills("Figure formats", list(export.FIGURE_FORMATS), selection_mode="multi",
                    default=list(export.FIGURE_FORMATS), key="kc_exp_formats", persist_state="session")
@@ -56,7 +61,9 @@ def figure_items() -> list[export.FigureItem]:
         m = views.explorer_choice()
         if m is None or m.direction not in c.directions:
             m = figures.MapChoice(dirs[0], 0, 0, viz.MapSpec("component", (0,)))
-        view = views.decomposition(run, m.direction)
+        if m.parts == "nested" and not figures.is_nested(run, m.direction):  # a choice made on another run
+            m = replace(m, parts="split", spec=replace(m.spec, nested=False))
+        view = figures.view_of(run, m)  # the split, or the nested components the Explorer shows
         if m.view == "a_vs_b":  # what the Explorer shows: x and x* side by side
             meta = {"shows": "x and x* side by side (raw activations)", "direction": m.direction,
                     "image_id": view.image_ids[m.image], "channel_x": m.source_channel, "channel_x_star": m.channel,
@@ -74,6 +81,10 @@ def figure_items() -> list[export.FigureItem]:
         for d in dirs:
             items.append(export.FigureItem(export.figure_stem("channel-shares", d), figures.shares(run, d, footer=footer),
                                            {"shows": "variance share per channel", "direction": d}))
+    if "nested" in what_:
+        m = views.explorer_choice()
+        for d in nested_dirs:
+            items += figures.nested_items(run, d, m, footer)
     if "figure1" in what_:
         f1 = views.figure1_choice()
         if f1 is None or f1[0] not in c.directions:
@@ -97,6 +108,10 @@ if st.button("Write export", key="kc_exp_go", type="primary", icon=":material/sa
             for d in dirs:
                 view = views.decomposition(run, d)
                 arrays[f"components_{d}"] = (view.dec, view.image_ids)
+            if "nested" in set(what or []):
+                for d in nested_dirs:
+                    view = views.decomposition(run, d, "nested")
+                    arrays[f"nested_components_{d}"] = (view.dec, view.image_ids)
         return export.export_comparison(c, paths.export_folder(export_name), figures=figure_items(), arrays=arrays, formats=formats, dpi=int(dpi))
 
     with st.spinner("Drawing and writing…"):

@@ -1,4 +1,5 @@
-"""Filters: per-channel fuzziness (share of variance per order and of x^Δ); click a channel to see its maps."""
+"""Filters: per-channel fuzziness (share of variance per order and of x^Δ; for a nested run, switchable with the
+order-wise gains of the nested fits); click a channel to see its maps."""
 from __future__ import annotations
 
 import streamlit as st
@@ -16,29 +17,55 @@ st.caption(f"Each channel of x*: the additive share of its variance reconstructe
            f"{run.comparison.preset}). Low-order channels are strictly consistent; a large x^Δ share marks a channel "
            "the source cannot explain. Click a row to open that channel's maps.", help=ui.SHARE_HELP)
 
-rep = run.comparison.directions[direction].fit.heldout_report
+fit = run.comparison.directions[direction].fit
+rep = fit.heldout_report
 K = rep.orders
+gains = fit.nested.gains if fit.nested is not None else None  # a nested run: its order-wise gains as well
+show = "shares"
+if gains is not None:
+    from kcore.fit.nested import GAINS_EXPLAINED
+
+    show = st.radio("Show", ["shares", "gains"], key="kc_fl_show", horizontal=True, persist_state="session",
+                    format_func={"shares": "shares: Eq. 3–4 split of g_K",
+                                 "gains": "gains Δₖ of the nested fits"}.get,
+                    help="This run is a nested fit: each channel's split of g_K into orders, or what each order adds "
+                         "to the channel's held-out R² (the gains).")
+    st.caption(GAINS_EXPLAINED)
 
 c1, c2 = st.columns([2, 1])
+what = "gain" if show == "gains" else "share"
 sort = c1.radio("Sort by", list(viz.SHARE_SORTS), key="kc_fl_sort", horizontal=True, persist_state="session",
-                format_func=lambda s: {"channel": "channel", "residual": "x^Δ share", "order": "share of order k"}[s])
+                format_func=lambda s: {"channel": "channel", "residual": f"x^Δ {what}" if what == "share" else "x^Δ",
+                                       "order": f"{what} of order k"}[s])
 order = int(c2.number_input("Order k (for sorting)", 0, K, 0, key="kc_fl_order", persist_state="session",
                             disabled=sort != "order"))
-rows = viz.channel_order(rep, sort, order)
-shown = viz.channel_share_table(rep, rows)
-has_ci = rep.ci is not None and rep.ci.channel_share_residual is not None
+if show == "gains":
+    rows = viz.channel_gain_order(gains, sort, order)
+    shown = viz.channel_gain_table(gains, rows, rep.per_channel.var_target)
+    has_ci = gains.ci is not None and gains.ci.channel_gain_orders is not None
+    level, n_held = (gains.ci.level, gains.ci.n_heldout) if gains.ci is not None else (None, gains.n_images)
+    head = ("Gains Δₖ = R²(gₖ) − R²(gₖ₋₁) of each channel (around its own mean) and its x^Δ, in % of the channel's "
+            "Var(x*), with one decimal (each row adds up to 100 %)")
+else:
+    rows = viz.channel_order(rep, sort, order)
+    shown = viz.channel_share_table(rep, rows)
+    has_ci = rep.ci is not None and rep.ci.channel_share_residual is not None
+    level, n_held = (rep.ci.level if rep.ci is not None else None), rep.n_heldout
+    head = "Shares in % of the channel's Var(x*)"
 dead = int((shown["main order"].isna()).sum())
-st.caption("Shares in % of the channel's Var(x*)" + (f", ± half the {rep.ci.level:.0%} bootstrap interval over the "
-           f"{rep.n_heldout} held-out images (as on the Overview)" if has_ci else
+st.caption(head + (f", ± half the {level:.0%} bootstrap interval over the "
+           f"{n_held} held-out images (as on the Overview)" if has_ci else
            " (this run kept no per-channel intervals)") + "." +
-           (f" {dead} channel(s) have no variance on the held-out images: their shares are undefined "
+           (f" {dead} channel(s) have no variance on the held-out images: their {what}s are undefined "
             f"(\"{viz.NO_VARIANCE}\")." if dead else ""))
 
 # widths in px: up to K = 3 every column fits the main area of a 1024 px window (about 530 px of table)
-share_cols = {name: st.column_config.TextColumn(name, width=72) for name in shown.columns[1:K + 3]}
+# (a gain's cell, one decimal with its interval, needs more room than a share's)
+share_cols = {name: st.column_config.TextColumn(name, width=88 if show == "gains" else 72)
+              for name in shown.columns[1:K + 3]}
 share_cols["channel"] = st.column_config.NumberColumn("channel", width=52)
 share_cols["Var(x*)"] = st.column_config.NumberColumn("Var(x*)", format="%.3g", width=60)
-share_cols["main order"] = st.column_config.NumberColumn("order", width=52, help="The order with the largest share.")
+share_cols["main order"] = st.column_config.NumberColumn("order", width=52, help=f"The order with the largest {what}.")
 
 # the table gets the page's width (every column readable at 1024 px, no sideways scroll inside it); the
 # heatmap runs across the page below it
@@ -51,10 +78,17 @@ C = len(shown)
 views.keep_valid("kc_fl_channel", range(C), 0)
 pick, _ = st.columns([1, 3])
 channel = pick.selectbox("Channel", list(range(C)), key="kc_fl_channel", help="Or click a row of the table.")
-ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel),
-               key=f"sh-{run.id}-{direction}-{sort}-{order}-{channel}",
-               caption="Variance share per channel (columns, in the table's order; the first 64) and order (rows); "
-                       "the selected channel is outlined.")
+if show == "gains":
+    ui.show_figure(lambda: figures.gains(run, direction, sort, order, channel),
+                   key=f"gn-{run.id}-{direction}-{sort}-{order}-{channel}",
+                   caption="Order-wise gain of the nested fits per channel (columns, in the table's order; the first "
+                           "64) and order (rows), on the shares' colour scale; a gain below 0 is hatched; the "
+                           "selected channel is outlined.")
+else:
+    ui.show_figure(lambda: figures.shares(run, direction, sort, order, channel),
+                   key=f"sh-{run.id}-{direction}-{sort}-{order}-{channel}",
+                   caption="Variance share per channel (columns, in the table's order; the first 64) and order (rows); "
+                           "the selected channel is outlined.")
 
 st.subheader(f"Channel {channel}: its maps")
 view = views.decomposition(run, direction)

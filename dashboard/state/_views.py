@@ -46,13 +46,18 @@ class DecompositionView:
         return len(self.image_ids)
 
 
-def decomposition(run: RunEntry, direction: str) -> DecompositionView:
-    """The held-out decomposition of ``run`` in ``direction``: computed once per session, then reused."""
+def decomposition(run: RunEntry, direction: str, parts: str = "split") -> DecompositionView:
+    """The held-out decomposition of ``run`` in ``direction``: computed once per session, then reused.
+
+    ``parts``: ``"split"`` (Eq. 3–4) or, for a nested fit, ``"nested"`` (:func:`kcore.decompose.decompose_comparison`).
+    """
+    from kcore.decompose import decompose_comparison
+
     cache = st.session_state.setdefault("kc_decomp", {})
-    key = (run.id, direction)
+    key = (run.id, direction) if parts == "split" else (run.id, direction, parts)
     if key not in cache:
         pos = working_positions(run.comparison, direction)
-        dec = run.comparison.decompose(direction, pos)
+        dec = decompose_comparison(run.comparison, direction, pos, parts)
         ids = tuple(run.comparison.image_ids(pos))
         cache[key] = DecompositionView(dec, ids, tuple(run.raw_images.get(i) for i in ids), tuple(pos))
         counters()["decompositions"] += 1
