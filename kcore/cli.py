@@ -409,6 +409,8 @@ def _fit_job(args, ctx) -> int:
               f"{d.fit.baseline.cka:.4f}")
         if d.fit.nested is not None:
             print(f"  {d.fit.nested.gains.summary_line()}")
+            for w in d.fit.nested.gains.fragile:
+                print(f"  warning: {w}")
             for s in d.fit.nested.stages[1:]:
                 print(f"  g_{s.order}: {s.guard or 'accepted'}")
         for ref in comp.baselines.values():

@@ -77,13 +77,17 @@ for col, (key, d) in zip(cols, c.directions.items()):
         st.caption(f"Share of Var(x*) per order (preset {c.preset}; Cov(x⁽ᵏ⁾, x*)/Var(x*), adds up to 100 %): "
                    f"{shares}", help=ui.SHARE_HELP + " " + ui.PRESET_HELP)
         if f.nested is not None:  # nested fits: what each order adds, beside the split of g_K
-            from kcore.fit.nested import GAINS_EXPLAINED
+            from kcore.fit.nested import GAINS_EXPLAINED, GUARD_EXPLAINED, guard_rows
 
             g = f.nested.gains
             gains = " · ".join(f"Δ{k} {plus_minus(v, g.interval(k), '.1f', True)}" for k, v in enumerate(g.gain_orders))
             st.caption(f"Order-wise gains of nested fits (R²(gₖ) − R²(gₖ₋₁), add up to 100 % with x^Δ): {gains} · "
                        f"x^Δ {plus_minus(g.instability, g.ci.instability if g.ci else None, '.1f', True)}")
+            for w in g.fragile:
+                st.warning(w, icon=":material/warning:")
             st.caption(GAINS_EXPLAINED)
+            st.dataframe(guard_rows(f.nested.stages), hide_index=True, key=f"kc_ov_guard_{key}")
+            st.caption(GUARD_EXPLAINED)
         st.caption(f"Paper's Var(x⁽ᵏ⁾)/Var(x*): {ratios}", help=ui.VAR_RATIO_HELP)
         st.caption(f"gates p = {', '.join(f'{g:.3g}' for g in f.gates) or '—'} · kept epoch {f.best_epoch} "
                      f"of {len(f.history)} · {f.seconds:.0f} s")

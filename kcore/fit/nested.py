@@ -124,6 +124,15 @@ class NestedGains:
         channel_gain_orders: (K+1) × C, the same per channel (each channel around its own mean).
         channel_instability: C.
         ci: :class:`GainIntervals`, or ``None`` (fewer than 2 images).
+        top_image: per order k, the held-out image (its index among the fit's inputs) whose own change of error
+            between gₖ and gₖ₋₁ (gₖ and nothing, for k = 0) is the largest (:func:`image_gains`); ``-1`` when no
+            image changes (a gain of exactly 0).
+        top_image_gain: that image's contribution to Δₖ (the contributions of all images add up to Δₖ).
+        top_image_share: its share of the change: |its contribution| / Σ |every image's contribution|.
+        fragile: plain-language warnings, one per gain Δₖ (k ≥ 1) that one should not read as it is: its interval
+            is wider than :data:`FRAGILE_CI_WIDTH` or one image holds more than :data:`FRAGILE_IMAGE_SHARE` of its
+            change (:func:`fragile_gains`). Read from the held-out images after the fit, for the report only: the
+            guard (:func:`guard_stage`) never sees them.
 
     Examples::
 
@@ -139,6 +148,10 @@ class NestedGains:
     channel_gain_orders: tuple[tuple[float, ...], ...]
     channel_instability: tuple[float, ...]
     ci: GainIntervals | None = None
+    top_image: tuple[int, ...] = ()
+    top_image_gain: tuple[float, ...] = ()
+    top_image_share: tuple[float, ...] = ()
+    fragile: tuple[str, ...] = ()
 
     def interval(self, k: int) -> tuple[float, float] | None:
         """The interval of Δₖ, or None without intervals."""
@@ -155,6 +168,8 @@ class NestedGains:
                             "instability": list(self.channel_instability),
                             "gain_ci": None if ci is None else _nested_list(ci.channel_gain_orders)},
             "ci": None if ci is None else ci.as_dict(),
+            "top_image": list(self.top_image), "top_image_gain": list(self.top_image_gain),
+            "top_image_share": list(self.top_image_share), "fragile": list(self.fragile),
             "definition": GAINS_DEFINITION,
         }
 
@@ -175,6 +190,10 @@ class NestedGains:
             gain_orders=_floats(d["gain_orders"]), instability=float(d["instability"]),
             channel_gain_orders=_floats(pc["gain_orders"]), channel_instability=_floats(pc["instability"]),
             ci=GainIntervals.from_dict(d["ci"]) if d.get("ci") else None,
+            top_image=tuple(int(i) for i in d.get("top_image") or ()),
+            top_image_gain=_floats(d.get("top_image_gain") or ()),
+            top_image_share=_floats(d.get("top_image_share") or ()),
+            fragile=tuple(str(w) for w in d.get("fragile") or ()),
         )
 
     def summary_line(self) -> str:
@@ -201,8 +220,22 @@ GAINS_DEFINITION = (
     "g_0 = closed-form least-squares map; g_k = g_(k-1) plus order k, started with p^(k) = 0 and trained; "
     "r2_orders[k] = 1 - Var(x* - g_k(x))/Var(x*) on held-out images (one global mean); gain_orders[k] = "
     "r2_orders[k] - r2_orders[k-1]; gain_orders sum to 1 - instability; per_channel: each channel around its own "
-    "mean; ci: bootstrap over held-out images (the shares' resamples)."
+    "mean; ci: bootstrap over held-out images (the shares' resamples); top_image[k]: the held-out image whose own "
+    "change of error moves gain_orders[k] most (top_image_gain: by how much; top_image_share: its share of the "
+    "sum of every image's |change|); fragile: warnings for gains k >= 1 whose interval is wider than "
+    "FRAGILE_CI_WIDTH or whose top_image_share exceeds FRAGILE_IMAGE_SHARE."
 )
+
+FRAGILE_CI_WIDTH = 0.10
+"""A gain Δₖ (k ≥ 1) whose bootstrap interval is wider than this (10 points of Var(x*)) is flagged: on healthy
+fits of the sample pair the gains' intervals are ±0.15–0.3 points at 400 images (widths 0.3–0.6), while the one
+failed g₁ measured (200 images, seed 0) had [−87, +10], 97 points (docs/nested_fits.md); 10 points is ~15× the
+healthy width, and a gain that uncertain says little whatever its cause."""
+
+FRAGILE_IMAGE_SHARE = 0.5
+"""… or when one held-out image holds more than half of the change in error between gₖ and gₖ₋₁ (its
+|contribution| over the sum of every image's |contribution|, :func:`image_gains`): then that gain is about one
+image, not about the images (the measured failure: one image of 40 moved Δ₁ by 30 points)."""
 
 
 class GainAccumulator:
@@ -247,10 +280,20 @@ class GainAccumulator:
         block = torch.stack([p.sum((2, 3)) for p in cen] + [(p * p).sum((2, 3)) for p in cen], 1).cpu()
         self.sums[positions] = block if self.per_channel else block.sum(-1, keepdim=True)
 
+    def merged_sums(self, ctx: kd.Context | None = None) -> Tensor:
+        """(N, 2(K+2), C') per-image sums of every rank, placed by position (the same on every rank)."""
+        ctx = ctx or kd.Context()
+        # every rank wrote its own images' rows (zeros elsewhere), with the same shifts: their sum is the job's
+        return kd.all_reduce_sum(self.sums, ctx) if ctx.distributed else self.sums
+
     def result(self, ctx: kd.Context | None = None, ci: bool = True, level: float = CI_LEVEL,
-               n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED, groups: Tensor | None = None) -> NestedGains:
+               n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED, groups: Tensor | None = None,
+               image_ids: Sequence[int] | None = None) -> NestedGains:
         """The :class:`NestedGains` of every image added (on every rank of ``ctx``: moments and sums merged);
-        ``groups`` (one label per image, in position order) makes the bootstrap resample whole groups."""
+        ``groups`` (one label per image, in position order) makes the bootstrap resample whole groups;
+        ``image_ids`` (one per position, default the positions) name the images in ``top_image`` and the
+        warnings of fragile gains."""
+        sums = self.merged_sums(ctx)
         residual = [merge_moments(m, ctx) for m in self.residual]
         target = merge_moments(self.target, ctx)
         var_t = target.global_var()
@@ -261,20 +304,19 @@ class GainAccumulator:
                              for m in residual])
         gains = [r2[0]] + [r2[k] - r2[k - 1] for k in range(1, len(r2))]
         ch_gains = torch.cat([ch_r2[:1], ch_r2[1:] - ch_r2[:-1]])
-        intervals = self._bootstrap(ctx, level, n_boot, seed, groups) if ci else None
+        intervals = self._bootstrap(sums, level, n_boot, seed, groups) if ci else None
+        gains_t = tuple(gains)
+        top, top_gain, top_share, fragile = fragile_gains(
+            gains_t, intervals, image_gains(sums, self.units * self.channels), image_ids)
         return NestedGains(
             n_images=self.n_images, orders=self.orders,
-            r2_orders=tuple(r2), gain_orders=tuple(gains), instability=1.0 - r2[-1],
+            r2_orders=tuple(r2), gain_orders=gains_t, instability=1.0 - r2[-1],
             channel_gain_orders=_floats(ch_gains), channel_instability=_floats(1.0 - ch_r2[-1]), ci=intervals,
+            top_image=top, top_image_gain=top_gain, top_image_share=top_share, fragile=fragile,
         )
 
-    def _bootstrap(self, ctx: kd.Context | None, level: float, n_boot: int, seed: int,
+    def _bootstrap(self, sums: Tensor, level: float, n_boot: int, seed: int,
                    groups: Tensor | None = None) -> GainIntervals | None:
-        ctx = ctx or kd.Context()
-        if ctx.distributed:  # every rank wrote its own images' rows (zeros elsewhere), with rank 0's shifts
-            sums = kd.all_reduce_sum(self.sums, ctx)
-        else:
-            sums = self.sums
         n = sums.shape[0]
         if n < 2:
             return None
@@ -299,6 +341,99 @@ class GainAccumulator:
             out.update(channel_gain_orders=_floats(percentile_interval(gains_c, level).transpose(0, 1)),
                        channel_instability=_floats(percentile_interval(1.0 - r2_c[..., -1], level)))
         return GainIntervals(level=float(level), n_boot=int(n_boot), seed=int(seed), n_heldout=n, **out)
+
+
+def image_gains(sums: Tensor, elements: int) -> Tensor:
+    """Each held-out image's contribution to every gain: (N, K+1), whose columns add up to Δ₀ … Δ_K exactly.
+
+    With the paper's single global mean m_p of a part p (x* − gₖ(x) or x*) over all N·E elements, an image's
+    share of N·E·Var(p) is cᵢ(p) = Σ over its elements of (p − m_p)² (these add up to N·E·Var(p) exactly), so
+    R²(gₖ) = Σᵢ (cᵢ(x*) − cᵢ(x* − gₖ)) / Σᵢ cᵢ(x*) and image i's part of Δₖ is
+    (cᵢ(x* − gₖ₋₁) − cᵢ(x* − gₖ)) / Σⱼ cⱼ(x*) (for Δ₀, cᵢ(x*) − cᵢ(x* − g₀)): how much its own error changed
+    between gₖ₋₁ and gₖ, in points of the held-out Var(x*).
+
+    Args:
+        sums: (N, 2(K+2), C') per-image sums of :class:`GainAccumulator` (around any fixed shifts), C' = C or 1.
+        elements: E, the elements of one image (channels × H × W).
+
+    Returns:
+        (N, K+1) float64; zeros when Var(x*) is 0 or there are no images.
+    """
+    a = sums.sum(-1)  # (N, 2(K+2)): Σ(p − s), Σ(p − s)² per image over every channel
+    n, parts = a.shape[0], a.shape[1] // 2
+    if n == 0:
+        return torch.zeros(0, parts - 1, dtype=torch.float64)
+    lin, sq = a[:, :parts], a[:, parts:]
+    mean = lin.sum(0) / (n * elements)  # each part's global mean, minus its shift
+    c = sq - 2 * mean * lin + elements * mean * mean  # (N, K+2) Σ(p − m_p)² per image
+    total_t = float(c[:, -1].sum())
+    if not total_t > 0:
+        return torch.zeros(n, parts - 1, dtype=torch.float64)
+    errs = torch.cat([c[:, -1:], c[:, :-1]], 1)  # cᵢ(x*) (the error of no model), cᵢ(x* − g₀), …
+    return (errs[:, :-1] - errs[:, 1:]) / total_t
+
+
+def fragile_gains(gains: Sequence[float], ci: GainIntervals | None, contributions: Tensor,
+                  image_ids: Sequence[int] | None = None, max_width: float | None = None,
+                  max_share: float | None = None) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...],
+                                                           tuple[str, ...]]:
+    """The image that moves each gain most, and a warning for each gain Δₖ (k ≥ 1) that is fragile.
+
+    Δₖ is fragile when its bootstrap interval is wider than ``max_width`` or when one image holds more than
+    ``max_share`` of its change (|its contribution| / Σ |every image's contribution|). Δ₀ is never flagged: g₀ is
+    closed-form, and an R² (not a difference of two) has a wider interval by nature. A report for the reader,
+    computed from the held-out images after every model is fixed; nothing here changes a fit.
+
+    Args:
+        gains: Δ₀ … Δ_K. ci: their intervals, or ``None``. contributions: (N, K+1) :func:`image_gains`.
+        image_ids: the images' names (their indices among the fit's inputs), one per row; default the rows.
+        max_width: default :data:`FRAGILE_CI_WIDTH`. max_share: default :data:`FRAGILE_IMAGE_SHARE`.
+
+    Returns:
+        ``(top_image, top_image_gain, top_image_share, warnings)``, the first three with K+1 entries.
+
+    Raises:
+        ValueError: ``image_ids`` does not name every image, or a threshold is not in its range.
+    """
+    max_width = FRAGILE_CI_WIDTH if max_width is None else max_width
+    max_share = FRAGILE_IMAGE_SHARE if max_share is None else max_share
+    if not (math.isfinite(max_width) and max_width > 0):
+        raise ValueError(f"max_width must be a number > 0 (a share of Var(x*)); got {max_width!r}. "
+                         f"Fix: use {FRAGILE_CI_WIDTH}.")
+    if not 0 < max_share < 1:
+        raise ValueError(f"max_share must be in (0, 1); got {max_share!r}. Fix: use {FRAGILE_IMAGE_SHARE}.")
+    n = contributions.shape[0]
+    ids = list(range(n)) if image_ids is None else [int(i) for i in image_ids]
+    if len(ids) != n:
+        raise ValueError(f"image_ids must name every held-out image: expected {n}, got {len(ids)}. Fix: pass "
+                         "the held-out indices in position order.")
+    rows: list[tuple[int, float, float]] = []  # (image, its contribution, its share) per order
+    warnings = []
+    for k, g in enumerate(gains):
+        col = contributions[:, k]
+        total = float(col.abs().sum()) if n else 0.0
+        if not total > 0:  # no image changes (Δₖ = 0 exactly, e.g. a stage the guard did not keep)
+            rows.append((-1, 0.0, 0.0))
+            continue
+        i = int(col.abs().argmax())
+        share = float(col[i].abs()) / total
+        rows.append((ids[i], float(col[i]), share))
+        if k == 0:
+            continue
+        lo, hi = ci.gain_orders[k] if ci is not None else (float("nan"), float("nan"))
+        wide, lone = hi - lo > max_width, share > max_share and n > 1
+        if not (wide or lone):
+            continue
+        why = " and ".join(w for w, on in ((f"its interval is wider than {100 * max_width:g} points", wide),
+                                           (f"one image holds more than {max_share:.0%} of its change", lone)) if on)
+        iv = (f"its {ci.level:.0%} interval [{100 * lo:+.1f}, {100 * hi:+.1f}] is {100 * (hi - lo):.1f} points wide"
+              if ci is not None else "it has no interval")
+        warnings.append(
+            f"Δ{k} = {100 * g:+.1f} points is fragile ({why}): {iv}, and held-out image {ids[i]} alone moves it by "
+            f"{100 * float(col[i]):+.1f} points ({share:.0%} of the change in error between g_{k} and g_{k - 1} over "
+            f"{n} images). Read Δ{k} as unsettled: look at image {ids[i]}, or fit with more images or another seed.")
+    top, top_gain, top_share = (tuple(v) for v in zip(*rows)) if rows else ((), (), ())
+    return top, top_gain, top_share, tuple(warnings)
 
 
 @dataclass(frozen=True)
@@ -331,6 +466,26 @@ class NestedStage:
     def as_dict(self) -> dict:
         """The JSON form."""
         return {**dataclasses.asdict(self), "gates": list(self.gates)}
+
+
+def guard_rows(stages: Sequence[NestedStage]) -> list[dict[str, str]]:
+    """One plain row per nested fit gₖ, for a table of what the guard decided (the dashboard's Overview).
+
+    Returns:
+        ``[{"model": "g_1", "kept": "yes" | "no (g_0's function)", "monitor gain": "+3.23 ± 0.46 points",
+        "guard": the decision's reason}, …]``, g₀ first (closed form, never guarded).
+    """
+    rows = []
+    for st in stages:
+        if st.order == 0:
+            rows.append({"model": "g_0", "kept": "yes", "monitor gain": "—",
+                         "guard": "closed-form least-squares map (no guard)"})
+            continue
+        gain = ("—" if st.monitor_gain is None else f"{100 * st.monitor_gain:+.2f}"
+                + ("" if st.monitor_gain_se is None else f" ± {100 * st.monitor_gain_se:.2f}") + " points")
+        rows.append({"model": f"g_{st.order}", "kept": "yes" if st.accepted else f"no (g_{st.order - 1}'s function)",
+                     "monitor gain": gain, "guard": st.guard or "accepted"})
+    return rows
 
 
 @dataclass(frozen=True)
@@ -366,6 +521,16 @@ GUARD_MIN_GAIN = 0.005
 """… and exceeds half a point of the monitor's Var(x*): early stopping picked gₖ's weights on the same monitor
 images, from a start equal to gₖ₋₁, so a tiny drop that is the same on every image (a standard error near 0) is
 the selection, not an order's gain (a planted linear target shows it: tests/test_nested_guard.py)."""
+
+
+GUARD_EXPLAINED = (
+    "The guard of each nested fit: a trained gₖ is kept only if it lowers the error on the monitor images (training "
+    f"images set aside, never the held-out ones) by more than {GUARD_Z:g} standard errors and more than "
+    f"{100 * GUARD_MIN_GAIN:g} points of Var(x*); "
+    "otherwise gₖ is gₖ₋₁'s function (its new gate at 0) and Δₖ is exactly 0. Monitor gain: the mean drop ± its "
+    "standard error."
+)
+"""One paragraph under the table of the guard's decisions (:func:`guard_rows`)."""
 
 
 @dataclass(frozen=True)
@@ -470,7 +635,7 @@ def evaluate_gains(models: Sequence[GTheta], data: FitData) -> NestedGains:
     for sl in batch_slices(len(held), data.eval_batch, data.ctx):
         xb, tb = xs_h[sl].to(data.device), xt_h[sl].to(data.device)
         acc.update(nested_outputs(models, xb), tb, sl)
-    return acc.result(data.ctx, groups=data.heldout_groups())
+    return acc.result(data.ctx, groups=data.heldout_groups(), image_ids=[int(i) for i in held])
 
 
 def train_nested(
