@@ -39,7 +39,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -490,6 +490,7 @@ def load_model(
     name: str | None = None,
     card: ModelCard | None = None,
     root: str | os.PathLike[str] | None = None,
+    check_arch: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a trained model from a checkpoint file or its bytes (see the module docstring for formats).
 
@@ -512,6 +513,9 @@ def load_model(
             below ``root`` without following any symlink (:func:`kcore.safe_files.read_under`); a relative
             ``source`` starts at ``root``. Without it, symlinks in the path are resolved first and the file itself
             is opened with ``O_NOFOLLOW``.
+        check_arch: called with the architecture a weights-only file will be built as (``arch``, else the model
+            card's) before anything is built; it raises to refuse one (the dashboard refuses timm models it does not
+            offer, whether named by the user or by a card beside a file on the server).
 
     Returns:
         The model (eval mode, CPU) with its hash (of the bytes loaded), kind, card and key report.
@@ -536,6 +540,8 @@ def load_model(
             card = _card_under(root, src.path)
         elif card_path_for(src.path).is_file():
             card = read_card(card_path_for(src.path))
+    if check_arch is not None and (arch or (card.architecture if card else None)):
+        check_arch(arch or card.architecture)
     sha256 = file_sha256(src.data)  # the bytes everything below loads from
     fmt = sniff(src)
     missing: tuple[str, ...] = ()

@@ -346,3 +346,29 @@ def test_the_dashboard_offers_listed_timm_names_and_refuses_others(tmp_path, mon
         models.load_server_path(str(path), "timm:vit_giant_patch14_224")
     tagged = json.dumps({"architecture": "timm:mobilenetv3_small_050.lamb_in1k", "num_classes": 6})
     assert models.load_bytes(data, "m.safetensors", None, None, tagged).architecture == "timm:mobilenetv3_small_050.lamb_in1k"
+
+
+@needs_timm
+def test_a_card_beside_a_server_file_cannot_reach_a_timm_model_the_dashboard_does_not_offer(tmp_path, monkeypatch):
+    import timm
+
+    from dashboard.state import models
+
+    path, _ = _save_timm(tmp_path, "mobilenetv3_small_050", seed=0, num_classes=6)
+    card_path_for(path).write_text(json.dumps({"architecture": "timm:test_resnet", "num_classes": 6}))
+    assert ModelCard.from_dict(json.loads(card_path_for(path).read_text())).architecture == "timm:test_resnet"
+    monkeypatch.setenv("KCORE_SERVER_ROOTS", str(tmp_path))
+    built: list[str] = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, *a, **k: built.append(name) or real_create(name, *a, **k))
+    with pytest.raises(ValueError, match=r"the model card's architecture 'timm:test_resnet' is not among the timm "
+                                         r"architectures this dashboard offers"):
+        models.load_server_path(str(path))
+    assert built == []  # refused before any model was built
+    # the same card through the Python API (no dashboard) builds what it names: the allow-list is the dashboard's
+    with pytest.raises(ValueError, match="does not fit architecture 'timm:test_resnet'"):
+        load_model(path)
+    assert built == ["test_resnet"]
+    # a card naming an offered model loads from the server folder
+    card_path_for(path).write_text(json.dumps({"architecture": "timm:mobilenetv3_small_050", "num_classes": 6}))
+    assert models.load_server_path(str(path)).architecture == "timm:mobilenetv3_small_050"

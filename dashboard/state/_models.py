@@ -82,6 +82,12 @@ def _check_offered(arch: str | None, what: str) -> None:
     )
 
 
+def _offered_check(arch: str | None, card_what: str = "the model card's architecture"):
+    """For :func:`kcore.load_model`'s ``check_arch``: refuse a timm architecture the page does not offer, naming
+    where it came from (the user's choice ``arch``, else the card's)."""
+    return lambda name: _check_offered(name, "architecture" if name == arch else card_what)
+
+
 def sample_models() -> dict[str, Path]:
     """The bundled sample checkpoints in ``sample_models/``, name → path."""
     return {p.stem: p for p in sorted((ROOT / "sample_models").glob("*.safetensors"))}
@@ -105,7 +111,7 @@ def _load_path(path: str, identity: Identity, card_identity: Identity | None, ar
     # keyed by the identity of the checkpoint and of its card (never by path and mtime alone), so a replaced or
     # rewritten file is loaded again; load_model reads the file once, so the result's sha256 always names the
     # weights in it, even if the file changed between taking the identity and loading
-    return load_model(path, arch=arch, num_classes=num_classes, root=root)
+    return load_model(path, arch=arch, num_classes=num_classes, root=root, check_arch=_offered_check(arch))
 
 
 def _card_identity(real: Path, root: Path | None) -> Identity | None:
@@ -132,10 +138,9 @@ def _card_identity(real: Path, root: Path | None) -> Identity | None:
 def _load_bytes(sha256: str, name: str, arch: str | None, num_classes: int | None, card_json: str | None,
                 _data: bytes) -> LoadedModel:
     card = ModelCard.from_dict(json.loads(card_json), source="uploaded model card") if card_json else None
-    _check_offered(arch, "architecture")
-    _check_offered(card.architecture if card is not None and arch is None else None, "the uploaded model card's architecture")
     # a full pickle is never accepted from the browser: trust_pickle stays False
-    return load_model(_data, name=name, arch=arch, num_classes=num_classes, card=card, trust_pickle=False)
+    return load_model(_data, name=name, arch=arch, num_classes=num_classes, card=card, trust_pickle=False,
+                      check_arch=_offered_check(arch, "the uploaded model card's architecture"))
 
 
 def load_path(path: str, arch: str | None = None, num_classes: int | None = None) -> LoadedModel:
