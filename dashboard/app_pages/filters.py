@@ -12,24 +12,29 @@ st.title("Filters")
 run = ui.require_run()
 direction = ui.direction_picker(run, key="kc_fl_dir")
 ui.provenance_banner(run, direction)
-st.caption(f"Each channel of x*: the additive share of its variance reconstructed at each order, Cov(x⁽ᵏ⁾, x*)/Var(x*), "
-           "and the share left in x^Δ (held-out images; each row adds up to 1; preset "
-           f"{run.comparison.preset}). Low-order channels are strictly consistent; a large x^Δ share marks a channel "
-           "the source cannot explain. Click a row to open that channel's maps.", help=ui.SHARE_HELP)
-
 fit = run.comparison.directions[direction].fit
 rep = fit.heldout_report
 K = rep.orders
 gains = fit.nested.gains if fit.nested is not None else None  # a nested run: its order-wise gains as well
 show = "shares"
 if gains is not None:
-    from kcore.fit.nested import GAINS_EXPLAINED
-
     show = st.radio("Show", ["shares", "gains"], key="kc_fl_show", horizontal=True, persist_state="session",
                     format_func={"shares": "shares: Eq. 3–4 split of g_K",
                                  "gains": "gains Δₖ of the nested fits"}.get,
                     help="This run is a nested fit: each channel's split of g_K into orders, or what each order adds "
                          "to the channel's held-out R² (the gains).")
+if show == "gains":
+    st.caption("Each channel of x*: the order-wise gains of the nested fits, Δₖ = R²(gₖ) − R²(gₖ₋₁) of that channel "
+               "(held-out images; with the x^Δ left by g_K each row adds up to 1). A gain below 0 means gₖ "
+               "reconstructs the channel worse than gₖ₋₁. Click a row to open that channel's maps.")
+else:
+    st.caption(f"Each channel of x*: the additive share of its variance reconstructed at each order, "
+               "Cov(x⁽ᵏ⁾, x*)/Var(x*), and the share left in x^Δ (held-out images; each row adds up to 1; preset "
+               f"{run.comparison.preset}). Low-order channels are strictly consistent; a large x^Δ share marks a "
+               "channel the source cannot explain. Click a row to open that channel's maps.", help=ui.SHARE_HELP)
+if gains is not None:  # how the two differ, whichever is shown
+    from kcore.fit.nested import GAINS_EXPLAINED
+
     st.caption(GAINS_EXPLAINED)
 
 c1, c2 = st.columns([2, 1])

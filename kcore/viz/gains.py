@@ -183,7 +183,7 @@ def channel_gain_figure(
             for i in range(n):
                 for j in range(K + 2):
                     v = data[i, j]
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=TEXT_PT,
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=TEXT_PT,
                             color="white" if norm(max(v, 0.0)) < 0.55 else "black")
     from matplotlib.patches import Rectangle
 
