@@ -216,9 +216,10 @@ def nested_items(run: state.RunEntry, direction: str, m: MapChoice | None = None
 
 def grid(run: state.RunEntry, direction: str, images: Sequence[int], channels: Sequence[int],
          scale: viz.Scale = "image", alpha: float = 0.85, background: viz.Background = "gray",
-         cmap: str = viz.DIVERGING_CMAP, footer: bool = False) -> Figure:
-    """The paper's Figure 1 grid: ``images`` × ``channels``, each row x*, x⁽⁰⁾ … x⁽ᴷ⁾ and x^Δ."""
-    view = state.decomposition(run, direction)
+         cmap: str = viz.DIVERGING_CMAP, footer: bool = False, parts: str = "split") -> Figure:
+    """The paper's Figure 1 grid: ``images`` × ``channels``, each row x*, x⁽⁰⁾ … x⁽ᴷ⁾ and x^Δ (``parts="nested"``:
+    the nested components x⁽⁰⁾ₙ … x⁽ᴷ⁾ₙ of a nested fit)."""
+    view = state.decomposition(run, direction, parts)
     return viz.figure1_grid(view.dec, list(images), list(channels), [view.raw[i] for i in images], scale=scale,
                             alpha=alpha, background=background, row_labels=[short_id(view.image_ids[i]) for i in images],
                             caption=_caption(run, direction, footer), units=units(view), cmap=cmap)

@@ -154,6 +154,23 @@ def test_the_gain_heatmap_hatches_a_negative_gain_and_its_text_is_readable(neste
     assert min(s for _, s in text_sizes(fig)) >= TEXT_PT
 
 
+def test_the_gain_heatmap_of_64_channels_stays_readable(nested_comparison) -> None:
+    """As the shares' heatmap: at most WIDE_IN wide, text >= TEXT_PT, >= 11 px in a 564 px wide main area."""
+    import dataclasses as dc
+
+    from dashboard.ui import DISPLAY_DPI
+    from kcore.viz.charts import WIDE_IN
+    from kcore.viz.style import MIN_SCREEN_PX, TEXT_PT, screen_px, text_sizes
+
+    g = nested_comparison.directions["A_to_B"].fit.nested.gains
+    wide = dc.replace(g, channel_gain_orders=tuple(tuple(v) * 13 for v in g.channel_gain_orders),
+                      channel_instability=tuple(g.channel_instability) * 13)
+    fig = viz.channel_gain_figure(wide, max_channels=64)
+    assert fig.get_figwidth() <= WIDE_IN and min(s for _, s in text_sizes(fig)) >= TEXT_PT
+    assert screen_px(TEXT_PT, DISPLAY_DPI, 564, fig.get_figwidth() * DISPLAY_DPI) >= MIN_SCREEN_PX
+    assert "labelled" in fig.axes[0].get_xlabel() and len(fig.axes[0].get_xticklabels()) < 64
+
+
 # ------------------------------------------------------------------------------------------- exports
 def test_a_nested_run_s_export_holds_the_gains_and_the_nested_figures_and_verifies(nested_comparison, tmp_path) -> None:
     comp = nested_comparison
@@ -235,6 +252,13 @@ def test_filters_show_each_channel_s_gains_of_metrics_json(run_folders, monkeypa
             assert abs(float(m.group(2)) - 100 * (hi - lo) / 2) <= 0.05 + 1e-9
     captions = " ".join(c.value for c in at.caption)
     assert "nested fits instead" in captions and "95% bootstrap interval over the 8 held-out images" in captions
+    shown = [img.caption for el in at.get("image") for img in el.proto.imgs]
+    assert any("the nested components x⁽⁰⁾ₙ…x⁽ᴷ⁾ₙ" in c for c in shown), shown
+    at.selectbox(key="kc_fl_channel").set_value(3).run()
+    at.button(key="kc_fl_to_explorer").click().run()  # the Explorer opens on that channel's nested components
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.radio(key="kc_ex_parts").value == "nested" and at.number_input(key="kc_ex_channel").value == 3
+    at.switch_page("app_pages/filters.py").run()
     # switched back: the shares, as before
     at.radio(key="kc_fl_show").set_value("shares").run()
     assert "x⁽⁰⁾" in at.dataframe[0].value.columns

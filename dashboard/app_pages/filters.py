@@ -102,8 +102,15 @@ imgs = st.multiselect("Images", list(range(view.n)), default=default_imgs, forma
                       key="kc_fl_images", max_selections=6, persist_state="session")
 if st.button("Show in Explorer", key="kc_fl_to_explorer", icon=":material/image_search:"):
     views.show_in_explorer(channel, direction)
+    if gains is not None:  # the Explorer opens on the components that go with the numbers shown here
+        views.set_widget_value("kc_ex_parts", "nested" if show == "gains" else "split")
     st.switch_page("app_pages/explorer.py")
-if imgs:
+if imgs and show == "gains":  # the maps that go with the gains: the nested components
+    ui.show_figure(lambda: figures.grid(run, direction, imgs, [channel], "image", parts="nested"),
+                   key=f"flgn-{run.id}-{direction}-{channel}-{imgs}",
+                   caption=f"Channel {channel}: input, x*, the nested components x⁽⁰⁾ₙ…x⁽ᴷ⁾ₙ (x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x), "
+                           "summing to g_K(x)) and x^Δ (one colour scale per image).")
+elif imgs:
     ui.show_figure(lambda: figures.grid(run, direction, imgs, [channel], "image"),
                    key=f"flg-{run.id}-{direction}-{channel}-{imgs}",
                    caption=f"Channel {channel}: input, x*, x⁽⁰⁾…x⁽ᴷ⁾ and x^Δ (one colour scale per image).")
