@@ -275,6 +275,9 @@ def test_explorer_shows_the_nested_components_of_a_nested_run(run_folders, monke
     assert not at.exception, [e.value for e in at.exception]
     captions = " ".join(c.value for c in at.caption)
     assert "x⁽⁰⁾ₙ" in captions and "gₖ(x) − gₖ₋₁(x)" in captions
+    block = json.loads((folder / "metrics.json").read_text())["directions"]["A_to_B"]["nested"]["per_channel"]
+    iv = block["gain_ci"][1][0]  # channel 0's Δ₁ beside its maps, as metrics.json has it
+    assert f"Δ₁ {viz.gains.percent_1(block['gain_orders'][1][0], tuple(iv))}" in captions
     # the Export page writes what the Explorer shows, and the gains
     at.switch_page("app_pages/export.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -118,9 +118,12 @@ def explorer() -> None:
         if choice.parts == "nested":  # the channel's gains, the numbers that go with the nested components
             g = fit.nested.gains
             civ = g.ci.channel_gain_orders if g.ci is not None else None
-            shares = " · ".join(f"{viz.gain_label(k)} {viz.gains.percent_1(g.channel_gain_orders[k][c], civ[k][c] if civ else None)}"
-                                for k in range(K + 1))
-            shares += " · " + r"$x^\Delta$" + f" {g.channel_instability[c]:.1%} of its Var(x*) (gains of the nested fits)"
+            civ_d = g.ci.channel_instability if g.ci is not None else None
+            cells = [f"{viz.gain_label(k)} {viz.gains.percent_1(g.channel_gain_orders[k][c], civ[k][c] if civ else None)}"
+                     for k in range(K + 1)]
+            cells.append(r"$x^\Delta$" + f" {viz.gains.percent_1(g.channel_instability[c], civ_d[c] if civ_d else None)}")
+            shares = " · ".join(cells) + " of its Var(x*) (gains of the nested fits" + (
+                f", ± half the {g.ci.level:.0%} bootstrap interval)" if g.ci is not None else ")")
             st.caption(NESTED_EXPLAINED)
         elif rep.share_orders is not None and rep.share_residual is not None:
             shares = " · ".join(f"{viz.order_label(k)} {rep.share_orders[k][c]:.1%}" for k in range(K + 1))
