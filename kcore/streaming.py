@@ -20,7 +20,8 @@ from kcore.distributed import batch_slices
 from kcore.metrics.moments import ChannelMoments, CrossMoments
 from kcore.metrics.variance import ImageMoments, VarianceAccumulator
 
-__all__ = ["Rows", "batch_slices", "gram_cka", "merge_accumulator", "merge_image_moments", "merge_moments"]
+__all__ = ["Rows", "batch_slices", "gram_cka", "merge_accumulator", "merge_image_moments", "merge_moments",
+           "sum_by_position"]
 
 Moments = TypeVar("Moments", ChannelMoments, CrossMoments)
 
@@ -151,21 +152,49 @@ def merge_image_moments(moments: ImageMoments, n: int, ctx: kd.Context | None = 
     if rows.shape[-1] != width:
         rows = rows.sum(-1, keepdim=True)
     positions = torch.cat(moments.positions)[order] if has else torch.zeros(0, dtype=torch.long)
-    dense = torch.zeros(n, 2 * k3 + 1, width, dtype=torch.float64)
-    dense[positions] = rows
-    marks = torch.zeros(n, 2, dtype=torch.float64)  # images placed, group label + 1
-    marks[positions, 0] = 1.0
+    labels = torch.zeros(len(positions), 1, 1, dtype=torch.float64)  # group label + 1 (0: none)
     if grouped and moments.groups is not None:
-        marks[positions, 1] = torch.cat(moments.groups)[order].to(torch.float64) + 1.0
-    dense, marks = kd.all_reduce_sum(dense, ctx), kd.all_reduce_sum(marks, ctx)
-    if not bool((marks[:, 0] == 1).all()):
-        raise ValueError(f"the ranks' images must cover positions 0 … {n - 1} once each; got "
-                         f"{int((marks[:, 0] == 0).sum())} missing and {int((marks[:, 0] > 1).sum())} repeated. Fix: "
-                         "pass every batch's positions from kcore.distributed.batch_slices of the same split.")
+        labels[:, 0, 0] = torch.cat(moments.groups)[order].to(torch.float64) + 1.0
+    dense = sum_by_position(torch.cat([rows, labels.expand(-1, 1, width)], 1), positions, n, ctx)
     out.shifts, out.units, out.per_channel = shifts, units, not collapsed
-    out.batches, out.positions, out.kept = [dense], [torch.arange(n)], dense.numel()
-    out.groups = [(marks[:, 1] - 1.0).to(torch.long)] if grouped else None
+    out.batches, out.positions = [dense[:, :-1].contiguous()], [torch.arange(n)]
+    out.kept = out.batches[0].numel()
+    out.groups = [(dense[:, -1, 0] - 1.0).round().to(torch.long)] if grouped else None
     return out
+
+
+def sum_by_position(rows: Tensor, positions: Tensor, n: int, ctx: kd.Context | None = None) -> Tensor:
+    """Every rank's per-image ``rows`` placed at their ``positions`` among ``n`` images, summed over the ranks.
+
+    The one way per-image sums of a torchrun job are merged, for the shares' bootstrap
+    (:func:`merge_image_moments`) and the nested gains' (:class:`kcore.fit.GainAccumulator`): each image is
+    evaluated by exactly one rank, so the sum over ranks of rows placed by position (zeros elsewhere) is the
+    (n, …) tensor one process fills, whatever the number of ranks.
+
+    Args:
+        rows: (m, …) float64 rows of this rank's m images. positions: (m,) their positions in 0 … n−1.
+        n: the images of the whole pass. ctx: the job's context (default: one process).
+
+    Returns:
+        (n, …) float64, the same on every rank.
+
+    Raises:
+        ValueError: the ranks' positions do not cover 0 … n−1 once each (the batches were not the job's split).
+    """
+    ctx = ctx or kd.Context()
+    positions = torch.as_tensor(positions, dtype=torch.long).flatten().cpu()
+    dense = torch.zeros(n, *rows.shape[1:], dtype=torch.float64)
+    dense[positions] = rows.to(torch.float64).cpu()
+    placed = torch.zeros(n, dtype=torch.float64)
+    placed.index_add_(0, positions, torch.ones(len(positions), dtype=torch.float64))
+    if ctx.distributed:
+        flat = kd.all_reduce_sum(torch.cat([dense.reshape(n, -1), placed[:, None]], 1), ctx)
+        dense, placed = flat[:, :-1].reshape(dense.shape), flat[:, -1]
+    if not bool((placed == 1).all()):
+        raise ValueError(f"the ranks' images must cover positions 0 … {n - 1} once each; got "
+                         f"{int((placed == 0).sum())} missing and {int((placed > 1).sum())} repeated. Fix: pass every "
+                         "batch's positions from kcore.distributed.batch_slices of the same split.")
+    return dense
 
 
 def gram_cka(x: Any, y: Any, batch_size: int = 256) -> float:

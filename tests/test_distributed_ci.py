@@ -81,3 +81,15 @@ def test_two_torchrun_ranks_give_the_share_intervals_of_one_process(tmp_path: Pa
         np.testing.assert_allclose(two["ci"][key], one["ci"][key], atol=1e-9, err_msg=key)
     # the intervals are real ones (a width), not a degenerate point
     assert all(hi - lo > 1e-4 for lo, hi in one["ci"]["share_orders"])
+
+
+def test_sum_by_position_places_rows_and_refuses_a_split_that_misses_images() -> None:
+    from kcore.streaming import sum_by_position
+
+    rows = torch.arange(6, dtype=torch.float64).view(3, 2)
+    torch.testing.assert_close(sum_by_position(rows, torch.tensor([2, 0, 1]), 3),
+                               torch.tensor([[2.0, 3.0], [4.0, 5.0], [0.0, 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"cover positions 0 … 3 once each; got 1 missing and 0 repeated. Fix"):
+        sum_by_position(rows, torch.tensor([0, 1, 2]), 4)
+    with pytest.raises(ValueError, match=r"got 1 missing and 1 repeated"):
+        sum_by_position(rows, torch.tensor([0, 0, 1]), 3)

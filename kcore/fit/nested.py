@@ -34,7 +34,7 @@ from kcore.gtheta import GTheta
 from kcore.metrics import ChannelMoments
 from kcore.metrics.report import CI_BOOTSTRAPS, CI_LEVEL, CI_SEED, _floats, _nested_list, _opt
 from kcore.metrics.variance import MAX_IMAGE_MOMENTS, percentile_interval, resample_weights
-from kcore.streaming import batch_slices, merge_moments
+from kcore.streaming import batch_slices, merge_moments, sum_by_position
 
 
 def extend_order(prev: GTheta, seed: int = 0) -> GTheta:
@@ -256,6 +256,7 @@ class GainAccumulator:
         self.sums = torch.zeros(n_images, rows, channels if self.per_channel else 1, dtype=torch.float64)
         self.shifts: Tensor | None = None
         self.units = 0
+        self.placed: list[Tensor] = []  # the positions of the images this process added
 
     def set_shifts(self, outputs: Sequence[Tensor], target: Tensor) -> None:
         """Take the shift of every part (its mean, for precision) from this batch; every rank of a job must use
@@ -279,12 +280,16 @@ class GainAccumulator:
         cen = [p - s for p, s in zip(parts, self.shifts.tolist())]
         block = torch.stack([p.sum((2, 3)) for p in cen] + [(p * p).sum((2, 3)) for p in cen], 1).cpu()
         self.sums[positions] = block if self.per_channel else block.sum(-1, keepdim=True)
+        self.placed.append(torch.arange(self.n_images)[positions])
 
     def merged_sums(self, ctx: kd.Context | None = None) -> Tensor:
         """(N, 2(K+2), C') per-image sums of every rank, placed by position (the same on every rank)."""
         ctx = ctx or kd.Context()
-        # every rank wrote its own images' rows (zeros elsewhere), with the same shifts: their sum is the job's
-        return kd.all_reduce_sum(self.sums, ctx) if ctx.distributed else self.sums
+        if not ctx.distributed and not self.placed:
+            return self.sums
+        # every rank took the same shifts (set_shifts), so its rows add up with the others' as they are
+        mine = torch.cat(self.placed) if self.placed else torch.zeros(0, dtype=torch.long)
+        return sum_by_position(self.sums[mine], mine, self.n_images, ctx)
 
     def result(self, ctx: kd.Context | None = None, ci: bool = True, level: float = CI_LEVEL,
                n_boot: int = CI_BOOTSTRAPS, seed: int = CI_SEED, groups: Tensor | None = None,
