@@ -5,6 +5,7 @@ survive save/load and metrics.json, are printed by the CLI, and the Overview sho
 from __future__ import annotations
 
 import dataclasses as dc
+import json
 import math
 from pathlib import Path
 
@@ -216,6 +217,12 @@ def test_cli_prints_the_fragile_warnings(nested_run, tmp_path: Path, monkeypatch
     lines = out.splitlines()
     at = next(i for i, line in enumerate(lines) if "order-wise gains of nested fits" in line)
     assert lines[at + 1] == f"  warning: {warning}"
+    # the run folder keeps it: metrics.json's nested block, and the fit read back
+    from kcore.run_folder import read_run
+
+    block = json.loads((tmp_path / "run" / "metrics.json").read_text())["directions"]["A_to_B"]["nested"]
+    assert block["fragile"] == [warning] and len(block["top_image_share"]) == 2
+    assert read_run(tmp_path / "run").directions["A_to_B"].fit.nested.gains.fragile == (warning,)
 
 
 def test_overview_shows_the_guard_s_decisions_and_the_fragile_warning(nested_run, monkeypatch) -> None:
