@@ -23,6 +23,7 @@ from kcore.experiments.stability import stability
 from kcore.features import extract_features
 from kcore.study_options import NESTED_FIT_COST, study_options, study_plan
 from kcore.zoo import kc_resnet
+from studies_page import open_in_dashboard
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -169,6 +170,7 @@ def test_compression_cli_nested_writes_gain_columns_and_prints_both(tmp_path, ca
     _check_sum([tab["gain_d0"][0], tab["gain_d1"][0], tab["gain_d2"][0]], tab["gain_instability"][0])
     assert "--nested" in json.dumps(st.provenance["command"])
     assert st.result["points"][0]["gain_d1"] == pytest.approx(tab["gain_d1"][0])
+    open_in_dashboard(out)  # the Studies page shows a folder with gain columns without errors
 
 
 @pytest.mark.slow
