@@ -145,6 +145,11 @@ def test_distillation_nested_keeps_gains_for_every_earlier_generation(tiny_kshap
     assert res.settings["fit"]["nested"] is True
 
 
+def test_fit_settings_json_is_unchanged_without_nested():
+    assert FitSettings().as_dict() == {"orders": 2, "lam": 0.1, "epochs": 10, "seed": 0}  # the key set before
+    assert FitSettings(nested=True).as_dict()["nested"] is True
+
+
 def test_the_four_studies_offer_nested_as_a_switch_and_plan_its_cost():
     for study in ("stability", "diagnosis", "compression", "distillation"):
         opt = {o.name: o for o in study_options(study)}["nested"]

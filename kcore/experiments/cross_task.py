@@ -16,7 +16,6 @@ from identical weights except the last classifier layer, whose shape differs (:f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,7 +222,7 @@ def cross_task_study(
     held, held_ids = (done["coarse_to_fine"][3], done["coarse_to_fine"][4]) if maps else ([], ())
     map_images = tuple(display_image(images, j) for j in held) if maps else ()
     map_ids = held_ids
-    settings = {"fit": dataclasses.asdict(fit), "device": str(dev), "n_images": len(images),
+    settings = {"fit": fit.as_dict(), "device": str(dev), "n_images": len(images),
                 "n_test": len(fine_test), "fit_preset": "fast", "models": {"fine": model_summary(fine),
                                                                           "coarse": model_summary(coarse)},
                 "convention": "paper (x* standardised per channel with the fit's training-split statistics)"}
