@@ -7,7 +7,10 @@ live in ``tests/conftest.py``. A test module never imports another test module.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -112,3 +115,29 @@ def open_run_folder(at, folder: Path | str, page: str | None = None):
     if page is not None:
         at.switch_page(f"app_pages/{page}.py").run()
     return at
+
+
+def run_job(args: list[str], out: Path) -> dict:
+    """Run a job script (a plain process or ``python -m torch.distributed.run ...``) from the repository root, with
+    one thread per process and none of an outer torchrun's variables, and return the JSON it wrote to ``out``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    root = Path(__file__).resolve().parents[1]
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root), KCORE_DIST_TIMEOUT="120")
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=root)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(out.read_text())
+
+
+def planted_relu_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (n, 4, 4, 4) and x* = W(x + 2 ReLU(Cx)) + noise, which a g_θ with orders up to 1 (1×1 kernels) expresses
+    exactly: the planted order-1 target of the nested-fit tests (W's rows centred, C orthogonal)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    ca, cb = 4, 3
+    w = torch.randn(cb, ca, 1, 1, generator=g)
+    w = w - w.mean(1, keepdim=True)
+    c = torch.linalg.qr(torch.randn(ca, ca, generator=g))[0].view(ca, ca, 1, 1)
+    x = torch.randn(n, ca, 4, 4, generator=g)
+    return x, F.conv2d(x + 2.0 * F.relu(F.conv2d(x, c)), w) + 0.3 * torch.randn(n, cb, 4, 4, generator=g)

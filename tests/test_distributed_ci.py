@@ -2,9 +2,6 @@
 gains' do: a 2-rank job gives the intervals of one process (kcore.streaming.merge_image_moments)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_job
 from kcore.metrics import ImageMoments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +46,6 @@ def test_sums_re_centred_on_other_shifts_equal_the_sums_taken_around_them() -> N
         forward.rows([0.0, 1.0])
 
 
-def _job(args: list[str], out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), KCORE_DIST_TIMEOUT="120")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return json.loads(out.read_text())
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("grouped", [False, True])
 def test_two_torchrun_ranks_give_the_share_intervals_of_one_process(tmp_path: Path, grouped: bool) -> None:
@@ -68,8 +57,8 @@ def test_two_torchrun_ranks_give_the_share_intervals_of_one_process(tmp_path: Pa
     np.save(tmp_path / "x.npy", x.half().numpy())  # the feature cache stores float16
     np.save(tmp_path / "y.npy", y.half().numpy())
     extra = ["grouped"] if grouped else []
-    one = _job([sys.executable, job, str(tmp_path), str(tmp_path / "one.json"), *extra], tmp_path / "one.json")
-    two = _job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", job,
+    one = run_job([sys.executable, job, str(tmp_path), str(tmp_path / "one.json"), *extra], tmp_path / "one.json")
+    two = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", job,
                 str(tmp_path), str(tmp_path / "two.json"), *extra], tmp_path / "two.json")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # the held-out images span several evaluation batches, so rank 1 really holds some of them

@@ -3,8 +3,6 @@ bootstrap's, a planted order structure is recovered, and two torchrun ranks give
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kcore
-from helpers import open_run_folder
+from helpers import open_run_folder, run_job
 from kcore.decompose import nested_components
 from kcore.fit import FitConfig, GainAccumulator, extend_order, make_config, nested_decompose
 from kcore.gtheta import GTheta, GThetaSpec
@@ -252,23 +250,14 @@ def test_a_planted_linear_plus_relu_target_gives_its_known_gains() -> None:
 
 
 # ------------------------------------------------------------------------------------------- two ranks
-def _job(args: list[str], out: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), KCORE_DIST_TIMEOUT="120")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return json.loads(out.read_text())
-
-
 @pytest.mark.slow
 def test_two_torchrun_ranks_give_the_gains_of_one_process(tmp_path: Path) -> None:
     job = str(ROOT / "tests" / "nested_dist_job.py")
     x, y = _pair(200)
     np.save(tmp_path / "x.npy", x.half().numpy())  # the feature cache stores float16
     np.save(tmp_path / "y.npy", y.half().numpy())
-    one = _job([sys.executable, job, str(tmp_path), str(tmp_path / "one.json")], tmp_path / "one.json")
-    two = _job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", job,
+    one = run_job([sys.executable, job, str(tmp_path), str(tmp_path / "one.json")], tmp_path / "one.json")
+    two = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", job,
                 str(tmp_path), str(tmp_path / "two.json")], tmp_path / "two.json")
     assert (one["world_size"], two["world_size"]) == (1, 2)
     # g₀ is closed-form from all-reduced normal equations: its gain and intervals are the same to float precision

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kcore
+from helpers import planted_relu_pair
 from kcore.fit import GainAccumulator
 from kcore.fit.nested import (
     FRAGILE_CI_WIDTH,
@@ -30,17 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCALE = 30.0  # the planted image's x is multiplied by this: g₁'s ReLU branch (and g₀'s map) go far off on it
 
 
-def _relu_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x* = W(x + 2 ReLU(Cx)) + noise, which g₁ expresses exactly (tests/test_nested_guard.py's planted target)."""
-    g = torch.Generator().manual_seed(seed)
-    ca, cb = 4, 3
-    w = torch.randn(cb, ca, 1, 1, generator=g)
-    w = w - w.mean(1, keepdim=True)
-    c = torch.linalg.qr(torch.randn(ca, ca, generator=g))[0].view(ca, ca, 1, 1)
-    x = torch.randn(n, ca, 4, 4, generator=g)
-    return x, F.conv2d(x + 2.0 * F.relu(F.conv2d(x, c)), w) + 0.3 * torch.randn(n, cb, 4, 4, generator=g)
-
-
 FIT = dict(orders=1, nested=True, kernel_size=1, lam=0.0, max_steps=300, lr=3e-2, device="cpu")
 
 
@@ -48,7 +37,7 @@ FIT = dict(orders=1, nested=True, kernel_size=1, lam=0.0, max_steps=300, lr=3e-2
 def fits() -> dict:
     """A healthy nested fit, and the same images with one held-out image's x scaled by SCALE."""
     torch.set_num_threads(1)
-    x, y = _relu_pair(300)
+    x, y = planted_relu_pair(300)
     healthy = kcore.fit(x, y, **FIT)
     planted = int(healthy.heldout_indices[3])  # the split depends on the seed and the count, not on the values
     xp = x.clone()

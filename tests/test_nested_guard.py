@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import kcore
-from helpers import plain_net
+from helpers import plain_net, planted_relu_pair
 from kcore import export, load_result
 from kcore.checkpoints import LoadedModel
 from kcore.fit.nested import GUARD_MIN_GAIN, GUARD_Z, guard_stage, per_image_errors
@@ -31,17 +31,6 @@ def _linear_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(n, 4, 4, 4, generator=g)
     a = torch.randn(3, 4, 1, 1, generator=g)
     return x, F.conv2d(x, a) + 0.7 * torch.randn(n, 3, 4, 4, generator=g)
-
-
-def _relu_pair(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x* = W(x + β ReLU(Cx)) + noise (the planted target of tests/test_nested.py), which g₁ expresses exactly."""
-    g = torch.Generator().manual_seed(seed)
-    ca, cb = 4, 3
-    w = torch.randn(cb, ca, 1, 1, generator=g)
-    w = w - w.mean(1, keepdim=True)
-    c = torch.linalg.qr(torch.randn(ca, ca, generator=g))[0].view(ca, ca, 1, 1)
-    x = torch.randn(n, ca, 4, 4, generator=g)
-    return x, F.conv2d(x + 2.0 * F.relu(F.conv2d(x, c)), w) + 0.3 * torch.randn(n, cb, 4, 4, generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +113,7 @@ def test_a_new_order_that_cannot_help_is_not_kept_and_its_gain_is_exactly_zero(l
 
 
 def test_a_new_order_that_helps_is_kept() -> None:
-    x, y = _relu_pair(300)
+    x, y = planted_relu_pair(300)
     res = kcore.fit(x, y, orders=1, nested=True, kernel_size=1, lam=0.0, max_steps=300, lr=3e-2, device="cpu")
     st, gains = res.nested.stages[1], res.nested.gains
     assert st.accepted and st.guard.startswith("accepted"), st.guard
