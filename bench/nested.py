@@ -2,7 +2,7 @@
 the convention, and what the nested fit costs.
 
 ``python -m bench.nested [--pair sample|resnet18] [--n-images N] [--seeds 0 1 2] [--no-longer] [--no-convention]
-[--longer-factor F] [--no-recipe] [--threads T] [--out FILE.json]`` (or ``--merge A.json B.json``) prints one markdown row per fit (today's additive shares of x⁽⁰⁾ … x⁽ᴷ⁾ and the
+[--longer-factor F] [--no-recipe] [--nested-only] [--threads T] [--out FILE.json]`` (or ``--merge A.json B.json``) prints one markdown row per fit (today's additive shares of x⁽⁰⁾ … x⁽ᴷ⁾ and the
 nested gains Δ₀ … Δ_K, each in % of Var(x*), the held-out error and the process CPU time, which a loaded
 machine does not inflate as it does wall time) and the spread of each number
 over the rows (max − min, in points of Var(x*)), and writes every number to ``--out``.
@@ -63,18 +63,19 @@ def resnet18_features(n: int) -> tuple[Tensor, Tensor]:
 
 
 def one_row(name: str, xa: Tensor, xb: Tensor, nested_overrides: dict[str, Any] | None = None,
-            **overrides: Any) -> dict[str, Any]:
-    """Today's fit and the nested fit with the same ``overrides`` (the nested fit also takes
-    ``nested_overrides``, e.g. the linear gate it needs): shares, gains, errors and wall times."""
+            plain_fit: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Today's fit (unless ``plain_fit`` is False) and the nested fit with the same ``overrides`` (the nested fit
+    also takes ``nested_overrides``, e.g. the linear gate it needs): shares, gains, errors and wall times."""
     out: dict[str, Any] = {"row": name, "overrides": overrides, "nested_overrides": nested_overrides or {}}
-    t, c = time.perf_counter(), time.process_time()
-    plain = kcore.fit(xa, xb, device="cpu", **overrides)
-    out["plain_seconds"], out["plain_cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
-    rep = plain.heldout_report
-    out.update(plain_shares=list(rep.share_orders) + [rep.share_residual], plain_error=plain.heldout_error,
-               plain_steps=plain.steps_run, plain_stopped_by=plain.stopped_by, plain_gates=list(plain.gates),
-               lstsq_r2=plain.baseline.linear_r2, plain_config=dataclasses.asdict(plain.config),
-               plain_steps_planned=plain.steps_planned)
+    if plain_fit:
+        t, c = time.perf_counter(), time.process_time()
+        plain = kcore.fit(xa, xb, device="cpu", **overrides)
+        out["plain_seconds"], out["plain_cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
+        rep = plain.heldout_report
+        out.update(plain_shares=list(rep.share_orders) + [rep.share_residual], plain_error=plain.heldout_error,
+                   plain_steps=plain.steps_run, plain_stopped_by=plain.stopped_by, plain_gates=list(plain.gates),
+                   lstsq_r2=plain.baseline.linear_r2, plain_config=dataclasses.asdict(plain.config),
+                   plain_steps_planned=plain.steps_planned)
     t, c = time.perf_counter(), time.process_time()
     nest = kcore.fit(xa, xb, device="cpu", nested=True, **{**overrides, **(nested_overrides or {})})
     out["nested_seconds"], out["nested_cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
@@ -85,7 +86,9 @@ def one_row(name: str, xa: Tensor, xb: Tensor, nested_overrides: dict[str, Any] 
                nested_split_shares=list(rep.share_orders) + [rep.share_residual],
                stages=[s.as_dict() for s in nest.nested.stages],
                paper_unit_gains=gains_in_paper_units(nest, xa, xb))
-    print(f"[nested] {name}: plain {out['plain_cpu_seconds']:.0f} s CPU err {out['plain_error']:.4f}; nested "
+    plain_text = (f"plain {out['plain_cpu_seconds']:.0f} s CPU err {out['plain_error']:.4f}; " if plain_fit
+                  else "plain not run; ")
+    print(f"[nested] {name}: {plain_text}nested "
           f"{out['nested_cpu_seconds']:.0f} s CPU err {out['nested_error']:.4f}; gains "
           + " / ".join(f"{100 * v:.1f}" for v in out["gains"]) + "; guard " + guard_cell(out),
           file=sys.stderr, flush=True)
@@ -155,22 +158,24 @@ def table(rows: list[dict[str, Any]], shape: tuple[int, int, int, int] | None = 
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flops = ""
-        if shape is not None:
+        if shape is not None and "plain_config" in r:
             plain, nested = training_flops(r, shape)
             flops = f"{nested:.3g} / {plain:.3g} ({nested / plain:.2f}×)"
-        cpu = "not recorded"
-        if "plain_cpu_seconds" in r:
+        cpu = "not recorded" if "plain_shares" in r else f"not run / {r['nested_cpu_seconds']:.0f} s"
+        if "plain_cpu_seconds" in r and "plain_shares" in r:
             cpu = (f"{r['plain_cpu_seconds']:.0f} s / {r['nested_cpu_seconds']:.0f} s "
                    f"({r['nested_cpu_seconds'] / r['plain_cpu_seconds']:.2f}×)")
         units = pct(r["paper_unit_gains"]) if "paper_unit_gains" in r else "not recorded"
-        lines.append(f"| {r['row']} | {pct(r['plain_shares'])} | {pct(r['gains'])} | {units} | {r['plain_error']:.4f} / "
+        shares, err = ((pct(r["plain_shares"]), f"{r['plain_error']:.4f}") if "plain_shares" in r
+                       else ("not run", "not run"))
+        lines.append(f"| {r['row']} | {shares} | {pct(r['gains'])} | {units} | {err} / "
                      f"{r['nested_error']:.4f} | {cpu} | {flops} | {guard_cell(r)} |")
 
-    def spread(key: str) -> str:
-        cols = list(zip(*(r[key] for r in rows)))
+    def spread(key: str) -> str:  # over the rows that have the number
+        cols = list(zip(*(r[key] for r in rows if key in r)))
         return " / ".join(f"{100 * (max(c) - min(c)):.1f}" for c in cols)
 
-    units = spread("paper_unit_gains") if all("paper_unit_gains" in r for r in rows) else ""
+    units = spread("paper_unit_gains")
     lines.append(f"| spread (max − min, points) | {spread('plain_shares')} | {spread('gains')} | {units} | | | | |")
     lines.append(f"\n(K = {k1 - 1}; spread over {len(rows)} rows.)")
     return "\n".join(lines)
@@ -187,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", type=Path, nargs="+", default=None, help="print the table of these --out files")
     ap.add_argument("--no-convention", action="store_true", help="skip the authors' convention row")
     ap.add_argument("--no-recipe", action="store_true", help="skip the authors' recipe row")
+    ap.add_argument("--nested-only", action="store_true",
+                    help="the nested fits alone (no today's fit beside them): half the CPU of a row, for the gains")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return text
 
     for s in args.seeds:
-        rows.append(one_row(f"fast, seed {s}", xa, xb, seed=s))
+        rows.append(one_row(f"fast, seed {s}", xa, xb, plain_fit=not args.nested_only, seed=s))
         save()
     seed = args.seeds[0] if args.seeds else 0
     if not args.no_longer:
@@ -222,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = make_config("fast", seed=seed)
         ran, plan = _planned(cfg, prepare_data(xa, xb, cfg, torch.device("cpu")), torch.device("cpu"))
         over = longer_overrides(ran, plan.total_steps, args.longer_factor)
-        rows.append(one_row(f"fast ×{args.longer_factor} steps, seed {seed}", xa, xb, seed=seed, **over))
+        rows.append(one_row(f"fast ×{args.longer_factor} steps, seed {seed}", xa, xb, plain_fit=not args.nested_only,
+                            seed=seed, **over))
         save()
     if not args.no_convention:
-        rows.append(one_row(f"fast, authors' convention, seed {seed}", xa, xb, seed=seed, convention="authors"))
+        rows.append(one_row(f"fast, authors' convention, seed {seed}", xa, xb, plain_fit=not args.nested_only,
+                            seed=seed, convention="authors"))
         save()
     if not args.no_recipe:  # today's fit as the authors ran it (sigmoid gates); nested fits need linear ones
-        rows.append(one_row(f"authors' recipe, seed {seed}", xa, xb, {"gate": "linear"}, preset="authors", seed=seed))
+        rows.append(one_row(f"authors' recipe, seed {seed}", xa, xb, {"gate": "linear"}, not args.nested_only,
+                            preset="authors", seed=seed))
     print(save())
     return 0
 
