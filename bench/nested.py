@@ -98,7 +98,8 @@ def one_row(name: str, xa: Tensor, xb: Tensor, nested_overrides: dict[str, Any] 
 def gains_in_paper_units(res: Any, xa: Tensor, xb: Tensor) -> list[float]:
     """Δ₀ … Δ_K and x^Δ of a nested fit on its held-out images, with R² in the paper's units whatever the fit's
     convention: x* and every gₖ(x) in raw units, then standardised per channel with the training images' mean
-    and std (:meth:`kcore.conventions.Normalization.fit` with ``"paper"``), one global mean. For a paper-convention
+    and std (:meth:`kcore.conventions.Normalization.fit` with ``"paper"``), and R² = 1 − Var(x* − gₖ(x))/Var(x*)
+    with one global mean each, as kcore defines it. For a paper-convention
     fit these are its own gains (to 0.01 points: float32 components); for an authors'-convention fit (raw target) they say whether the convention moved
     the fit or only the units in which R² is read."""
     from kcore.conventions import Normalization
@@ -112,8 +113,8 @@ def gains_in_paper_units(res: Any, xa: Tensor, xb: Tensor) -> list[float]:
     r2, pred = [], torch.zeros_like(dec.target, dtype=torch.float64)
     for comp in dec.components:
         pred = pred + comp.double()
-        z_p = paper.target(res.norm.target_to_raw(pred).double())
-        r2.append(1.0 - float(((z_t - z_p) ** 2).sum()) / ss_tot)
+        resid = z_t - paper.target(res.norm.target_to_raw(pred).double())
+        r2.append(1.0 - float(((resid - resid.mean()) ** 2).sum()) / ss_tot)  # Var(x^Δ), as kcore defines it
     gains = [r2[0]] + [b - a for a, b in zip(r2, r2[1:])]
     return gains + [1.0 - r2[-1]]
 
