@@ -322,15 +322,46 @@ NO_VARIANCE = "no variance"
 """What the share cells of a channel with Var(x*_c) = 0 on the held-out images say (its shares are undefined)."""
 
 
-def _percent(value: float, interval: tuple[float, float] | None) -> str:
-    """``"39 ± 3 %"`` (half the interval's width), never ``"-0 %"``."""
-    def whole(v: float) -> str:
-        r = round(100.0 * v)
-        return str(int(r) if r != 0 else 0)
+def percent_text(value: float, interval: tuple[float, float] | None, decimals: int = 0) -> str:
+    """``"39 ± 3 %"`` (± half the interval's width; ``decimals`` after the point), never ``"-0 %"``."""
+    def text(v: float) -> str:
+        t = f"{100.0 * v:.{decimals}f}"
+        return t[1:] if t.startswith("-") and float(t) == 0 else t
 
     if interval is None:
-        return f"{whole(value)} %"
-    return f"{whole(value)} ± {whole((interval[1] - interval[0]) / 2)} %"
+        return f"{text(value)} %"
+    return f"{text(value)} ± {text((interval[1] - interval[0]) / 2)} %"
+
+
+def channel_text_table(m: np.ndarray, names: Sequence[str], order_ci: Any, residual_ci: Any,
+                       var_target: Sequence[float] | None, rows: Sequence[int] | None, decimals: int = 0
+                       ) -> "pd.DataFrame":
+    """The table :func:`channel_share_table` and :func:`kcore.viz.gains.channel_gain_table` draw: one row per
+    channel of ``m`` (channels × (orders 0 … K, x^Δ)), its cells :func:`percent_text` with ``order_ci[k][c]`` or
+    ``residual_ci[c]`` (``None``: no intervals), then ``Var(x*)`` (with ``var_target``; a channel with none
+    reads :data:`NO_VARIANCE`) and ``main order`` (the largest of orders 0 … K)."""
+    import pandas as pd
+
+    K = m.shape[1] - 2
+    var_t = None if var_target is None else np.asarray(var_target, dtype=np.float64)
+    rows = list(range(m.shape[0])) if rows is None else [int(r) for r in rows]
+    out: dict[str, list] = {"channel": rows, **{n: [] for n in names}}
+    if var_t is not None:
+        out["Var(x*)"] = []
+    out["main order"] = []
+    for c in rows:
+        alive = var_t is None or var_t[c] > 0  # the same test as the shares' own computation (0 variance: none)
+        for j, n in enumerate(names):
+            if not alive:
+                out[n].append(NO_VARIANCE)
+                continue
+            ci = order_ci if j <= K else residual_ci
+            iv = None if ci is None else (ci[j][c] if j <= K else ci[c])
+            out[n].append(percent_text(m[c, j], iv, decimals))
+        if var_t is not None:
+            out["Var(x*)"].append(float(var_t[c]))
+        out["main order"].append(int(np.argmax(m[c, : K + 1])) if alive else None)
+    return pd.DataFrame(out)
 
 
 def channel_share_table(report: "VarianceReport", rows: Sequence[int] | None = None) -> "pd.DataFrame":
@@ -350,28 +381,12 @@ def channel_share_table(report: "VarianceReport", rows: Sequence[int] | None = N
     Raises:
         ValueError: the report has no shares (see :func:`share_matrix`).
     """
-    import pandas as pd
-
     m = share_matrix(report)
-    K = m.shape[1] - 2
     ci = report.ci
-    cso = ci.channel_share_orders if ci is not None else None
-    csr = ci.channel_share_residual if ci is not None else None
-    var_t = np.asarray(report.per_channel.var_target, dtype=np.float64)
-    rows = list(range(m.shape[0])) if rows is None else [int(r) for r in rows]
-    names = [order_label(k) for k in range(K + 1)] + [RESIDUAL_TEX]
-    out: dict[str, list] = {"channel": rows, **{n: [] for n in names}, "Var(x*)": [], "main order": []}
-    for c in rows:
-        alive = var_t[c] > 0  # the same test as the shares' own computation (0 variance: no share)
-        for j, n in enumerate(names):
-            if not alive:
-                out[n].append(NO_VARIANCE)
-                continue
-            iv = (cso[j][c] if cso is not None else None) if j <= K else (csr[c] if csr is not None else None)
-            out[n].append(_percent(m[c, j], iv))
-        out["Var(x*)"].append(float(var_t[c]))
-        out["main order"].append(int(np.argmax(m[c, : K + 1])) if alive else None)
-    return pd.DataFrame(out)
+    names = [order_label(k) for k in range(m.shape[1] - 1)] + [RESIDUAL_TEX]
+    return channel_text_table(m, names, ci.channel_share_orders if ci is not None else None,
+                              ci.channel_share_residual if ci is not None else None,
+                              report.per_channel.var_target, rows)
 
 
 def channel_order(report: Mapping, sort: ShareSort = "channel", order: int = 0) -> list[int]:

@@ -15,7 +15,7 @@ from matplotlib import colors as mcolors
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from kcore.viz.charts import NO_VARIANCE, WIDE_IN, ShareSort
+from kcore.viz.charts import WIDE_IN, ShareSort, channel_text_table, percent_text
 from kcore.viz.style import RESIDUAL_TEX, SHARE_CMAP, TARGET_TEX, TEXT_PT, TITLE_PT, _caption
 
 if TYPE_CHECKING:
@@ -70,13 +70,7 @@ def channel_gain_order(gains: Any, sort: ShareSort = "channel", order: int = 0) 
 
 def percent_1(value: float, interval: tuple[float, float] | None) -> str:
     """``"11.3 ± 0.4 %"`` (one decimal, ± half the interval's width), never ``"-0.0 %"``."""
-    def one(v: float) -> str:
-        s = f"{100.0 * v:.1f}"
-        return "0.0" if s == "-0.0" else s
-
-    if interval is None:
-        return f"{one(value)} %"
-    return f"{one(value)} ± {one((interval[1] - interval[0]) / 2)} %"
+    return percent_text(value, interval, 1)
 
 
 def channel_gain_table(gains: Any, rows: Sequence[int] | None = None,
@@ -94,32 +88,11 @@ def channel_gain_table(gains: Any, rows: Sequence[int] | None = None,
         the width of the 95 % bootstrap interval of that channel; the value alone when the run kept no
         per-channel intervals), ``Var(x*)`` (with ``var_target``) and ``main order`` (the largest gain).
     """
-    import pandas as pd
-
     m = gain_matrix(gains)
-    K = m.shape[1] - 2
     ci = gains.ci
-    cgo = ci.channel_gain_orders if ci is not None else None
-    cgi = ci.channel_instability if ci is not None else None
-    var_t = None if var_target is None else np.asarray(var_target, dtype=np.float64)
-    rows = list(range(m.shape[0])) if rows is None else [int(r) for r in rows]
-    names = [gain_label(k) for k in range(K + 1)] + [RESIDUAL_TEX]
-    out: dict[str, list] = {"channel": rows, **{n: [] for n in names}}
-    if var_t is not None:
-        out["Var(x*)"] = []
-    out["main order"] = []
-    for c in rows:
-        alive = var_t is None or var_t[c] > 0
-        for j, n in enumerate(names):
-            if not alive:
-                out[n].append(NO_VARIANCE)
-                continue
-            iv = (cgo[j][c] if cgo is not None else None) if j <= K else (cgi[c] if cgi is not None else None)
-            out[n].append(percent_1(m[c, j], iv))
-        if var_t is not None:
-            out["Var(x*)"].append(float(var_t[c]))
-        out["main order"].append(int(np.argmax(m[c, : K + 1])) if alive else None)
-    return pd.DataFrame(out)
+    names = [gain_label(k) for k in range(m.shape[1] - 1)] + [RESIDUAL_TEX]
+    return channel_text_table(m, names, ci.channel_gain_orders if ci is not None else None,
+                              ci.channel_instability if ci is not None else None, var_target, rows, decimals=1)
 
 
 def channel_gain_figure(
