@@ -141,23 +141,14 @@ def fit_gains(res: Any) -> GainsRow | None:
 
 
 def gains_on(res: Any, x_src: torch.Tensor, x_tgt: torch.Tensor, batch_size: int = 256) -> GainsRow | None:
-    """The gains of a nested fit's g₀ … g_K on other images (raw features, e.g. a study's test images), computed
-    as the fit computes its held-out gains (:class:`kcore.fit.nested.GainAccumulator`, the same bootstrap);
-    ``None`` for a plain fit."""
+    """The gains of a nested fit's g₀ … g_K on other images (raw features, e.g. a study's test images)
+    (:func:`kcore.fit.nested.gains_on_images`); ``None`` for a plain fit."""
     nested = getattr(res, "nested", None)
     if nested is None:
         return None
-    from kcore.fit.nested import GainAccumulator, nested_outputs
+    from kcore.fit.nested import gains_on_images
 
-    ref = next(res.model.parameters())
-    models = [m.to(ref.device).eval() for m in nested.models]
-    acc = GainAccumulator(len(models) - 1, x_tgt.shape[1], x_src.shape[0])
-    with torch.no_grad():
-        for i in range(0, x_src.shape[0], batch_size):
-            xs = res.norm.source(x_src[i : i + batch_size].to(ref.device, ref.dtype))
-            xt = res.norm.target(x_tgt[i : i + batch_size].to(ref.device, ref.dtype))
-            acc.update(nested_outputs(models, xs), xt, slice(i, i + xs.shape[0]))
-    return gains_row(acc.result(), nested.stages)
+    return gains_row(gains_on_images(res, x_src, x_tgt, batch_size), nested.stages)
 
 
 @dataclass(frozen=True)

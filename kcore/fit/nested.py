@@ -705,6 +705,32 @@ def train_nested(
     return models, stages, run, lin
 
 
+def gains_on_images(result: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int = 256) -> NestedGains:
+    """The :class:`NestedGains` of a nested fit's g₀ … g_K on other images (raw features, e.g. a study's test
+    images), computed as the fit computes its held-out gains (the same per-image sums and bootstrap).
+
+    Raises:
+        ValueError: ``result`` is not a nested fit.
+    """
+    nested = getattr(result, "nested", None)
+    if nested is None:
+        raise ValueError("result must be a nested fit: its 'nested' field is None. Fix: fit with "
+                         "kcore.fit(..., nested=True) (CLI: kcore fit --nested).")
+    ref = next(result.model.parameters())
+    models = [m.to(ref.device).eval() for m in nested.models]
+    acc = GainAccumulator(len(models) - 1, x_tgt.shape[1], x_src.shape[0])
+
+    def batch(i: int) -> tuple[list[Tensor], Tensor]:
+        xs = result.norm.source(x_src[i : i + batch_size].to(ref.device, ref.dtype))
+        return nested_outputs(models, xs), result.norm.target(x_tgt[i : i + batch_size].to(ref.device, ref.dtype))
+
+    acc.set_shifts(*batch(0))
+    for i in range(0, x_src.shape[0], batch_size):
+        outputs, xt = batch(i)
+        acc.update(outputs, xt, slice(i, i + xt.shape[0]))
+    return acc.result()
+
+
 def nested_decompose(result: Any, x_src: Tensor, x_tgt: Tensor, batch_size: int | None = None) -> Decomposition:
     """The nested components x⁽ᵏ⁾ₙ = gₖ(x) − gₖ₋₁(x) and x^Δ = x* − g_K(x) of a nested fit, for raw features.
 
